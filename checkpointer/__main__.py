@@ -1,0 +1,3 @@
+from checkpointer.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""dump, pre-dump, converge, check, untrack."""

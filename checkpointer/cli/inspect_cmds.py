@@ -1,0 +1,1 @@
+"""show, decode, info, x, extract, verify."""
