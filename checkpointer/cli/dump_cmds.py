@@ -1,1 +1,205 @@
-"""dump, pre-dump, converge, check, untrack."""
+"""dump, pre-dump, converge, check, untrack: parsing and printing only."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from checkpointer.cli import main
+from checkpointer.cli.common import one_line_errors, setup_logging
+from checkpointer.freezer import Thaw
+from checkpointer.trackers import CHOICES
+
+pid_option = click.option(
+    "-t", "--tree", "pid", type=int, required=True, help="PID of the root of the process tree."
+)
+dir_option = click.option(
+    "-D", "--images-dir", "images_dir", type=click.Path(path_type=Path), required=True,
+    help="Directory to write the images into (created 0700).",
+)
+tracker_option = click.option(
+    "--tracker", type=click.Choice(CHOICES), default="auto", show_default=True,
+    help="Dirty-page tracker; auto picks soft-dirty, else uffd-wp, else full.",
+)
+verbose_option = click.option("-v", "--verbose", count=True, help="Log more (-vv: debug).")
+log_option = click.option("-o", "--log-file", type=click.Path(), help="Write the log here.")
+
+
+def leave_options(fn):
+    fn = click.option("--leave-stopped", is_flag=True,
+                      help="Leave every task stopped (SIGSTOP); `kill -CONT` resumes it.")(fn)
+    fn = click.option("--leave-running", is_flag=True,
+                      help="Let the tree run on after the dump.")(fn)
+    return fn
+
+
+def thaw_mode(leave_running: bool, leave_stopped: bool) -> Thaw:
+    if leave_running and leave_stopped:
+        raise click.UsageError("--leave-running and --leave-stopped exclude each other")
+    return Thaw.RUNNING if leave_running else Thaw.STOPPED if leave_stopped else Thaw.KILL
+
+
+def print_dump_result(res, as_json: bool = False) -> None:
+    s = res.stats
+    if as_json:
+        click.echo(json.dumps({"images_dir": str(res.path), "tracker": res.tracker,
+                               "incremental": res.incremental,
+                               "full_pass_reason": res.full_pass_reason, "stats": s}))
+        return
+    ratio = s["bytes_raw"] / s["bytes_compressed"] if s["bytes_compressed"] else 0
+    click.echo(
+        f"{res.path}: {len(res.pids)} process(es), tracker {res.tracker}"
+        f"{' (incremental)' if res.incremental else ''}; "
+        f"pages written {s['pages_written']}, from parent {s['pages_skipped_parent']}, "
+        f"zero {s['pages_zero']}; {s['bytes_compressed'] / 1e6:.1f} MB on disk "
+        f"(x{ratio:.1f}); frozen {s['frozen_time'] / 1000:.1f} ms"
+    )
+
+
+@main.command()
+@pid_option
+@dir_option
+@leave_options
+@tracker_option
+@click.option("--prev-images-dir", help="Parent dump, relative to the images dir (as in CRIU).")
+@click.option("--track-mem", is_flag=True,
+              help="Read and reset dirty tracking, so later dumps can be incremental.")
+@click.option("--freeze-cgroup", type=click.Path(exists=True),
+              help="Freeze this cgroup v2 (cgroup.freeze) first: for whole containers.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@verbose_option
+@log_option
+@one_line_errors
+def dump(pid, images_dir, leave_running, leave_stopped, tracker, prev_images_dir, track_mem,
+         freeze_cgroup, as_json, verbose, log_file):
+    """Checkpoint the process tree rooted at PID into IMAGES_DIR.
+
+    Every thread of every descendant is frozen with PTRACE_SEIZE/INTERRUPT for the
+    whole dump. Afterwards the tree is KILLED, as in CRIU, unless --leave-running
+    or --leave-stopped is given.
+    """
+    from checkpointer.dump import DumpRequest
+    from checkpointer.dump import dump as do_dump
+
+    setup_logging(verbose, log_file)
+    req = DumpRequest(pid=pid, images_dir=images_dir, prev_images_dir=prev_images_dir,
+                      tracker=tracker, track_mem=track_mem,
+                      thaw=thaw_mode(leave_running, leave_stopped), cgroup=freeze_cgroup)
+    print_dump_result(do_dump(req), as_json)
+
+
+@main.command("pre-dump")
+@pid_option
+@dir_option
+@tracker_option
+@click.option("--prev-images-dir", help="Parent dump, relative to the images dir (as in CRIU).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@verbose_option
+@log_option
+@one_line_errors
+def pre_dump_cmd(pid, images_dir, tracker, prev_images_dir, as_json, verbose, log_file):
+    """Copy the memory of a running tree, leaving it running.
+
+    Without a parent: every present page, and tracking is reset. With
+    --prev-images-dir: only pages written since the parent; the rest is recorded as
+    held by the parent. uffd-wp and full need no freeze at all; soft-dirty freezes
+    only to read and reset the dirty bits.
+    """
+    from checkpointer.dump import DumpRequest, pre_dump
+
+    setup_logging(verbose, log_file)
+    req = DumpRequest(pid=pid, images_dir=images_dir, prev_images_dir=prev_images_dir,
+                      tracker=tracker)
+    print_dump_result(pre_dump(req), as_json)
+
+
+@main.command()
+@pid_option
+@dir_option
+@tracker_option
+@click.option("--max-iterations", default=8, show_default=True, help="Pre-dumps at most.")
+@click.option("--min-pages", default=64, show_default=True,
+              help="Stop when an iteration writes this many pages or fewer.")
+@click.option("--max-grow", default=10.0, show_default=True,
+              help="Stop when an iteration writes this many percent more than the last.")
+@click.option("--max-downtime-ms", default=300.0, show_default=True,
+              help="Stop when the predicted final dump fits in this time.")
+@click.option("--interval-ms", default=0.0, show_default=True, help="Pause between pre-dumps.")
+@leave_options
+@click.option("--json", "as_json", is_flag=True, help="Print the iterations and summary as JSON.")
+@verbose_option
+@log_option
+@one_line_errors
+def converge(pid, images_dir, tracker, max_iterations, min_pages, max_grow, max_downtime_ms,
+             interval_ms, leave_running, leave_stopped, as_json, verbose, log_file):
+    """Pre-dump until little is left, then one short frozen final dump.
+
+    Writes IMAGES_DIR/pre-1, pre-2, ... each linked to the previous one, and the
+    final checkpoint IMAGES_DIR/final on top. The tree is KILLED after the final dump
+    unless --leave-running or --leave-stopped is given.
+    """
+    from checkpointer.converge import ConvergeOptions
+    from checkpointer.converge import converge as do_converge
+
+    setup_logging(verbose, log_file)
+    opts = ConvergeOptions(pid=pid, images_dir=images_dir, tracker=tracker,
+                           max_iterations=max_iterations, min_pages=min_pages,
+                           max_grow=max_grow, max_downtime_ms=max_downtime_ms,
+                           interval_ms=interval_ms, thaw=thaw_mode(leave_running, leave_stopped))
+    if not as_json:
+        click.echo(f"{'iter':>4} {'kind':<8} {'pages':>9} {'MB':>8} {'ms':>8} "
+                   f"{'frozen ms':>9} {'dirty pages/s':>13}")
+    result = do_converge(opts, None if as_json else _print_iteration)
+    if as_json:
+        click.echo(json.dumps(result.to_json()))
+        return
+    verdict = "converged" if result.converged else "did NOT converge"
+    click.echo(
+        f"{verdict} (stopped by rule {result.stop_rule}); tracker {result.tracker}\n"
+        f"final checkpoint: {result.final_dir}\n"
+        f"downtime (final dump frozen): {result.downtime_ms:.1f} ms\n"
+        f"chain on disk: {result.chain_bytes / 1e6:.1f} MB, "
+        f"compression x{result.compression_ratio:.1f}"
+    )
+
+
+def _print_iteration(it) -> None:
+    click.echo(f"{it.number:>4} {it.kind:<8} {it.pages_written:>9} "
+               f"{it.bytes_written / 1e6:>8.1f} {it.duration_ms:>8.1f} {it.frozen_ms:>9.2f} "
+               f"{it.dirty_rate_pages_s:>13.0f}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@one_line_errors
+def check(as_json):
+    """Report what this kernel offers for incremental checkpoints, like `criu check`.
+
+    Exit status 0 when incremental tracking (soft-dirty or uffd-wp) is available.
+    """
+    from checkpointer.check import check_kernel
+
+    report = check_kernel()
+    if as_json:
+        click.echo(json.dumps(report))
+    else:
+        click.echo(f"kernel {report['kernel']}")
+        for f in report["features"]:
+            click.echo(f"  {f['name']:<24} {'yes' if f['ok'] else 'no ':<4} {f['detail']}")
+        click.echo(f"auto tracker: {report['auto_tracker']} ({report['auto_reason']})")
+    sys.exit(0 if report["incremental"] else 1)
+
+
+@main.command()
+@pid_option
+@verbose_option
+@one_line_errors
+def untrack(pid, verbose):
+    """Remove dirty tracking from PID and leave it as found."""
+    from checkpointer.untrack import untrack as do_untrack
+
+    setup_logging(verbose, None)
+    click.echo(do_untrack(pid))

@@ -1,1 +1,133 @@
-"""show, decode, info, x, extract, verify."""
+"""show, decode, info, x, extract, verify: parse arguments, call images.inspect, print.
+
+`CheckedCommand` is the shared error convention for every checkpointer command:
+use it as `@main.command(cls=CheckedCommand)`. An expected failure (CheckpointError,
+OSError, KeyboardInterrupt) prints `checkpointer: <where>: <what>` on stderr and
+exits 1, never a traceback. `run_command(fn, *args)` does the same for code that
+is not a click command body.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from checkpointer.cli import main
+from checkpointer.errors import CheckpointError
+from checkpointer.images import inspect as api
+from checkpointer.images import render
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line printed for an expected failure."""
+    if isinstance(exc, CheckpointError):
+        return f"checkpointer: {exc}"
+    if isinstance(exc, KeyboardInterrupt):
+        return "checkpointer: interrupted"
+    if isinstance(exc, OSError):
+        what = exc.strerror or str(exc)
+        return f"checkpointer: {exc.filename}: {what}" if exc.filename else f"checkpointer: {what}"
+    raise TypeError(exc)  # pragma: no cover
+
+
+def run_command(fn, *args, **kwargs):
+    """Call fn; on an expected failure print one line on stderr and exit 1."""
+    try:
+        return fn(*args, **kwargs)
+    except (CheckpointError, OSError, KeyboardInterrupt) as e:
+        try:
+            sys.stdout.flush()
+        except OSError:
+            pass
+        click.echo(error_line(e), err=True)
+        raise SystemExit(1) from None
+
+
+class CheckedCommand(click.Command):
+    """A click command whose expected failures print one line and exit 1."""
+
+    def invoke(self, ctx: click.Context):
+        return run_command(super().invoke, ctx)
+
+
+def _print_json(data, pretty: bool = True, out=None) -> None:
+    text = json.dumps(api.jsonable(data), indent=2 if pretty else None, sort_keys=False)
+    click.echo(text, file=out)
+
+
+@main.command(cls=CheckedCommand)
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def show(path: str, as_json: bool) -> None:
+    """Summarise a dump directory, or print the records of one image file."""
+    data = api.show(path)
+    if as_json:
+        _print_json(data)
+    elif "processes" in data:
+        click.echo(render.show_dump(data))
+    else:
+        click.echo(render.show_file(data))
+
+
+@main.command(cls=CheckedCommand)
+@click.argument("file", type=click.Path())
+@click.option("--pretty", is_flag=True, help="Indent the JSON.")
+@click.option("-o", "--output", "out", type=click.Path(), help="Write to OUT instead of stdout.")
+def decode(file: str, pretty: bool, out: str | None) -> None:
+    """Decode one image file to JSON (binary fields as base64; pages: frame index)."""
+    data = api.decode(file)
+    if out is None or out == "-":
+        _print_json(data, pretty)
+    else:
+        with open(out, "w") as f:
+            _print_json(data, pretty, f)
+
+
+@main.command(cls=CheckedCommand)
+@click.argument("file", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def info(file: str, as_json: bool) -> None:
+    """Kind, format version and record count of one image file."""
+    data = api.info(file)
+    click.echo(json.dumps(data) if as_json else render.info(data))
+
+
+@main.command(cls=CheckedCommand)
+@click.argument("dir", type=click.Path())
+@click.argument("view", type=click.Choice(api.X_VIEWS))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def x(dir: str, view: str, as_json: bool) -> None:
+    """Tables over a dump: ps, mems, rss, fds, or stats of the whole chain."""
+    data = api.x(dir, view)
+    if as_json:
+        _print_json(data)
+    elif view == "stats":
+        click.echo(render.stats(data))
+    else:
+        click.echo(render.table(data))
+
+
+@main.command(cls=CheckedCommand)
+@click.argument("dir", type=click.Path())
+@click.option("--pid", type=int, required=True, help="Process whose memory to read.")
+@click.option("--addr", required=True, help="Start address (decimal or 0x hex).")
+@click.option("--size", required=True, help="Number of bytes (decimal or 0x hex).")
+@click.option("-o", "--output", "out", type=click.Path(), required=True, help="File, or -.")
+def extract(dir: str, pid: int, addr: str, size: str, out: str) -> None:
+    """Write the bytes process PID held at ADDR..ADDR+SIZE at this dump."""
+    data = api.extract(dir, pid, api.parse_addr(addr), api.parse_addr(size))
+    if out == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    else:
+        with open(out, "wb") as f:
+            f.write(data)
+
+
+@main.command(cls=CheckedCommand)
+@click.argument("dir", type=click.Path())
+def verify(dir: str) -> None:
+    """Check headers, checksums, schemas, completeness and the parent chain."""
+    click.echo(api.verify(dir))

@@ -1,0 +1,21 @@
+"""The image library: dump directories of msgpack records and zstd page frames.
+
+Knows nothing of ptrace or /proc. See docs/architecture.md and images/README.md.
+"""
+
+from checkpointer.images.format import FORMAT_VERSION
+from checkpointer.images.reader import Core, Dump, Mm, PageMap, PageRun, is_complete_dump
+from checkpointer.images.writer import DumpWriter, PageStats, PageWriter
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Core",
+    "Dump",
+    "DumpWriter",
+    "Mm",
+    "PageMap",
+    "PageRun",
+    "PageStats",
+    "PageWriter",
+    "is_complete_dump",
+]

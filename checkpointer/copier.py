@@ -1,0 +1,120 @@
+"""Copy planned page runs from /proc/PID/mem into an image's page writer.
+
+A plan is a sorted list of Segments for one memory owner: ranges to copy
+("data") and ranges the parent dump already holds ("parent"). Data is read with
+preadv into one reused buffer in large contiguous chunks and handed to the
+writer, which compresses and streams it out; the dump is never held in memory.
+
+With content comparison (the full tracker), every data chunk is first compared
+page by page with what the parent chain holds at that address, and only pages
+that differ are written.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from checkpointer.kernel.memory import MemReader
+from checkpointer.pageruns import Range, intersect
+
+CHUNK = 8 << 20  # bytes read per preadv: large enough to amortize syscalls
+
+
+@dataclass(frozen=True)
+class Segment:
+    start: int  # address (or offset into a shared object)
+    end: int
+    where: str  # "data" or "parent"
+    pid: int = 0  # process to read data from
+    vaddr: int = 0  # its address of `start` (differs from start for shared objects)
+
+
+@dataclass
+class CopyTimes:
+    memdump_us: int = 0  # reading the target's memory
+    memwrite_us: int = 0  # handing pages to the writer (compression, I/O)
+
+
+class PageCopier:
+    def __init__(self, page_size: int, progress=None, partial_ok: bool = False) -> None:
+        self.page_size = page_size
+        self.buffer = bytearray(CHUNK)
+        self.view = memoryview(self.buffer)
+        self.progress = progress
+        # Pre-dumps read a running target: a VMA unmapped since the scan reads
+        # short. What was not read is simply not in this dump; anything mapped
+        # there later is new memory and therefore dirty.
+        self.partial_ok = partial_ok
+        self.times = CopyTimes()
+        self._readers: dict[int, MemReader] = {}
+
+    def copy(self, pages, plan: list[Segment], parent_reader=None) -> None:
+        """Feed `plan` into `pages` (a PageWriter). parent_reader(start, end) returns
+        (held ranges, bytes reader) for content comparison, or None."""
+        for seg in plan:
+            if seg.where == "parent":
+                pages.add_parent(seg.start, (seg.end - seg.start) // self.page_size)
+                continue
+            for start in range(seg.start, seg.end, CHUNK):
+                end = min(start + CHUNK, seg.end)
+                got = self._read(seg.pid, seg.vaddr + (start - seg.start), end - start)
+                if got < end - start and not self.partial_ok:
+                    raise OSError(f"could not read memory of {seg.pid} at {start + got:#x}")
+                got -= got % self.page_size
+                if got:
+                    self._write(pages, start, self.view[:got], parent_reader)
+                if self.progress:
+                    self.progress.advance((end - start) // self.page_size)
+
+    def _read(self, pid: int, addr: int, size: int) -> int:
+        reader = self._readers.get(pid)
+        if reader is None:
+            reader = self._readers[pid] = MemReader(pid)
+        started = time.monotonic()
+        try:
+            return reader.read_into(addr, self.view[:size])
+        finally:
+            self.times.memdump_us += int((time.monotonic() - started) * 1e6)
+
+    def _write(self, pages, start: int, data: memoryview, parent_reader) -> None:
+        started = time.monotonic()
+        try:
+            if parent_reader is None:
+                pages.add_data(start, data)
+            else:
+                self._write_changed(pages, start, data, parent_reader)
+        finally:
+            self.times.memwrite_us += int((time.monotonic() - started) * 1e6)
+
+    def _write_changed(self, pages, start: int, data: memoryview, parent_reader) -> None:
+        """Write the pages that differ from the parent chain; reference the rest."""
+        ps = self.page_size
+        end = start + len(data)
+        held: list[Range] = intersect(parent_reader.held, [(start, end)])
+        unchanged: list[Range] = []
+        for hs, he in held:
+            old = parent_reader.read(hs, he - hs)
+            run_start = None
+            for addr in range(hs, he, ps):
+                same = data[addr - start : addr - start + ps] == old[addr - hs : addr - hs + ps]
+                if same and run_start is None:
+                    run_start = addr
+                elif not same and run_start is not None:
+                    unchanged.append((run_start, addr))
+                    run_start = None
+            if run_start is not None:
+                unchanged.append((run_start, he))
+        pos = start
+        for us, ue in unchanged:
+            if us > pos:
+                pages.add_data(pos, data[pos - start : us - start])
+            pages.add_parent(us, (ue - us) // ps)
+            pos = ue
+        if pos < end:
+            pages.add_data(pos, data[pos - start :])
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()

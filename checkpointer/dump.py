@@ -1,0 +1,363 @@
+"""dump and pre-dump: freeze, collect, track, copy, write, thaw.
+
+A final dump keeps the tree frozen from the first register read to the last
+page written, so the images describe one instant. A pre-dump only needs the
+dirty information to be read and reset at one instant (for soft-dirty, with the
+tree frozen; for uffd-wp and full, not even that); the pages are copied while
+the tree runs, because any page written after the reset is dirty next time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from checkpointer import collect, trackstate
+from checkpointer.copier import PageCopier, Segment
+from checkpointer.errors import TargetError
+from checkpointer.freezer import Freezer, FrozenTree, Thaw
+from checkpointer.images import Dump, DumpWriter
+from checkpointer.kernel import proc
+from checkpointer.kernel.pagemap import PAGE_SIZE
+from checkpointer.pageruns import Range, normalize, subtract, total
+from checkpointer.progress import Progress
+from checkpointer.trackers import FullTracker, Tracker, VmaPages, make_tracker
+from checkpointer.vmas import Policy, Vma
+
+log = logging.getLogger("checkpointer")
+
+
+@dataclass
+class DumpRequest:
+    pid: int
+    images_dir: Path
+    kind: str = "dump"  # or "pre-dump"
+    prev_images_dir: str | None = None  # relative to images_dir, as in CRIU
+    tracker: str = "auto"
+    track_mem: bool = False  # reset tracking so a later dump can build on this one
+    thaw: Thaw = Thaw.KILL
+    cgroup: str | None = None
+    progress: bool | None = None  # None: only when stderr is a terminal
+    iteration: int | None = None
+
+
+@dataclass
+class DumpResult:
+    path: Path
+    stats: dict
+    tracker: str
+    incremental: bool
+    full_pass_reason: str | None = None
+    pids: list[int] = field(default_factory=list)
+
+
+def pre_dump(req: DumpRequest) -> DumpResult:
+    req.kind = "pre-dump"
+    req.track_mem = True
+    req.thaw = Thaw.RUNNING
+    return run(req)
+
+
+def dump(req: DumpRequest) -> DumpResult:
+    req.kind = "dump"
+    return run(req)
+
+
+def run(req: DumpRequest) -> DumpResult:
+    with trackstate.target_lock(req.pid):
+        try:
+            return _Pass(req).run()
+        except (OSError, TargetError) as err:
+            if not proc.exists(req.pid):
+                raise TargetError(
+                    f"process {req.pid} exited during the {req.kind}; no image was written"
+                ) from err
+            raise
+
+
+class _Pass:
+    """One dump or pre-dump of one tree."""
+
+    def __init__(self, req: DumpRequest) -> None:
+        self.req = req
+        self.dump_id = uuid.uuid4().hex
+        self.parent: Dump | None = None
+        self.tracker: Tracker | None = None
+        self.incremental = False
+        self.full_pass_reason: str | None = None
+        self.state: trackstate.TrackState | None = None
+        self.times: dict[str, int] = {"freezing_time": 0, "frozen_time": 0}
+
+    # The order of this method is the algorithm.
+    def run(self) -> DumpResult:
+        req = self.req
+        start_time = collect.start_time(req.pid)
+        self._open_parent(start_time)
+        self._choose_tracker(start_time)
+        freeze = req.kind == "dump" or (self.tracker is not None and self.tracker.freezes_pre_dump)
+        freezer = Freezer(req.pid, thaw=req.thaw, cgroup=req.cgroup)
+        try:
+            with DumpWriter(req.images_dir, kind=req.kind, parent=req.prev_images_dir) as writer:
+                tree = self._freeze(freezer) if freeze else _live_tree(req.pid)
+                frozen_at = time.monotonic()
+                vmas = {pid: collect.read_vmas(pid) for pid in tree.pids}
+                self._write_state(writer, tree, vmas)
+                pages = self._track(tree, vmas, frozen=freeze)
+                if req.kind == "pre-dump" and freeze:
+                    freezer.thaw(Thaw.RUNNING)  # dirty state is read and reset
+                    self.times["frozen_time"] = _us_since(frozen_at)
+                stats = self._copy(writer, tree, vmas, pages)
+                if req.kind == "dump":
+                    self.times["frozen_time"] = _us_since(frozen_at)
+                stats.update(self.times)
+                writer.write_stats(stats)
+                writer.commit(self._inventory(tree, start_time))
+        except BaseException:
+            freezer.thaw(Thaw.RUNNING)
+            if self.tracker:
+                self.tracker.close()
+            raise
+        self._remember_reset()
+        freezer.thaw(req.thaw)
+        if self.tracker:
+            self.tracker.close()
+        return DumpResult(
+            req.images_dir, stats, self._tracker_name(), self.incremental,
+            self.full_pass_reason, tree.pids,
+        )
+
+    # -- before the freeze ---------------------------------------------------
+
+    def _open_parent(self, start_time: int) -> None:
+        rel = self.req.prev_images_dir
+        if rel is None:
+            return
+        path = (self.req.images_dir / rel) if not os.path.isabs(rel) else Path(rel)
+        self.parent = Dump.open(path)
+        theirs = self.parent.inventory.get("start_times", {}).get(str(self.req.pid))
+        if theirs != start_time:
+            raise TargetError(
+                f"parent {path} was taken from another process with pid {self.req.pid} "
+                f"(start time {theirs}, now {start_time})"
+            )
+
+    def _choose_tracker(self, start_time: int) -> None:
+        req = self.req
+        if not (req.track_mem or self.parent):
+            return  # a plain full dump: no tracking read or reset
+        self.tracker = make_tracker(req.tracker)
+        self.state = trackstate.load(req.pid, start_time)
+        parent_id = self.parent.inventory.get("tracking", {}).get("dump_id") if self.parent else None
+        if self.parent is None:
+            return
+        if self.tracker.compares_content:
+            self.incremental = True  # needs no kernel state, only the parent's pages
+        elif self.state is None or not self.state.trusts(parent_id, self.tracker.name):
+            self.full_pass_reason = (
+                "tracking state does not match the parent (a pass since it failed, "
+                "or tracking was reset elsewhere): full pass"
+            )
+        elif why := self.tracker.lost(req.pid, self.state.extra.get(str(req.pid), {})):
+            self.full_pass_reason = f"tracking was lost ({why}): full pass"
+        else:
+            self.incremental = True
+        if self.full_pass_reason:
+            log.warning("%s", self.full_pass_reason)
+        if self.state is None or self.state.tracker != self.tracker.name:
+            self.state = trackstate.TrackState(req.pid, start_time, self.tracker.name)
+
+    def _freeze(self, freezer: Freezer) -> FrozenTree:
+        tree = freezer.freeze()
+        self.times["freezing_time"] = tree.freezing_time_us
+        return tree
+
+    # -- while frozen -------------------------------------------------------
+
+    def _write_state(self, writer: DumpWriter, tree: FrozenTree, vmas: dict) -> None:
+        writer.write_pstree(collect.pstree_records(tree))
+        for pid in tree.pids:
+            writer.write_mm(pid, collect.mm_record(pid, vmas[pid]), collect.vma_records(vmas[pid]))
+            if self.req.kind == "dump":  # registers need every thread in a ptrace stop
+                process, threads = collect.core_records(
+                    pid, tree.threads[pid], pid in tree.was_stopped
+                )
+                writer.write_core(pid, process, threads)
+                writer.write_fds(pid, collect.fd_records(pid))
+
+    def _track(
+        self, tree: FrozenTree, vmas: dict[int, list[Vma]], frozen: bool
+    ) -> dict[int, dict[int, VmaPages]]:
+        """Present and dirty pages of every private VMA; resets tracking."""
+        tracker = self.tracker or FullTracker()
+        if self.tracker and self.state:
+            # From here on, dirty information is being thrown away: until this
+            # dump commits, nothing may build on the parent's tracking state.
+            self.state.pending = self.dump_id
+            trackstate.save(self.state)
+            per_pid = self.state.extra
+            for pid in tree.pids:
+                per_pid[str(pid)] = tracker.attach(
+                    pid, per_pid.get(str(pid), {}), pid if frozen else None
+                )
+        return {
+            pid: tracker.scan(pid, [v for v in vmas[pid] if v.policy is Policy.PRIVATE],
+                              self.incremental)
+            for pid in tree.pids
+        }
+
+    def _copy(self, writer: DumpWriter, tree: FrozenTree, vmas: dict, pages: dict) -> dict:
+        plans = {f"pid-{pid}": _private_plan(pid, vmas[pid], pages[pid]) for pid in tree.pids}
+        plans.update(_shared_plans(vmas))
+        scanned = sum(total([(s.start, s.end) for s in plan]) for plan in plans.values())
+        to_read = sum(
+            total([(s.start, s.end) for s in plan if s.where == "data"]) for plan in plans.values()
+        )
+        progress = Progress(to_read // PAGE_SIZE, PAGE_SIZE, self.req.progress)
+        copier = PageCopier(PAGE_SIZE, progress, partial_ok=self.req.kind == "pre-dump")
+        counts = {"pages_written": 0, "pages_skipped_parent": 0, "pages_zero": 0,
+                  "bytes_raw": 0, "bytes_compressed": 0}
+        compare = self.parent is not None and self.tracker is not None and (
+            self.tracker.compares_content
+        )
+        try:
+            for owner, plan in plans.items():
+                page_writer = writer.open_pages(owner)
+                parent_reader = _ParentPages(self.parent, owner) if (
+                    compare and owner.startswith("pid-")) else None
+                copier.copy(page_writer, plan, parent_reader)
+                ps = page_writer.close()
+                counts["pages_written"] += ps.written
+                counts["pages_skipped_parent"] += ps.parent
+                counts["pages_zero"] += ps.zero
+                counts["bytes_raw"] += ps.bytes_raw
+                counts["bytes_compressed"] += ps.bytes_compressed
+        finally:
+            copier.close()
+            progress.finish()
+        return {
+            "memdump_time": copier.times.memdump_us,
+            "memwrite_time": copier.times.memwrite_us,
+            "pages_scanned": scanned // PAGE_SIZE,
+            **counts,
+            "tracker": self._tracker_name(),
+            "iteration": self.req.iteration,
+        }
+
+    # -- after the images are safe ---------------------------------------------
+
+    def _inventory(self, tree: FrozenTree, start_time: int) -> dict:
+        start_times = {str(self.req.pid): start_time}
+        for pid in tree.pids:
+            try:
+                start_times[str(pid)] = collect.start_time(pid)
+            except TargetError:
+                pass
+        return {
+            "tracker": self._tracker_name(),
+            "kernel": platform.release(),
+            "root_pid": self.req.pid,
+            "pids": tree.pids,
+            "start_times": start_times,
+            "tracking": {
+                "dump_id": self.dump_id,
+                "incremental": self.incremental,
+                "full_pass_reason": self.full_pass_reason,
+                "per_pid": self.state.extra if self.state else {},
+            },
+            "usable_as_parent": True,
+        }
+
+    def _remember_reset(self) -> None:
+        if self.req.thaw is Thaw.KILL:
+            trackstate.forget(self.req.pid)
+        elif self.tracker and self.state:
+            self.state.reset_by = self.dump_id
+            self.state.pending = None
+            trackstate.save(self.state)
+
+    def _tracker_name(self) -> str:
+        return self.tracker.name if self.tracker else "none"
+
+
+def _private_plan(pid: int, vmas: list[Vma], pages: dict[int, VmaPages]) -> list[Segment]:
+    """Segments of one process's own memory, in address order."""
+    plan: list[Segment] = []
+    for vma in vmas:
+        if vma.policy is Policy.WHOLE:
+            plan.append(Segment(vma.start, vma.end, "data", pid, vma.start))
+            continue
+        if vma.policy is not Policy.PRIVATE:
+            continue
+        vp = pages[vma.start]
+        if vp.dirty is None:
+            data, held = vp.present, []
+        else:
+            # Dirty pages are copied even if they were not present a moment ago;
+            # present pages that were not written are the parent's.
+            data = normalize(vp.dirty)
+            held = subtract(vp.present, data)
+        segs = [Segment(s, e, "data", pid, s) for s, e in data]
+        segs += [Segment(s, e, "parent", pid, s) for s, e in held]
+        plan.extend(sorted(segs, key=lambda seg: seg.start))
+    return plan
+
+
+def _shared_plans(vmas: dict[int, list[Vma]]) -> dict[str, list[Segment]]:
+    """Each shared object once, whole, read through whichever process maps each part."""
+    plans: dict[str, list[Segment]] = {}
+    covered: dict[str, list[Range]] = {}
+    for pid, pid_vmas in vmas.items():
+        for vma in pid_vmas:
+            owner = vma.shmem_owner
+            if owner is None:
+                continue
+            span = [(vma.offset, vma.offset + vma.size)]
+            for s, e in subtract(span, covered.get(owner, [])):
+                plans.setdefault(owner, []).append(
+                    Segment(s, e, "data", pid, vma.start + (s - vma.offset))
+                )
+            covered[owner] = normalize(covered.get(owner, []) + span)
+    return {owner: sorted(plan, key=lambda s: s.start) for owner, plan in plans.items()}
+
+
+class _ParentPages:
+    """What the parent chain holds for one owner, for content comparison."""
+
+    def __init__(self, parent: Dump, owner: str) -> None:
+        self.parent = parent
+        self.pid = int(owner.split("-", 1)[1])
+        self.held: list[Range] = normalize(
+            [(r.addr, r.addr + r.nr * PAGE_SIZE) for r in parent.page_runs(owner)]
+        )
+
+    def read(self, addr: int, size: int) -> bytes:
+        return self.parent.read_memory(self.pid, addr, size)
+
+
+def _live_tree(root: int) -> FrozenTree:
+    """The tree as it is, without stopping it (pre-dumps that need no freeze)."""
+    tree = FrozenTree(root)
+    queue = [root]
+    while queue:
+        pid = queue.pop(0)
+        if pid in tree.threads:
+            continue
+        try:
+            tree.threads[pid] = proc.list_threads(pid)
+            queue.extend(proc.list_children(pid))
+        except TargetError:
+            if pid == root:
+                raise
+    return tree
+
+
+def _us_since(t: float) -> int:
+    return int((time.monotonic() - t) * 1e6)
+
+
+

@@ -1,0 +1,252 @@
+"""Stop every thread of a process tree with ptrace, and always let it go again.
+
+Tasks are taken with PTRACE_SEIZE + PTRACE_INTERRUPT, which, unlike
+PTRACE_ATTACH, sends no SIGSTOP and leaves the tree's job-control state alone.
+Threads and children created while we freeze are caught by rescanning until two
+rounds agree (a stopped task cannot create new ones); a tree that keeps changing
+for MAX_ROUNDS rounds is an error, as in CRIU.
+
+Thawing restores the state found: a task that was stopped by SIGSTOP before we
+came stays stopped. Every path out detaches, so the target is never left stopped
+because the tool failed; if the tool itself is killed, the kernel detaches.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from checkpointer.errors import TargetError
+from checkpointer.kernel import proc, ptrace
+
+MAX_ROUNDS = 5
+# A task may report signal-delivery-stops before the interrupt lands; each one is
+# delivered and we wait again, a bounded number of times.
+MAX_SIGNAL_STOPS = 16
+
+
+class Thaw(enum.Enum):
+    RUNNING = "running"
+    STOPPED = "stopped"  # left in a group-stop that `kill -CONT` ends
+    KILL = "kill"
+
+
+@dataclass
+class FrozenTree:
+    """Who is frozen: process id -> its thread ids, in tree order (root first)."""
+
+    root: int
+    threads: dict[int, list[int]] = field(default_factory=dict)
+    was_stopped: set[int] = field(default_factory=set)  # pids group-stopped before us
+    zombies: list[int] = field(default_factory=list)
+    freezing_time_us: int = 0
+
+    @property
+    def pids(self) -> list[int]:
+        return list(self.threads)
+
+
+class Freezer:
+    """Context manager: freeze on enter; on exit thaw as asked (RUNNING on error)."""
+
+    def __init__(self, root: int, thaw: Thaw = Thaw.RUNNING, cgroup: str | None = None):
+        self.root = root
+        self.thaw_mode = thaw
+        self.cgroup = Path(cgroup) if cgroup else None
+        self.tree = FrozenTree(root)
+        self._seized: list[int] = []
+        self._cgroup_frozen = False
+
+    def __enter__(self) -> FrozenTree:
+        try:
+            return self.freeze()
+        except BaseException:
+            self.thaw(Thaw.RUNNING)
+            raise
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.thaw(Thaw.RUNNING if exc_type else self.thaw_mode)
+
+    # -- freezing ------------------------------------------------------------
+
+    def freeze(self) -> FrozenTree:
+        started = time.monotonic()
+        if not proc.exists(self.root):
+            raise TargetError(f"process {self.root} does not exist")
+        if self.cgroup:
+            self._freeze_cgroup()
+        stable = False
+        for _ in range(MAX_ROUNDS):
+            found = self._scan()
+            new = [(pid, tid) for pid, tids in found.items() for tid in tids
+                   if tid not in self._seized]
+            if not new and found.keys() == self.tree.threads.keys():
+                stable = True
+                break
+            for pid, tid in new:
+                self._seize(pid, tid)
+            self.tree.threads = {
+                pid: [t for t in tids if t in self._seized] for pid, tids in found.items()
+            }
+            self.tree.threads = {pid: tids for pid, tids in self.tree.threads.items() if tids}
+        if not stable:
+            raise TargetError(
+                f"process tree of {self.root} keeps changing after {MAX_ROUNDS} rounds"
+            )
+        if self.root not in self.tree.threads:
+            raise TargetError(f"process {self.root} exited during the freeze")
+        if self._cgroup_frozen:
+            # Every task is in a ptrace stop now; the cgroup freeze has done its job.
+            self._thaw_cgroup()
+        self.tree.freezing_time_us = int((time.monotonic() - started) * 1e6)
+        return self.tree
+
+    def _scan(self) -> dict[int, list[int]]:
+        """The tree now: every live process below root (or in the cgroup), its threads."""
+        pids = self._cgroup_pids() if self.cgroup else self._descendants()
+        found: dict[int, list[int]] = {}
+        for pid in pids:
+            try:
+                if proc.read_stat(pid).state == "Z":
+                    if pid not in self.tree.zombies:
+                        self.tree.zombies.append(pid)
+                    continue
+                found[pid] = proc.list_threads(pid)
+            except TargetError:
+                continue  # exited while we looked
+        return found
+
+    def _descendants(self) -> list[int]:
+        order, queue = [], [self.root]
+        while queue:
+            pid = queue.pop(0)
+            if pid in order:
+                continue
+            order.append(pid)
+            try:
+                queue.extend(proc.list_children(pid))
+            except TargetError:
+                continue
+        return order
+
+    def _seize(self, pid: int, tid: int) -> None:
+        try:
+            ptrace.seize(tid)
+        except TargetError:
+            if not proc.task_exists(pid, tid):
+                return  # the thread ended between the scan and the seize
+            raise
+        self._seized.append(tid)
+        ptrace.interrupt(tid)
+        for _ in range(MAX_SIGNAL_STOPS):
+            stop = ptrace.wait_stop(tid)
+            if stop.kind in ("exited", "killed"):
+                self._seized.remove(tid)
+                return
+            if stop.kind == "group-stop":
+                self.tree.was_stopped.add(pid)
+                return
+            if stop.kind == "event-stop":
+                return
+            # A signal arrived first: let the task have it; the interrupt is
+            # still pending and lands on the next stop.
+            ptrace.cont(tid, stop.sig)
+        raise TargetError(f"thread {tid} of {pid} keeps receiving signals; cannot stop it")
+
+    # -- thawing ---------------------------------------------------------------
+
+    def thaw(self, mode: Thaw) -> None:
+        """Let every seized task go; safe to call twice."""
+        pids = list(self.tree.threads) or [self.root]
+        if mode is Thaw.KILL:
+            for pid in pids:
+                _signal(pid, signal.SIGKILL)
+        elif mode is Thaw.STOPPED:
+            # A pending SIGSTOP is delivered as soon as the task runs again, which
+            # puts the whole thread group into an ordinary group-stop.
+            for pid in pids:
+                if pid not in self.tree.was_stopped:
+                    _signal(pid, signal.SIGSTOP)
+        with _signals_deferred():
+            for tid in self._seized:
+                try:
+                    ptrace.detach(tid)
+                except TargetError:
+                    pass  # gone already
+            self._seized.clear()
+        if self._cgroup_frozen:
+            self._thaw_cgroup()
+        if mode is Thaw.KILL:
+            for pid in pids:
+                _reap_if_child(pid)
+
+    # -- cgroup v2 freezer ----------------------------------------------------
+
+    def _freeze_cgroup(self) -> None:
+        assert self.cgroup
+        control = self.cgroup / "cgroup.freeze"
+        if not control.exists():
+            raise TargetError(f"{self.cgroup} is not a cgroup v2 directory with cgroup.freeze")
+        control.write_text("1")
+        self._cgroup_frozen = True
+        deadline = time.monotonic() + 10
+        while "frozen 1" not in (self.cgroup / "cgroup.events").read_text():
+            if time.monotonic() > deadline:
+                raise TargetError(f"cgroup {self.cgroup} did not freeze within 10 s")
+            time.sleep(0.005)
+
+    def _thaw_cgroup(self) -> None:
+        assert self.cgroup
+        (self.cgroup / "cgroup.freeze").write_text("0")
+        self._cgroup_frozen = False
+
+    def _cgroup_pids(self) -> list[int]:
+        assert self.cgroup
+        pids = [int(p) for p in (self.cgroup / "cgroup.procs").read_text().split()]
+        # The root first, as in a tree walk; the rest in pid order.
+        return sorted(pids, key=lambda p: (p != self.root, p))
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _reap_if_child(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+class _signals_deferred:
+    """Hold SIGINT/SIGTERM while detaching, so a second ^C cannot cut it short."""
+
+    def __enter__(self) -> None:
+        self._old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+    def __exit__(self, *exc) -> None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, self._old)
+
+
+class stopped_thread:
+    """Stop one thread of pid (its main thread) briefly, for an injected syscall."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def __enter__(self) -> int:
+        self._freezer = Freezer(self.pid)
+        self._freezer._seize(self.pid, self.pid)
+        if self.pid not in self._freezer._seized:
+            raise TargetError(f"process {self.pid} exited")
+        return self.pid
+
+    def __exit__(self, *exc) -> None:
+        self._freezer.thaw(Thaw.RUNNING)

@@ -1,0 +1,264 @@
+"""On-disk format: file header, bounded record streams, zstd frames, limits.
+
+Every image file starts with a 16-byte header readable without decompressing::
+
+    0  8  magic  b"CKPTIMG\\0"
+    8  2  format version (little endian)
+    10 2  file kind code (little endian, FILE_KINDS)
+    12 4  reserved, zero
+
+Record files (everything but pages-*) continue with ONE zstd frame holding a
+msgpack stream of maps. Page files continue with independent zstd frames of page
+bytes, indexed by the pagemap file. See images/README.md for the specification.
+
+Everything here treats input as hostile: reads are bounded whatever a file claims,
+and every failure is an ImageError naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import msgpack
+import zstandard as zstd
+
+from checkpointer.errors import ImageError, UnsupportedVersion
+
+MAGIC = b"CKPTIMG\0"
+FORMAT_VERSION = 1
+HEADER = struct.Struct("<8sHHI")
+HEADER_SIZE = HEADER.size  # 16
+
+# kind name -> code; file names are "<kind>" or "<kind>-<suffix>"
+FILE_KINDS = {
+    "inventory": 1,
+    "pstree": 2,
+    "core": 3,
+    "mm": 4,
+    "fds": 5,
+    "pagemap": 6,
+    "pages": 7,
+    "stats": 8,
+}
+KIND_BY_CODE = {v: k for k, v in FILE_KINDS.items()}
+
+# ---- limits (memory stays bounded whatever an image claims) ----
+MAX_WINDOW = 1 << 23  # zstd window accepted when decompressing (8 MiB)
+MAX_RECORD_FILE = 64 << 20  # decompressed bytes of one record file
+MAX_PAGEMAP_FILE = 256 << 20  # decompressed bytes of one pagemap file
+MAX_RECORDS = 1 << 22  # records in one file
+MAX_FRAME_SIZE = 16 << 20  # uncompressed page frame size
+MIN_FRAME_SIZE = 4096
+DEFAULT_FRAME_SIZE = 1 << 20
+MAX_CHAIN = 256  # dumps in one parent chain
+READ_CHUNK = 1 << 16
+
+UNPACK_LIMITS = dict(
+    max_buffer_size=16 << 20,
+    max_str_len=1 << 20,
+    max_bin_len=16 << 20,
+    max_array_len=1 << 20,
+    max_map_len=1 << 16,
+    max_ext_len=0,
+)
+
+
+def kind_of_name(name: str) -> str | None:
+    """The file kind a file name announces, or None."""
+    base = name.split("-", 1)[0]
+    return base if base in FILE_KINDS else None
+
+
+def pack_header(kind: str) -> bytes:
+    return HEADER.pack(MAGIC, FORMAT_VERSION, FILE_KINDS[kind], 0)
+
+
+def parse_header(data: bytes, where: str, expect: str | None = None) -> tuple[str, int]:
+    """Check a 16-byte header; return (kind, version)."""
+    if len(data) < HEADER_SIZE:
+        raise ImageError("truncated header (file shorter than 16 bytes)", where)
+    magic, version, code, reserved = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise ImageError("not a checkpointer image (bad magic)", where)
+    if version != FORMAT_VERSION:
+        raise UnsupportedVersion(
+            f"unsupported image format version {version} "
+            f"(this checkpointer reads {FORMAT_VERSION})",
+            where,
+        )
+    kind = KIND_BY_CODE.get(code)
+    if kind is None:
+        raise ImageError(f"unknown file kind code {code}", where)
+    if reserved != 0:
+        raise ImageError("reserved header bytes are not zero", where)
+    if expect is not None and kind != expect:
+        raise ImageError(f"expected a {expect} file, found {kind}", where)
+    return kind, version
+
+
+def read_header(path: str, expect: str | None = None) -> tuple[str, int]:
+    with _open(path) as f:
+        return parse_header(f.read(HEADER_SIZE), path, expect)
+
+
+def _open(path: str):
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise ImageError("missing", path) from None
+    except IsADirectoryError:
+        raise ImageError("is a directory, expected an image file", path) from None
+    except OSError as e:
+        raise ImageError(e.strerror or str(e), path) from None
+
+
+def decompressor() -> zstd.ZstdDecompressor:
+    return zstd.ZstdDecompressor(max_window_size=MAX_WINDOW)
+
+
+def encode_records(kind: str, records: list, level: int = 3) -> bytes:
+    """Header + one zstd frame holding the msgpack stream of records."""
+    packer = msgpack.Packer(use_bin_type=True)
+    body = b"".join(packer.pack(r) for r in records)
+    cctx = zstd.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+    return pack_header(kind) + cctx.compress(body)
+
+
+def iter_records(path: str, expect: str | None = None, limit: int = MAX_RECORD_FILE):
+    """Yield the records of a record file, bounded in memory and count."""
+    with _open(path) as f:
+        kind, _ = parse_header(f.read(HEADER_SIZE), path, expect)
+        if kind == "pages":
+            raise ImageError("a pages file holds page frames, not records", path)
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, **UNPACK_LIMITS)
+        total = 0
+        count = 0
+        try:
+            reader = decompressor().stream_reader(f, read_across_frames=False)
+            while True:
+                chunk = reader.read(READ_CHUNK)
+                if not chunk:
+                    break
+                total += len(chunk)
+                if total > limit:
+                    raise ImageError(f"decompressed content exceeds the {limit} byte limit", path)
+                unpacker.feed(chunk)
+                for rec in unpacker:
+                    count += 1
+                    if count > MAX_RECORDS:
+                        raise ImageError(f"more than {MAX_RECORDS} records", path)
+                    yield rec
+            if total == 0:
+                raise ImageError("no compressed content after the header", path)
+            if f.read(1):
+                raise ImageError("trailing data after the zstd frame", path)
+        except ImageError:
+            raise
+        except zstd.ZstdError as e:
+            raise ImageError(f"corrupt compressed data ({_short(e)})", path) from None
+        except Exception as e:  # msgpack and unicode errors on hostile bytes
+            raise ImageError(f"corrupt record stream ({type(e).__name__}: {_short(e)})", path) from None
+        # leftover partial record
+        if unpacker.tell() != total:
+            raise ImageError("truncated record at end of stream", path)
+
+
+def read_records(path: str, expect: str | None = None, limit: int = MAX_RECORD_FILE) -> list:
+    return list(iter_records(path, expect, limit))
+
+
+def _short(e: BaseException) -> str:
+    s = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return s[:200]
+
+
+# ---- page frames ----
+
+
+def read_frame(f, path: str, off: int, clen: int, rlen: int) -> bytes:
+    """Decompress one indexed page frame, bounded to rlen bytes, checksum checked."""
+    data = os.pread(f.fileno(), clen, off)
+    if len(data) != clen:
+        raise ImageError(f"truncated page frame at offset {off}", path)
+    try:
+        reader = decompressor().stream_reader(data, read_across_frames=False)
+        out = reader.read(rlen)
+        parts = [out]
+        got = len(out)
+        while got < rlen:
+            more = reader.read(rlen - got)
+            if not more:
+                break
+            parts.append(more)
+            got += len(more)
+        if got != rlen:
+            raise ImageError(f"page frame at offset {off} holds {got} bytes, index says {rlen}", path)
+        if reader.read(1):
+            raise ImageError(f"page frame at offset {off} holds more than {rlen} bytes", path)
+    except ImageError:
+        raise
+    except zstd.ZstdError as e:
+        raise ImageError(f"corrupt page frame at offset {off} ({_short(e)})", path) from None
+    return out if len(parts) == 1 else b"".join(parts)
+
+
+def walk_frames(path: str, limit: int = 1 << 22) -> list[dict]:
+    """List the zstd frames of a pages file by walking frame and block headers.
+
+    Reads only headers (never decompresses): offset, compressed size, content size,
+    checksum flag. Independent of the pagemap index, so decode can show it.
+    """
+    frames = []
+    with _open(path) as f:
+        parse_header(f.read(HEADER_SIZE), path, "pages")
+        fd = f.fileno()
+        size = os.fstat(fd).st_size
+        off = HEADER_SIZE
+        while off < size:
+            if len(frames) >= limit:
+                raise ImageError(f"more than {limit} page frames", path)
+            frames.append(_walk_one(fd, path, off, size))
+            off += frames[-1]["clen"]
+    return frames
+
+
+def _walk_one(fd: int, path: str, off: int, size: int) -> dict:
+    head = os.pread(fd, 18, off)
+    if len(head) < 6 or head[:4] != b"\x28\xb5\x2f\xfd":
+        raise ImageError(f"no zstd frame at offset {off}", path)
+    fhd = head[4]
+    fcs_flag = fhd >> 6
+    single = (fhd >> 5) & 1
+    checksum = (fhd >> 2) & 1
+    did_size = (0, 1, 2, 4)[fhd & 3]
+    if fhd & 0x08:
+        raise ImageError(f"zstd frame at offset {off} has reserved bit set", path)
+    fcs_size = (1 if single else 0, 2, 4, 8)[fcs_flag]
+    pos = 5 + (0 if single else 1) + did_size
+    if len(head) < pos + fcs_size:
+        raise ImageError(f"truncated zstd frame header at offset {off}", path)
+    content = None
+    if fcs_size:
+        content = int.from_bytes(head[pos : pos + fcs_size], "little")
+        if fcs_size == 2:
+            content += 256
+    p = off + pos + fcs_size
+    while True:
+        bh = os.pread(fd, 3, p)
+        if len(bh) < 3:
+            raise ImageError(f"truncated zstd block in frame at offset {off}", path)
+        v = int.from_bytes(bh, "little")
+        last, btype, bsize = v & 1, (v >> 1) & 3, v >> 3
+        if btype == 3:
+            raise ImageError(f"invalid zstd block type in frame at offset {off}", path)
+        p += 3 + (1 if btype == 1 else bsize)
+        if p > size:
+            raise ImageError(f"truncated zstd block in frame at offset {off}", path)
+        if last:
+            break
+    if checksum:
+        p += 4
+        if p > size:
+            raise ImageError(f"truncated zstd checksum in frame at offset {off}", path)
+    return {"off": off, "clen": p - off, "content_size": content, "checksum": bool(checksum)}

@@ -1,0 +1,266 @@
+"""show / info / decode / x / extract / verify as functions returning plain data.
+
+The CLI (checkpointer.cli.inspect_cmds) only parses arguments and prints; text
+rendering lives in checkpointer.images.render. Every failure is an ImageError.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+
+from checkpointer.errors import ImageError
+from checkpointer.images import format as fmt
+from checkpointer.images.reader import Dump
+from checkpointer.images.verify import verify_dump
+
+X_VIEWS = ("ps", "mems", "rss", "fds", "stats")
+
+
+def jsonable(obj):
+    """Records -> JSON-compatible values; bytes become {"base64": "..."}."""
+    if isinstance(obj, bytes | bytearray):
+        return {"base64": base64.b64encode(obj).decode()}
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    return obj
+
+
+# ---- info / decode ----
+
+
+def _file_kind(path: str) -> str:
+    if os.path.isdir(path):
+        raise ImageError("is a directory, expected an image file", path)
+    kind, _ = fmt.read_header(path)
+    return kind
+
+
+def info(path: str) -> dict:
+    """Kind, version and record count (frame count for a pages file)."""
+    kind = _file_kind(path)
+    out = {"file": path, "kind": kind, "version": fmt.FORMAT_VERSION}
+    if kind == "pages":
+        frames = fmt.walk_frames(path)
+        out["frames"] = len(frames)
+        out["bytes_raw"] = sum(f["content_size"] or 0 for f in frames)
+        out["bytes_compressed"] = sum(f["clen"] for f in frames)
+    else:
+        limit = fmt.MAX_PAGEMAP_FILE if kind == "pagemap" else fmt.MAX_RECORD_FILE
+        out["records"] = sum(1 for _ in fmt.iter_records(path, kind, limit))
+    return out
+
+
+def decode(path: str) -> dict:
+    """The whole file as JSON-able data; a pages file gives its header and frames."""
+    kind = _file_kind(path)
+    out = {"file": os.path.basename(path), "kind": kind, "version": fmt.FORMAT_VERSION}
+    if kind == "pages":
+        out["frames"] = fmt.walk_frames(path)
+    else:
+        limit = fmt.MAX_PAGEMAP_FILE if kind == "pagemap" else fmt.MAX_RECORD_FILE
+        out["entries"] = jsonable(fmt.read_records(path, kind, limit))
+    return out
+
+
+# ---- show ----
+
+
+def show(path: str) -> dict:
+    """A directory gives a summary of the dump; a file gives its decoded records."""
+    if os.path.isdir(path):
+        return show_dump(path)
+    return decode(path)
+
+
+def _owner_counts(d: Dump, owner: str) -> dict:
+    pm = d.pagemap(owner)
+    if pm is None:
+        return {"here": 0, "parent": 0, "zero": 0, "bytes_raw": 0, "bytes_compressed": 0}
+    h = pm.head
+    return {
+        "here": h["pages_here"],
+        "parent": h["pages_parent"],
+        "zero": h["pages_zero"],
+        "bytes_raw": h["bytes_raw"],
+        "bytes_compressed": h["bytes_compressed"],
+    }
+
+
+def _add(total: dict, part: dict) -> None:
+    for k, v in part.items():
+        total[k] = total.get(k, 0) + v
+
+
+def show_dump(path: str) -> dict:
+    with Dump.open(path) as d:
+        inv = d.inventory
+        procs = []
+        for p in d.pstree:
+            pid = p["pid"]
+            core = d.core(pid)
+            vmas = d.mm(pid).vmas if os.path.lexists(os.path.join(d.path, f"mm-{pid}")) else []
+            procs.append(
+                {
+                    "pid": pid,
+                    "ppid": p["ppid"],
+                    "comm": core.process["comm"],
+                    "state": core.process["state"],
+                    "threads": p["threads"],
+                    "vmas": len(vmas),
+                    "pages": _owner_counts(d, f"pid-{pid}"),
+                }
+            )
+        shared = [
+            {"owner": o, "pages": _owner_counts(d, o)} for o in d.owners() if o.startswith("shm-")
+        ]
+        total: dict = {}
+        for o in d.owners():
+            _add(total, _owner_counts(d, o))
+        chain = [
+            {
+                "path": c.path,
+                "kind": c.inventory["kind"],
+                "created": c.inventory["created"],
+                "parent": c.inventory["parent"],
+                "complete": c.inventory["complete"],
+            }
+            for c in d.chain()
+        ]
+        return {
+            "path": d.path,
+            "kind": inv["kind"],
+            "complete": inv["complete"],
+            "format_version": inv["format_version"],
+            "tool_version": inv["tool_version"],
+            "created": inv["created"],
+            "tracker": inv["tracker"],
+            "kernel": inv["kernel"],
+            "page_size": inv["page_size"],
+            "root_pid": inv["root_pid"],
+            "parent": inv["parent"],
+            "processes": procs,
+            "shared": shared,
+            "pages": {k: total.get(k, 0) for k in ("here", "parent", "zero")},
+            "bytes_raw": total.get("bytes_raw", 0),
+            "bytes_compressed": total.get("bytes_compressed", 0),
+            "chain": chain,
+        }
+
+
+# ---- x ----
+
+
+def x(path: str, view: str) -> dict:
+    """A table {"columns": [...], "rows": [[...], ...]} (stats adds "chart")."""
+    if view not in X_VIEWS:
+        raise ImageError(f"unknown view {view!r} (one of {', '.join(X_VIEWS)})")
+    with Dump.open(path) as d:
+        return globals()[f"_x_{view}"](d)
+
+
+def _x_ps(d: Dump) -> dict:
+    rows = []
+    for p in d.pstree:
+        core = d.core(p["pid"])
+        rows.append(
+            [p["pid"], p["ppid"], p["pgid"], p["sid"], len(p["threads"]),
+             core.process["state"], core.process["comm"]]
+        )  # fmt: skip
+    return {"columns": ["PID", "PPID", "PGID", "SID", "THREADS", "STATE", "COMM"], "rows": rows}
+
+
+def _vmas(d: Dump, pid: int) -> list:
+    return d.mm(pid).vmas if os.path.lexists(os.path.join(d.path, f"mm-{pid}")) else []
+
+
+def _x_mems(d: Dump) -> dict:
+    rows = []
+    for pid in d.pids:
+        for v in _vmas(d, pid):
+            rows.append(
+                [pid, f"{v['start']:#x}", f"{v['end']:#x}", v["prot"], v["kind"],
+                 v["shmem"] or "", v["path"]]
+            )  # fmt: skip
+    return {"columns": ["PID", "START", "END", "PROT", "KIND", "SHMEM", "PATH"], "rows": rows}
+
+
+def _x_rss(d: Dump) -> dict:
+    rows = []
+    ps = d.page_size
+    for pid in d.pids:
+        for v in _vmas(d, pid):
+            owner = v["shmem"] or f"pid-{pid}"
+            delta = (v["offset"] - v["start"]) if v["shmem"] else 0
+            counts = [0, 0, 0]
+            pm = d.pagemap(owner)
+            if pm is not None:
+                for lo, hi, w, _ in pm.runs_in(v["start"] + delta, v["end"] + delta):
+                    counts[w] += (hi - lo) // ps
+            rows.append(
+                [pid, f"{v['start']:#x}", f"{v['end']:#x}", (v["end"] - v["start"]) // ps,
+                 *counts, v["path"] or v["kind"]]
+            )  # fmt: skip
+    cols = ["PID", "START", "END", "PAGES", "HERE", "PARENT", "ZERO", "PATH"]
+    return {"columns": cols, "rows": rows}
+
+
+def _x_fds(d: Dump) -> dict:
+    rows = []
+    for pid in d.pids:
+        for f in d.fds(pid):
+            rows.append([pid, f["fd"], f["type"], f["pos"], f"{f['flags']:#o}", f["target"]])
+    return {"columns": ["PID", "FD", "TYPE", "POS", "FLAGS", "TARGET"], "rows": rows}
+
+
+def _x_stats(d: Dump) -> dict:
+    rows = []
+    for i, c in enumerate(reversed(d.chain())):
+        st = c.stats
+        totals: dict = {}
+        for o in c.owners():
+            _add(totals, _owner_counts(c, o))
+        if st is None:
+            st = {
+                "iteration": None, "tracker": c.inventory["tracker"], "frozen_time": None,
+                "pages_written": totals.get("here", 0),
+                "pages_skipped_parent": totals.get("parent", 0),
+                "pages_zero": totals.get("zero", 0),
+                "bytes_raw": totals.get("bytes_raw", 0),
+                "bytes_compressed": totals.get("bytes_compressed", 0),
+            }  # fmt: skip
+        frozen = st["frozen_time"]
+        rows.append(
+            [i if st["iteration"] is None else st["iteration"], c.inventory["kind"],
+             st["tracker"], st["pages_written"], st["pages_skipped_parent"], st["pages_zero"],
+             None if frozen is None else round(frozen / 1000, 1), st["bytes_raw"],
+             st["bytes_compressed"], os.path.basename(c.path)]
+        )  # fmt: skip
+    cols = ["ITER", "KIND", "TRACKER", "WRITTEN", "PARENT", "ZERO", "FROZEN_MS",
+            "BYTES_RAW", "BYTES_COMPRESSED", "DIR"]  # fmt: skip
+    return {"columns": cols, "rows": rows}
+
+
+# ---- extract / verify ----
+
+
+def parse_addr(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise ImageError(f"bad address {text!r} (decimal or 0x... hex)") from None
+
+
+def extract(path: str, pid: int, addr: int, size: int) -> bytes:
+    with Dump.open(path) as d:
+        return d.read_memory(pid, addr, size)
+
+
+def verify(path: str) -> str:
+    t = verify_dump(path)
+    return (
+        f"OK {path}: {t['dumps']} dump(s) in chain, {t['files']} files, "
+        f"{t['frames']} frames, {t['pages']} pages, {t['parent_pages']} parent pages resolved"
+    )

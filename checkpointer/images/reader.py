@@ -1,0 +1,461 @@
+"""Dump: open a dump directory, follow its parent chain, read memory, verify.
+
+Every input is untrusted: each problem is an ImageError naming the file or dir.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from array import array
+from typing import NamedTuple
+
+from checkpointer.errors import ImageError
+from checkpointer.images import format as fmt
+from checkpointer.images import schema
+from checkpointer.images.writer import OWNER_RE
+
+WHERE_CODE = {"here": 0, "parent": 1, "zero": 2}
+WHERE_NAME = ("here", "parent", "zero")
+PRIVATE_ANON = ("anon", "heap", "stack")
+MAX_U64 = 1 << 64
+
+
+class PageRun(NamedTuple):
+    addr: int
+    nr: int
+    where: str  # "here" | "parent" | "zero"
+    off: int | None  # byte offset in the uncompressed page stream (here only)
+
+
+class Core(NamedTuple):
+    process: dict
+    threads: list
+
+
+class Mm(NamedTuple):
+    mm: dict
+    vmas: list
+
+
+def is_complete_dump(path: str) -> bool:
+    try:
+        Dump.open(path)
+        return True
+    except ImageError:
+        return False
+
+
+class PageMap:
+    """A parsed pagemap-OWNER: frame index and runs in compact arrays."""
+
+    def __init__(self, dump: Dump, owner: str):
+        self.owner = owner
+        self.path = os.path.join(dump.path, f"pagemap-{owner}")
+        self.pages_path = os.path.join(dump.path, f"pages-{owner}")
+        where = self.path
+        ps = dump.page_size
+        it = fmt.iter_records(self.path, "pagemap", fmt.MAX_PAGEMAP_FILE)
+        head = next(it, None)
+        if head is None:
+            raise ImageError("empty pagemap (no head record)", where)
+        schema.check("pagemap_head", head, where, "head")
+        if head["owner"] != owner:
+            raise ImageError(f"head names owner {head['owner']!r}, file is for {owner}", where)
+        if head["page_size"] != ps:
+            raise ImageError("page size differs from the inventory's", where)
+        fs = head["frame_size"]
+        if fs % ps or not fmt.MIN_FRAME_SIZE <= fs <= fmt.MAX_FRAME_SIZE:
+            raise ImageError(f"bad frame size {fs}", where)
+        nr_frames, nr_runs = head["nr_frames"], head["nr_runs"]
+        if not (0 <= nr_frames <= fmt.MAX_RECORDS and 0 <= nr_runs <= fmt.MAX_RECORDS):
+            raise ImageError("absurd frame or run count", where)
+        self.head = head
+        self.frame_size = fs
+        self.page_size = ps
+        self.f_off = array("Q")
+        self.f_clen = array("Q")
+        self.f_rlen = array("Q")
+        file_off = fmt.HEADER_SIZE
+        stream = 0
+        max_clen = fs + fs // 64 + 4096
+        for i in range(nr_frames):
+            fr = next(it, None)
+            if fr is None:
+                raise ImageError(f"index ends after {i} of {nr_frames} frames", where)
+            schema.check("frame", fr, where, f"frame[{i}]")
+            off, clen, rlen = fr["off"], fr["clen"], fr["rlen"]
+            if off != file_off or not 0 < clen <= max_clen:
+                raise ImageError(f"frame[{i}] offset/length inconsistent", where)
+            if not 0 < rlen <= fs or (rlen != fs and i != nr_frames - 1) or rlen % ps:
+                raise ImageError(f"frame[{i}] has a bad uncompressed length {rlen}", where)
+            self.f_off.append(off)
+            self.f_clen.append(clen)
+            self.f_rlen.append(rlen)
+            file_off += clen
+            stream += rlen
+        self.pages_file_size = file_off
+        self.stream_size = stream
+        self.r_addr = array("Q")
+        self.r_nr = array("Q")
+        self.r_where = array("B")
+        self.r_off = array("q")
+        counts = [0, 0, 0]
+        next_addr = 0
+        next_off = 0
+        for i in range(nr_runs):
+            r = next(it, None)
+            if r is None:
+                raise ImageError(f"runs end after {i} of {nr_runs}", where)
+            schema.check("run", r, where, f"run[{i}]")
+            addr, nr, w, off = r["addr"], r["nr"], WHERE_CODE[r["where"]], r["off"]
+            if addr % ps or addr < next_addr or nr <= 0 or addr + nr * ps > MAX_U64:
+                raise ImageError(f"run[{i}] at {addr:#x} is misplaced or overlaps", where)
+            if w == 0:
+                if off != next_off or off + nr * ps > stream:
+                    raise ImageError(f"run[{i}] at {addr:#x} points outside the page data", where)
+                next_off += nr * ps
+            elif off is not None:
+                raise ImageError(f"run[{i}] at {addr:#x} has an offset but no data", where)
+            next_addr = addr + nr * ps
+            counts[w] += nr
+            self.r_addr.append(addr)
+            self.r_nr.append(nr)
+            self.r_where.append(w)
+            self.r_off.append(-1 if off is None else off)
+        if next(it, None) is not None:
+            raise ImageError("records after the last run", where)
+        if next_off != stream:
+            raise ImageError("page data not covered exactly by runs", where)
+        if counts != [head["pages_here"], head["pages_parent"], head["pages_zero"]]:
+            raise ImageError("page counts in the head do not match the runs", where)
+        self._file = None
+        self._cache: dict[int, bytes] = {}
+
+    def runs(self):
+        for i in range(len(self.r_addr)):
+            off = self.r_off[i]
+            yield PageRun(
+                self.r_addr[i], self.r_nr[i], WHERE_NAME[self.r_where[i]], None if off < 0 else off
+            )
+
+    def runs_in(self, start: int, end: int):
+        """(addr, end, where_code, off) for runs intersecting [start, end), clipped."""
+        ps = self.page_size
+        i = max(0, bisect.bisect_right(self.r_addr, start) - 1)
+        n = len(self.r_addr)
+        while i < n:
+            a = self.r_addr[i]
+            if a >= end:
+                break
+            b = a + self.r_nr[i] * ps
+            if b > start:
+                lo, hi = max(a, start), min(b, end)
+                off = self.r_off[i]
+                yield lo, hi, self.r_where[i], (off + lo - a) if off >= 0 else -1
+            i += 1
+
+    def _pages_file(self):
+        if self._file is None:
+            f = fmt._open(self.pages_path)
+            fmt.parse_header(f.read(fmt.HEADER_SIZE), self.pages_path, "pages")
+            size = os.fstat(f.fileno()).st_size
+            if size != self.pages_file_size:
+                f.close()
+                raise ImageError(
+                    f"size {size} does not match its index ({self.pages_file_size})",
+                    self.pages_path,
+                )
+            self._file = f
+        return self._file
+
+    def frame(self, i: int) -> bytes:
+        data = self._cache.get(i)
+        if data is None:
+            f = self._pages_file()
+            data = fmt.read_frame(
+                f, self.pages_path, self.f_off[i], self.f_clen[i], self.f_rlen[i]
+            )
+            if len(self._cache) >= 2:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[i] = data
+        return data
+
+    def read_stream(self, off: int, length: int) -> bytes:
+        parts = []
+        fs = self.frame_size
+        while length > 0:
+            i, o = divmod(off, fs)
+            data = self.frame(i)
+            take = min(length, len(data) - o)
+            parts.append(data[o : o + take])
+            off += take
+            length -= take
+        return b"".join(parts)
+
+    def close(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._cache.clear()
+
+
+class Dump:
+    """One complete dump directory (and, lazily, its parent chain)."""
+
+    def __init__(self, path: str, root: str, seen: frozenset):
+        self.path = path
+        self._root = root
+        self._seen = seen
+        self._parent: Dump | None | bool = False
+        self._pagemaps: dict[str, PageMap | None] = {}
+        inv_path = os.path.join(path, "inventory")
+        if not os.path.isdir(path):
+            raise ImageError(
+                "no such dump directory" if not os.path.lexists(path) else "not a directory", path
+            )
+        if not os.path.lexists(inv_path):
+            raise ImageError(
+                "incomplete dump: no inventory (interrupted dump, or not a dump directory)", path
+            )
+        recs = fmt.read_records(inv_path, "inventory")
+        if len(recs) != 1:
+            raise ImageError(f"expected 1 inventory record, found {len(recs)}", inv_path)
+        inv = recs[0]
+        if isinstance(inv, dict) and inv.get("format_version", 1) != fmt.FORMAT_VERSION:
+            v = inv.get("format_version")
+            raise fmt.UnsupportedVersion(
+                f"unsupported image format version {v} "
+                f"(this checkpointer reads {fmt.FORMAT_VERSION})",
+                inv_path,
+            )
+        schema.check("inventory", inv, inv_path)
+        if not inv["complete"]:
+            raise ImageError("incomplete dump: inventory not marked complete", path)
+        ps = inv["page_size"]
+        if ps < 4096 or ps > (1 << 21) or ps & (ps - 1):
+            raise ImageError(f"bad page size {ps}", inv_path)
+        self.inventory = inv
+        self.page_size = ps
+        pst_path = os.path.join(path, "pstree")
+        pstree = fmt.read_records(pst_path, "pstree")
+        seen_pids = set()
+        for i, p in enumerate(pstree):
+            schema.check("pstree", p, pst_path, f"pstree[{i}]")
+            if p["pid"] in seen_pids or p["pid"] <= 0:
+                raise ImageError(f"pid {p['pid']} listed twice or invalid", pst_path)
+            seen_pids.add(p["pid"])
+        self.pstree = pstree
+        self.pids = [p["pid"] for p in pstree]
+
+    @classmethod
+    def open(cls, path: str) -> Dump:
+        real = os.path.realpath(path)
+        return cls(real, os.path.dirname(real), frozenset([real]))
+
+    # ---- records ----
+
+    def _pid_file(self, kind: str, pid: int) -> str:
+        if pid not in self.pids:
+            raise ImageError(f"pid {pid} is not in this dump", self.path)
+        return os.path.join(self.path, f"{kind}-{pid}")
+
+    def core(self, pid: int) -> Core:
+        path = self._pid_file("core", pid)
+        recs = fmt.read_records(path, "core")
+        if not recs:
+            raise ImageError("no process record", path)
+        schema.check("process", recs[0], path, "process")
+        for i, t in enumerate(recs[1:]):
+            schema.check("thread", t, path, f"thread[{i}]")
+        return Core(recs[0], recs[1:])
+
+    def mm(self, pid: int) -> Mm:
+        path = self._pid_file("mm", pid)
+        recs = fmt.read_records(path, "mm")
+        if not recs:
+            raise ImageError("no mm record", path)
+        schema.check("mm", recs[0], path, "mm")
+        prev_end = 0
+        for i, v in enumerate(recs[1:]):
+            schema.check("vma", v, path, f"vma[{i}]")
+            s, e = v["start"], v["end"]
+            if s % self.page_size or e % self.page_size or not prev_end <= s < e <= MAX_U64:
+                raise ImageError(f"vma[{i}] {s:#x}-{e:#x} misaligned, unsorted or overlapping", path)
+            if v["shmem"] is not None and not OWNER_RE.match(v["shmem"]):
+                raise ImageError(f"vma[{i}] has a bad shmem owner {v['shmem']!r}", path)
+            if v["offset"] < 0:
+                raise ImageError(f"vma[{i}] has a negative offset", path)
+            prev_end = e
+        return Mm(recs[0], recs[1:])
+
+    def fds(self, pid: int) -> list:
+        path = self._pid_file("fds", pid)
+        if not os.path.lexists(path):
+            return []
+        recs = fmt.read_records(path, "fds")
+        for i, r in enumerate(recs):
+            schema.check("fd", r, path, f"fd[{i}]")
+        return recs
+
+    @property
+    def stats(self) -> dict | None:
+        path = os.path.join(self.path, "stats")
+        if not os.path.lexists(path):
+            return None
+        recs = fmt.read_records(path, "stats")
+        if len(recs) != 1:
+            raise ImageError(f"expected 1 stats record, found {len(recs)}", path)
+        return schema.check("stats", recs[0], path)
+
+    def owners(self) -> list[str]:
+        out = []
+        for name in sorted(os.listdir(self.path)):
+            if name.startswith("pagemap-") and OWNER_RE.match(name[8:]):
+                out.append(name[8:])
+        return out
+
+    def pagemap(self, owner: str) -> PageMap | None:
+        if owner not in self._pagemaps:
+            if not OWNER_RE.match(owner):
+                raise ImageError(f"bad page owner {owner!r}", self.path)
+            exists = os.path.lexists(os.path.join(self.path, f"pagemap-{owner}"))
+            self._pagemaps[owner] = PageMap(self, owner) if exists else None
+        return self._pagemaps[owner]
+
+    def page_runs(self, owner: str):
+        pm = self.pagemap(owner)
+        return iter(()) if pm is None else pm.runs()
+
+    # ---- chain ----
+
+    def parent(self) -> Dump | None:
+        if self._parent is not False:
+            return self._parent
+        link = self.inventory["parent"]
+        if link is None:
+            self._parent = None
+            return None
+        where = os.path.join(self.path, "inventory")
+        if not link or os.path.isabs(link) or "\0" in link:
+            raise ImageError(f"parent link {link!r} is not a relative path", where)
+        target = os.path.realpath(os.path.join(self.path, link))
+        if not target.startswith(self._root + os.sep):
+            raise ImageError(
+                f"parent link {link!r} leaves {self._root} (the directory holding the chain)",
+                where,
+            )
+        if target in self._seen:
+            raise ImageError(f"parent link {link!r} forms a cycle", where)
+        if len(self._seen) >= fmt.MAX_CHAIN:
+            raise ImageError(f"parent chain longer than {fmt.MAX_CHAIN}", where)
+        p = Dump(target, self._root, self._seen | {target})
+        if not p.inventory["usable_as_parent"]:
+            raise ImageError("marked as not usable as a parent", target)
+        if p.page_size != self.page_size:
+            raise ImageError("parent has a different page size", target)
+        self._parent = p
+        return p
+
+    def chain(self) -> list[Dump]:
+        """This dump and its ancestors, newest first."""
+        out = [self]
+        while (p := out[-1].parent()) is not None:
+            out.append(p)
+        return out
+
+    # ---- memory ----
+
+    def segments(self, owner: str, start: int, end: int):
+        """Yield (lo, hi, kind, data): kind "data" (bytes), "zero" or "missing".
+
+        Parent runs are resolved through the chain; a page flagged parent that no
+        ancestor holds raises ImageError.
+        """
+        pm = self.pagemap(owner)
+        cur = start
+        if pm is not None:
+            for lo, hi, w, off in pm.runs_in(start, end):
+                if lo > cur:
+                    yield cur, lo, "missing", None
+                if w == 0:
+                    yield lo, hi, "data", pm.read_stream(off, hi - lo)
+                elif w == 2:
+                    yield lo, hi, "zero", None
+                else:
+                    yield from self._from_parent(owner, lo, hi)
+                cur = hi
+        if cur < end:
+            yield cur, end, "missing", None
+
+    def _from_parent(self, owner: str, lo: int, hi: int):
+        p = self.parent()
+        if p is None:
+            raise ImageError(
+                f"{owner} pages {lo:#x}-{hi:#x} are flagged as in a parent, "
+                "but the dump has no parent",
+                os.path.join(self.path, f"pagemap-{owner}"),
+            )
+        for a, b, kind, data in p.segments(owner, lo, hi):
+            if kind == "missing":
+                raise ImageError(
+                    f"{owner} pages {a:#x}-{b:#x} are flagged as in a parent, "
+                    "but no ancestor holds them",
+                    os.path.join(self.path, f"pagemap-{owner}"),
+                )
+            yield a, b, kind, data
+
+    def read_memory(self, pid: int, addr: int, size: int) -> bytes:
+        """The bytes process `pid` held at [addr, addr+size) at this dump."""
+        if size < 0 or addr < 0 or addr + size > MAX_U64:
+            raise ImageError(f"bad range {addr:#x}+{size:#x}", self.path)
+        end = addr + size
+        vmas = self.mm(pid).vmas
+        starts = [v["start"] for v in vmas]
+        ps = self.page_size
+        out = bytearray()
+        cur = addr
+        while cur < end:
+            i = bisect.bisect_right(starts, cur) - 1
+            if i < 0 or vmas[i]["end"] <= cur:
+                nxt = starts[i + 1] if i + 1 < len(starts) else end
+                raise ImageError(
+                    f"{cur:#x}-{min(nxt, end):#x} is not mapped in pid {pid}", self.path
+                )
+            v = vmas[i]
+            piece_end = min(end, v["end"])
+            if v["shmem"] is not None:
+                owner, delta = v["shmem"], v["offset"] - v["start"]
+            else:
+                owner, delta = f"pid-{pid}", 0
+            a0 = (cur // ps) * ps
+            a1 = -(-piece_end // ps) * ps
+            buf = bytearray()
+            for lo, hi, kind, data in self.segments(owner, a0 + delta, a1 + delta):
+                if kind == "data":
+                    buf += data
+                elif kind == "zero" or (v["shmem"] is None and v["kind"] in PRIVATE_ANON):
+                    buf += bytes(hi - lo)
+                else:
+                    what = v["path"] or v["kind"]
+                    raise ImageError(
+                        f"{max(lo - delta, cur):#x}-{min(hi - delta, piece_end):#x} of pid "
+                        f"{pid} ({what}) is not held in the images",
+                        self.path,
+                    )
+            out += buf[cur - a0 : piece_end - a0]
+            cur = piece_end
+        return bytes(out)
+
+    def close(self) -> None:
+        for pm in self._pagemaps.values():
+            if pm is not None:
+                pm.close()
+        if isinstance(self._parent, Dump):
+            self._parent.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

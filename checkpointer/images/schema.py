@@ -1,0 +1,231 @@
+"""Record schemas: the fields every record kind must carry and their types.
+
+Records may carry extra fields (ignored by readers); the listed ones are required.
+`check(kind, record, where)` raises ImageError naming the first bad field.
+"""
+
+from __future__ import annotations
+
+from checkpointer.errors import ImageError
+
+INT = "int"
+STR = "str"
+BOOL = "bool"
+NUM = "num"  # int or float
+BYTES = "bytes"
+ANY = "any"
+
+
+def opt(t):
+    return ("opt", t)
+
+
+def list_of(t, n=None):
+    return ("list", t, n)
+
+
+def map_of(t):
+    return ("map", t)
+
+
+def enum(*values):
+    return ("enum", values)
+
+
+WHERE = ("here", "parent", "zero")
+VMA_KINDS = (
+    "anon", "heap", "stack", "file", "file-private", "shared-anon", "shm",
+    "memfd", "vdso", "vvar", "vsyscall", "special",
+)  # fmt: skip
+
+SCHEMAS: dict[str, dict] = {
+    "inventory": {
+        "format_version": INT,
+        "tool_version": STR,
+        "kind": enum("dump", "pre-dump"),
+        "parent": opt(STR),
+        "tracker": STR,
+        "kernel": STR,
+        "page_size": INT,
+        "created": NUM,
+        "root_pid": INT,
+        "pids": list_of(INT),
+        "start_times": map_of(INT),
+        "complete": BOOL,
+        "tracking": map_of(ANY),
+        "usable_as_parent": BOOL,
+    },
+    "pstree": {"pid": INT, "ppid": INT, "pgid": INT, "sid": INT, "threads": list_of(INT)},
+    "process": {
+        "pid": INT,
+        "comm": STR,
+        "state": STR,
+        "personality": INT,
+        "creds": {
+            "uid": list_of(INT, 4),
+            "gid": list_of(INT, 4),
+            "groups": list_of(INT),
+            "cap_inh": INT,
+            "cap_prm": INT,
+            "cap_eff": INT,
+            "cap_bnd": INT,
+            "cap_amb": INT,
+        },
+        "rlimits": map_of(list_of(INT, 2)),
+        "sigignore": INT,
+        "sigcatch": INT,
+    },
+    "thread": {
+        "tid": INT,
+        "regs": map_of(INT),
+        "xstate": BYTES,
+        "blocked": INT,
+        "pending": INT,
+        "shared_pending": INT,
+        "state": STR,
+    },
+    "mm": {
+        "start_code": INT,
+        "end_code": INT,
+        "start_data": INT,
+        "end_data": INT,
+        "start_brk": INT,
+        "brk": INT,
+        "start_stack": INT,
+        "arg_start": INT,
+        "arg_end": INT,
+        "env_start": INT,
+        "env_end": INT,
+        "exit_code": INT,
+        "auxv": BYTES,
+        "exe": opt(STR),
+        "cwd": opt(STR),
+        "root": opt(STR),
+    },
+    "vma": {
+        "start": INT,
+        "end": INT,
+        "prot": STR,
+        "offset": INT,
+        "dev": STR,
+        "inode": INT,
+        "path": STR,
+        "kind": enum(*VMA_KINDS),
+        "vmflags": list_of(STR),
+        "shmem": opt(STR),
+    },
+    "fd": {
+        "fd": INT,
+        "target": STR,
+        "pos": INT,
+        "flags": INT,
+        "type": enum("file", "dir", "pipe", "socket", "anon", "tty", "other"),
+        "mnt_id": INT,
+    },
+    "stats": {
+        "freezing_time": INT,
+        "frozen_time": INT,
+        "memdump_time": INT,
+        "memwrite_time": INT,
+        "pages_scanned": INT,
+        "pages_written": INT,
+        "pages_skipped_parent": INT,
+        "pages_zero": INT,
+        "bytes_raw": INT,
+        "bytes_compressed": INT,
+        "tracker": STR,
+        "iteration": opt(INT),
+    },
+    "pagemap_head": {
+        "owner": STR,
+        "page_size": INT,
+        "frame_size": INT,
+        "nr_frames": INT,
+        "nr_runs": INT,
+        "pages_here": INT,
+        "pages_parent": INT,
+        "pages_zero": INT,
+        "bytes_raw": INT,
+        "bytes_compressed": INT,
+    },
+    "frame": {"off": INT, "clen": INT, "rlen": INT},
+    "run": {"addr": INT, "nr": INT, "where": enum(*WHERE), "off": opt(INT)},
+}
+
+
+def check(kind: str, record, where: str | None, what: str | None = None) -> dict:
+    """Validate one record against SCHEMAS[kind]; return it."""
+    _check(SCHEMAS[kind], record, where, what or kind)
+    return record
+
+
+def _fail(where, path, msg):
+    raise ImageError(f"{path}: {msg}", where)
+
+
+def _check(spec, value, where, path):
+    if isinstance(spec, dict):
+        if not isinstance(value, dict):
+            _fail(where, path, f"expected a map, found {_tname(value)}")
+        for key, sub in spec.items():
+            if key not in value:
+                _fail(where, path, f"missing field {key!r}")
+            _check(sub, value[key], where, f"{path}.{key}")
+        return
+    if spec == INT:
+        if type(value) is not int:
+            _fail(where, path, f"expected an integer, found {_tname(value)}")
+        if not -(1 << 63) <= value < (1 << 64):
+            _fail(where, path, "integer out of 64-bit range")
+    elif spec == STR:
+        if type(value) is not str:
+            _fail(where, path, f"expected a string, found {_tname(value)}")
+    elif spec == BOOL:
+        if type(value) is not bool:
+            _fail(where, path, f"expected a boolean, found {_tname(value)}")
+    elif spec == NUM:
+        if type(value) not in (int, float):
+            _fail(where, path, f"expected a number, found {_tname(value)}")
+    elif spec == BYTES:
+        if not isinstance(value, bytes | bytearray):
+            _fail(where, path, f"expected bytes, found {_tname(value)}")
+    elif spec == ANY:
+        return
+    elif spec[0] == "opt":
+        if value is not None:
+            _check(spec[1], value, where, path)
+    elif spec[0] == "enum":
+        if value not in spec[1] or type(value) is not str:
+            _fail(where, path, f"unexpected value {_short(value)}")
+    elif spec[0] == "list":
+        if not isinstance(value, list | tuple):
+            _fail(where, path, f"expected a list, found {_tname(value)}")
+        if spec[2] is not None and len(value) != spec[2]:
+            _fail(where, path, f"expected {spec[2]} items, found {len(value)}")
+        for i, v in enumerate(value):
+            _check(spec[1], v, where, f"{path}[{i}]")
+    elif spec[0] == "map":
+        if not isinstance(value, dict):
+            _fail(where, path, f"expected a map, found {_tname(value)}")
+        for k, v in value.items():
+            if type(k) is not str:
+                _fail(where, path, f"map key {_short(k)} is not a string")
+            _check(spec[1], v, where, f"{path}[{k[:40]!r}]")
+    else:  # pragma: no cover
+        raise AssertionError(spec)
+
+
+def _tname(v) -> str:
+    return {
+        "NoneType": "nil",
+        "dict": "map",
+        "list": "list",
+        "bytes": "bytes",
+        "str": "string",
+        "int": "integer",
+    }.get(type(v).__name__, type(v).__name__)
+
+
+def _short(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."

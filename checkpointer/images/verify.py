@@ -1,0 +1,94 @@
+"""verify: check a dump and its whole parent chain, stop at the first problem."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from checkpointer.errors import ImageError
+from checkpointer.images import format as fmt
+from checkpointer.images.reader import Dump
+from checkpointer.images.writer import OWNER_RE
+
+PID_FILE_RE = re.compile(r"(core|mm|fds)-([1-9][0-9]{0,9})\Z")
+
+
+def verify_dump(path: str) -> dict:
+    """Raise ImageError at the first problem; return counts when sound."""
+    top = Dump.open(path)
+    totals = {"dumps": 0, "files": 0, "frames": 0, "pages": 0, "parent_pages": 0}
+    try:
+        for d in top.chain():
+            _verify_one(d, totals)
+    finally:
+        top.close()
+    return totals
+
+
+def _verify_one(d: Dump, totals: dict) -> None:
+    totals["dumps"] += 1
+    names = sorted(os.listdir(d.path))
+    pids = set(d.pids)
+    inv = d.inventory
+    if set(inv["pids"]) != pids:
+        raise ImageError("inventory pids do not match pstree", os.path.join(d.path, "inventory"))
+    if pids and inv["root_pid"] not in pids:
+        raise ImageError("root_pid is not in pstree", os.path.join(d.path, "inventory"))
+    for name in names:
+        p = os.path.join(d.path, name)
+        if not os.path.isfile(p) or os.path.islink(p):
+            raise ImageError("unexpected non-regular file in dump directory", p)
+        kind = fmt.kind_of_name(name)
+        m = PID_FILE_RE.match(name)
+        ok = (
+            name in ("inventory", "pstree", "stats")
+            or (m and int(m.group(2)) in pids)
+            or (kind in ("pagemap", "pages") and OWNER_RE.match(name.split("-", 1)[1]))
+        )
+        if not ok or kind is None:
+            raise ImageError("unexpected file in dump directory", p)
+        fmt.read_header(p, kind)
+        totals["files"] += 1
+    for pid in d.pids:
+        if f"core-{pid}" not in names:
+            raise ImageError(f"no core-{pid} for a process in pstree", d.path)
+    for pst in d.pstree:
+        pid = pst["pid"]
+        core = d.core(pid)
+        where = os.path.join(d.path, f"core-{pid}")
+        if core.process["pid"] != pid:
+            raise ImageError(f"process record is for pid {core.process['pid']}", where)
+        if sorted(t["tid"] for t in core.threads) != sorted(pst["threads"]):
+            raise ImageError("thread records do not match the pstree threads", where)
+        if f"mm-{pid}" in names:
+            d.mm(pid)
+        d.fds(pid)
+    d.stats  # noqa: B018 - parse and check
+    for owner in d.owners():
+        pm = d.pagemap(owner)
+        if f"pages-{owner}" not in names:
+            raise ImageError("missing pages file for this pagemap", pm.path)
+        frames = fmt.walk_frames(pm.pages_path)
+        if len(frames) != len(pm.f_off):
+            raise ImageError(
+                f"holds {len(frames)} zstd frames, its pagemap indexes {len(pm.f_off)}",
+                pm.pages_path,
+            )
+        for i, fr in enumerate(frames):
+            if fr["off"] != pm.f_off[i] or fr["clen"] != pm.f_clen[i]:
+                raise ImageError(f"frame {i} does not match its index entry", pm.pages_path)
+            if not fr["checksum"]:
+                raise ImageError(f"frame {i} has no content checksum", pm.pages_path)
+            pm.frame(i)  # decompress: checksum and length checked
+            totals["frames"] += 1
+        pm._cache.clear()
+        totals["pages"] += pm.head["pages_here"]
+        for r in pm.runs():
+            if r.where == "parent":
+                end = r.addr + r.nr * d.page_size
+                for _ in d._from_parent(owner, r.addr, end):
+                    pass
+                totals["parent_pages"] += r.nr
+    for name in names:
+        if name.startswith("pages-") and f"pagemap-{name[6:]}" not in names:
+            raise ImageError("pages file without a pagemap", os.path.join(d.path, name))

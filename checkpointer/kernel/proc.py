@@ -1,0 +1,388 @@
+"""Small readers of /proc/PID/*, each named after what it reads; plain data out.
+
+A process that does not exist (or exits while being read) raises TargetError.
+Readers take a pid; the per-thread ones read /proc/PID/task/TID/*.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import NamedTuple
+
+from checkpointer.errors import TargetError
+
+_GONE = (FileNotFoundError, ProcessLookupError)
+
+
+def _gone(pid: int) -> TargetError:
+    return TargetError(f"process {pid} does not exist (exited)")
+
+
+def _read_bytes(pid: int, path: str) -> bytes:
+    try:
+        with open(path, "rb", buffering=0) as f:
+            chunks = []
+            while chunk := f.read(1 << 20):
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except _GONE:
+        raise _gone(pid) from None
+    except OSError as exc:
+        # /proc files of a dying process can fail with ESRCH-like EIO/EINVAL mid-read.
+        if not os.path.exists(f"/proc/{pid}"):
+            raise _gone(pid) from None
+        raise OSError(exc.errno, f"{path}: {exc.strerror}") from None
+
+
+def _read_text(pid: int, path: str) -> str:
+    return _read_bytes(pid, path).decode("utf-8", "surrogateescape")
+
+
+def _listdir(pid: int, path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except _GONE:
+        raise _gone(pid) from None
+
+
+# --- tasks and children ---------------------------------------------------------
+
+
+def list_threads(pid: int) -> list[int]:
+    """Thread ids of pid, sorted (the main thread == pid first)."""
+    return sorted(int(t) for t in _listdir(pid, f"/proc/{pid}/task"))
+
+
+def list_children(pid: int) -> list[int]:
+    """Children of every thread of pid (task/*/children; CONFIG_PROC_CHILDREN)."""
+    kids: list[int] = []
+    for tid in list_threads(pid):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                kids.extend(int(x) for x in f.read().split())
+        except _GONE:
+            continue  # that thread just exited; its children are reparented
+    if not os.path.exists(f"/proc/{pid}"):
+        raise _gone(pid)
+    return sorted(set(kids))
+
+
+# --- stat --------------------------------------------------------------------------
+
+
+class ProcStat(NamedTuple):
+    """/proc/PID/stat (see proc(5)); brk is the end of the [heap] VMA (see read_brk)."""
+
+    pid: int
+    comm: str
+    state: str
+    ppid: int
+    pgrp: int
+    session: int
+    tty_nr: int
+    flags: int
+    num_threads: int
+    starttime: int  # clock ticks since boot (field 22): identifies the process across reuse
+    vsize: int
+    rss: int
+    start_code: int  # field 26
+    end_code: int  # 27
+    start_stack: int  # 28
+    start_data: int  # 45
+    end_data: int  # 46
+    start_brk: int  # 47
+    arg_start: int  # 48
+    arg_end: int  # 49
+    env_start: int  # 50
+    env_end: int  # 51
+    exit_code: int  # 52
+    brk: int  # not in stat: end of [heap], or start_brk without a heap; -1 if not asked
+
+
+def parse_stat(pid: int, data: bytes) -> ProcStat:
+    """Parse a stat line; comm may contain spaces and ')' so split on the LAST ')'."""
+    lparen = data.index(b"(")
+    rparen = data.rindex(b")")
+    comm = data[lparen + 1 : rparen].decode("utf-8", "surrogateescape")
+    f = data[rparen + 2 :].split()
+    # f[0] is field 3 (state): field n is f[n - 3].
+
+    def n(i: int) -> int:
+        return int(f[i - 3]) if len(f) > i - 3 else 0
+
+    return ProcStat(
+        pid=int(data[:lparen]),
+        comm=comm,
+        state=f[0].decode(),
+        ppid=n(4),
+        pgrp=n(5),
+        session=n(6),
+        tty_nr=n(7),
+        flags=n(9),
+        num_threads=n(20),
+        starttime=n(22),
+        vsize=n(23),
+        rss=n(24),
+        start_code=n(26),
+        end_code=n(27),
+        start_stack=n(28),
+        start_data=n(45),
+        end_data=n(46),
+        start_brk=n(47),
+        arg_start=n(48),
+        arg_end=n(49),
+        env_start=n(50),
+        env_end=n(51),
+        exit_code=n(52),
+        brk=-1,
+    )
+
+
+def read_stat(pid: int, tid: int | None = None, *, brk: bool = True) -> ProcStat:
+    """/proc/PID/stat (or task/TID/stat). brk=True also reads maps for the [heap] end."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    st = parse_stat(pid, _read_bytes(pid, path))
+    if brk:
+        st = st._replace(brk=read_brk(pid, st.start_brk))
+    return st
+
+
+def read_state(pid: int, tid: int | None = None) -> str:
+    """Just the one-letter state from stat (R, S, D, T, t, Z, X...)."""
+    return read_stat(pid, tid, brk=False).state
+
+
+def read_start_time(pid: int) -> int:
+    return read_stat(pid, brk=False).starttime
+
+
+def read_brk(pid: int, start_brk: int | None = None) -> int:
+    """The program break as visible from outside: the end of the [heap] VMA.
+
+    The kernel's exact mm->brk is not exported in /proc; the VMA end is it rounded up
+    to a page. Exact value: inject_syscall(tid, NR_brk, 0) in a stopped thread.
+    Without a [heap] VMA (brk never grown) this is start_brk.
+    """
+    data = _read_bytes(pid, f"/proc/{pid}/maps")
+    i = data.find(b" [heap]\n")
+    if i < 0:
+        if start_brk is None:
+            start_brk = read_stat(pid, brk=False).start_brk
+        return start_brk
+    line = data[data.rfind(b"\n", 0, i) + 1 : i]
+    return int(line[line.index(b"-") + 1 : line.index(b" ")], 16)
+
+
+# --- status ---------------------------------------------------------------------------
+
+
+def read_status(pid: int, tid: int | None = None) -> dict[str, str]:
+    """/proc/PID/status (or task/TID/status) as {key: value} (value stripped)."""
+    path = f"/proc/{pid}/status" if tid is None else f"/proc/{pid}/task/{tid}/status"
+    out: dict[str, str] = {}
+    for line in _read_text(pid, path).splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            out[key] = value.strip()
+    return out
+
+
+def tracer_pid(pid: int) -> int:
+    """TracerPid from status: 0 when nobody ptraces pid."""
+    return int(read_status(pid).get("TracerPid", "0"))
+
+
+def read_creds(pid: int) -> dict:
+    """uid/gid [real, effective, saved, fs], groups, cap_* bitmasks (ints)."""
+    st = read_status(pid)
+    return {
+        "uid": [int(x) for x in st["Uid"].split()],
+        "gid": [int(x) for x in st["Gid"].split()],
+        "groups": [int(x) for x in st.get("Groups", "").split()],
+        "cap_inh": int(st["CapInh"], 16),
+        "cap_prm": int(st["CapPrm"], 16),
+        "cap_eff": int(st["CapEff"], 16),
+        "cap_bnd": int(st["CapBnd"], 16),
+        "cap_amb": int(st.get("CapAmb", "0"), 16),
+    }
+
+
+def read_signal_masks(pid: int, tid: int) -> dict[str, int]:
+    """Per-thread blocked/pending, process-wide shared_pending/sigignore/sigcatch."""
+    st = read_status(pid, tid)
+    return {
+        "blocked": int(st["SigBlk"], 16),
+        "pending": int(st["SigPnd"], 16),
+        "shared_pending": int(st["ShdPnd"], 16),
+        "sigignore": int(st["SigIgn"], 16),
+        "sigcatch": int(st["SigCgt"], 16),
+    }
+
+
+# --- maps and smaps -----------------------------------------------------------------
+
+
+class MapEntry(NamedTuple):
+    """One /proc/PID/maps line. path has " (deleted)" removed; `deleted` says it was there."""
+
+    start: int
+    end: int
+    prot: str  # "rwxp" / "rw-s"
+    offset: int
+    dev: str  # "fd:01"
+    inode: int
+    path: str  # "" for anonymous; "[heap]", "[stack]", "[vdso]", "/path with spaces"...
+    deleted: bool = False
+
+
+_DELETED = " (deleted)"
+
+
+def parse_maps(data: bytes) -> list[MapEntry]:
+    out = []
+    for line in data.decode("utf-8", "surrogateescape").splitlines():
+        parts = line.split(None, 5)  # the 6th part keeps the spaces of the path
+        rng, prot, off, dev, ino = parts[:5]
+        path = parts[5] if len(parts) > 5 else ""
+        deleted = path.endswith(_DELETED) and not path.startswith("[")
+        if deleted:
+            path = path[: -len(_DELETED)]
+        lo, _, hi = rng.partition("-")
+        out.append(
+            MapEntry(int(lo, 16), int(hi, 16), prot, int(off, 16), dev, int(ino), path, deleted)
+        )
+    return out
+
+
+def read_maps(pid: int) -> list[MapEntry]:
+    return parse_maps(_read_bytes(pid, f"/proc/{pid}/maps"))
+
+
+def read_smaps_vmflags(pid: int) -> dict[int, list[str]]:
+    """{VMA start: VmFlags list} from /proc/PID/smaps ('uw' = uffd-wp registered)."""
+    out: dict[int, list[str]] = {}
+    start = None
+    for line in _read_bytes(pid, f"/proc/{pid}/smaps").split(b"\n"):
+        if line.startswith(b"VmFlags:"):
+            if start is not None:
+                out[start] = line[8:].decode().split()
+        elif line and line[:1] in b"0123456789abcdef":
+            dash = line.find(b"-")
+            if 0 < dash < line.find(b" "):
+                start = int(line[:dash], 16)
+    return out
+
+
+# --- misc -------------------------------------------------------------------------------
+
+
+def read_auxv(pid: int) -> bytes:
+    """/proc/PID/auxv raw (pairs of native u64, AT_NULL terminated)."""
+    return _read_bytes(pid, f"/proc/{pid}/auxv")
+
+
+def read_link(pid: int, name: str) -> str | None:
+    """readlink /proc/PID/<name> (exe, cwd, root, fd/N); None if it has no target."""
+    try:
+        return os.readlink(f"/proc/{pid}/{name}")
+    except _GONE:
+        if not os.path.exists(f"/proc/{pid}"):
+            raise _gone(pid) from None
+        return None
+    except PermissionError:
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EINVAL):
+            return None
+        raise
+
+
+class FdInfo(NamedTuple):
+    fd: int
+    target: str  # readlink of /proc/PID/fd/N: "/path", "pipe:[123]", "anon_inode:[userfaultfd]"
+    pos: int
+    flags: int  # open flags (fdinfo prints them in octal)
+    mnt_id: int
+
+
+def read_fdinfo(pid: int, fd: int) -> dict[str, str]:
+    """/proc/PID/fdinfo/N as {key: value}; extra keys (eventfd, uffd...) are kept."""
+    out: dict[str, str] = {}
+    for line in _read_text(pid, f"/proc/{pid}/fdinfo/{fd}").splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            out[key] = value.strip()
+    return out
+
+
+def read_fds(pid: int) -> list[FdInfo]:
+    """Open fds of pid, sorted; an fd closed while we read it is left out."""
+    out = []
+    for name in _listdir(pid, f"/proc/{pid}/fd"):
+        fd = int(name)
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
+                info = f.read()
+        except _GONE:
+            continue
+        pos = flags = mnt_id = 0
+        for line in info.split(b"\n"):
+            if line.startswith(b"pos:"):
+                pos = int(line[4:])
+            elif line.startswith(b"flags:"):
+                flags = int(line[6:], 8)
+            elif line.startswith(b"mnt_id:"):
+                mnt_id = int(line[7:])
+        out.append(FdInfo(fd, target, pos, flags, mnt_id))
+    if not os.path.exists(f"/proc/{pid}"):
+        raise _gone(pid)
+    return sorted(out)
+
+
+# /proc/PID/limits row titles -> resource names (RLIMIT_<NAME>.lower() without prefix)
+RLIMIT_NAMES = {
+    "Max cpu time": "cpu",
+    "Max file size": "fsize",
+    "Max data size": "data",
+    "Max stack size": "stack",
+    "Max core file size": "core",
+    "Max resident set": "rss",
+    "Max processes": "nproc",
+    "Max open files": "nofile",
+    "Max locked memory": "memlock",
+    "Max address space": "as",
+    "Max file locks": "locks",
+    "Max pending signals": "sigpending",
+    "Max msgqueue size": "msgqueue",
+    "Max nice priority": "nice",
+    "Max realtime priority": "rtprio",
+    "Max realtime timeout": "rttime",
+}
+
+
+def read_rlimits(pid: int) -> dict[str, list[int]]:
+    """{"nofile": [soft, hard], ...} from /proc/PID/limits; -1 = unlimited.
+
+    Keys are the RLIMIT_* names lowercased without the prefix ("cpu", "nofile"...),
+    so restore can use getattr(resource, "RLIMIT_" + key.upper()).
+    """
+    out: dict[str, list[int]] = {}
+    for line in _read_text(pid, f"/proc/{pid}/limits").splitlines()[1:]:
+        # "Max open files            1024                 524288               files"
+        for title, key in RLIMIT_NAMES.items():
+            if line.startswith(title + " "):
+                soft, hard = line[len(title) :].split()[:2]
+                out[key] = [-1 if v == "unlimited" else int(v) for v in (soft, hard)]
+                break
+    return out
+
+
+def read_personality(pid: int) -> int:
+    """/proc/PID/personality (hex)."""
+    return int(_read_text(pid, f"/proc/{pid}/personality"), 16)
+
+
+def read_comm(pid: int) -> str:
+    return _read_text(pid, f"/proc/{pid}/comm").rstrip("\n")

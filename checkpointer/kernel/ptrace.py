@@ -1,0 +1,324 @@
+"""Raw ptrace for freezing a task tree, reading its CPU state and injecting syscalls.
+
+Built on python-ptrace's binding layer only (the raw `ptrace()` call and its
+`user_regs_struct`): its debugger/attach path uses PTRACE_ATTACH, which sends
+SIGSTOP and would change the target's job-control state. PTRACE_SEIZE does not.
+
+Facts this module relies on (kernel 6.18, x86_64, see also tests/test_kernel_ptrace.py):
+- A SEIZE'd task reports every stop as PTRACE_EVENT_STOP (status >> 16 == 128):
+  WSTOPSIG is SIGTRAP for a PTRACE_INTERRUPT stop and the stop signal
+  (SIGSTOP/SIGTSTP/SIGTTIN/SIGTTOU) for a group-stop.
+- Seizing a task that is already group-stopped makes it report a group-stop trap
+  by itself (no PTRACE_INTERRUPT needed); detaching puts it back in group-stop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import signal
+import time
+from typing import NamedTuple
+
+from ptrace.binding.func import ptrace as _raw_ptrace
+from ptrace.binding.linux_struct import user_regs_struct
+from ptrace.error import PtraceError
+
+from checkpointer.errors import TargetError
+
+PTRACE_CONT = 7
+PTRACE_SINGLESTEP = 9
+PTRACE_GETREGS = 12
+PTRACE_SETREGS = 13
+PTRACE_DETACH = 17
+PTRACE_GETREGSET = 0x4204
+PTRACE_SEIZE = 0x4206
+PTRACE_INTERRUPT = 0x4207
+PTRACE_LISTEN = 0x4208
+PTRACE_GETSIGMASK = 0x420A
+PTRACE_SETSIGMASK = 0x420B
+PTRACE_EVENT_STOP = 128
+NT_X86_XSTATE = 0x202
+
+__WALL = 0x40000000  # wait for threads too (not exported by Python's os)
+
+STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
+REG_NAMES: tuple[str, ...] = tuple(name for name, _ in user_regs_struct._fields_)
+
+# XSAVE area: 64 KiB is far above any x86 xstate size today (AMX: ~11 KiB); the
+# kernel shortens iov_len to what it filled, so only that many bytes are returned.
+_XSTATE_BUF_SIZE = 64 * 1024
+_U64 = (1 << 64) - 1
+
+
+class Stop(NamedTuple):
+    """A decoded waitpid() status.
+
+    kind: "event-stop"  PTRACE_EVENT_STOP from PTRACE_INTERRUPT (sig SIGTRAP) or another
+                        ptrace event (event != 128)
+          "group-stop"  PTRACE_EVENT_STOP with a stop signal: the task's group is stopped
+          "signal-stop" signal-delivery-stop: `sig` was about to be delivered; resume with
+                        cont/detach(tid, sig) to deliver it, or it is lost
+          "exited"      sig = exit status
+          "killed"      sig = the killing signal
+    event: status >> 16 (PTRACE_EVENT_*), 0 if none. status: the raw waitpid status.
+    """
+
+    kind: str
+    sig: int
+    event: int
+    status: int = 0
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+def _ptrace(cmd: int, tid: int, addr: int = 0, data: int = 0, what: str = "ptrace") -> int:
+    """One raw ptrace call; ESRCH becomes TargetError, other errors OSError."""
+    try:
+        return _raw_ptrace(cmd, tid, addr, data)
+    except PtraceError as exc:
+        err = exc.errno or errno.EIO
+        if err == errno.ESRCH:
+            # ESRCH also means "exists but is not stopped under us": say both.
+            if os.path.exists(f"/proc/{tid}"):
+                raise TargetError(
+                    f"{what}: process {tid} is not stopped under our ptrace"
+                ) from None
+            raise TargetError(f"process {tid} does not exist (exited)") from None
+        raise OSError(err, f"{what}({tid}): {os.strerror(err)}") from None
+
+
+def _tracer_of(tid: int) -> tuple[int, str]:
+    """TracerPid of tid and that tracer's comm (0, "" if not traced or unreadable)."""
+    try:
+        with open(f"/proc/{tid}/status") as f:
+            for line in f:
+                if line.startswith("TracerPid:"):
+                    tracer = int(line.split()[1])
+                    break
+            else:
+                return 0, ""
+    except OSError:
+        return 0, ""
+    if not tracer:
+        return 0, ""
+    try:
+        with open(f"/proc/{tracer}/comm") as f:
+            return tracer, f.read().strip()
+    except OSError:
+        return tracer, "?"
+
+
+def seize(tid: int) -> None:
+    """PTRACE_SEIZE with no options: the task keeps running, no SIGSTOP is sent."""
+    try:
+        _raw_ptrace(PTRACE_SEIZE, tid, 0, 0)
+    except PtraceError as exc:
+        if exc.errno == errno.ESRCH:
+            raise TargetError(f"process {tid} does not exist (exited)") from None
+        if exc.errno == errno.EPERM:
+            tracer, comm = _tracer_of(tid)
+            if tracer:
+                raise TargetError(
+                    f"cannot seize process {tid}: already traced by PID {tracer} ({comm})"
+                ) from None
+            if not os.path.exists(f"/proc/{tid}"):
+                raise TargetError(f"process {tid} does not exist (exited)") from None
+            raise TargetError(
+                f"cannot seize process {tid}: permission denied "
+                "(ptrace_scope / not root / target not dumpable / kernel thread)"
+            ) from None
+        raise OSError(exc.errno, f"PTRACE_SEIZE({tid}): {os.strerror(exc.errno or 0)}") from None
+
+
+def interrupt(tid: int) -> None:
+    """PTRACE_INTERRUPT: ask a seized task to enter an event-stop (asynchronous)."""
+    _ptrace(PTRACE_INTERRUPT, tid, what="PTRACE_INTERRUPT")
+
+
+def listen(tid: int) -> None:
+    """PTRACE_LISTEN: leave a group-stopped task stopped but let it see SIGCONT/events."""
+    _ptrace(PTRACE_LISTEN, tid, what="PTRACE_LISTEN")
+
+
+def detach(tid: int, sig: int = 0) -> None:
+    """PTRACE_DETACH, delivering `sig` (a signal-stop's signal) on the way out."""
+    _ptrace(PTRACE_DETACH, tid, 0, sig, what="PTRACE_DETACH")
+
+
+def cont(tid: int, sig: int = 0) -> None:
+    """PTRACE_CONT, delivering `sig`."""
+    _ptrace(PTRACE_CONT, tid, 0, sig, what="PTRACE_CONT")
+
+
+def singlestep(tid: int, sig: int = 0) -> None:
+    """PTRACE_SINGLESTEP: run one instruction, then report a SIGTRAP signal-stop."""
+    _ptrace(PTRACE_SINGLESTEP, tid, 0, sig, what="PTRACE_SINGLESTEP")
+
+
+def decode_status(status: int) -> Stop:
+    """Turn a waitpid() status into a Stop (see Stop for the kinds)."""
+    if os.WIFEXITED(status):
+        return Stop("exited", os.WEXITSTATUS(status), 0, status)
+    if os.WIFSIGNALED(status):
+        return Stop("killed", os.WTERMSIG(status), 0, status)
+    sig = os.WSTOPSIG(status)
+    event = (status >> 16) & 0xFF
+    if event == PTRACE_EVENT_STOP:
+        return Stop("group-stop" if sig in STOP_SIGNALS else "event-stop", sig, event, status)
+    if event:
+        return Stop("event-stop", sig, event, status)
+    return Stop("signal-stop", sig, 0, status)
+
+
+def wait_stop(tid: int, timeout: float = 5.0) -> Stop:
+    """waitpid(tid, __WALL) until it reports, polling so a lost stop cannot hang us.
+
+    Raises TargetError if nothing is reported within `timeout` seconds, or if tid is
+    not our tracee/child (ECHILD).
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.00002
+    while True:
+        try:
+            pid, status = os.waitpid(tid, os.WNOHANG | __WALL)
+        except ChildProcessError:
+            raise TargetError(f"process {tid} is not traced by us (or already reaped)") from None
+        if pid:
+            return decode_status(status)
+        if time.monotonic() >= deadline:
+            raise TargetError(f"process {tid} did not stop within {timeout:g} s")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.002)
+
+
+def get_regs(tid: int) -> dict[str, int]:
+    """PTRACE_GETREGS: the user_regs_struct as {name: unsigned 64-bit int}.
+
+    Includes fs_base, gs_base and orig_rax (orig_rax is 2**64-1 when not in a syscall).
+    """
+    regs = user_regs_struct()
+    _ptrace(PTRACE_GETREGS, tid, 0, ctypes.addressof(regs), what="PTRACE_GETREGS")
+    return {name: getattr(regs, name) for name in REG_NAMES}
+
+
+def set_regs(tid: int, regs: dict[str, int]) -> None:
+    """PTRACE_SETREGS from a full {name: int} dict (negative values are taken mod 2**64)."""
+    raw = user_regs_struct()
+    for name in REG_NAMES:
+        setattr(raw, name, regs[name] & _U64)
+    _ptrace(PTRACE_SETREGS, tid, 0, ctypes.addressof(raw), what="PTRACE_SETREGS")
+
+
+_xstate_buf = ctypes.create_string_buffer(_XSTATE_BUF_SIZE)
+
+
+def get_xstate(tid: int) -> bytes:
+    """PTRACE_GETREGSET NT_X86_XSTATE: the XSAVE area (legacy FXSAVE + header + extended)."""
+    iov = _Iovec(ctypes.addressof(_xstate_buf), _XSTATE_BUF_SIZE)
+    _ptrace(PTRACE_GETREGSET, tid, NT_X86_XSTATE, ctypes.addressof(iov), what="GETREGSET")
+    return _xstate_buf.raw[: iov.iov_len]
+
+
+def get_sigmask(tid: int) -> int:
+    """PTRACE_GETSIGMASK: the thread's blocked-signal mask (bit n-1 = signal n)."""
+    mask = ctypes.c_uint64()
+    _ptrace(PTRACE_GETSIGMASK, tid, 8, ctypes.addressof(mask), what="PTRACE_GETSIGMASK")
+    return mask.value
+
+
+def set_sigmask(tid: int, mask: int) -> None:
+    """PTRACE_SETSIGMASK (SIGKILL/SIGSTOP are silently never blocked)."""
+    cmask = ctypes.c_uint64(mask & _U64)
+    _ptrace(PTRACE_SETSIGMASK, tid, 8, ctypes.addressof(cmask), what="PTRACE_SETSIGMASK")
+
+
+# --- syscall injection -------------------------------------------------------
+
+_syscall_insn: dict[int, int] = {}  # tid -> address of a `syscall` (0f 05) in its [vdso]
+
+
+def _read_mem(tid: int, addr: int, size: int) -> bytes:
+    with open(f"/proc/{tid}/mem", "rb", buffering=0) as mem:
+        return os.pread(mem.fileno(), size, addr)
+
+
+def find_syscall_insn(tid: int) -> int:
+    """Address of a `syscall` instruction (0f 05) in the task's [vdso], cached per tid.
+
+    Single-stepping from any address whose bytes are 0f 05 executes a syscall, so the
+    bytes need not be an instruction boundary of the vdso's own code. The cache entry is
+    re-checked by reading the two bytes (cheap), which catches pid reuse and exec.
+    """
+    addr = _syscall_insn.get(tid)
+    try:
+        if addr is not None and _read_mem(tid, addr, 2) == b"\x0f\x05":
+            return addr
+        with open(f"/proc/{tid}/maps", "rb") as f:
+            for line in f:
+                if line.rstrip().endswith(b"[vdso]"):
+                    lo, hi = (int(x, 16) for x in line.split(None, 1)[0].split(b"-"))
+                    break
+            else:
+                raise TargetError(f"process {tid} has no [vdso] to inject a syscall from")
+        off = _read_mem(tid, lo, hi - lo).find(b"\x0f\x05")
+    except (FileNotFoundError, ProcessLookupError):
+        raise TargetError(f"process {tid} does not exist (exited)") from None
+    if off < 0:
+        raise TargetError(f"process {tid}: no syscall instruction in its [vdso]")
+    _syscall_insn[tid] = lo + off
+    return lo + off
+
+
+def inject_syscall(tid: int, nr: int, *args: int) -> int:
+    """Run syscall `nr(args...)` inside task `tid`, which must be in a ptrace stop.
+
+    Returns the syscall's result (unsigned); raises OSError(-result) if it failed.
+    The task's registers and signal mask are restored exactly, so a syscall it was
+    blocked in (read, nanosleep...) is restarted as usual when it is resumed.
+    Do not call it on a task in a signal-delivery-stop whose signal you still want:
+    its delivery is decided by the sig of your next cont/detach, not by this call.
+    """
+    if len(args) > 6:
+        raise ValueError("a syscall takes at most 6 arguments")
+    insn = find_syscall_insn(tid)
+    saved = get_regs(tid)
+    saved_mask = get_sigmask(tid)
+    regs = dict(saved)
+    regs["rip"] = insn
+    regs["rax"] = nr
+    # orig_rax = -1: the kernel must not treat the stop's interrupted syscall
+    # (rax = -ERESTART*) as one to restart by rewinding rip over our instruction.
+    regs["orig_rax"] = _U64
+    for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args, strict=False):
+        regs[name] = value & _U64
+    # Block every signal while we step: a pending signal would otherwise be
+    # dequeued and reported (and could be lost) before our instruction runs.
+    set_sigmask(tid, _U64)
+    set_regs(tid, regs)
+    try:
+        for _ in range(16):
+            singlestep(tid)
+            stop = wait_stop(tid, 5.0)
+            if stop.kind in ("exited", "killed"):
+                raise TargetError(f"process {tid} {stop.kind} during syscall injection")
+            after = get_regs(tid)
+            if after["rip"] == insn + 2:
+                break
+            # Stopped before executing it (e.g. a group-stop arrived): step again.
+        else:
+            raise TargetError(f"process {tid}: injected syscall {nr} did not run")
+    finally:
+        try:
+            set_regs(tid, saved)
+            set_sigmask(tid, saved_mask)
+        except TargetError:
+            pass
+    result = after["rax"]
+    if result >= (1 << 64) - 4095:
+        err = (1 << 64) - result
+        raise OSError(err, f"injected syscall {nr} in {tid}: {os.strerror(err)}")
+    return result

@@ -1,0 +1,160 @@
+"""userfaultfd write-protect tracking of another process (KERNEL-NOTES section 2).
+
+The uffd must belong to the target (registration is per mm), so it is created by
+injecting userfaultfd() into a stopped thread; we then take a copy of the fd with
+pidfd_getfd and issue UFFDIO_API / UFFDIO_REGISTER from here. With WP_ASYNC the
+kernel resolves write faults itself (no handler thread), and PAGEMAP_SCAN with
+PM_SCAN_WP_MATCHING reads-and-resets the written pages. Tracking lives as long as
+some copy of the uffd file is open; the target's copy keeps it across our runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+from checkpointer.errors import TargetError
+from checkpointer.kernel import ptrace
+from checkpointer.kernel.syscalls import (
+    F_DUPFD_CLOEXEC,
+    NR_close,
+    NR_fcntl,
+    NR_pidfd_getfd,
+    NR_pidfd_open,
+    NR_userfaultfd,
+    O_CLOEXEC,
+    O_NONBLOCK,
+    ioctl_ptr,
+    syscall,
+)
+
+UFFD_API = 0xAA
+UFFDIO_API = 0xC018AA3F
+UFFDIO_REGISTER = 0xC020AA00
+UFFDIO_UNREGISTER = 0x8010AA01
+UFFDIO_REGISTER_MODE_WP = 2
+UFFD_FEATURE_WP_HUGETLBFS_SHMEM = 1 << 12
+UFFD_FEATURE_WP_UNPOPULATED = 1 << 13
+UFFD_FEATURE_WP_ASYNC = 1 << 15
+UFFD_USER_MODE_ONLY = 1
+# What the tracker asks for: async WP (no handler), unpopulated ptes marked too, shmem.
+WP_FEATURES = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+
+UFFD_LINK = "anon_inode:[userfaultfd]"
+USERFAULTFD_FLAGS = O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY
+
+
+class _UffdioApi(ctypes.Structure):
+    _fields_ = [("api", ctypes.c_uint64), ("features", ctypes.c_uint64), ("ioctls", ctypes.c_uint64)]
+
+
+class _UffdioRange(ctypes.Structure):
+    _fields_ = [("start", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _UffdioRegister(ctypes.Structure):
+    _fields_ = [
+        ("start", ctypes.c_uint64),
+        ("len", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("ioctls", ctypes.c_uint64),
+    ]
+
+
+def open_target_uffd(pid: int, tid: int, *, high_fd: int | None = None) -> int:
+    """Create a userfaultfd inside the target; return its fd number there.
+
+    tid must be a thread of pid in a ptrace stop (seized + interrupted). With high_fd,
+    the fd is moved to the lowest free fd >= high_fd (F_DUPFD_CLOEXEC + close), out of
+    the way of the application's own low fds.
+    """
+    fd = ptrace.inject_syscall(tid, NR_userfaultfd, USERFAULTFD_FLAGS)
+    if high_fd is not None:
+        try:
+            new = ptrace.inject_syscall(tid, NR_fcntl, fd, F_DUPFD_CLOEXEC, high_fd)
+        finally:
+            ptrace.inject_syscall(tid, NR_close, fd)  # the low copy goes either way
+        fd = new
+    return fd
+
+
+def close_target_fd(pid: int, tid: int, fd: int) -> None:
+    """close(fd) inside the target (tid in a ptrace stop)."""
+    ptrace.inject_syscall(tid, NR_close, fd)
+
+
+def find_target_uffd(pid: int) -> int | None:
+    """The lowest fd of pid that is a userfaultfd, or None."""
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except (FileNotFoundError, ProcessLookupError):
+        raise TargetError(f"process {pid} does not exist (exited)") from None
+    for fd in sorted(int(n) for n in names):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == UFFD_LINK:
+                return fd
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return None
+
+
+def get_fd(pid: int, target_fd: int) -> int:
+    """A copy of the target's fd in this process (pidfd_open + pidfd_getfd), CLOEXEC."""
+    try:
+        pidfd = syscall(NR_pidfd_open, pid, 0)
+    except ProcessLookupError:
+        raise TargetError(f"process {pid} does not exist (exited)") from None
+    try:
+        return syscall(NR_pidfd_getfd, pidfd, target_fd, 0)
+    except ProcessLookupError:
+        raise TargetError(f"process {pid} does not exist (exited)") from None
+    except PermissionError:
+        raise TargetError(f"cannot take fd {target_fd} of process {pid}: permission denied") from None
+    finally:
+        os.close(pidfd)
+
+
+def uffd_api(fd: int, features: int = WP_FEATURES) -> int:
+    """UFFDIO_API handshake; returns the feature bits the kernel reports.
+
+    Only once per uffd file: a uffd reused from the target (find_target_uffd) has
+    already had it and gets EINVAL/EPERM: do not call it again there.
+    """
+    api = _UffdioApi(UFFD_API, features, 0)
+    ioctl_ptr(fd, UFFDIO_API, ctypes.addressof(api))
+    return api.features
+
+
+def register_wp(fd: int, start: int, length: int) -> bool:
+    """UFFDIO_REGISTER in write-protect mode. False if the kernel refuses this VMA kind.
+
+    Refused (False): EINVAL for [vdso]/[vvar]/[vsyscall]/MAP_DROPPABLE, EPERM for
+    read-only MAP_SHARED files: callers skip those and dump them in full.
+    EBUSY (owned by another uffd) and other errors raise OSError.
+    """
+    reg = _UffdioRegister(start, length, UFFDIO_REGISTER_MODE_WP, 0)
+    try:
+        ioctl_ptr(fd, UFFDIO_REGISTER, ctypes.addressof(reg))
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.EPERM):
+            return False
+        raise
+    return True
+
+
+def unregister(fd: int, start: int, length: int) -> bool:
+    """UFFDIO_UNREGISTER; False if the kernel refuses the range (EINVAL/EPERM)."""
+    rng = _UffdioRange(start, length)
+    try:
+        ioctl_ptr(fd, UFFDIO_UNREGISTER, ctypes.addressof(rng))
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.EPERM):
+            return False
+        raise
+    return True
+
+
+def vma_is_wp_registered(vmflags: list[str]) -> bool:
+    """'uw' in smaps VmFlags: the VMA is registered for uffd write-protect."""
+    return "uw" in vmflags

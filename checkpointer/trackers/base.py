@@ -1,0 +1,49 @@
+"""The dirty-page tracker interface.
+
+A tracker answers, for each private VMA of a process: which pages hold data now
+(`present`), and which of them were written since the last reset (`dirty`,
+None when it cannot tell, e.g. on a first pass or after tracking was lost).
+Every scan also resets tracking, so the next scan reports only later writes.
+The dumper copies dirty pages and records the other present pages as held by
+the parent dump.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from checkpointer.pageruns import Range
+from checkpointer.vmas import Vma
+
+
+@dataclass
+class VmaPages:
+    present: list[Range]
+    dirty: list[Range] | None  # None: every present page counts as dirty
+
+
+class Tracker(ABC):
+    name: str
+    # Does a pre-dump need the tree frozen while this tracker scans and resets?
+    freezes_pre_dump: bool = True
+    # Does the copier have to compare page contents with the parent chain?
+    compares_content: bool = False
+
+    @abstractmethod
+    def scan(self, pid: int, vmas: list[Vma], incremental: bool) -> dict[int, VmaPages]:
+        """Pages of each PRIVATE vma (keyed by vma.start); resets tracking for pid."""
+
+    def attach(self, pid: int, state: dict, stopped_tid: int | None) -> dict:
+        """Make sure tracking is set up for pid; return state to keep between runs."""
+        return {}
+
+    def lost(self, pid: int, state: dict) -> str | None:
+        """Why tracking state from an earlier run cannot be trusted, or None."""
+        return None
+
+    def untrack(self, pid: int, state: dict, stopped_tid: int | None) -> None:
+        """Remove every trace of tracking from the target."""
+
+    def close(self) -> None:
+        """Release what the tool holds (file descriptors)."""

@@ -1,0 +1,110 @@
+"""Tracking writes with userfaultfd write-protect, for kernels without soft-dirty.
+
+A userfaultfd is created inside the target (one injected syscall while one
+thread is stopped for about a millisecond) and its VMAs are registered in
+async write-protect mode from here through a pidfd_getfd copy. A write then
+only clears the page's protection, which PAGEMAP_SCAN reports as WRITTEN; a
+scan with PM_SCAN_WP_MATCHING reports and re-protects atomically per page, so a
+pre-dump needs no freeze at all. Tracking lives as long as the target keeps its
+copy of the fd, across separate runs of the tool.
+
+New VMAs (mmap, brk growth, mremap moves) are not registered: they are found
+on every scan by the missing "uw" VmFlag, registered, and dumped whole. A lost
+registration (the target closed the fd) forces a full pass.
+"""
+
+from __future__ import annotations
+
+import os
+
+from checkpointer.errors import TargetError
+from checkpointer.freezer import stopped_thread
+from checkpointer.collect import read_vmas
+from checkpointer.kernel import pagemap, uffd
+from checkpointer.pageruns import Range, clip
+from checkpointer.trackers.base import Tracker, VmaPages
+from checkpointer.vmas import Vma
+
+
+class UffdWpTracker(Tracker):
+    name = "uffd-wp"
+    freezes_pre_dump = False
+
+    def __init__(self) -> None:
+        self._fds: dict[int, int] = {}  # pid -> our copy of the target's uffd
+
+    def attach(self, pid: int, state: dict, stopped_tid: int | None) -> dict:
+        target_fd = state.get("uffd_fd")
+        if target_fd is None or not uffd.is_target_uffd(pid, target_fd):
+            if stopped_tid is None:
+                with stopped_thread(pid) as tid:
+                    target_fd = uffd.open_target_uffd(pid, tid)
+            else:
+                target_fd = uffd.open_target_uffd(pid, stopped_tid)
+            fd = uffd.get_fd(pid, target_fd)
+            uffd.uffd_api(fd, uffd.WP_FEATURES)
+        else:
+            fd = uffd.get_fd(pid, target_fd)
+        self._fds[pid] = fd
+        return {"uffd_fd": target_fd}
+
+    def lost(self, pid: int, state: dict) -> str | None:
+        target_fd = state.get("uffd_fd")
+        if target_fd is None:
+            return "no userfaultfd was set up"
+        if not uffd.is_target_uffd(pid, target_fd):
+            return f"the target closed its userfaultfd (fd {target_fd})"
+        return None
+
+    def scan(self, pid: int, vmas: list[Vma], incremental: bool) -> dict[int, VmaPages]:
+        fd = self._fds[pid]
+        result = {}
+        with pagemap.Pagemap(pid) as pm:
+            for vma in vmas:
+                # Present pages first, then the reset: a page populated in between
+                # is reported written and copied, never wrongly taken from the parent.
+                present = pm.data_runs(vma.start, vma.end)
+                registered = "uw" in vma.vmflags
+                if not registered:
+                    registered = uffd.register_wp(fd, vma.start, vma.end - vma.start)
+                    if registered:
+                        pm.written_and_protect(vma.start, vma.end)  # start clean
+                    result[vma.start] = VmaPages(present, None)
+                    continue
+                written = pm.written_and_protect(vma.start, vma.end)
+                dirty: list[Range] | None = clip(written, vma.start, vma.end)
+                result[vma.start] = VmaPages(present, dirty if incremental else None)
+        return result
+
+    def untrack(self, pid: int, state: dict, stopped_tid: int | None) -> None:
+        target_fd = state.get("uffd_fd")
+        if target_fd is None or not uffd.is_target_uffd(pid, target_fd):
+            return
+        fd = uffd.get_fd(pid, target_fd)
+        try:
+            for m in read_vmas(pid):
+                if "uw" in m.vmflags:
+                    uffd.unregister(fd, m.start, m.end - m.start)
+        finally:
+            os.close(fd)
+        if stopped_tid is None:
+            with stopped_thread(pid) as tid:
+                uffd.close_target_fd(pid, tid, target_fd)
+        else:
+            uffd.close_target_fd(pid, stopped_tid, target_fd)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds.clear()
+
+
+def ensure_supported() -> None:
+    from checkpointer.kernel import features
+
+    ok, why = features.probe_uffd_wp_async()
+    if not ok:
+        raise TargetError(f"uffd-wp tracking is not available: {why}")

@@ -1,0 +1,121 @@
+"""What each VMA is, and how its pages get dumped.
+
+The rules follow CRIU's: private memory is dumped page by page (present or
+swapped pages only, never the zero page, never private file pages that were
+never written); [vdso] whole; [vvar] and [vsyscall] never; writable shared
+memory whole, once per object however many processes map it; read-only shared
+file mappings not at all (their contents live in the file).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Policy(enum.Enum):
+    PRIVATE = "private"  # present, non-zero, non-file pages, tracked for dirtiness
+    WHOLE = "whole"  # every page of the range, from this process ([vdso])
+    SHARED = "shared"  # every page, once per shared object
+    SKIP = "skip"
+
+
+@dataclass(frozen=True)
+class Vma:
+    start: int
+    end: int
+    prot: str  # "rwxp" / "r--s" as in /proc/PID/maps
+    offset: int
+    dev: str
+    inode: int
+    path: str
+    vmflags: tuple[str, ...] = ()
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    @property
+    def shared(self) -> bool:
+        return self.prot[3] == "s"
+
+    @property
+    def writable(self) -> bool:
+        return self.prot[1] == "w"
+
+    @property
+    def kind(self) -> str:
+        return classify(self)
+
+    @property
+    def policy(self) -> Policy:
+        return dump_policy(self)
+
+    @property
+    def shmem_owner(self) -> str | None:
+        """Image owner id of the shared object behind a SHARED vma."""
+        if self.policy is not Policy.SHARED:
+            return None
+        return f"shm-{self.dev.replace(':', '')}-{self.inode}"
+
+
+SPECIAL = {"[vdso]": "vdso", "[vvar]": "vvar", "[vvar_vclock]": "vvar", "[vsyscall]": "vsyscall"}
+
+
+def classify(vma: Vma) -> str:
+    """anon, heap, stack, file, file-private, shared-anon, shm, memfd, vdso, vvar, ..."""
+    path = vma.path
+    if path in SPECIAL:
+        return SPECIAL[path]
+    if path == "[heap]":
+        return "heap"
+    if path.startswith("[stack"):
+        return "stack"
+    if vma.shared:
+        if path.startswith("/SYSV"):
+            return "shm"
+        if path.startswith("/memfd:"):
+            return "memfd"
+        if vma.inode == 0 or path.startswith("/dev/zero") or path.startswith("[anon_shmem"):
+            return "shared-anon"
+        return "file"
+    if vma.inode == 0:
+        # Named anonymous memory reads "[anon:NAME]"; other bracketed names are
+        # kernel-provided areas (e.g. [uprobes]) that are not the process's data.
+        return "special" if path.startswith("[") and not path.startswith("[anon") else "anon"
+    return "file-private"
+
+
+def dump_policy(vma: Vma) -> Policy:
+    kind = classify(vma)
+    if kind in ("vvar", "vsyscall", "special"):
+        return Policy.SKIP
+    if kind == "vdso":
+        return Policy.WHOLE
+    if "ht" in vma.vmflags:  # MAP_HUGETLB: not read through pagemap runs here
+        return Policy.SKIP
+    if "io" in vma.vmflags or "pf" in vma.vmflags:  # device memory: reading may hurt
+        return Policy.SKIP
+    if vma.shared:
+        # Shared memory that this process can write is dumped whole; read-only
+        # shared file mappings hold nothing the file does not.
+        if kind in ("shared-anon", "shm", "memfd") or vma.writable:
+            return Policy.SHARED
+        return Policy.SKIP
+    return Policy.PRIVATE
+
+
+def vma_record(vma: Vma) -> dict:
+    """The mm image's record of one VMA."""
+    return {
+        "start": vma.start,
+        "end": vma.end,
+        "prot": vma.prot,
+        "offset": vma.offset,
+        "dev": vma.dev,
+        "inode": vma.inode,
+        "path": vma.path,
+        "kind": vma.kind,
+        "vmflags": list(vma.vmflags),
+        "shmem": vma.shmem_owner,
+    }

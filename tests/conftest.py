@@ -1,0 +1,63 @@
+"""Shared fixtures, and the skip rules for tests that need a kernel feature.
+
+A test marked with a feature (softdirty, uffd_wp, pagemap_scan) skips with a
+reason naming that feature when this kernel lacks it. scripts/test runs the
+softdirty ones again inside a QEMU guest whose kernel has soft-dirty, and fails
+if they were skipped there.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from targetlib import Target, start_target  # noqa: E402
+
+
+@functools.cache
+def _feature(name: str) -> tuple[bool, str]:
+    from checkpointer.kernel import features
+
+    probe = {
+        "softdirty": features.probe_soft_dirty,
+        "uffd_wp": features.probe_uffd_wp_async,
+        "pagemap_scan": features.probe_pagemap_scan,
+    }[name]
+    return probe()
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for name in ("softdirty", "uffd_wp", "pagemap_scan"):
+        if item.get_closest_marker(name):
+            ok, reason = _feature(name)
+            if not ok:
+                pytest.skip(f"needs kernel feature {name}: {reason}")
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., Target]]:
+    """Start test targets; every one still alive is killed at teardown."""
+    started: list[Target] = []
+
+    def _spawn(*args: str) -> Target:
+        target = start_target(*args)
+        started.append(target)
+        return target
+
+    yield _spawn
+    for target in started:
+        target.kill()
+
+
+@pytest.fixture
+def mapped_file(tmp_path: Path) -> Path:
+    """A 64 KiB file for the target's private file mapping."""
+    path = tmp_path / "mapped.bin"
+    path.write_bytes(bytes(range(256)) * 256)
+    return path

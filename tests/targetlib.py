@@ -1,0 +1,122 @@
+"""Start and drive the C test target (tests/targets/target.c) as a real process."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SOURCE = Path(__file__).parent / "targets" / "target.c"
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def target_binary() -> Path:
+    """Compile target.c once per source version; the binary is cached in /tmp."""
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    binary = Path(tempfile.gettempdir()) / f"checkpointer-target-{digest}"
+    if not binary.exists():
+        tmp = binary.with_suffix(f".{os.getpid()}")
+        subprocess.run(
+            ["gcc", "-O1", "-g", "-pthread", "-o", str(tmp), str(SOURCE)], check=True
+        )
+        tmp.rename(binary)
+    return binary
+
+
+@dataclass
+class Target:
+    proc: subprocess.Popen
+    regions: dict[str, tuple[int, int]] = field(default_factory=dict)
+    child: int | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def command(self, line: str) -> list[str]:
+        """Send a command on stdin; return the lines printed before DONE."""
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        out = []
+        while (reply := self.proc.stdout.readline().strip()) != "DONE":
+            if not reply:
+                raise RuntimeError(f"target exited during {line!r}")
+            out.append(reply)
+            self._parse(reply)
+        return out
+
+    def _parse(self, line: str) -> None:
+        parts = line.split()
+        if parts[0] == "REGION":
+            self.regions[parts[1]] = (int(parts[2], 16), int(parts[3]))
+        elif parts[0] == "CHILD":
+            self.child = int(parts[1])
+
+    def read_mem(self, addr: int, size: int, pid: int | None = None) -> bytes:
+        with open(f"/proc/{pid or self.pid}/mem", "rb", buffering=0) as mem:
+            return os.pread(mem.fileno(), size, addr)
+
+    def state(self, pid: int | None = None) -> str:
+        return proc_status(pid or self.pid).get("State", "gone")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        for pid in filter(None, [self.child, self.pid]):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.proc.poll() is None:
+            self.proc.wait(timeout=10)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream:
+                stream.close()
+
+
+def start_target(*args: str, timeout: float = 30) -> Target:
+    proc = subprocess.Popen(
+        [str(target_binary()), *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    target = Target(proc)
+    deadline = time.monotonic() + timeout
+    assert proc.stdout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline().strip()
+        if not line:
+            raise RuntimeError(f"target exited early with {proc.wait()}")
+        if line.startswith("READY"):
+            return target
+        target._parse(line)
+    target.kill()
+    raise RuntimeError("target did not become ready")
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return {}
+    return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+
+
+def wait_for_state(pid: int, letters: str, timeout: float = 5.0) -> str:
+    """Wait until /proc/PID/status State starts with one of `letters`."""
+    deadline = time.monotonic() + timeout
+    state = ""
+    while time.monotonic() < deadline:
+        state = proc_status(pid).get("State", "gone")
+        if state[:1] in letters:
+            return state
+        time.sleep(0.01)
+    return state

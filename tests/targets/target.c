@@ -1,0 +1,261 @@
+/*
+ * A checkpoint target for the tests: a process whose memory has every kind of
+ * mapping the dumper must handle, and optional writers that keep dirtying it.
+ *
+ *   target [--threads N] [--anon-mb N] [--hot-pages N] [--hot-sleep-us N]
+ *          [--fork] [--file PATH] [--thp-mb N] [--storm] [--remap]
+ *
+ * It prints one "REGION name start size" line per region, then "READY pid",
+ * and runs until killed. Region contents are deterministic (see fill()), so a
+ * test can tell a faithful copy from a wrong one. Writers bump 64-bit counters
+ * in their pages; a checker thread verifies that the read-only "static" region
+ * never changes and exits 3 if it does.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PAGE 4096UL
+
+static size_t anon_size, hot_pages = 0, thp_size = 0;
+static long hot_sleep_us = 1000;
+static unsigned char *anon, *shared, *protnone, *filemap, *thp, *statik;
+static size_t file_size = 16 * PAGE;
+static volatile uint64_t heartbeat;
+
+static void fill(unsigned char *p, size_t len, uint64_t seed)
+{
+	/* Mixed content: a zero page, text, pointer-like words and noise. */
+	for (size_t off = 0; off < len; off += PAGE) {
+		uint64_t *w = (uint64_t *)(p + off);
+		uint64_t pg = off / PAGE + seed;
+		switch (pg % 4) {
+		case 0:
+			break; /* left zero */
+		case 1:
+			for (size_t i = 0; i < PAGE; i++)
+				p[off + i] = "checkpoint text "[i % 16];
+			break;
+		case 2:
+			for (size_t i = 0; i < PAGE / 8; i++)
+				w[i] = 0x7f0000000000ULL + pg * PAGE + i * 8;
+			break;
+		default: {
+			uint64_t x = pg * 0x9E3779B97F4A7C15ULL + 1;
+			for (size_t i = 0; i < PAGE / 8; i++) {
+				x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+				w[i] = x;
+			}
+		}
+		}
+	}
+}
+
+static void region(const char *name, void *p, size_t len)
+{
+	printf("REGION %s %#lx %zu\n", name, (unsigned long)p, len);
+}
+
+static void *hot_writer(void *arg)
+{
+	(void)arg;
+	uint64_t n = 0;
+	for (;;) {
+		for (size_t i = 0; i < hot_pages; i++)
+			*(volatile uint64_t *)(anon + i * PAGE + 8 * (n % 512)) = n;
+		n++;
+		if (hot_sleep_us)
+			usleep(hot_sleep_us);
+	}
+	return NULL;
+}
+
+static void *idle_thread(void *arg)
+{
+	volatile uint64_t *slot = arg;
+	for (;;) {
+		(*slot)++;
+		usleep(2000);
+	}
+	return NULL;
+}
+
+static void *checker(void *arg)
+{
+	(void)arg;
+	unsigned char *copy = malloc(16 * PAGE);
+	memcpy(copy, statik, 16 * PAGE);
+	for (;;) {
+		if (memcmp(copy, statik, 16 * PAGE) != 0) {
+			fprintf(stderr, "static region changed\n");
+			_exit(3);
+		}
+		heartbeat++;
+		usleep(1000);
+	}
+	return NULL;
+}
+
+static void *storm(void *arg)
+{
+	(void)arg;
+	for (;;) {
+		pthread_t t;
+		if (pthread_create(&t, NULL, (void *(*)(void *))usleep, (void *)1000) == 0)
+			pthread_detach(t);
+		usleep(200);
+	}
+	return NULL;
+}
+
+int main(int argc, char **argv)
+{
+	int threads = 2, do_fork = 0, do_storm = 0, do_remap = 0;
+	const char *file = NULL;
+	anon_size = 8 << 20;
+	for (int i = 1; i < argc; i++) {
+		if (!strcmp(argv[i], "--threads")) threads = atoi(argv[++i]);
+		else if (!strcmp(argv[i], "--anon-mb")) anon_size = (size_t)atol(argv[++i]) << 20;
+		else if (!strcmp(argv[i], "--hot-pages")) hot_pages = atol(argv[++i]);
+		else if (!strcmp(argv[i], "--hot-sleep-us")) hot_sleep_us = atol(argv[++i]);
+		else if (!strcmp(argv[i], "--thp-mb")) thp_size = (size_t)atol(argv[++i]) << 20;
+		else if (!strcmp(argv[i], "--fork")) do_fork = 1;
+		else if (!strcmp(argv[i], "--storm")) do_storm = 1;
+		else if (!strcmp(argv[i], "--remap")) do_remap = 1;
+		else if (!strcmp(argv[i], "--file")) file = argv[++i];
+		else { fprintf(stderr, "unknown option %s\n", argv[i]); return 2; }
+	}
+	setvbuf(stdout, NULL, _IOLBF, 0);
+
+	anon = mmap(NULL, anon_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	fill(anon, anon_size, 0);
+	/* Leave a never-touched tail: it must read back as zeros, not be dumped. */
+	region("anon", anon, anon_size);
+
+	statik = mmap(NULL, 16 * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	fill(statik, 16 * PAGE, 7);
+	region("static", statik, 16 * PAGE);
+
+	unsigned char *untouched = mmap(NULL, 64 * PAGE, PROT_READ | PROT_WRITE,
+					MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	region("untouched", untouched, 64 * PAGE);
+
+	shared = mmap(NULL, 32 * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	fill(shared, 32 * PAGE, 3);
+	region("shared", shared, 32 * PAGE);
+
+	protnone = mmap(NULL, 8 * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	fill(protnone, 8 * PAGE, 5);
+	mprotect(protnone, 8 * PAGE, PROT_NONE);
+	region("protnone", protnone, 8 * PAGE);
+
+	char *heap = malloc(100 * 1024); /* below the mmap threshold: lives in [heap] */
+	fill((unsigned char *)heap, 96 * 1024, 11);
+	region("heap", heap, 96 * 1024);
+
+	if (file) {
+		int fd = open(file, O_RDONLY);
+		if (fd < 0) { perror(file); return 2; }
+		filemap = mmap(NULL, file_size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+		close(fd);
+		volatile unsigned char sum = 0;
+		for (size_t off = 0; off < file_size; off += PAGE)
+			sum += filemap[off]; /* read every page: present but clean */
+		for (size_t off = 0; off < file_size; off += 4 * PAGE)
+			memset(filemap + off, 0xAB, 100); /* written: private copies */
+		region("file", filemap, file_size);
+	}
+
+	if (thp_size) {
+		size_t align = 2 << 20;
+		unsigned char *raw = mmap(NULL, thp_size + align, PROT_READ | PROT_WRITE,
+					  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		thp = (unsigned char *)(((uintptr_t)raw + align - 1) & ~(align - 1));
+		madvise(thp, thp_size, MADV_HUGEPAGE);
+		fill(thp, thp_size, 13);
+		region("thp", thp, thp_size);
+	}
+
+	if (do_remap) {
+		/* Unmap then map at the same address with new contents. */
+		unsigned char *r = mmap(NULL, 4 * PAGE, PROT_READ | PROT_WRITE,
+					MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		fill(r, 4 * PAGE, 17);
+		region("remap", r, 4 * PAGE);
+	}
+
+	static volatile uint64_t slots[64];
+	pthread_t t;
+	for (int i = 0; i < threads; i++)
+		pthread_create(&t, NULL, idle_thread, (void *)&slots[i % 64]);
+	pthread_create(&t, NULL, checker, NULL);
+	if (hot_pages)
+		pthread_create(&t, NULL, hot_writer, NULL);
+	if (do_storm)
+		pthread_create(&t, NULL, storm, NULL);
+
+	if (do_fork) {
+		pid_t child = fork();
+		if (child == 0) {
+			/* The child dirties its own copy of the static region's neighbour. */
+			unsigned char *mine = mmap(NULL, 4 * PAGE, PROT_READ | PROT_WRITE,
+						   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+			fill(mine, 4 * PAGE, 19);
+			for (;;)
+				pause();
+		}
+		printf("CHILD %d\n", child);
+	}
+
+	region("heartbeat", (void *)&heartbeat, sizeof(heartbeat));
+	printf("READY %d\n", getpid());
+	for (;;) {
+		/* Commands on stdin let a test trigger memory-map changes on demand. */
+		char line[128];
+		if (!fgets(line, sizeof line, stdin)) {
+			for (;;)
+				pause();
+		}
+		if (!strncmp(line, "remap", 5)) {
+			/* Unmap the remap region and map new memory at the same address. */
+			unsigned long addr = strtoul(line + 6, NULL, 0);
+			munmap((void *)addr, 4 * PAGE);
+			unsigned char *r = mmap((void *)addr, 4 * PAGE, PROT_READ | PROT_WRITE,
+						MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+			fill(r, 4 * PAGE, 23);
+			printf("DONE\n");
+		} else if (!strncmp(line, "mmap", 4)) {
+			unsigned char *r = mmap(NULL, 16 * PAGE, PROT_READ | PROT_WRITE,
+						MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+			fill(r, 16 * PAGE, 29);
+			printf("REGION new %#lx %zu\nDONE\n", (unsigned long)r, 16 * PAGE);
+		} else if (!strncmp(line, "write", 5)) {
+			/* write FIRST COUNT: dirty pages FIRST.. of the anon region */
+			unsigned long first = 0, count = 0;
+			sscanf(line + 5, "%lu %lu", &first, &count);
+			for (unsigned long i = first; i < first + count && i * PAGE < anon_size; i++)
+				anon[i * PAGE + 16] ^= 0x5A;
+			printf("DONE\n");
+		} else if (!strncmp(line, "dontneed", 8)) {
+			unsigned long first = 0, count = 0;
+			sscanf(line + 8, "%lu %lu", &first, &count);
+			madvise(anon + first * PAGE, count * PAGE, MADV_DONTNEED);
+			printf("DONE\n");
+		} else if (!strncmp(line, "mprotect", 8)) {
+			unsigned long first = 0, count = 0;
+			sscanf(line + 8, "%lu %lu", &first, &count);
+			mprotect(anon + first * PAGE, count * PAGE, PROT_READ);
+			printf("DONE\n");
+		}
+	}
+}
