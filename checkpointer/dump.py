@@ -87,6 +87,7 @@ class _Pass:
         self.req = req
         self.dump_id = uuid.uuid4().hex
         self.parent: Dump | None = None
+        self.parent_link: str | None = None
         self.tracker: Tracker | None = None
         self.incremental = False
         self.full_pass_reason: str | None = None
@@ -102,7 +103,7 @@ class _Pass:
         freeze = req.kind == "dump" or (self.tracker is not None and self.tracker.freezes_pre_dump)
         freezer = Freezer(req.pid, thaw=req.thaw, cgroup=req.cgroup)
         try:
-            with DumpWriter(req.images_dir, kind=req.kind, parent=req.prev_images_dir) as writer:
+            with DumpWriter(req.images_dir, kind=req.kind, parent=self.parent_link) as writer:
                 tree = self._freeze(freezer) if freeze else _live_tree(req.pid)
                 frozen_at = time.monotonic()
                 vmas = {pid: collect.read_vmas(pid) for pid in tree.pids}
@@ -137,8 +138,11 @@ class _Pass:
         rel = self.req.prev_images_dir
         if rel is None:
             return
-        path = (self.req.images_dir / rel) if not os.path.isabs(rel) else Path(rel)
+        # Lexically, as CRIU does relative to the images dir (which may not exist yet).
+        path = Path(os.path.normpath(self.req.images_dir / rel))  # absolute stays absolute
         self.parent = Dump.open(path)
+        # Stored relative, like CRIU's parent symlink, so a chain moves as a whole.
+        self.parent_link = os.path.relpath(path, self.req.images_dir)
         theirs = self.parent.inventory.get("start_times", {}).get(str(self.req.pid))
         if theirs != start_time:
             raise TargetError(
@@ -152,12 +156,14 @@ class _Pass:
             return  # a plain full dump: no tracking read or reset
         self.tracker = make_tracker(req.tracker)
         self.state = trackstate.load(req.pid, start_time)
-        parent_id = self.parent.inventory.get("tracking", {}).get("dump_id") if self.parent else None
+        if self.state is None or self.state.tracker != self.tracker.name:
+            self.state = trackstate.TrackState(req.pid, start_time, self.tracker.name)
         if self.parent is None:
             return
+        parent_id = self.parent.inventory.get("tracking", {}).get("dump_id")
         if self.tracker.compares_content:
             self.incremental = True  # needs no kernel state, only the parent's pages
-        elif self.state is None or not self.state.trusts(parent_id, self.tracker.name):
+        elif not self.state.trusts(parent_id, self.tracker.name):
             self.full_pass_reason = (
                 "tracking state does not match the parent (a pass since it failed, "
                 "or tracking was reset elsewhere): full pass"
@@ -168,8 +174,6 @@ class _Pass:
             self.incremental = True
         if self.full_pass_reason:
             log.warning("%s", self.full_pass_reason)
-        if self.state is None or self.state.tracker != self.tracker.name:
-            self.state = trackstate.TrackState(req.pid, start_time, self.tracker.name)
 
     def _freeze(self, freezer: Freezer) -> FrozenTree:
         tree = freezer.freeze()

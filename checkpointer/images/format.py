@@ -18,6 +18,7 @@ and every failure is an ImageError naming the file.
 from __future__ import annotations
 
 import os
+import re
 import struct
 
 import msgpack
@@ -47,7 +48,9 @@ KIND_BY_CODE = {v: k for k, v in FILE_KINDS.items()}
 MAX_WINDOW = 1 << 23  # zstd window accepted when decompressing (8 MiB)
 MAX_RECORD_FILE = 64 << 20  # decompressed bytes of one record file
 MAX_PAGEMAP_FILE = 256 << 20  # decompressed bytes of one pagemap file
-MAX_RECORDS = 1 << 22  # records in one file
+MAX_RECORDS = 1 << 20  # records in one record file
+MAX_PAGEMAP_RECORDS = 1 << 23  # records in one pagemap (streamed into arrays)
+MAX_FRAMES = 1 << 20  # zstd frames in one pages file
 MAX_FRAME_SIZE = 16 << 20  # uncompressed page frame size
 MIN_FRAME_SIZE = 4096
 DEFAULT_FRAME_SIZE = 1 << 20
@@ -62,6 +65,10 @@ UNPACK_LIMITS = dict(
     max_map_len=1 << 16,
     max_ext_len=0,
 )
+
+
+# page owners: a process's private memory, or a shared object (device, inode)
+OWNER_RE = re.compile(r"(pid-[1-9][0-9]{0,9}|shm-[0-9A-Za-z:._]{1,32}-[0-9]{1,20})\Z")
 
 
 def kind_of_name(name: str) -> str | None:
@@ -121,19 +128,37 @@ def encode_records(kind: str, records: list, level: int = 3) -> bytes:
     """Header + one zstd frame holding the msgpack stream of records."""
     packer = msgpack.Packer(use_bin_type=True)
     body = b"".join(packer.pack(r) for r in records)
+    check_writable(kind, len(records), len(body))
     cctx = zstd.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
     return pack_header(kind) + cctx.compress(body)
 
 
-def iter_records(path: str, expect: str | None = None, limit: int = MAX_RECORD_FILE):
-    """Yield the records of a record file, bounded in memory and count."""
+def check_writable(kind: str, count: int, size: int) -> None:
+    """Refuse to write a record file the readers would refuse."""
+    big = kind == "pagemap"
+    if count > (MAX_PAGEMAP_RECORDS if big else MAX_RECORDS) or size > (
+        MAX_PAGEMAP_FILE if big else MAX_RECORD_FILE
+    ):
+        raise ImageError(f"{kind} file too large ({count} records, {size} bytes)")
+
+
+def iter_records(path: str, expect: str | None = None, limit: int | None = None):
+    """Yield the records of a record file, bounded in memory and count.
+
+    The limits (decompressed bytes, record count) are larger for pagemap files.
+    """
     with _open(path) as f:
         kind, _ = parse_header(f.read(HEADER_SIZE), path, expect)
         if kind == "pages":
             raise ImageError("a pages file holds page frames, not records", path)
+        big = kind == "pagemap"
+        if limit is None:
+            limit = MAX_PAGEMAP_FILE if big else MAX_RECORD_FILE
+        max_records = MAX_PAGEMAP_RECORDS if big else MAX_RECORDS
         unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, **UNPACK_LIMITS)
         total = 0
         count = 0
+        last_end = 0
         try:
             reader = decompressor().stream_reader(f, read_across_frames=False)
             while True:
@@ -145,9 +170,10 @@ def iter_records(path: str, expect: str | None = None, limit: int = MAX_RECORD_F
                     raise ImageError(f"decompressed content exceeds the {limit} byte limit", path)
                 unpacker.feed(chunk)
                 for rec in unpacker:
+                    last_end = unpacker.tell()
                     count += 1
-                    if count > MAX_RECORDS:
-                        raise ImageError(f"more than {MAX_RECORDS} records", path)
+                    if count > max_records:
+                        raise ImageError(f"more than {max_records} records", path)
                     yield rec
             if total == 0:
                 raise ImageError("no compressed content after the header", path)
@@ -158,13 +184,14 @@ def iter_records(path: str, expect: str | None = None, limit: int = MAX_RECORD_F
         except zstd.ZstdError as e:
             raise ImageError(f"corrupt compressed data ({_short(e)})", path) from None
         except Exception as e:  # msgpack and unicode errors on hostile bytes
-            raise ImageError(f"corrupt record stream ({type(e).__name__}: {_short(e)})", path) from None
-        # leftover partial record
-        if unpacker.tell() != total:
+            raise ImageError(
+                f"corrupt record stream ({type(e).__name__}: {_short(e)})", path
+            ) from None
+        if last_end != total:  # a partial record is left over
             raise ImageError("truncated record at end of stream", path)
 
 
-def read_records(path: str, expect: str | None = None, limit: int = MAX_RECORD_FILE) -> list:
+def read_records(path: str, expect: str | None = None, limit: int | None = None) -> list:
     return list(iter_records(path, expect, limit))
 
 
@@ -193,7 +220,9 @@ def read_frame(f, path: str, off: int, clen: int, rlen: int) -> bytes:
             parts.append(more)
             got += len(more)
         if got != rlen:
-            raise ImageError(f"page frame at offset {off} holds {got} bytes, index says {rlen}", path)
+            raise ImageError(
+                f"page frame at offset {off} holds {got} bytes, index says {rlen}", path
+            )
         if reader.read(1):
             raise ImageError(f"page frame at offset {off} holds more than {rlen} bytes", path)
     except ImageError:
@@ -203,7 +232,7 @@ def read_frame(f, path: str, off: int, clen: int, rlen: int) -> bytes:
     return out if len(parts) == 1 else b"".join(parts)
 
 
-def walk_frames(path: str, limit: int = 1 << 22) -> list[dict]:
+def walk_frames(path: str, limit: int = MAX_FRAMES) -> list[dict]:
     """List the zstd frames of a pages file by walking frame and block headers.
 
     Reads only headers (never decompresses): offset, compressed size, content size,

@@ -48,8 +48,7 @@ def info(path: str) -> dict:
         out["bytes_raw"] = sum(f["content_size"] or 0 for f in frames)
         out["bytes_compressed"] = sum(f["clen"] for f in frames)
     else:
-        limit = fmt.MAX_PAGEMAP_FILE if kind == "pagemap" else fmt.MAX_RECORD_FILE
-        out["records"] = sum(1 for _ in fmt.iter_records(path, kind, limit))
+        out["records"] = sum(1 for _ in fmt.iter_records(path, kind))
     return out
 
 
@@ -60,8 +59,7 @@ def decode(path: str) -> dict:
     if kind == "pages":
         out["frames"] = fmt.walk_frames(path)
     else:
-        limit = fmt.MAX_PAGEMAP_FILE if kind == "pagemap" else fmt.MAX_RECORD_FILE
-        out["entries"] = jsonable(fmt.read_records(path, kind, limit))
+        out["entries"] = jsonable(fmt.read_records(path, kind))
     return out
 
 
@@ -119,9 +117,13 @@ def show_dump(path: str) -> dict:
         total: dict = {}
         for o in d.owners():
             _add(total, _owner_counts(d, o))
+        root = os.path.dirname(os.path.realpath(d.path))
+        given = os.path.dirname(os.path.normpath(path))
         chain = [
             {
-                "path": c.path,
+                "path": os.path.normpath(
+                    os.path.join(given, os.path.relpath(os.path.realpath(c.path), root))
+                ),
                 "kind": c.inventory["kind"],
                 "created": c.inventory["created"],
                 "parent": c.inventory["parent"],
@@ -130,7 +132,7 @@ def show_dump(path: str) -> dict:
             for c in d.chain()
         ]
         return {
-            "path": d.path,
+            "path": path,
             "kind": inv["kind"],
             "complete": inv["complete"],
             "format_version": inv["format_version"],

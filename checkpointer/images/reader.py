@@ -13,7 +13,7 @@ from typing import NamedTuple
 from checkpointer.errors import ImageError
 from checkpointer.images import format as fmt
 from checkpointer.images import schema
-from checkpointer.images.writer import OWNER_RE
+from checkpointer.images.format import OWNER_RE
 
 WHERE_CODE = {"here": 0, "parent": 1, "zero": 2}
 WHERE_NAME = ("here", "parent", "zero")
@@ -55,7 +55,7 @@ class PageMap:
         self.pages_path = os.path.join(dump.path, f"pages-{owner}")
         where = self.path
         ps = dump.page_size
-        it = fmt.iter_records(self.path, "pagemap", fmt.MAX_PAGEMAP_FILE)
+        it = fmt.iter_records(self.path, "pagemap")
         head = next(it, None)
         if head is None:
             raise ImageError("empty pagemap (no head record)", where)
@@ -68,7 +68,7 @@ class PageMap:
         if fs % ps or not fmt.MIN_FRAME_SIZE <= fs <= fmt.MAX_FRAME_SIZE:
             raise ImageError(f"bad frame size {fs}", where)
         nr_frames, nr_runs = head["nr_frames"], head["nr_runs"]
-        if not (0 <= nr_frames <= fmt.MAX_RECORDS and 0 <= nr_runs <= fmt.MAX_RECORDS):
+        if not (0 <= nr_frames <= fmt.MAX_FRAMES and 0 <= nr_runs <= fmt.MAX_PAGEMAP_RECORDS):
             raise ImageError("absurd frame or run count", where)
         self.head = head
         self.frame_size = fs
@@ -173,9 +173,7 @@ class PageMap:
         data = self._cache.get(i)
         if data is None:
             f = self._pages_file()
-            data = fmt.read_frame(
-                f, self.pages_path, self.f_off[i], self.f_clen[i], self.f_rlen[i]
-            )
+            data = fmt.read_frame(f, self.pages_path, self.f_off[i], self.f_clen[i], self.f_rlen[i])
             if len(self._cache) >= 2:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[i] = data
@@ -250,8 +248,9 @@ class Dump:
 
     @classmethod
     def open(cls, path: str) -> Dump:
+        """Open the dump at path (kept as given, for messages); ImageError if unusable."""
         real = os.path.realpath(path)
-        return cls(real, os.path.dirname(real), frozenset([real]))
+        return cls(path, os.path.dirname(real), frozenset([real]))
 
     # ---- records ----
 
@@ -281,7 +280,9 @@ class Dump:
             schema.check("vma", v, path, f"vma[{i}]")
             s, e = v["start"], v["end"]
             if s % self.page_size or e % self.page_size or not prev_end <= s < e <= MAX_U64:
-                raise ImageError(f"vma[{i}] {s:#x}-{e:#x} misaligned, unsorted or overlapping", path)
+                raise ImageError(
+                    f"vma[{i}] {s:#x}-{e:#x} misaligned, unsorted or overlapping", path
+                )
             if v["shmem"] is not None and not OWNER_RE.match(v["shmem"]):
                 raise ImageError(f"vma[{i}] has a bad shmem owner {v['shmem']!r}", path)
             if v["offset"] < 0:

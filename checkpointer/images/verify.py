@@ -7,8 +7,8 @@ import re
 
 from checkpointer.errors import ImageError
 from checkpointer.images import format as fmt
+from checkpointer.images.format import OWNER_RE
 from checkpointer.images.reader import Dump
-from checkpointer.images.writer import OWNER_RE
 
 PID_FILE_RE = re.compile(r"(core|mm|fds)-([1-9][0-9]{0,9})\Z")
 
@@ -43,7 +43,7 @@ def _verify_one(d: Dump, totals: dict) -> None:
         ok = (
             name in ("inventory", "pstree", "stats")
             or (m and int(m.group(2)) in pids)
-            or (kind in ("pagemap", "pages") and OWNER_RE.match(name.split("-", 1)[1]))
+            or (kind in ("pagemap", "pages") and OWNER_RE.match(name.partition("-")[2]))
         )
         if not ok or kind is None:
             raise ImageError("unexpected file in dump directory", p)

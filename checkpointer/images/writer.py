@@ -1,265 +1,27 @@
-"""DumpWriter (atomic temp dir -> final dir) and PageWriter (parallel zstd frames)."""
+"""DumpWriter: write one dump directory atomically (temp dir -> final dir)."""
 
 from __future__ import annotations
 
-import collections
 import os
-import re
 import shutil
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
-
-import msgpack
-import zstandard as zstd
 
 from checkpointer.errors import ImageError
 from checkpointer.images import format as fmt
 from checkpointer.images import schema
+from checkpointer.images.format import OWNER_RE
+from checkpointer.images.pagewriter import (
+    PAGE_LEVEL,
+    RECORD_LEVEL,
+    PageStats,
+    PageWriter,
+    fsync_dir,
+    write_file,
+)
 
-# zstd level for page frames: level -1 measured ~1.7x the throughput of level 1 on
-# mixed memory for ~10% less compression (see scripts/bench-images, docs/inspect.md).
-PAGE_LEVEL = -1
-RECORD_LEVEL = 3
-OWNER_RE = re.compile(r"(pid-[1-9][0-9]{0,9}|shm-[0-9A-Za-z:._]{1,32}-[0-9]{1,20})\Z")
-
-
-class PageStats(NamedTuple):
-    written: int
-    zero: int
-    parent: int
-    bytes_raw: int
-    bytes_compressed: int
-
-
-def _write_file(path: str, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        _write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data) -> None:
-    mv = memoryview(data)
-    while mv:
-        n = os.write(fd, mv)
-        mv = mv[n:]
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-_tls = threading.local()
-
-
-def _compress(level: int, buf: bytearray, n: int) -> bytes:
-    cctx = getattr(_tls, "cctx", None)
-    if cctx is None or _tls.level != level:
-        cctx = zstd.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
-        _tls.cctx, _tls.level = cctx, level
-    return cctx.compress(memoryview(buf)[:n])
-
-
-class PageWriter:
-    """Page runs of one owner: pages-OWNER (zstd frames) + pagemap-OWNER (index, runs).
-
-    Frames are compressed on the shared pool with at most `max_in_flight` frames
-    pending, so memory stays bounded (~ (max_in_flight + 2) * frame_size).
-    """
-
-    def __init__(self, dirpath, owner, page_size, frame_size, pool, level, max_in_flight):
-        self.owner = owner
-        self.page_size = page_size
-        self.frame_size = frame_size
-        self._dir = dirpath
-        self._pool = pool
-        self._level = level
-        self._max_in_flight = max_in_flight
-        self._zero = bytes(page_size)
-        self._scratch = bytearray(min(frame_size, 1 << 20))
-        self._frame = bytearray(frame_size)
-        self._fill = 0
-        self._free: list[bytearray] = []
-        self._inflight: collections.deque = collections.deque()
-        self._frames: list[list[int]] = []  # [off, clen, rlen]
-        self._runs: list[list] = []  # [addr, nr, where, off]
-        self._pos = 0  # uncompressed stream position
-        self._file_off = fmt.HEADER_SIZE
-        self._next_addr = 0
-        self._counts = {"here": 0, "parent": 0, "zero": 0}
-        self.closed = False
-        self.stats: PageStats | None = None
-        self._fd = os.open(
-            os.path.join(dirpath, f"pages-{owner}"),
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-            0o600,
-        )
-        os.fchmod(self._fd, 0o600)
-        _write_all(self._fd, fmt.pack_header("pages"))
-
-    # ---- runs ----
-
-    def _check(self, addr: int, nbytes: int) -> None:
-        if self.closed:
-            raise ValueError(f"pages-{self.owner} is closed")
-        ps = self.page_size
-        if addr < 0 or addr % ps or nbytes % ps:
-            raise ValueError(f"page run {addr:#x}+{nbytes:#x} is not page aligned")
-        if addr < self._next_addr:
-            raise ValueError(
-                f"page run at {addr:#x} overlaps or precedes {self._next_addr:#x} "
-                f"(runs must be added in increasing address order)"
-            )
-        if addr + nbytes > 1 << 64:
-            raise ValueError(f"page run {addr:#x}+{nbytes:#x} beyond 64-bit addresses")
-
-    def _add_run(self, addr: int, nr: int, where: str, off: int | None) -> None:
-        if nr == 0:
-            return
-        self._counts[where] += nr
-        ps = self.page_size
-        if self._runs:
-            last = self._runs[-1]
-            if (
-                last[2] == where
-                and last[0] + last[1] * ps == addr
-                and (where != "here" or last[3] + last[1] * ps == off)
-            ):
-                last[1] += nr
-                self._next_addr = addr + nr * ps
-                return
-        self._runs.append([addr, nr, where, off])
-        self._next_addr = addr + nr * ps
-
-    def add_parent(self, addr: int, nr_pages: int) -> None:
-        self._check(addr, nr_pages * self.page_size)
-        self._add_run(addr, nr_pages, "parent", None)
-
-    def add_zero(self, addr: int, nr_pages: int) -> None:
-        self._check(addr, nr_pages * self.page_size)
-        self._add_run(addr, nr_pages, "zero", None)
-
-    def add_data(self, addr: int, buf) -> None:
-        mv = memoryview(buf).cast("B")
-        n = len(mv)
-        self._check(addr, n)
-        ps = self.page_size
-        scratch = self._scratch
-        zero = self._zero
-        step = len(scratch)
-        for base in range(0, n, step):
-            c = min(step, n - base)
-            scratch[:c] = mv[base : base + c]
-            a0 = addr + base
-            run_start = 0
-            run_zero = scratch[0:ps] == zero
-            for j in range(ps, c, ps):
-                z = scratch[j : j + ps] == zero
-                if z != run_zero:
-                    self._emit(a0, scratch, run_start, j, run_zero)
-                    run_start, run_zero = j, z
-            self._emit(a0, scratch, run_start, c, run_zero)
-
-    def _emit(self, a0, scratch, lo, hi, is_zero):
-        nr = (hi - lo) // self.page_size
-        if is_zero:
-            self._add_run(a0 + lo, nr, "zero", None)
-            return
-        self._add_run(a0 + lo, nr, "here", self._pos)
-        self._append(memoryview(scratch)[lo:hi])
-
-    # ---- frames ----
-
-    def _append(self, data: memoryview) -> None:
-        fs = self.frame_size
-        while data:
-            take = min(fs - self._fill, len(data))
-            self._frame[self._fill : self._fill + take] = data[:take]
-            self._fill += take
-            self._pos += take
-            data = data[take:]
-            if self._fill == fs:
-                self._submit()
-
-    def _submit(self) -> None:
-        if not self._fill:
-            return
-        buf, n = self._frame, self._fill
-        fut = self._pool.submit(_compress, self._level, buf, n)
-        self._inflight.append((fut, buf, n))
-        self._frame = self._free.pop() if self._free else bytearray(self.frame_size)
-        self._fill = 0
-        while len(self._inflight) >= self._max_in_flight:
-            self._drain_one()
-
-    def _drain_one(self) -> None:
-        fut, buf, n = self._inflight.popleft()
-        data = fut.result()
-        _write_all(self._fd, data)
-        self._frames.append([self._file_off, len(data), n])
-        self._file_off += len(data)
-        self._free.append(buf)
-
-    def close(self) -> PageStats:
-        if self.closed:
-            return self.stats
-        self._submit()
-        while self._inflight:
-            self._drain_one()
-        os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = -1
-        self.closed = True
-        ps = self.page_size
-        compressed = self._file_off - fmt.HEADER_SIZE
-        head = {
-            "owner": self.owner,
-            "page_size": ps,
-            "frame_size": self.frame_size,
-            "nr_frames": len(self._frames),
-            "nr_runs": len(self._runs),
-            "pages_here": self._counts["here"],
-            "pages_parent": self._counts["parent"],
-            "pages_zero": self._counts["zero"],
-            "bytes_raw": self._counts["here"] * ps,
-            "bytes_compressed": compressed,
-        }
-        packer = msgpack.Packer(use_bin_type=True)
-        parts = [packer.pack(head)]
-        parts += [packer.pack({"off": o, "clen": c, "rlen": r}) for o, c, r in self._frames]
-        parts += [
-            packer.pack({"addr": a, "nr": nr, "where": w, "off": off})
-            for a, nr, w, off in self._runs
-        ]
-        cctx = zstd.ZstdCompressor(level=RECORD_LEVEL, write_checksum=True, write_content_size=True)
-        data = fmt.pack_header("pagemap") + cctx.compress(b"".join(parts))
-        _write_file(os.path.join(self._dir, f"pagemap-{self.owner}"), data)
-        self.stats = PageStats(
-            self._counts["here"], self._counts["zero"], self._counts["parent"],
-            self._counts["here"] * ps, compressed,
-        )  # fmt: skip
-        self._frame = self._scratch = bytearray()
-        self._free.clear()
-        return self.stats
-
-    def _abort(self) -> None:
-        for fut, _, _ in self._inflight:
-            fut.cancel()
-        self._inflight.clear()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        self.closed = True
+__all__ = ["DumpWriter", "PageStats", "PageWriter"]
 
 
 class DumpWriter:
@@ -351,6 +113,13 @@ class DumpWriter:
         if not isinstance(parent, str) or not parent or os.path.isabs(parent):
             raise ImageError(f"parent link {parent!r} must be a relative path", self.final_dir)
         target = os.path.normpath(os.path.join(self.final_dir, parent))
+        root = os.path.realpath(os.path.dirname(self.final_dir))
+        if not os.path.realpath(target).startswith(root + os.sep):
+            raise ImageError(
+                f"parent link {parent!r} leaves {root}: readers only follow parents "
+                "inside the directory holding the dump",
+                self.final_dir,
+            )
         p = Dump.open(target)  # ImageError if missing or incomplete
         if not p.inventory.get("usable_as_parent", True):
             raise ImageError("marked as not usable as a parent", target)
@@ -383,7 +152,7 @@ class DumpWriter:
         if name in self._written:
             raise ValueError(f"{name} written twice")
         data = fmt.encode_records(kind, records, RECORD_LEVEL)
-        _write_file(os.path.join(self.tmp_dir, name), data)
+        write_file(os.path.join(self.tmp_dir, name), data)
         self._written.add(name)
 
     def _checked(self, kind: str, rec, what: str) -> dict:
@@ -397,7 +166,9 @@ class DumpWriter:
 
     def write_core(self, pid: int, process: dict, threads: list[dict]) -> None:
         recs = [self._checked("process", process, f"core-{pid}")]
-        recs += [self._checked("thread", t, f"core-{pid}.thread[{i}]") for i, t in enumerate(threads)]
+        recs += [
+            self._checked("thread", t, f"core-{pid}.thread[{i}]") for i, t in enumerate(threads)
+        ]
         self._write_records(f"core-{int(pid)}", "core", recs)
 
     def write_mm(self, pid: int, mm: dict, vmas: list[dict]) -> None:
@@ -461,7 +232,7 @@ class DumpWriter:
         schema.check("inventory", inv, self.final_dir)
         self._write_records("inventory", "inventory", [inv])
         self._pool.shutdown(wait=True)
-        _fsync_dir(self.tmp_dir)
+        fsync_dir(self.tmp_dir)
         os.chmod(self.tmp_dir, self._final_mode)
         try:
             if self._replace_empty:
@@ -469,11 +240,13 @@ class DumpWriter:
             else:
                 # never replace something that appeared meanwhile
                 if os.path.lexists(self.final_dir):
-                    raise ImageError("appeared while writing; refusing to overwrite", self.final_dir)
+                    raise ImageError(
+                        "appeared while writing; refusing to overwrite", self.final_dir
+                    )
                 os.rename(self.tmp_dir, self.final_dir)
         except OSError as e:
             raise ImageError(f"cannot rename into place: {e.strerror}", self.final_dir) from None
         self._done = True
         self.tmp_dir = None
-        _fsync_dir(os.path.dirname(self.final_dir))
+        fsync_dir(os.path.dirname(self.final_dir))
         return self.final_dir

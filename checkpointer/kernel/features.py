@@ -13,14 +13,7 @@ import signal
 
 from checkpointer.kernel import pagemap as pm
 from checkpointer.kernel import ptrace
-from checkpointer.kernel.syscalls import (
-    NR_userfaultfd,
-    O_CLOEXEC,
-    O_NONBLOCK,
-    mmap_anon,
-    munmap,
-    syscall,
-)
+from checkpointer.kernel.syscalls import mmap_anon, munmap
 
 Probe = tuple[bool, str]
 
@@ -90,7 +83,7 @@ def probe_uffd_wp_async() -> Probe:
     from checkpointer.kernel import uffd
 
     try:
-        fd = syscall(NR_userfaultfd, O_CLOEXEC | O_NONBLOCK | uffd.UFFD_USER_MODE_ONLY)
+        fd = uffd.open_own_uffd()
     except OSError as exc:
         return False, f"userfaultfd(): {exc.strerror}"
     try:

@@ -66,7 +66,11 @@ class PmScanArg(ctypes.Structure):
 
 
 class PageRegion(ctypes.Structure):
-    _fields_ = [("start", ctypes.c_uint64), ("end", ctypes.c_uint64), ("categories", ctypes.c_uint64)]
+    _fields_ = [
+        ("start", ctypes.c_uint64),
+        ("end", ctypes.c_uint64),
+        ("categories", ctypes.c_uint64),
+    ]
 
 
 assert ctypes.sizeof(PmScanArg) == 96 and ctypes.sizeof(PageRegion) == 24
@@ -84,6 +88,7 @@ _T_PRESENT_OR_SWAP = _table(lambda b: b & 0xC0)  # byte 7: bits 63, 62
 _T_PRESENT = _table(lambda b: b & 0x80)
 _T_FILE = _table(lambda b: b & 0x20)  # byte 7: bit 61
 _T_SOFT_DIRTY = _table(lambda b: b & 0x80)  # byte 6: bit 55
+_T_SWAP_WP = _table(lambda b: (b & 0xC2) == 0x42)  # byte 7: swapped, not present, uffd-wp
 _RUN = re.compile(b"\x01+")
 
 
@@ -117,8 +122,19 @@ def _pfn_mask(entries: bytes, pfn: int) -> bytes:
     return acc
 
 
-def present_mask(entries: bytes, *, exclude_file: bool = False, exclude_pfn: int | None = None) -> bytes:
-    """One byte per entry: 1 if present or swapped (minus file pages / one PFN if asked)."""
+def present_mask(
+    entries: bytes,
+    *,
+    exclude_file: bool = False,
+    exclude_pfn: int | None = None,
+    exclude_wp_markers: bool = True,
+) -> bytes:
+    """One byte per entry: 1 if present or swapped (minus file pages / one PFN if asked).
+
+    uffd-wp PTE markers (never-populated pages write-protected by a PAGEMAP_SCAN
+    WP_MATCHING reset) read as PM_SWAP|PM_UFFD_WP with a fixed swap "frame": they hold
+    no data and are left out unless exclude_wp_markers=False.
+    """
     top = entries[7::8]
     mask = top.translate(_T_PRESENT_OR_SWAP)
     if exclude_file:
@@ -126,6 +142,12 @@ def present_mask(entries: bytes, *, exclude_file: bool = False, exclude_pfn: int
     if exclude_pfn is not None:
         # Only present entries carry a PFN; swapped ones carry a swap entry.
         mask = _andnot(mask, _and(top.translate(_T_PRESENT), _pfn_mask(entries, exclude_pfn)))
+    if exclude_wp_markers:
+        swap_wp = top.translate(_T_SWAP_WP)
+        if _ONE in swap_wp:  # cheap check first: no uffd-wp swap entries, no work
+            marker = wp_marker_entry()
+            if marker is not None:
+                mask = _andnot(mask, _and(swap_wp, _pfn_mask(entries, marker)))
     return mask
 
 
@@ -135,25 +157,64 @@ def present_runs(
     *,
     exclude_file: bool = False,
     exclude_pfn: int | None = None,
+    exclude_wp_markers: bool = True,
 ) -> list[tuple[int, int]]:
     """[(addr, nr_pages)] of pages present in RAM or swapped out.
 
     entries: raw pagemap bytes for pages from `start`. exclude_file drops pages with
     PM_FILE (page-cache pages of private file mappings never written, shared memory);
     exclude_pfn drops present pages mapping that PFN (pass zero_page_pfn() to skip the
-    shared zero page; needs CAP_SYS_ADMIN, else every PFN reads as 0).
+    shared zero page; needs CAP_SYS_ADMIN, else every PFN reads as 0). uffd-wp
+    markers are not pages (see present_mask).
     """
-    return _runs(present_mask(entries, exclude_file=exclude_file, exclude_pfn=exclude_pfn), start)
+    mask = present_mask(
+        entries,
+        exclude_file=exclude_file,
+        exclude_pfn=exclude_pfn,
+        exclude_wp_markers=exclude_wp_markers,
+    )
+    return _runs(mask, start)
 
 
-def soft_dirty_runs(entries: bytes, start: int, *, exclude_file: bool = False) -> list[tuple[int, int]]:
+def soft_dirty_runs(
+    entries: bytes, start: int, *, exclude_file: bool = False
+) -> list[tuple[int, int]]:
     """[(addr, nr_pages)] of present-or-swapped pages with the soft-dirty bit (55).
 
     Non-present pages of a VM_SOFTDIRTY VMA also read soft-dirty; they hold nothing
     to dump, so they are left out (as CRIU does).
     """
-    mask = _and(present_mask(entries, exclude_file=exclude_file), entries[6::8].translate(_T_SOFT_DIRTY))
+    mask = _and(
+        present_mask(entries, exclude_file=exclude_file), entries[6::8].translate(_T_SOFT_DIRTY)
+    )
     return _runs(mask, start)
+
+
+def _ranges(mask: bytes, start: int) -> list[tuple[int, int]]:
+    """[(start, end)] byte ranges for the runs of 0x01 in a one-byte-per-page mask."""
+    return [
+        (start + (m.start() << PAGE_SHIFT), start + (m.end() << PAGE_SHIFT))
+        for m in _RUN.finditer(mask)
+    ]
+
+
+def data_runs(entries: bytes, start: int, *, skip_zero_page: bool = True) -> list[tuple[int, int]]:
+    """[(start, end)] address ranges of pages of a private VMA that hold data to dump.
+
+    Present or swapped, not PM_FILE (page-cache pages of a private file mapping never
+    written, which the file itself holds), not uffd-wp markers, and (skip_zero_page)
+    not mapping the shared zero page (when its PFN is known: root). Everything else
+    in the VMA reads as zeros (never populated) and is not dumped.
+    Note the (start, end) form, unlike present_runs' (addr, nr_pages).
+    """
+    zero = zero_page_pfn() if skip_zero_page else None
+    return _ranges(present_mask(entries, exclude_file=True, exclude_pfn=zero), start)
+
+
+def soft_dirty_ranges(entries: bytes, start: int) -> list[tuple[int, int]]:
+    """soft_dirty_runs() as [(start, end)] address ranges."""
+    mask = _and(present_mask(entries), entries[6::8].translate(_T_SOFT_DIRTY))
+    return _ranges(mask, start)
 
 
 def count_pages(runs: list[tuple[int, int]]) -> int:
@@ -201,6 +262,30 @@ class Pagemap:
                 got += len(more)
             data = b"".join(parts)
         return data
+
+    def data_runs(self, start: int, end: int) -> list[tuple[int, int]]:
+        """data_runs() of [start, end): one pagemap read."""
+        return data_runs(self.read(start, end), start)
+
+    def written_and_protect(self, start: int, end: int) -> list[tuple[int, int]]:
+        """uffd-wp read-and-reset: [(start, end)] written since the last reset, and
+        write-protect them again (PAGEMAP_SCAN, WP_MATCHING), atomically per page.
+
+        Only populated (PRESENT|SWAPPED) pages are matched. Protecting never-populated
+        ones too would install a uffd-wp PTE marker in each (about 2 MiB of page tables
+        per GiB of address space); unprotected holes lose nothing: a page faulted in
+        later has no wp bit, so the next scan reports it written. The first call after
+        registering returns every populated page.
+        """
+        regions = self.scan(
+            start,
+            end,
+            category_mask=PAGE_IS_WRITTEN,
+            anyof_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            return_mask=PAGE_IS_WRITTEN,
+            flags=PM_SCAN_WP_MATCHING,
+        )
+        return [(lo, hi) for lo, hi, _ in regions]
 
     def scan(
         self,
@@ -253,8 +338,18 @@ class Pagemap:
                 if max_pages:
                     pages += (sum(flat[1::3]) - sum(flat[0::3])) >> PAGE_SHIFT
                 got = list(zip(flat[0::3], flat[1::3], flat[2::3], strict=True))
-                if out and out[-1][1] == got[0][0] and out[-1][2] == got[0][2]:
-                    out[-1] = (out[-1][0], got[0][1], got[0][2])  # split by a full vector
+                # A later round starts at walk_end, and the kernel (6.18) can set
+                # walk_end to the START of the last region it already returned (its
+                # 512-entry bounce buffer filled): clip what was reported before,
+                # then merge a region split across rounds.
+                while got and out and got[0][0] < out[-1][1]:
+                    lo, hi, cat = got[0]
+                    if hi <= out[-1][1]:
+                        got.pop(0)
+                    else:
+                        got[0] = (out[-1][1], hi, cat)
+                if got and out and out[-1][1] == got[0][0] and out[-1][2] == got[0][2]:
+                    out[-1] = (out[-1][0], got[0][1], got[0][2])
                     got = got[1:]
                 out.extend(got)
             if max_pages and pages >= max_pages:
@@ -328,10 +423,54 @@ def zero_page_pfn() -> int | None:
     if _zero_pfn == -1:
         addr = mmap_anon(PAGE_SIZE, prot=1)
         try:
-            ctypes.c_char.from_address(addr).value  # read fault: maps the zero page
+            _ = ctypes.c_char.from_address(addr).value  # read fault: maps the zero page
             entry = int.from_bytes(read_pagemap(os.getpid(), addr, addr + PAGE_SIZE), "little")
         finally:
             munmap(addr, PAGE_SIZE)
         pfn = entry & PM_PFN_MASK
         _zero_pfn = pfn if entry & PM_PRESENT and pfn else None
     return _zero_pfn
+
+
+_wp_marker: int | None = -1
+
+
+def wp_marker_entry() -> int | None:
+    """The swap "frame" (bits 0-54) pagemap shows for a uffd-wp PTE marker, or None.
+
+    Learned once on ourselves: register a fresh page with uffd-wp, write-protect it
+    with a PAGEMAP_SCAN WP_MATCHING reset while it is unpopulated (that installs a
+    marker), read its pagemap entry. 0x3f on 6.18 (swap type 31, offset 1).
+    None if uffd-wp is not available (then no marker can exist).
+    """
+    global _wp_marker
+    if _wp_marker != -1:
+        return _wp_marker
+    from checkpointer.kernel import uffd  # uffd does not import this module
+
+    _wp_marker = None
+    try:
+        fd = uffd.open_own_uffd()
+    except OSError:
+        return None
+    addr = mmap_anon(PAGE_SIZE)
+    try:
+        uffd.uffd_api(fd, uffd.UFFD_FEATURE_WP_ASYNC | uffd.UFFD_FEATURE_WP_UNPOPULATED)
+        if uffd.register_wp(fd, addr, PAGE_SIZE):
+            with Pagemap(os.getpid()) as pmap:
+                pmap.scan(
+                    addr,
+                    addr + PAGE_SIZE,
+                    category_mask=PAGE_IS_WRITTEN,
+                    return_mask=PAGE_IS_WRITTEN,
+                    flags=PM_SCAN_WP_MATCHING,
+                )
+                entry = int.from_bytes(pmap.read(addr, addr + PAGE_SIZE), "little")
+            if entry & (PM_SWAP | PM_UFFD_WP) == PM_SWAP | PM_UFFD_WP and not entry & PM_PRESENT:
+                _wp_marker = entry & PM_PFN_MASK
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+        munmap(addr, PAGE_SIZE)
+    return _wp_marker

@@ -46,6 +46,16 @@ def _listdir(pid: int, path: str) -> list[str]:
         raise _gone(pid) from None
 
 
+def exists(pid: int) -> bool:
+    """Is there a process (or thread) pid that has not been reaped (zombies count)?"""
+    return os.path.exists(f"/proc/{pid}")
+
+
+def task_exists(pid: int, tid: int) -> bool:
+    """Is tid still a thread of pid?"""
+    return os.path.exists(f"/proc/{pid}/task/{tid}")
+
+
 # --- tasks and children ---------------------------------------------------------
 
 
@@ -150,6 +160,11 @@ def read_stat(pid: int, tid: int | None = None, *, brk: bool = True) -> ProcStat
 
 def read_state(pid: int, tid: int | None = None) -> str:
     """Just the one-letter state from stat (R, S, D, T, t, Z, X...)."""
+    return read_stat(pid, tid, brk=False).state
+
+
+def read_task_state(pid: int, tid: int) -> str:
+    """One-letter state of thread tid of pid (from task/TID/stat)."""
     return read_stat(pid, tid, brk=False).state
 
 
@@ -362,11 +377,15 @@ RLIMIT_NAMES = {
 }
 
 
+# resource numbers (asm-generic/resource.h; Python's resource lacks RLIMIT_LOCKS)
+RLIMIT_NUMBERS = {name: i for i, name in enumerate(RLIMIT_NAMES.values())}
+
+
 def read_rlimits(pid: int) -> dict[str, list[int]]:
     """{"nofile": [soft, hard], ...} from /proc/PID/limits; -1 = unlimited.
 
     Keys are the RLIMIT_* names lowercased without the prefix ("cpu", "nofile"...),
-    so restore can use getattr(resource, "RLIMIT_" + key.upper()).
+    RLIMIT_NUMBERS maps them to resource numbers for prlimit().
     """
     out: dict[str, list[int]] = {}
     for line in _read_text(pid, f"/proc/{pid}/limits").splitlines()[1:]:

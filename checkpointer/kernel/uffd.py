@@ -18,13 +18,13 @@ from checkpointer.errors import TargetError
 from checkpointer.kernel import ptrace
 from checkpointer.kernel.syscalls import (
     F_DUPFD_CLOEXEC,
+    O_CLOEXEC,
+    O_NONBLOCK,
     NR_close,
     NR_fcntl,
     NR_pidfd_getfd,
     NR_pidfd_open,
     NR_userfaultfd,
-    O_CLOEXEC,
-    O_NONBLOCK,
     ioctl_ptr,
     syscall,
 )
@@ -46,7 +46,11 @@ USERFAULTFD_FLAGS = O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY
 
 
 class _UffdioApi(ctypes.Structure):
-    _fields_ = [("api", ctypes.c_uint64), ("features", ctypes.c_uint64), ("ioctls", ctypes.c_uint64)]
+    _fields_ = [
+        ("api", ctypes.c_uint64),
+        ("features", ctypes.c_uint64),
+        ("ioctls", ctypes.c_uint64),
+    ]
 
 
 class _UffdioRange(ctypes.Structure):
@@ -79,6 +83,11 @@ def open_target_uffd(pid: int, tid: int, *, high_fd: int | None = None) -> int:
     return fd
 
 
+def open_own_uffd() -> int:
+    """A userfaultfd for this process (probes): user-mode only, CLOEXEC, NONBLOCK."""
+    return syscall(NR_userfaultfd, USERFAULTFD_FLAGS)
+
+
 def close_target_fd(pid: int, tid: int, fd: int) -> None:
     """close(fd) inside the target (tid in a ptrace stop)."""
     ptrace.inject_syscall(tid, NR_close, fd)
@@ -99,6 +108,16 @@ def find_target_uffd(pid: int) -> int | None:
     return None
 
 
+def is_target_uffd(pid: int, target_fd: int) -> bool:
+    """Is fd target_fd of pid (still) a userfaultfd? False if closed or reused."""
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{target_fd}") == UFFD_LINK
+    except (FileNotFoundError, ProcessLookupError):
+        if not os.path.exists(f"/proc/{pid}"):
+            raise TargetError(f"process {pid} does not exist (exited)") from None
+        return False
+
+
 def get_fd(pid: int, target_fd: int) -> int:
     """A copy of the target's fd in this process (pidfd_open + pidfd_getfd), CLOEXEC."""
     try:
@@ -110,7 +129,9 @@ def get_fd(pid: int, target_fd: int) -> int:
     except ProcessLookupError:
         raise TargetError(f"process {pid} does not exist (exited)") from None
     except PermissionError:
-        raise TargetError(f"cannot take fd {target_fd} of process {pid}: permission denied") from None
+        raise TargetError(
+            f"cannot take fd {target_fd} of process {pid}: permission denied"
+        ) from None
     finally:
         os.close(pidfd)
 

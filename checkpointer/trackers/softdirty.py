@@ -24,7 +24,7 @@ class SoftDirtyTracker(Tracker):
             for vma in vmas:
                 entries = pm.read(vma.start, vma.end)
                 present = pagemap.data_runs(entries, vma.start)
-                dirty = pagemap.soft_dirty_runs(entries, vma.start) if incremental else None
+                dirty = pagemap.soft_dirty_ranges(entries, vma.start) if incremental else None
                 result[vma.start] = VmaPages(present, dirty)
         pagemap.clear_soft_dirty(pid)
         return result

@@ -1,0 +1,186 @@
+"""checkpointer dump against real, running target processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+from memcheck import compare_dump_with_process
+from targetlib import proc_status, wait_for_state
+
+from checkpointer.dump import DumpRequest, dump
+from checkpointer.freezer import Thaw
+from checkpointer.images import Dump
+from checkpointer.kernel import ptrace
+
+CLI = [sys.executable, "-m", "checkpointer"]
+
+
+def cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120, **kw)
+
+
+def heartbeat(target) -> int:
+    addr, _ = target.regions["heartbeat"]
+    return int.from_bytes(target.read_mem(addr, 8), "little")
+
+
+def wait_heartbeat_moves(target, timeout: float = 5.0) -> None:
+    before = heartbeat(target)
+    deadline = time.monotonic() + timeout
+    while heartbeat(target) == before:
+        assert time.monotonic() < deadline, "target did not carry on"
+        time.sleep(0.01)
+
+
+def thread_regs(pid: int) -> dict[int, dict[str, int]]:
+    """Registers of every thread, read by seizing the (stopped) process ourselves."""
+    tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    regs = {}
+    for tid in tids:
+        ptrace.seize(tid)
+        try:
+            ptrace.interrupt(tid)
+            ptrace.wait_stop(tid)
+            regs[tid] = ptrace.get_regs(tid)
+        finally:
+            ptrace.detach(tid)
+    return regs
+
+
+@pytest.fixture
+def rich_target(spawn, mapped_file):
+    return spawn("--threads", "3", "--fork", "--file", str(mapped_file), "--thp-mb", "4")
+
+
+def test_leave_stopped_dump_matches_memory_and_registers(rich_target, tmp_path):
+    t = rich_target
+    images = tmp_path / "d"
+    res = dump(DumpRequest(pid=t.pid, images_dir=images, thaw=Thaw.STOPPED, progress=False))
+    assert wait_for_state(t.pid, "T").startswith("T")
+    assert wait_for_state(t.child, "T").startswith("T")
+    assert set(res.pids) == {t.pid, t.child}
+
+    # Every dumped byte equals what the stopped processes hold now.
+    assert compare_dump_with_process(images, t.pid) > 8 << 20
+    assert compare_dump_with_process(images, t.child) > 0
+
+    # Every thread's registers were recorded exactly.
+    d = Dump.open(images)
+    _, threads = d.core(t.pid)
+    dumped = {th["tid"]: th["regs"] for th in threads}
+    now = thread_regs(t.pid)
+    assert dumped.keys() == now.keys() and len(now) >= 5  # main, 3 idle, checker
+    for tid, regs in now.items():
+        for name in ("rip", "rsp", "fs_base", "rbx", "rbp", "r12", "orig_rax"):
+            assert dumped[tid][name] == regs[name], (tid, name)
+    assert all(len(th["xstate"]) >= 576 for th in threads)
+
+    # The shared mapping is stored once, not once per process that maps it.
+    shm_files = [f for f in os.listdir(images) if f.startswith("pages-shm-")]
+    assert len(shm_files) == 1
+
+    # Images are private: 0600 files in a 0700 directory.
+    assert stat.S_IMODE(images.stat().st_mode) == 0o700
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in images.iterdir())
+
+    # SIGCONT resumes it and it carries on correctly (its checker thread exits 3
+    # if the static region changed).
+    os.kill(t.pid, signal.SIGCONT)
+    os.kill(t.child, signal.SIGCONT)
+    wait_heartbeat_moves(t)
+    assert t.alive()
+    assert proc_status(t.pid)["TracerPid"] == "0"
+
+
+def test_leave_running_target_never_notices(spawn, tmp_path):
+    t = spawn("--threads", "2", "--hot-pages", "8")
+    r = cli("dump", "-t", str(t.pid), "-D", str(tmp_path / "d"), "--leave-running")
+    assert r.returncode == 0, r.stderr
+    wait_heartbeat_moves(t)
+    status = proc_status(t.pid)
+    assert status["State"][0] in "RS" and status["TracerPid"] == "0"
+    assert all(proc_status(int(tid))["TracerPid"] == "0"
+               for tid in os.listdir(f"/proc/{t.pid}/task"))
+    assert "frozen" in r.stdout
+
+
+def test_default_kills_the_tree(spawn, tmp_path):
+    t = spawn("--fork")
+    r = cli("dump", "-t", str(t.pid), "-D", str(tmp_path / "d"))
+    assert r.returncode == 0, r.stderr
+    assert t.proc.wait(timeout=5) == -signal.SIGKILL
+    assert wait_for_state(t.child, "Zg") in ("gone",) or wait_for_state(t.child, "Z")[0] == "Z"
+
+
+def test_already_stopped_target_stays_stopped(spawn, tmp_path):
+    t = spawn()
+    os.kill(t.pid, signal.SIGSTOP)
+    assert wait_for_state(t.pid, "T").startswith("T")
+    res = dump(DumpRequest(pid=t.pid, images_dir=tmp_path / "d", thaw=Thaw.RUNNING))
+    assert res.stats["pages_written"] > 0
+    time.sleep(0.2)
+    assert proc_status(t.pid)["State"].startswith("T")
+    assert proc_status(t.pid)["TracerPid"] == "0"
+    d = Dump.open(tmp_path / "d")
+    process, _ = d.core(t.pid)
+    assert process["state"] == "T"
+    os.kill(t.pid, signal.SIGCONT)
+    wait_heartbeat_moves(t)
+
+
+def test_missing_pid_is_one_line_error(tmp_path):
+    r = cli("dump", "-t", "999999999", "-D", str(tmp_path / "d"))
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and "999999999" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "d").exists()
+
+
+def test_already_traced_target_names_the_tracer(spawn, tmp_path):
+    t = spawn()
+    tracer = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from checkpointer.kernel import ptrace; "
+         f"ptrace.seize({t.pid}); print('ok', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert tracer.stdout.readline().strip() == "ok"
+        r = cli("dump", "-t", str(t.pid), "-D", str(tmp_path / "d"), "--leave-running")
+        assert r.returncode == 1
+        assert str(tracer.pid) in r.stderr and "Traceback" not in r.stderr
+    finally:
+        tracer.kill()
+        tracer.wait()
+    wait_heartbeat_moves(t)
+
+
+def test_refuses_a_directory_holding_a_complete_dump(spawn, tmp_path):
+    t = spawn()
+    assert cli("dump", "-t", str(t.pid), "-D", str(tmp_path / "d"), "--leave-running").returncode == 0
+    r = cli("dump", "-t", str(t.pid), "-D", str(tmp_path / "d"), "--leave-running")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    wait_heartbeat_moves(t)
+
+
+def test_extract_reads_what_the_process_held(spawn, tmp_path):
+    t = spawn()
+    images = tmp_path / "d"
+    dump(DumpRequest(pid=t.pid, images_dir=images, thaw=Thaw.STOPPED))
+    addr, size = t.regions["protnone"]
+    out = tmp_path / "out.bin"
+    r = cli("extract", str(images), "--pid", str(t.pid), "--addr", hex(addr),
+            "--size", str(size), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == t.read_mem(addr, size)
+    uaddr, usize = t.regions["untouched"]
+    r = cli("extract", str(images), "--pid", str(t.pid), "--addr", hex(uaddr),
+            "--size", str(usize), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == bytes(usize)

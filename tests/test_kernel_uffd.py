@@ -1,0 +1,243 @@
+"""userfaultfd write-protect tracking of a real target, end to end."""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+
+import pytest
+
+from checkpointer.kernel import pagemap as pm
+from checkpointer.kernel import proc, ptrace, uffd
+from checkpointer.kernel.syscalls import NR_getpid, NR_prctl, syscall
+
+P = pm.PAGE_SIZE
+WRITTEN = pm.PAGE_IS_WRITTEN
+
+pytestmark = [pytest.mark.uffd_wp, pytest.mark.pagemap_scan]
+
+
+def freeze(pid: int) -> None:
+    ptrace.seize(pid)
+    ptrace.interrupt(pid)
+    assert ptrace.wait_stop(pid).kind == "event-stop"
+
+
+def vma_of(pid: int, addr: int) -> proc.MapEntry:
+    return next(m for m in proc.read_maps(pid) if m.start <= addr < m.end)
+
+
+def written(pmap: pm.Pagemap, start: int, end: int, reset: bool = True):
+    return pmap.scan(
+        start,
+        end,
+        category_mask=WRITTEN,
+        return_mask=WRITTEN,
+        flags=pm.PM_SCAN_WP_MATCHING if reset else 0,
+    )
+
+
+@pytest.fixture
+def spawn_no_thp(spawn):
+    """spawn() with THP disabled in the target (PR_SET_THP_DISABLE, inherited across
+    fork and exec): the tests rely on target.c's pattern of 4 KiB holes."""
+
+    def _spawn(*args: str):
+        syscall(NR_prctl, 41, 1, 0, 0, 0)
+        try:
+            return spawn(*args)
+        finally:
+            syscall(NR_prctl, 41, 0, 0, 0, 0)
+
+    return _spawn
+
+
+@pytest.fixture
+def tracked(spawn_no_thp):
+    """A target with a uffd (created inside it at fd >= 100) and our copy of it."""
+    t = spawn_no_thp("--threads", "2")
+    freeze(t.pid)
+    t0 = time.perf_counter()
+    target_fd = uffd.open_target_uffd(t.pid, t.pid, high_fd=100)
+    inject_ms = (time.perf_counter() - t0) * 1e3
+    assert ptrace.inject_syscall(t.pid, NR_getpid) == t.pid  # still healthy
+    ptrace.detach(t.pid)
+    local = uffd.get_fd(t.pid, target_fd)
+    try:
+        yield t, target_fd, local, inject_ms
+    finally:
+        os.close(local)
+
+
+def test_open_find_and_get_fd(tracked):
+    t, target_fd, local, inject_ms = tracked
+    assert target_fd >= 100
+    assert uffd.find_target_uffd(t.pid) == target_fd
+    assert os.readlink(f"/proc/self/fd/{local}") == uffd.UFFD_LINK
+    flags = int(proc.read_fdinfo(t.pid, target_fd)["flags"], 8)
+    assert flags & os.O_NONBLOCK and flags & 0o2000000  # O_CLOEXEC
+    assert inject_ms < 100
+    assert proc.tracer_pid(t.pid) == 0
+
+
+def test_write_protect_tracks_exactly_the_written_pages(tracked):
+    t, _, local, _ = tracked
+    features = uffd.uffd_api(local, uffd.WP_FEATURES)
+    assert features & uffd.UFFD_FEATURE_WP_ASYNC
+    start, size = t.regions["anon"]
+    end = start + size
+    vma = vma_of(t.pid, start)
+    assert uffd.register_wp(local, vma.start, vma.end - vma.start)
+    flags = proc.read_smaps_vmflags(t.pid)[vma.start]
+    assert uffd.vma_is_wp_registered(flags)
+    with pm.Pagemap(t.pid) as pmap:
+        written(pmap, start, end)  # reset: everything write-protected now
+        assert written(pmap, start, end, reset=False) == []
+        t.command("write 10 20")  # pages 10..29, incl. never-populated ones (pg % 4 == 0)
+        assert written(pmap, start, end) == [(start + 10 * P, start + 30 * P, WRITTEN)]
+        assert written(pmap, start, end) == []  # the scan re-protected them
+        t.command("write 3 1")
+        t.command("write 1000 2")
+        assert written(pmap, start, end) == [
+            (start + 3 * P, start + 4 * P, WRITTEN),
+            (start + 1000 * P, start + 1002 * P, WRITTEN),
+        ]
+    # Our copy closed but the target keeps its own: tracking must survive.
+    assert uffd.unregister(local, vma.start, vma.end - vma.start)
+    assert not uffd.vma_is_wp_registered(proc.read_smaps_vmflags(t.pid)[vma.start])
+
+
+def test_register_every_vma_and_refusals(tracked):
+    t, _, local, _ = tracked
+    uffd.uffd_api(local)
+    maps = proc.read_maps(t.pid)
+    t0 = time.perf_counter()
+    refused = {m.path for m in maps if not uffd.register_wp(local, m.start, m.end - m.start)}
+    ms = (time.perf_counter() - t0) * 1e3
+    assert {"[vdso]", "[vvar]", "[vsyscall]"} <= refused
+    assert refused <= {"[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]"}
+    assert ms < 200, f"{len(maps)} VMAs in {ms:.1f} ms"
+    flags = proc.read_smaps_vmflags(t.pid)
+    for m in maps:
+        if m.path not in refused:
+            assert uffd.vma_is_wp_registered(flags[m.start]), m
+    assert t.command("write 1 1") == []  # target still works fully registered
+
+
+def test_second_uffd_cannot_take_over_registered_vmas(tracked):
+    t, _, local, _ = tracked
+    uffd.uffd_api(local)
+    vma = vma_of(t.pid, t.regions["anon"][0])
+    assert uffd.register_wp(local, vma.start, vma.end - vma.start)
+    freeze(t.pid)
+    other = uffd.open_target_uffd(t.pid, t.pid)
+    ptrace.detach(t.pid)
+    second = uffd.get_fd(t.pid, other)
+    try:
+        uffd.uffd_api(second)
+        with pytest.raises(OSError) as exc:
+            uffd.register_wp(second, vma.start, vma.end - vma.start)
+        assert exc.value.errno == errno.EBUSY
+    finally:
+        os.close(second)
+    freeze(t.pid)
+    uffd.close_target_fd(t.pid, t.pid, other)
+    ptrace.detach(t.pid)
+
+
+def test_our_copy_alone_keeps_tracking(tracked):
+    t, target_fd, local, _ = tracked
+    uffd.uffd_api(local)
+    vma = vma_of(t.pid, t.regions["anon"][0])
+    assert uffd.register_wp(local, vma.start, vma.end - vma.start)
+    os.close(os.dup(local))  # closing extra copies changes nothing
+    freeze(t.pid)
+    uffd.close_target_fd(t.pid, t.pid, target_fd)
+    ptrace.detach(t.pid)
+    assert uffd.find_target_uffd(t.pid) is None
+    # Our copy still holds the registration ...
+    assert uffd.vma_is_wp_registered(proc.read_smaps_vmflags(t.pid)[vma.start])
+
+
+def test_target_uffd_keeps_tracking_after_our_copy_closes(spawn_no_thp):
+    t = spawn_no_thp()
+    freeze(t.pid)
+    target_fd = uffd.open_target_uffd(t.pid, t.pid)
+    ptrace.detach(t.pid)
+    local = uffd.get_fd(t.pid, target_fd)
+    uffd.uffd_api(local)
+    vma = vma_of(t.pid, t.regions["anon"][0])
+    assert uffd.register_wp(local, vma.start, vma.end - vma.start)
+    os.close(local)
+    assert uffd.vma_is_wp_registered(proc.read_smaps_vmflags(t.pid)[vma.start])
+    # ... and when the last copy (the target's) closes, the VMA is silently unregistered.
+    freeze(t.pid)
+    uffd.close_target_fd(t.pid, t.pid, target_fd)
+    ptrace.detach(t.pid)
+    assert not uffd.vma_is_wp_registered(proc.read_smaps_vmflags(t.pid)[vma.start])
+
+
+def test_reset_turns_holes_into_markers_that_present_runs_skips(tracked):
+    """A WP_MATCHING reset over never-populated pages installs uffd-wp PTE markers:
+    pagemap shows them as PM_SWAP|PM_UFFD_WP, PAGEMAP_SCAN as SWAPPED. No data there."""
+    t, _, local, _ = tracked
+    uffd.uffd_api(local)
+    start, size = t.regions["anon"]
+    vma = vma_of(t.pid, start)
+    assert uffd.register_wp(local, vma.start, vma.end - vma.start)
+    with pm.Pagemap(t.pid) as pmap:
+        before = pm.present_runs(pmap.read(start, start + size), start)
+        first = written(pmap, start, start + size)
+        assert first == [(start, start + size, WRITTEN)]  # holes count as written once
+        entries = pmap.read(start, start + size)
+        assert entries[:8] == (pm.PM_SWAP | pm.PM_UFFD_WP | pm.wp_marker_entry()).to_bytes(
+            8, "little"
+        )
+        assert pm.present_runs(entries, start) == before
+        assert pm.present_runs(entries, start, exclude_wp_markers=False) == [(start, size // P)]
+
+
+def test_reset_of_populated_pages_only_avoids_markers(tracked):
+    """Resetting only PRESENT|SWAPPED pages leaves holes as none ptes (no page-table
+    cost); a page faulted in later is still reported WRITTEN (a read-faulted one as
+    WRITTEN|PFNZERO)."""
+    t, _, local, _ = tracked
+    uffd.uffd_api(local)
+    start, size = t.regions["anon"]
+    vma = vma_of(t.pid, start)
+    assert uffd.register_wp(local, vma.start, vma.end - vma.start)
+    kw = dict(
+        category_mask=WRITTEN,
+        anyof_mask=pm.PAGE_IS_PRESENT | pm.PAGE_IS_SWAPPED,
+        return_mask=WRITTEN,
+        flags=pm.PM_SCAN_WP_MATCHING,
+    )
+    with pm.Pagemap(t.pid) as pmap:
+        before = pm.present_runs(pmap.read(start, start + size), start)
+        pmap.scan(start, start + size, **kw)
+        assert pm.present_runs(pmap.read(start, start + size), start) == before
+        assert pmap.read(start, start + P) == bytes(8)  # page 0 (pg % 4 == 0): still none
+        t.command("write 0 2")  # page 0 was a hole, page 1 present
+        assert pmap.scan(start, start + size, **kw) == [(start, start + 2 * P, WRITTEN)]
+
+
+def test_written_and_protect(tracked):
+    t, target_fd, local, _ = tracked
+    assert uffd.is_target_uffd(t.pid, target_fd)
+    assert not uffd.is_target_uffd(t.pid, 0)
+    assert not uffd.is_target_uffd(t.pid, 4321)
+    uffd.uffd_api(local)
+    start, size = t.regions["anon"]
+    end = start + size
+    vma = vma_of(t.pid, start)
+    assert uffd.register_wp(local, vma.start, vma.end - vma.start)
+    vm_pte = int(proc.read_status(t.pid)["VmPTE"].split()[0])
+    with pm.Pagemap(t.pid) as pmap:
+        present = pmap.data_runs(start, end)
+        assert pmap.written_and_protect(start, end) == present  # first: all populated
+        assert pmap.written_and_protect(start, end) == []
+        t.command("write 4 3")  # page 4 was a hole, 5 and 6 populated
+        assert pmap.written_and_protect(start, end) == [(start + 4 * P, start + 7 * P)]
+        assert pmap.data_runs(start, end)[0] == (start + P, start + 8 * P)  # 1..7; 8 a hole
+    assert int(proc.read_status(t.pid)["VmPTE"].split()[0]) <= vm_pte + 8  # no markers
