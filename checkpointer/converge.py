@@ -39,6 +39,9 @@ class ConvergeOptions:
     thaw: Thaw = Thaw.KILL
     progress: bool | None = False
 
+    def __post_init__(self) -> None:
+        self.images_dir = Path(self.images_dir)
+
 
 @dataclass
 class Iteration:

@@ -12,8 +12,10 @@ that differ are written.
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from checkpointer.kernel.memory import MemReader
 from checkpointer.pageruns import Range, intersect
@@ -21,8 +23,7 @@ from checkpointer.pageruns import Range, intersect
 CHUNK = 8 << 20  # bytes read per preadv: large enough to amortize syscalls
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):
     start: int  # address (or offset into a shared object)
     end: int
     where: str  # "data" or "parent"
@@ -91,7 +92,11 @@ class PageCopier:
         """Write the pages that differ from the parent chain; reference the rest."""
         ps = self.page_size
         end = start + len(data)
-        held: list[Range] = intersect(parent_reader.held, [(start, end)])
+        # Only the held ranges near this chunk: intersecting the whole list for every
+        # chunk is quadratic when memory is fragmented into thousands of runs.
+        first = bisect.bisect_right(parent_reader.held, start, key=lambda r: r[1])
+        last = bisect.bisect_left(parent_reader.held, end, lo=first, key=lambda r: r[0])
+        held: list[Range] = intersect(parent_reader.held[first:last], [(start, end)])
         unchanged: list[Range] = []
         for hs, he in held:
             old = parent_reader.read(hs, he - hs)

@@ -45,6 +45,9 @@ class DumpRequest:
     progress: bool | None = None  # None: only when stderr is a terminal
     iteration: int | None = None
 
+    def __post_init__(self) -> None:
+        self.images_dir = Path(self.images_dir)
+
 
 @dataclass
 class DumpResult:
@@ -73,7 +76,7 @@ def run(req: DumpRequest) -> DumpResult:
         try:
             return _Pass(req).run()
         except (OSError, TargetError) as err:
-            if not proc.exists(req.pid):
+            if _gone(req.pid):
                 raise TargetError(
                     f"process {req.pid} exited during the {req.kind}; no image was written"
                 ) from err
@@ -108,18 +111,31 @@ class _Pass:
                 frozen_at = time.monotonic()
                 vmas = {pid: collect.read_vmas(pid) for pid in tree.pids}
                 self._write_state(writer, tree, vmas)
+                log.debug("state collected in %d us", _us_since(frozen_at))
                 pages = self._track(tree, vmas, frozen=freeze)
+                log.debug("tracking read and reset at %d us", _us_since(frozen_at))
                 if req.kind == "pre-dump" and freeze:
                     freezer.thaw(Thaw.RUNNING)  # dirty state is read and reset
                     self.times["frozen_time"] = _us_since(frozen_at)
                 stats = self._copy(writer, tree, vmas, pages)
+                log.debug("pages copied at %d us", _us_since(frozen_at))
                 if req.kind == "dump":
+                    if req.thaw is not Thaw.KILL:
+                        # Every byte is read; fsync and rename need not keep the
+                        # target waiting. (A tree to kill stays frozen until the
+                        # images are safe.)
+                        freezer.thaw(req.thaw)
                     self.times["frozen_time"] = _us_since(frozen_at)
                 stats.update(self.times)
                 writer.write_stats(stats)
+                # A pre-dump tolerates short reads of a running tree (a VMA unmapped
+                # meanwhile), so a root that died mid-copy would commit a hollow dump.
+                if _gone(req.pid, wait=0) or collect.start_time(req.pid) != start_time:
+                    raise TargetError(f"process {req.pid} exited during the {req.kind}")
                 writer.commit(self._inventory(tree, start_time))
         except BaseException:
             freezer.thaw(Thaw.RUNNING)
+            freezer.undo_stop()  # if it was already thawed into a stop we asked for
             if self.tracker:
                 self.tracker.close()
             raise
@@ -358,6 +374,23 @@ def _live_tree(root: int) -> FrozenTree:
             if pid == root:
                 raise
     return tree
+
+
+def _gone(pid: int, wait: float = 1.0) -> bool:
+    """Has pid exited (after a failure)? A zombie counts: a traced process killed
+    mid-dump stays one until we detach, so /proc/PID alone would hide why the copy
+    failed. A killed process loses its memory before it becomes a zombie, so give
+    it a moment to get there."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            if proc.read_state(pid) in "ZX":
+                return True
+        except (TargetError, OSError):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
 
 
 def _us_since(t: float) -> int:

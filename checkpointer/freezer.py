@@ -60,6 +60,7 @@ class Freezer:
         self.tree = FrozenTree(root)
         self._seized: list[int] = []
         self._cgroup_frozen = False
+        self._stopped_by_us: list[int] = []
 
     def __enter__(self) -> FrozenTree:
         try:
@@ -161,7 +162,11 @@ class Freezer:
 
     def thaw(self, mode: Thaw) -> None:
         """Let every seized task go; safe to call twice."""
+        if not self._seized and not self._cgroup_frozen:
+            return  # thawed already: a second call must not signal anyone
         pids = list(self.tree.threads) or [self.root]
+        if mode is Thaw.STOPPED:
+            self._stopped_by_us = [p for p in pids if p not in self.tree.was_stopped]
         if mode is Thaw.KILL:
             for pid in pids:
                 _signal(pid, signal.SIGKILL)
@@ -183,6 +188,12 @@ class Freezer:
         if mode is Thaw.KILL:
             for pid in pids:
                 _reap_if_child(pid)
+
+    def undo_stop(self) -> None:
+        """Resume the tasks a STOPPED thaw stopped (the dump failed after all)."""
+        for pid in self._stopped_by_us:
+            _signal(pid, signal.SIGCONT)
+        self._stopped_by_us = []
 
     # -- cgroup v2 freezer ----------------------------------------------------
 

@@ -7,6 +7,7 @@ import os
 from checkpointer.images import Dump
 
 SKIP_KINDS = {"vvar", "vsyscall", "special"}
+CHUNK = 64 << 20
 
 
 def read_proc_mem(pid: int, addr: int, size: int) -> bytes:
@@ -43,6 +44,8 @@ def compare_dump_with_process(dump_dir, pid: int) -> int:
             ]
         else:
             ranges = [(start, end)]
+        # In bounded pieces: a multi-GiB VMA must not be held twice in memory.
+        ranges = [(a, min(a + CHUNK, e)) for s, e in ranges for a in range(s, e, CHUNK)]
         for s, e in ranges:
             held = dump.read_memory(pid, s, e - s)
             now = read_proc_mem(pid, s, e - s)

@@ -19,8 +19,9 @@ from checkpointer.images.fuzzing import exercise_dir, exercise_file
 from checkpointer.images.inspect import decode, info, show, verify
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "..", "images", "golden", "chain")
-FILES = sorted(os.listdir(os.path.join(GOLDEN, "3")))
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# files of the top dump and of its oldest ancestor (reached through the chain)
+FILES = [f"{n}/{f}" for n in ("3", "1") for f in sorted(os.listdir(os.path.join(GOLDEN, n)))]
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.fixture
@@ -201,7 +202,7 @@ def _mutated_chain(name, mutate):
     tmp = tempfile.mkdtemp()
     dst = os.path.join(tmp, "chain")
     shutil.copytree(GOLDEN, dst, ignore=shutil.ignore_patterns("*.json"))
-    p = os.path.join(dst, "3", name)
+    p = os.path.join(dst, name)
     with open(p, "rb") as f:
         data = f.read()
     with open(p, "wb") as f:
@@ -243,7 +244,7 @@ def test_bit_flips(name, flips):
     at=st.integers(0, 400), frm=st.integers(0, 400), n=st.integers(1, 200),
 )  # fmt: skip
 def test_splices(name, other, at, frm, n):
-    with open(os.path.join(GOLDEN, "3", other), "rb") as f:
+    with open(os.path.join(GOLDEN, other), "rb") as f:
         donor = f.read()
     _run(name, lambda b: b[:at] + donor[frm : frm + n] + b[at + n :])
 

@@ -60,6 +60,11 @@ def test_writer_rejects_bad_records(tmp_path):
             w.write_core(1, bad, [])
         with pytest.raises(ImageError, match=r"vma\[0\]\.kind: unexpected value"):
             w.write_mm(1, s.mm_rec(), [s.vma_rec(0, 4096, kind="weird")])
+        w.write_pstree([s.pstree_rec(1)])
+        with pytest.raises(ImageError, match=r"tracking\['per_pid'\]: map key 12 is not a string"):
+            w.commit({"tracking": {"per_pid": {12: {"fd": 3}}}})
+        with pytest.raises(ImageError, match="unsupported value type set"):
+            w.commit({"tracking": {"x": {1, 2}}})
         w.abort()
     assert not os.path.exists(tmp_path / "d")
 

@@ -38,7 +38,10 @@ def test_show_json_and_file():
     assert code == 0 and data["pages"] == {"here": 3, "parent": 12, "zero": 2}
     assert [c["kind"] for c in data["chain"]] == ["dump", "pre-dump", "pre-dump"]
     code, out, _ = run("show", os.path.join(D3, "pstree"))
-    assert code == 0 and out.startswith("pstree: pstree file, format version 1\n2 records:")
+    assert code == 0 and out.startswith("pstree: pstree file, format version 1\nrecords:\n")
+    assert out.endswith("\n2 records\n")
+    code, out, _ = run("show", os.path.join(D3, "stats"), "--json")
+    assert code == 0 and json.loads(out)["entries"][0]["pages_written"] == 3
 
 
 def test_decode_and_info(tmp_path):
@@ -85,8 +88,11 @@ def test_extract(tmp_path):
         f"checkpointer: {D3}: 0x400000-0x400008 of pid 100 "
         "(/usr/bin/golden) is not held in the images\n"
     )
-    code, _, err = run("extract", D3, "--pid", 100, "--addr", "0x30000", "--size", 8, "-o", out)
-    assert code == 1 and "0x30000-0x30008 is not mapped in pid 100" in err
+    assert not out.exists()  # no partial output
+    code, _, err = run("extract", D3, "--pid", 100, "--addr", "0x1f000", "--size", "0x2000",
+                       "-o", out)  # fmt: skip
+    assert code == 1 and "0x20000-0x21000 is not mapped in pid 100" in err
+    assert not out.exists()
     code, _, err = run("extract", D3, "--pid", 100, "--addr", "zz", "--size", 8, "-o", out)
     assert code == 1 and "bad address 'zz'" in err
 

@@ -9,7 +9,9 @@ is not a click command body.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 
 import click
@@ -62,13 +64,18 @@ def _print_json(data, pretty: bool = True, out=None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def show(path: str, as_json: bool) -> None:
     """Summarise a dump directory, or print the records of one image file."""
-    data = api.show(path)
-    if as_json:
-        _print_json(data)
-    elif "processes" in data:
-        click.echo(render.show_dump(data))
-    else:
-        click.echo(render.show_file(data))
+    if not os.path.isdir(path):
+        head, items = api.decode_stream(path)  # streamed: a file may hold many records
+        key = "frames" if head["kind"] == "pages" else "entries"
+        stdout = click.get_text_stream("stdout")
+        if as_json:
+            api.write_json_stream(head, items, key, stdout, pretty=True)
+        else:
+            for line in render.show_file_lines(head, items):
+                stdout.write(line + "\n")
+        return
+    data = api.show_dump(path)
+    click.echo(json.dumps(data, indent=2) if as_json else render.show_dump(data))
 
 
 @main.command(cls=CheckedCommand)
@@ -77,12 +84,18 @@ def show(path: str, as_json: bool) -> None:
 @click.option("-o", "--output", "out", type=click.Path(), help="Write to OUT instead of stdout.")
 def decode(file: str, pretty: bool, out: str | None) -> None:
     """Decode one image file to JSON (binary fields as base64; pages: frame index)."""
-    data = api.decode(file)
+    head, items = api.decode_stream(file)
+    key = "frames" if head["kind"] == "pages" else "entries"
     if out is None or out == "-":
-        _print_json(data, pretty)
-    else:
+        api.write_json_stream(head, items, key, click.get_text_stream("stdout"), pretty)
+        return
+    try:
         with open(out, "w") as f:
-            _print_json(data, pretty, f)
+            api.write_json_stream(head, items, key, f, pretty)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(out)  # no partial output
+        raise
 
 
 @main.command(cls=CheckedCommand)
@@ -117,13 +130,18 @@ def x(dir: str, view: str, as_json: bool) -> None:
 @click.option("-o", "--output", "out", type=click.Path(), required=True, help="File, or -.")
 def extract(dir: str, pid: int, addr: str, size: str, out: str) -> None:
     """Write the bytes process PID held at ADDR..ADDR+SIZE at this dump."""
-    data = api.extract(dir, pid, api.parse_addr(addr), api.parse_addr(size))
+    start, size_ = api.parse_addr(addr), api.parse_addr(size)
     if out == "-":
-        sys.stdout.buffer.write(data)
+        api.extract_to(dir, pid, start, size_, sys.stdout.buffer)
         sys.stdout.buffer.flush()
-    else:
+        return
+    try:
         with open(out, "wb") as f:
-            f.write(data)
+            api.extract_to(dir, pid, start, size_, f)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(out)  # no partial output
+        raise
 
 
 @main.command(cls=CheckedCommand)

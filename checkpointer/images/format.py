@@ -203,13 +203,13 @@ def _short(e: BaseException) -> str:
 # ---- page frames ----
 
 
-def read_frame(f, path: str, off: int, clen: int, rlen: int) -> bytes:
+def read_frame(f, path: str, off: int, clen: int, rlen: int, dctx=None) -> bytes:
     """Decompress one indexed page frame, bounded to rlen bytes, checksum checked."""
     data = os.pread(f.fileno(), clen, off)
     if len(data) != clen:
         raise ImageError(f"truncated page frame at offset {off}", path)
     try:
-        reader = decompressor().stream_reader(data, read_across_frames=False)
+        reader = (dctx or decompressor()).stream_reader(data, read_across_frames=False)
         out = reader.read(rlen)
         parts = [out]
         got = len(out)

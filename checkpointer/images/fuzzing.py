@@ -7,13 +7,14 @@ a msgpack map {relative name: bytes} unpacked by `unpack_case` into a directory.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 
 import msgpack
 
 from checkpointer.errors import ImageError
-from checkpointer.images import inspect
+from checkpointer.images import inspect, render
 from checkpointer.images.reader import Dump
 
 NAME_RE = re.compile(r"([0-9a-z]{1,8}/)?[0-9a-z:._-]{1,40}\Z")
@@ -33,6 +34,16 @@ def exercise_file(path: str) -> None:
     _swallow(inspect.info, path)
     _swallow(inspect.decode, path)
     _swallow(inspect.show, path)
+
+    def streamed():
+        head, items = inspect.decode_stream(path)
+        key = "frames" if head["kind"] == "pages" else "entries"
+        inspect.write_json_stream(head, items, key, io.StringIO(), pretty=True)
+        head, items = inspect.decode_stream(path)
+        for _ in render.show_file_lines(head, items):
+            pass
+
+    _swallow(streamed)
 
 
 def exercise_dir(path: str, deep: bool = True) -> None:

@@ -7,6 +7,7 @@ rendering lives in checkpointer.images.render. Every failure is an ImageError.
 from __future__ import annotations
 
 import base64
+import json
 import os
 
 from checkpointer.errors import ImageError
@@ -54,13 +55,32 @@ def info(path: str) -> dict:
 
 def decode(path: str) -> dict:
     """The whole file as JSON-able data; a pages file gives its header and frames."""
+    head, items = decode_stream(path)
+    key = "frames" if head["kind"] == "pages" else "entries"
+    return {**head, key: list(items)}
+
+
+def decode_stream(path: str):
+    """(head, iterator of JSON-able entries or frames): decode without holding it all."""
     kind = _file_kind(path)
-    out = {"file": os.path.basename(path), "kind": kind, "version": fmt.FORMAT_VERSION}
+    head = {"file": os.path.basename(path), "kind": kind, "version": fmt.FORMAT_VERSION}
     if kind == "pages":
-        out["frames"] = fmt.walk_frames(path)
-    else:
-        out["entries"] = jsonable(fmt.read_records(path, kind))
-    return out
+        return head, iter(fmt.walk_frames(path))
+    return head, (jsonable(r) for r in fmt.iter_records(path, kind))
+
+
+def write_json_stream(head: dict, items, key: str, out, pretty: bool = False) -> None:
+    """Write {**head, key: [items...]} as JSON to the text file `out`, item by item."""
+    text = json.dumps(head, indent=2 if pretty else None)
+    out.write(text[:-1].rstrip() + ("," if head else ""))
+    out.write(f'\n  "{key}": [' if pretty else f' "{key}": [')
+    for i, item in enumerate(items):
+        if pretty:
+            body = json.dumps(item, indent=2).replace("\n", "\n    ")
+            out.write(("," if i else "") + "\n    " + body)
+        else:
+            out.write((", " if i else "") + json.dumps(item))
+    out.write("\n  ]\n}\n" if pretty else "]}\n")
 
 
 # ---- show ----
@@ -258,6 +278,19 @@ def parse_addr(text: str) -> int:
 def extract(path: str, pid: int, addr: int, size: int) -> bytes:
     with Dump.open(path) as d:
         return d.read_memory(pid, addr, size)
+
+
+def extract_to(path: str, pid: int, addr: int, size: int, out) -> int:
+    """Stream the bytes into the binary file object `out`; return the count written.
+
+    On an error part of the range may have been written; the caller discards it.
+    """
+    n = 0
+    with Dump.open(path) as d:
+        for piece in d.iter_memory(pid, addr, size):
+            out.write(piece)
+            n += len(piece)
+    return n
 
 
 def verify(path: str) -> str:

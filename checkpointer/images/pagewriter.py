@@ -85,7 +85,11 @@ class PageWriter:
         self._free: list[bytearray] = []
         self._inflight: collections.deque = collections.deque()
         self._frames: list[list[int]] = []  # [off, clen, rlen]
-        self._runs: list[list] = []  # [addr, nr, where, off]
+        # runs are kept packed (~35 bytes each); only the last one is still growing
+        self._packer = msgpack.Packer(use_bin_type=True)
+        self._packed_runs = bytearray()
+        self._nr_runs = 0
+        self._last: list | None = None  # [addr, nr, where, off]
         self._pos = 0  # uncompressed stream position
         self._file_off = fmt.HEADER_SIZE
         self._next_addr = 0
@@ -121,8 +125,8 @@ class PageWriter:
             return
         self._counts[where] += nr
         ps = self.page_size
-        if self._runs:
-            last = self._runs[-1]
+        last = self._last
+        if last is not None:
             if (
                 last[2] == where
                 and last[0] + last[1] * ps == addr
@@ -131,8 +135,15 @@ class PageWriter:
                 last[1] += nr
                 self._next_addr = addr + nr * ps
                 return
-        self._runs.append([addr, nr, where, off])
+            self._flush_run()
+        self._last = [addr, nr, where, off]
         self._next_addr = addr + nr * ps
+
+    def _flush_run(self) -> None:
+        a, nr, w, off = self._last
+        self._packed_runs += self._packer.pack({"addr": a, "nr": nr, "where": w, "off": off})
+        self._nr_runs += 1
+        self._last = None
 
     def add_parent(self, addr: int, nr_pages: int) -> None:
         self._check(addr, nr_pages * self.page_size)
@@ -213,28 +224,27 @@ class PageWriter:
         self._fd = -1
         self.closed = True
         ps = self.page_size
+        if self._last is not None:
+            self._flush_run()
         compressed = self._file_off - fmt.HEADER_SIZE
         head = {
             "owner": self.owner,
             "page_size": ps,
             "frame_size": self.frame_size,
             "nr_frames": len(self._frames),
-            "nr_runs": len(self._runs),
+            "nr_runs": self._nr_runs,
             "pages_here": self._counts["here"],
             "pages_parent": self._counts["parent"],
             "pages_zero": self._counts["zero"],
             "bytes_raw": self._counts["here"] * ps,
             "bytes_compressed": compressed,
         }
-        packer = msgpack.Packer(use_bin_type=True)
+        packer = self._packer
         parts = [packer.pack(head)]
         parts += [packer.pack({"off": o, "clen": c, "rlen": r}) for o, c, r in self._frames]
-        parts += [
-            packer.pack({"addr": a, "nr": nr, "where": w, "off": off})
-            for a, nr, w, off in self._runs
-        ]
+        parts.append(self._packed_runs)
         body = b"".join(parts)
-        fmt.check_writable("pagemap", len(parts), len(body))
+        fmt.check_writable("pagemap", len(parts) - 1 + self._nr_runs, len(body))
         cctx = zstd.ZstdCompressor(level=RECORD_LEVEL, write_checksum=True, write_content_size=True)
         data = fmt.pack_header("pagemap") + cctx.compress(body)
         write_file(os.path.join(self._dir, f"pagemap-{self.owner}"), data)
@@ -243,6 +253,7 @@ class PageWriter:
             self._counts["here"] * ps, compressed,
         )  # fmt: skip
         self._frame = bytearray()
+        self._packed_runs = bytearray()
         self._free.clear()
         return self.stats
 

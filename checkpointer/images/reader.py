@@ -130,6 +130,7 @@ class PageMap:
         if counts != [head["pages_here"], head["pages_parent"], head["pages_zero"]]:
             raise ImageError("page counts in the head do not match the runs", where)
         self._file = None
+        self._dctx = fmt.decompressor()
         self._cache: dict[int, bytes] = {}
 
     def runs(self):
@@ -207,6 +208,9 @@ class Dump:
         self._seen = seen
         self._parent: Dump | None | bool = False
         self._pagemaps: dict[str, PageMap | None] = {}
+        # pid -> its checked vma records: read_memory is called once per page run
+        # when comparing with a parent, and re-reading mm-PID each time is quadratic.
+        self._vmas: dict[int, list[dict]] = {}
         inv_path = os.path.join(path, "inventory")
         if not os.path.isdir(path):
             raise ImageError(
@@ -408,13 +412,21 @@ class Dump:
 
     def read_memory(self, pid: int, addr: int, size: int) -> bytes:
         """The bytes process `pid` held at [addr, addr+size) at this dump."""
+        return b"".join(self.iter_memory(pid, addr, size))
+
+    def iter_memory(self, pid: int, addr: int, size: int, chunk: int = 4 << 20):
+        """read_memory in pieces of at most `chunk` bytes (bounded memory).
+
+        Raises ImageError naming the first range that is not mapped or not held; the
+        pieces before it have been yielded already.
+        """
         if size < 0 or addr < 0 or addr + size > MAX_U64:
             raise ImageError(f"bad range {addr:#x}+{size:#x}", self.path)
         end = addr + size
-        vmas = self.mm(pid).vmas
+        if pid not in self._vmas:
+            self._vmas[pid] = self.mm(pid).vmas
+        vmas = self._vmas[pid]
         starts = [v["start"] for v in vmas]
-        ps = self.page_size
-        out = bytearray()
         cur = addr
         while cur < end:
             i = bisect.bisect_right(starts, cur) - 1
@@ -425,28 +437,34 @@ class Dump:
                 )
             v = vmas[i]
             piece_end = min(end, v["end"])
-            if v["shmem"] is not None:
-                owner, delta = v["shmem"], v["offset"] - v["start"]
+            while cur < piece_end:
+                stop = min(piece_end, cur + chunk)
+                yield self._vma_bytes(pid, v, cur, stop)
+                cur = stop
+
+    def _vma_bytes(self, pid: int, v: dict, start: int, end: int) -> bytes:
+        """Bytes [start, end) inside one vma."""
+        ps = self.page_size
+        if v["shmem"] is not None:
+            owner, delta = v["shmem"], v["offset"] - v["start"]
+        else:
+            owner, delta = f"pid-{pid}", 0
+        a0 = (start // ps) * ps
+        a1 = -(-end // ps) * ps
+        buf = bytearray()
+        for lo, hi, kind, data in self.segments(owner, a0 + delta, a1 + delta):
+            if kind == "data":
+                buf += data
+            elif kind == "zero" or (v["shmem"] is None and v["kind"] in PRIVATE_ANON):
+                buf += bytes(hi - lo)
             else:
-                owner, delta = f"pid-{pid}", 0
-            a0 = (cur // ps) * ps
-            a1 = -(-piece_end // ps) * ps
-            buf = bytearray()
-            for lo, hi, kind, data in self.segments(owner, a0 + delta, a1 + delta):
-                if kind == "data":
-                    buf += data
-                elif kind == "zero" or (v["shmem"] is None and v["kind"] in PRIVATE_ANON):
-                    buf += bytes(hi - lo)
-                else:
-                    what = v["path"] or v["kind"]
-                    raise ImageError(
-                        f"{max(lo - delta, cur):#x}-{min(hi - delta, piece_end):#x} of pid "
-                        f"{pid} ({what}) is not held in the images",
-                        self.path,
-                    )
-            out += buf[cur - a0 : piece_end - a0]
-            cur = piece_end
-        return bytes(out)
+                what = v["path"] or v["kind"]
+                raise ImageError(
+                    f"{max(lo - delta, start):#x}-{min(hi - delta, end):#x} of pid "
+                    f"{pid} ({what}) is not held in the images",
+                    self.path,
+                )
+        return bytes(buf[start - a0 : end - a0])
 
     def close(self) -> None:
         for pm in self._pagemaps.values():

@@ -90,19 +90,27 @@ def show_dump(s: dict) -> str:
 
 
 def show_file(d: dict) -> str:
-    out = [f"{d['file']}: {d['kind']} file, format version {d['version']}"]
-    if "frames" in d:
-        out.append(f"{len(d['frames'])} zstd frames:")
-        for i, f in enumerate(d["frames"]):
-            out.append(
-                f"  [{i}] offset {f['off']}, {f['clen']} bytes compressed, "
+    key = "frames" if "frames" in d else "entries"
+    return "\n".join(show_file_lines(d, d[key]))
+
+
+def show_file_lines(head: dict, items):
+    """Lines describing one file's records (or frames), streamed from `items`."""
+    yield f"{head['file']}: {head['kind']} file, format version {head['version']}"
+    n = 0
+    if head["kind"] == "pages":
+        yield "zstd frames:"
+        for n, f in enumerate(items, 1):
+            yield (
+                f"  [{n - 1}] offset {f['off']}, {f['clen']} bytes compressed, "
                 f"{f['content_size']} raw, checksum {'yes' if f['checksum'] else 'no'}"
             )
+        yield f"{n} frames"
     else:
-        out.append(f"{len(d['entries'])} records:")
-        for r in d["entries"]:
-            out.append("  " + json.dumps(r, separators=(", ", ": ")))
-    return "\n".join(out)
+        yield "records:"
+        for n, r in enumerate(items, 1):  # noqa: B007 - n counts them
+            yield "  " + json.dumps(r, separators=(", ", ": "))
+        yield f"{n} records"
 
 
 def info(d: dict) -> str:

@@ -190,7 +190,7 @@ def _check(spec, value, where, path):
         if not isinstance(value, bytes | bytearray):
             _fail(where, path, f"expected bytes, found {_tname(value)}")
     elif spec == ANY:
-        return
+        _check_any(value, where, path, 0)
     elif spec[0] == "opt":
         if value is not None:
             _check(spec[1], value, where, path)
@@ -213,6 +213,27 @@ def _check(spec, value, where, path):
             _check(spec[1], v, where, f"{path}[{k[:40]!r}]")
     else:  # pragma: no cover
         raise AssertionError(spec)
+
+
+def _check_any(value, where, path, depth) -> None:
+    """Free-form values: what msgpack round-trips and readers accept (str map keys)."""
+    if depth > 32:
+        _fail(where, path, "nested too deeply")
+    if value is None or type(value) in (bool, float, str, bytes):
+        return
+    if type(value) is int:
+        if not -(1 << 63) <= value < (1 << 64):
+            _fail(where, path, "integer out of 64-bit range")
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _check_any(v, where, f"{path}[{i}]", depth + 1)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if type(k) is not str:
+                _fail(where, path, f"map key {_short(k)} is not a string")
+            _check_any(v, where, f"{path}[{k[:40]!r}]", depth + 1)
+    else:
+        _fail(where, path, f"unsupported value type {type(value).__name__}")
 
 
 def _tname(v) -> str:

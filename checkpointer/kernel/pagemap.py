@@ -9,6 +9,7 @@ bytes.translate, and let the regex engine find the runs of 1s (C speed).
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import re
 from collections.abc import Iterator
@@ -108,15 +109,23 @@ def _andnot(a: bytes, b: bytes) -> bytes:
     return (int.from_bytes(a, "little") & ~int.from_bytes(b, "little")).to_bytes(n, "little")
 
 
-def _pfn_mask(entries: bytes, pfn: int) -> bytes:
-    """0/1 per entry: its PFN field (bits 0-54) equals `pfn`."""
+@functools.cache
+def _pfn_tables(pfn: int) -> tuple[bytes, ...]:
+    """Per byte 0-6 of an entry, a table mapping it to 1 where it matches `pfn`."""
     want = (pfn & PM_PFN_MASK).to_bytes(8, "little")
-    acc = None
+    tables = []
     for k in range(7):
         wb = want[k] if k < 6 else want[6] & 0x7F
         keep = 0x7F if k == 6 else 0xFF
-        t = bytes(1 if (b & keep) == wb else 0 for b in range(256))
-        m = entries[k::8].translate(t)
+        tables.append(bytes(1 if (b & keep) == wb else 0 for b in range(256)))
+    return tuple(tables)
+
+
+def _pfn_mask(entries: bytes, pfn: int) -> bytes:
+    """0/1 per entry: its PFN field (bits 0-54) equals `pfn`."""
+    acc = None
+    for k, table in enumerate(_pfn_tables(pfn)):
+        m = entries[k::8].translate(table)
         acc = m if acc is None else _and(acc, m)
     assert acc is not None
     return acc

@@ -1,0 +1,291 @@
+"""Render the benchmark's JSON as markdown tables, with the goals checked."""
+
+from __future__ import annotations
+
+
+def _t(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _met(ok: bool) -> str:
+    return "**met**" if ok else "**not met**"
+
+
+def throughput(r: dict) -> str:
+    rows = r["rows"]
+    lines = ["### 1. Dump throughput (`dump --leave-running`, no tracking)", ""]
+    lines.append(
+        _t(
+            [
+                "target",
+                "present MiB",
+                "raw read GB/s",
+                "dump end-to-end GB/s",
+                "dump/raw",
+                "copy loop GB/s",
+                "read part GB/s",
+                "frozen ms",
+                "tool RSS MiB",
+                "tool CPU s",
+                "image MB",
+            ],
+            [
+                [
+                    f"{x['target_mb']} MiB",
+                    x["present_bytes"] >> 20,
+                    f"{x['raw_read_gbs']:.2f}",
+                    f"{x['dump_e2e_gbs']:.2f}",
+                    f"{x['dump_e2e_gbs'] / x['raw_read_gbs']:.2f}",
+                    f"{x['dump_copy_gbs']:.2f}",
+                    f"{x['read_only_gbs']:.2f}",
+                    f"{x['frozen_ms']:.0f}",
+                    f"{x['tool_rss_mb']:.0f}",
+                    f"{x['tool_cpu_s']:.1f}",
+                    f"{x['image_bytes'] / 1e6:.0f}",
+                ]
+                for x in rows
+            ],
+        )
+    )
+    ratios = [x["dump_e2e_gbs"] / x["raw_read_gbs"] for x in rows]
+    rss = [x["tool_rss_mb"] for x in rows]
+    lines += [
+        "",
+        f"- dump ≥ half the raw read rate: {_met(min(ratios) >= 0.5)} (worst {min(ratios):.2f})",
+        f"- tool RSS < 100 MiB and flat: {_met(max(rss) < 100 and max(rss) - min(rss) < 20)}"
+        f" ({' / '.join(f'{v:.0f}' for v in rss)} MiB)",
+    ]
+    return "\n".join(lines)
+
+
+def trackers(r: dict) -> str:
+    lines = ["### 2. Tracker cost (0.1% of pages written per interval)", ""]
+    lines.append(
+        _t(
+            [
+                "tracker",
+                "target",
+                "first pre-dump s",
+                "incremental pre-dump s",
+                "s per GiB tracked",
+                "CPU s",
+                "pages written",
+                "bytes on disk",
+                "tool RSS MiB",
+            ],
+            [
+                [
+                    x["tracker"],
+                    f"{x['target_mb']} MiB",
+                    f"{x['first_wall_s']:.2f}",
+                    f"{x['inc_wall_s']:.2f}",
+                    f"{x['inc_s_per_gib']:.3f}",
+                    f"{x['inc_cpu_s']:.2f}",
+                    int(x["inc_pages"]),
+                    int(x["inc_bytes"]),
+                    f"{x['tool_rss_mb']:.0f}",
+                ]
+                for x in r["rows"]
+            ],
+        )
+    )
+    ws = r["write_slowdown"]
+    rows = []
+    for tracker in ("uffd-wp", "full"):
+        if tracker in ws:
+            a, b = ws[tracker]["after_reset_ms"]
+            rows.append(
+                [
+                    tracker,
+                    f"{ws['untracked_ms']:.1f}",
+                    f"{a:.1f} / {b:.1f}",
+                    f"x{max(a, b) / ws['untracked_ms']:.1f}",
+                    f"{ws[tracker]['no_reset_ms']:.1f}",
+                ]
+            )
+    lines += [
+        "",
+        f"Write slowdown: the target's own memset over {ws['mb']} MiB (ms):",
+        "",
+        _t(
+            [
+                "tracker",
+                "untracked",
+                "first pass after a reset (two resets)",
+                "slowdown",
+                "second pass, no reset",
+            ],
+            rows,
+        ),
+    ]
+    return "\n".join(lines)
+
+
+def converge(r: dict) -> str:
+    its = ", ".join(
+        f"{i['kind']} {i['pages_written']}p/{i['frozen_ms']:.0f}ms" for i in r["iterations"]
+    )
+    return "\n".join(
+        [
+            "### 3. Converge (1% hot set)",
+            "",
+            _t(
+                [
+                    "target",
+                    "hot pages",
+                    "plain dump frozen ms",
+                    "converge final frozen ms",
+                    "ratio",
+                    "tracker",
+                    "stop rule",
+                ],
+                [
+                    [
+                        f"{r['target_mb']} MiB",
+                        r["hot_pages"],
+                        f"{r['plain_frozen_ms']:.0f}",
+                        f"{r['converge_frozen_ms']:.1f}",
+                        f"x{r['ratio']:.1f}",
+                        r["tracker"],
+                        r["stop_rule"],
+                    ]
+                ],
+            ),
+            "",
+            f"Iterations: {its}",
+            "",
+            f"- final frozen time ≥ 20x shorter than a plain dump: {_met(r['ratio'] >= 20)}",
+        ]
+    )
+
+
+def workloads(r: dict, title: str, baseline: str | None = None) -> str:
+    lines = [f"### {title}", "", f"Sizes: {r['sizes']}; {r['interval_s']} s between passes.", ""]
+    rows = []
+    summary = []
+    for name, entry in r["workloads"].items():
+        if "error" in entry:
+            rows.append([name, "-", "-", entry["error"], "", "", "", "", ""])
+            continue
+        for tool, its in entry.items():
+            if tool == "target_rss_mb":
+                continue
+            if isinstance(its, dict):
+                rows.append(
+                    [
+                        name,
+                        tool,
+                        "-",
+                        "error: " + its["error"][:300].replace("\n", " "),
+                        "",
+                        "",
+                        "",
+                        "",
+                        "",
+                    ]
+                )
+                continue
+            for n, i in enumerate(its, 1):
+                rows.append(
+                    [
+                        f"{name} ({entry['target_rss_mb']:.0f} MiB RSS)",
+                        tool,
+                        f"{n} {i['kind']}",
+                        f"{i['frozen_ms']:.1f}",
+                        i["pages_written"],
+                        f"{i['bytes'] / 1e6:.1f}",
+                        f"{i['wall_s']:.2f}",
+                        f"{i['cpu_s']:.2f}",
+                        f"{i['rss_mb']:.0f}",
+                    ]
+                )
+        if baseline and isinstance(entry.get(baseline), list):
+            for tool, its in entry.items():
+                if tool in (baseline, "target_rss_mb") or not isinstance(its, list):
+                    continue
+                base = entry[baseline]
+                fz = its[-1]["frozen_ms"] / base[-1]["frozen_ms"]
+                by = sum(i["bytes"] for i in its) / sum(i["bytes"] for i in base)
+                cpu = sum(i["cpu_s"] for i in its) / sum(i["cpu_s"] for i in base)
+                summary.append(
+                    [
+                        name,
+                        f"{tool} / {baseline}",
+                        f"{fz:.2f}",
+                        _met(fz <= 0.5),
+                        f"{by:.2f}",
+                        _met(by <= 0.5),
+                        f"{cpu:.2f}",
+                        f"{max(i['rss_mb'] for i in its):.0f} / "
+                        f"{max(i['rss_mb'] for i in base):.0f}",
+                    ]
+                )
+    lines.append(
+        _t(
+            [
+                "workload",
+                "tool",
+                "pass",
+                "frozen ms",
+                "pages written",
+                "MB on disk",
+                "wall s",
+                "CPU s",
+                "peak RSS MiB",
+            ],
+            rows,
+        )
+    )
+    if summary:
+        lines += [
+            "",
+            _t(
+                [
+                    "workload",
+                    "ratio",
+                    "final frozen",
+                    "goal ≤ 0.5",
+                    "bytes (chain)",
+                    "goal ≤ 0.5",
+                    "CPU (chain)",
+                    "peak RSS MiB",
+                ],
+                summary,
+            ),
+        ]
+    return "\n".join(lines)
+
+
+def render(res: dict) -> str:
+    out = [
+        f"## checkpointer benchmarks ({res['meta']['date']}, "
+        f"{'quick' if res['meta']['quick'] else 'full'})",
+        "",
+        f"Host: {res['meta']['host']}",
+        "",
+    ]
+    if "guest" in res and "meta" in res["guest"]:
+        out += [f"Guest: {res['guest']['meta']['host']}", ""]
+    out += [f"CLI start floor (`checkpointer --version`): {res['meta']['cli_start_s']:.2f} s", ""]
+    if "throughput" in res:
+        out += [throughput(res["throughput"]), ""]
+    if "trackers" in res:
+        out += [trackers(res["trackers"]), ""]
+    if "converge" in res:
+        out += [converge(res["converge"]), ""]
+    if "workloads" in res:
+        out += [workloads(res["workloads"], "4a. Workloads natively (uffd-wp, full)"), ""]
+    if "guest" in res:
+        g = res["guest"]
+        if "error" in g:
+            out += ["### 4. Side by side with CRIU (guest)", "", f"Not run: {g['error']}", ""]
+        else:
+            out += [
+                workloads(
+                    g["workloads"], "4. Side by side with CRIU (soft-dirty guest, TCG)", "criu"
+                ),
+                "",
+            ]
+    return "\n".join(out)

@@ -1,0 +1,338 @@
+"""Fault injection on real targets and a real kernel: whatever dies or fails
+mid-way, the target is released (running, untraced), nothing half-written is
+ever taken for a dump, and the next pass knows whether it may build on the last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from memcheck import compare_dump_with_process
+from targetlib import proc_status, wait_for_state
+
+from checkpointer.images import Dump
+
+CLI = [sys.executable, "-m", "checkpointer"]
+TIMEOUT = 120  # generous: only there so that a hang fails instead of blocking the suite
+
+UFFD_AND_FULL = [pytest.param("uffd-wp", marks=pytest.mark.uffd_wp), "full"]
+
+
+@pytest.fixture(autouse=True)
+def private_state_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHECKPOINTER_STATE_DIR", str(tmp_path / "state"))
+
+
+def cli(*args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ))
+
+
+def start_cli(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ))
+
+
+def finish(p: subprocess.Popen) -> subprocess.CompletedProcess:
+    out, err = p.communicate(timeout=TIMEOUT)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def temp_dirs(final: Path) -> list[Path]:
+    return sorted(final.parent.glob(f".{final.name}.tmp-*"))
+
+
+def wait_until_copying(final: Path, p: subprocess.Popen, timeout: float = 60) -> Path:
+    """Wait until the run writing `final` has started writing pages into its hidden
+    temp dir: the target is frozen (dump) or being read (pre-dump) right now."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for tmp in temp_dirs(final):
+            try:
+                if any(f.name.startswith("pages-") and f.stat().st_size > 0
+                       for f in tmp.iterdir()):
+                    return tmp
+            except FileNotFoundError:
+                pass
+        if p.poll() is not None:
+            raise AssertionError(f"the run ended before copying: {p.communicate()}")
+        time.sleep(0.002)
+    p.kill()
+    raise AssertionError("the run never started copying pages")
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, *words: str) -> None:
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("checkpointer: "), r.stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+def assert_released(pid: int, timeout: float = 5.0) -> None:
+    """Every thread of pid runs (not stopped, not in a tracing stop) and has no tracer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        bad = {}
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            st = proc_status(int(tid))
+            if st and (st["State"][0] in "tT" or st["TracerPid"] != "0"):
+                bad[tid] = (st["State"], st["TracerPid"])
+        if not bad:
+            return
+        assert time.monotonic() < deadline, f"threads of {pid} not released: {bad}"
+        time.sleep(0.01)
+
+
+def assert_not_a_dump(path: Path) -> None:
+    """Neither verify nor show accepts path as a dump."""
+    for cmd in ("verify", "show"):
+        r = cli(cmd, str(path))
+        assert r.returncode != 0, (cmd, path, r.stdout)
+        assert "Traceback" not in r.stderr
+
+
+def heartbeat(target) -> int:
+    addr, _ = target.regions["heartbeat"]
+    return int.from_bytes(target.read_mem(addr, 8), "little")
+
+
+def assert_carries_on(target, timeout: float = 5.0) -> None:
+    before = heartbeat(target)
+    deadline = time.monotonic() + timeout
+    while heartbeat(target) == before:
+        assert time.monotonic() < deadline, "target did not carry on"
+        time.sleep(0.01)
+
+
+# -- the target dies --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["dump", "pre-dump"])
+def test_target_killed_mid_pass(spawn, tmp_path, command):
+    """The root of a two-process tree is SIGKILLed while its pages are being copied."""
+    t = spawn("--anon-mb", "512", "--fork")
+    final = tmp_path / "d"
+    extra = ["--leave-running"] if command == "dump" else ["--tracker", "full"]
+    p = start_cli(command, "-t", str(t.pid), "-D", str(final), *extra)
+    wait_until_copying(final, p)
+    t.proc.kill()
+    t.proc.wait(timeout=10)
+    r = finish(p)
+    assert_one_line_error(r, str(t.pid), "exited")
+    assert not final.exists() and not temp_dirs(final)
+    # The child outlives its parent: it must not stay stopped or traced.
+    assert_released(t.child)
+
+
+# -- the tool dies ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tracker", UFFD_AND_FULL)
+@pytest.mark.parametrize("command", ["dump", "pre-dump"])
+def test_tool_sigkilled_mid_pass(spawn, tmp_path, command, tracker):
+    t = spawn("--anon-mb", "128", "--threads", "4")
+    r = cli("pre-dump", "-t", str(t.pid), "-D", str(tmp_path / "1"), "--tracker", tracker)
+    assert r.returncode == 0, r.stderr
+    t.command("write 0 1000")
+    final = tmp_path / "2"
+    extra = ["--leave-running", "--track-mem"] if command == "dump" else []
+    p = start_cli(command, "-t", str(t.pid), "-D", str(final), "--prev-images-dir", "../1",
+                  "--tracker", tracker, *extra)
+    tmp = wait_until_copying(final, p)
+    p.kill()
+    p.wait(timeout=10)
+
+    assert_released(t.pid)
+    assert_carries_on(t)
+    assert not final.exists()
+    # A hidden temp dir may remain after SIGKILL; it is never a dump nor a parent.
+    if tmp.exists():
+        assert_not_a_dump(tmp)
+        r = cli("pre-dump", "-t", str(t.pid), "-D", str(tmp_path / "x"),
+                "--prev-images-dir", f"../{tmp.name}", "--tracker", tracker)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert not (tmp_path / "x").exists()
+
+    # The next pass on the last good dump must not trust tracking the dead run reset.
+    r = cli("pre-dump", "-t", str(t.pid), "-D", str(tmp_path / "3"), "--prev-images-dir",
+            "../1", "--tracker", tracker, "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    if tracker == "full":
+        assert res["incremental"]  # content comparison needs no kernel state
+    else:
+        assert not res["incremental"] and "full pass" in res["full_pass_reason"]
+    t.command("write 500 100")
+    r = cli("dump", "-t", str(t.pid), "-D", str(tmp_path / "4"), "--prev-images-dir", "../3",
+            "--tracker", tracker, "--track-mem", "--leave-stopped")
+    assert r.returncode == 0, r.stderr
+    assert wait_for_state(t.pid, "T").startswith("T")
+    compare_dump_with_process(tmp_path / "4", t.pid)
+
+
+@pytest.mark.parametrize(
+    "sig, mode",
+    [(signal.SIGINT, "--leave-running"), (signal.SIGTERM, "--leave-running"),
+     (signal.SIGINT, "--leave-stopped"), (signal.SIGTERM, None)],
+)
+def test_sigint_sigterm_mid_dump(spawn, tmp_path, sig, mode):
+    """An interrupted dump saved nothing, so the target is released running whatever
+    was asked for afterwards (in particular it is not killed)."""
+    t = spawn("--anon-mb", "512", "--fork")
+    final = tmp_path / "d"
+    p = start_cli("dump", "-t", str(t.pid), "-D", str(final), *([mode] if mode else []))
+    wait_until_copying(final, p)
+    p.send_signal(sig)
+    r = finish(p)
+    what = "interrupted" if sig == signal.SIGINT else "terminated"
+    assert_one_line_error(r, what)
+    assert not final.exists() and not temp_dirs(final)
+    assert t.alive()
+    assert_released(t.pid)
+    assert_released(t.child)
+    assert_carries_on(t)
+
+
+# -- the tree changes while it is frozen -----------------------------------------------
+
+
+def test_thread_storm(spawn, tmp_path):
+    t = spawn("--storm", "--threads", "8")
+    for i in range(3):
+        final = tmp_path / f"d{i}"
+        r = cli("dump", "-t", str(t.pid), "-D", str(final), "--leave-stopped", timeout=60)
+        if r.returncode == 0:
+            assert wait_for_state(t.pid, "T").startswith("T")
+            compare_dump_with_process(final, t.pid)
+            os.kill(t.pid, signal.SIGCONT)
+        else:
+            assert_one_line_error(r, "keeps changing")
+            assert not final.exists() and not temp_dirs(final)
+        assert_released(t.pid)
+        assert_carries_on(t)
+
+
+def test_forking_tree(tmp_path):
+    """A shell forking a short-lived child continuously: each dump either freezes a
+    consistent tree or says it keeps changing; never hangs, never leaves a stop."""
+    sh = subprocess.Popen(["bash", "-c", "while :; do (:); done"])
+    try:
+        time.sleep(0.2)
+        for i in range(3):
+            final = tmp_path / f"d{i}"
+            r = cli("dump", "-t", str(sh.pid), "-D", str(final), "--leave-stopped", timeout=60)
+            if r.returncode == 0:
+                assert wait_for_state(sh.pid, "T").startswith("T")
+                compare_dump_with_process(final, sh.pid)
+                for pid in Dump.open(final).inventory["pids"]:
+                    if pid != sh.pid and proc_status(pid).get("State", "Z")[0] != "Z":
+                        compare_dump_with_process(final, pid)
+                        os.kill(pid, signal.SIGCONT)
+                os.kill(sh.pid, signal.SIGCONT)
+            else:
+                assert_one_line_error(r, "keeps changing")
+                assert not final.exists() and not temp_dirs(final)
+            assert_released(sh.pid)
+    finally:
+        sh.kill()
+        sh.wait()
+
+
+# -- resources and contention ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["dump", "pre-dump"])
+def test_disk_full_cli(spawn, tmp_path, command):
+    t = spawn("--anon-mb", "16")
+    chain = tmp_path / "chain"
+    chain.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(chain)], check=True)
+    try:
+        r = cli("pre-dump", "-t", str(t.pid), "-D", str(chain / "1"))
+        assert r.returncode == 0, r.stderr
+        free = os.statvfs(chain).f_bavail * os.statvfs(chain).f_frsize
+        with open(chain / "filler", "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, free - (32 << 10))
+        t.command("write 0 2000")
+        extra = ["--leave-running", "--track-mem"] if command == "dump" else []
+        r = cli(command, "-t", str(t.pid), "-D", str(chain / "2"), "--prev-images-dir", "../1",
+                *extra)
+        assert_one_line_error(r, "No space left")
+        assert sorted(p.name for p in chain.iterdir()) == ["1", "filler"]
+        assert_released(t.pid)
+        assert_carries_on(t)
+        (chain / "filler").unlink()
+        # Tracking state was not lost: the next pass on the last good dump is correct.
+        r = cli("pre-dump", "-t", str(t.pid), "-D", str(chain / "3"), "--prev-images-dir",
+                "../1", "--json")
+        assert r.returncode == 0, r.stderr
+        t.command("write 100 10")
+        r = cli("dump", "-t", str(t.pid), "-D", str(chain / "4"), "--prev-images-dir", "../3",
+                "--track-mem", "--leave-stopped")
+        assert r.returncode == 0, r.stderr
+        compare_dump_with_process(chain / "4", t.pid)
+    finally:
+        subprocess.run(["umount", "-l", str(chain)], check=True)
+
+
+def test_two_runs_on_one_target(spawn, tmp_path):
+    t = spawn("--anon-mb", "512")
+    first = start_cli("pre-dump", "-t", str(t.pid), "-D", str(tmp_path / "a"))
+    wait_until_copying(tmp_path / "a", first)
+    for args in (["pre-dump", "-D", str(tmp_path / "b")],
+                 ["dump", "-D", str(tmp_path / "c"), "--leave-running"]):
+        r = cli(*args, "-t", str(t.pid))
+        assert_one_line_error(r, f"pid {first.pid}", str(t.pid))
+    assert finish(first).returncode == 0
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    assert cli("verify", str(tmp_path / "a")).returncode == 0
+    assert_released(t.pid)
+
+
+def test_already_traced_by_strace(spawn, tmp_path):
+    if not shutil.which("strace"):
+        pytest.skip("strace is not installed")
+    t = spawn()
+    tracer = subprocess.Popen(["strace", "-f", "-o", os.devnull, "-p", str(t.pid)],
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while proc_status(t.pid)["TracerPid"] != str(tracer.pid):
+            assert time.monotonic() < deadline, "strace did not attach"
+            time.sleep(0.01)
+        r = cli("dump", "-t", str(t.pid), "-D", str(tmp_path / "d"), "--leave-running")
+        assert_one_line_error(r, f"PID {tracer.pid}", "strace")
+        assert not (tmp_path / "d").exists() and not temp_dirs(tmp_path / "d")
+    finally:
+        tracer.terminate()
+        tracer.wait(timeout=10)
+    assert_released(t.pid)
+    assert_carries_on(t)
+
+
+@pytest.mark.slow
+def test_many_threads_and_gigabytes_in_bounded_memory(spawn, tmp_path):
+    t = spawn("--threads", "300", "--anon-mb", "3072")
+    final = tmp_path / "d"
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        p = subprocess.Popen([*CLI, "dump", "-t", str(t.pid), "-D", str(final),
+                              "--leave-stopped"], stdout=out, stderr=err, env=dict(os.environ))
+        # wait4 gives the resource usage of this child alone (ru_maxrss in KiB).
+        _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+    assert p.returncode == 0, (tmp_path / "err").read_text()
+    assert wait_for_state(t.pid, "T").startswith("T")
+    assert len(os.listdir(f"/proc/{t.pid}/task")) >= 300
+    assert compare_dump_with_process(final, t.pid) > 3 << 30
+    peak_mib = usage.ru_maxrss / 1024
+    assert peak_mib < 200, f"tool peak RSS {peak_mib:.0f} MiB"
