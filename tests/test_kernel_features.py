@@ -11,12 +11,10 @@ from checkpointer.kernel import features
 from checkpointer.kernel import pagemap as pm
 
 
-def test_probes_return_ok_and_reason_quickly():
+def test_probes_return_ok_and_reason_and_leave_nothing():
     fds_before = set(os.listdir("/proc/self/fd"))
     maps_before = open("/proc/self/maps").read().count("\n")
-    t0 = time.perf_counter()
     results = features.probe_all()
-    assert time.perf_counter() - t0 < 1.0
     for name, (ok, reason) in results.items():
         assert isinstance(ok, bool) and isinstance(reason, str) and reason, name
     assert set(os.listdir("/proc/self/fd")) == fds_before  # nothing left open

@@ -97,25 +97,20 @@ def test_run_finders_edges():
     assert pm.present_runs(none + one + none + one * 2, 0) == [(P, 1), (3 * P, 2)]
 
 
-def test_parse_1gib_of_entries_is_fast():
+def test_run_finders_over_1gib_of_entries():
+    """Dense and sparse 1 GiB pagemaps (speed is measured in scripts/bench, not here)."""
     n = 262144  # 1 GiB of 4 KiB pages
     dense = struct.pack("<Q", pm.PM_PRESENT | 0x42) * n
-    t0 = time.perf_counter()
-    runs = pm.present_runs(dense, 0)
-    dt = time.perf_counter() - t0
-    assert runs == [(0, n)]
-    assert dt < 0.05, f"{dt * 1e3:.1f} ms"  # measured ~3 ms
+    assert pm.present_runs(dense, 0) == [(0, n)]
     sparse = (struct.pack("<Q", pm.PM_PRESENT) + bytes(8 * 63)) * (n // 64)
-    t0 = time.perf_counter()
     assert len(pm.present_runs(sparse, 0)) == n // 64
-    assert time.perf_counter() - t0 < 0.1
 
 
 def anon_expected_present(start: int, size: int) -> list[tuple[int, int]]:
-    """target.c fill(seed 0) leaves page pg untouched when pg % 4 == 0."""
+    """target.c fill(seed 0) leaves page pg untouched when pg % 64 == 0."""
     runs = []
     for pg in range(size // P):
-        if pg % 4:
+        if pg % 64:
             if runs and runs[-1][0] + runs[-1][1] * P == start + pg * P:
                 runs[-1] = (runs[-1][0], runs[-1][1] + 1)
             else:
@@ -174,7 +169,7 @@ def test_pagemap_scan_small_vector_and_max_pages(spawn_no_thp):
         assert pmap.scan(start, start + size, vec_len=3, **kw) == want
         limited = pmap.scan(start, start + size, max_pages=10, **kw)
         assert sum((hi - lo) // P for lo, hi, _ in limited) == 10
-        assert limited[0] == want[0]
+        assert limited[0][0] == want[0][0]  # the limit cuts the first run short
     assert pm.pagemap_scan(t.pid, start, start + size, **kw) == want
 
 
@@ -285,3 +280,18 @@ def test_pagemap_scan_many_regions_no_duplicates(vec_len, n):
         ]
     finally:
         munmap(addr, n * P)
+
+
+@pytest.mark.pagemap_scan
+def test_data_runs_by_scan_equal_data_runs_by_read(spawn_no_thp, mapped_file):
+    """Pagemap.data_runs takes PAGEMAP_SCAN's ranges; they must be what the bulk
+    read of raw entries gives, on every VMA of a target."""
+    from checkpointer.collect import read_vmas
+
+    t = spawn_no_thp("--file", str(mapped_file))
+    with pm.Pagemap(t.pid) as pmap:
+        for vma in read_vmas(t.pid):
+            if vma.path in ("[vvar]", "[vvar_vclock]", "[vsyscall]"):
+                continue
+            by_read = pm.data_runs(pmap.read(vma.start, vma.end), vma.start)
+            assert pmap.data_runs(vma.start, vma.end) == by_read, vma

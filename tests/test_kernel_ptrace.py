@@ -332,15 +332,12 @@ def test_inject_getpid_and_interrupted_nanosleep_completes(kt):
     time.sleep(0.05)  # inside the first nanosleep
     freeze([k.pid])
     before = ptrace.get_regs(k.pid)
-    t0 = time.perf_counter()
     assert ptrace.inject_syscall(k.pid, NR_getpid) == k.pid
-    took = time.perf_counter() - t0
     assert ptrace.get_regs(k.pid) == before
     ptrace.detach(k.pid)
     ret, err, elapsed = k.line().split()[1:]
     assert (ret, err) == ("0", "0")  # restarted, not EINTR
     assert 290 <= int(elapsed) < 2000
-    assert took < 0.1
 
 
 def test_inject_into_blocking_read_keeps_the_read_working(kt):

@@ -9,6 +9,7 @@ bytes.translate, and let the regex engine find the runs of 1s (C speed).
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import os
 import re
@@ -236,6 +237,8 @@ def count_pages(runs: list[tuple[int, int]]) -> int:
 class Pagemap:
     """One open /proc/PID/pagemap, reused for many reads and scans."""
 
+    _scan_works = True  # until the kernel says otherwise
+
     def __init__(self, pid: int) -> None:
         self.pid = pid
         try:
@@ -273,7 +276,29 @@ class Pagemap:
         return data
 
     def data_runs(self, start: int, end: int) -> list[tuple[int, int]]:
-        """data_runs() of [start, end): one pagemap read."""
+        """data_runs() of [start, end).
+
+        PAGEMAP_SCAN returns the ranges directly, at a cost that follows the number
+        of ranges rather than pages (3-4x faster over a populated GiB). It cannot tell
+        a real swap entry from a uffd-wp marker, so a VMA with swapped pages, and a
+        kernel without PAGEMAP_SCAN, take the bulk pagemap read instead.
+        """
+        if Pagemap._scan_works:
+            try:
+                regions = self.scan(
+                    start,
+                    end,
+                    category_inverted=PAGE_IS_FILE | PAGE_IS_PFNZERO,
+                    category_mask=PAGE_IS_FILE | PAGE_IS_PFNZERO,
+                    anyof_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+                    return_mask=PAGE_IS_SWAPPED,
+                )
+                if not any(cat & PAGE_IS_SWAPPED for _, _, cat in regions):
+                    return [(lo, hi) for lo, hi, _ in regions]
+            except OSError as err:
+                if err.errno not in (errno.ENOTTY, errno.EINVAL):
+                    raise
+                Pagemap._scan_works = False  # this kernel predates PAGEMAP_SCAN
         return data_runs(self.read(start, end), start)
 
     def written_and_protect(self, start: int, end: int) -> list[tuple[int, int]]:
