@@ -237,7 +237,8 @@ def test_written_and_protect(tracked):
         present = pmap.data_runs(start, end)
         assert pmap.written_and_protect(start, end) == present  # first: all populated
         assert pmap.written_and_protect(start, end) == []
-        t.command("write 4 3")  # page 4 was a hole, 5 and 6 populated
-        assert pmap.written_and_protect(start, end) == [(start + 4 * P, start + 7 * P)]
-        assert pmap.data_runs(start, end)[0] == (start + P, start + 8 * P)  # 1..7; 8 a hole
+        t.command("write 64 3")  # page 64 was a hole, 65 and 66 populated
+        assert pmap.written_and_protect(start, end) == [(start + 64 * P, start + 67 * P)]
+        # pages 1..127 now populated; 128 is the next hole
+        assert pmap.data_runs(start, end)[0] == (start + P, start + 128 * P)
     assert int(proc.read_status(t.pid)["VmPTE"].split()[0]) <= vm_pte + 8  # no markers
