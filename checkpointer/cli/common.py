@@ -1,12 +1,10 @@
-"""What every command shares: one-line errors, exit status 1, logging."""
+"""What every command shares: one-line errors and exit status 1, logging."""
 
 from __future__ import annotations
 
-import functools
 import logging
 import signal
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import click
@@ -22,32 +20,37 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
-def fail(message: str) -> None:
-    click.echo(f"checkpointer: {message}", err=True)
-    sys.exit(1)
+def error_line(exc: BaseException) -> str:
+    """The one line printed for an expected failure."""
+    if isinstance(exc, CheckpointError):
+        return f"checkpointer: {exc}"
+    if isinstance(exc, KeyboardInterrupt):
+        return "checkpointer: interrupted; nothing was left stopped or half-written"
+    if isinstance(exc, Terminated):
+        return "checkpointer: terminated; nothing was left stopped or half-written"
+    assert isinstance(exc, OSError)
+    what = exc.strerror or str(exc)
+    return f"checkpointer: {exc.filename}: {what}" if exc.filename else f"checkpointer: {what}"
 
 
-def one_line_errors(fn: Callable) -> Callable:
-    """Turn every expected failure into `checkpointer: WHERE: WHAT` and exit 1."""
+class CheckedCommand(click.Command):
+    """A command whose expected failures (bad input, a target that cannot be
+    traced, a corrupt image, a full disk, ^C, SIGTERM) print one line on stderr
+    and exit 1, never a traceback. Use as `@main.command(cls=CheckedCommand)`."""
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def invoke(self, ctx: click.Context) -> Any:
         old = signal.signal(signal.SIGTERM, _on_sigterm)
         try:
-            return fn(*args, **kwargs)
-        except CheckpointError as err:
-            fail(str(err))
-        except OSError as err:
-            where = f"{err.filename}: " if err.filename else ""
-            fail(f"{where}{err.strerror or err}")
-        except KeyboardInterrupt:
-            fail("interrupted; the target was released")
-        except Terminated:
-            fail("terminated; the target was released")
+            return super().invoke(ctx)
+        except (CheckpointError, OSError, KeyboardInterrupt, Terminated) as exc:
+            try:
+                sys.stdout.flush()
+            except OSError:
+                pass
+            click.echo(error_line(exc), err=True)
+            raise SystemExit(1) from None
         finally:
             signal.signal(signal.SIGTERM, old)
-
-    return wrapper
 
 
 def setup_logging(verbose: int, logfile: str | None) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from checkpointer.cli import main
-from checkpointer.cli.common import one_line_errors, setup_logging
+from checkpointer.cli.common import CheckedCommand, setup_logging
 from checkpointer.freezer import Thaw
 from checkpointer.trackers import CHOICES
 
@@ -59,7 +59,7 @@ def print_dump_result(res, as_json: bool = False) -> None:
     )
 
 
-@main.command()
+@main.command(cls=CheckedCommand)
 @pid_option
 @dir_option
 @leave_options
@@ -72,7 +72,6 @@ def print_dump_result(res, as_json: bool = False) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @verbose_option
 @log_option
-@one_line_errors
 def dump(pid, images_dir, leave_running, leave_stopped, tracker, prev_images_dir, track_mem,
          freeze_cgroup, as_json, verbose, log_file):
     """Checkpoint the process tree rooted at PID into IMAGES_DIR.
@@ -91,7 +90,7 @@ def dump(pid, images_dir, leave_running, leave_stopped, tracker, prev_images_dir
     print_dump_result(do_dump(req), as_json)
 
 
-@main.command("pre-dump")
+@main.command("pre-dump", cls=CheckedCommand)
 @pid_option
 @dir_option
 @tracker_option
@@ -99,7 +98,6 @@ def dump(pid, images_dir, leave_running, leave_stopped, tracker, prev_images_dir
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @verbose_option
 @log_option
-@one_line_errors
 def pre_dump_cmd(pid, images_dir, tracker, prev_images_dir, as_json, verbose, log_file):
     """Copy the memory of a running tree, leaving it running.
 
@@ -116,7 +114,7 @@ def pre_dump_cmd(pid, images_dir, tracker, prev_images_dir, as_json, verbose, lo
     print_dump_result(pre_dump(req), as_json)
 
 
-@main.command()
+@main.command(cls=CheckedCommand)
 @pid_option
 @dir_option
 @tracker_option
@@ -132,7 +130,6 @@ def pre_dump_cmd(pid, images_dir, tracker, prev_images_dir, as_json, verbose, lo
 @click.option("--json", "as_json", is_flag=True, help="Print the iterations and summary as JSON.")
 @verbose_option
 @log_option
-@one_line_errors
 def converge(pid, images_dir, tracker, max_iterations, min_pages, max_grow, max_downtime_ms,
              interval_ms, leave_running, leave_stopped, as_json, verbose, log_file):
     """Pre-dump until little is left, then one short frozen final dump.
@@ -172,9 +169,8 @@ def _print_iteration(it) -> None:
                f"{it.dirty_rate_pages_s:>13.0f}")
 
 
-@main.command()
+@main.command(cls=CheckedCommand)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@one_line_errors
 def check(as_json):
     """Report what this kernel offers for incremental checkpoints, like `criu check`.
 
@@ -193,10 +189,9 @@ def check(as_json):
     sys.exit(0 if report["incremental"] else 1)
 
 
-@main.command()
+@main.command(cls=CheckedCommand)
 @pid_option
 @verbose_option
-@one_line_errors
 def untrack(pid, verbose):
     """Remove dirty tracking from PID and leave it as found."""
     from checkpointer.untrack import untrack as do_untrack

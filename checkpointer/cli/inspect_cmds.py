@@ -1,10 +1,6 @@
 """show, decode, info, x, extract, verify: parse arguments, call images.inspect, print.
 
-`CheckedCommand` is the shared error convention for every checkpointer command:
-use it as `@main.command(cls=CheckedCommand)`. An expected failure (CheckpointError,
-OSError, KeyboardInterrupt) prints `checkpointer: <where>: <what>` on stderr and
-exits 1, never a traceback. `run_command(fn, *args)` does the same for code that
-is not a click command body.
+Errors follow the shared convention of cli/common.py (CheckedCommand).
 """
 
 from __future__ import annotations
@@ -17,41 +13,9 @@ import sys
 import click
 
 from checkpointer.cli import main
-from checkpointer.errors import CheckpointError
+from checkpointer.cli.common import CheckedCommand
 from checkpointer.images import inspect as api
 from checkpointer.images import render
-
-
-def error_line(exc: BaseException) -> str:
-    """The one line printed for an expected failure."""
-    if isinstance(exc, CheckpointError):
-        return f"checkpointer: {exc}"
-    if isinstance(exc, KeyboardInterrupt):
-        return "checkpointer: interrupted"
-    if isinstance(exc, OSError):
-        what = exc.strerror or str(exc)
-        return f"checkpointer: {exc.filename}: {what}" if exc.filename else f"checkpointer: {what}"
-    raise TypeError(exc)  # pragma: no cover
-
-
-def run_command(fn, *args, **kwargs):
-    """Call fn; on an expected failure print one line on stderr and exit 1."""
-    try:
-        return fn(*args, **kwargs)
-    except (CheckpointError, OSError, KeyboardInterrupt) as e:
-        try:
-            sys.stdout.flush()
-        except OSError:
-            pass
-        click.echo(error_line(e), err=True)
-        raise SystemExit(1) from None
-
-
-class CheckedCommand(click.Command):
-    """A click command whose expected failures print one line and exit 1."""
-
-    def invoke(self, ctx: click.Context):
-        return run_command(super().invoke, ctx)
 
 
 def _print_json(data, pretty: bool = True, out=None) -> None:

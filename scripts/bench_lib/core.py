@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from checkpointer.kernel.pagemap import present_runs, read_pagemap  # noqa: E402
+from checkpointer.kernel.pagemap import data_runs, read_pagemap  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -316,8 +316,9 @@ def start_redis(workdir: Path, keys: int, value_size: int, port: int = 16379) ->
 
 
 def anon_ranges(pid: int) -> list[tuple[int, int]]:
-    """Present pages of every anonymous mapping (no file path, or [heap]/[stack]):
-    the memory a dump of these workloads copies, minus the few library pages."""
+    """Pages with data (present or swapped, not the shared zero page) of every
+    anonymous mapping (no file path, or [heap]/[stack]): the ranges a dump of these
+    workloads copies, minus the few library pages."""
     out = []
     with open(f"/proc/{pid}/maps") as f:
         for line in f:
@@ -327,7 +328,7 @@ def anon_ranges(pid: int) -> list[tuple[int, int]]:
                 continue
             start, end = (int(x, 16) for x in parts[0].split("-"))
             entries = read_pagemap(pid, start, end)
-            out += [(a, a + n * PAGE) for a, n in present_runs(entries, start)]
+            out += data_runs(entries, start)
     return out
 
 

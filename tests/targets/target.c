@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -140,6 +141,10 @@ int main(int argc, char **argv)
 		else { fprintf(stderr, "unknown option %s\n", argv[i]); return 2; }
 	}
 	setvbuf(stdout, NULL, _IOLBF, 0);
+	if (!thp_size)
+		/* Kernels with THP "always" (Debian's) would back the regions with huge
+		 * pages, and dirty tracking would then count 512 pages per write. */
+		prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0);
 
 	anon = mmap(NULL, anon_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	fill(anon, anon_size, 0);
