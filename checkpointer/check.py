@@ -21,10 +21,11 @@ def check_kernel() -> dict:
     probes = [
         Feature("soft-dirty", *features.probe_soft_dirty()),
         Feature("pagemap-scan", *features.probe_pagemap_scan()),
-        Feature("pagemap-scan-soft-dirty",
-                *features.probe_pagemap_scan_category(pagemap.PAGE_IS_SOFT_DIRTY)),
-        Feature("pagemap-scan-guard",
-                *features.probe_pagemap_scan_category(pagemap.PAGE_IS_GUARD)),
+        Feature(
+            "pagemap-scan-soft-dirty",
+            *features.probe_pagemap_scan_category(pagemap.PAGE_IS_SOFT_DIRTY),
+        ),
+        Feature("pagemap-scan-guard", *features.probe_pagemap_scan_category(pagemap.PAGE_IS_GUARD)),
         Feature("uffd-wp-async", *features.probe_uffd_wp_async()),
         Feature("ptrace", *features.probe_ptrace()),
     ]

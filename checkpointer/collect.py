@@ -16,8 +16,7 @@ def read_vmas(pid: int) -> list[Vma]:
     """The process's VMAs with their smaps flags."""
     flags = proc.read_smaps_vmflags(pid)
     return [
-        Vma(m.start, m.end, m.prot, m.offset, m.dev, m.inode, m.path,
-            tuple(flags.get(m.start, ())))
+        Vma(m.start, m.end, m.prot, m.offset, m.dev, m.inode, m.path, tuple(flags.get(m.start, ())))
         for m in proc.read_maps(pid)
     ]
 
@@ -26,13 +25,15 @@ def pstree_records(tree: FrozenTree) -> list[dict]:
     records = []
     for pid, tids in tree.threads.items():
         stat = proc.read_stat(pid)
-        records.append({
-            "pid": pid,
-            "ppid": stat.ppid,
-            "pgid": stat.pgrp,
-            "sid": stat.session,
-            "threads": list(tids),
-        })
+        records.append(
+            {
+                "pid": pid,
+                "ppid": stat.ppid,
+                "pgid": stat.pgrp,
+                "sid": stat.session,
+                "threads": list(tids),
+            }
+        )
     return records
 
 
@@ -54,15 +55,17 @@ def core_records(pid: int, tids: list[int], was_stopped: bool) -> tuple[dict, li
     threads = []
     for tid in tids:
         masks = proc.read_signal_masks(pid, tid)
-        threads.append({
-            "tid": tid,
-            "regs": ptrace.get_regs(tid),
-            "xstate": ptrace.get_xstate(tid),
-            "blocked": ptrace.get_sigmask(tid),
-            "pending": masks["pending"],
-            "shared_pending": masks["shared_pending"],
-            "state": proc.read_task_state(pid, tid),
-        })
+        threads.append(
+            {
+                "tid": tid,
+                "regs": ptrace.get_regs(tid),
+                "xstate": ptrace.get_xstate(tid),
+                "blocked": ptrace.get_sigmask(tid),
+                "pending": masks["pending"],
+                "shared_pending": masks["shared_pending"],
+                "state": proc.read_task_state(pid, tid),
+            }
+        )
     return process, threads
 
 

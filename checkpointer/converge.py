@@ -21,7 +21,6 @@ from pathlib import Path
 
 from checkpointer.dump import DumpRequest, DumpResult, dump, pre_dump
 from checkpointer.freezer import Thaw
-from checkpointer.kernel.pagemap import PAGE_SIZE
 
 CONVERGED_RULES = ("min-pages", "downtime")
 

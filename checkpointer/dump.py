@@ -144,8 +144,12 @@ class _Pass:
         if self.tracker:
             self.tracker.close()
         return DumpResult(
-            req.images_dir, stats, self._tracker_name(), self.incremental,
-            self.full_pass_reason, tree.pids,
+            req.images_dir,
+            stats,
+            self._tracker_name(),
+            self.incremental,
+            self.full_pass_reason,
+            tree.pids,
         )
 
     # -- before the freeze ---------------------------------------------------
@@ -225,8 +229,9 @@ class _Pass:
                     pid, per_pid.get(str(pid), {}), pid if frozen else None
                 )
         return {
-            pid: tracker.scan(pid, [v for v in vmas[pid] if v.policy is Policy.PRIVATE],
-                              self.incremental)
+            pid: tracker.scan(
+                pid, [v for v in vmas[pid] if v.policy is Policy.PRIVATE], self.incremental
+            )
             for pid in tree.pids
         }
 
@@ -239,16 +244,24 @@ class _Pass:
         )
         progress = Progress(to_read // PAGE_SIZE, PAGE_SIZE, self.req.progress)
         copier = PageCopier(PAGE_SIZE, progress, partial_ok=self.req.kind == "pre-dump")
-        counts = {"pages_written": 0, "pages_skipped_parent": 0, "pages_zero": 0,
-                  "bytes_raw": 0, "bytes_compressed": 0}
-        compare = self.parent is not None and self.tracker is not None and (
-            self.tracker.compares_content
+        counts = {
+            "pages_written": 0,
+            "pages_skipped_parent": 0,
+            "pages_zero": 0,
+            "bytes_raw": 0,
+            "bytes_compressed": 0,
+        }
+        compare = (
+            self.parent is not None and self.tracker is not None and (self.tracker.compares_content)
         )
         try:
             for owner, plan in plans.items():
                 page_writer = writer.open_pages(owner)
-                parent_reader = _ParentPages(self.parent, owner) if (
-                    compare and owner.startswith("pid-")) else None
+                parent_reader = (
+                    _ParentPages(self.parent, owner)
+                    if (compare and owner.startswith("pid-"))
+                    else None
+                )
                 copier.copy(page_writer, plan, parent_reader)
                 ps = page_writer.close()
                 counts["pages_written"] += ps.written
@@ -395,6 +408,3 @@ def _gone(pid: int, wait: float = 1.0) -> bool:
 
 def _us_since(t: float) -> int:
     return int((time.monotonic() - t) * 1e6)
-
-
-

@@ -83,8 +83,9 @@ class Freezer:
         stable = False
         for _ in range(MAX_ROUNDS):
             found = self._scan()
-            new = [(pid, tid) for pid, tids in found.items() for tid in tids
-                   if tid not in self._seized]
+            new = [
+                (pid, tid) for pid, tids in found.items() for tid in tids if tid not in self._seized
+            ]
             if not new and found.keys() == self.tree.threads.keys():
                 stable = True
                 break
@@ -218,6 +219,8 @@ class Freezer:
     def _cgroup_pids(self) -> list[int]:
         assert self.cgroup
         pids = [int(p) for p in (self.cgroup / "cgroup.procs").read_text().split()]
+        if self.root not in pids:
+            raise TargetError(f"process {self.root} is not in cgroup {self.cgroup}")
         # The root first, as in a tree walk; the rest in pid order.
         return sorted(pids, key=lambda p: (p != self.root, p))
 

@@ -40,6 +40,14 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
                 pytest.skip(f"needs kernel feature {name}: {reason}")
 
 
+@pytest.fixture(autouse=True)
+def private_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test keeps its tracking state and locks to itself (subprocesses inherit it)."""
+    state = tmp_path / "state"
+    monkeypatch.setenv("CHECKPOINTER_STATE_DIR", str(state))
+    return state
+
+
 @pytest.fixture
 def spawn() -> Iterator[Callable[..., Target]]:
     """Start test targets; every one still alive is killed at teardown."""

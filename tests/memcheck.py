@@ -50,8 +50,9 @@ def compare_dump_with_process(dump_dir, pid: int) -> int:
             held = dump.read_memory(pid, s, e - s)
             now = read_proc_mem(pid, s, e - s)
             if held != now:
-                bad = next(i for i in range(0, e - s, 4096)
-                           if held[i:i + 4096] != now[i:i + 4096])
+                bad = next(
+                    i for i in range(0, e - s, 4096) if held[i : i + 4096] != now[i : i + 4096]
+                )
                 raise AssertionError(
                     f"pid {pid} {kind} vma {start:#x}-{end:#x}: page {s + bad:#x} differs"
                 )

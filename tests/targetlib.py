@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 SOURCE = Path(__file__).parent / "targets" / "target.c"
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -21,9 +23,7 @@ def target_binary() -> Path:
     binary = Path(tempfile.gettempdir()) / f"checkpointer-target-{digest}"
     if not binary.exists():
         tmp = binary.with_suffix(f".{os.getpid()}")
-        subprocess.run(
-            ["gcc", "-O1", "-g", "-pthread", "-o", str(tmp), str(SOURCE)], check=True
-        )
+        subprocess.run(["gcc", "-O1", "-g", "-pthread", "-o", str(tmp), str(SOURCE)], check=True)
         tmp.rename(binary)
     return binary
 
@@ -120,3 +120,21 @@ def wait_for_state(pid: int, letters: str, timeout: float = 5.0) -> str:
             return state
         time.sleep(0.01)
     return state
+
+
+# Every tracker, marked with the kernel feature it needs (skipped where absent).
+TRACKERS = [
+    pytest.param("soft-dirty", marks=pytest.mark.softdirty),
+    pytest.param("uffd-wp", marks=pytest.mark.uffd_wp),
+    pytest.param("full"),
+]
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, *words: str) -> None:
+    """A failed CLI run: exit 1, one `checkpointer: ...` line on stderr, no traceback."""
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("checkpointer: "), r.stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])

@@ -11,29 +11,26 @@ import time
 
 import pytest
 from memcheck import compare_dump_with_process
-from targetlib import proc_status, wait_for_state
+from targetlib import TRACKERS, proc_status, wait_for_state
 
 from checkpointer.converge import ConvergeOptions, converge
 from checkpointer.freezer import Thaw
 from checkpointer.images import Dump
 
-TRACKERS = [
-    pytest.param("soft-dirty", marks=pytest.mark.softdirty),
-    pytest.param("uffd-wp", marks=pytest.mark.uffd_wp),
-    pytest.param("full"),
-]
-
-
-@pytest.fixture(autouse=True)
-def private_state_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("CHECKPOINTER_STATE_DIR", str(tmp_path / "state"))
-
 
 @pytest.mark.parametrize("tracker", TRACKERS)
 def test_bounded_hot_set_converges_and_final_is_exact(spawn, tmp_path, tracker):
     t = spawn("--anon-mb", "64", "--hot-pages", "32", "--hot-sleep-us", "2000")
-    res = converge(ConvergeOptions(pid=t.pid, images_dir=tmp_path / "c", tracker=tracker,
-                                   min_pages=200, max_downtime_ms=0.01, thaw=Thaw.STOPPED))
+    res = converge(
+        ConvergeOptions(
+            pid=t.pid,
+            images_dir=tmp_path / "c",
+            tracker=tracker,
+            min_pages=200,
+            max_downtime_ms=0.01,
+            thaw=Thaw.STOPPED,
+        )
+    )
     assert res.converged and res.stop_rule == "min-pages", res.stop_rule
     first, final = res.iterations[0], res.iterations[-1]
     assert final.kind == "dump" and res.final_dir == tmp_path / "c" / "final"
@@ -47,9 +44,18 @@ def test_bounded_hot_set_converges_and_final_is_exact(spawn, tmp_path, tracker):
 
 def test_non_converging_target_is_reported_and_final_is_exact(spawn, tmp_path):
     t = spawn("--anon-mb", "64", "--hot-pages", "16000", "--hot-sleep-us", "0")
-    res = converge(ConvergeOptions(pid=t.pid, images_dir=tmp_path / "c", tracker="full",
-                                   max_iterations=3, min_pages=0, max_downtime_ms=0.0,
-                                   max_grow=1000, thaw=Thaw.STOPPED))
+    res = converge(
+        ConvergeOptions(
+            pid=t.pid,
+            images_dir=tmp_path / "c",
+            tracker="full",
+            max_iterations=3,
+            min_pages=0,
+            max_downtime_ms=0.0,
+            max_grow=1000,
+            thaw=Thaw.STOPPED,
+        )
+    )
     assert not res.converged and res.stop_rule == "max-iterations"
     assert len(res.iterations) == 4
     compare_dump_with_process(res.final_dir, t.pid)
@@ -57,16 +63,33 @@ def test_non_converging_target_is_reported_and_final_is_exact(spawn, tmp_path):
 
 def test_cli_json_and_stats(spawn, tmp_path):
     t = spawn("--anon-mb", "16", "--hot-pages", "8")
-    r = subprocess.run(["checkpointer", "converge", "-t", str(t.pid), "-D", str(tmp_path / "c"),
-                        "--tracker", "full", "--leave-running", "--json"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            "checkpointer",
+            "converge",
+            "-t",
+            str(t.pid),
+            "-D",
+            str(tmp_path / "c"),
+            "--tracker",
+            "full",
+            "--leave-running",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["final_dir"].endswith("final") and out["stop_rule"]
     assert out["iterations"][-1]["kind"] == "dump"
     assert t.alive() and proc_status(t.pid)["State"][0] in "RS"
-    r = subprocess.run(["checkpointer", "x", str(tmp_path / "c" / "final"), "stats"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["checkpointer", "x", str(tmp_path / "c" / "final"), "stats"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert "pre-dump" in r.stdout and "dump" in r.stdout
 
@@ -75,10 +98,29 @@ def test_sigint_leaves_target_running_and_chain_readable(spawn, tmp_path):
     t = spawn("--anon-mb", "32", "--hot-pages", "2000", "--hot-sleep-us", "0")
     images = tmp_path / "c"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "checkpointer", "converge", "-t", str(t.pid), "-D", str(images),
-         "--tracker", "full", "--interval-ms", "300", "--min-pages", "0",
-         "--max-downtime-ms", "0", "--max-grow", "100000"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "checkpointer",
+            "converge",
+            "-t",
+            str(t.pid),
+            "-D",
+            str(images),
+            "--tracker",
+            "full",
+            "--interval-ms",
+            "300",
+            "--min-pages",
+            "0",
+            "--max-downtime-ms",
+            "0",
+            "--max-grow",
+            "100000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 60
     while not (images / "pre-2").exists():

@@ -105,8 +105,9 @@ def test_leave_running_target_never_notices(spawn, tmp_path):
     wait_heartbeat_moves(t)
     status = proc_status(t.pid)
     assert status["State"][0] in "RS" and status["TracerPid"] == "0"
-    assert all(proc_status(int(tid))["TracerPid"] == "0"
-               for tid in os.listdir(f"/proc/{t.pid}/task"))
+    assert all(
+        proc_status(int(tid))["TracerPid"] == "0" for tid in os.listdir(f"/proc/{t.pid}/task")
+    )
     assert "frozen" in r.stdout
 
 
@@ -145,10 +146,14 @@ def test_missing_pid_is_one_line_error(tmp_path):
 def test_already_traced_target_names_the_tracer(spawn, tmp_path):
     t = spawn()
     tracer = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time; from checkpointer.kernel import ptrace; "
-         f"ptrace.seize({t.pid}); print('ok', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from checkpointer.kernel import ptrace; "
+            f"ptrace.seize({t.pid}); print('ok', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert tracer.stdout.readline().strip() == "ok"
@@ -163,7 +168,9 @@ def test_already_traced_target_names_the_tracer(spawn, tmp_path):
 
 def test_refuses_a_directory_holding_a_complete_dump(spawn, tmp_path):
     t = spawn()
-    assert cli("dump", "-t", str(t.pid), "-D", str(tmp_path / "d"), "--leave-running").returncode == 0
+    assert (
+        cli("dump", "-t", str(t.pid), "-D", str(tmp_path / "d"), "--leave-running").returncode == 0
+    )
     r = cli("dump", "-t", str(t.pid), "-D", str(tmp_path / "d"), "--leave-running")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     wait_heartbeat_moves(t)
@@ -175,12 +182,32 @@ def test_extract_reads_what_the_process_held(spawn, tmp_path):
     dump(DumpRequest(pid=t.pid, images_dir=images, thaw=Thaw.STOPPED))
     addr, size = t.regions["protnone"]
     out = tmp_path / "out.bin"
-    r = cli("extract", str(images), "--pid", str(t.pid), "--addr", hex(addr),
-            "--size", str(size), "-o", str(out))
+    r = cli(
+        "extract",
+        str(images),
+        "--pid",
+        str(t.pid),
+        "--addr",
+        hex(addr),
+        "--size",
+        str(size),
+        "-o",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr
     assert out.read_bytes() == t.read_mem(addr, size)
     uaddr, usize = t.regions["untouched"]
-    r = cli("extract", str(images), "--pid", str(t.pid), "--addr", hex(uaddr),
-            "--size", str(usize), "-o", str(out))
+    r = cli(
+        "extract",
+        str(images),
+        "--pid",
+        str(t.pid),
+        "--addr",
+        hex(uaddr),
+        "--size",
+        str(usize),
+        "-o",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr
     assert out.read_bytes() == bytes(usize)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import ctypes
 import os
 import random
+import signal
 import struct
-import time
 
 import pytest
+from targetlib import wait_for_state
 
 from checkpointer.errors import TargetError
 from checkpointer.kernel import pagemap as pm
@@ -289,6 +290,8 @@ def test_data_runs_by_scan_equal_data_runs_by_read(spawn_no_thp, mapped_file):
     from checkpointer.collect import read_vmas
 
     t = spawn_no_thp("--file", str(mapped_file))
+    os.kill(t.pid, signal.SIGSTOP)  # its threads must not fault pages in between
+    assert wait_for_state(t.pid, "T").startswith("T")
     with pm.Pagemap(t.pid) as pmap:
         for vma in read_vmas(t.pid):
             if vma.path in ("[vvar]", "[vvar_vclock]", "[vsyscall]"):

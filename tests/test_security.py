@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from targetlib import assert_one_line_error
 
 from checkpointer.images import DumpWriter
 from checkpointer.images import format as fmt
@@ -22,11 +23,6 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "checkpointer"
 GOLDEN = REPO / "images" / "golden" / "chain"
 NOBODY = 65534
-
-
-@pytest.fixture(autouse=True)
-def private_state_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("CHECKPOINTER_STATE_DIR", str(tmp_path / "state"))
 
 
 def cli(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -67,15 +63,6 @@ def cli_as_nobody(home: Path, *args: str) -> subprocess.CompletedProcess:
         env=env,
         cwd=home,
     )
-
-
-def assert_one_line_error(r: subprocess.CompletedProcess, *words: str) -> None:
-    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = r.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("checkpointer: "), r.stderr
-    for word in words:
-        assert word in lines[0], (word, lines[0])
 
 
 def mode(path: Path) -> int:

@@ -11,33 +11,34 @@ import subprocess
 
 import pytest
 from memcheck import compare_dump_with_process
-from targetlib import PAGE, proc_status, wait_for_state
+from targetlib import PAGE, TRACKERS, proc_status, wait_for_state
 
 from checkpointer.dump import DumpRequest, dump, pre_dump
 from checkpointer.errors import TargetError
 from checkpointer.freezer import Thaw
 from checkpointer.images import Dump
 
-TRACKERS = [
-    pytest.param("soft-dirty", marks=pytest.mark.softdirty),
-    pytest.param("uffd-wp", marks=pytest.mark.uffd_wp),
-    pytest.param("full"),
-]
-
-
-@pytest.fixture(autouse=True)
-def private_state_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("CHECKPOINTER_STATE_DIR", str(tmp_path / "state"))
-
 
 def predump(pid, path, parent=None, tracker="auto"):
-    return pre_dump(DumpRequest(pid=pid, images_dir=path, prev_images_dir=parent,
-                                tracker=tracker, progress=False))
+    return pre_dump(
+        DumpRequest(
+            pid=pid, images_dir=path, prev_images_dir=parent, tracker=tracker, progress=False
+        )
+    )
 
 
 def final_dump(pid, path, parent, tracker, thaw=Thaw.STOPPED):
-    return dump(DumpRequest(pid=pid, images_dir=path, prev_images_dir=parent, tracker=tracker,
-                            track_mem=True, thaw=thaw, progress=False))
+    return dump(
+        DumpRequest(
+            pid=pid,
+            images_dir=path,
+            prev_images_dir=parent,
+            tracker=tracker,
+            track_mem=True,
+            thaw=thaw,
+            progress=False,
+        )
+    )
 
 
 @pytest.mark.parametrize("tracker", TRACKERS)
@@ -69,8 +70,11 @@ def test_written_pages_are_the_ones_copied(spawn, tmp_path, tracker):
     # The 200 written pages, plus a little the target's threads touch (stacks).
     assert 200 <= second.stats["pages_written"] + second.stats["pages_zero"] < 400
     anon, _ = t.regions["anon"]
-    held = [r for r in Dump.open(tmp_path / "2").page_runs(f"pid-{t.pid}")
-            if r.where == "here" and anon <= r.addr < anon + (32 << 20)]
+    held = [
+        r
+        for r in Dump.open(tmp_path / "2").page_runs(f"pid-{t.pid}")
+        if r.where == "here" and anon <= r.addr < anon + (32 << 20)
+    ]
     pages = {r.addr + i * PAGE for r in held for i in range(r.nr)}
     assert {anon + (1000 + i) * PAGE for i in range(200)} <= pages
 
@@ -104,8 +108,12 @@ def test_soft_dirty_new_vma_at_same_address_reads_dirty(spawn, tmp_path):
     second = predump(t.pid, tmp_path / "2", "../1", "soft-dirty")
     # Copied, not taken from the parent: stored here (or as zeros, for the
     # all-zero page of the new contents).
-    copied = {r.addr + i * PAGE for r in Dump.open(tmp_path / "2").page_runs(f"pid-{t.pid}")
-              if r.where in ("here", "zero") for i in range(r.nr)}
+    copied = {
+        r.addr + i * PAGE
+        for r in Dump.open(tmp_path / "2").page_runs(f"pid-{t.pid}")
+        if r.where in ("here", "zero")
+        for i in range(r.nr)
+    }
     assert {addr + i * PAGE for i in range(size // PAGE)} <= copied
     assert second.incremental
 
@@ -118,8 +126,12 @@ def test_uffd_wp_pre_dump_never_freezes_and_untrack_leaves_no_trace(spawn, tmp_p
     assert second.stats["frozen_time"] == 0 and second.stats["freezing_time"] == 0
     smaps = open(f"/proc/{t.pid}/smaps").read()
     assert " uw" in smaps
-    r = subprocess.run(["checkpointer", "untrack", "-t", str(t.pid)], capture_output=True,
-                       text=True, env={**os.environ})
+    r = subprocess.run(
+        ["checkpointer", "untrack", "-t", str(t.pid)],
+        capture_output=True,
+        text=True,
+        env={**os.environ},
+    )
     assert r.returncode == 0, r.stderr
     assert " uw" not in open(f"/proc/{t.pid}/smaps").read()
     fds = [os.readlink(f"/proc/{t.pid}/fd/{n}") for n in os.listdir(f"/proc/{t.pid}/fd")]
@@ -131,8 +143,7 @@ def test_uffd_wp_pre_dump_never_freezes_and_untrack_leaves_no_trace(spawn, tmp_p
 def test_uffd_wp_lost_registration_forces_full_pass(spawn, tmp_path):
     t = spawn("--anon-mb", "8")
     predump(t.pid, tmp_path / "1", tracker="uffd-wp")
-    subprocess.run(["checkpointer", "untrack", "-t", str(t.pid)], check=True,
-                   capture_output=True)
+    subprocess.run(["checkpointer", "untrack", "-t", str(t.pid)], check=True, capture_output=True)
     second = predump(t.pid, tmp_path / "2", "../1", "uffd-wp")
     assert not second.incremental and second.full_pass_reason
 

@@ -17,11 +17,18 @@ pid_option = click.option(
     "-t", "--tree", "pid", type=int, required=True, help="PID of the root of the process tree."
 )
 dir_option = click.option(
-    "-D", "--images-dir", "images_dir", type=click.Path(path_type=Path), required=True,
+    "-D",
+    "--images-dir",
+    "images_dir",
+    type=click.Path(path_type=Path),
+    required=True,
     help="Directory to write the images into (created 0700).",
 )
 tracker_option = click.option(
-    "--tracker", type=click.Choice(CHOICES), default="auto", show_default=True,
+    "--tracker",
+    type=click.Choice(CHOICES),
+    default="auto",
+    show_default=True,
     help="Dirty-page tracker; auto picks soft-dirty, else uffd-wp, else full.",
 )
 verbose_option = click.option("-v", "--verbose", count=True, help="Log more (-vv: debug).")
@@ -29,10 +36,14 @@ log_option = click.option("-o", "--log-file", type=click.Path(), help="Write the
 
 
 def leave_options(fn):
-    fn = click.option("--leave-stopped", is_flag=True,
-                      help="Leave every task stopped (SIGSTOP); `kill -CONT` resumes it.")(fn)
-    fn = click.option("--leave-running", is_flag=True,
-                      help="Let the tree run on after the dump.")(fn)
+    fn = click.option(
+        "--leave-stopped",
+        is_flag=True,
+        help="Leave every task stopped (SIGSTOP); `kill -CONT` resumes it.",
+    )(fn)
+    fn = click.option("--leave-running", is_flag=True, help="Let the tree run on after the dump.")(
+        fn
+    )
     return fn
 
 
@@ -45,9 +56,17 @@ def thaw_mode(leave_running: bool, leave_stopped: bool) -> Thaw:
 def print_dump_result(res, as_json: bool = False) -> None:
     s = res.stats
     if as_json:
-        click.echo(json.dumps({"images_dir": str(res.path), "tracker": res.tracker,
-                               "incremental": res.incremental,
-                               "full_pass_reason": res.full_pass_reason, "stats": s}))
+        click.echo(
+            json.dumps(
+                {
+                    "images_dir": str(res.path),
+                    "tracker": res.tracker,
+                    "incremental": res.incremental,
+                    "full_pass_reason": res.full_pass_reason,
+                    "stats": s,
+                }
+            )
+        )
         return
     ratio = s["bytes_raw"] / s["bytes_compressed"] if s["bytes_compressed"] else 0
     click.echo(
@@ -65,15 +84,32 @@ def print_dump_result(res, as_json: bool = False) -> None:
 @leave_options
 @tracker_option
 @click.option("--prev-images-dir", help="Parent dump, relative to the images dir (as in CRIU).")
-@click.option("--track-mem", is_flag=True,
-              help="Read and reset dirty tracking, so later dumps can be incremental.")
-@click.option("--freeze-cgroup", type=click.Path(exists=True),
-              help="Freeze this cgroup v2 (cgroup.freeze) first: for whole containers.")
+@click.option(
+    "--track-mem",
+    is_flag=True,
+    help="Read and reset dirty tracking, so later dumps can be incremental.",
+)
+@click.option(
+    "--freeze-cgroup",
+    type=click.Path(exists=True),
+    help="Freeze this cgroup v2 (cgroup.freeze) first: for whole containers.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @verbose_option
 @log_option
-def dump(pid, images_dir, leave_running, leave_stopped, tracker, prev_images_dir, track_mem,
-         freeze_cgroup, as_json, verbose, log_file):
+def dump(
+    pid,
+    images_dir,
+    leave_running,
+    leave_stopped,
+    tracker,
+    prev_images_dir,
+    track_mem,
+    freeze_cgroup,
+    as_json,
+    verbose,
+    log_file,
+):
     """Checkpoint the process tree rooted at PID into IMAGES_DIR.
 
     Every thread of every descendant is frozen with PTRACE_SEIZE/INTERRUPT for the
@@ -84,9 +120,15 @@ def dump(pid, images_dir, leave_running, leave_stopped, tracker, prev_images_dir
     from checkpointer.dump import dump as do_dump
 
     setup_logging(verbose, log_file)
-    req = DumpRequest(pid=pid, images_dir=images_dir, prev_images_dir=prev_images_dir,
-                      tracker=tracker, track_mem=track_mem,
-                      thaw=thaw_mode(leave_running, leave_stopped), cgroup=freeze_cgroup)
+    req = DumpRequest(
+        pid=pid,
+        images_dir=images_dir,
+        prev_images_dir=prev_images_dir,
+        tracker=tracker,
+        track_mem=track_mem,
+        thaw=thaw_mode(leave_running, leave_stopped),
+        cgroup=freeze_cgroup,
+    )
     print_dump_result(do_dump(req), as_json)
 
 
@@ -109,8 +151,9 @@ def pre_dump_cmd(pid, images_dir, tracker, prev_images_dir, as_json, verbose, lo
     from checkpointer.dump import DumpRequest, pre_dump
 
     setup_logging(verbose, log_file)
-    req = DumpRequest(pid=pid, images_dir=images_dir, prev_images_dir=prev_images_dir,
-                      tracker=tracker)
+    req = DumpRequest(
+        pid=pid, images_dir=images_dir, prev_images_dir=prev_images_dir, tracker=tracker
+    )
     print_dump_result(pre_dump(req), as_json)
 
 
@@ -119,19 +162,44 @@ def pre_dump_cmd(pid, images_dir, tracker, prev_images_dir, as_json, verbose, lo
 @dir_option
 @tracker_option
 @click.option("--max-iterations", default=8, show_default=True, help="Pre-dumps at most.")
-@click.option("--min-pages", default=64, show_default=True,
-              help="Stop when an iteration writes this many pages or fewer.")
-@click.option("--max-grow", default=10.0, show_default=True,
-              help="Stop when an iteration writes this many percent more than the last.")
-@click.option("--max-downtime-ms", default=300.0, show_default=True,
-              help="Stop when the predicted final dump fits in this time.")
+@click.option(
+    "--min-pages",
+    default=64,
+    show_default=True,
+    help="Stop when an iteration writes this many pages or fewer.",
+)
+@click.option(
+    "--max-grow",
+    default=10.0,
+    show_default=True,
+    help="Stop when an iteration writes this many percent more than the last.",
+)
+@click.option(
+    "--max-downtime-ms",
+    default=300.0,
+    show_default=True,
+    help="Stop when the predicted final dump fits in this time.",
+)
 @click.option("--interval-ms", default=0.0, show_default=True, help="Pause between pre-dumps.")
 @leave_options
 @click.option("--json", "as_json", is_flag=True, help="Print the iterations and summary as JSON.")
 @verbose_option
 @log_option
-def converge(pid, images_dir, tracker, max_iterations, min_pages, max_grow, max_downtime_ms,
-             interval_ms, leave_running, leave_stopped, as_json, verbose, log_file):
+def converge(
+    pid,
+    images_dir,
+    tracker,
+    max_iterations,
+    min_pages,
+    max_grow,
+    max_downtime_ms,
+    interval_ms,
+    leave_running,
+    leave_stopped,
+    as_json,
+    verbose,
+    log_file,
+):
     """Pre-dump until little is left, then one short frozen final dump.
 
     Writes IMAGES_DIR/pre-1, pre-2, ... each linked to the previous one, and the
@@ -142,13 +210,22 @@ def converge(pid, images_dir, tracker, max_iterations, min_pages, max_grow, max_
     from checkpointer.converge import converge as do_converge
 
     setup_logging(verbose, log_file)
-    opts = ConvergeOptions(pid=pid, images_dir=images_dir, tracker=tracker,
-                           max_iterations=max_iterations, min_pages=min_pages,
-                           max_grow=max_grow, max_downtime_ms=max_downtime_ms,
-                           interval_ms=interval_ms, thaw=thaw_mode(leave_running, leave_stopped))
+    opts = ConvergeOptions(
+        pid=pid,
+        images_dir=images_dir,
+        tracker=tracker,
+        max_iterations=max_iterations,
+        min_pages=min_pages,
+        max_grow=max_grow,
+        max_downtime_ms=max_downtime_ms,
+        interval_ms=interval_ms,
+        thaw=thaw_mode(leave_running, leave_stopped),
+    )
     if not as_json:
-        click.echo(f"{'iter':>4} {'kind':<8} {'pages':>9} {'MB':>8} {'ms':>8} "
-                   f"{'frozen ms':>9} {'dirty pages/s':>13}")
+        click.echo(
+            f"{'iter':>4} {'kind':<8} {'pages':>9} {'MB':>8} {'ms':>8} "
+            f"{'frozen ms':>9} {'dirty pages/s':>13}"
+        )
     result = do_converge(opts, None if as_json else _print_iteration)
     if as_json:
         click.echo(json.dumps(result.to_json()))
@@ -164,9 +241,11 @@ def converge(pid, images_dir, tracker, max_iterations, min_pages, max_grow, max_
 
 
 def _print_iteration(it) -> None:
-    click.echo(f"{it.number:>4} {it.kind:<8} {it.pages_written:>9} "
-               f"{it.bytes_written / 1e6:>8.1f} {it.duration_ms:>8.1f} {it.frozen_ms:>9.2f} "
-               f"{it.dirty_rate_pages_s:>13.0f}")
+    click.echo(
+        f"{it.number:>4} {it.kind:<8} {it.pages_written:>9} "
+        f"{it.bytes_written / 1e6:>8.1f} {it.duration_ms:>8.1f} {it.frozen_ms:>9.2f} "
+        f"{it.dirty_rate_pages_s:>13.0f}"
+    )
 
 
 @main.command(cls=CheckedCommand)

@@ -231,6 +231,18 @@ def count_pages(runs: list[tuple[int, int]]) -> int:
     return sum(n for _, n in runs)
 
 
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Join touching (start, end) ranges of a sorted list (scan regions split on
+    category changes)."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in ranges:
+        if out and out[-1][1] == lo:
+            out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return out
+
+
 # --- reading ------------------------------------------------------------------------
 
 
@@ -276,30 +288,56 @@ class Pagemap:
         return data
 
     def data_runs(self, start: int, end: int) -> list[tuple[int, int]]:
-        """data_runs() of [start, end).
-
-        PAGEMAP_SCAN returns the ranges directly, at a cost that follows the number
-        of ranges rather than pages (3-4x faster over a populated GiB). It cannot tell
-        a real swap entry from a uffd-wp marker, so a VMA with swapped pages, and a
-        kernel without PAGEMAP_SCAN, take the bulk pagemap read instead.
-        """
-        if Pagemap._scan_works:
-            try:
-                regions = self.scan(
-                    start,
-                    end,
-                    category_inverted=PAGE_IS_FILE | PAGE_IS_PFNZERO,
-                    category_mask=PAGE_IS_FILE | PAGE_IS_PFNZERO,
-                    anyof_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-                    return_mask=PAGE_IS_SWAPPED,
-                )
-                if not any(cat & PAGE_IS_SWAPPED for _, _, cat in regions):
-                    return [(lo, hi) for lo, hi, _ in regions]
-            except OSError as err:
-                if err.errno not in (errno.ENOTTY, errno.EINVAL):
-                    raise
-                Pagemap._scan_works = False  # this kernel predates PAGEMAP_SCAN
+        """data_runs() of [start, end)."""
+        regions = self._scan_data(start, end, 0)
+        if regions is not None:
+            return _merge([(lo, hi) for lo, hi, _ in regions])
         return data_runs(self.read(start, end), start)
+
+    def data_and_soft_dirty(
+        self, start: int, end: int
+    ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """(data_runs, the soft-dirty ones among them) of [start, end), in one walk."""
+        regions = self._scan_data(start, end, PAGE_IS_SOFT_DIRTY)
+        if regions is not None:
+            data = _merge([(lo, hi) for lo, hi, _ in regions])
+            dirty = _merge([(lo, hi) for lo, hi, cat in regions if cat & PAGE_IS_SOFT_DIRTY])
+            return data, dirty
+        entries = self.read(start, end)
+        mask = present_mask(entries, exclude_file=True, exclude_pfn=zero_page_pfn())
+        dirty_mask = _and(mask, entries[6::8].translate(_T_SOFT_DIRTY))
+        return _ranges(mask, start), _ranges(dirty_mask, start)
+
+    def _scan_data(
+        self, start: int, end: int, categories: int
+    ) -> list[tuple[int, int, int]] | None:
+        """PAGEMAP_SCAN for data pages (present or swapped, not file, not the zero
+        page), reporting `categories`; None where the bulk read must answer instead.
+
+        The scan returns ranges directly, at a cost that follows the number of
+        ranges rather than pages (3-4x faster over a populated GiB). It cannot tell a
+        real swap entry from a uffd-wp marker, so a VMA with swapped pages takes the
+        bulk read, and so does a kernel without PAGEMAP_SCAN (before 6.7).
+        """
+        if not Pagemap._scan_works:
+            return None
+        try:
+            regions = self.scan(
+                start,
+                end,
+                category_inverted=PAGE_IS_FILE | PAGE_IS_PFNZERO,
+                category_mask=PAGE_IS_FILE | PAGE_IS_PFNZERO,
+                anyof_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+                return_mask=PAGE_IS_SWAPPED | categories,
+            )
+        except OSError as err:
+            if err.errno not in (errno.ENOTTY, errno.EINVAL):
+                raise
+            Pagemap._scan_works = False
+            return None
+        if any(cat & PAGE_IS_SWAPPED for _, _, cat in regions):
+            return None
+        return regions
 
     def written_and_protect(self, start: int, end: int) -> list[tuple[int, int]]:
         """uffd-wp read-and-reset: [(start, end)] written since the last reset, and

@@ -42,8 +42,8 @@ class Tracker(ABC):
         """Why tracking state from an earlier run cannot be trusted, or None."""
         return None
 
-    def untrack(self, pid: int, state: dict, stopped_tid: int | None) -> None:
+    def untrack(self, pid: int, state: dict, stopped_tid: int | None) -> None:  # noqa: B027
         """Remove every trace of tracking from the target."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook)
         """Release what the tool holds (file descriptors)."""

@@ -1,7 +1,8 @@
 """Soft-dirty tracking, as Documentation/admin-guide/mm/soft-dirty.rst describes.
 
 Reset: write "4" to /proc/PID/clear_refs. Query: bit 55 of each
-/proc/PID/pagemap entry. New and expanded VMAs read as soft-dirty, so memory
+/proc/PID/pagemap entry (read in bulk), or PAGEMAP_SCAN's PAGE_IS_SOFT_DIRTY
+where the kernel has it. New and expanded VMAs read as soft-dirty, so memory
 unmapped and mapped again at the same address is caught. Query and reset run
 while the tree is frozen, as in CRIU; the pages themselves may be copied after
 the thaw, because a page written after the reset is dirty again next time.
@@ -22,9 +23,9 @@ class SoftDirtyTracker(Tracker):
         result = {}
         with pagemap.Pagemap(pid) as pm:
             for vma in vmas:
-                entries = pm.read(vma.start, vma.end)
-                present = pagemap.data_runs(entries, vma.start)
-                dirty = pagemap.soft_dirty_ranges(entries, vma.start) if incremental else None
-                result[vma.start] = VmaPages(present, dirty)
+                # Dirty pages among the data pages (a clean file page of a new,
+                # soft-dirty VMA is in its file, not a page to copy).
+                present, dirty = pm.data_and_soft_dirty(vma.start, vma.end)
+                result[vma.start] = VmaPages(present, dirty if incremental else None)
         pagemap.clear_soft_dirty(pid)
         return result

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import os
 
+from checkpointer.collect import read_vmas
 from checkpointer.errors import TargetError
 from checkpointer.freezer import stopped_thread
-from checkpointer.collect import read_vmas
 from checkpointer.kernel import pagemap, uffd
 from checkpointer.pageruns import Range, clip
 from checkpointer.trackers.base import Tracker, VmaPages
