@@ -21,7 +21,7 @@ from checkpointer import collect, trackstate
 from checkpointer.copier import PageCopier, Segment
 from checkpointer.errors import TargetError
 from checkpointer.freezer import Freezer, FrozenTree, Thaw
-from checkpointer.images import Dump, DumpWriter
+from checkpointer.images import FROZEN_LEVEL, PAGE_LEVEL, Dump, DumpWriter
 from checkpointer.kernel import proc
 from checkpointer.kernel.pagemap import PAGE_SIZE
 from checkpointer.pageruns import Range, normalize, subtract, total
@@ -44,9 +44,17 @@ class DumpRequest:
     cgroup: str | None = None
     progress: bool | None = None  # None: only when stderr is a terminal
     iteration: int | None = None
+    # zstd level of page data; None: fast for a frozen dump, smaller for a pre-dump
+    compress_level: int | None = None
 
     def __post_init__(self) -> None:
         self.images_dir = Path(self.images_dir)
+
+    @property
+    def page_level(self) -> int:
+        if self.compress_level is not None:
+            return self.compress_level
+        return FROZEN_LEVEL if self.kind == "dump" else PAGE_LEVEL
 
 
 @dataclass
@@ -106,7 +114,9 @@ class _Pass:
         freeze = req.kind == "dump" or (self.tracker is not None and self.tracker.freezes_pre_dump)
         freezer = Freezer(req.pid, thaw=req.thaw, cgroup=req.cgroup)
         try:
-            with DumpWriter(req.images_dir, kind=req.kind, parent=self.parent_link) as writer:
+            with DumpWriter(
+                req.images_dir, kind=req.kind, parent=self.parent_link, level=req.page_level
+            ) as writer:
                 tree = self._freeze(freezer) if freeze else _live_tree(req.pid)
                 frozen_at = time.monotonic()
                 vmas = {pid: collect.read_vmas(pid) for pid in tree.pids}

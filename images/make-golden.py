@@ -154,7 +154,8 @@ def d(tag, *ns):
 def dump1():
     return [
         ("pid-100", [
-            ("add_data", 0x10000, d("a1", 0, 1, 2, 3) + bytes(2 * PS)),  # 4 here, 2 zero
+            ("add_data", 0x10000, d("a1", 0, 1, 2, 3)),  # 4 here
+            ("add_zero", 0x14000, 2),  # then 4 zero pages
             ("add_zero", 0x16000, 2),
             ("add_data", 0x18000, d("a1", 8)),
             ("add_data", 0x500000, d("h1", 0, 1)),

@@ -70,8 +70,9 @@ def test_writer_rejects_bad_records(tmp_path):
 
 
 def test_page_runs_zero_detection_merge_and_frames(tmp_path):
+    """Zero stretches are found per block of ZERO_BLOCK_PAGES (8) pages."""
     path = str(tmp_path / "d")
-    data = bytearray(pg(1, 3) + bytes(2 * PS) + pg(9, 1))
+    data = bytearray(pg(1, 8) + bytes(8 * PS) + pg(9, 1))
     vmas = [s.vma_rec(0x100000, 0x200000)]
     with DumpWriter(path, frame_size=2 * PS) as w:
         w.write_pstree([s.pstree_rec(5)])
@@ -80,36 +81,36 @@ def test_page_runs_zero_detection_merge_and_frames(tmp_path):
         pw = w.open_pages("pid-5")
         pw.add_data(0x100000, data)
         data[:] = b"\xee" * len(data)  # caller reuses its buffer
-        pw.add_data(0x106000, memoryview(pg(20, 2)))  # contiguous with the previous "here"
-        pw.add_zero(0x108000, 2)
-        pw.add_zero(0x10A000, 1)  # merges
-        pw.add_parent(0x110000, 4)
+        pw.add_data(0x111000, memoryview(pg(20, 2)))  # contiguous with the previous "here"
+        pw.add_zero(0x113000, 2)
+        pw.add_zero(0x115000, 1)  # merges
+        pw.add_parent(0x118000, 4)
         with pytest.raises(ValueError, match="increasing address order"):
             pw.add_data(0x100000, pg(1))
         with pytest.raises(ValueError, match="page aligned"):
             pw.add_zero(0x120001, 1)
         st = pw.close()
-        assert st == (6, 5, 4, 6 * PS, st.bytes_compressed)
+        assert st == (11, 11, 4, 11 * PS, st.bytes_compressed)
         w.commit()
     d = Dump.open(path)
     assert list(d.page_runs("pid-5")) == [
-        PageRun(0x100000, 3, "here", 0),
-        PageRun(0x103000, 2, "zero", None),
-        PageRun(0x105000, 3, "here", 3 * PS),
-        PageRun(0x108000, 3, "zero", None),
-        PageRun(0x110000, 4, "parent", None),
+        PageRun(0x100000, 8, "here", 0),
+        PageRun(0x108000, 8, "zero", None),
+        PageRun(0x110000, 3, "here", 8 * PS),
+        PageRun(0x113000, 3, "zero", None),
+        PageRun(0x118000, 4, "parent", None),
     ]
     pm = d.pagemap("pid-5")
-    assert len(pm.f_off) == 3 and list(pm.f_rlen) == [2 * PS, 2 * PS, 2 * PS]
-    got = d.read_memory(5, 0x100000, 11 * PS)
-    assert got == pg(1, 3) + bytes(2 * PS) + pg(9, 1) + pg(20, 2) + bytes(3 * PS)
+    assert len(pm.f_off) == 6 and list(pm.f_rlen) == [2 * PS] * 5 + [PS]
+    got = d.read_memory(5, 0x100000, 22 * PS)
+    assert got == pg(1, 8) + bytes(8 * PS) + pg(9, 1) + pg(20, 2) + bytes(3 * PS)
     # unaligned read across a frame boundary
     assert d.read_memory(5, 0x101800, 0x1000) == pg(2)[:0x800] + pg(3)[:0x800]
     # never populated anon page inside the VMA reads as zeros
     assert d.read_memory(5, 0x150000, 16) == bytes(16)
     # flagged parent but no parent
     with pytest.raises(ImageError, match="flagged as in a parent, but the dump has no parent"):
-        d.read_memory(5, 0x110000, 1)
+        d.read_memory(5, 0x118000, 1)
     with pytest.raises(ImageError, match="0x200000-0x200010 is not mapped in pid 5"):
         d.read_memory(5, 0x1FFFF0, 0x20)
 
@@ -175,11 +176,16 @@ def test_parent_must_be_complete(tmp_path):
 
 @pytest.mark.parametrize("pos", [0, 1, 2047, 2048, 4094, 4095])
 def test_almost_zero_pages_are_data(tmp_path, pos):
+    """One non-zero byte anywhere keeps its block of pages stored as data."""
     page = bytearray(PS)
     page[pos] = 0x5A
-    vmas = [s.vma_rec(0x10000, 0x14000)]
-    data = bytes(PS) + bytes(page) + bytes(PS)
+    vmas = [s.vma_rec(0x10000, 0x30000)]
+    data = bytes(8 * PS) + bytes(page) + bytes(7 * PS) + bytes(8 * PS)
     p = s.write_simple(str(tmp_path / "d"), 2, vmas, {"pid-2": [("add_data", 0x10000, data)]})
     d = Dump.open(p)
-    assert [r.where for r in d.page_runs("pid-2")] == ["zero", "here", "zero"]
-    assert d.read_memory(2, 0x10000, 3 * PS) == data
+    assert [(r.where, r.nr) for r in d.page_runs("pid-2")] == [
+        ("zero", 8),
+        ("here", 8),
+        ("zero", 8),
+    ]
+    assert d.read_memory(2, 0x10000, 24 * PS) == data

@@ -226,11 +226,6 @@ def test_unprivileged_user_refused_a_root_process(spawn, nobody_dir, command):
     assert t.alive()
 
 
-@pytest.mark.xfail(
-    reason="open finding: the tool running as nobody gets EACCES on its own "
-    "process's /proc/PID/pagemap (a plain open as nobody works)",
-    strict=False,
-)
 def test_unprivileged_user_dumps_its_own_process(nobody_dir):
     scope = _ptrace_scope()
     if scope is not None and scope >= 1:

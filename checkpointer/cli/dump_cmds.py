@@ -32,6 +32,12 @@ tracker_option = click.option(
     help="Dirty-page tracker; auto picks soft-dirty, else uffd-wp, else full.",
 )
 verbose_option = click.option("-v", "--verbose", count=True, help="Log more (-vv: debug).")
+level_option = click.option(
+    "--compress-level",
+    type=click.IntRange(-131072, 22),
+    default=None,
+    help="zstd level of page data [default: -50 for a frozen dump, -1 for a pre-dump].",
+)
 log_option = click.option("-o", "--log-file", type=click.Path(), help="Write the log here.")
 
 
@@ -95,6 +101,7 @@ def print_dump_result(res, as_json: bool = False) -> None:
     help="Freeze this cgroup v2 (cgroup.freeze) first: for whole containers.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@level_option
 @verbose_option
 @log_option
 def dump(
@@ -107,6 +114,7 @@ def dump(
     track_mem,
     freeze_cgroup,
     as_json,
+    compress_level,
     verbose,
     log_file,
 ):
@@ -128,6 +136,7 @@ def dump(
         track_mem=track_mem,
         thaw=thaw_mode(leave_running, leave_stopped),
         cgroup=freeze_cgroup,
+        compress_level=compress_level,
     )
     print_dump_result(do_dump(req), as_json)
 
@@ -138,9 +147,12 @@ def dump(
 @tracker_option
 @click.option("--prev-images-dir", help="Parent dump, relative to the images dir (as in CRIU).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@level_option
 @verbose_option
 @log_option
-def pre_dump_cmd(pid, images_dir, tracker, prev_images_dir, as_json, verbose, log_file):
+def pre_dump_cmd(
+    pid, images_dir, tracker, prev_images_dir, as_json, compress_level, verbose, log_file
+):
     """Copy the memory of a running tree, leaving it running.
 
     Without a parent: every present page, and tracking is reset. With
@@ -152,7 +164,11 @@ def pre_dump_cmd(pid, images_dir, tracker, prev_images_dir, as_json, verbose, lo
 
     setup_logging(verbose, log_file)
     req = DumpRequest(
-        pid=pid, images_dir=images_dir, prev_images_dir=prev_images_dir, tracker=tracker
+        pid=pid,
+        images_dir=images_dir,
+        prev_images_dir=prev_images_dir,
+        tracker=tracker,
+        compress_level=compress_level,
     )
     print_dump_result(pre_dump(req), as_json)
 

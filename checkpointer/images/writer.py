@@ -18,6 +18,7 @@ from checkpointer.images.pagewriter import (
     PageStats,
     PageWriter,
     fsync_dir,
+    fsync_files,
     write_file,
 )
 
@@ -232,6 +233,7 @@ class DumpWriter:
         schema.check("inventory", inv, self.final_dir)
         self._write_records("inventory", "inventory", [inv])
         self._pool.shutdown(wait=True)
+        fsync_files(self.tmp_dir)
         fsync_dir(self.tmp_dir)
         os.chmod(self.tmp_dir, self._final_mode)
         try:
