@@ -24,7 +24,7 @@ from checkpointer.freezer import Freezer, FrozenTree, Thaw
 from checkpointer.images import FROZEN_LEVEL, PAGE_LEVEL, Dump, DumpWriter
 from checkpointer.kernel import proc
 from checkpointer.kernel.pagemap import PAGE_SIZE
-from checkpointer.pageruns import Range, normalize, subtract, total
+from checkpointer.pageruns import Range, normalize, subtract
 from checkpointer.progress import Progress
 from checkpointer.trackers import FullTracker, Tracker, VmaPages, make_tracker
 from checkpointer.vmas import Policy, Vma
@@ -117,9 +117,12 @@ class _Pass:
             with DumpWriter(
                 req.images_dir, kind=req.kind, parent=self.parent_link, level=req.page_level
             ) as writer:
+                # The memory maps with their smaps flags, read while the tree still
+                # runs; a frozen pass re-reads only the cheap maps file (collect.py).
+                known = {pid: _vmas_or_none(pid) for pid in _live_tree(req.pid).pids}
                 tree = self._freeze(freezer) if freeze else _live_tree(req.pid)
                 frozen_at = time.monotonic()
-                vmas = {pid: collect.read_vmas(pid) for pid in tree.pids}
+                vmas = {pid: collect.read_vmas(pid, known.get(pid)) for pid in tree.pids}
                 self._write_state(writer, tree, vmas)
                 log.debug("state collected in %d us", _us_since(frozen_at))
                 pages = self._track(tree, vmas, frozen=freeze)
@@ -248,10 +251,9 @@ class _Pass:
     def _copy(self, writer: DumpWriter, tree: FrozenTree, vmas: dict, pages: dict) -> dict:
         plans = {f"pid-{pid}": _private_plan(pid, vmas[pid], pages[pid]) for pid in tree.pids}
         plans.update(_shared_plans(vmas))
-        scanned = sum(total([(s.start, s.end) for s in plan]) for plan in plans.values())
-        to_read = sum(
-            total([(s.start, s.end) for s in plan if s.where == "data"]) for plan in plans.values()
-        )
+        segments = [seg for plan in plans.values() for seg in plan]
+        scanned = sum(seg.end - seg.start for seg in segments)
+        to_read = sum(seg.end - seg.start for seg in segments if seg.where == "data")
         progress = Progress(to_read // PAGE_SIZE, PAGE_SIZE, self.req.progress)
         copier = PageCopier(PAGE_SIZE, progress, partial_ok=self.req.kind == "pre-dump")
         counts = {
@@ -414,6 +416,13 @@ def _gone(pid: int, wait: float = 1.0) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.01)
+
+
+def _vmas_or_none(pid: int) -> list[Vma] | None:
+    try:
+        return collect.read_vmas(pid)
+    except TargetError:
+        return None  # exited meanwhile: the frozen pass finds out
 
 
 def _us_since(t: float) -> int:
