@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from checkpointer import collect, trackstate
-from checkpointer.copier import PageCopier, Segment
+from checkpointer.copier import PageCopier
 from checkpointer.errors import TargetError
 from checkpointer.freezer import Freezer, FrozenTree, Thaw
 from checkpointer.images import FROZEN_LEVEL, PAGE_LEVEL, Dump, DumpWriter
 from checkpointer.kernel import proc
 from checkpointer.kernel.pagemap import PAGE_SIZE
-from checkpointer.pageruns import Range, normalize, subtract
+from checkpointer.plan import ParentPages, private_plan, shared_plans
 from checkpointer.progress import Progress
 from checkpointer.trackers import FullTracker, Tracker, VmaPages, make_tracker
 from checkpointer.vmas import Policy, Vma
@@ -249,8 +249,8 @@ class _Pass:
         }
 
     def _copy(self, writer: DumpWriter, tree: FrozenTree, vmas: dict, pages: dict) -> dict:
-        plans = {f"pid-{pid}": _private_plan(pid, vmas[pid], pages[pid]) for pid in tree.pids}
-        plans.update(_shared_plans(vmas))
+        plans = {f"pid-{pid}": private_plan(pid, vmas[pid], pages[pid]) for pid in tree.pids}
+        plans.update(shared_plans(vmas))
         segments = [seg for plan in plans.values() for seg in plan]
         scanned = sum(seg.end - seg.start for seg in segments)
         to_read = sum(seg.end - seg.start for seg in segments if seg.where == "data")
@@ -270,7 +270,7 @@ class _Pass:
             for owner, plan in plans.items():
                 page_writer = writer.open_pages(owner)
                 parent_reader = (
-                    _ParentPages(self.parent, owner)
+                    ParentPages(self.parent, owner)
                     if (compare and owner.startswith("pid-"))
                     else None
                 )
@@ -327,61 +327,6 @@ class _Pass:
 
     def _tracker_name(self) -> str:
         return self.tracker.name if self.tracker else "none"
-
-
-def _private_plan(pid: int, vmas: list[Vma], pages: dict[int, VmaPages]) -> list[Segment]:
-    """Segments of one process's own memory, in address order."""
-    plan: list[Segment] = []
-    for vma in vmas:
-        if vma.policy is Policy.WHOLE:
-            plan.append(Segment(vma.start, vma.end, "data", pid, vma.start))
-            continue
-        if vma.policy is not Policy.PRIVATE:
-            continue
-        vp = pages[vma.start]
-        if vp.dirty is None:
-            data, held = vp.present, []
-        else:
-            # Dirty pages are copied even if they were not present a moment ago;
-            # present pages that were not written are the parent's.
-            data = normalize(vp.dirty)
-            held = subtract(vp.present, data)
-        segs = [Segment(s, e, "data", pid, s) for s, e in data]
-        segs += [Segment(s, e, "parent", pid, s) for s, e in held]
-        plan.extend(sorted(segs, key=lambda seg: seg.start))
-    return plan
-
-
-def _shared_plans(vmas: dict[int, list[Vma]]) -> dict[str, list[Segment]]:
-    """Each shared object once, whole, read through whichever process maps each part."""
-    plans: dict[str, list[Segment]] = {}
-    covered: dict[str, list[Range]] = {}
-    for pid, pid_vmas in vmas.items():
-        for vma in pid_vmas:
-            owner = vma.shmem_owner
-            if owner is None:
-                continue
-            span = [(vma.offset, vma.offset + vma.size)]
-            for s, e in subtract(span, covered.get(owner, [])):
-                plans.setdefault(owner, []).append(
-                    Segment(s, e, "data", pid, vma.start + (s - vma.offset))
-                )
-            covered[owner] = normalize(covered.get(owner, []) + span)
-    return {owner: sorted(plan, key=lambda s: s.start) for owner, plan in plans.items()}
-
-
-class _ParentPages:
-    """What the parent chain holds for one owner, for content comparison."""
-
-    def __init__(self, parent: Dump, owner: str) -> None:
-        self.parent = parent
-        self.pid = int(owner.split("-", 1)[1])
-        self.held: list[Range] = normalize(
-            [(r.addr, r.addr + r.nr * PAGE_SIZE) for r in parent.page_runs(owner)]
-        )
-
-    def read(self, addr: int, size: int) -> bytes:
-        return self.parent.read_memory(self.pid, addr, size)
 
 
 def _live_tree(root: int) -> FrozenTree:

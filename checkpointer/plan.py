@@ -1,0 +1,69 @@
+"""Where each page of a dump goes: copied ("data") or held by the parent.
+
+The trackers say which pages are present and which are dirty; these functions turn
+that into Segments, in address order per memory owner, for the page copier.
+"""
+
+from __future__ import annotations
+
+from checkpointer.copier import Segment
+from checkpointer.images import Dump
+from checkpointer.kernel.pagemap import PAGE_SIZE
+from checkpointer.pageruns import Range, normalize, subtract
+from checkpointer.trackers import VmaPages
+from checkpointer.vmas import Policy, Vma
+
+
+def private_plan(pid: int, vmas: list[Vma], pages: dict[int, VmaPages]) -> list[Segment]:
+    """Segments of one process's own memory, in address order."""
+    plan: list[Segment] = []
+    for vma in vmas:
+        if vma.policy is Policy.WHOLE:
+            plan.append(Segment(vma.start, vma.end, "data", pid, vma.start))
+            continue
+        if vma.policy is not Policy.PRIVATE:
+            continue
+        vp = pages[vma.start]
+        if vp.dirty is None:
+            data, held = vp.present, []
+        else:
+            # Dirty pages are copied even if they were not present a moment ago;
+            # present pages that were not written are the parent's.
+            data = normalize(vp.dirty)
+            held = subtract(vp.present, data)
+        segs = [Segment(s, e, "data", pid, s) for s, e in data]
+        segs += [Segment(s, e, "parent", pid, s) for s, e in held]
+        plan.extend(sorted(segs, key=lambda seg: seg.start))
+    return plan
+
+
+def shared_plans(vmas: dict[int, list[Vma]]) -> dict[str, list[Segment]]:
+    """Each shared object once, whole, read through whichever process maps each part."""
+    plans: dict[str, list[Segment]] = {}
+    covered: dict[str, list[Range]] = {}
+    for pid, pid_vmas in vmas.items():
+        for vma in pid_vmas:
+            owner = vma.shmem_owner
+            if owner is None:
+                continue
+            span = [(vma.offset, vma.offset + vma.size)]
+            for s, e in subtract(span, covered.get(owner, [])):
+                plans.setdefault(owner, []).append(
+                    Segment(s, e, "data", pid, vma.start + (s - vma.offset))
+                )
+            covered[owner] = normalize(covered.get(owner, []) + span)
+    return {owner: sorted(plan, key=lambda s: s.start) for owner, plan in plans.items()}
+
+
+class ParentPages:
+    """What the parent chain holds for one owner, for content comparison."""
+
+    def __init__(self, parent: Dump, owner: str) -> None:
+        self.parent = parent
+        self.pid = int(owner.split("-", 1)[1])
+        self.held: list[Range] = normalize(
+            [(r.addr, r.addr + r.nr * PAGE_SIZE) for r in parent.page_runs(owner)]
+        )
+
+    def read(self, addr: int, size: int) -> bytes:
+        return self.parent.read_memory(self.pid, addr, size)
