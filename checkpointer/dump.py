@@ -143,7 +143,10 @@ class _Pass:
                 writer.write_stats(stats)
                 # A pre-dump tolerates short reads of a running tree (a VMA unmapped
                 # meanwhile), so a root that died mid-copy would commit a hollow dump.
-                if _gone(req.pid, wait=0) or collect.start_time(req.pid) != start_time:
+                # (A dump read everything frozen: the target may exit once let go.)
+                if req.kind == "pre-dump" and (
+                    _gone(req.pid, wait=0) or collect.start_time(req.pid) != start_time
+                ):
                     raise TargetError(f"process {req.pid} exited during the {req.kind}")
                 writer.commit(self._inventory(tree, start_time))
         except BaseException:
