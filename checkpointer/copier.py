@@ -100,13 +100,19 @@ class PageCopier:
         unchanged: list[Range] = []
         for hs, he in held:
             old = parent_reader.read(hs, he - hs)
+            # As bytes: comparing memoryview slices goes element by element, ~6x
+            # slower than the memcmp that bytes get.
+            new = data[hs - start : he - start].tobytes()
+            if new == old:  # the common case: nothing in this run changed
+                unchanged.append((hs, he))
+                continue
             run_start = None
-            for addr in range(hs, he, ps):
-                same = data[addr - start : addr - start + ps] == old[addr - hs : addr - hs + ps]
+            for off in range(0, he - hs, ps):
+                same = new[off : off + ps] == old[off : off + ps]
                 if same and run_start is None:
-                    run_start = addr
+                    run_start = hs + off
                 elif not same and run_start is not None:
-                    unchanged.append((run_start, addr))
+                    unchanged.append((run_start, hs + off))
                     run_start = None
             if run_start is not None:
                 unchanged.append((run_start, he))
