@@ -84,7 +84,8 @@ def run(req: DumpRequest) -> DumpResult:
         try:
             return _Pass(req).run()
         except (OSError, TargetError) as err:
-            if _gone(req.pid):
+            # A traced process killed mid-dump stays a zombie until we detach.
+            if proc.wait_exited(req.pid, timeout=1.0):
                 raise TargetError(
                     f"process {req.pid} exited during the {req.kind}; no image was written"
                 ) from err
@@ -145,7 +146,8 @@ class _Pass:
                 # meanwhile), so a root that died mid-copy would commit a hollow dump.
                 # (A dump read everything frozen: the target may exit once let go.)
                 if req.kind == "pre-dump" and (
-                    _gone(req.pid, wait=0) or collect.start_time(req.pid) != start_time
+                    proc.wait_exited(req.pid, timeout=0)
+                    or collect.start_time(req.pid) != start_time
                 ):
                     raise TargetError(f"process {req.pid} exited during the {req.kind}")
                 writer.commit(self._inventory(tree, start_time))
@@ -347,23 +349,6 @@ def _live_tree(root: int) -> FrozenTree:
             if pid == root:
                 raise
     return tree
-
-
-def _gone(pid: int, wait: float = 1.0) -> bool:
-    """Has pid exited (after a failure)? A zombie counts: a traced process killed
-    mid-dump stays one until we detach, so /proc/PID alone would hide why the copy
-    failed. A killed process loses its memory before it becomes a zombie, so give
-    it a moment to get there."""
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            if proc.read_state(pid) in "ZX":
-                return True
-        except (TargetError, OSError):
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.01)
 
 
 def _vmas_or_none(pid: int) -> list[Vma] | None:

@@ -139,7 +139,7 @@ class Freezer:
         try:
             ptrace.seize(tid)
         except TargetError:
-            if _exiting(pid, tid):
+            if proc.wait_exited(pid, tid):
                 return  # the task ended between the scan and the seize
             raise
         self._seized.append(tid)
@@ -223,24 +223,6 @@ class Freezer:
             raise TargetError(f"process {self.root} is not in cgroup {self.cgroup}")
         # The root first, as in a tree walk; the rest in pid order.
         return sorted(pids, key=lambda p: (p != self.root, p))
-
-
-def _exiting(pid: int, tid: int) -> bool:
-    """Is the task gone or on its way out? The kernel refuses to seize a task
-    already in exit (EPERM) a moment before it shows as a zombie, so give it a
-    short while to show."""
-    deadline = time.monotonic() + 0.2
-    while True:
-        if not proc.task_exists(pid, tid):
-            return True
-        try:
-            if proc.read_task_state(pid, tid) in ("Z", "X"):
-                return True
-        except TargetError:
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from typing import NamedTuple
 
 from checkpointer.errors import TargetError
@@ -161,6 +162,24 @@ def read_stat(pid: int, tid: int | None = None, *, brk: bool = True) -> ProcStat
 def read_state(pid: int, tid: int | None = None) -> str:
     """Just the one-letter state from stat (R, S, D, T, t, Z, X...)."""
     return read_stat(pid, tid, brk=False).state
+
+
+def wait_exited(pid: int, tid: int | None = None, timeout: float = 0.2) -> bool:
+    """Is the process (or its thread tid) gone or dying, i.e. a zombie or dead?
+
+    Waits up to `timeout` for it to show: a task in exit already refuses ptrace
+    (EPERM) and has lost its memory a moment before /proc calls it a zombie.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if read_state(pid, tid) in ("Z", "X"):
+                return True
+        except TargetError:
+            return True  # reaped
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
 
 
 def read_task_state(pid: int, tid: int) -> str:

@@ -26,6 +26,7 @@ from ptrace.binding.linux_struct import user_regs_struct
 from ptrace.error import PtraceError
 
 from checkpointer.errors import TargetError
+from checkpointer.kernel import proc
 
 PTRACE_CONT = 7
 PTRACE_SINGLESTEP = 9
@@ -94,21 +95,14 @@ def _ptrace(cmd: int, tid: int, addr: int = 0, data: int = 0, what: str = "ptrac
 def _tracer_of(tid: int) -> tuple[int, str]:
     """TracerPid of tid and that tracer's comm (0, "" if not traced or unreadable)."""
     try:
-        with open(f"/proc/{tid}/status") as f:
-            for line in f:
-                if line.startswith("TracerPid:"):
-                    tracer = int(line.split()[1])
-                    break
-            else:
-                return 0, ""
-    except OSError:
+        tracer = proc.tracer_pid(tid)
+    except TargetError:
         return 0, ""
     if not tracer:
         return 0, ""
     try:
-        with open(f"/proc/{tracer}/comm") as f:
-            return tracer, f.read().strip()
-    except OSError:
+        return tracer, proc.read_comm(tracer)
+    except TargetError:
         return tracer, "?"
 
 
