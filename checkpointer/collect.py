@@ -86,17 +86,15 @@ def core_records(pid: int, tids: list[int], was_stopped: bool) -> tuple[dict, li
     return process, threads
 
 
-def mm_record(pid: int, vmas: list[Vma]) -> dict:
-    stat = proc.read_stat(pid)
-    heap = next((v for v in vmas if v.path == "[heap]"), None)
+def mm_record(pid: int) -> dict:
+    stat = proc.read_stat(pid, brk=True)
     return {
         "start_code": stat.start_code,
         "end_code": stat.end_code,
         "start_data": stat.start_data,
         "end_data": stat.end_data,
         "start_brk": stat.start_brk,
-        # The program break is not in /proc; the end of [heap] is where it stands.
-        "brk": heap.end if heap else stat.start_brk,
+        "brk": stat.brk,  # the end of [heap]: the kernel does not export mm->brk
         "start_stack": stat.start_stack,
         "arg_start": stat.arg_start,
         "arg_end": stat.arg_end,

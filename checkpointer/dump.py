@@ -223,7 +223,7 @@ class _Pass:
     def _write_state(self, writer: DumpWriter, tree: FrozenTree, vmas: dict) -> None:
         writer.write_pstree(collect.pstree_records(tree))
         for pid in tree.pids:
-            writer.write_mm(pid, collect.mm_record(pid, vmas[pid]), collect.vma_records(vmas[pid]))
+            writer.write_mm(pid, collect.mm_record(pid), collect.vma_records(vmas[pid]))
             if self.req.kind == "dump":  # registers need every thread in a ptrace stop
                 process, threads = collect.core_records(
                     pid, tree.threads[pid], pid in tree.was_stopped

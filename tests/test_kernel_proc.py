@@ -43,7 +43,7 @@ def test_parse_stat_comm_with_parentheses_and_spaces():
 
 def test_read_stat_of_a_real_target(spawn):
     t = spawn("--threads", "2")
-    st = proc.read_stat(t.pid)
+    st = proc.read_stat(t.pid, brk=True)
     assert st.pid == t.pid and st.ppid == os.getpid()
     assert st.comm == Path(t.proc.args[0]).name[:15]
     assert st.state in "SR"

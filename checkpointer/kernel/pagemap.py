@@ -221,16 +221,6 @@ def data_runs(entries: bytes, start: int, *, skip_zero_page: bool = True) -> lis
     return _ranges(present_mask(entries, exclude_file=True, exclude_pfn=zero), start)
 
 
-def soft_dirty_ranges(entries: bytes, start: int) -> list[tuple[int, int]]:
-    """soft_dirty_runs() as [(start, end)] address ranges."""
-    mask = _and(present_mask(entries), entries[6::8].translate(_T_SOFT_DIRTY))
-    return _ranges(mask, start)
-
-
-def count_pages(runs: list[tuple[int, int]]) -> int:
-    return sum(n for _, n in runs)
-
-
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Join touching (start, end) ranges of a sorted list (scan regions split on
     category changes)."""

@@ -150,8 +150,9 @@ def parse_stat(pid: int, data: bytes) -> ProcStat:
     )
 
 
-def read_stat(pid: int, tid: int | None = None, *, brk: bool = True) -> ProcStat:
-    """/proc/PID/stat (or task/TID/stat). brk=True also reads maps for the [heap] end."""
+def read_stat(pid: int, tid: int | None = None, *, brk: bool = False) -> ProcStat:
+    """/proc/PID/stat (or task/TID/stat). brk=True also reads maps for the [heap] end
+    (brk is -1 otherwise)."""
     path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
     st = parse_stat(pid, _read_bytes(pid, path))
     if brk:
@@ -161,7 +162,7 @@ def read_stat(pid: int, tid: int | None = None, *, brk: bool = True) -> ProcStat
 
 def read_state(pid: int, tid: int | None = None) -> str:
     """Just the one-letter state from stat (R, S, D, T, t, Z, X...)."""
-    return read_stat(pid, tid, brk=False).state
+    return read_stat(pid, tid).state
 
 
 def wait_exited(pid: int, tid: int | None = None, timeout: float = 0.2) -> bool:
@@ -184,11 +185,11 @@ def wait_exited(pid: int, tid: int | None = None, timeout: float = 0.2) -> bool:
 
 def read_task_state(pid: int, tid: int) -> str:
     """One-letter state of thread tid of pid (from task/TID/stat)."""
-    return read_stat(pid, tid, brk=False).state
+    return read_stat(pid, tid).state
 
 
 def read_start_time(pid: int) -> int:
-    return read_stat(pid, brk=False).starttime
+    return read_stat(pid).starttime
 
 
 def read_brk(pid: int, start_brk: int | None = None) -> int:
@@ -202,7 +203,7 @@ def read_brk(pid: int, start_brk: int | None = None) -> int:
     i = data.find(b" [heap]\n")
     if i < 0:
         if start_brk is None:
-            start_brk = read_stat(pid, brk=False).start_brk
+            start_brk = read_stat(pid).start_brk
         return start_brk
     line = data[data.rfind(b"\n", 0, i) + 1 : i]
     return int(line[line.index(b"-") + 1 : line.index(b" ")], 16)

@@ -36,7 +36,6 @@ PTRACE_DETACH = 17
 PTRACE_GETREGSET = 0x4204
 PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
-PTRACE_LISTEN = 0x4208
 PTRACE_GETSIGMASK = 0x420A
 PTRACE_SETSIGMASK = 0x420B
 PTRACE_EVENT_STOP = 128
@@ -131,11 +130,6 @@ def seize(tid: int) -> None:
 def interrupt(tid: int) -> None:
     """PTRACE_INTERRUPT: ask a seized task to enter an event-stop (asynchronous)."""
     _ptrace(PTRACE_INTERRUPT, tid, what="PTRACE_INTERRUPT")
-
-
-def listen(tid: int) -> None:
-    """PTRACE_LISTEN: leave a group-stopped task stopped but let it see SIGCONT/events."""
-    _ptrace(PTRACE_LISTEN, tid, what="PTRACE_LISTEN")
 
 
 def detach(tid: int, sig: int = 0) -> None:

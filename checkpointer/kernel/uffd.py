@@ -176,6 +176,6 @@ def unregister(fd: int, start: int, length: int) -> bool:
     return True
 
 
-def vma_is_wp_registered(vmflags: list[str]) -> bool:
+def vma_is_wp_registered(vmflags: list[str] | tuple[str, ...]) -> bool:
     """'uw' in smaps VmFlags: the VMA is registered for uffd write-protect."""
     return "uw" in vmflags

@@ -64,7 +64,7 @@ class UffdWpTracker(Tracker):
                 # Present pages first, then the reset: a page populated in between
                 # is reported written and copied, never wrongly taken from the parent.
                 present = pm.data_runs(vma.start, vma.end)
-                registered = "uw" in vma.vmflags
+                registered = uffd.vma_is_wp_registered(vma.vmflags)
                 if not registered:
                     registered = uffd.register_wp(fd, vma.start, vma.end - vma.start)
                     if registered:
@@ -83,7 +83,7 @@ class UffdWpTracker(Tracker):
         fd = uffd.get_fd(pid, target_fd)
         try:
             for m in read_vmas(pid):
-                if "uw" in m.vmflags:
+                if uffd.vma_is_wp_registered(m.vmflags):
                     uffd.unregister(fd, m.start, m.end - m.start)
         finally:
             os.close(fd)
