@@ -6,6 +6,7 @@ import hashlib
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -61,6 +62,20 @@ class Target:
     def read_mem(self, addr: int, size: int, pid: int | None = None) -> bytes:
         with open(f"/proc/{pid or self.pid}/mem", "rb", buffering=0) as mem:
             return os.pread(mem.fileno(), size, addr)
+
+    def heartbeat(self) -> int:
+        """The counter the target's checker thread bumps every millisecond."""
+        addr, _ = self.regions["heartbeat"]
+        return int.from_bytes(self.read_mem(addr, 8), "little")
+
+    def assert_carries_on(self, timeout: float = 5.0) -> None:
+        """The target runs (its heartbeat moves) and its static region is intact
+        (its checker thread exits 3 otherwise)."""
+        before = self.heartbeat()
+        deadline = time.monotonic() + timeout
+        while self.heartbeat() == before:
+            assert time.monotonic() < deadline, "target did not carry on"
+            time.sleep(0.01)
 
     def state(self, pid: int | None = None) -> str:
         return proc_status(pid or self.pid).get("State", "gone")
@@ -138,3 +153,11 @@ def assert_one_line_error(r: subprocess.CompletedProcess, *words: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("checkpointer: "), r.stderr
     for word in words:
         assert word in lines[0], (word, lines[0])
+
+
+CLI = [sys.executable, "-m", "checkpointer"]
+
+
+def cli(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    """Run the checkpointer CLI; the timeout only turns a hang into a failure."""
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, **kw)

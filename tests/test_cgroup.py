@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 from memcheck import compare_dump_with_process
-from targetlib import proc_status, wait_for_state
+from targetlib import cli, proc_status, wait_for_state
 
 from checkpointer.images import Dump
 
@@ -45,33 +44,23 @@ def cgroup():
             path.rmdir()
             break
         except OSError:
-            import time
-
             time.sleep(0.05)
 
 
-def test_freeze_cgroup_dumps_the_whole_group(spawn, cgroup, tmp_path, monkeypatch):
+def test_freeze_cgroup_dumps_the_whole_group(spawn, cgroup, tmp_path):
     t = spawn("--threads", "2", "--fork")
     for pid in (t.pid, t.child):
         (cgroup / "cgroup.procs").write_text(str(pid))
     images = tmp_path / "d"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "checkpointer",
-            "dump",
-            "-t",
-            str(t.pid),
-            "-D",
-            str(images),
-            "--freeze-cgroup",
-            str(cgroup),
-            "--leave-stopped",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    r = cli(
+        "dump",
+        "-t",
+        str(t.pid),
+        "-D",
+        str(images),
+        "--freeze-cgroup",
+        str(cgroup),
+        "--leave-stopped",
     )
     assert r.returncode == 0, r.stderr
     assert sorted(Dump.open(images).pids) == sorted([t.pid, t.child])
@@ -85,25 +74,17 @@ def test_freeze_cgroup_dumps_the_whole_group(spawn, cgroup, tmp_path, monkeypatc
     assert proc_status(t.pid)["TracerPid"] == "0"
 
 
-def test_freeze_cgroup_that_is_not_one_is_a_clear_error(spawn, tmp_path, monkeypatch):
+def test_freeze_cgroup_that_is_not_one_is_a_clear_error(spawn, tmp_path):
     t = spawn()
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "checkpointer",
-            "dump",
-            "-t",
-            str(t.pid),
-            "-D",
-            str(tmp_path / "d"),
-            "--freeze-cgroup",
-            str(tmp_path),
-            "--leave-running",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    r = cli(
+        "dump",
+        "-t",
+        str(t.pid),
+        "-D",
+        str(tmp_path / "d"),
+        "--freeze-cgroup",
+        str(tmp_path),
+        "--leave-running",
     )
     assert r.returncode == 1 and "cgroup" in r.stderr and "Traceback" not in r.stderr
     assert t.alive() and proc_status(t.pid)["State"][0] in "RS"

@@ -11,31 +11,12 @@ import time
 
 import pytest
 from memcheck import compare_dump_with_process
-from targetlib import proc_status, wait_for_state
+from targetlib import cli, proc_status, wait_for_state
 
 from checkpointer.dump import DumpRequest, dump
 from checkpointer.freezer import Thaw
 from checkpointer.images import Dump
 from checkpointer.kernel import ptrace
-
-CLI = [sys.executable, "-m", "checkpointer"]
-
-
-def cli(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120, **kw)
-
-
-def heartbeat(target) -> int:
-    addr, _ = target.regions["heartbeat"]
-    return int.from_bytes(target.read_mem(addr, 8), "little")
-
-
-def wait_heartbeat_moves(target, timeout: float = 5.0) -> None:
-    before = heartbeat(target)
-    deadline = time.monotonic() + timeout
-    while heartbeat(target) == before:
-        assert time.monotonic() < deadline, "target did not carry on"
-        time.sleep(0.01)
 
 
 def thread_regs(pid: int) -> dict[int, dict[str, int]]:
@@ -93,7 +74,7 @@ def test_leave_stopped_dump_matches_memory_and_registers(rich_target, tmp_path):
     # if the static region changed).
     os.kill(t.pid, signal.SIGCONT)
     os.kill(t.child, signal.SIGCONT)
-    wait_heartbeat_moves(t)
+    t.assert_carries_on()
     assert t.alive()
     assert proc_status(t.pid)["TracerPid"] == "0"
 
@@ -102,7 +83,7 @@ def test_leave_running_target_never_notices(spawn, tmp_path):
     t = spawn("--threads", "2", "--hot-pages", "8")
     r = cli("dump", "-t", str(t.pid), "-D", str(tmp_path / "d"), "--leave-running")
     assert r.returncode == 0, r.stderr
-    wait_heartbeat_moves(t)
+    t.assert_carries_on()
     status = proc_status(t.pid)
     assert status["State"][0] in "RS" and status["TracerPid"] == "0"
     assert all(
@@ -132,7 +113,7 @@ def test_already_stopped_target_stays_stopped(spawn, tmp_path):
     process, _ = d.core(t.pid)
     assert process["state"] == "T"
     os.kill(t.pid, signal.SIGCONT)
-    wait_heartbeat_moves(t)
+    t.assert_carries_on()
 
 
 def test_missing_pid_is_one_line_error(tmp_path):
@@ -163,7 +144,7 @@ def test_already_traced_target_names_the_tracer(spawn, tmp_path):
     finally:
         tracer.kill()
         tracer.wait()
-    wait_heartbeat_moves(t)
+    t.assert_carries_on()
 
 
 def test_refuses_a_directory_holding_a_complete_dump(spawn, tmp_path):
@@ -173,7 +154,7 @@ def test_refuses_a_directory_holding_a_complete_dump(spawn, tmp_path):
     )
     r = cli("dump", "-t", str(t.pid), "-D", str(tmp_path / "d"), "--leave-running")
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    wait_heartbeat_moves(t)
+    t.assert_carries_on()
 
 
 def test_extract_reads_what_the_process_held(spawn, tmp_path):

@@ -10,26 +10,18 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from memcheck import compare_dump_with_process
-from targetlib import assert_one_line_error, proc_status, wait_for_state
+from targetlib import CLI, assert_one_line_error, cli, proc_status, wait_for_state
 
 from checkpointer.images import Dump
 
-CLI = [sys.executable, "-m", "checkpointer"]
 TIMEOUT = 120  # generous: only there so that a hang fails instead of blocking the suite
 
 UFFD_AND_FULL = [pytest.param("uffd-wp", marks=pytest.mark.uffd_wp), "full"]
-
-
-def cli(*args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*CLI, *args], capture_output=True, text=True, timeout=timeout, env=dict(os.environ)
-    )
 
 
 def start_cli(*args: str) -> subprocess.Popen:
@@ -92,19 +84,6 @@ def assert_not_a_dump(path: Path) -> None:
         assert "Traceback" not in r.stderr
 
 
-def heartbeat(target) -> int:
-    addr, _ = target.regions["heartbeat"]
-    return int.from_bytes(target.read_mem(addr, 8), "little")
-
-
-def assert_carries_on(target, timeout: float = 5.0) -> None:
-    before = heartbeat(target)
-    deadline = time.monotonic() + timeout
-    while heartbeat(target) == before:
-        assert time.monotonic() < deadline, "target did not carry on"
-        time.sleep(0.01)
-
-
 # -- the target dies --------------------------------------------------------------
 
 
@@ -154,7 +133,7 @@ def test_tool_sigkilled_mid_pass(spawn, tmp_path, command, tracker):
     p.wait(timeout=10)
 
     assert_released(t.pid)
-    assert_carries_on(t)
+    t.assert_carries_on()
     assert not final.exists()
     # A hidden temp dir may remain after SIGKILL; it is never a dump nor a parent.
     if tmp.exists():
@@ -235,7 +214,7 @@ def test_sigint_sigterm_mid_dump(spawn, tmp_path, sig, mode):
     assert t.alive()
     assert_released(t.pid)
     assert_released(t.child)
-    assert_carries_on(t)
+    t.assert_carries_on()
 
 
 # -- the tree changes while it is frozen -----------------------------------------------
@@ -254,7 +233,7 @@ def test_thread_storm(spawn, tmp_path):
             assert_one_line_error(r, "keeps changing")
             assert not final.exists() and not temp_dirs(final)
         assert_released(t.pid)
-        assert_carries_on(t)
+        t.assert_carries_on()
 
 
 def test_forking_tree(tmp_path):
@@ -306,7 +285,7 @@ def test_disk_full_cli(spawn, tmp_path, command):
         assert_one_line_error(r, "No space left")
         assert sorted(p.name for p in chain.iterdir()) == ["1", "filler"]
         assert_released(t.pid)
-        assert_carries_on(t)
+        t.assert_carries_on()
         (chain / "filler").unlink()
         # Tracking state was not lost: the next pass on the last good dump is correct.
         r = cli(
@@ -373,7 +352,7 @@ def test_already_traced_by_strace(spawn, tmp_path):
         tracer.terminate()
         tracer.wait(timeout=10)
     assert_released(t.pid)
-    assert_carries_on(t)
+    t.assert_carries_on()
 
 
 @pytest.mark.slow

@@ -13,12 +13,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import targetlib
 from targetlib import assert_one_line_error
 
 from checkpointer.images import DumpWriter
 from checkpointer.images import format as fmt
 
-CLI = [sys.executable, "-m", "checkpointer"]
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "checkpointer"
 GOLDEN = REPO / "images" / "golden" / "chain"
@@ -26,9 +26,8 @@ NOBODY = 65534
 
 
 def cli(*args: str, **kw) -> subprocess.CompletedProcess:
-    kw.setdefault("env", dict(os.environ))
     kw.setdefault("cwd", REPO)
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120, **kw)
+    return targetlib.cli(*args, **kw)
 
 
 # The interpreter and its packages may live where nobody cannot read them (pyenv
