@@ -9,6 +9,8 @@ import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
+from typing import IO
 
 import click
 
@@ -16,6 +18,18 @@ from checkpointer.cli import main
 from checkpointer.cli.common import CheckedCommand
 from checkpointer.images import inspect as api
 from checkpointer.images import render
+
+
+@contextlib.contextmanager
+def _output_file(path: str, mode: str) -> Iterator[IO]:
+    """Open path for writing; on any failure remove it: no partial output."""
+    try:
+        with open(path, mode) as f:
+            yield f
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
 
 
 def _print_json(data, pretty: bool = True, out=None) -> None:
@@ -53,13 +67,8 @@ def decode(file: str, pretty: bool, out: str | None) -> None:
     if out is None or out == "-":
         api.write_json_stream(head, items, key, click.get_text_stream("stdout"), pretty)
         return
-    try:
-        with open(out, "w") as f:
-            api.write_json_stream(head, items, key, f, pretty)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(out)  # no partial output
-        raise
+    with _output_file(out, "w") as f:
+        api.write_json_stream(head, items, key, f, pretty)
 
 
 @main.command(cls=CheckedCommand)
@@ -99,13 +108,8 @@ def extract(dir: str, pid: int, addr: str, size: str, out: str) -> None:
         api.extract_to(dir, pid, start, size_, sys.stdout.buffer)
         sys.stdout.buffer.flush()
         return
-    try:
-        with open(out, "wb") as f:
-            api.extract_to(dir, pid, start, size_, f)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(out)  # no partial output
-        raise
+    with _output_file(out, "wb") as f:
+        api.extract_to(dir, pid, start, size_, f)
 
 
 @main.command(cls=CheckedCommand)
