@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 
 SOURCE = Path(__file__).parent / "targets" / "target.c"
+FILL = SOURCE.with_name("fill.h")  # included by target.c
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def target_binary() -> Path:
     """Compile target.c once per source version; the binary is cached in /tmp."""
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256(SOURCE.read_bytes() + FILL.read_bytes()).hexdigest()[:16]
     binary = Path(tempfile.gettempdir()) / f"checkpointer-target-{digest}"
     if not binary.exists():
         tmp = binary.with_suffix(f".{os.getpid()}")

@@ -96,7 +96,8 @@ def dir_bytes(path: Path) -> int:
 
 
 def build(source: Path, name: str) -> Path:
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    fill = ROOT / "tests" / "targets" / "fill.h"  # included by both C programs
+    digest = hashlib.sha256(source.read_bytes() + fill.read_bytes()).hexdigest()[:12]
     binary = Path(tempfile.gettempdir()) / f"checkpointer-bench-{name}-{digest}"
     if not binary.exists():
         tmp = binary.with_suffix(f".{os.getpid()}")

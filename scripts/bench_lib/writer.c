@@ -20,38 +20,12 @@
 #include <time.h>
 #include <unistd.h>
 
-#define PAGE 4096UL
+#include "../../tests/targets/fill.h"
 
 static unsigned char *buf;
 static size_t size;
 static double rate_pct;
 
-static void fill(unsigned char *p, size_t len, uint64_t seed)
-{
-	for (size_t off = 0; off < len; off += PAGE) {
-		uint64_t *w = (uint64_t *)(p + off);
-		uint64_t pg = off / PAGE + seed;
-		switch (pg % 4) {
-		case 0:
-			break;
-		case 1:
-			for (size_t i = 0; i < PAGE; i++)
-				p[off + i] = "checkpoint text "[i % 16];
-			break;
-		case 2:
-			for (size_t i = 0; i < PAGE / 8; i++)
-				w[i] = 0x7f0000000000ULL + pg * PAGE + i * 8;
-			break;
-		default: {
-			uint64_t x = pg * 0x9E3779B97F4A7C15ULL + 1;
-			for (size_t i = 0; i < PAGE / 8; i++) {
-				x ^= x << 13; x ^= x >> 7; x ^= x << 17;
-				w[i] = x;
-			}
-		}
-		}
-	}
-}
 
 static uint64_t now_ns(void)
 {

@@ -26,45 +26,13 @@
 #include <time.h>
 #include <unistd.h>
 
-#define PAGE 4096UL
+#include "fill.h"
 
 static size_t anon_size, hot_pages = 0, thp_size = 0;
 static long hot_sleep_us = 1000;
 static unsigned char *anon, *shared, *protnone, *filemap, *thp, *statik;
 static size_t file_size = 16 * PAGE;
 static volatile uint64_t heartbeat;
-
-static void fill(unsigned char *p, size_t len, uint64_t seed)
-{
-	/* Mixed content: a zero page, text, pointer-like words and noise. */
-	for (size_t off = 0; off < len; off += PAGE) {
-		uint64_t *w = (uint64_t *)(p + off);
-		uint64_t pg = off / PAGE + seed;
-		switch (pg % 4) {
-		case 0:
-			/* Zeros: mostly written (present zero-filled pages), one in 64 never
-			 * touched (a hole that must read back as zeros). */
-			if (pg % 64)
-				((volatile unsigned char *)p)[off] = 0;
-			break;
-		case 1:
-			for (size_t i = 0; i < PAGE; i++)
-				p[off + i] = "checkpoint text "[i % 16];
-			break;
-		case 2:
-			for (size_t i = 0; i < PAGE / 8; i++)
-				w[i] = 0x7f0000000000ULL + pg * PAGE + i * 8;
-			break;
-		default: {
-			uint64_t x = pg * 0x9E3779B97F4A7C15ULL + 1;
-			for (size_t i = 0; i < PAGE / 8; i++) {
-				x ^= x << 13; x ^= x >> 7; x ^= x << 17;
-				w[i] = x;
-			}
-		}
-		}
-	}
-}
 
 static void region(const char *name, void *p, size_t len)
 {
