@@ -28,7 +28,7 @@ _ARG_REGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # mmap(2) constants for the scratch page.
 PROT_READ, PROT_WRITE = 1, 2
-MAP_PRIVATE, MAP_ANONYMOUS = 0x02, 0x20
+MAP_SHARED, MAP_ANONYMOUS = 0x01, 0x20
 MAX_STEPS = 16  # event stops (fork, clone, exec) a single syscall may report
 
 
@@ -49,6 +49,7 @@ class SyscallSession:
         self._mem = -1
         self._scratch = 0
         self._scratch_size = 0
+        self._scratch_owned = False
         self.events: list[tuple[int, int]] = []  # (PTRACE_EVENT_*, GETEVENTMSG) seen
 
     # -- lifetime ------------------------------------------------------------
@@ -70,7 +71,7 @@ class SyscallSession:
     def close(self) -> None:
         """Free the scratch page and give the task back its registers and mask."""
         try:
-            if self._scratch:
+            if self._scratch and self._scratch_owned:
                 try:
                     self.call(NR_munmap, self._scratch, self._scratch_size)
                 except OSError:
@@ -158,18 +159,22 @@ class SyscallSession:
         size = -(-size // PAGE_SIZE) * PAGE_SIZE
         if self._scratch and self._scratch_size >= size:
             return self._scratch
-        if self._scratch:
+        if self._scratch and self._scratch_owned:
             self.call(NR_munmap, self._scratch, self._scratch_size)
-            self._scratch = 0
+        self._scratch = 0
+        # Shared, so it can never merge with a neighbouring private VMA (whose
+        # soft-dirty or uffd-wp state it would disturb) and leaves no trace.
         self._scratch = self.call(
-            NR_mmap, near, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, _U64, 0
+            NR_mmap, near, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, _U64, 0
         )
         self._scratch_size = size
+        self._scratch_owned = True
         return self._scratch
 
     def adopt_scratch(self, addr: int, size: int) -> None:
-        """Use an area the caller mapped (restore places it in a gap of the image)."""
-        self._scratch, self._scratch_size = addr, size
+        """Use an area someone else maps and unmaps (a restored process's threads
+        share the one its leader's session placed in a gap of the image)."""
+        self._scratch, self._scratch_size, self._scratch_owned = addr, size, False
 
     def call_with_buffer(self, nr: int, args: tuple, buf: bytes | int) -> tuple[int, bytes]:
         """Run a syscall whose arguments point into a buffer; `buf` is its initial
