@@ -28,7 +28,7 @@ _ARG_REGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # mmap(2) constants for the scratch page.
 PROT_READ, PROT_WRITE = 1, 2
-MAP_PRIVATE, MAP_ANONYMOUS = 0x02, 0x20
+MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS = 0x01, 0x02, 0x20
 MAX_STEPS = 16  # event stops (fork, clone, exec) a single syscall may report
 
 
@@ -49,6 +49,7 @@ class SyscallSession:
         self._mem = -1
         self._scratch = 0
         self._scratch_size = 0
+        self._unmap_scratch = True  # False: adopted from a caller who unmaps it
         self.events: list[tuple[int, int]] = []  # (PTRACE_EVENT_*, GETEVENTMSG) seen
 
     # -- lifetime ------------------------------------------------------------
@@ -70,7 +71,7 @@ class SyscallSession:
     def close(self) -> None:
         """Free the scratch page and give the task back its registers and mask."""
         try:
-            if self._scratch:
+            if self._scratch and self._unmap_scratch:
                 try:
                     self.call(NR_munmap, self._scratch, self._scratch_size)
                 except OSError:
@@ -152,24 +153,33 @@ class SyscallSession:
             raise OSError(errno.EIO, f"task {self.tid}: short write at {addr:#x}")
 
     def scratch(self, size: int = PAGE_SIZE, near: int = 0) -> int:
-        """Address of a private read-write scratch area of at least `size` bytes in
-        the task (mapped on first use, at `near` if that hint is free; unmapped on
-        close). Callers share it: it holds one call's buffers at a time."""
+        """Address of a read-write scratch area of at least `size` bytes in the task
+        (mapped on first use, at `near` if that hint is free; unmapped on close).
+        Callers share it: it holds one call's buffers at a time.
+
+        It is MAP_SHARED anonymous memory so that it can never merge with a
+        neighbouring private VMA: a merge would change that VMA's soft-dirty and
+        uffd-wp state, which a dump of the task reads right after."""
         size = -(-size // PAGE_SIZE) * PAGE_SIZE
         if self._scratch and self._scratch_size >= size:
             return self._scratch
         if self._scratch:
+            if not self._unmap_scratch:
+                raise ValueError(f"adopted scratch of {self._scratch_size} bytes is too small")
             self.call(NR_munmap, self._scratch, self._scratch_size)
             self._scratch = 0
         self._scratch = self.call(
-            NR_mmap, near, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, _U64, 0
+            NR_mmap, near, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, _U64, 0
         )
         self._scratch_size = size
         return self._scratch
 
-    def adopt_scratch(self, addr: int, size: int) -> None:
-        """Use an area the caller mapped (restore places it in a gap of the image)."""
+    def adopt_scratch(self, addr: int, size: int, *, unmap_on_close: bool = True) -> None:
+        """Use an area the caller mapped (restore places it in a gap of the image;
+        a dump lends every thread's session the scratch of its process's first
+        session, with unmap_on_close=False)."""
         self._scratch, self._scratch_size = addr, size
+        self._unmap_scratch = unmap_on_close
 
     def call_with_buffer(self, nr: int, args: tuple, buf: bytes | int) -> tuple[int, bytes]:
         """Run a syscall whose arguments point into a buffer; `buf` is its initial
