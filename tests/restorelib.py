@@ -33,7 +33,7 @@ class Lifecycle:
                 st = self.status()
                 if pred(st):
                     return st
-            except (ValueError, FileNotFoundError):
+            except (ValueError, KeyError, FileNotFoundError):
                 st = {}
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out waiting for {what}; status {st}")
