@@ -26,7 +26,6 @@ from checkpointer.restore import creds, files, memory, signals, threads, tree
 from checkpointer.restore.images import RestoreImages, load, preflight
 from checkpointer.restore.task import Task
 
-
 HOLD_ALL = (1 << 64) - 1  # SIGKILL and SIGSTOP cannot be held anyway
 
 
