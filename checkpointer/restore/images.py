@@ -196,7 +196,13 @@ FD_TYPES = ("file", "dir", "tty")
 
 def _check_fd(p: ProcessImage, f: dict, shell_job: bool) -> None:
     where = f"fd {f['fd']} of process {p.pid} ({f['target']})"
-    if f["type"] not in FD_TYPES:
+    from checkpointer.restore.files import KINDS
+
+    kind = KINDS.get(f["type"])
+    if kind is not None and hasattr(kind, "check"):
+        kind.check(p, f)  # raises RestoreError naming what it refuses
+        return
+    if f["type"] not in FD_TYPES and kind is None:
         raise RestoreError(f"{where}: a {f['type']} cannot be restored yet")
     if f.get("deleted"):
         raise RestoreError(f"{where}: the file was deleted; deleted files are not restored")

@@ -57,6 +57,7 @@ def restore(req: RestoreRequest) -> RestoreResult:
     seed = tree.Seed()
     tasks: dict[int, Task] = {}
     shared = memory.SharedObjects(images)
+    open_files = files.OpenFiles(req.shell_job)
     try:
         for p in images.processes:
             for thread in p.threads:
@@ -65,7 +66,11 @@ def restore(req: RestoreRequest) -> RestoreResult:
         seed.kill()
         seed = None
         for task in tasks.values():
-            _rebuild(task, images, shared, req, created)
+            _rebuild(task, images, shared, open_files, created)
+        for task in tasks.values():
+            files.finish_fds(task, open_files)
+            task.close_restorer_pidfd()
+            creds.restore_creds(task)
         for task in tasks.values():
             memory.unmap_scratch(task)
             threads.set_registers(task)
@@ -79,6 +84,7 @@ def restore(req: RestoreRequest) -> RestoreResult:
         if seed is not None:
             seed.kill()
         shared.close()
+        open_files.close()
     if req.pidfile:
         _write_pidfile(req.pidfile, images.root.pid)
     return RestoreResult(
@@ -86,17 +92,16 @@ def restore(req: RestoreRequest) -> RestoreResult:
     )
 
 
-def _rebuild(task: Task, images: RestoreImages, shared, req: RestoreRequest, created) -> None:
-    """Everything of one process but its registers, in dependency order."""
+def _rebuild(task: Task, images: RestoreImages, shared, open_files, created) -> None:
+    """Everything of one process but links between fds, credentials and
+    registers, in dependency order."""
     memory.rebuild(task, images, shared)
-    files.restore_fds(task, req.shell_job)
+    files.restore_fds(task, open_files)
     files.restore_dirs_and_limits(task)
     signals.restore_process_signals(task)
     threads.create_threads(task, created)
     threads.restore_thread_state(task)
     tree.restore_prctl(task)
-    task.close_restorer_pidfd()
-    creds.restore_creds(task)
 
 
 def _release(tasks: dict[int, Task], leave_stopped: bool) -> None:
