@@ -244,7 +244,9 @@ def _advise(task: Task, vma: dict) -> None:
 def _set_mm(task: Task) -> None:
     mm = task.image.mm
     exe_fd = (1 << 32) - 1
-    if mm.get("exe"):
+    # The exe is inherited from the seed, i.e. ours; changing it is refused (EBUSY)
+    # while the old one is mapped, which it is when the process ran our interpreter.
+    if mm.get("exe") and not _same_file(mm["exe"], "/proc/self/exe"):
         ours = os.open(mm["exe"], os.O_RDONLY | os.O_CLOEXEC)
         try:
             exe_fd = task.install_fd(ours)
@@ -257,6 +259,11 @@ def _set_mm(task: Task) -> None:
     finally:
         if exe_fd != (1 << 32) - 1:
             taskctl.close(task.session, exe_fd)
+
+
+def _same_file(a: str, b: str) -> bool:
+    sa, sb = os.stat(a), os.stat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def unmap_scratch(task: Task) -> None:
