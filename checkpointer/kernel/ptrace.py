@@ -33,12 +33,23 @@ PTRACE_SINGLESTEP = 9
 PTRACE_GETREGS = 12
 PTRACE_SETREGS = 13
 PTRACE_DETACH = 17
+PTRACE_SETOPTIONS = 0x4200
+PTRACE_GETEVENTMSG = 0x4201
 PTRACE_GETREGSET = 0x4204
+PTRACE_SETREGSET = 0x4205
 PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
 PTRACE_GETSIGMASK = 0x420A
 PTRACE_SETSIGMASK = 0x420B
+PTRACE_PEEKSIGINFO = 0x4209
+PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
+PTRACE_EVENT_FORK = 1
+PTRACE_EVENT_CLONE = 3
 PTRACE_EVENT_STOP = 128
+# PTRACE_SETOPTIONS bits
+PTRACE_O_TRACEFORK = 1 << 1
+PTRACE_O_TRACECLONE = 1 << 3
+PTRACE_O_EXITKILL = 1 << 20
 NT_X86_XSTATE = 0x202
 
 __WALL = 0x40000000  # wait for threads too (not exported by Python's os)
@@ -105,10 +116,10 @@ def _tracer_of(tid: int) -> tuple[int, str]:
         return tracer, "?"
 
 
-def seize(tid: int) -> None:
-    """PTRACE_SEIZE with no options: the task keeps running, no SIGSTOP is sent."""
+def seize(tid: int, options: int = 0) -> None:
+    """PTRACE_SEIZE (with PTRACE_O_* options): the task keeps running, no SIGSTOP."""
     try:
-        _raw_ptrace(PTRACE_SEIZE, tid, 0, 0)
+        _raw_ptrace(PTRACE_SEIZE, tid, 0, options)
     except PtraceError as exc:
         if exc.errno == errno.ESRCH:
             raise TargetError(f"process {tid} does not exist (exited)") from None
@@ -140,6 +151,18 @@ def detach(tid: int, sig: int = 0) -> None:
 def cont(tid: int, sig: int = 0) -> None:
     """PTRACE_CONT, delivering `sig`."""
     _ptrace(PTRACE_CONT, tid, 0, sig, what="PTRACE_CONT")
+
+
+def set_options(tid: int, options: int) -> None:
+    """PTRACE_SETOPTIONS (PTRACE_O_*)."""
+    _ptrace(PTRACE_SETOPTIONS, tid, 0, options, what="PTRACE_SETOPTIONS")
+
+
+def get_event_msg(tid: int) -> int:
+    """PTRACE_GETEVENTMSG: the new pid of a fork/clone event stop."""
+    msg = ctypes.c_ulong()
+    _ptrace(PTRACE_GETEVENTMSG, tid, 0, ctypes.addressof(msg), what="PTRACE_GETEVENTMSG")
+    return msg.value
 
 
 def singlestep(tid: int, sig: int = 0) -> None:
@@ -209,6 +232,62 @@ def get_xstate(tid: int) -> bytes:
     iov = _Iovec(ctypes.addressof(_xstate_buf), _XSTATE_BUF_SIZE)
     _ptrace(PTRACE_GETREGSET, tid, NT_X86_XSTATE, ctypes.addressof(iov), what="GETREGSET")
     return _xstate_buf.raw[: iov.iov_len]
+
+
+def set_xstate(tid: int, blob: bytes) -> None:
+    """PTRACE_SETREGSET NT_X86_XSTATE: the whole XSAVE area (the kernel wants its
+    full size; a shorter blob fails with EFAULT)."""
+    buf = ctypes.create_string_buffer(bytes(blob), len(blob))
+    iov = _Iovec(ctypes.addressof(buf), len(blob))
+    _ptrace(PTRACE_SETREGSET, tid, NT_X86_XSTATE, ctypes.addressof(iov), what="SETREGSET")
+
+
+class RseqConfig(ctypes.Structure):
+    """struct ptrace_rseq_configuration (24 bytes)."""
+
+    _fields_ = [
+        ("rseq_abi_pointer", ctypes.c_uint64),
+        ("rseq_abi_size", ctypes.c_uint32),
+        ("signature", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+def get_rseq_config(tid: int) -> dict[str, int]:
+    """PTRACE_GET_RSEQ_CONFIGURATION: {ptr, size, sig}; ptr 0 = no rseq area."""
+    cfg = RseqConfig()
+    _ptrace(
+        PTRACE_GET_RSEQ_CONFIGURATION,
+        tid,
+        ctypes.sizeof(cfg),
+        ctypes.addressof(cfg),
+        what="PTRACE_GET_RSEQ_CONFIGURATION",
+    )
+    return {"ptr": cfg.rseq_abi_pointer, "size": cfg.rseq_abi_size, "sig": cfg.signature}
+
+
+SIGINFO_SIZE = 128
+
+
+class _PeekSiginfoArgs(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("flags", ctypes.c_uint32), ("nr", ctypes.c_int32)]
+
+
+def peek_siginfo(tid: int, shared: bool) -> list[bytes]:
+    """PTRACE_PEEKSIGINFO: the queued siginfos (128 bytes each) of the thread's
+    private queue, or of the process-wide queue with shared=True, not consumed."""
+    out: list[bytes] = []
+    batch = 32
+    buf = ctypes.create_string_buffer(SIGINFO_SIZE * batch)
+    while True:
+        args = _PeekSiginfoArgs(len(out), 1 if shared else 0, batch)
+        n = _ptrace(
+            PTRACE_PEEKSIGINFO, tid, ctypes.addressof(args), ctypes.addressof(buf), "PEEKSIGINFO"
+        )
+        out += [buf.raw[i * SIGINFO_SIZE : (i + 1) * SIGINFO_SIZE] for i in range(n)]
+        if n < batch:
+            return out
 
 
 def get_sigmask(tid: int) -> int:
