@@ -36,7 +36,7 @@ from checkpointer.converge import ConvergeOptions, Iteration, converge
 from checkpointer.errors import CheckpointError
 from checkpointer.freezer import Thaw
 from checkpointer.kernel import proc
-from checkpointer.receive import host_identity
+from checkpointer.receive import can_restore, host_identity
 from checkpointer.transport import Destination, Link, SshLink, TcpLink, parse_page_server
 
 log = logging.getLogger("checkpointer")
@@ -159,6 +159,11 @@ class _Migration:
         res.stop_rule = conv.stop_rule
         res.frozen_ms = conv.downtime_ms
         if res.same_pid_space:
+            try:
+                self._check_restorable()
+            except BaseException as err:
+                self._let_source_go()
+                raise self._failed("before the restore", err) from None
             self._kill_source()  # the restore needs its PIDs
         try:
             restored = self.dest.restore("final")
@@ -203,6 +208,29 @@ class _Migration:
         self.result.bytes_streamed += streamed.bytes_streamed
         if self.on_iteration:
             self.on_iteration(streamed)
+
+    def _check_restorable(self) -> None:
+        """Same PID space: the source dies before the restore, so whatever can be
+        known to fail must fail now, while the source can still resume."""
+        if not (self.dest.hello.get("can_restore") and can_restore()):
+            raise CheckpointError("one end cannot restore")
+        from checkpointer.restore import images as restore_images
+
+        images = restore_images.load(str(self.staging / "final"))
+        try:
+            restore_images.preflight(images)
+        except CheckpointError as err:
+            if not _only_pids_taken(str(err)):
+                raise
+            # Taken PIDs are expected (the source holds them until it is killed), but
+            # preflight stops there: run the checks that follow it. (Should restore
+            # rename them, this fails safe: the source resumes.)
+            for p in images.processes:
+                restore_images._check_vdso(images, p)
+                for v in p.vmas:
+                    restore_images._check_vma(p, v)
+                for f in p.fds:
+                    restore_images._check_fd(p, f, False)
 
     def _let_source_go(self) -> None:
         """Rollback: the source runs on (a tree the final dump left stopped resumes)."""
@@ -251,6 +279,10 @@ class _Migration:
             f"migration failed {stage} ({_why(err)}); rolled back: "
             f"process {self.opts.pid} keeps running on the source"
         )
+
+
+def _only_pids_taken(message: str) -> bool:
+    return message.startswith("PID ") and " is taken " in message
 
 
 def _why(err: BaseException) -> str:

@@ -41,10 +41,23 @@ log = logging.getLogger("checkpointer")
 
 
 def host_identity() -> dict:
-    """What tells two ends whether they share one PID space."""
+    """What tells two ends whether they share one PID space, and whether this end
+    can restore at all."""
     with open("/proc/sys/kernel/random/boot_id") as f:
         boot_id = f.read().strip()
-    return {"boot_id": boot_id, "pid_ns": os.readlink("/proc/self/ns/pid")}
+    return {
+        "boot_id": boot_id,
+        "pid_ns": os.readlink("/proc/self/ns/pid"),
+        "can_restore": can_restore(),
+    }
+
+
+def can_restore() -> bool:
+    try:
+        import checkpointer.restore  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @dataclass
