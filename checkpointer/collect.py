@@ -6,10 +6,17 @@ describe one instant: registers, signal masks, memory map, files.
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass, field
+
 from checkpointer.errors import TargetError
 from checkpointer.freezer import FrozenTree
-from checkpointer.kernel import proc, ptrace
+from checkpointer.kernel import abi, inject, proc, ptrace, taskstate
+from checkpointer.kernel.inject import SyscallSession
+from checkpointer.kernel.syscalls import O_CLOEXEC
 from checkpointer.vmas import Vma, vma_record
+
+_DELETED = " (deleted)"
 
 
 def read_vmas(pid: int, known: list[Vma] | None = None) -> list[Vma]:
@@ -28,14 +35,11 @@ def read_vmas(pid: int, known: list[Vma] | None = None) -> list[Vma]:
         if all(same):
             return same  # type: ignore[return-value]
     flags = proc.read_smaps_vmflags(pid)
-    return [
-        Vma(m.start, m.end, m.prot, m.offset, m.dev, m.inode, m.path, tuple(flags.get(m.start, ())))
-        for m in maps
-    ]
+    return [Vma(*m[:7], tuple(flags.get(m.start, ())), m.deleted) for m in maps]
 
 
 def _key(m) -> tuple:
-    return (m.start, m.end, m.prot, m.offset, m.dev, m.inode, m.path)
+    return (m.start, m.end, m.prot, m.offset, m.dev, m.inode, m.path, m.deleted)
 
 
 def pstree_records(tree: FrozenTree) -> list[dict]:
@@ -54,8 +58,75 @@ def pstree_records(tree: FrozenTree) -> list[dict]:
     return records
 
 
-def core_records(pid: int, tids: list[int], was_stopped: bool) -> tuple[dict, list[dict]]:
-    """The process record and one record per (frozen) thread."""
+@dataclass
+class InjectedState:
+    """What syscalls injected into a frozen process read (final dumps only)."""
+
+    process: dict  # sigactions, itimers, prctl
+    threads: dict[int, dict] = field(default_factory=dict)  # tid -> tid_address, sigaltstack
+    brk: int = 0  # exact mm->brk
+
+
+# The fields of a thread that could not be asked (not a live thread): nothing set.
+_NO_THREAD_STATE = {"tid_address": 0, "sigaltstack": {"sp": 0, "flags": abi.SS_DISABLE, "size": 0}}
+
+
+def read_injected_state(pid: int, tids: list[int]) -> InjectedState:
+    """Process-wide state from one live thread (the main one unless it is a zombie:
+    a main thread that called pthread_exit cannot run a syscall), then each live
+    thread's own. One scratch page serves every thread: they share the memory."""
+    live = [tid for tid in tids if proc.read_task_state(pid, tid) not in ("Z", "X")]
+    if not live:
+        raise TargetError(f"process {pid} has no live thread to read its state from")
+    first = pid if pid in live else live[0]
+    suspended = _suspend_seccomp(pid, live)
+    try:
+        with SyscallSession(first) as session:
+            state = InjectedState(
+                process={
+                    "sigactions": taskstate.read_sigactions(session),
+                    "itimers": taskstate.read_itimers(session),
+                    "prctl": taskstate.read_prctl_state(session),
+                },
+                brk=taskstate.read_brk(session),
+            )
+            state.threads[first] = _thread_state(session)
+            scratch = session.scratch()
+            for tid in live:
+                if tid == first:
+                    continue
+                with SyscallSession(tid, insn=session.insn) as thread_session:
+                    thread_session.adopt_scratch(scratch, inject.PAGE_SIZE, unmap_on_close=False)
+                    state.threads[tid] = _thread_state(thread_session)
+    finally:
+        for tid in suspended:
+            ptrace.set_options(tid, 0)
+    return state
+
+
+def _thread_state(session: SyscallSession) -> dict:
+    return {
+        "tid_address": taskstate.read_tid_address(session),
+        "sigaltstack": taskstate.read_sigaltstack(session),
+    }
+
+
+def _suspend_seccomp(pid: int, tids: list[int]) -> list[int]:
+    """Let injected syscalls past the threads' seccomp filters (a strict or filtering
+    thread would otherwise be killed or refused); returns the threads changed."""
+    changed = []
+    for tid in tids:
+        if proc.read_seccomp_mode(pid, tid):
+            ptrace.set_options(tid, ptrace.PTRACE_O_SUSPEND_SECCOMP)
+            changed.append(tid)
+    return changed
+
+
+def core_records(
+    pid: int, tids: list[int], was_stopped: bool, injected: InjectedState | None = None
+) -> tuple[dict, list[dict]]:
+    """The process record and one record per (frozen) thread. `injected`: the state
+    read_injected_state read (required for a version 2 image)."""
     stat = proc.read_stat(pid)
     masks = proc.read_signal_masks(pid, pid)
     process = {
@@ -68,33 +139,46 @@ def core_records(pid: int, tids: list[int], was_stopped: bool) -> tuple[dict, li
         "rlimits": proc.read_rlimits(pid),
         "sigignore": masks["sigignore"],
         "sigcatch": masks["sigcatch"],
+        "umask": proc.read_umask(pid),
+        "seccomp": proc.read_seccomp_mode(pid),
     }
+    if injected is not None:
+        process.update(injected.process)
+        asker = next(iter(injected.threads), pid)
+        process["shared_siginfo"] = ptrace.peek_siginfo(asker, shared=True)
     threads = []
     for tid in tids:
         masks = proc.read_signal_masks(pid, tid)
-        threads.append(
-            {
-                "tid": tid,
-                "regs": ptrace.get_regs(tid),
-                "xstate": ptrace.get_xstate(tid),
-                "blocked": ptrace.get_sigmask(tid),
-                "pending": masks["pending"],
-                "shared_pending": masks["shared_pending"],
-                "state": proc.read_task_state(pid, tid),
-            }
-        )
+        record = {
+            "tid": tid,
+            "regs": ptrace.get_regs(tid),
+            "xstate": ptrace.get_xstate(tid),
+            "blocked": ptrace.get_sigmask(tid),
+            "pending": masks["pending"],
+            "shared_pending": masks["shared_pending"],
+            "state": proc.read_task_state(pid, tid),
+            "comm": proc.read_task_comm(pid, tid),
+            "robust_list": taskstate.read_robust_list(tid),
+            "rseq": ptrace.get_rseq_config(tid),
+            "siginfo": ptrace.peek_siginfo(tid, shared=False),
+        }
+        if injected is not None:
+            record.update(injected.threads.get(tid, _NO_THREAD_STATE))
+        threads.append(record)
     return process, threads
 
 
-def mm_record(pid: int) -> dict:
-    stat = proc.read_stat(pid, brk=True)
+def mm_record(pid: int, injected: InjectedState | None = None) -> dict:
+    """The mm record; brk is exact with `injected` (a final dump), else the end of
+    [heap] (the kernel does not export mm->brk in /proc)."""
+    stat = proc.read_stat(pid, brk=injected is None)
     return {
         "start_code": stat.start_code,
         "end_code": stat.end_code,
         "start_data": stat.start_data,
         "end_data": stat.end_data,
         "start_brk": stat.start_brk,
-        "brk": stat.brk,  # the end of [heap]: the kernel does not export mm->brk
+        "brk": stat.brk if injected is None else injected.brk,
         "start_stack": stat.start_stack,
         "arg_start": stat.arg_start,
         "arg_end": stat.arg_end,
@@ -105,6 +189,7 @@ def mm_record(pid: int) -> dict:
         "exe": proc.read_link(pid, "exe"),
         "cwd": proc.read_link(pid, "cwd"),
         "root": proc.read_link(pid, "root"),
+        "exe_stat": file_identity(proc.stat_exe(pid)),
     }
 
 
@@ -117,9 +202,26 @@ def fd_records(pid: int) -> list[dict]:
             "flags": fd.flags,
             "type": fd_type(fd.target),
             "mnt_id": fd.mnt_id,
+            "cloexec": bool(fd.flags & O_CLOEXEC),
+            "deleted": fd.target.startswith("/") and fd.target.endswith(_DELETED),
+            "stat": file_identity(proc.stat_fd(pid, fd.fd)),
         }
         for fd in proc.read_fds(pid)
     ]
+
+
+def file_identity(st: os.stat_result | None) -> dict | None:
+    """What tells one file from another at restore: device, inode, type and mode,
+    size, modification time."""
+    if st is None:
+        return None
+    return {
+        "dev": st.st_dev,
+        "ino": st.st_ino,
+        "mode": st.st_mode,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+    }
 
 
 def fd_type(target: str) -> str:
@@ -136,8 +238,16 @@ def fd_type(target: str) -> str:
     return "other"
 
 
-def vma_records(vmas: list[Vma]) -> list[dict]:
-    return [vma_record(v) for v in vmas]
+def vma_records(pid: int, vmas: list[Vma]) -> list[dict]:
+    """vma records with the identity of each mapped file (map_files/ reaches
+    deleted files too)."""
+    return [
+        {
+            **vma_record(v),
+            "stat": file_identity(proc.stat_mapped_file(pid, v.start, v.end)) if v.inode else None,
+        }
+        for v in vmas
+    ]
 
 
 def start_time(pid: int) -> int:

@@ -225,10 +225,19 @@ class _Pass:
     def _write_state(self, writer: DumpWriter, tree: FrozenTree, vmas: dict) -> None:
         writer.write_pstree(collect.pstree_records(tree))
         for pid in tree.pids:
-            writer.write_mm(pid, collect.mm_record(pid), collect.vma_records(vmas[pid]))
-            if self.req.kind == "dump":  # registers need every thread in a ptrace stop
+            # Registers and injected syscalls need every thread in a ptrace stop. The
+            # sessions' scratch page is gone before the memory is tracked or copied.
+            injected = (
+                collect.read_injected_state(pid, tree.threads[pid])
+                if self.req.kind == "dump"
+                else None
+            )
+            writer.write_mm(
+                pid, collect.mm_record(pid, injected), collect.vma_records(pid, vmas[pid])
+            )
+            if injected is not None:
                 process, threads = collect.core_records(
-                    pid, tree.threads[pid], pid in tree.was_stopped
+                    pid, tree.threads[pid], pid in tree.was_stopped, injected
                 )
                 writer.write_core(pid, process, threads)
                 writer.write_fds(pid, collect.fd_records(pid))

@@ -30,6 +30,7 @@ class Vma:
     inode: int
     path: str
     vmflags: tuple[str, ...] = ()
+    deleted: bool = False  # the mapped file was unlinked (maps: " (deleted)")
 
     @property
     def size(self) -> int:
@@ -118,4 +119,5 @@ def vma_record(vma: Vma) -> dict:
         "kind": vma.kind,
         "vmflags": list(vma.vmflags),
         "shmem": vma.shmem_owner,
+        "deleted": vma.deleted,
     }

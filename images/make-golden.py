@@ -4,6 +4,10 @@
     python3 images/make-golden.py            # rewrite images/golden/
     python3 images/make-golden.py OUTDIR     # write elsewhere (tests do this)
 
+images/golden/chain is the current format (version 2); images/golden/v1/chain is the
+same chain as format version 1 wrote it, kept as written (the readers still read it,
+this script no longer writes it).
+
 The golden chain is three dumps (pre-dump 1 <- pre-dump 2 <- dump 3) of two
 processes sharing one shm object, with here / parent / zero page runs and small
 (2-page) frames. Everything is deterministic except compressed sizes, which
@@ -54,7 +58,36 @@ def process(pid: int) -> dict:
         "rlimits": {"nofile": [1024, 524288], "stack": [8388608, -1]},
         "sigignore": 0,
         "sigcatch": 1 << 14,
+        "sigactions": [sigaction(sig) for sig in range(1, 65) if sig not in (9, 19)],
+        "itimers": {"real": [0, 1500000] if pid == 100 else [0, 0], "virtual": [0, 0],
+                    "prof": [10000, 7000]},
+        "umask": 0o022,
+        "prctl": {"dumpable": 1, "pdeathsig": 15 if pid == 101 else 0, "child_subreaper": 0,
+                  "no_new_privs": 0, "thp_disable": 1, "securebits": 0},
+        "seccomp": 0,
+        "shared_siginfo": [siginfo(12, 100)] if pid == 100 else [],
     }  # fmt: skip
+
+
+def sigaction(sig: int) -> dict:
+    """SIGTERM (15) has a handler with SA_RESTORER|SA_SIGINFO; the rest are SIG_DFL."""
+    if sig == 15:
+        return {"sig": sig, "handler": 0x401200, "flags": 0x04000004, "restorer": 0x401300,
+                "mask": 1 << 9}  # fmt: skip
+    return {"sig": sig, "handler": 0, "flags": 0, "restorer": 0, "mask": 0}
+
+
+def siginfo(sig: int, pid: int) -> bytes:
+    """A 128-byte siginfo_t: si_signo, si_errno, si_code (SI_QUEUE -1), si_pid, si_uid,
+    si_value."""
+    head = sig.to_bytes(4, "little") + bytes(4) + (-1).to_bytes(4, "little", signed=True)
+    body = bytes(4) + pid.to_bytes(4, "little") + (1000).to_bytes(4, "little")
+    return (head + body + (42).to_bytes(8, "little")).ljust(128, b"\0")
+
+
+def file_id(ino: int, size: int) -> dict:
+    return {"dev": 0xFD01, "ino": ino, "mode": 0o100755, "size": size,
+            "mtime_ns": 1767225600_000000000}  # fmt: skip
 
 
 def thread(tid: int, it: int) -> dict:
@@ -67,6 +100,12 @@ def thread(tid: int, it: int) -> dict:
     return {
         "tid": tid, "regs": regs, "xstate": bytes(range(64)), "blocked": 0, "pending": 0,
         "shared_pending": 0, "state": "S",
+        "tid_address": 0x7F0000100000 + tid * 0x1000 + 0x9D0,
+        "robust_list": [0x7F0000100000 + tid * 0x1000 + 0x9E0, 24],
+        "rseq": {"ptr": 0x7F0000100000 + tid * 0x1000 + 0xFE0, "size": 32, "sig": 0x53053053},
+        "sigaltstack": {"sp": 0x10000, "flags": 0, "size": 0x2000} if tid == 102
+        else {"sp": 0, "flags": 2, "size": 0},
+        "siginfo": [], "comm": "golden" if tid != 102 else "golden-worker",
     }  # fmt: skip
 
 
@@ -77,7 +116,7 @@ def mm() -> dict:
         "start_stack": 0x7FFC0000F000, "arg_start": 0x7FFC0000F100, "arg_end": 0x7FFC0000F110,
         "env_start": 0x7FFC0000F110, "env_end": 0x7FFC0000F200, "exit_code": 0,
         "auxv": (6).to_bytes(8, "little") + PS.to_bytes(8, "little") + bytes(16),
-        "exe": "/usr/bin/golden", "cwd": "/", "root": "/",
+        "exe": "/usr/bin/golden", "cwd": "/", "root": "/", "exe_stat": file_id(77, 8192),
     }  # fmt: skip
 
 
@@ -85,7 +124,8 @@ def vma(start, end, prot, kind, path="", shmem=None, offset=0, dev="00:00", inod
     return {
         "start": start, "end": end, "prot": prot, "offset": offset, "dev": dev,
         "inode": inode, "path": path, "kind": kind, "vmflags": ["rd", "mr", "mw", "me"],
-        "shmem": shmem,
+        "shmem": shmem, "deleted": False,
+        "stat": file_id(inode, 8192) if kind == "file-private" else None,
     }  # fmt: skip
 
 
@@ -101,11 +141,17 @@ def vmas(pid: int) -> list:
 
 
 def fds(pid: int) -> list:
+    def stat(ino, mode, size=0):
+        return {"dev": 14, "ino": ino, "mode": mode, "size": size, "mtime_ns": 0}
+
     return [
-        {"fd": 0, "target": "/dev/pts/0", "pos": 0, "flags": 0o2, "type": "tty", "mnt_id": 25},
-        {"fd": 1, "target": "pipe:[9876]", "pos": 0, "flags": 0o1, "type": "pipe", "mnt_id": 14},
-        {"fd": 3, "target": f"/tmp/golden-{pid}.log", "pos": 4096, "flags": 0o102001,
-         "type": "file", "mnt_id": 30},
+        {"fd": 0, "target": "/dev/pts/0", "pos": 0, "flags": 0o2, "type": "tty", "mnt_id": 25,
+         "cloexec": False, "deleted": False, "stat": stat(3, 0o20620)},
+        {"fd": 1, "target": "pipe:[9876]", "pos": 0, "flags": 0o1, "type": "pipe", "mnt_id": 14,
+         "cloexec": False, "deleted": False, "stat": stat(9876, 0o10600)},
+        {"fd": 3, "target": f"/tmp/golden-{pid}.log (deleted)", "pos": 4096,
+         "flags": 0o2102001, "type": "file", "mnt_id": 30, "cloexec": True, "deleted": True,
+         "stat": stat(500 + pid, 0o100600, 4096)},
     ]  # fmt: skip
 
 

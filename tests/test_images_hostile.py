@@ -53,13 +53,45 @@ def test_bad_magic_truncated_and_unknown_version(tmp_path):
     p.write_bytes(fmt.HEADER.pack(fmt.MAGIC, 7, 1, 0) + b"junk")
     with pytest.raises(UnsupportedVersion) as e:
         decode(str(p))
-    assert str(e.value) == (f"{p}: unsupported image format version 7 (this checkpointer reads 1)")
+    assert str(e.value) == (
+        f"{p}: unsupported image format version 7 (this checkpointer reads 1 and 2)"
+    )
 
 
 def test_unknown_version_in_inventory(chain):
-    _rewrite_inventory(chain / "3", format_version=2)
-    with pytest.raises(UnsupportedVersion, match="version 2 .this checkpointer reads 1"):
+    _rewrite_inventory(chain / "3", format_version=3)
+    with pytest.raises(UnsupportedVersion, match="version 3 .this checkpointer reads 1 and 2"):
         Dump.open(str(chain / "3"))
+
+
+def test_version_must_agree_across_a_dumps_files(chain):
+    # A version 1 inventory over version 2 records would read them with the wrong schema.
+    _rewrite_inventory(chain / "3", format_version=1)
+    with pytest.raises(ImageError, match="inventory says format version 1, its file header 2"):
+        Dump.open(str(chain / "3"))
+    _rewrite_inventory(chain / "3", format_version=2)
+    core = chain / "3" / "core-100"
+    data = bytearray(core.read_bytes())
+    data[8:10] = (1).to_bytes(2, "little")
+    core.write_bytes(bytes(data))
+    with pytest.raises(ImageError, match="core-100: file is format version 1, its dump's"):
+        Dump.open(str(chain / "3")).core(100)
+    with pytest.raises(ImageError, match="file is format version 1"):
+        verify(str(chain / "3"))
+
+
+def test_version_2_requires_its_fields(chain):
+    path = chain / "3" / "core-100"
+    recs = fmt.read_records(str(path))
+    del recs[1]["tid_address"]
+    path.write_bytes(fmt.encode_records("core", recs))
+    with pytest.raises(ImageError, match=r"thread\[0\]: missing field 'tid_address'"):
+        Dump.open(str(chain / "3")).core(100)
+    recs[1]["tid_address"] = 0
+    recs[0]["shared_siginfo"] = [b"short"]
+    path.write_bytes(fmt.encode_records("core", recs))
+    with pytest.raises(ImageError, match=r"shared_siginfo\[0\]: expected 128 bytes, found 5"):
+        Dump.open(str(chain / "3")).core(100)
 
 
 def test_header_kind_must_match_file(chain):

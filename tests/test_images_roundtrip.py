@@ -45,7 +45,7 @@ def test_every_record_kind_round_trips(tmp_path):
     assert d.stats == stats
     inv = d.inventory
     assert inv["kind"] == "pre-dump" and inv["complete"] and inv["parent"] is None
-    assert inv["format_version"] == 1 and inv["pids"] == [10] and inv["root_pid"] == 10
+    assert inv["format_version"] == 2 and inv["pids"] == [10] and inv["root_pid"] == 10
     assert inv["tracking"] == {"uffd": {"10": 5}} and inv["tracker"] == "uffd-wp"
     assert d.parent() is None
     with pytest.raises(ImageError, match="pid 99 is not in this dump"):

@@ -25,11 +25,39 @@ def run(*args):
 def test_show_dir_summary():
     code, out, _ = run("show", D3)
     assert code == 0
-    assert "kind dump, complete, format 1" in out
+    assert "kind dump, complete, format 2" in out
     assert "pages: 3 here, 12 in parents, 2 zero" in out
     assert "100 (ppid 1) golden [S] threads 100,102; 4 vmas" in out
     assert "shm-00:01-4242: 1 here, 3 in parents, 0 zero" in out
     assert out.index("chain/3 [dump") < out.index("chain/2 [pre-dump") < out.index("chain/1 [")
+
+
+def test_every_command_reads_a_version_1_chain(tmp_path):
+    d3 = os.path.join(GOLDEN, "..", "v1", "chain", "3")
+    code, out, _ = run("show", d3)
+    assert code == 0 and "kind dump, complete, format 1" in out
+    for args in (
+        ["verify", d3],
+        ["info", os.path.join(d3, "core-100")],
+        ["decode", os.path.join(d3, "mm-100")],
+        ["x", d3, "mems"],
+        ["x", d3, "fds"],
+        [
+            "extract",
+            d3,
+            "--pid",
+            "100",
+            "--addr",
+            "0x10000",
+            "--size",
+            "4096",
+            "-o",
+            tmp_path / "out",
+        ],  # fmt: skip
+    ):
+        code, out, err = run(*args)
+        assert code == 0, (args, out, err)
+    assert (tmp_path / "out").stat().st_size == 4096
 
 
 def test_show_json_and_file():
@@ -38,7 +66,7 @@ def test_show_json_and_file():
     assert code == 0 and data["pages"] == {"here": 3, "parent": 12, "zero": 2}
     assert [c["kind"] for c in data["chain"]] == ["dump", "pre-dump", "pre-dump"]
     code, out, _ = run("show", os.path.join(D3, "pstree"))
-    assert code == 0 and out.startswith("pstree: pstree file, format version 1\nrecords:\n")
+    assert code == 0 and out.startswith("pstree: pstree file, format version 2\nrecords:\n")
     assert out.endswith("\n2 records\n")
     code, out, _ = run("show", os.path.join(D3, "stats"), "--json")
     assert code == 0 and json.loads(out)["entries"][0]["pages_written"] == 3
@@ -53,7 +81,7 @@ def test_decode_and_info(tmp_path):
     data = json.loads((tmp_path / "o.json").read_text())
     assert code == 0 and data["kind"] == "pages" and data["frames"][0]["content_size"] == 4096
     code, out, _ = run("info", os.path.join(D3, "pagemap-pid-100"))
-    assert (code, out) == (0, f"{D3}/pagemap-pid-100: kind pagemap, version 1, 9 records\n")
+    assert (code, out) == (0, f"{D3}/pagemap-pid-100: kind pagemap, version 2, 9 records\n")
 
 
 def test_x_views():

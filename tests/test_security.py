@@ -16,7 +16,7 @@ import pytest
 import targetlib
 from targetlib import assert_one_line_error
 
-from checkpointer.images import DumpWriter
+from checkpointer.images import DumpWriter, samples
 from checkpointer.images import format as fmt
 
 REPO = Path(__file__).resolve().parent.parent
@@ -369,14 +369,17 @@ def test_code_like_strings_decode_as_plain_data(tmp_path):
         "shared_pending": 0,
         "state": "S",
     }
+    # The version 2 fields, with the hostile strings where a string goes.
+    process = samples.process_rec(100) | process
+    thread = samples.thread_rec(100) | thread | {"comm": CODE_LIKE[2]}
+    mm = samples.mm_rec() | mm
+    vma = samples.vma_rec(0, 0) | vma
+    fd = samples.fd_rec(3) | {"target": CODE_LIKE[1], "flags": 0, "mnt_id": 0}
     with DumpWriter(str(d)) as w:
         w.write_pstree([{"pid": 100, "ppid": 0, "pgid": 100, "sid": 100, "threads": [100]}])
         w.write_core(100, process, [thread])
         w.write_mm(100, mm, [vma])
-        w.write_fds(
-            100,
-            [{"fd": 3, "target": CODE_LIKE[1], "pos": 0, "flags": 0, "type": "file", "mnt_id": 0}],
-        )
+        w.write_fds(100, [fd])
         pages = w.open_pages("pid-100")
         pages.add_data(0x10000, CODE_LIKE[0].encode().ljust(4096, b"\0"))
         pages.close()

@@ -27,7 +27,8 @@ import zstandard as zstd
 from checkpointer.errors import ImageError, UnsupportedVersion
 
 MAGIC = b"CKPTIMG\0"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what the writer writes
+READ_VERSIONS = (1, 2)  # what the readers accept (v2 = v1 plus the restore fields)
 HEADER = struct.Struct("<8sHHI")
 HEADER_SIZE = HEADER.size  # 16
 
@@ -88,12 +89,8 @@ def parse_header(data: bytes, where: str, expect: str | None = None) -> tuple[st
     magic, version, code, reserved = HEADER.unpack_from(data)
     if magic != MAGIC:
         raise ImageError("not a checkpointer image (bad magic)", where)
-    if version != FORMAT_VERSION:
-        raise UnsupportedVersion(
-            f"unsupported image format version {version} "
-            f"(this checkpointer reads {FORMAT_VERSION})",
-            where,
-        )
+    if version not in READ_VERSIONS:
+        raise unsupported_version(version, where)
     kind = KIND_BY_CODE.get(code)
     if kind is None:
         raise ImageError(f"unknown file kind code {code}", where)
@@ -102,6 +99,14 @@ def parse_header(data: bytes, where: str, expect: str | None = None) -> tuple[st
     if expect is not None and kind != expect:
         raise ImageError(f"expected a {expect} file, found {kind}", where)
     return kind, version
+
+
+def unsupported_version(version: object, where: str) -> UnsupportedVersion:
+    readable = " and ".join(str(v) for v in READ_VERSIONS)
+    return UnsupportedVersion(
+        f"unsupported image format version {version} (this checkpointer reads {readable})",
+        where,
+    )
 
 
 def read_header(path: str, expect: str | None = None) -> tuple[str, int]:
@@ -142,13 +147,20 @@ def check_writable(kind: str, count: int, size: int) -> None:
         raise ImageError(f"{kind} file too large ({count} records, {size} bytes)")
 
 
-def iter_records(path: str, expect: str | None = None, limit: int | None = None):
+def iter_records(
+    path: str, expect: str | None = None, limit: int | None = None, version: int | None = None
+):
     """Yield the records of a record file, bounded in memory and count.
 
     The limits (decompressed bytes, record count) are larger for pagemap files.
+    `version`: the format version the file's header must carry (its dump's).
     """
     with _open(path) as f:
-        kind, _ = parse_header(f.read(HEADER_SIZE), path, expect)
+        kind, found = parse_header(f.read(HEADER_SIZE), path, expect)
+        if version is not None and found != version:
+            raise ImageError(
+                f"file is format version {found}, its dump's inventory says {version}", path
+            )
         if kind == "pages":
             raise ImageError("a pages file holds page frames, not records", path)
         big = kind == "pagemap"
@@ -191,8 +203,10 @@ def iter_records(path: str, expect: str | None = None, limit: int | None = None)
             raise ImageError("truncated record at end of stream", path)
 
 
-def read_records(path: str, expect: str | None = None, limit: int | None = None) -> list:
-    return list(iter_records(path, expect, limit))
+def read_records(
+    path: str, expect: str | None = None, limit: int | None = None, version: int | None = None
+) -> list:
+    return list(iter_records(path, expect, limit, version))
 
 
 def _short(e: BaseException) -> str:

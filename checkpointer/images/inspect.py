@@ -32,17 +32,17 @@ def jsonable(obj):
 # ---- info / decode ----
 
 
-def _file_kind(path: str) -> str:
+def _file_kind(path: str) -> tuple[str, int]:
+    """(kind, format version) from the file's header."""
     if os.path.isdir(path):
         raise ImageError("is a directory, expected an image file", path)
-    kind, _ = fmt.read_header(path)
-    return kind
+    return fmt.read_header(path)
 
 
 def info(path: str) -> dict:
     """Kind, version and record count (frame count for a pages file)."""
-    kind = _file_kind(path)
-    out = {"file": path, "kind": kind, "version": fmt.FORMAT_VERSION}
+    kind, version = _file_kind(path)
+    out = {"file": path, "kind": kind, "version": version}
     if kind == "pages":
         frames = fmt.walk_frames(path)
         out["frames"] = len(frames)
@@ -62,8 +62,8 @@ def decode(path: str) -> dict:
 
 def decode_stream(path: str):
     """(head, iterator of JSON-able entries or frames): decode without holding it all."""
-    kind = _file_kind(path)
-    head = {"file": os.path.basename(path), "kind": kind, "version": fmt.FORMAT_VERSION}
+    kind, version = _file_kind(path)
+    head = {"file": os.path.basename(path), "kind": kind, "version": version}
     if kind == "pages":
         return head, iter(fmt.walk_frames(path))
     return head, (jsonable(r) for r in fmt.iter_records(path, kind))

@@ -55,11 +55,11 @@ class PageMap:
         self.pages_path = os.path.join(dump.path, f"pages-{owner}")
         where = self.path
         ps = dump.page_size
-        it = fmt.iter_records(self.path, "pagemap")
+        it = fmt.iter_records(self.path, "pagemap", version=dump.version)
         head = next(it, None)
         if head is None:
             raise ImageError("empty pagemap (no head record)", where)
-        schema.check("pagemap_head", head, where, "head")
+        schema.check("pagemap_head", head, where, "head", dump.version)
         if head["owner"] != owner:
             raise ImageError(f"head names owner {head['owner']!r}, file is for {owner}", where)
         if head["page_size"] != ps:
@@ -71,6 +71,7 @@ class PageMap:
         if not (0 <= nr_frames <= fmt.MAX_FRAMES and 0 <= nr_runs <= fmt.MAX_PAGEMAP_RECORDS):
             raise ImageError("absurd frame or run count", where)
         self.head = head
+        self.version = dump.version
         self.frame_size = fs
         self.page_size = ps
         self.f_off = array("Q")
@@ -159,7 +160,13 @@ class PageMap:
     def _pages_file(self):
         if self._file is None:
             f = fmt._open(self.pages_path)
-            fmt.parse_header(f.read(fmt.HEADER_SIZE), self.pages_path, "pages")
+            _, version = fmt.parse_header(f.read(fmt.HEADER_SIZE), self.pages_path, "pages")
+            if version != self.version:
+                f.close()
+                raise ImageError(
+                    f"file is format version {version}, its dump's inventory says {self.version}",
+                    self.pages_path,
+                )
             size = os.fstat(f.fileno()).st_size
             if size != self.pages_file_size:
                 f.close()
@@ -220,18 +227,23 @@ class Dump:
             raise ImageError(
                 "incomplete dump: no inventory (interrupted dump, or not a dump directory)", path
             )
+        _, header_version = fmt.read_header(inv_path, "inventory")
         recs = fmt.read_records(inv_path, "inventory")
         if len(recs) != 1:
             raise ImageError(f"expected 1 inventory record, found {len(recs)}", inv_path)
         inv = recs[0]
-        if isinstance(inv, dict) and inv.get("format_version", 1) != fmt.FORMAT_VERSION:
-            v = inv.get("format_version")
-            raise fmt.UnsupportedVersion(
-                f"unsupported image format version {v} "
-                f"(this checkpointer reads {fmt.FORMAT_VERSION})",
-                inv_path,
-            )
-        schema.check("inventory", inv, inv_path)
+        if isinstance(inv, dict):
+            v = inv.get("format_version", header_version)
+            if v not in fmt.READ_VERSIONS:
+                raise fmt.unsupported_version(v, inv_path)
+            if v != header_version:
+                raise ImageError(
+                    f"inventory says format version {v}, its file header {header_version}",
+                    inv_path,
+                )
+        # Every record file of the dump carries this version and its schema.
+        self.version: int = header_version
+        schema.check("inventory", inv, inv_path, version=self.version)
         if not inv["complete"]:
             raise ImageError("incomplete dump: inventory not marked complete", path)
         ps = inv["page_size"]
@@ -240,10 +252,10 @@ class Dump:
         self.inventory = inv
         self.page_size = ps
         pst_path = os.path.join(path, "pstree")
-        pstree = fmt.read_records(pst_path, "pstree")
+        pstree = fmt.read_records(pst_path, "pstree", version=self.version)
         seen_pids = set()
         for i, p in enumerate(pstree):
-            schema.check("pstree", p, pst_path, f"pstree[{i}]")
+            schema.check("pstree", p, pst_path, f"pstree[{i}]", self.version)
             if p["pid"] in seen_pids or p["pid"] <= 0:
                 raise ImageError(f"pid {p['pid']} listed twice or invalid", pst_path)
             seen_pids.add(p["pid"])
@@ -265,23 +277,23 @@ class Dump:
 
     def core(self, pid: int) -> Core:
         path = self._pid_file("core", pid)
-        recs = fmt.read_records(path, "core")
+        recs = fmt.read_records(path, "core", version=self.version)
         if not recs:
             raise ImageError("no process record", path)
-        schema.check("process", recs[0], path, "process")
+        schema.check("process", recs[0], path, "process", self.version)
         for i, t in enumerate(recs[1:]):
-            schema.check("thread", t, path, f"thread[{i}]")
+            schema.check("thread", t, path, f"thread[{i}]", self.version)
         return Core(recs[0], recs[1:])
 
     def mm(self, pid: int) -> Mm:
         path = self._pid_file("mm", pid)
-        recs = fmt.read_records(path, "mm")
+        recs = fmt.read_records(path, "mm", version=self.version)
         if not recs:
             raise ImageError("no mm record", path)
-        schema.check("mm", recs[0], path, "mm")
+        schema.check("mm", recs[0], path, "mm", self.version)
         prev_end = 0
         for i, v in enumerate(recs[1:]):
-            schema.check("vma", v, path, f"vma[{i}]")
+            schema.check("vma", v, path, f"vma[{i}]", self.version)
             s, e = v["start"], v["end"]
             if s % self.page_size or e % self.page_size or not prev_end <= s < e <= MAX_U64:
                 raise ImageError(
@@ -298,9 +310,9 @@ class Dump:
         path = self._pid_file("fds", pid)
         if not os.path.lexists(path):
             return []
-        recs = fmt.read_records(path, "fds")
+        recs = fmt.read_records(path, "fds", version=self.version)
         for i, r in enumerate(recs):
-            schema.check("fd", r, path, f"fd[{i}]")
+            schema.check("fd", r, path, f"fd[{i}]", self.version)
         return recs
 
     @property
@@ -308,10 +320,10 @@ class Dump:
         path = os.path.join(self.path, "stats")
         if not os.path.lexists(path):
             return None
-        recs = fmt.read_records(path, "stats")
+        recs = fmt.read_records(path, "stats", version=self.version)
         if len(recs) != 1:
             raise ImageError(f"expected 1 stats record, found {len(recs)}", path)
-        return schema.check("stats", recs[0], path)
+        return schema.check("stats", recs[0], path, version=self.version)
 
     def owners(self) -> list[str]:
         out = []

@@ -19,6 +19,16 @@ def process_rec(pid: int, comm: str = "sample") -> dict:
         "creds": {"uid": [0] * 4, "gid": [0] * 4, "groups": [], "cap_inh": 0, "cap_prm": 0,
                   "cap_eff": 0, "cap_bnd": 0, "cap_amb": 0},
         "rlimits": {"nofile": [1024, 4096]}, "sigignore": 0, "sigcatch": 0,
+        "sigactions": [
+            {"sig": sig, "handler": 0, "flags": 0, "restorer": 0, "mask": 0}
+            for sig in range(1, 65) if sig not in (9, 19)
+        ],
+        "itimers": {"real": [0, 0], "virtual": [0, 0], "prof": [0, 0]},
+        "umask": 0o022,
+        "prctl": {"dumpable": 1, "pdeathsig": 0, "child_subreaper": 0, "no_new_privs": 0,
+                  "thp_disable": 0, "securebits": 0},
+        "seccomp": 0,
+        "shared_siginfo": [],
     }  # fmt: skip
 
 
@@ -26,6 +36,8 @@ def thread_rec(tid: int) -> dict:
     return {
         "tid": tid, "regs": {"rip": 0x401000, "rsp": 0x7FFC0000F000}, "xstate": b"\0" * 64,
         "blocked": 0, "pending": 0, "shared_pending": 0, "state": "S",
+        "tid_address": 0, "robust_list": [0, 0], "rseq": {"ptr": 0, "size": 0, "sig": 0},
+        "sigaltstack": {"sp": 0, "flags": 2, "size": 0}, "siginfo": [], "comm": "sample",
     }  # fmt: skip
 
 
@@ -33,7 +45,7 @@ def mm_rec() -> dict:
     keys = ("start_code end_code start_data end_data start_brk brk start_stack arg_start "
             "arg_end env_start env_end exit_code").split()  # fmt: skip
     rec = dict.fromkeys(keys, 0)
-    rec.update(auxv=b"", exe="/bin/sample", cwd="/", root="/")
+    rec.update(auxv=b"", exe="/bin/sample", cwd="/", root="/", exe_stat=None)
     return rec
 
 
@@ -41,12 +53,15 @@ def vma_rec(start: int, end: int, kind: str = "anon", shmem=None, offset=0, path
     return {
         "start": start, "end": end, "prot": "rw-s" if shmem else "rw-p", "offset": offset,
         "dev": "00:00", "inode": 0, "path": path, "kind": kind, "vmflags": ["rd", "wr"],
-        "shmem": shmem,
+        "shmem": shmem, "deleted": False, "stat": None,
     }  # fmt: skip
 
 
 def fd_rec(fd: int, target: str = "/dev/null") -> dict:
-    return {"fd": fd, "target": target, "pos": 0, "flags": 2, "type": "file", "mnt_id": 1}
+    return {
+        "fd": fd, "target": target, "pos": 0, "flags": 2, "type": "file", "mnt_id": 1,
+        "cloexec": False, "deleted": False, "stat": None,
+    }  # fmt: skip
 
 
 def stats_rec(written=0, parent=0, zero=0, raw=0, comp=0, iteration=None) -> dict:

@@ -1,12 +1,14 @@
-"""Record schemas: the fields every record kind must carry and their types.
+"""Record schemas, per format version: the fields every record kind must carry.
 
 Records may carry extra fields (ignored by readers); the listed ones are required.
-`check(kind, record, where)` raises ImageError naming the first bad field.
+Version 2 is version 1 plus the fields a restore needs (images/README.md).
+`check(kind, record, where, version=...)` raises ImageError naming the first bad field.
 """
 
 from __future__ import annotations
 
 from checkpointer.errors import ImageError
+from checkpointer.images.format import FORMAT_VERSION
 
 INT = "int"
 STR = "str"
@@ -32,13 +34,17 @@ def enum(*values):
     return ("enum", values)
 
 
+def bytes_of(n):
+    return ("bytes", n)
+
+
 WHERE = ("here", "parent", "zero")
 VMA_KINDS = (
     "anon", "heap", "stack", "file", "file-private", "shared-anon", "shm",
     "memfd", "vdso", "vvar", "vsyscall", "special",
 )  # fmt: skip
 
-SCHEMAS: dict[str, dict] = {
+SCHEMAS_V1: dict[str, dict] = {
     "inventory": {
         "format_version": INT,
         "tool_version": STR,
@@ -153,9 +159,57 @@ SCHEMAS: dict[str, dict] = {
 }
 
 
-def check(kind: str, record, where: str | None, what: str | None = None) -> dict:
-    """Validate one record against SCHEMAS[kind]; return it."""
-    _check(SCHEMAS[kind], record, where, what or kind)
+# A file's identity, from stat(2): tells the file a restore finds from the one dumped.
+FILE_ID = {"dev": INT, "ino": INT, "mode": INT, "size": INT, "mtime_ns": INT}
+SIGINFO = bytes_of(128)  # a kernel siginfo_t as PTRACE_PEEKSIGINFO returns it
+
+# Version 2 adds, per record kind, what a restore needs (images/README.md, "version 2").
+V2_FIELDS: dict[str, dict] = {
+    "process": {
+        "sigactions": list_of(
+            {"sig": INT, "handler": INT, "flags": INT, "restorer": INT, "mask": INT}
+        ),
+        "itimers": {n: list_of(INT, 2) for n in ("real", "virtual", "prof")},
+        "umask": INT,
+        "prctl": {
+            n: INT
+            for n in (
+                "dumpable",
+                "pdeathsig",
+                "child_subreaper",
+                "no_new_privs",
+                "thp_disable",
+                "securebits",
+            )
+        },  # fmt: skip
+        "seccomp": INT,
+        "shared_siginfo": list_of(SIGINFO),
+    },
+    "thread": {
+        "tid_address": INT,
+        "robust_list": list_of(INT, 2),
+        "rseq": {"ptr": INT, "size": INT, "sig": INT},
+        "sigaltstack": {"sp": INT, "flags": INT, "size": INT},
+        "siginfo": list_of(SIGINFO),
+        "comm": STR,
+    },
+    "mm": {"exe_stat": opt(FILE_ID)},
+    "vma": {"deleted": BOOL, "stat": opt(FILE_ID)},
+    "fd": {"cloexec": BOOL, "deleted": BOOL, "stat": opt(FILE_ID)},
+}
+
+SCHEMAS_V2: dict[str, dict] = {
+    kind: {**spec, **V2_FIELDS.get(kind, {})} for kind, spec in SCHEMAS_V1.items()
+}
+SCHEMAS_BY_VERSION: dict[int, dict[str, dict]] = {1: SCHEMAS_V1, 2: SCHEMAS_V2}
+SCHEMAS = SCHEMAS_BY_VERSION[FORMAT_VERSION]  # the version this checkpointer writes
+
+
+def check(
+    kind: str, record, where: str | None, what: str | None = None, version: int = FORMAT_VERSION
+) -> dict:
+    """Validate one record against the schema of `kind` in format `version`; return it."""
+    _check(SCHEMAS_BY_VERSION[version][kind], record, where, what or kind)
     return record
 
 
@@ -191,6 +245,11 @@ def _check(spec, value, where, path):
             _fail(where, path, f"expected bytes, found {_tname(value)}")
     elif spec == ANY:
         _check_any(value, where, path, 0)
+    elif spec[0] == "bytes":
+        if not isinstance(value, bytes | bytearray):
+            _fail(where, path, f"expected bytes, found {_tname(value)}")
+        if len(value) != spec[1]:
+            _fail(where, path, f"expected {spec[1]} bytes, found {len(value)}")
     elif spec[0] == "opt":
         if value is not None:
             _check(spec[1], value, where, path)

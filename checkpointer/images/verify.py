@@ -47,7 +47,11 @@ def _verify_one(d: Dump, totals: dict) -> None:
         )
         if not ok or kind is None:
             raise ImageError("unexpected file in dump directory", p)
-        fmt.read_header(p, kind)
+        _, version = fmt.read_header(p, kind)
+        if version != d.version:
+            raise ImageError(
+                f"file is format version {version}, its dump's inventory says {d.version}", p
+            )
         totals["files"] += 1
     # A pre-dump holds memory only: its tree was never frozen, so it has no
     # registers (core-PID) to check; a final dump must have them for every process.

@@ -153,13 +153,19 @@ class SyscallSession:
             raise OSError(errno.EIO, f"task {self.tid}: short write at {addr:#x}")
 
     def scratch(self, size: int = PAGE_SIZE, near: int = 0) -> int:
-        """Address of a private read-write scratch area of at least `size` bytes in
-        the task (mapped on first use, at `near` if that hint is free; unmapped on
-        close). Callers share it: it holds one call's buffers at a time."""
+        """Address of a read-write scratch area of at least `size` bytes in the task
+        (mapped on first use, at `near` if that hint is free; unmapped on close).
+        Callers share it: it holds one call's buffers at a time.
+
+        It is MAP_SHARED anonymous memory so that it can never merge with a
+        neighbouring private VMA: a merge would change that VMA's soft-dirty and
+        uffd-wp state, which a dump of the task reads right after."""
         size = -(-size // PAGE_SIZE) * PAGE_SIZE
         if self._scratch and self._scratch_size >= size:
             return self._scratch
-        if self._scratch and self._scratch_owned:
+        if self._scratch:
+            if not self._scratch_owned:
+                raise ValueError(f"adopted scratch of {self._scratch_size} bytes is too small")
             self.call(NR_munmap, self._scratch, self._scratch_size)
         self._scratch = 0
         # Shared, so it can never merge with a neighbouring private VMA (whose
@@ -171,10 +177,12 @@ class SyscallSession:
         self._scratch_owned = True
         return self._scratch
 
-    def adopt_scratch(self, addr: int, size: int) -> None:
-        """Use an area someone else maps and unmaps (a restored process's threads
-        share the one its leader's session placed in a gap of the image)."""
-        self._scratch, self._scratch_size, self._scratch_owned = addr, size, False
+    def adopt_scratch(self, addr: int, size: int, *, unmap_on_close: bool = False) -> None:
+        """Use an area mapped elsewhere: a restored process's threads share the one
+        placed in a gap of the image; a dump lends every thread's session the
+        scratch of its process's first session. Unmapped on close only if asked."""
+        self._scratch, self._scratch_size = addr, size
+        self._scratch_owned = unmap_on_close
 
     def call_with_buffer(self, nr: int, args: tuple, buf: bytes | int) -> tuple[int, bytes]:
         """Run a syscall whose arguments point into a buffer; `buf` is its initial

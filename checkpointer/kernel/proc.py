@@ -425,3 +425,47 @@ def read_personality(pid: int) -> int:
 
 def read_comm(pid: int) -> str:
     return _read_text(pid, f"/proc/{pid}/comm").rstrip("\n")
+
+
+def read_task_comm(pid: int, tid: int) -> str:
+    """The thread's name (task/TID/comm; pthread_setname_np sets it per thread)."""
+    return _read_text(pid, f"/proc/{pid}/task/{tid}/comm").rstrip("\n")
+
+
+def read_umask(pid: int) -> int:
+    """The file mode creation mask (status Umask, octal)."""
+    return int(read_status(pid)["Umask"], 8)
+
+
+def read_seccomp_mode(pid: int, tid: int | None = None) -> int:
+    """Seccomp mode from status: 0 none, 1 strict, 2 filter."""
+    return int(read_status(pid, tid).get("Seccomp", "0"))
+
+
+# --- file identities ---------------------------------------------------------------
+
+
+def _stat_or_none(pid: int, path: str) -> os.stat_result | None:
+    """stat(2) through a /proc magic link: the file itself, deleted or not."""
+    try:
+        return os.stat(path)
+    except _GONE:
+        if not os.path.exists(f"/proc/{pid}"):
+            raise _gone(pid) from None
+        return None
+    except OSError:
+        return None  # EACCES, or a file on a mount we cannot reach
+
+
+def stat_fd(pid: int, fd: int) -> os.stat_result | None:
+    """stat of what fd N of pid refers to (also pipes, sockets, deleted files)."""
+    return _stat_or_none(pid, f"/proc/{pid}/fd/{fd}")
+
+
+def stat_exe(pid: int) -> os.stat_result | None:
+    return _stat_or_none(pid, f"/proc/{pid}/exe")
+
+
+def stat_mapped_file(pid: int, start: int, end: int) -> os.stat_result | None:
+    """stat of the file mapped at [start, end) (map_files/; needs CAP_SYS_ADMIN)."""
+    return _stat_or_none(pid, f"/proc/{pid}/map_files/{start:x}-{end:x}")

@@ -50,6 +50,7 @@ PTRACE_EVENT_STOP = 128
 PTRACE_O_TRACEFORK = 1 << 1
 PTRACE_O_TRACECLONE = 1 << 3
 PTRACE_O_EXITKILL = 1 << 20
+PTRACE_O_SUSPEND_SECCOMP = 1 << 21  # injected syscalls bypass the tracee's seccomp filters
 NT_X86_XSTATE = 0x202
 
 __WALL = 0x40000000  # wait for threads too (not exported by Python's os)

@@ -57,6 +57,7 @@ NR_kill = 62
 NR_fcntl = 72
 NR_prctl = 157
 NR_gettid = 186
+NR_get_robust_list = 274
 NR_tgkill = 234
 NR_clock_nanosleep = 230
 NR_process_vm_readv = 310
@@ -111,3 +112,12 @@ def mmap_anon(length: int, prot: int = 3) -> int:
 
 def munmap(addr: int, length: int) -> None:
     syscall(NR_munmap, addr, length)
+
+
+def get_robust_list(tid: int) -> tuple[int, int]:
+    """(head, len) of thread tid's robust futex list, asked from this process
+    (needs ptrace read access to tid)."""
+    head = ctypes.c_uint64()
+    length = ctypes.c_size_t()
+    syscall(NR_get_robust_list, tid, ctypes.addressof(head), ctypes.addressof(length))
+    return head.value, length.value

@@ -1,0 +1,120 @@
+"""Task state only the task itself can tell: read by syscalls injected into it.
+
+Signal handlers, interval timers, prctl flags, the program break, the clear-tid
+address and the alternate signal stack are not in /proc. Each reader here takes an
+open SyscallSession in a stopped task and runs the `get` syscall there, with its
+output buffers in the session's scratch mapping: many calls write to distinct
+offsets of one page, read back with one read.
+
+Process-wide state (sigactions, itimers, brk, prctl) may be read in any live thread
+of the process; per-thread state (tid address, sigaltstack) in that very thread.
+The readers that need no injection (robust list, rseq) take a tid.
+"""
+
+from __future__ import annotations
+
+import signal
+import struct
+
+from checkpointer.kernel import abi, syscalls
+from checkpointer.kernel.inject import SyscallSession
+from checkpointer.kernel.syscalls import NR_brk, NR_prctl
+
+NR_rt_sigaction = 13
+NR_getitimer = 36
+NR_sigaltstack = 131
+
+# Every signal that has an action: all but SIGKILL and SIGSTOP (rt_sigaction: EINVAL).
+SIGNALS_WITH_ACTION = tuple(
+    sig for sig in range(1, 65) if sig not in (signal.SIGKILL, signal.SIGSTOP)
+)
+
+# prctl(2) options read here, and whether the value comes back through a pointer.
+PR_GET_PDEATHSIG = 2
+PR_GET_DUMPABLE = 3
+PR_GET_SECUREBITS = 27
+PR_GET_CHILD_SUBREAPER = 37
+PR_GET_NO_NEW_PRIVS = 39
+PR_GET_TID_ADDRESS = 40
+PR_GET_THP_DISABLE = 42
+PRCTL_BY_RESULT = {
+    "dumpable": PR_GET_DUMPABLE,
+    "no_new_privs": PR_GET_NO_NEW_PRIVS,
+    "thp_disable": PR_GET_THP_DISABLE,
+    "securebits": PR_GET_SECUREBITS,
+}
+PRCTL_BY_POINTER = {  # an int the kernel stores at arg2
+    "pdeathsig": PR_GET_PDEATHSIG,
+    "child_subreaper": PR_GET_CHILD_SUBREAPER,
+}
+
+_INT = struct.Struct("<i")
+_U64 = struct.Struct("<Q")
+
+
+def read_sigactions(session: SyscallSession) -> list[dict[str, int]]:
+    """{sig, handler, flags, restorer, mask} of every signal but SIGKILL and SIGSTOP."""
+    size = abi.SIGACTION.size
+    buf = session.scratch(size * len(SIGNALS_WITH_ACTION))
+    for i, sig in enumerate(SIGNALS_WITH_ACTION):
+        session.call(NR_rt_sigaction, sig, 0, buf + i * size, abi.SIGSET_SIZE)
+    data = session.read(buf, size * len(SIGNALS_WITH_ACTION))
+    return [
+        {"sig": sig, **abi.unpack_sigaction(data[i * size : (i + 1) * size])}
+        for i, sig in enumerate(SIGNALS_WITH_ACTION)
+    ]
+
+
+def read_itimers(session: SyscallSession) -> dict[str, list[int]]:
+    """{"real"|"virtual"|"prof": [interval_us, value_us]}: value is the time left."""
+    size = abi.ITIMERVAL.size
+    buf = session.scratch(size * len(abi.ITIMER_NAMES))
+    for which in range(len(abi.ITIMER_NAMES)):
+        session.call(NR_getitimer, which, buf + which * size)
+    data = session.read(buf, size * len(abi.ITIMER_NAMES))
+    return {
+        name: abi.unpack_itimerval(data[i * size : (i + 1) * size])
+        for i, name in enumerate(abi.ITIMER_NAMES)
+    }
+
+
+def read_prctl_state(session: SyscallSession) -> dict[str, int]:
+    """dumpable, pdeathsig, child_subreaper, no_new_privs, thp_disable, securebits.
+
+    pdeathsig, no_new_privs and securebits belong to the thread the session is in.
+    """
+    out = {
+        name: session.call(NR_prctl, option, 0, 0, 0, 0) for name, option in PRCTL_BY_RESULT.items()
+    }
+    buf = session.scratch(_INT.size * len(PRCTL_BY_POINTER))
+    for i, option in enumerate(PRCTL_BY_POINTER.values()):
+        session.call(NR_prctl, option, buf + i * _INT.size, 0, 0, 0)
+    data = session.read(buf, _INT.size * len(PRCTL_BY_POINTER))
+    for i, name in enumerate(PRCTL_BY_POINTER):
+        out[name] = _INT.unpack_from(data, i * _INT.size)[0]
+    return dict(sorted(out.items()))
+
+
+def read_brk(session: SyscallSession) -> int:
+    """The exact program break (mm->brk): brk(0) fails to move it and returns it."""
+    return session.call(NR_brk, 0)
+
+
+def read_tid_address(session: SyscallSession) -> int:
+    """The session's thread's clear_child_tid (set_tid_address, CLONE_CHILD_CLEARTID)."""
+    buf = session.scratch(_U64.size)
+    session.call(NR_prctl, PR_GET_TID_ADDRESS, buf, 0, 0, 0)
+    return _U64.unpack(session.read(buf, _U64.size))[0]
+
+
+def read_sigaltstack(session: SyscallSession) -> dict[str, int]:
+    """The session's thread's alternate signal stack: {sp, flags, size}
+    (flags SS_DISABLE = 2 when it has none; SS_ONSTACK = 1 while running on it)."""
+    buf = session.scratch(abi.STACK_T.size)
+    session.call(NR_sigaltstack, 0, buf)
+    return abi.unpack_stack(session.read(buf, abi.STACK_T.size))
+
+
+def read_robust_list(tid: int) -> list[int]:
+    """[head, len] of the thread's robust futex list (get_robust_list from outside)."""
+    return list(syscalls.get_robust_list(tid))
