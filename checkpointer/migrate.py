@@ -52,6 +52,7 @@ class MigrateOptions:
     remote_dir: str | None = None  # default: a fresh directory under /var/tmp
     images_dir: Path | None = None  # local staging chain; default: a temp dir, removed
     same_pid_space: str = "auto"  # "yes" | "no": override what hello says
+    leave_stopped: bool = False  # the restored tree waits for SIGCONT at the destination
     tracker: str = "auto"
     max_iterations: int = 8
     min_pages: int = 64
@@ -166,7 +167,7 @@ class _Migration:
                 raise self._failed("before the restore", err) from None
             self._kill_source()  # the restore needs its PIDs
         try:
-            restored = self.dest.restore("final")
+            restored = self.dest.restore("final", opts.leave_stopped)
             running_at = time.monotonic()
             self.dest.commit()
         except BaseException as err:

@@ -121,7 +121,10 @@ class Session:
         from pathlib import Path
 
         started = time.monotonic()
-        res = restore(RestoreRequest(images_dir=Path(path), detach=True, leave_stopped=False))
+        leave_stopped = bool(fields.get("leave_stopped", False))
+        res = restore(
+            RestoreRequest(images_dir=Path(path), detach=True, leave_stopped=leave_stopped)
+        )
         self.restored_pids = list(res.pids)
         self.reply(
             {

@@ -39,7 +39,7 @@ class Link:
         self._buf = b""
         self._eof = False
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         mv = memoryview(data)
         try:
             while mv:
@@ -208,9 +208,10 @@ class Destination:
         event["seconds"] = time.monotonic() - started
         return event
 
-    def restore(self, name: str) -> dict:
-        """Ask the destination to restore dump `name`; its answer once it runs."""
-        self.stream.control(RESTORE, {"name": name})
+    def restore(self, name: str, leave_stopped: bool = False) -> dict:
+        """Ask the destination to restore dump `name`; its answer once it runs
+        (or is stopped, with leave_stopped)."""
+        self.stream.control(RESTORE, {"name": name, "leave_stopped": leave_stopped})
         return self._expect("restored")
 
     def commit(self) -> dict:

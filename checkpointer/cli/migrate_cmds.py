@@ -118,6 +118,11 @@ def page_server(address, port, images_dir, once, verbose):
     show_default=True,
     help="Whether the destination shares our PID space (auto: same boot id and PID namespace).",
 )
+@click.option(
+    "--leave-stopped",
+    is_flag=True,
+    help="Leave the restored tree stopped at the destination; `kill -CONT` resumes it.",
+)
 @tracker_option
 @stop_rule_options
 @click.option("--json", "as_json", is_flag=True, help="Print the iterations and summary as JSON.")
@@ -131,6 +136,7 @@ def migrate(
     page_server,
     images_dir,
     same_pid_space,
+    leave_stopped,
     tracker,
     max_iterations,
     min_pages,
@@ -160,6 +166,7 @@ def migrate(
         remote_dir=remote_dir,
         images_dir=images_dir,
         same_pid_space=same_pid_space,
+        leave_stopped=leave_stopped,
         tracker=tracker,
         max_iterations=max_iterations,
         min_pages=min_pages,

@@ -81,14 +81,19 @@ class StreamSender:
         self.bytes_sent = 0
         self._send_raw(header)
 
-    def _send_raw(self, data: bytes) -> None:
+    def _send_raw(self, data: bytes | memoryview) -> None:
         self._write(data)
         self.bytes_sent += len(data)
 
     def message(self, kind: int, payload: bytes | memoryview = b"") -> None:
         head = MSG_HEAD.pack(kind, len(payload))
         self._crc = zlib.crc32(payload, zlib.crc32(head, self._crc))
-        self._send_raw(head + bytes(payload) + MSG_CRC.pack(self._crc))
+        if len(payload) < 4096:
+            self._send_raw(head + bytes(payload) + MSG_CRC.pack(self._crc))
+        else:  # page data: no copy of the payload
+            self._send_raw(head)
+            self._send_raw(payload)
+            self._send_raw(MSG_CRC.pack(self._crc))
 
     def control(self, kind: int, fields: dict | None = None) -> None:
         self.message(kind, msgpack.packb(fields or {}, use_bin_type=True))
