@@ -187,7 +187,8 @@ def migrate(
         f"{' (same PID space)' if res.same_pid_space else ''}\n"
         f"pre-dump loop stopped by rule {res.stop_rule}\n"
         f"frozen (final dump): {res.frozen_ms:.1f} ms\n"
-        f"downtime (freeze to running at the destination): {res.downtime_ms:.1f} ms\n"
+        f"downtime (freeze to running at the destination): {res.downtime_ms:.1f} ms, "
+        f"of which the restore {res.restore_ms:.1f} ms\n"
         f"streamed {res.bytes_streamed / 1e6:.1f} MB"
     )
 
