@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from sshd import remote_command, start_sshd, stop_sshd  # noqa: E402
 
 
-def migration(size_mb: int, base: str | None, rate_pct: float = 1.0) -> dict:
+def migration(size_mb: int, base: str | None, rate_pct: float = 1.0, tracker: str = "auto") -> dict:
     say(f"migrate: {size_mb} MiB writer at {rate_pct}% of pages per second, over ssh")
     with TempDir("bench-mig-", base) as tmp:
         server = start_sshd(tmp / "sshd")
@@ -37,7 +37,7 @@ def migration(size_mb: int, base: str | None, rate_pct: float = 1.0) -> dict:
             argv = [sys.executable, "-m", "checkpointer", "migrate", "-t", str(w.pid),
                     "--to", server.host, *[f"--ssh-option={o}" for o in server.ssh_options],
                     "--remote-command", remote_command(), "--remote-dir", str(remote),
-                    "--json"]  # fmt: skip
+                    "--tracker", tracker, "--json"]  # fmt: skip
             started = time.monotonic()
             p = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
             wall = time.monotonic() - started
@@ -82,11 +82,14 @@ def _raw_ssh_seconds(server, blob: Path, size: int) -> float:
             n = min(left, 8 * MiB)
             f.write(os.urandom(n))
             left -= n
+    ssh = ["ssh", *server.ssh_options, server.host]
+    started = time.monotonic()
+    subprocess.run([*ssh, "true"], check=True, timeout=60)
+    setup = time.monotonic() - started  # the migration's stream starts on an open link
     with open(blob, "rb") as f:
         started = time.monotonic()
-        subprocess.run(["ssh", *server.ssh_options, server.host, "cat > /dev/null"], stdin=f,
-                       check=True, timeout=3600)  # fmt: skip
-        seconds = time.monotonic() - started
+        subprocess.run([*ssh, "cat > /dev/null"], stdin=f, check=True, timeout=3600)
+        seconds = time.monotonic() - started - setup
     blob.unlink()
     return seconds
 
