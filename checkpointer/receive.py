@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import time
@@ -36,6 +37,7 @@ from checkpointer.images.stream import (
     decode_control,
     read_messages,
 )
+from checkpointer.transport import keepalive
 
 log = logging.getLogger("checkpointer")
 
@@ -60,6 +62,12 @@ def can_restore() -> bool:
     return True
 
 
+# After a restore, how long the source may take to confirm the migration. Past it,
+# the source is presumed to have rolled back (it resumes its tree when it hears
+# nothing), so the restored tree is killed rather than left to run twice.
+COMMIT_TIMEOUT = 60.0
+
+
 @dataclass
 class Session:
     images_dir: str
@@ -71,6 +79,19 @@ class Session:
 
     def __post_init__(self) -> None:
         self.receiver = DumpReceiver(self.images_dir)
+
+    def reader(self, fd: int, recv: Callable[[int], bytes]) -> Callable[[int], bytes]:
+        """recv, bounded in time while a restored tree waits for the source's commit."""
+
+        def read(n: int) -> bytes:
+            if self.restored_pids and not self.migrated:
+                if not select.select([fd], [], [], COMMIT_TIMEOUT)[0]:
+                    raise CheckpointError(
+                        f"no word from the source within {COMMIT_TIMEOUT:.0f} s of the restore"
+                    )
+            return recv(min(n, 1 << 20))
+
+        return read
 
     def run(self, read: Callable[[int], bytes]) -> None:
         """Serve one stream to its END; on any failure undo and re-raise."""
@@ -179,14 +200,10 @@ def _line_writer(fd: int) -> Callable[[dict], None]:
     return reply
 
 
-def _socket_reader(conn: socket.socket) -> Callable[[int], bytes]:
-    return lambda n: conn.recv(min(n, 1 << 20))
-
-
 def receive_stdio(images_dir: str) -> Session:
     """`checkpointer receive`: the stream on stdin, answers on stdout."""
     session = Session(images_dir, _line_writer(1))
-    session.run(lambda n: os.read(0, min(n, 1 << 20)))
+    session.run(session.reader(0, lambda n: os.read(0, n)))
     return session
 
 
@@ -216,8 +233,9 @@ def serve_tcp(
                 session = Session(
                     images_dir, _line_writer(conn.fileno()), keep_dumps_on_failure=True
                 )
+                keepalive(conn)
                 try:
-                    session.run(_socket_reader(conn))
+                    session.run(session.reader(conn.fileno(), conn.recv))
                     log.info(
                         "session from %s:%s done: %s",
                         peer[0],

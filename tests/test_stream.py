@@ -256,3 +256,25 @@ def test_page_server_unreachable_is_one_line(spawn, tmp_path):
 def test_page_server_binds_loopback_by_default(page_server):
     address, _ = page_server
     assert address.startswith("127.0.0.1:")
+
+
+def test_a_restored_tree_whose_commit_never_comes_is_killed(spawn, tmp_path, monkeypatch):
+    # A session whose tree was restored (here: a running target stands for it) and
+    # that then hears nothing: the source rolled back, so the tree must not run twice.
+    import checkpointer.receive as receive_mod
+
+    t = spawn("--anon-mb", "1")
+    monkeypatch.setattr(receive_mod, "COMMIT_TIMEOUT", 0.5)
+    r, w = os.pipe()
+    os.write(w, encode(GOLDEN / "1", end=False))
+    events: list[dict] = []
+    session = Session(str(tmp_path / "dest"), events.append)
+    session.restored_pids = [t.pid]
+    try:
+        with pytest.raises(Exception, match="no word from the source"):
+            session.run(session.reader(r, lambda n: os.read(r, n)))
+    finally:
+        os.close(r)
+        os.close(w)
+    assert t.proc.wait(timeout=5) == -signal.SIGKILL
+    assert events[-1]["event"] == "error" and os.listdir(tmp_path / "dest") == []
