@@ -12,8 +12,9 @@ A session reads one image stream and answers one JSON line per event:
 
 A session that ends any other way than END (an error, end of input, a signal)
 undoes itself: it kills a tree it restored unless COMMIT arrived, and removes the
-dumps it committed unless it was a page-server session or COMMIT arrived, so no
-complete-looking chain of a failed migration is left behind.
+dumps it committed unless COMMIT arrived or it was a page-server session that asked
+for no restore (plain `--page-server` dumps), so no complete-looking chain of a
+failed migration is left behind.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class Session:
     keep_dumps_on_failure: bool = False  # page server: each dump stands alone
     receiver: DumpReceiver = field(init=False)
     restored_pids: list[int] = field(default_factory=list)
+    restore_asked: bool = False  # a migration: its dumps go if it fails, page server too
     migrated: bool = False
 
     def __post_init__(self) -> None:
@@ -131,6 +133,7 @@ class Session:
             raise
 
     def _restore(self, fields: dict) -> None:
+        self.restore_asked = True
         name = fields.get("name")
         path = next((p for p in self.receiver.committed if os.path.basename(p) == name), None)
         if path is None:
@@ -171,7 +174,7 @@ class Session:
                 "killed the restored tree %s: the migration did not commit", self.restored_pids
             )
         self.restored_pids = []
-        if self.keep_dumps_on_failure:
+        if self.keep_dumps_on_failure and not self.restore_asked:
             self.receiver.abort()
         else:
             self.receiver.discard_committed()

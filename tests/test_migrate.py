@@ -24,7 +24,7 @@ import pytest
 from memcheck import compare_dump_with_process
 from restorelib import start_lifecycle, wait_stopped
 from sshd import remote_command, start_sshd, stop_sshd
-from targetlib import assert_one_line_error, cli, proc_status
+from targetlib import CLI, assert_one_line_error, cli, proc_status
 
 from checkpointer.errors import ImageError
 from checkpointer.images import Dump
@@ -153,6 +153,24 @@ def test_failed_restore_at_the_destination_rolls_back(sshd, spawn, tmp_path):
     r = migrate(sshd, t.pid, remote, "--same-pid-space", "no")
     assert_rolled_back(r, t, remote, "restoring at the destination")
     assert complete_dumps(remote) == []
+
+
+@pytest.mark.uffd_wp
+def test_failed_restore_through_a_page_server_rolls_back(spawn, tmp_path):
+    server_dir = tmp_path / "server"
+    p = subprocess.Popen([*CLI, "page-server", "--port", "0", "-D", str(server_dir)],
+                         stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        address = re.match(r"listening on (\S+)", p.stderr.readline()).group(1)
+        t = spawn("--anon-mb", "16", "--hot-pages", "8")
+        r = cli("migrate", "-t", str(t.pid), "--page-server", address, "--tracker", "uffd-wp",
+                "--same-pid-space", "no")  # fmt: skip
+        assert_rolled_back(r, t, server_dir, "restoring at the destination")
+        assert complete_dumps(server_dir) == []
+    finally:
+        p.terminate()
+        p.wait(timeout=10)
+        p.stderr.close()
 
 
 def test_unreachable_destination_is_one_line(spawn, tmp_path):
