@@ -67,8 +67,9 @@ class StreamedIteration:
     kind: str
     pages_written: int
     bytes_streamed: int
-    stream_ms: float
-    rate_mb_s: float
+    stream_ms: float  # from the first byte sent to committed at the destination
+    send_ms: float  # from the first byte sent to the last
+    rate_mb_s: float  # bytes_streamed / send_ms
     frozen_ms: float
     duration_ms: float
 
@@ -194,14 +195,15 @@ class _Migration:
             with Dump.open(str(self.staging / it.directory)) as d:
                 self.tree = list(d.pids)
         answer = self.dest.send_dump(str(self.staging / it.directory))
-        seconds = answer["seconds"]
+        send_s = answer["send_seconds"]
         streamed = StreamedIteration(
             number=it.number,
             kind=it.kind,
             pages_written=it.pages_written,
             bytes_streamed=answer["bytes_streamed"],
-            stream_ms=seconds * 1000,
-            rate_mb_s=answer["bytes_streamed"] / seconds / 1e6 if seconds > 0 else 0.0,
+            stream_ms=answer["seconds"] * 1000,
+            send_ms=send_s * 1000,
+            rate_mb_s=answer["bytes_streamed"] / send_s / 1e6 if send_s > 0 else 0.0,
             frozen_ms=it.frozen_ms,
             duration_ms=it.duration_ms,
         )

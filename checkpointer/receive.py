@@ -38,7 +38,7 @@ from checkpointer.images.stream import (
     decode_control,
     read_messages,
 )
-from checkpointer.transport import keepalive
+from checkpointer.transport import keepalive, widen_pipe
 
 log = logging.getLogger("checkpointer")
 
@@ -205,6 +205,7 @@ def _line_writer(fd: int) -> Callable[[dict], None]:
 
 def receive_stdio(images_dir: str) -> Session:
     """`checkpointer receive`: the stream on stdin, answers on stdout."""
+    widen_pipe(0)
     session = Session(images_dir, _line_writer(1))
     session.run(session.reader(0, lambda n: os.read(0, n)))
     return session

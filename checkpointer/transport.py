@@ -7,11 +7,13 @@ hello, committed, restored, migrated, end, error.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import select
 import shlex
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -133,6 +135,7 @@ class SshLink(Link):
             )
         except OSError as e:
             raise LinkError(f"cannot run {ssh}: {e.strerror}") from None
+        widen_pipe(self.proc.stdin.fileno())
         self._stderr: list[bytes] = []
         self._reader = threading.Thread(target=self._drain_stderr, daemon=True)
         self._reader.start()
@@ -183,6 +186,16 @@ class TcpLink(Link):
         self.sock.close()
 
 
+def widen_pipe(fd: int) -> None:
+    """1 MiB of pipe buffer instead of 64 KiB: a quarter as many wake-ups per MB
+    between us and ssh. Best effort (the limit is /proc/sys/fs/pipe-max-size)."""
+    try:
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+    except OSError:
+        pass
+
+
 def keepalive(sock: socket.socket) -> None:
     """Notice a peer that vanished without a word within about 30 s."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -211,13 +224,16 @@ class Destination:
 
     def send_dump(self, path: str, name: str | None = None) -> dict:
         """Stream the committed dump at path; return once the destination committed it.
-        The answer gains `bytes_streamed` and `seconds` (send until committed)."""
+        The answer gains `bytes_streamed`, `send_seconds` (until the last byte left)
+        and `seconds` (until committed there)."""
         started = time.monotonic()
         before = self.stream.bytes_sent
         self.stream.send_dump(path, name)
+        sent = time.monotonic()
         event = self._expect("committed")
         event["bytes_streamed"] = self.stream.bytes_sent - before
-        event["seconds"] = time.monotonic() - started
+        event["send_seconds"] = sent - started  # the link's part
+        event["seconds"] = time.monotonic() - started  # and the destination's fsync
         return event
 
     def restore(self, name: str, leave_stopped: bool = False) -> dict:

@@ -12,7 +12,7 @@ previous message's crc (the first is seeded with the crc of the header), so a
 flipped, dropped, repeated or reordered byte anywhere fails the next check.
 
 A dump travels as DUMP_BEGIN, then for each of its files FILE_BEGIN, FILE_DATA...,
-FILE_END (carrying the file's size and crc32), the inventory last, then DUMP_END.
+FILE_END (carrying the file's size), the inventory last, then DUMP_END.
 The receiver writes into a hidden temporary directory and renames it into place
 only after every check passed and DUMP_END arrived (DumpReceiver below).
 """
@@ -112,14 +112,12 @@ class StreamSender:
         buf = bytearray(DATA_CHUNK)
         for fname in files:
             self.control(FILE_BEGIN, {"name": fname})
-            crc = size = 0
+            size = 0
             with open(os.path.join(path, fname), "rb", buffering=0) as f:
                 while n := f.readinto(buf):
-                    chunk = memoryview(buf)[:n]
-                    crc = zlib.crc32(chunk, crc)
                     size += n
-                    self.message(FILE_DATA, chunk)
-            self.control(FILE_END, {"size": size, "crc32": crc})
+                    self.message(FILE_DATA, memoryview(buf)[:n])
+            self.control(FILE_END, {"size": size})
             total += size
         self.control(DUMP_END, {"files": len(files), "bytes": total})
         return total
@@ -211,7 +209,6 @@ class DumpReceiver:
         self._name = ""
         self._files: dict[str, int] = {}
         self._file: tuple[str, int] | None = None  # name, fd (-1 for inventory)
-        self._file_crc = 0
         self._file_size = 0
         self._inventory: bytearray | None = None
 
@@ -277,7 +274,7 @@ class DumpReceiver:
             )
             os.fchmod(fd, 0o600)
         self._file = (name, fd)
-        self._file_crc = self._file_size = 0
+        self._file_size = 0
 
     def _data(self, payload: bytes) -> None:
         if not self._file:
@@ -289,7 +286,6 @@ class DumpReceiver:
             self._inventory += payload
         else:
             write_all(fd, payload)
-        self._file_crc = zlib.crc32(payload, self._file_crc)
         self._file_size += len(payload)
         self.bytes_received += len(payload)
 
@@ -300,8 +296,8 @@ class DumpReceiver:
         self._file = None
         if fd >= 0:
             os.close(fd)
-        if fields.get("size") != self._file_size or fields.get("crc32") != self._file_crc:
-            raise ImageError(f"{name}: size or checksum differs from the sender's", self._where())
+        if fields.get("size") != self._file_size:
+            raise ImageError(f"{name}: size differs from the sender's", self._where())
         self._files[name] = self._file_size
 
     def _end(self, fields: dict) -> str:

@@ -45,7 +45,7 @@ def migration(size_mb: int, base: str | None, rate_pct: float = 1.0, tracker: st
                 return {"error": p.stderr.strip()[-1000:]}
             res = json.loads(p.stdout)
             streamed = res["bytes_streamed"]
-            stream_s = sum(i["stream_ms"] for i in res["iterations"]) / 1000
+            stream_s = sum(i["send_ms"] for i in res["iterations"]) / 1000
             raw_s = _raw_ssh_seconds(server, tmp / "blob", streamed)
             raw_pages = sum(i["pages_written"] for i in res["iterations"]) * PAGE
             return {
@@ -100,15 +100,16 @@ def render(r: dict) -> str:
         return f"{head}\n\nFailed: {r['error']}"
     rows = [
         f"| {i['number']} | {i['kind']} | {i['pages_written']} | {i['bytes_streamed'] / 1e6:.1f} "
-        f"| {i['stream_ms']:.0f} | {i['rate_mb_s']:.0f} | {i['frozen_ms']:.1f} |"
+        f"| {i['send_ms']:.0f} | {i['stream_ms']:.0f} | {i['rate_mb_s']:.0f} "
+        f"| {i['frozen_ms']:.1f} |"
         for i in r["iterations"]
     ]
     return "\n".join([
         head, "",
         f"{r['target_mb']} MiB writer, {r['rate_pct']}% of pages written per second; "
         f"stopped by rule {r['stop_rule']}.", "",
-        "| iter | kind | pages | MB sent | stream ms | MB/s | frozen ms |",
-        "|---|---|---|---|---|---|---|", *rows, "",
+        "| iter | kind | pages | MB sent | send ms | until committed ms | MB/s | frozen ms |",
+        "|---|---|---|---|---|---|---|---|", *rows, "",
         f"- downtime (final dump start to running at the destination): "
         f"**{r['downtime_ms']:.0f} ms**, of which the restore {r['restore_ms']:.0f} ms and "
         f"the final dump's freeze {r['frozen_ms']:.0f} ms",
