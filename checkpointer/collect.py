@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from checkpointer import fdstate
 from checkpointer.errors import TargetError
 from checkpointer.freezer import FrozenTree
 from checkpointer.kernel import abi, inject, proc, ptrace, taskstate
@@ -194,7 +195,7 @@ def mm_record(pid: int, injected: InjectedState | None = None) -> dict:
 
 
 def fd_records(pid: int) -> list[dict]:
-    return [
+    records = [
         {
             "fd": fd.fd,
             "target": fd.target,
@@ -208,6 +209,9 @@ def fd_records(pid: int) -> list[dict]:
         }
         for fd in proc.read_fds(pid)
     ]
+    for rec in records:
+        rec.update(fdstate.describe(pid, rec))
+    return records
 
 
 def file_identity(st: os.stat_result | None) -> dict | None:

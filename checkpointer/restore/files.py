@@ -18,14 +18,51 @@ from checkpointer.restore.task import Task
 _OPEN_ONLY = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY | os.O_CLOEXEC
 
 
-def restore_fds(task: Task, shell_job: bool) -> None:
+class OpenFiles:
+    """The open files of a restore. A kernel object several fds share (both ends
+    of a pipe, a socket inherited by a child) is made once, in the restorer, and
+    copied into every process that holds it; `objects` keeps those, by key."""
+
+    def __init__(self, shell_job: bool) -> None:
+        self.shell_job = shell_job
+        self.objects: dict[str, int] = {}  # key -> our fd of the object
+
+    def shared(self, key: str, create) -> int:
+        """Our fd for the object `key`, made by create() the first time."""
+        if key not in self.objects:
+            self.objects[key] = create()
+        return self.objects[key]
+
+    def close(self) -> None:
+        for fd in self.objects.values():
+            os.close(fd)
+        self.objects.clear()
+
+
+# fd record "type" -> module of that kind of object, with
+#   open(files: OpenFiles, task: Task, record) -> int: a new fd of ours to copy in;
+#   finish(files: OpenFiles, task: Task, record) -> None (optional): once every fd
+#       of every process is in place (epoll watch lists, connections...).
+KINDS: dict[str, object] = {}
+
+
+def restore_fds(task: Task, files: OpenFiles) -> None:
     for f in task.image.fds:
-        ours = _open(task, f, shell_job)
+        kind = KINDS.get(f["type"])
+        ours = kind.open(files, task, f) if kind else _open(task, f, files.shell_job)
         try:
             cloexec = f.get("cloexec", bool(f["flags"] & os.O_CLOEXEC))
             task.install_fd(ours, at=f["fd"], cloexec=cloexec)
         finally:
             os.close(ours)
+
+
+def finish_fds(task: Task, files: OpenFiles) -> None:
+    """The second pass of kinds that link fds together."""
+    for f in task.image.fds:
+        kind = KINDS.get(f["type"])
+        if kind is not None and hasattr(kind, "finish"):
+            kind.finish(files, task, f)
 
 
 def _open(task: Task, f: dict, shell_job: bool) -> int:

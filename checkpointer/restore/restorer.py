@@ -26,6 +26,8 @@ from checkpointer.restore import creds, files, memory, signals, threads, tree
 from checkpointer.restore.images import RestoreImages, load, preflight
 from checkpointer.restore.task import Task
 
+HOLD_ALL = (1 << 64) - 1  # SIGKILL and SIGSTOP cannot be held anyway
+
 
 @dataclass
 class RestoreRequest:
@@ -55,6 +57,7 @@ def restore(req: RestoreRequest) -> RestoreResult:
     seed = tree.Seed()
     tasks: dict[int, Task] = {}
     shared = memory.SharedObjects(images)
+    open_files = files.OpenFiles(req.shell_job)
     try:
         for p in images.processes:
             for thread in p.threads:
@@ -63,7 +66,11 @@ def restore(req: RestoreRequest) -> RestoreResult:
         seed.kill()
         seed = None
         for task in tasks.values():
-            _rebuild(task, images, shared, req, created)
+            _rebuild(task, images, shared, open_files, created)
+        for task in tasks.values():
+            files.finish_fds(task, open_files)
+            task.close_restorer_pidfd()
+            creds.restore_creds(task)
         for task in tasks.values():
             memory.unmap_scratch(task)
             threads.set_registers(task)
@@ -77,6 +84,7 @@ def restore(req: RestoreRequest) -> RestoreResult:
         if seed is not None:
             seed.kill()
         shared.close()
+        open_files.close()
     if req.pidfile:
         _write_pidfile(req.pidfile, images.root.pid)
     return RestoreResult(
@@ -84,28 +92,51 @@ def restore(req: RestoreRequest) -> RestoreResult:
     )
 
 
-def _rebuild(task: Task, images: RestoreImages, shared, req: RestoreRequest, created) -> None:
-    """Everything of one process but its registers, in dependency order."""
+def _rebuild(task: Task, images: RestoreImages, shared, open_files, created) -> None:
+    """Everything of one process but links between fds, credentials and
+    registers, in dependency order."""
     memory.rebuild(task, images, shared)
-    files.restore_fds(task, req.shell_job)
+    files.restore_fds(task, open_files)
     files.restore_dirs_and_limits(task)
     signals.restore_process_signals(task)
     threads.create_threads(task, created)
     threads.restore_thread_state(task)
     tree.restore_prctl(task)
-    task.close_restorer_pidfd()
-    creds.restore_creds(task)
 
 
 def _release(tasks: dict[int, Task], leave_stopped: bool) -> None:
-    """Detach from every thread: the tree runs, or stops at once (SIGSTOP queued)."""
+    """Detach from every thread: the tree runs, or is stopped before it runs a
+    single instruction (see _stop_before_running)."""
     for task in tasks.values():
-        if leave_stopped:
-            os.kill(task.pid, signal.SIGSTOP)
         task.close_sessions()
+    if leave_stopped:
+        _stop_before_running(tasks)
+        return
     for task in tasks.values():
         for tid in task.threads:
             ptrace.detach(tid)
+
+
+def _stop_before_running(tasks: dict[int, Task]) -> None:
+    """Leave the tree in an ordinary group-stop that `kill -CONT` ends, with its
+    memory exactly as restored: a signal pending at detach (an itimer's, say)
+    would otherwise be handled, pushing a frame on a stack, before the SIGSTOP.
+    So: every signal held, SIGSTOP queued, detach (the group stops at once),
+    then seize each stopped thread again to set its real mask, and detach again,
+    which leaves it in the group-stop."""
+    masks = {tid: ptrace.get_sigmask(tid) for task in tasks.values() for tid in task.threads}
+    for tid in masks:
+        ptrace.set_sigmask(tid, HOLD_ALL)
+    for task in tasks.values():
+        os.kill(task.pid, signal.SIGSTOP)
+        for tid in task.threads:
+            ptrace.detach(tid)
+    for tid, mask in masks.items():
+        ptrace.seize(tid)
+        while (stop := ptrace.wait_stop(tid)).kind != "group-stop":
+            ptrace.cont(tid, stop.sig if stop.kind == "signal-stop" else 0)
+        ptrace.set_sigmask(tid, mask)
+        ptrace.detach(tid)
 
 
 def _write_pidfile(path: Path, pid: int) -> None:

@@ -19,8 +19,10 @@ def restore_process_signals(task: Task) -> None:
         taskctl.sigaction(s, act["sig"], act["handler"], act["flags"], act["restorer"], act["mask"])
     for which, name in enumerate(abi.ITIMER_NAMES):
         interval, value = process.get("itimers", {}).get(name, [0, 0])
-        if value:
-            taskctl.setitimer(s, which, interval, value)
+        if value or interval:
+            # value 0 with an interval: it expired just as it was read and is
+            # being re-armed; arm it for one interval.
+            taskctl.setitimer(s, which, interval, value or interval)
     for info in process.get("shared_siginfo", []):
         taskctl.queue_signal(s, task.pid, None, info)
 
