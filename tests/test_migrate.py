@@ -130,6 +130,26 @@ def test_link_cut_by_killing_the_ssh_session_mid_pre_dump(sshd, spawn, tmp_path)
 
 
 @pytest.mark.uffd_wp
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_migrate_interrupted_mid_stream_rolls_back(sshd, spawn, tmp_path, sig):
+    t = spawn("--anon-mb", "256", "--hot-pages", "64")
+    remote = tmp_path / "remote"
+    p = subprocess.Popen(
+        [*CLI, "migrate", "-t", str(t.pid), "--to", sshd.host,
+         *[f"--ssh-option={o}" for o in sshd.ssh_options],
+         "--remote-command", remote_command(), "--remote-dir", str(remote), "--tracker", "uffd-wp"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not any(x.name.startswith(".pre-1.tmp-") for x in remote.glob(".*")):
+        assert time.monotonic() < deadline and p.poll() is None
+        time.sleep(0.01)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=60)
+    assert_rolled_back(subprocess.CompletedProcess(p.args, p.returncode, out, err), t, remote)
+
+
+@pytest.mark.uffd_wp
 def test_full_disk_at_the_destination_rolls_back(sshd, spawn, tmp_path):
     remote = tmp_path / "small"
     remote.mkdir()
