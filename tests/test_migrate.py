@@ -311,3 +311,69 @@ def test_python_workload_migrates_and_keeps_working(sshd, tmp_path):
         os.kill(pid, signal.SIGKILL)
     finally:
         p.kill()
+
+
+# ---- redis under load (needs established TCP connections: the sockets issue) ----
+
+
+def _resp(sock, *words: str) -> bytes:
+    sock.sendall(b"".join([f"*{len(words)}\r\n".encode()] + [
+        f"${len(w)}\r\n{w}\r\n".encode() for w in words]))  # fmt: skip
+    return sock.recv(1 << 16)
+
+
+@needs_restore
+@pytest.mark.uffd_wp
+def test_redis_under_load_migrates_with_tcp_established(sshd, tmp_path):
+    import shutil
+    import socket
+
+    if "--tcp-established" not in cli("migrate", "--help").stdout:
+        pytest.skip("needs the sockets issue: migrate --tcp-established")
+    if not (shutil.which("redis-server") and shutil.which("redis-benchmark")):
+        pytest.skip("needs redis-server and redis-tools")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "redis.log", "w")
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(tmp_path)],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+    )  # fmt: skip
+    threading.Thread(target=server.wait, daemon=True).start()
+    load = None
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                conn = socket.create_connection(("127.0.0.1", port))
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        for i in range(2000):
+            assert _resp(conn, "SET", f"key:{i}", f"value-{i}") == b"+OK\r\n"
+        load = subprocess.Popen(
+            ["redis-benchmark", "-p", str(port), "-t", "get,set", "-n", "100000000", "-c", "4",
+             "-r", "100000", "-q"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        time.sleep(1)
+        r = migrate(sshd, server.pid, tmp_path / "remote", "--tcp-established", "--json")
+        assert r.returncode == 0, r.stderr
+        # The same connection, opened before the freeze, still gets answers.
+        for i in range(2000):
+            assert (
+                _resp(conn, "GET", f"key:{i}") == f"${len(f'value-{i}')}\r\nvalue-{i}\r\n".encode()
+            )
+        assert load.poll() is None, "redis-benchmark lost its connections"
+    finally:
+        if load:
+            load.kill()
+            load.wait()
+        try:
+            os.kill(server.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        log.close()
