@@ -213,14 +213,13 @@ def test_a_python_interpreter_with_a_large_dict_comes_back(tmp_path):
 def test_credentials_of_an_unprivileged_process_come_back(tmp_path):
     """A workload running as nobody, with supplementary groups and no capabilities:
     restored by root, it has exactly its own credentials again."""
+    import shutil
     import subprocess
+    import tempfile
+    from pathlib import Path
 
     from restorelib import LIFECYCLE, MAPPED, Lifecycle
     from targetlib import target_binary
-
-    import shutil
-    import tempfile
-    from pathlib import Path
 
     # pytest's tmp_path lies below a root-only directory: nobody needs its own.
     work = Path(tempfile.mkdtemp(prefix="checkpointer-nobody-"))
