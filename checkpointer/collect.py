@@ -129,6 +129,8 @@ def core_records(
     read_injected_state read (required for a version 2 image)."""
     stat = proc.read_stat(pid)
     masks = proc.read_signal_masks(pid, pid)
+    # A live thread for what a zombie main thread no longer has (its fs, its queue).
+    live = next(iter(injected.threads), pid) if injected is not None else pid
     process = {
         "pid": pid,
         "comm": stat.comm,
@@ -139,13 +141,12 @@ def core_records(
         "rlimits": proc.read_rlimits(pid),
         "sigignore": masks["sigignore"],
         "sigcatch": masks["sigcatch"],
-        "umask": proc.read_umask(pid),
-        "seccomp": proc.read_seccomp_mode(pid),
+        "umask": proc.read_umask(pid, live),
+        "seccomp": proc.read_seccomp_mode(pid, live),
     }
     if injected is not None:
         process.update(injected.process)
-        asker = next(iter(injected.threads), pid)
-        process["shared_siginfo"] = ptrace.peek_siginfo(asker, shared=True)
+        process["shared_siginfo"] = ptrace.peek_siginfo(live, shared=True)
     threads = []
     for tid in tids:
         masks = proc.read_signal_masks(pid, tid)

@@ -16,8 +16,8 @@ NR_rt_sigaction = 13
 
 def test_session_runs_syscalls_and_leaves_no_trace(spawn):
     t = spawn()
-    maps_before = proc.read_maps(t.pid)
     with Freezer(t.pid) as tree:
+        maps_before = proc.read_maps(t.pid)  # frozen: only the session can change them
         tid = tree.threads[t.pid][-1]
         with SyscallSession(tid) as s:
             regs = s.saved_regs
@@ -32,6 +32,6 @@ def test_session_runs_syscalls_and_leaves_no_trace(spawn):
         from checkpointer.kernel import ptrace
 
         assert ptrace.get_regs(tid) == regs
-    assert proc.read_maps(t.pid) == maps_before  # the scratch page is gone
+        assert proc.read_maps(t.pid) == maps_before  # the scratch page is gone
     assert proc_status(t.pid)["TracerPid"] == "0"
     t.assert_carries_on()

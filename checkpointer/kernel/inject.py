@@ -1,11 +1,18 @@
 """Run many syscalls inside a stopped task: the job CRIU gives its parasite.
 
 A SyscallSession points the task's rip at a `syscall` instruction (0f 05) in its
-[vdso] and single-steps it, once per call. Every signal is blocked while the
-session is open, so nothing but our step can stop the task; orig_rax = -1, so the
-kernel never "restarts" the syscall the task was interrupted in over ours. On
-close the task gets its registers and signal mask back exactly (unless the
-caller took over its registers, as restore does).
+[vdso] and runs it with PTRACE_SYSCALL to its entry stop, then to its exit stop.
+Every signal is blocked while the session is open, so nothing but our syscall can
+stop the task; orig_rax = -1, so the kernel never "restarts" the syscall the task
+was interrupted in over ours. On close the task gets its registers and signal mask
+back exactly (unless the caller took over its registers, as restore does) and is
+put back into an ordinary PTRACE_EVENT_STOP.
+
+Why not PTRACE_SINGLESTEP: its trap is a SIGTRAP forced on the task, and the kernel
+resets the handler of a forced signal that is blocked or ignored to SIG_DFL, so a
+target's own SIGTRAP handler would be gone. Why the final event stop: a task left
+in a syscall (or signal-delivery) stop is sent SIGTRAP if its tracer dies, which
+kills it; a task in an event stop just resumes.
 
 Buffers the kernel writes into (sigaction, itimerval, stack_t...) live in a
 scratch mapping the session creates in the task on first use and removes on
@@ -29,7 +36,7 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # mmap(2) constants for the scratch page.
 PROT_READ, PROT_WRITE = 1, 2
 MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS = 0x01, 0x02, 0x20
-MAX_STEPS = 16  # event stops (fork, clone, exec) a single syscall may report
+MAX_STOPS = 16  # entry, exit, and event stops (fork, clone, exec) of one syscall
 
 
 class SyscallSession:
@@ -50,6 +57,7 @@ class SyscallSession:
         self._scratch = 0
         self._scratch_size = 0
         self._unmap_scratch = True  # False: adopted from a caller who unmaps it
+        self._in_syscall_stop = False  # a call ran: the task waits in a syscall-exit stop
         self.events: list[tuple[int, int]] = []  # (PTRACE_EVENT_*, GETEVENTMSG) seen
 
     # -- lifetime ------------------------------------------------------------
@@ -80,6 +88,8 @@ class SyscallSession:
             if self._saved is not None and self.restore_regs:
                 ptrace.set_regs(self.tid, self._saved)
                 ptrace.set_sigmask(self.tid, self._saved_mask)
+            if self._in_syscall_stop:
+                self._back_to_event_stop()
         except TargetError:
             pass  # the task is gone; nothing to give back
         finally:
@@ -87,6 +97,22 @@ class SyscallSession:
             if self._mem >= 0:
                 os.close(self._mem)
                 self._mem = -1
+
+    def _back_to_event_stop(self) -> None:
+        """From the last call's syscall-exit stop into a PTRACE_EVENT_STOP, as the
+        freezer left the task: the interrupt's trap is taken on the way out of the
+        kernel, before any instruction of the task runs."""
+        ptrace.interrupt(self.tid)
+        ptrace.cont(self.tid)
+        for _ in range(MAX_STOPS):
+            stop = ptrace.wait_stop(self.tid, 10.0)
+            if stop.kind in ("event-stop", "group-stop") and stop.event == ptrace.PTRACE_EVENT_STOP:
+                self._in_syscall_stop = False
+                return
+            if stop.kind in ("exited", "killed"):
+                raise TargetError(f"task {self.tid} {stop.kind} leaving an injected syscall")
+            ptrace.cont(self.tid)  # a stop before the trap (signals are blocked): go on
+        raise TargetError(f"task {self.tid} did not return to an event stop")
 
     @property
     def saved_regs(self) -> dict[str, int]:
@@ -116,20 +142,28 @@ class SyscallSession:
         for name, value in zip(_ARG_REGS, args, strict=False):
             regs[name] = value & _U64
         ptrace.set_regs(self.tid, regs)
-        for _ in range(MAX_STEPS):
-            ptrace.singlestep(self.tid)
+        entered = False
+        for _ in range(MAX_STOPS):
+            ptrace.resume_to_syscall(self.tid)
+            self._in_syscall_stop = True
             stop = ptrace.wait_stop(self.tid, 10.0)
             if stop.kind in ("exited", "killed"):
+                self._in_syscall_stop = False
                 raise TargetError(f"task {self.tid} {stop.kind} during an injected syscall {nr}")
             if stop.event and stop.event != ptrace.PTRACE_EVENT_STOP:
-                # fork/clone/exec event inside our syscall: note it, step on.
+                # fork/clone/exec event inside our syscall: note it, go on.
                 self.events.append((stop.event, ptrace.get_event_msg(self.tid)))
                 continue
             if stop.kind == "signal-stop" and stop.sig == signal.SIGTRAP:
+                # A syscall stop (entry, then exit) reads as a SIGTRAP stop in our
+                # syscall. (PTRACE_O_TRACESYSGOOD would mark it, but setting options
+                # here would clobber the caller's.)
                 after = ptrace.get_regs(self.tid)
-                if after["rip"] == self.insn + 2:
-                    return after["rax"]
-            # Any other stop came before our instruction ran: step again.
+                if after["rip"] == self.insn + 2 and after["orig_rax"] == nr:
+                    if entered:
+                        return after["rax"]
+                    entered = True
+            # Any other stop (a group-stop) came before our syscall ran: go on.
         raise TargetError(f"task {self.tid}: injected syscall {nr} did not complete")
 
     # -- memory ----------------------------------------------------------------

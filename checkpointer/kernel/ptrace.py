@@ -30,6 +30,7 @@ from checkpointer.kernel import proc
 
 PTRACE_CONT = 7
 PTRACE_SINGLESTEP = 9
+PTRACE_SYSCALL = 24
 PTRACE_GETREGS = 12
 PTRACE_SETREGS = 13
 PTRACE_DETACH = 17
@@ -169,6 +170,12 @@ def get_event_msg(tid: int) -> int:
 def singlestep(tid: int, sig: int = 0) -> None:
     """PTRACE_SINGLESTEP: run one instruction, then report a SIGTRAP signal-stop."""
     _ptrace(PTRACE_SINGLESTEP, tid, 0, sig, what="PTRACE_SINGLESTEP")
+
+
+def resume_to_syscall(tid: int) -> None:
+    """PTRACE_SYSCALL: run to the next syscall entry or exit, and stop there (no
+    signal is sent, unlike a single step's SIGTRAP)."""
+    _ptrace(PTRACE_SYSCALL, tid, 0, 0, what="PTRACE_SYSCALL")
 
 
 def decode_status(status: int) -> Stop:
