@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from checkpointer.errors import TargetError
 from checkpointer.freezer import FrozenTree
-from checkpointer.kernel import abi, inject, proc, ptrace, taskstate
+from checkpointer.kernel import abi, proc, ptrace, taskstate
 from checkpointer.kernel.inject import SyscallSession
 from checkpointer.kernel.syscalls import O_CLOEXEC
 from checkpointer.vmas import Vma, vma_record
@@ -91,12 +91,14 @@ def read_injected_state(pid: int, tids: list[int]) -> InjectedState:
                 brk=taskstate.read_brk(session),
             )
             state.threads[first] = _thread_state(session)
-            scratch = session.scratch()
+            scratch, size, executable = session.scratch_area
             for tid in live:
                 if tid == first:
                     continue
                 with SyscallSession(tid, insn=session.insn) as thread_session:
-                    thread_session.adopt_scratch(scratch, inject.PAGE_SIZE, unmap_on_close=False)
+                    thread_session.adopt_scratch(
+                        scratch, size, unmap_on_close=False, executable=executable
+                    )
                     state.threads[tid] = _thread_state(thread_session)
     finally:
         for tid in suspended:

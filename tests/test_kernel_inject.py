@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import signal
 
+import pytest
 from targetlib import proc_status
 
 from checkpointer.freezer import Freezer
-from checkpointer.kernel import abi, proc
-from checkpointer.kernel.inject import BUF, SyscallSession
-from checkpointer.kernel.syscalls import NR_getpid, NR_gettid
+from checkpointer.kernel import abi, proc, ptrace
+from checkpointer.kernel.inject import BUF, At, SyscallSession
+from checkpointer.kernel.syscalls import NR_close, NR_getpid, NR_gettid
 
 NR_rt_sigaction = 13
 
@@ -29,9 +31,33 @@ def test_session_runs_syscalls_and_leaves_no_trace(spawn):
             )
             assert abi.unpack_sigaction(out)["handler"] == 0
             assert s.scratch() in {m.start for m in proc.read_maps(t.pid)}
-        from checkpointer.kernel import ptrace
-
         assert ptrace.get_regs(tid) == regs
         assert proc.read_maps(t.pid) == maps_before  # the scratch page is gone
     assert proc_status(t.pid)["TracerPid"] == "0"
+    t.assert_carries_on()
+
+
+def test_call_many_batches_calls_and_falls_back_one_by_one(spawn):
+    t = spawn()
+    calls = [(NR_getpid,), (NR_gettid,)] + [
+        (NR_rt_sigaction, sig, 0, At(i * 32), abi.SIGSET_SIZE)
+        for i, sig in enumerate((signal.SIGUSR1, signal.SIGHUP, signal.SIGCHLD))
+    ]
+    with Freezer(t.pid) as tree:
+        tid = tree.threads[t.pid][-1]
+        regs = ptrace.get_regs(tid)
+        with SyscallSession(tid) as s:
+            results, data = s.call_many(calls, 3 * 32)
+            assert results[:2] == [t.pid, tid] and results[2:] == [0, 0, 0]
+            assert s.scratch_area[2]  # executable: the calls ran as one batch
+            one_by_one = SyscallSession(tid, insn=s.insn)
+            # Without executable scratch (memory-deny-write-execute), one call at a time.
+            with one_by_one:
+                one_by_one.adopt_scratch(*s.scratch_area[:2], unmap_on_close=False)
+                assert one_by_one.call_many(calls, 3 * 32) == (results, data)
+            with pytest.raises(OSError) as err:
+                s.call_many([(NR_getpid,), (NR_close, 987654), (NR_getpid,)])
+            assert err.value.errno == errno.EBADF
+        assert ptrace.get_regs(tid) == regs
+        assert ptrace.poll_stop(tid) is None  # back in the event stop, nothing pending
     t.assert_carries_on()
