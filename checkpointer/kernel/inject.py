@@ -17,7 +17,8 @@ kills it; a task in an event stop just resumes.
 Buffers the kernel writes into (sigaction, itimerval, stack_t...) live in a
 scratch mapping the session creates in the task on first use and removes on
 close; `read` and `write` go through /proc/TID/mem, which also reaches pages the
-task itself may not write.
+task itself may not write. `call_many` runs a list of calls as one batch from a few
+instructions placed in that mapping: one stop for the batch instead of two per call.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS = 0x01, 0x02, 0x20
 MAX_STOPS = 16  # entry, exit, and event stops (fork, clone, exec) of one syscall
 SPIN = 200  # polls before sleeping: a syscall stop comes within microseconds
 
-# call_many's code, run in the task from the scratch area (tests/ has its source,
-# x86_64): rbx = the call table (64-byte entries: nr, 6 args, result), r12 = the
+# call_many's code (x86_64, assembled from the source below), run in the task from the
+# scratch area: rbx = the call table (64-byte entries: nr, 6 args, result), r12 = the
 # number of calls, r13 = a done flag. It runs every call, stores each result, sets
 # the flag, then sleeps in pause() (every signal is blocked) until interrupted: no
 # stop at all until the last call, and no signal (int3's SIGTRAP would be forced).
