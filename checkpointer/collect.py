@@ -90,7 +90,7 @@ def read_injected_state(pid: int, tids: list[int]) -> InjectedState:
                 },
                 brk=taskstate.read_brk(session),
             )
-            state.threads[first] = _thread_state(session)
+            state.threads[first] = taskstate.read_thread_state(session)
             scratch, size, executable = session.scratch_area
             for tid in live:
                 if tid == first:
@@ -99,18 +99,11 @@ def read_injected_state(pid: int, tids: list[int]) -> InjectedState:
                     thread_session.adopt_scratch(
                         scratch, size, unmap_on_close=False, executable=executable
                     )
-                    state.threads[tid] = _thread_state(thread_session)
+                    state.threads[tid] = taskstate.read_thread_state(thread_session)
     finally:
         for tid in suspended:
             ptrace.set_options(tid, 0)
     return state
-
-
-def _thread_state(session: SyscallSession) -> dict:
-    return {
-        "tid_address": taskstate.read_tid_address(session),
-        "sigaltstack": taskstate.read_sigaltstack(session),
-    }
 
 
 def _suspend_seccomp(pid: int, tids: list[int]) -> list[int]:

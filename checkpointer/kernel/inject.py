@@ -58,7 +58,7 @@ BATCH_CODE = bytes.fromhex(
 )
 _CALL = struct.Struct("<8Q")  # a call table entry: nr, 6 args, result
 _HEAD = 128  # code (64 bytes), then the done flag (8), padded
-MIN_BATCH = 3  # fewer calls run faster one by one (a batch costs about two calls)
+MIN_BATCH = 2  # a single call runs faster alone (two stops, no code to write)
 
 
 class SyscallSession:
@@ -250,7 +250,7 @@ class SyscallSession:
         for addresses in that buffer (zero-filled before the first call). A failing
         call raises OSError, after all of them ran.
 
-        Three or more calls run as one batch: code in the scratch area makes them all
+        Two or more calls run as one batch: code in the scratch area makes them all
         while the task runs free, and one interrupt stops it afterwards (one stop
         instead of two per call). Without an executable scratch, one by one."""
         if not calls:

@@ -8,7 +8,8 @@ offsets of one buffer, read back with one read, and the calls of one reader run 
 one batch (SyscallSession.call_many).
 
 Process-wide state (sigactions, itimers, brk, prctl) may be read in any live thread
-of the process; per-thread state (tid address, sigaltstack) in that very thread.
+of the process; per-thread state (tid address, sigaltstack: read_thread_state) in
+that very thread.
 The readers that need no injection (robust list, rseq) take a tid.
 """
 
@@ -100,17 +101,20 @@ def read_brk(session: SyscallSession) -> int:
     return session.call(NR_brk, 0)
 
 
-def read_tid_address(session: SyscallSession) -> int:
-    """The session's thread's clear_child_tid (set_tid_address, CLONE_CHILD_CLEARTID)."""
-    _, data = session.call_many([(NR_prctl, PR_GET_TID_ADDRESS, At(0), 0, 0, 0)], _U64.size)
-    return _U64.unpack(data)[0]
-
-
-def read_sigaltstack(session: SyscallSession) -> dict[str, int]:
-    """The session's thread's alternate signal stack: {sp, flags, size}
-    (flags SS_DISABLE = 2 when it has none; SS_ONSTACK = 1 while running on it)."""
-    _, data = session.call_many([(NR_sigaltstack, 0, At(0))], abi.STACK_T.size)
-    return abi.unpack_stack(data)
+def read_thread_state(session: SyscallSession) -> dict:
+    """The session's thread's own state, in one batch: {"tid_address": its
+    clear_child_tid (set_tid_address, CLONE_CHILD_CLEARTID), "sigaltstack": its
+    alternate signal stack {sp, flags, size} (flags SS_DISABLE = 2 when it has none,
+    SS_ONSTACK = 1 while running on it)}."""
+    calls = [
+        (NR_prctl, PR_GET_TID_ADDRESS, At(0), 0, 0, 0),
+        (NR_sigaltstack, 0, At(_U64.size)),
+    ]
+    _, data = session.call_many(calls, _U64.size + abi.STACK_T.size)
+    return {
+        "tid_address": _U64.unpack_from(data)[0],
+        "sigaltstack": abi.unpack_stack(data[_U64.size :]),
+    }
 
 
 def read_robust_list(tid: int) -> list[int]:
