@@ -6,7 +6,9 @@ describe one instant: registers, signal masks, memory map, files.
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from dataclasses import dataclass, field
 
 from checkpointer.errors import TargetError
@@ -17,6 +19,7 @@ from checkpointer.kernel.syscalls import O_CLOEXEC
 from checkpointer.vmas import Vma, vma_record
 
 _DELETED = " (deleted)"
+log = logging.getLogger("checkpointer")
 
 
 def read_vmas(pid: int, known: list[Vma] | None = None) -> list[Vma]:
@@ -74,7 +77,8 @@ _NO_THREAD_STATE = {"tid_address": 0, "sigaltstack": {"sp": 0, "flags": abi.SS_D
 def read_injected_state(pid: int, tids: list[int]) -> InjectedState:
     """Process-wide state from one live thread (the main one unless it is a zombie:
     a main thread that called pthread_exit cannot run a syscall), then each live
-    thread's own. One scratch page serves every thread: they share the memory."""
+    thread's own. One scratch area serves every thread: they share the memory."""
+    started = time.monotonic()
     live = [tid for tid in tids if proc.read_task_state(pid, tid) not in ("Z", "X")]
     if not live:
         raise TargetError(f"process {pid} has no live thread to read its state from")
@@ -102,7 +106,14 @@ def read_injected_state(pid: int, tids: list[int]) -> InjectedState:
                     state.threads[tid] = taskstate.read_thread_state(thread_session)
     finally:
         for tid in suspended:
-            ptrace.set_options(tid, 0)
+            try:
+                ptrace.set_options(tid, 0)
+            except TargetError:
+                pass  # gone: the error that ended the session says why
+    log.debug(
+        "pid %d: injected reads of %d threads in %d us",
+        pid, len(live), (time.monotonic() - started) * 1e6,
+    )  # fmt: skip
     return state
 
 
