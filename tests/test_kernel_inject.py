@@ -11,7 +11,7 @@ from targetlib import proc_status
 from checkpointer.freezer import Freezer
 from checkpointer.kernel import abi, proc, ptrace
 from checkpointer.kernel.inject import BUF, At, SyscallSession
-from checkpointer.kernel.syscalls import NR_close, NR_getpid, NR_gettid
+from checkpointer.kernel.syscalls import NR_close, NR_getpid, NR_gettid, NR_tgkill, syscall
 
 NR_rt_sigaction = 13
 
@@ -60,4 +60,28 @@ def test_call_many_batches_calls_and_falls_back_one_by_one(spawn):
             assert err.value.errno == errno.EBADF
         assert ptrace.get_regs(tid) == regs
         assert ptrace.poll_stop(tid) is None  # back in the event stop, nothing pending
+    t.assert_carries_on()
+
+
+def test_session_in_a_signal_delivery_stop_runs_calls_one_by_one(spawn):
+    # A task in a signal-delivery stop (like a TRACEME seed's SIGSTOP) cannot be
+    # PTRACE_INTERRUPTed out of a batch: its calls run one by one, and it stays in
+    # the last call's syscall stop until the caller resumes it.
+    t = spawn()
+    tid = t.pid
+    ptrace.seize(tid)
+    try:
+        # Ignored by default, but a tracer still sees it; to this thread, not another.
+        syscall(NR_tgkill, t.pid, tid, signal.SIGCHLD)
+        stop = ptrace.wait_stop(tid)
+        assert (stop.kind, stop.sig) == ("signal-stop", signal.SIGCHLD)
+        assert not ptrace.in_event_stop(tid)
+        regs = ptrace.get_regs(tid)
+        with SyscallSession(tid) as s:
+            results, _ = s.call_many([(NR_getpid,), (NR_gettid,), (NR_getpid,)])
+            assert results == [t.pid, tid, t.pid]
+            assert not s.scratch_area[0]  # no batch, so no code was placed
+        assert ptrace.get_regs(tid) == regs
+    finally:
+        ptrace.detach(tid)
     t.assert_carries_on()

@@ -5,8 +5,8 @@ A SyscallSession points the task's rip at a `syscall` instruction (0f 05) in its
 Every signal is blocked while the session is open, so nothing but our syscall can
 stop the task; orig_rax = -1, so the kernel never "restarts" the syscall the task
 was interrupted in over ours. On close the task gets its registers and signal mask
-back exactly (unless the caller took over its registers, as restore does) and is
-put back into an ordinary PTRACE_EVENT_STOP.
+back exactly (unless the caller took over its registers, as restore does) and, if
+the session found it in a PTRACE_EVENT_STOP, is put back into one.
 
 Why not PTRACE_SINGLESTEP: its trap is a SIGTRAP forced on the task, and the kernel
 resets the handler of a forced signal that is blocked or ignored to SIG_DFL, so a
@@ -19,6 +19,9 @@ scratch mapping the session creates in the task on first use and removes on
 close; `read` and `write` go through /proc/TID/mem, which also reaches pages the
 task itself may not write. `call_many` runs a list of calls as one batch from a few
 instructions placed in that mapping: one stop for the batch instead of two per call.
+Batches and the final event stop need PTRACE_INTERRUPT: a session opened in another
+kind of stop (a TRACEME task's signal stop) runs its calls one by one and leaves the
+task in the last call's syscall-exit stop.
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ class SyscallSession:
         self._unmap_scratch = True  # False: adopted from a caller who unmaps it
         self._scratch_exec = False  # the scratch may hold call_many's code
         self._in_syscall_stop = False  # a call ran: the task waits in a syscall-exit stop
+        self._interruptible = False  # opened in a PTRACE_EVENT_STOP (so: seized)
         self.events: list[tuple[int, int]] = []  # (PTRACE_EVENT_*, GETEVENTMSG) seen
 
     # -- lifetime ------------------------------------------------------------
@@ -95,6 +99,10 @@ class SyscallSession:
     def open(self) -> None:
         self._saved = ptrace.get_regs(self.tid)
         self._saved_mask = ptrace.get_sigmask(self.tid)
+        # Batches and the return to an event stop use PTRACE_INTERRUPT, which only a
+        # seized task has; a task found in any other stop (a TRACEME seed's SIGSTOP)
+        # gets its calls one by one and is left in the last one's syscall stop.
+        self._interruptible = ptrace.in_event_stop(self.tid)
         if self.insn is None:
             self.insn = ptrace.find_syscall_insn(self.tid)
         ptrace.set_sigmask(self.tid, _U64)
@@ -111,7 +119,7 @@ class SyscallSession:
             if self._saved is not None and self.restore_regs:
                 ptrace.set_regs(self.tid, self._saved)
                 ptrace.set_sigmask(self.tid, self._saved_mask)
-            if self._in_syscall_stop:
+            if self._in_syscall_stop and self._interruptible:
                 self._back_to_event_stop()
         except TargetError:
             pass  # the task is gone; nothing to give back
@@ -274,6 +282,8 @@ class SyscallSession:
 
     def _batch(self, calls: list[tuple], buf_size: int) -> tuple[list[int], bytes]:
         assert self._saved is not None, "session not open"
+        if not self._interruptible:
+            return self._one_by_one(calls, buf_size)
         table_size = _CALL.size * len(calls)
         base = self.scratch(_HEAD + table_size + buf_size)
         if not self._scratch_exec:

@@ -32,6 +32,7 @@ PTRACE_CONT = 7
 PTRACE_SINGLESTEP = 9
 PTRACE_SYSCALL = 24
 PTRACE_GETREGS = 12
+PTRACE_GETSIGINFO = 0x4202
 PTRACE_SETREGS = 13
 PTRACE_DETACH = 17
 PTRACE_SETOPTIONS = 0x4200
@@ -170,6 +171,18 @@ def get_event_msg(tid: int) -> int:
 def singlestep(tid: int, sig: int = 0) -> None:
     """PTRACE_SINGLESTEP: run one instruction, then report a SIGTRAP signal-stop."""
     _ptrace(PTRACE_SINGLESTEP, tid, 0, sig, what="PTRACE_SINGLESTEP")
+
+
+_siginfo = ctypes.create_string_buffer(128)
+
+
+def in_event_stop(tid: int) -> bool:
+    """Is the stopped task in a PTRACE_EVENT_STOP (an interrupt or group-stop of a
+    seized task), rather than a signal-delivery, syscall or other event stop?
+    (PTRACE_GETSIGINFO: such a stop's si_code is sig | PTRACE_EVENT_STOP << 8.)"""
+    _ptrace(PTRACE_GETSIGINFO, tid, 0, ctypes.addressof(_siginfo), what="PTRACE_GETSIGINFO")
+    si_code = int.from_bytes(_siginfo.raw[8:12], "little", signed=True)
+    return si_code >> 8 == PTRACE_EVENT_STOP
 
 
 def resume_to_syscall(tid: int) -> None:
