@@ -11,6 +11,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from checkpointer import fdstate
 from checkpointer.errors import TargetError
 from checkpointer.freezer import FrozenTree
 from checkpointer.kernel import abi, proc, ptrace, taskstate
@@ -201,7 +202,7 @@ def mm_record(pid: int, injected: InjectedState | None = None) -> dict:
 
 
 def fd_records(pid: int) -> list[dict]:
-    return [
+    records = [
         {
             "fd": fd.fd,
             "target": fd.target,
@@ -215,6 +216,9 @@ def fd_records(pid: int) -> list[dict]:
         }
         for fd in proc.read_fds(pid)
     ]
+    for rec in records:
+        rec.update(fdstate.describe(pid, rec))
+    return records
 
 
 def file_identity(st: os.stat_result | None) -> dict | None:

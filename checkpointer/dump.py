@@ -121,9 +121,7 @@ class _Pass:
                 # The memory maps with their smaps flags, read while the tree still
                 # runs; a frozen pass re-reads only the cheap maps file (collect.py).
                 known = (
-                    {pid: _vmas_or_none(pid) for pid in _live_tree(req.pid).pids}
-                    if freeze
-                    else {}
+                    {pid: _vmas_or_none(pid) for pid in _live_tree(req.pid).pids} if freeze else {}
                 )
                 tree = self._freeze(freezer) if freeze else _live_tree(req.pid)
                 frozen_at = time.monotonic()

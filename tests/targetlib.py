@@ -19,13 +19,13 @@ FILL = SOURCE.with_name("fill.h")  # included by target.c
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def target_binary() -> Path:
-    """Compile target.c once per source version; the binary is cached in /tmp."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + FILL.read_bytes()).hexdigest()[:16]
-    binary = Path(tempfile.gettempdir()) / f"checkpointer-target-{digest}"
+def target_binary(source: Path = SOURCE) -> Path:
+    """Compile a C target once per source version; the binary is cached in /tmp."""
+    digest = hashlib.sha256(source.read_bytes() + FILL.read_bytes()).hexdigest()[:16]
+    binary = Path(tempfile.gettempdir()) / f"checkpointer-{source.stem}-{digest}"
     if not binary.exists():
         tmp = binary.with_suffix(f".{os.getpid()}")
-        subprocess.run(["gcc", "-O1", "-g", "-pthread", "-o", str(tmp), str(SOURCE)], check=True)
+        subprocess.run(["gcc", "-O1", "-g", "-pthread", "-o", str(tmp), str(source)], check=True)
         tmp.rename(binary)
     return binary
 

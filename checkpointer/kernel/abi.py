@@ -21,7 +21,7 @@ ITIMER_NAMES = ("real", "virtual", "prof")  # ITIMER_REAL 0, VIRTUAL 1, PROF 2
 
 # stack_t: ss_sp, ss_flags (int, padded), ss_size.
 STACK_T = struct.Struct("<Qi4xQ")
-SS_DISABLE = 2
+SS_ONSTACK, SS_DISABLE, SS_AUTODISARM = 1, 2, 1 << 31
 
 # struct clone_args (clone3), 11 u64 = 88 bytes: flags, pidfd, child_tid,
 # parent_tid, exit_signal, stack, stack_size, tls, set_tid, set_tid_size, cgroup.

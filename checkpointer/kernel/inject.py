@@ -42,7 +42,7 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # mmap(2) constants for the scratch page.
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 PROT_RWX = PROT_READ | PROT_WRITE | PROT_EXEC
-MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS = 0x01, 0x02, 0x20
+MAP_SHARED, MAP_ANONYMOUS = 0x01, 0x20
 MAX_STOPS = 16  # entry, exit, and event stops (fork, clone, exec) of one syscall
 SPIN = 200  # polls before sleeping: a syscall stop comes within microseconds
 
@@ -81,7 +81,7 @@ class SyscallSession:
         self._mem = -1
         self._scratch = 0
         self._scratch_size = 0
-        self._unmap_scratch = True  # False: adopted from a caller who unmaps it
+        self._scratch_owned = False  # mapped by this session: unmapped on close
         self._scratch_exec = False  # the scratch may hold call_many's code
         self._in_syscall_stop = False  # a call ran: the task waits in a syscall-exit stop
         self._interruptible = False  # opened in a PTRACE_EVENT_STOP (so: seized)
@@ -110,7 +110,7 @@ class SyscallSession:
     def close(self) -> None:
         """Free the scratch page and give the task back its registers and mask."""
         try:
-            if self._scratch and self._unmap_scratch:
+            if self._scratch and self._scratch_owned:
                 try:
                     self.call(NR_munmap, self._scratch, self._scratch_size)
                 except OSError:
@@ -222,7 +222,7 @@ class SyscallSession:
         if self._scratch and self._scratch_size >= size:
             return self._scratch
         if self._scratch:
-            if not self._unmap_scratch:
+            if not self._scratch_owned:
                 raise ValueError(f"adopted scratch of {self._scratch_size} bytes is too small")
             self.call(NR_munmap, self._scratch, self._scratch_size)
             self._scratch = 0
@@ -234,6 +234,7 @@ class SyscallSession:
             self._scratch = self.call(NR_mmap, near, size, PROT_READ | PROT_WRITE, flags, _U64, 0)
             self._scratch_exec = False
         self._scratch_size = size
+        self._scratch_owned = True
         return self._scratch
 
     @property
@@ -242,14 +243,14 @@ class SyscallSession:
         return self._scratch, self._scratch_size, self._scratch_exec
 
     def adopt_scratch(
-        self, addr: int, size: int, *, unmap_on_close: bool = True, executable: bool = False
+        self, addr: int, size: int, *, unmap_on_close: bool = False, executable: bool = False
     ) -> None:
-        """Use an area the caller mapped (restore places it in a gap of the image;
-        a dump lends every thread's session the scratch of its process's first
-        session, with unmap_on_close=False). executable: call_many may run code
-        there (else it makes its calls one by one)."""
+        """Use an area mapped elsewhere: a restored process's threads share the one
+        placed in a gap of the image; a dump lends every thread's session the
+        scratch of its process's first session. Unmapped on close only if asked.
+        executable: call_many may run code there (else it makes its calls one by one)."""
         self._scratch, self._scratch_size = addr, size
-        self._unmap_scratch = unmap_on_close
+        self._scratch_owned = unmap_on_close
         self._scratch_exec = executable
 
     def call_many(self, calls: list[tuple], buf_size: int = 0) -> tuple[list[int], bytes]:

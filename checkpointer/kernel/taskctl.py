@@ -1,0 +1,286 @@
+"""Syscalls a restore injects into the task it is rebuilding, one function each.
+
+Every function takes an open SyscallSession on the task (or one of its threads)
+and raises OSError with the syscall's errno on failure. Facts: KERNEL-NOTES.md
+section 6 (clone3 set_tid, moving the vdso, rseq, PR_SET_MM_MAP).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from checkpointer.kernel import abi
+from checkpointer.kernel.inject import SyscallSession
+from checkpointer.kernel.syscalls import (
+    NR_capset,
+    NR_chroot,
+    NR_clone3,
+    NR_close,
+    NR_close_range,
+    NR_dup3,
+    NR_fchdir,
+    NR_fcntl,
+    NR_madvise,
+    NR_mlock,
+    NR_mmap,
+    NR_mprotect,
+    NR_mremap,
+    NR_munmap,
+    NR_personality,
+    NR_pidfd_getfd,
+    NR_pidfd_open,
+    NR_prctl,
+    NR_rseq,
+    NR_rt_sigaction,
+    NR_rt_sigqueueinfo,
+    NR_rt_tgsigqueueinfo,
+    NR_set_robust_list,
+    NR_set_tid_address,
+    NR_setfsgid,
+    NR_setfsuid,
+    NR_setgroups,
+    NR_setitimer,
+    NR_setpgid,
+    NR_setresgid,
+    NR_setresuid,
+    NR_setsid,
+    NR_sigaltstack,
+    NR_umask,
+)
+
+O_CLOEXEC = 0o2000000
+F_SETFD = 2
+F_DUPFD_CLOEXEC = 1030
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
+MAP_NORESERVE, MAP_GROWSDOWN, MAP_FIXED_NOREPLACE = 0x4000, 0x0100, 0x100000
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NAME = 1, 4, 15
+PR_SET_KEEPCAPS, PR_CAPBSET_DROP, PR_SET_SECUREBITS = 8, 24, 28
+PR_SET_MM, PR_SET_MM_MAP = 35, 14
+PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS, PR_SET_THP_DISABLE = 36, 38, 41
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE = 47, 2
+_CAP_HEADER_V3 = 0x20080522
+_NO_FD = (1 << 64) - 1
+
+
+# -- processes and threads ---------------------------------------------------
+
+
+def clone3(s: SyscallSession, flags: int, set_tid: int, exit_signal: int = 0) -> int:
+    """clone3 with set_tid = [set_tid]: the new task gets exactly that id (or EEXIST).
+
+    With stack 0 the child resumes at the same instruction as the caller, with
+    rax 0: in a traced caller it is auto-attached (PTRACE_O_TRACEFORK/CLONE) and
+    first reports a PTRACE_EVENT_STOP.
+    """
+    addr = s.scratch()
+    tid_array = addr + abi.CLONE_ARGS.size
+    args = abi.CLONE_ARGS.pack(flags, 0, 0, 0, exit_signal, 0, 0, 0, tid_array, 1, 0)
+    s.write(addr, args + struct.pack("<i", set_tid))
+    return s.call(NR_clone3, addr, abi.CLONE_ARGS.size)
+
+
+def setsid(s: SyscallSession) -> int:
+    return s.call(NR_setsid)
+
+
+def setpgid(s: SyscallSession, pgid: int) -> None:
+    s.call(NR_setpgid, 0, pgid)
+
+
+# -- memory --------------------------------------------------------------------
+
+
+def mmap(
+    s: SyscallSession, addr: int, length: int, prot: int, flags: int, fd: int = -1, off: int = 0
+) -> int:
+    return s.call(NR_mmap, addr, length, prot, flags, fd & _NO_FD, off)
+
+
+def munmap(s: SyscallSession, addr: int, length: int) -> None:
+    s.call(NR_munmap, addr, length)
+
+
+def mremap_to(s: SyscallSession, old: int, size: int, new: int) -> int:
+    """Move [old, old+size) to new (MREMAP_MAYMOVE|FIXED); works for [vdso]/[vvar]."""
+    return s.call(NR_mremap, old, size, size, MREMAP_MAYMOVE | MREMAP_FIXED, new)
+
+
+def mprotect(s: SyscallSession, addr: int, length: int, prot: int) -> None:
+    s.call(NR_mprotect, addr, length, prot)
+
+
+def madvise(s: SyscallSession, addr: int, length: int, advice: int) -> None:
+    s.call(NR_madvise, addr, length, advice)
+
+
+def mlock(s: SyscallSession, addr: int, length: int) -> None:
+    s.call(NR_mlock, addr, length)
+
+
+def set_mm_map(s: SyscallSession, fields: dict, auxv: bytes, exe_fd: int) -> None:
+    """prctl(PR_SET_MM, PR_SET_MM_MAP): code/data/brk/stack/arg/env bounds, auxv, exe.
+
+    The exe can only change while no mapping of the current exe exists.
+    """
+    if len(auxv) > abi.AUXV_MAX:
+        raise ValueError(f"auxv of {len(auxv)} bytes is over the kernel's {abi.AUXV_MAX}")
+    addr = s.scratch()
+    auxv_addr = addr + abi.PRCTL_MM_MAP.size
+    values = [fields[name] for name in abi.MM_MAP_FIELDS]
+    packed = abi.PRCTL_MM_MAP.pack(*values, auxv_addr, len(auxv), exe_fd)
+    s.write(addr, packed + auxv)
+    s.call(NR_prctl, PR_SET_MM, PR_SET_MM_MAP, addr, abi.PRCTL_MM_MAP.size, 0)
+
+
+# -- files -----------------------------------------------------------------------
+
+
+def close_all_fds(s: SyscallSession) -> None:
+    s.call(NR_close_range, 0, 0xFFFFFFFF, 0)
+
+
+def pidfd_open(s: SyscallSession, pid: int) -> int:
+    """A pidfd for `pid` inside the task: its way to take fds from our process."""
+    return s.call(NR_pidfd_open, pid, 0)
+
+
+def take_fd(s: SyscallSession, pidfd: int, their_fd: int, at: int | None, cloexec: bool) -> int:
+    """Copy fd `their_fd` of the process behind `pidfd` into the task, at fd `at`
+    (or wherever it lands); pidfd_getfd gives it close-on-exec, dup3 sets the flag
+    as asked."""
+    fd = s.call(NR_pidfd_getfd, pidfd, their_fd, 0)
+    if at is None or fd == at:
+        if not cloexec:
+            # pidfd_getfd always sets FD_CLOEXEC; F_SETFD 0 clears it.
+            s.call(NR_fcntl, fd, F_SETFD, 0)
+        return fd
+    s.call(NR_dup3, fd, at, O_CLOEXEC if cloexec else 0)
+    s.call(NR_close, fd)
+    return at
+
+
+def dup_above(s: SyscallSession, fd: int, lowest: int) -> int:
+    """Move fd to the lowest free number >= lowest (close-on-exec); the new number."""
+    if fd >= lowest:
+        return fd
+    new = s.call(NR_fcntl, fd, F_DUPFD_CLOEXEC, lowest)
+    s.call(NR_close, fd)
+    return new
+
+
+def close(s: SyscallSession, fd: int) -> None:
+    s.call(NR_close, fd)
+
+
+def fchdir(s: SyscallSession, fd: int) -> None:
+    s.call(NR_fchdir, fd)
+
+
+def chroot_here(s: SyscallSession) -> None:
+    """chroot(".") after an fchdir to the new root."""
+    addr = s.scratch()
+    s.write(addr, b".\0")
+    s.call(NR_chroot, addr)
+
+
+def umask(s: SyscallSession, mask: int) -> None:
+    s.call(NR_umask, mask)
+
+
+def personality(s: SyscallSession, persona: int) -> None:
+    s.call(NR_personality, persona)
+
+
+# -- per-thread state ------------------------------------------------------------------
+
+
+def set_tid_address(s: SyscallSession, addr: int) -> None:
+    s.call(NR_set_tid_address, addr)
+
+
+def set_robust_list(s: SyscallSession, head: int, length: int) -> None:
+    s.call(NR_set_robust_list, head, length)
+
+
+def rseq_register(s: SyscallSession, ptr: int, size: int, sig: int) -> None:
+    s.call(NR_rseq, ptr, size, 0, sig)
+
+
+def rseq_unregister(s: SyscallSession, ptr: int, size: int, sig: int) -> None:
+    s.call(NR_rseq, ptr, size, abi.RSEQ_FLAG_UNREGISTER, sig)
+
+
+def sigaltstack(s: SyscallSession, sp: int, flags: int, size: int) -> None:
+    addr = s.scratch()
+    s.write(addr, abi.pack_stack(sp, flags, size))
+    s.call(NR_sigaltstack, addr, 0)
+
+
+def set_name(s: SyscallSession, name: str) -> None:
+    """PR_SET_NAME: the calling thread's comm (15 bytes at most)."""
+    addr = s.scratch()
+    s.write(addr, name.encode("utf-8", "surrogateescape")[:15] + b"\0")
+    s.call(NR_prctl, PR_SET_NAME, addr, 0, 0, 0)
+
+
+def prctl(s: SyscallSession, option: int, arg2: int = 0, arg3: int = 0) -> int:
+    return s.call(NR_prctl, option, arg2, arg3, 0, 0)
+
+
+# -- signals ---------------------------------------------------------------------------
+
+
+def sigaction(s: SyscallSession, sig: int, handler: int, flags: int, restorer: int, mask: int):
+    addr = s.scratch()
+    s.write(addr, abi.pack_sigaction(handler, flags, restorer, mask))
+    s.call(NR_rt_sigaction, sig, addr, 0, abi.SIGSET_SIZE)
+
+
+def setitimer(s: SyscallSession, which: int, interval_us: int, value_us: int) -> None:
+    addr = s.scratch()
+    s.write(addr, abi.pack_itimerval(interval_us, value_us))
+    s.call(NR_setitimer, which, addr, 0)
+
+
+def queue_signal(s: SyscallSession, pid: int, tid: int | None, siginfo: bytes) -> None:
+    """Queue a saved siginfo again, from inside the task itself (only a task
+    signalling itself may pass a kernel si_code). tid None: the process queue."""
+    addr = s.scratch()
+    s.write(addr, siginfo)
+    sig = struct.unpack_from("<i", siginfo)[0]
+    if tid is None:
+        s.call(NR_rt_sigqueueinfo, pid, sig, addr)
+    else:
+        s.call(NR_rt_tgsigqueueinfo, pid, tid, sig, addr)
+
+
+# -- credentials -------------------------------------------------------------------------
+
+
+def setgroups(s: SyscallSession, groups: list[int]) -> None:
+    addr = s.scratch(4 * max(len(groups), 1))
+    s.write(addr, struct.pack(f"<{len(groups)}I", *groups))
+    s.call(NR_setgroups, len(groups), addr)
+
+
+def setresgid(s: SyscallSession, r: int, e: int, saved: int, fs: int) -> None:
+    s.call(NR_setresgid, r, e, saved)
+    s.call(NR_setfsgid, fs)
+
+
+def setresuid(s: SyscallSession, r: int, e: int, saved: int, fs: int) -> None:
+    s.call(NR_setresuid, r, e, saved)
+    s.call(NR_setfsuid, fs)
+
+
+def capset(s: SyscallSession, eff: int, prm: int, inh: int) -> None:
+    """capset v3 (two 32-bit halves of each set) for the calling thread."""
+    addr = s.scratch()
+    lo, hi = (1 << 32) - 1, 32
+    data = struct.pack(
+        "<II6I", _CAP_HEADER_V3, 0,
+        eff & lo, prm & lo, inh & lo, eff >> hi, prm >> hi, inh >> hi,
+    )  # fmt: skip
+    s.write(addr, data)
+    s.call(NR_capset, addr, addr + 8)

@@ -1,0 +1,49 @@
+"""Step 6b: credentials, last, in CRIU's order, on every thread (Linux keeps
+credentials per thread): groups, gids, keep-caps, uids, capabilities, ambient
+capabilities; then the prctl state that depends on them (dumpable, no_new_privs)."""
+
+from __future__ import annotations
+
+from checkpointer.kernel import taskctl
+from checkpointer.kernel.inject import SyscallSession
+from checkpointer.kernel.proc import read_creds
+from checkpointer.restore.task import Task
+
+
+def restore_creds(task: Task) -> None:
+    creds = task.image.process["creds"]
+    if _same_creds(creds, read_creds(task.pid)):
+        pass  # nothing to change: root restoring a root process
+    else:
+        for s in task.threads.values():
+            _thread_creds(s, creds)
+    state = task.image.process.get("prctl", {})
+    if "dumpable" in state:
+        taskctl.prctl(task.session, taskctl.PR_SET_DUMPABLE, state["dumpable"])
+    for s in task.threads.values():
+        if state.get("no_new_privs"):
+            taskctl.prctl(s, taskctl.PR_SET_NO_NEW_PRIVS, 1)
+
+
+def _same_creds(dumped: dict, now: dict) -> bool:
+    keys = ("uid", "gid", "cap_inh", "cap_prm", "cap_eff", "cap_bnd", "cap_amb")
+    return all(dumped[k] == now[k] for k in keys) and sorted(dumped["groups"]) == sorted(
+        now["groups"]
+    )
+
+
+def _thread_creds(s: SyscallSession, c: dict) -> None:
+    taskctl.setgroups(s, c["groups"])
+    taskctl.setresgid(s, *c["gid"])
+    last_cap = int(open("/proc/sys/kernel/cap_last_cap").read())
+    for cap in range(last_cap + 1):
+        if not c["cap_bnd"] >> cap & 1:
+            taskctl.prctl(s, taskctl.PR_CAPBSET_DROP, cap)
+    # Keep the permitted set across the uid change; capset then trims it.
+    taskctl.prctl(s, taskctl.PR_SET_KEEPCAPS, 1)
+    taskctl.setresuid(s, *c["uid"])
+    taskctl.capset(s, c["cap_eff"], c["cap_prm"], c["cap_inh"])
+    for cap in range(last_cap + 1):
+        if c["cap_amb"] >> cap & 1:
+            taskctl.prctl(s, taskctl.PR_CAP_AMBIENT, taskctl.PR_CAP_AMBIENT_RAISE, cap)
+    taskctl.prctl(s, taskctl.PR_SET_KEEPCAPS, 0)

@@ -1,0 +1,260 @@
+"""Read and check everything a restore needs from a dump, before anything is built.
+
+Every problem here (incomplete or corrupt chain, an old format, a PID taken, a
+file changed since the dump, another kernel's vdso) is refused with one line
+while no process of the restored tree exists yet.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from dataclasses import dataclass, field
+
+from checkpointer.errors import CheckpointError, ImageError
+from checkpointer.images import Dump
+from checkpointer.images.resolve import Piece, resolve
+from checkpointer.kernel import proc
+
+VDSO_NAMES = ("[vvar]", "[vvar_vclock]", "[vdso]")
+UFFD_LINK = "anon_inode:[userfaultfd]"
+# capability -> its bit(s): set_tid and map_files take either of two.
+NEEDED_CAPS = {"CAP_SYS_PTRACE": (19,), "CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE": (21, 40)}
+
+
+class RestoreError(CheckpointError):
+    """The images cannot be restored here, or restoring them failed."""
+
+
+@dataclass
+class ProcessImage:
+    """One process of the dump: its pstree entry and records."""
+
+    pid: int
+    ppid: int
+    pgid: int
+    sid: int
+    tids: list[int]
+    process: dict
+    threads: list[dict]
+    mm: dict
+    vmas: list[dict]
+    fds: list[dict]
+    children: list[int] = field(default_factory=list)
+
+
+@dataclass
+class RestoreImages:
+    dump: Dump
+    processes: list[ProcessImage]  # parents before children, the root first
+    pieces: dict[str, list[Piece]]  # owner -> where each page comes from
+
+    @property
+    def root(self) -> ProcessImage:
+        return self.processes[0]
+
+    def by_pid(self) -> dict[int, ProcessImage]:
+        return {p.pid: p for p in self.processes}
+
+
+def load(path: str) -> RestoreImages:
+    """Open a final dump and its chain; every page reference must resolve."""
+    dump = Dump.open(path)
+    if dump.inventory["kind"] != "dump":
+        raise ImageError("is a pre-dump (memory only): restore a final dump", path)
+    version = dump.inventory["format_version"]
+    if version < 2:
+        raise ImageError(
+            f"format version {version} images lack what restore needs "
+            "(signal handlers, thread state): dump again with this checkpointer",
+            path,
+        )
+    tracked_uffd = {
+        int(pid): st.get("uffd_fd")
+        for pid, st in dump.inventory["tracking"].get("per_pid", {}).items()
+        if isinstance(st, dict)
+    }
+    procs: dict[int, ProcessImage] = {}
+    for entry in dump.pstree:
+        pid = entry["pid"]
+        core = dump.core(pid)
+        mm = dump.mm(pid)
+        fds = [
+            f
+            for f in dump.fds(pid)
+            if not (f["target"] == UFFD_LINK and f["fd"] == tracked_uffd.get(pid))
+        ]
+        procs[pid] = ProcessImage(
+            pid, entry["ppid"], entry["pgid"], entry["sid"], list(entry["threads"]),
+            core.process, core.threads, mm.mm, mm.vmas, fds,
+        )  # fmt: skip
+    root = dump.inventory["root_pid"]
+    order = _tree_order(procs, root, path)
+    owners = {f"pid-{pid}" for pid in procs}
+    owners |= {v["shmem"] for p in procs.values() for v in p.vmas if v["shmem"]}
+    pieces = {owner: resolve(dump, owner) for owner in sorted(owners)}
+    return RestoreImages(dump, order, pieces)
+
+
+def _tree_order(procs: dict[int, ProcessImage], root: int, path: str) -> list[ProcessImage]:
+    if root not in procs:
+        raise ImageError(f"root pid {root} is not in the pstree", path)
+    for p in procs.values():
+        if p.pid != root and p.ppid in procs:
+            procs[p.ppid].children.append(p.pid)
+    order, queue = [], [root]
+    while queue:
+        pid = queue.pop(0)
+        order.append(procs[pid])
+        queue.extend(sorted(procs[pid].children))
+    # Orphans (their parent is not in the tree) hang below the root (CLONE_PARENT).
+    order += [p for pid, p in sorted(procs.items()) if p not in order]
+    return order
+
+
+def preflight(images: RestoreImages, shell_job: bool = False) -> None:
+    """Refuse what cannot work here, before any process is created."""
+    caps = proc.read_creds(os.getpid())["cap_eff"]
+    missing = [name for name, bits in NEEDED_CAPS.items() if not any(caps >> b & 1 for b in bits)]
+    if missing:
+        raise RestoreError(
+            f"restore needs root: {' and '.join(missing)} missing "
+            "(clone3 with set_tid, ptrace, /proc/PID/map_files)"
+        )
+    pid_max = int(open("/proc/sys/kernel/pid_max").read())
+    for p in images.processes:
+        for tid in p.tids:
+            if tid > pid_max:
+                raise RestoreError(f"PID {tid} is above this system's pid_max {pid_max}")
+            if proc.exists(tid) and not _reaped_soon(tid):
+                raise RestoreError(f"PID {tid} is taken (by {_comm(tid)}); it must be free")
+        if p.process.get("seccomp"):
+            raise RestoreError(f"process {p.pid} runs under seccomp: not supported")
+        _check_vdso(images, p)
+        for v in p.vmas:
+            _check_vma(p, v)
+        for f in p.fds:
+            _check_fd(p, f, shell_job)
+        for name in ("exe", "cwd"):
+            if p.mm.get(name) and not os.path.exists(p.mm[name]):
+                raise RestoreError(f"{name} of process {p.pid} ({p.mm[name]}) is missing")
+
+
+def _reaped_soon(pid: int, timeout: float = 2.0) -> bool:
+    """A just-killed original is a zombie until its parent reaps it: wait a little."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if proc.read_stat(pid).state not in ("Z", "X"):
+                return False
+        except CheckpointError:
+            return True  # reaped
+        time.sleep(0.01)
+    return not proc.exists(pid)
+
+
+def _comm(pid: int) -> str:
+    try:
+        return proc.read_comm(pid)
+    except CheckpointError:
+        return "?"
+
+
+# -- files -----------------------------------------------------------------------------
+
+FILE_KINDS = ("file", "file-private")
+
+
+def _check_vma(p: ProcessImage, v: dict) -> None:
+    where = f"process {p.pid} maps {v['path'] or v['kind']} at {v['start']:#x}"
+    if "ht" in v["vmflags"]:
+        raise RestoreError(f"{where}: hugetlb mappings are not restored")
+    if v["kind"] == "shm":
+        raise RestoreError(f"{where}: SysV shared memory is not restored")
+    if v["kind"] not in FILE_KINDS:
+        return
+    if v.get("deleted"):
+        raise RestoreError(f"{where}: the file was deleted; deleted files are not restored")
+    check_identity(v["path"], v.get("stat"), v["dev"], v["inode"], where)
+
+
+def check_identity(path: str, stat: dict | None, dev: str | None, ino: int | None, where: str):
+    """Refuse a file that is missing or is not the one dumped (inode, size, mtime)."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise RestoreError(f"{where}: {path}: {exc.strerror}") from None
+    if stat is not None:
+        same = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == (
+            stat["dev"], stat["ino"], stat["size"], stat["mtime_ns"],
+        )  # fmt: skip
+    else:
+        major, _, minor = (dev or "0:0").partition(":")
+        same = st.st_ino == ino and (os.major(st.st_dev), os.minor(st.st_dev)) == (
+            int(major, 16), int(minor, 16),
+        )  # fmt: skip
+    if not same:
+        raise RestoreError(f"{where}: {path} changed since the dump (not the same file)")
+
+
+FD_TYPES = ("file", "dir", "tty")
+
+
+def _check_fd(p: ProcessImage, f: dict, shell_job: bool) -> None:
+    where = f"fd {f['fd']} of process {p.pid} ({f['target']})"
+    from checkpointer.restore.files import KINDS
+
+    kind = KINDS.get(f["type"])
+    if kind is not None and hasattr(kind, "check"):
+        kind.check(p, f)  # raises RestoreError naming what it refuses
+        return
+    if f["type"] not in FD_TYPES and kind is None:
+        raise RestoreError(f"{where}: a {f['type']} cannot be restored yet")
+    if f.get("deleted"):
+        raise RestoreError(f"{where}: the file was deleted; deleted files are not restored")
+    if f["type"] == "tty" and not shell_job:
+        raise RestoreError(f"{where}: a terminal; restore with --shell-job to attach ours")
+    if f["type"] == "file" and f.get("stat") is not None:
+        check_identity(f["target"], f["stat"], None, None, where)
+    elif f["type"] in ("file", "dir") and not os.path.exists(f["target"]):
+        raise RestoreError(f"{where}: missing")
+
+
+# -- vdso ------------------------------------------------------------------------------------
+
+
+def own_vdso_layout() -> dict[str, tuple[int, int]]:
+    """{name: (start, end)} of this process's [vvar], [vvar_vclock], [vdso]: every
+    process forked from us has the same."""
+    return {m.path: (m.start, m.end) for m in proc.read_maps(os.getpid()) if m.path in VDSO_NAMES}
+
+
+def dumped_vdso_layout(p: ProcessImage) -> dict[str, tuple[int, int]]:
+    return {v["path"]: (v["start"], v["end"]) for v in p.vmas if v["path"] in VDSO_NAMES}
+
+
+def _check_vdso(images: RestoreImages, p: ProcessImage) -> None:
+    ours, theirs = own_vdso_layout(), dumped_vdso_layout(p)
+    if not theirs:
+        return  # a process without a vdso (unusual, but nothing to move)
+    kernel = images.dump.inventory["kernel"]
+    shape = {k: (e - s) for k, (s, e) in ours.items()}
+    if {k: (e - s) for k, (s, e) in theirs.items()} != shape or _offsets(ours) != _offsets(theirs):
+        raise RestoreError(
+            f"process {p.pid}: the vdso/vvar layout differs from this kernel's "
+            f"(dumped on {kernel}, this is {os.uname().release}); restore on the same kernel"
+        )
+    start, end = theirs["[vdso]"]
+    dumped = images.dump.read_memory(p.pid, start, end - start)
+    mine_start, mine_end = ours["[vdso]"]
+    if dumped != ctypes.string_at(mine_start, mine_end - mine_start):
+        raise RestoreError(
+            f"process {p.pid}: its vdso differs from this kernel's (dumped on {kernel}, "
+            f"this is {os.uname().release}); restore on the same kernel build"
+        )
+
+
+def _offsets(layout: dict[str, tuple[int, int]]) -> dict[str, int]:
+    base = layout["[vdso]"][0]
+    return {k: s - base for k, (s, _) in layout.items()}

@@ -1,0 +1,272 @@
+"""Step 3: replace the seed's address space with the dumped one.
+
+In order: drop the seed's rseq registration (unmapping a registered area makes
+every return to user space fault), close its fds, unmap everything but the vdso
+and vvar areas, move those to their dumped addresses (all together: the vdso
+finds its data at a fixed offset), map every VMA at its address with its flags,
+write the pages resolved through the parent chain into /proc/PID/mem (which
+writes through read-only protections), apply madvise flags, and set the mm
+fields and the exe with PR_SET_MM_MAP.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+
+from checkpointer.errors import ImageError
+from checkpointer.images.resolve import Piece
+from checkpointer.kernel import ptrace, taskctl
+from checkpointer.kernel.syscalls import NR_mmap, NR_munmap, syscall
+from checkpointer.restore import pagefeed
+from checkpointer.restore.images import (
+    VDSO_NAMES,
+    RestoreError,
+    RestoreImages,
+    dumped_vdso_layout,
+    own_vdso_layout,
+)
+from checkpointer.restore.task import Task
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+TASK_SIZE = 0x7FFFFFFFF000
+SCRATCH_SIZE = 4 * PAGE
+CHUNK = 4 << 20
+ANON_KINDS = ("anon", "heap", "stack")
+SKIPPED_KINDS = ("vdso", "vvar", "vsyscall", "special")
+PROT_BITS = {"r": 1, "w": 2, "x": 4}
+# smaps VmFlags that a madvise() (or mlock) sets again.
+MADVISE = {"rr": 1, "sr": 2, "mg": 12, "hg": 14, "nh": 15, "dd": 16, "dc": 10, "wf": 18}
+
+
+def prot_of(vma: dict) -> int:
+    return sum(bit for ch, bit in PROT_BITS.items() if ch in vma["prot"][:3])
+
+
+class SharedObjects:
+    """Each shared memory object of the dump, made once in the restorer, filled
+    from the images, and mapped into every process that maps it."""
+
+    def __init__(self, images: RestoreImages) -> None:
+        self.images = images
+        self.fds: dict[str, int] = {}
+
+    def fd(self, owner: str, vma: dict) -> int:
+        if owner not in self.fds:
+            self.fds[owner] = self._create(owner, vma)
+        return self.fds[owner]
+
+    def _create(self, owner: str, vma: dict) -> int:
+        size = max(
+            v["offset"] + v["end"] - v["start"]
+            for p in self.images.processes
+            for v in p.vmas
+            if v["shmem"] == owner
+        )
+        if vma["kind"] == "memfd":
+            name = vma["path"].removeprefix("/memfd:")
+            fd = os.memfd_create(name[:249], os.MFD_CLOEXEC)
+            os.ftruncate(fd, size)
+        else:
+            fd = _new_shared_anon(size)
+        pagefeed.write_pieces(fd, self.images.pieces.get(owner, []))
+        return fd
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def _new_shared_anon(size: int) -> int:
+    """An fd for a new shared anonymous object (what mmap(MAP_SHARED|MAP_ANONYMOUS)
+    creates: /dev/zero (deleted) in maps), through our own map_files entry."""
+    addr = syscall(NR_mmap, 0, size, 3, 0x21, (1 << 64) - 1, 0)
+    try:
+        return os.open(f"/proc/self/map_files/{addr:x}-{addr + size:x}", os.O_RDWR | os.O_CLOEXEC)
+    finally:
+        syscall(NR_munmap, addr, size)
+
+
+def rebuild(task: Task, images: RestoreImages, shared: SharedObjects) -> None:
+    s = task.session
+    image = task.image
+    cfg = ptrace.get_rseq_config(task.pid)
+    if cfg["ptr"]:
+        taskctl.rseq_unregister(s, cfg["ptr"], cfg["size"], cfg["sig"])
+    taskctl.close_all_fds(s)
+    current = own_vdso_layout()  # a fork of ours: the same layout
+    lo = min(a for a, _ in current.values())
+    hi = max(b for _, b in current.values())
+    taskctl.munmap(s, 0, lo)
+    taskctl.munmap(s, hi, TASK_SIZE - hi)
+    dumped = dumped_vdso_layout(image)
+    busy = [(v["start"], v["end"]) for v in image.vmas] + [(lo, hi)]
+    scratch = _gap(busy, SCRATCH_SIZE)
+    # Shared: it cannot merge with a neighbouring private VMA of the image.
+    flags = taskctl.MAP_SHARED | taskctl.MAP_ANONYMOUS | taskctl.MAP_FIXED_NOREPLACE
+    taskctl.mmap(s, scratch, SCRATCH_SIZE, 3, flags)
+    s.adopt_scratch(scratch, SCRATCH_SIZE)
+    task.scratch = (scratch, SCRATCH_SIZE)
+    if dumped:
+        _move_vdso(task, current, dumped, busy + [(scratch, scratch + SCRATCH_SIZE)])
+    files: dict[str, int] = {}
+    try:
+        for vma in image.vmas:
+            if vma["kind"] not in SKIPPED_KINDS:
+                _map(task, vma, shared, files)
+        _write_pages(task, images.pieces.get(f"pid-{task.pid}", []))
+        for vma in image.vmas:
+            _advise(task, vma)
+        _set_mm(task)
+    finally:
+        for fd in files.values():
+            taskctl.close(s, fd)
+
+
+def _gap(busy: list[tuple[int, int]], size: int, start: int = 1 << 32) -> int:
+    """The lowest page-aligned address >= start where `size` bytes touch nothing busy."""
+    addr = start
+    for lo, hi in sorted(busy):
+        if hi <= addr:
+            continue
+        if lo >= addr + size:
+            break
+        addr = -(-hi // PAGE) * PAGE
+    return addr
+
+
+def _move_vdso(task, current: dict, dumped: dict, busy: list) -> None:
+    """Move [vvar], [vvar_vclock], [vdso] together to their dumped addresses."""
+    s = task.session
+    delta = dumped["[vdso]"][0] - current["[vdso]"][0]
+    if delta == 0:
+        return
+    lo = min(a for a, _ in current.values())
+    hi = max(b for _, b in current.values())
+    if lo + delta < hi and lo < hi + delta:  # overlapping: go through a free spot
+        spot = _gap(busy + [(lo + delta, hi + delta)], hi - lo)
+        _shift(s, current, spot - lo)
+        current = {k: (a + spot - lo, b + spot - lo) for k, (a, b) in current.items()}
+        delta -= spot - lo
+    _shift(s, current, delta)
+
+
+def _shift(s, layout: dict, delta: int) -> None:
+    for name in VDSO_NAMES:
+        if name in layout:
+            start, end = layout[name]
+            taskctl.mremap_to(s, start, end - start, start + delta)
+            if name == "[vdso]":
+                s.insn += delta  # the syscall instruction moved with it
+
+
+def _map(task: Task, vma: dict, shared: SharedObjects, files: dict[str, int]) -> None:
+    s = task.session
+    start, length, prot = vma["start"], vma["end"] - vma["start"], prot_of(vma)
+    kind = vma["kind"]
+    if kind in ANON_KINDS:
+        flags = taskctl.MAP_PRIVATE | taskctl.MAP_ANONYMOUS | taskctl.MAP_FIXED
+        if "gd" in vma["vmflags"]:
+            flags |= taskctl.MAP_GROWSDOWN
+        if "nr" in vma["vmflags"]:
+            flags |= taskctl.MAP_NORESERVE
+        taskctl.mmap(s, start, length, prot, flags)
+    elif vma["shmem"] is not None and kind in ("shared-anon", "memfd"):
+        fd = task.install_fd(shared.fd(vma["shmem"], vma))
+        try:
+            taskctl.mmap(s, start, length, prot, taskctl.MAP_SHARED | taskctl.MAP_FIXED, fd,
+                         vma["offset"])  # fmt: skip
+        finally:
+            taskctl.close(s, fd)
+    elif kind in ("file", "file-private"):
+        shared_map = vma["prot"][3] == "s"
+        writable = shared_map and "w" in vma["prot"]
+        key = f"{'w' if writable else 'r'}:{vma['path']}"
+        if key not in files:
+            ours = os.open(vma["path"], (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+            try:
+                files[key] = task.install_fd(ours)
+            finally:
+                os.close(ours)
+        flags = (taskctl.MAP_SHARED if shared_map else taskctl.MAP_PRIVATE) | taskctl.MAP_FIXED
+        taskctl.mmap(s, start, length, prot, flags, files[key], vma["offset"])
+    else:
+        raise RestoreError(
+            f"process {task.pid}: cannot restore a {kind} mapping at {start:#x} ({vma['path']})"
+        )
+
+
+def _write_pages(task: Task, pieces: list[Piece]) -> None:
+    """Every page the images hold for the process, through /proc/PID/mem."""
+    vmas = task.image.vmas
+    starts = [v["start"] for v in vmas]
+    data: list[Piece] = []
+    fd = os.open(f"/proc/{task.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for piece in pieces:
+            for lo, hi, vma in _split_by_vma(piece.start, piece.end, vmas, starts, task.pid):
+                if vma["kind"] in SKIPPED_KINDS:
+                    continue  # the vdso is this kernel's own (checked equal)
+                if piece.source is not None:
+                    data.append(Piece(lo, hi, piece.source, piece.off + (lo - piece.start)))
+                elif vma["kind"] not in ANON_KINDS:
+                    # Fresh anonymous memory reads as zeros already; a zero page of
+                    # a file mapping is a private copy the file does not hold.
+                    for addr in range(lo, hi, CHUNK):
+                        os.pwrite(fd, bytes(min(CHUNK, hi - addr)), addr)
+        pagefeed.write_pieces(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _split_by_vma(lo: int, hi: int, vmas: list, starts: list, pid: int):
+    while lo < hi:
+        i = bisect.bisect_right(starts, lo) - 1
+        if i < 0 or vmas[i]["end"] <= lo:
+            raise ImageError(f"pages at {lo:#x} of process {pid} lie outside every mapping")
+        end = min(hi, vmas[i]["end"])
+        yield lo, end, vmas[i]
+        lo = end
+
+
+def _advise(task: Task, vma: dict) -> None:
+    if vma["kind"] in SKIPPED_KINDS:
+        return
+    start, length = vma["start"], vma["end"] - vma["start"]
+    for flag, advice in MADVISE.items():
+        if flag in vma["vmflags"]:
+            taskctl.madvise(task.session, start, length, advice)
+    if "lo" in vma["vmflags"]:
+        taskctl.mlock(task.session, start, length)
+
+
+def _set_mm(task: Task) -> None:
+    mm = task.image.mm
+    exe_fd = (1 << 32) - 1
+    # The exe is inherited from the seed, i.e. ours; changing it is refused (EBUSY)
+    # while the old one is mapped, which it is when the process ran our interpreter.
+    if mm.get("exe") and not _same_file(mm["exe"], "/proc/self/exe"):
+        ours = os.open(mm["exe"], os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            exe_fd = task.install_fd(ours)
+        finally:
+            os.close(ours)
+    try:
+        taskctl.set_mm_map(task.session, mm, mm["auxv"], exe_fd)
+    except OSError as exc:
+        raise RestoreError(f"process {task.pid}: PR_SET_MM_MAP refused: {exc.strerror}") from None
+    finally:
+        if exe_fd != (1 << 32) - 1:
+            taskctl.close(task.session, exe_fd)
+
+
+def _same_file(a: str, b: str) -> bool:
+    sa, sb = os.stat(a), os.stat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def unmap_scratch(task: Task) -> None:
+    if task.scratch:
+        taskctl.munmap(task.session, *task.scratch)
+        task.scratch = None

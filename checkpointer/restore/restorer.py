@@ -1,0 +1,153 @@
+"""restore: images -> restorer -> kernel, one step per module.
+
+    images.py   read and check the images; refuse before anything is built
+    tree.py     every process with its PID, session and group (clone3 set_tid)
+    memory.py   the address space, pages, mm fields and exe
+    files.py    fds, cwd, root, umask, personality, rlimits
+    threads.py  threads and their state; registers last
+    signals.py  handlers, timers, pending signals
+    creds.py    credentials, last of all
+
+Every task is traced from its birth with PTRACE_O_EXITKILL, so a restorer that
+dies (SIGKILL included) takes the half-built tree with it; any error kills what
+was created and raises one line.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from checkpointer.kernel import ptrace
+from checkpointer.restore import creds, files, memory, signals, threads, tree
+from checkpointer.restore.images import RestoreImages, load, preflight
+from checkpointer.restore.task import Task
+
+HOLD_ALL = (1 << 64) - 1  # SIGKILL and SIGSTOP cannot be held anyway
+
+
+@dataclass
+class RestoreRequest:
+    images_dir: Path
+    detach: bool = True  # False: `restore` waits for the root task (the CLI does)
+    leave_stopped: bool = False  # every task stopped (SIGSTOP): `kill -CONT` resumes
+    shell_job: bool = False  # terminals of the dump become the restorer's terminal
+    pidfile: Path | None = None  # the root's PID is written here
+
+    def __post_init__(self) -> None:
+        self.images_dir = Path(self.images_dir)
+
+
+@dataclass
+class RestoreResult:
+    root_pid: int
+    pids: list[int] = field(default_factory=list)
+    restore_ms: float = 0.0
+
+
+def restore(req: RestoreRequest) -> RestoreResult:
+    """Bring the dump at req.images_dir back to life; the tree runs (or is stopped)."""
+    started = time.monotonic()
+    images = load(str(req.images_dir))
+    preflight(images, req.shell_job)
+    created: list[int] = []
+    seed = tree.Seed()
+    tasks: dict[int, Task] = {}
+    shared = memory.SharedObjects(images)
+    open_files = files.OpenFiles(req.shell_job)
+    try:
+        for p in images.processes:
+            for thread in p.threads:
+                threads.check_xstate(seed.pid, thread)
+        tasks = tree.create_tree(images, seed, created)
+        seed.kill()
+        seed = None
+        for task in tasks.values():
+            _rebuild(task, images, shared, open_files, created)
+        for task in tasks.values():
+            files.finish_fds(task, open_files)
+            task.close_restorer_pidfd()
+            creds.restore_creds(task)
+        for task in tasks.values():
+            memory.unmap_scratch(task)
+            threads.set_registers(task)
+        _release(tasks, req.leave_stopped)
+    except BaseException:
+        for task in tasks.values():
+            task.close_sessions()
+        tree.kill_and_reap(created)
+        raise
+    finally:
+        if seed is not None:
+            seed.kill()
+        shared.close()
+        open_files.close()
+    if req.pidfile:
+        _write_pidfile(req.pidfile, images.root.pid)
+    return RestoreResult(
+        images.root.pid, [p.pid for p in images.processes], (time.monotonic() - started) * 1e3
+    )
+
+
+def _rebuild(task: Task, images: RestoreImages, shared, open_files, created) -> None:
+    """Everything of one process but links between fds, credentials and
+    registers, in dependency order."""
+    memory.rebuild(task, images, shared)
+    files.restore_fds(task, open_files)
+    files.restore_dirs_and_limits(task)
+    signals.restore_process_signals(task)
+    threads.create_threads(task, created)
+    threads.restore_thread_state(task)
+    tree.restore_prctl(task)
+
+
+def _release(tasks: dict[int, Task], leave_stopped: bool) -> None:
+    """Detach from every thread: the tree runs, or is stopped before it runs a
+    single instruction (see _stop_before_running)."""
+    for task in tasks.values():
+        task.close_sessions()
+    if leave_stopped:
+        _stop_before_running(tasks)
+        return
+    for task in tasks.values():
+        for tid in task.threads:
+            ptrace.detach(tid)
+
+
+def _stop_before_running(tasks: dict[int, Task]) -> None:
+    """Leave the tree in an ordinary group-stop that `kill -CONT` ends, with its
+    memory exactly as restored: a signal pending at detach (an itimer's, say)
+    would otherwise be handled, pushing a frame on a stack, before the SIGSTOP.
+    So: every signal held, SIGSTOP queued, detach (the group stops at once),
+    then seize each stopped thread again to set its real mask, and detach again,
+    which leaves it in the group-stop."""
+    masks = {tid: ptrace.get_sigmask(tid) for task in tasks.values() for tid in task.threads}
+    for tid in masks:
+        ptrace.set_sigmask(tid, HOLD_ALL)
+    for task in tasks.values():
+        os.kill(task.pid, signal.SIGSTOP)
+        for tid in task.threads:
+            ptrace.detach(tid)
+    for tid, mask in masks.items():
+        ptrace.seize(tid)
+        while (stop := ptrace.wait_stop(tid)).kind != "group-stop":
+            ptrace.cont(tid, stop.sig if stop.kind == "signal-stop" else 0)
+        ptrace.set_sigmask(tid, mask)
+        ptrace.detach(tid)
+
+
+def _write_pidfile(path: Path, pid: int) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(f"{pid}\n")
+    tmp.replace(path)
+
+
+def wait_root(pid: int) -> int:
+    """Wait for the restored root (our child) to end; its exit status, shell style."""
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)

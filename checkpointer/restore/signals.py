@@ -1,0 +1,35 @@
+"""Step 6a: signal handlers, interval timers and pending signals.
+
+Handlers come back with their flags, mask and restorer (x86_64 has no sigreturn
+trampoline in the vdso: SA_RESTORER's address is glibc's). Pending signals are
+queued again from inside the task, whose signals stay blocked until its final
+mask is set, so they are delivered when it would have got them.
+"""
+
+from __future__ import annotations
+
+from checkpointer.kernel import abi, taskctl
+from checkpointer.kernel.inject import SyscallSession
+from checkpointer.restore.task import Task
+
+
+def restore_process_signals(task: Task) -> None:
+    s, process = task.session, task.image.process
+    for act in process.get("sigactions", []):
+        taskctl.sigaction(s, act["sig"], act["handler"], act["flags"], act["restorer"], act["mask"])
+    for which, name in enumerate(abi.ITIMER_NAMES):
+        interval, value = process.get("itimers", {}).get(name, [0, 0])
+        if value or interval:
+            # value 0 with an interval: it expired just as it was read and is
+            # being re-armed; arm it for one interval.
+            taskctl.setitimer(s, which, interval, value or interval)
+    for info in process.get("shared_siginfo", []):
+        taskctl.queue_signal(s, task.pid, None, info)
+
+
+def restore_thread_signals(task: Task, s: SyscallSession, thread: dict) -> None:
+    alt = thread.get("sigaltstack")
+    if alt and not alt["flags"] & abi.SS_DISABLE:
+        taskctl.sigaltstack(s, alt["sp"], alt["flags"] & abi.SS_AUTODISARM, alt["size"])
+    for info in thread.get("siginfo", []):
+        taskctl.queue_signal(s, task.pid, thread["tid"], info)

@@ -1,0 +1,46 @@
+"""A process being restored: its image, and the injection sessions on its threads."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from checkpointer.kernel import taskctl
+from checkpointer.kernel.inject import SyscallSession
+from checkpointer.restore.images import ProcessImage
+
+
+@dataclass
+class Task:
+    image: ProcessImage
+    session: SyscallSession  # on the main thread; registers are set at the end
+    threads: dict[int, SyscallSession] = field(default_factory=dict)
+    scratch: tuple[int, int] | None = None  # (addr, size) of the scratch area in a gap
+    pidfd: int | None = None  # fd number, inside the task, of a pidfd for the restorer
+
+    def __post_init__(self) -> None:
+        self.threads.setdefault(self.pid, self.session)
+
+    @property
+    def pid(self) -> int:
+        return self.image.pid
+
+    def install_fd(self, our_fd: int, at: int | None = None, cloexec: bool = True) -> int:
+        """Copy one of the restorer's fds into the task (pidfd_getfd from inside it);
+        returns its number there. The open file description is shared, so its
+        offset and flags are the ones set here."""
+        if self.pidfd is None:
+            # Above every fd of the image, so restoring those never closes it.
+            low = taskctl.pidfd_open(self.session, os.getpid())
+            high = max([f["fd"] for f in self.image.fds], default=0) + 1
+            self.pidfd = taskctl.dup_above(self.session, low, high)
+        return taskctl.take_fd(self.session, self.pidfd, our_fd, at, cloexec)
+
+    def close_restorer_pidfd(self) -> None:
+        if self.pidfd is not None:
+            taskctl.close(self.session, self.pidfd)
+            self.pidfd = None
+
+    def close_sessions(self) -> None:
+        for s in self.threads.values():
+            s.close()

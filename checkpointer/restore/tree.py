@@ -1,0 +1,146 @@
+"""Step 1: create every process of the tree with its original PID, in its session
+and process group.
+
+A seed, forked from the restorer and seized, is the only process not built from
+the images. clone3 with set_tid injected into it creates the root (CLONE_PARENT:
+the root becomes the restorer's child, which `restore` waits for); every other
+process is cloned from its restored parent before that parent's memory is
+replaced. The tracer options are inherited, so each new process is traced from
+its first instruction, and PTRACE_O_EXITKILL kills the whole half-built tree if
+the restorer dies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+
+from checkpointer.errors import TargetError
+from checkpointer.kernel import abi, ptrace, taskctl
+from checkpointer.kernel.inject import SyscallSession
+from checkpointer.kernel.syscalls import libc
+from checkpointer.restore.images import RestoreError, RestoreImages
+from checkpointer.restore.task import Task
+
+TRACE_OPTIONS = ptrace.PTRACE_O_TRACEFORK | ptrace.PTRACE_O_TRACECLONE | ptrace.PTRACE_O_EXITKILL
+PR_SET_PDEATHSIG = 1
+__WALL = 0x40000000
+
+
+class Seed:
+    """A forked, seized child of ours that only ever runs injected syscalls."""
+
+    def __init__(self) -> None:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: wait to be seized, die with the restorer
+            try:
+                os.close(write_end)
+                libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+                os.read(read_end, 1)
+            finally:
+                os._exit(0)
+        os.close(read_end)
+        self.pid = pid
+        self._pipe = write_end
+        ptrace.seize(pid, TRACE_OPTIONS)
+        ptrace.interrupt(pid)
+        while (stop := ptrace.wait_stop(pid)).kind == "signal-stop":
+            ptrace.cont(pid, stop.sig)
+        self.session = SyscallSession(pid, restore_regs=False)
+        self.session.open()
+
+    def kill(self) -> None:
+        self.session.close()
+        kill_and_reap([self.pid])
+        os.close(self._pipe)
+
+
+def create_tree(images: RestoreImages, seed: Seed, created: list[int]) -> dict[int, Task]:
+    """Every process, each stopped in its first ptrace stop, in tree order."""
+    procs = images.by_pid()
+    tasks: dict[int, Task] = {}
+    root = images.root
+    tasks[root.pid] = Task(root, _clone(seed.session, root.pid, True, created))
+    for image in images.processes:
+        task = tasks[image.pid]
+        kids = [procs[c] for c in image.children]
+        # A child in another session than its parent's was forked before the parent
+        # became a session leader: create it first, then setsid.
+        early = [k for k in kids if k.sid != image.sid and k.sid != k.pid]
+        for kid in early:
+            if image.sid != image.pid:
+                raise RestoreError(f"process {kid.pid}: its session {kid.sid} cannot be rebuilt")
+            tasks[kid.pid] = Task(kid, _clone(task.session, kid.pid, False, created))
+        if image.sid == image.pid:
+            taskctl.setsid(task.session)
+        for kid in kids:
+            if kid.pid not in tasks:
+                tasks[kid.pid] = Task(kid, _clone(task.session, kid.pid, False, created))
+    for image in images.processes:
+        if image.pid not in tasks:  # an orphan: its parent is not in the tree
+            orphan = _clone(tasks[root.pid].session, image.pid, True, created)
+            tasks[image.pid] = Task(image, orphan)
+    _join_groups(images, tasks)
+    return tasks
+
+
+def _clone(creator: SyscallSession, pid: int, clone_parent: bool, created: list[int]):
+    """clone3 a new process with `pid` from `creator`; a session on it."""
+    flags = abi.CLONE_PARENT if clone_parent else 0
+    exit_signal = 0 if clone_parent else signal.SIGCHLD  # CLONE_PARENT inherits it
+    try:
+        got = taskctl.clone3(creator, flags, pid, exit_signal)
+    except OSError as exc:
+        if exc.errno == 17:  # EEXIST
+            raise RestoreError(f"PID {pid} is taken; it must be free") from None
+        raise
+    created.append(got)
+    stop = ptrace.wait_stop(got, 10.0)
+    if stop.kind in ("exited", "killed"):
+        raise TargetError(f"restored process {got} died at birth")
+    session = SyscallSession(got, restore_regs=False, insn=creator.insn)
+    session.open()
+    return session
+
+
+def _join_groups(images: RestoreImages, tasks: dict[int, Task]) -> None:
+    """Process groups: leaders first, then members (same session required)."""
+    for image in images.processes:
+        if image.pgid == image.pid and image.sid != image.pid:
+            taskctl.setpgid(tasks[image.pid].session, 0)
+    for image in images.processes:
+        if image.pgid != image.pid and image.pgid in tasks:
+            taskctl.setpgid(tasks[image.pid].session, image.pgid)
+
+
+def kill_and_reap(pids: list[int]) -> None:
+    """SIGKILL each process and reap what we may (our children and tracees)."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for pid in reversed(pids):
+        for _ in range(200):
+            try:
+                got, _ = os.waitpid(pid, os.WNOHANG | __WALL)
+            except ChildProcessError:
+                break
+            if got:
+                break
+            ctypes.CDLL(None).usleep(5000)
+
+
+def restore_prctl(task: Task) -> None:
+    """Parent-death signal, child subreaper, THP opt-out: process state that
+    prctl sets and no other step covers."""
+    state = task.image.process.get("prctl", {})
+    s = task.session
+    if state.get("pdeathsig"):
+        taskctl.prctl(s, PR_SET_PDEATHSIG, state["pdeathsig"])
+    if state.get("child_subreaper"):
+        taskctl.prctl(s, taskctl.PR_SET_CHILD_SUBREAPER, 1)
+    if state.get("thp_disable"):
+        taskctl.prctl(s, taskctl.PR_SET_THP_DISABLE, 1)

@@ -1,0 +1,210 @@
+"""restore: a dumped tree comes back to life, byte for byte, and keeps working.
+
+Every test dumps a real workload (tests/targets/lifecycle.c: threads, a child
+sharing memory, handlers, an itimer, a thread in a futex and one in nanosleep,
+a copy-on-write file mapping, a file written at an offset), kills it, restores
+it and checks that it carries on.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from memcheck import compare_dump_with_process
+from restorelib import start_lifecycle, wait_stopped
+from targetlib import TRACKERS, cli, proc_status
+
+from checkpointer.images import Dump
+
+
+@pytest.fixture
+def lifecycle(tmp_path):
+    started = []
+
+    def _start(anon_mb: int = 16):
+        lc = start_lifecycle(tmp_path, anon_mb)
+        started.append(lc)
+        return lc
+
+    yield _start
+    for lc in started:
+        lc.kill()
+
+
+def dump_and_kill(lc, images, *extra):
+    r = cli("dump", "-t", str(lc.pid), "-D", str(images), *extra)
+    assert r.returncode == 0, r.stderr
+    lc.reap_original()  # our child: its PID is free once reaped
+    return lc.status()
+
+
+def test_restored_tree_keeps_working(lifecycle, tmp_path):
+    lc = lifecycle()
+    images = tmp_path / "images"
+    at_dump = dump_and_kill(lc, images)
+    r = cli("restore", "-D", str(images), "-d")
+    assert r.returncode == 0, r.stderr
+    assert f"root {lc.pid}" in r.stdout
+    st = lc.carries_on()
+    # Same PIDs, same parent/child shape, same session; nothing ran twice or was lost.
+    assert (st["pid"], st["child_pid"]) == (lc.pid, lc.child)
+    assert proc_status(lc.child)["PPid"] == str(lc.pid)
+    assert os.getsid(lc.pid) == lc.pid and os.getsid(lc.child) == lc.pid
+    assert st["counter"] > at_dump["counter"] and st["sum_ok"] == 1
+    assert st["mapped"] == at_dump["mapped"]  # copy-on-write pages of the file mapping
+    log = lc.log_counters()
+    assert log == list(range(1, len(log) + 1)), "the log fd's offset moved"
+    # Thread names came back; the handler fires; the futex waiter is released and joined.
+    names = sorted(
+        open(f"/proc/{lc.pid}/task/{t}/comm").read() for t in os.listdir(f"/proc/{lc.pid}/task")
+    )
+    assert names == [open(f"/proc/{lc.pid}/comm").read()] * 4 and "python" not in names[0]
+    os.kill(lc.pid, signal.SIGUSR1)
+    st = lc.wait_for(lambda st: st["usr1"] == 1 and st["joined"] == 1, "SIGUSR1 and the join")
+    lc.carries_on()
+
+
+def test_restored_memory_equals_the_images(lifecycle, tmp_path):
+    lc = lifecycle()
+    images = tmp_path / "images"
+    dump_and_kill(lc, images)
+    r = cli("restore", "-D", str(images), "-d", "--leave-stopped")
+    assert r.returncode == 0, r.stderr
+    for pid in (lc.pid, lc.child):
+        wait_stopped(pid)
+        assert compare_dump_with_process(images, pid) > 16 << 20 if pid == lc.pid else True
+    os.kill(lc.pid, signal.SIGCONT)
+    os.kill(lc.child, signal.SIGCONT)
+    lc.carries_on()
+
+
+@pytest.mark.parametrize("tracker", TRACKERS)
+def test_restore_the_final_dump_of_a_chain(lifecycle, tmp_path, tracker):
+    lc = lifecycle(32)
+    for i, parent in ((1, None), (2, "../1")):
+        args = ["pre-dump", "-t", str(lc.pid), "-D", str(tmp_path / str(i)), "--tracker", tracker]
+        r = cli(*args, *(["--prev-images-dir", parent] if parent else []))
+        assert r.returncode == 0, r.stderr
+        time.sleep(0.2)  # the workload keeps writing between passes
+    final = tmp_path / "3"
+    at_dump = dump_and_kill(
+        lc, final, "--prev-images-dir", "../2", "--track-mem", "--tracker", tracker
+    )
+    assert Dump.open(final).inventory["tracker"] == tracker
+    r = cli("restore", "-D", str(final), "-d", "--leave-stopped")
+    assert r.returncode == 0, r.stderr
+    wait_stopped(lc.pid)
+    compare_dump_with_process(final, lc.pid)
+    compare_dump_with_process(final, lc.child)
+    os.kill(lc.child, signal.SIGCONT)
+    os.kill(lc.pid, signal.SIGCONT)
+    assert lc.carries_on()["counter"] > at_dump["counter"]
+
+
+def test_restore_the_output_of_converge(lifecycle, tmp_path):
+    lc = lifecycle(32)
+    r = cli("converge", "-t", str(lc.pid), "-D", str(tmp_path / "c"))
+    assert r.returncode == 0, r.stderr
+    lc.reap_original()
+    r = cli("restore", "-D", str(tmp_path / "c" / "final"), "-d")
+    assert r.returncode == 0, r.stderr
+    lc.carries_on()
+
+
+def test_restore_twice_in_a_row(lifecycle, tmp_path):
+    lc = lifecycle()
+    dump_and_kill(lc, tmp_path / "a")
+    assert cli("restore", "-D", str(tmp_path / "a"), "-d").returncode == 0
+    lc.carries_on()
+    r = cli("dump", "-t", str(lc.pid), "-D", str(tmp_path / "b"))
+    assert r.returncode == 0, r.stderr
+    r = cli("restore", "-D", str(tmp_path / "b"), "-d")
+    assert r.returncode == 0, r.stderr
+    st = lc.carries_on()
+    os.kill(lc.pid, signal.SIGUSR1)
+    lc.wait_for(lambda st: st["joined"] == 1, "the join after two restores")
+    log = lc.log_counters()
+    assert log == list(range(1, len(log) + 1)) and st["sum_ok"] == 1
+
+
+def test_restore_without_detach_waits_for_the_root(lifecycle, tmp_path):
+    lc = lifecycle()
+    dump_and_kill(lc, tmp_path / "a")
+    import subprocess
+    import sys
+
+    p = subprocess.Popen(
+        [sys.executable, "-m", "checkpointer", "restore", "-D", str(tmp_path / "a")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    lc.carries_on()
+    assert p.poll() is None  # still waiting for the root
+    os.kill(lc.pid, signal.SIGTERM)  # no handler: the root dies of it
+    assert p.wait(timeout=10) == 128 + signal.SIGTERM
+    os.kill(lc.child, signal.SIGKILL)
+
+
+PYTHON_SERVER = r"""
+import os, sys, time
+work = sys.argv[1]
+table = {f"key-{i}": i * i for i in range(300_000)}
+open(os.path.join(work, "ready"), "w").close()
+while True:
+    req = os.path.join(work, "request")
+    if os.path.exists(req):
+        key = open(req).read().strip()
+        os.unlink(req)
+        answer = f"{len(table)} {sum(table.values())} {table.get(key)}"
+        with open(os.path.join(work, "answer.tmp"), "w") as f:
+            f.write(answer)
+        os.rename(os.path.join(work, "answer.tmp"), os.path.join(work, "answer"))
+    time.sleep(0.01)
+"""
+
+
+def ask(work, key: str, timeout: float = 20.0) -> str:
+    (work / "request").write_text(key)
+    deadline = time.monotonic() + timeout
+    while not (work / "answer").exists():
+        assert time.monotonic() < deadline, "no answer"
+        time.sleep(0.01)
+    answer = (work / "answer").read_text()
+    (work / "answer").unlink()
+    return answer
+
+
+def test_a_python_interpreter_with_a_large_dict_comes_back(tmp_path):
+    import subprocess
+    import sys
+
+    work = tmp_path / "py"
+    work.mkdir()
+    p = subprocess.Popen(
+        [sys.executable, "-c", PYTHON_SERVER, str(work)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not (work / "ready").exists():
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.02)
+        expected = f"300000 {sum(i * i for i in range(300_000))} {777 * 777}"
+        assert ask(work, "key-777") == expected
+        r = cli("dump", "-t", str(p.pid), "-D", str(tmp_path / "images"))
+        assert r.returncode == 0, r.stderr
+        p.wait(timeout=10)
+        r = cli("restore", "-D", str(tmp_path / "images"), "-d")
+        assert r.returncode == 0, r.stderr
+        assert ask(work, "key-777") == expected
+        assert ask(work, "key-12") == f"300000 {sum(i * i for i in range(300_000))} 144"
+    finally:
+        try:
+            os.kill(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if p.poll() is None:
+            p.wait()
