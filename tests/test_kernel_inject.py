@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import signal
+import time
 
 import pytest
 from targetlib import proc_status
@@ -85,3 +86,36 @@ def test_session_in_a_signal_delivery_stop_runs_calls_one_by_one(spawn):
     finally:
         ptrace.detach(tid)
     t.assert_carries_on()
+
+
+def test_thread_inside_an_rseq_critical_section_is_aborted_first(spawn):
+    # Our syscalls return to user space outside the section, where the kernel clears
+    # the thread's rseq_cs: resumed inside the section, it would run on unguarded.
+    # The session moves it to its abort handler first, as a preemption would.
+    t = spawn("--rseq-cs", "--threads", "0")
+    start, post, abort = (int(x, 16) for x in t.set_state["rseq_cs"])
+    aborts, _ = t.regions["rseq_aborts"]
+
+    def count() -> int:
+        return int.from_bytes(t.read_mem(aborts, 8), "little")
+
+    for _ in range(50):
+        with Freezer(t.pid) as tree:
+            inside = [
+                tid for tid in tree.threads[t.pid] if start <= ptrace.get_regs(tid)["rip"] < post
+            ]
+            if not inside:
+                continue  # between two sections: try again
+            (tid,) = inside
+            with SyscallSession(tid) as s:
+                assert s.call(NR_getpid) == t.pid
+                assert s.saved_regs["rip"] == abort
+            assert ptrace.get_regs(tid)["rip"] == abort
+        break
+    else:
+        pytest.fail("never caught the thread inside its critical section")
+    before = count()
+    deadline = time.monotonic() + 5
+    while count() == before:  # still aborted on preemption: its rseq_cs is live
+        assert time.monotonic() < deadline, "the thread no longer leaves its section"
+        time.sleep(0.01)

@@ -8,6 +8,9 @@ was interrupted in over ours. On close the task gets its registers and signal ma
 back exactly (unless the caller took over its registers, as restore does) and, if
 the session found it in a PTRACE_EVENT_STOP, is put back into one.
 
+A thread found inside an rseq critical section is first moved to its abort handler,
+which its next preemption would do anyway (see _abort_rseq_critical_section).
+
 Why not PTRACE_SINGLESTEP: its trap is a SIGTRAP forced on the task, and the kernel
 resets the handler of a forced signal that is blocked or ignored to SIG_DFL, so a
 target's own SIGTRAP handler would be gone. Why the final event stop: a task left
@@ -60,6 +63,12 @@ BATCH_CODE = bytes.fromhex(
     "49ffcc75d649c7450001000000b8220000000f05ebf7"
 )
 _CALL = struct.Struct("<8Q")  # a call table entry: nr, 6 args, result
+_U64_STRUCT = struct.Struct("<Q")
+# struct rseq: cpu_id_start, cpu_id (u32), then rseq_cs, the current critical
+# section's descriptor: struct rseq_cs {u32 version, flags; u64 start_ip,
+# post_commit_offset, abort_ip}.
+RSEQ_CS_OFFSET = 8
+RSEQ_CS = struct.Struct("<IIQQQ")
 _HEAD = 128  # code (64 bytes), then the done flag (8), padded
 MIN_BATCH = 2  # a single call runs faster alone (two stops, no code to write)
 
@@ -98,6 +107,7 @@ class SyscallSession:
 
     def open(self) -> None:
         self._saved = ptrace.get_regs(self.tid)
+        self._abort_rseq_critical_section()
         self._saved_mask = ptrace.get_sigmask(self.tid)
         # Batches and the return to an event stop use PTRACE_INTERRUPT, which only a
         # seized task has; a task found in any other stop (a TRACEME seed's SIGSTOP)
@@ -128,6 +138,30 @@ class SyscallSession:
             if self._mem >= 0:
                 os.close(self._mem)
                 self._mem = -1
+
+    def _abort_rseq_critical_section(self) -> None:
+        """A thread stopped inside an rseq critical section goes to its abort handler
+        first, as the kernel would send it at its next preemption: our syscalls
+        return to user space outside the section, where the kernel just clears the
+        thread's rseq_cs, and the section would then run to its commit unguarded."""
+        assert self._saved is not None
+        rseq = ptrace.get_rseq_config(self.tid)
+        if not rseq["ptr"]:
+            return
+        try:
+            cs = _U64_STRUCT.unpack(self.read(rseq["ptr"] + RSEQ_CS_OFFSET, 8))[0]
+            if not cs:
+                return
+            _version, _flags, start, length, abort = RSEQ_CS.unpack(self.read(cs, RSEQ_CS.size))
+            if not start <= self._saved["rip"] < start + length:
+                return
+            if self.read(abort - 4, 4) != rseq["sig"].to_bytes(4, "little"):
+                return  # the kernel would kill it for this; not ours to decide
+        except OSError:
+            return  # an area not mapped (a seed being rebuilt): nothing to abort
+        self._saved["rip"] = abort
+        ptrace.set_regs(self.tid, self._saved)
+        self.write(rseq["ptr"] + RSEQ_CS_OFFSET, bytes(8))  # as the kernel clears it
 
     def _back_to_event_stop(self) -> None:
         """From the last call's syscall-exit stop into a PTRACE_EVENT_STOP, as the

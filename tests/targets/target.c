@@ -4,7 +4,7 @@
  *
  *   target [--threads N] [--anon-mb N] [--hot-pages N] [--hot-sleep-us N]
  *          [--fork] [--file PATH] [--thp-mb N] [--storm] [--remap] [--state]
- *          [--exit-main] [--seccomp]
+ *          [--exit-main] [--seccomp] [--rseq-cs]
  *
  * --state sets up what only injected syscalls can read back (see set_up_state()):
  * signal handlers, interval timers, umask, prctl flags, queued blocked signals, a
@@ -12,7 +12,9 @@
  * prints what it set as "STATE name value..." lines. --exit-main ends the main
  * thread with pthread_exit after READY (its leader becomes a zombie). --seccomp
  * installs a filter (before any thread starts) that kills the process on getitimer:
- * a dump must get past it without calling it for real.
+ * a dump must get past it without calling it for real. --rseq-cs starts a thread that
+ * spins inside an rseq critical section; every abort (the kernel moves it to the
+ * abort handler when it is preempted) bumps the "rseq_aborts" region's counter.
  *
  * It prints one "REGION name start size" line per region, then "READY pid",
  * and runs until killed. Region contents are deterministic (see fill()), so a
@@ -37,6 +39,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/rseq.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -91,6 +94,38 @@ static void *checker(void *arg)
 		}
 		heartbeat++;
 		usleep(1000);
+	}
+	return NULL;
+}
+
+/* rseq_spin(&rseq->rseq_cs, &descriptor): arm the critical section [cs_start,
+ * cs_post) and spin in it; return only through the abort handler. */
+__asm__(".text\n"
+	".globl rseq_spin, cs_start, cs_post, cs_abort\n"
+	"rseq_spin:\n"
+	"	mov %rsi, (%rdi)\n"
+	"cs_start:\n"
+	"	jmp cs_start\n"
+	"cs_post:\n"
+	"	ret\n"
+	"	.long 0x53053053\n" /* RSEQ_SIG, right before the abort ip */
+	"cs_abort:\n"
+	"	ret\n");
+void rseq_spin(volatile uint64_t *rseq_cs, struct rseq_cs *cs);
+extern char cs_start[], cs_post[], cs_abort[];
+static volatile uint64_t rseq_aborts;
+
+static void *rseq_thread(void *arg)
+{
+	(void)arg;
+	static struct rseq_cs cs __attribute__((aligned(32)));
+	cs.start_ip = (uintptr_t)cs_start;
+	cs.post_commit_offset = (uintptr_t)cs_post - (uintptr_t)cs_start;
+	cs.abort_ip = (uintptr_t)cs_abort;
+	struct rseq *rs = (struct rseq *)((char *)__builtin_thread_pointer() + __rseq_offset);
+	for (;;) {
+		rseq_spin((volatile uint64_t *)&rs->rseq_cs, &cs);
+		rseq_aborts++;
 	}
 	return NULL;
 }
@@ -208,7 +243,7 @@ static void *storm(void *arg)
 int main(int argc, char **argv)
 {
 	int threads = 2, do_fork = 0, do_storm = 0, do_remap = 0, do_state = 0, exit_main = 0;
-	int do_seccomp = 0;
+	int do_seccomp = 0, do_rseq = 0;
 	const char *file = NULL;
 	anon_size = 8 << 20;
 	for (int i = 1; i < argc; i++) {
@@ -223,6 +258,7 @@ int main(int argc, char **argv)
 		else if (!strcmp(argv[i], "--state")) do_state = 1;
 		else if (!strcmp(argv[i], "--exit-main")) exit_main = 1;
 		else if (!strcmp(argv[i], "--seccomp")) do_seccomp = 1;
+		else if (!strcmp(argv[i], "--rseq-cs")) do_rseq = 1;
 		else if (!strcmp(argv[i], "--file")) file = argv[++i];
 		else { fprintf(stderr, "unknown option %s\n", argv[i]); return 2; }
 	}
@@ -301,6 +337,12 @@ int main(int argc, char **argv)
 	pthread_create(&t, NULL, checker, NULL);
 	if (hot_pages)
 		pthread_create(&t, NULL, hot_writer, NULL);
+	if (do_rseq) {
+		pthread_create(&t, NULL, rseq_thread, NULL);
+		region("rseq_aborts", (void *)&rseq_aborts, sizeof rseq_aborts);
+		printf("STATE rseq_cs %#lx %#lx %#lx\n", (unsigned long)cs_start,
+		       (unsigned long)cs_post, (unsigned long)cs_abort);
+	}
 	if (do_storm)
 		pthread_create(&t, NULL, storm, NULL);
 
