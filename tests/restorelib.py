@@ -83,7 +83,15 @@ def start_lifecycle(base: Path, anon_mb: int = 16) -> Lifecycle:
         start_new_session=True,  # a session leader: restore must setsid
     )
     lc = Lifecycle(work, popen.pid, 0, popen)
-    st = lc.wait_for(lambda st: st["counter"] > 20 and st["child"] > 5, "the workload to start")
+    try:
+        st = lc.wait_for(lambda st: st["counter"] > 20 and st["child"] > 5, "the workload to start")
+    except BaseException:
+        popen.kill()  # the child dies with it: SIGKILL of the parent is not enough
+        st = lc.status() if (work / "status").exists() else {}
+        if st.get("child_pid"):
+            os.kill(st["child_pid"], signal.SIGKILL)
+        popen.wait()
+        raise
     lc.child = st["child_pid"]
     return lc
 

@@ -363,7 +363,8 @@ class SyscallSession:
                 return
             if stop.kind in ("exited", "killed"):
                 raise TargetError(f"task {self.tid} {stop.kind} during injected syscalls")
-            ptrace.cont(self.tid)  # a stop before the trap (signals are blocked): go on
+            # A stop before the trap (signals are blocked, so a forced one): go on.
+            ptrace.cont(self.tid, stop.sig if stop.kind == "signal-stop" else 0)
         raise TargetError(f"task {self.tid} did not return to an event stop")
 
     def call_with_buffer(self, nr: int, args: tuple, buf: bytes | int) -> tuple[int, bytes]:
