@@ -35,6 +35,8 @@ class Target:
     proc: subprocess.Popen
     regions: dict[str, tuple[int, int]] = field(default_factory=dict)
     child: int | None = None
+    # "STATE name values..." lines (--state): what the target set, for comparison
+    set_state: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def pid(self) -> int:
@@ -59,6 +61,8 @@ class Target:
             self.regions[parts[1]] = (int(parts[2], 16), int(parts[3]))
         elif parts[0] == "CHILD":
             self.child = int(parts[1])
+        elif parts[0] == "STATE":
+            self.set_state[parts[1]] = parts[2:]
 
     def read_mem(self, addr: int, size: int, pid: int | None = None) -> bytes:
         with open(f"/proc/{pid or self.pid}/mem", "rb", buffering=0) as mem:
