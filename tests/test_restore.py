@@ -247,3 +247,24 @@ def test_credentials_of_an_unprivileged_process_come_back(tmp_path):
     finally:
         lc.kill()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_a_stopped_process_comes_back_stopped_and_pidfile_json(lifecycle, tmp_path):
+    import json
+
+    lc = lifecycle()
+    os.kill(lc.pid, signal.SIGSTOP)
+    wait_stopped(lc.pid)
+    dump_and_kill(lc, tmp_path / "a")
+    pidfile = tmp_path / "root.pid"
+    r = cli("restore", "-D", str(tmp_path / "a"), "-d", "--pidfile", str(pidfile), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["root_pid"] == lc.pid and sorted(out["pids"]) == sorted([lc.pid, lc.child])
+    assert pidfile.read_text() == f"{lc.pid}\n"
+    wait_stopped(lc.pid)  # as it was dumped
+    before = lc.status()["counter"]
+    time.sleep(0.3)
+    assert lc.status()["counter"] == before
+    os.kill(lc.pid, signal.SIGCONT)
+    lc.carries_on()
