@@ -60,6 +60,19 @@ class Target:
         elif parts[0] == "CHILD":
             self.child = int(parts[1])
 
+    def wait_ready(self, timeout: float = 30) -> None:
+        """Read the REGION lines up to READY (at start, and again after `exec`)."""
+        assert self.proc.stdout
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline().strip()
+            if not line:
+                raise RuntimeError(f"target exited early with {self.proc.wait()}")
+            if line.startswith("READY"):
+                return
+            self._parse(line)
+        raise RuntimeError("target did not become ready")
+
     def read_mem(self, addr: int, size: int, pid: int | None = None) -> bytes:
         with open(f"/proc/{pid or self.pid}/mem", "rb", buffering=0) as mem:
             return os.pread(mem.fileno(), size, addr)
@@ -105,17 +118,12 @@ def start_target(*args: str, timeout: float = 30) -> Target:
         text=True,
     )
     target = Target(proc)
-    deadline = time.monotonic() + timeout
-    assert proc.stdout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline().strip()
-        if not line:
-            raise RuntimeError(f"target exited early with {proc.wait()}")
-        if line.startswith("READY"):
-            return target
-        target._parse(line)
-    target.kill()
-    raise RuntimeError("target did not become ready")
+    try:
+        target.wait_ready(timeout)
+    except RuntimeError:
+        target.kill()
+        raise
+    return target
 
 
 def proc_status(pid: int) -> dict[str, str]:
@@ -162,3 +170,32 @@ CLI = [sys.executable, "-m", "checkpointer"]
 def cli(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
     """Run the checkpointer CLI; the timeout only turns a hang into a failure."""
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, **kw)
+
+
+# The dumper called the way the tests use it: no progress bar; a final dump tracks
+# (so it can extend the chain) and leaves the tree stopped for a memory comparison.
+def predump(pid: int, path, parent: str | None = None, tracker: str = "auto"):
+    from checkpointer.dump import DumpRequest, pre_dump
+
+    return pre_dump(
+        DumpRequest(
+            pid=pid, images_dir=path, prev_images_dir=parent, tracker=tracker, progress=False
+        )
+    )
+
+
+def final_dump(pid: int, path, parent: str | None, tracker: str, thaw=None):
+    from checkpointer.dump import DumpRequest, dump
+    from checkpointer.freezer import Thaw
+
+    return dump(
+        DumpRequest(
+            pid=pid,
+            images_dir=path,
+            prev_images_dir=parent,
+            tracker=tracker,
+            track_mem=True,
+            thaw=Thaw.STOPPED if thaw is None else thaw,
+            progress=False,
+        )
+    )

@@ -140,6 +140,7 @@ def _inspect_all(d: Path, tmp_path: Path) -> list[subprocess.CompletedProcess]:
 
 
 @pytest.mark.parametrize("how", ["absolute", "dotdot", "symlink"])
+@pytest.mark.damages_images
 def test_cli_never_follows_a_parent_out_of_the_tree(chain, tmp_path, how):
     outside = tmp_path / "outside"
     if how == "absolute":
@@ -156,6 +157,7 @@ def test_cli_never_follows_a_parent_out_of_the_tree(chain, tmp_path, how):
     assert not (tmp_path / "extract.bin").exists()
 
 
+@pytest.mark.damages_images
 def test_explicit_path_outside_is_read(chain, tmp_path):
     """What the user names on the command line is read, wherever it is."""
     r = cli("show", str(tmp_path / "outside"))

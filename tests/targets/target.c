@@ -15,6 +15,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -77,6 +78,65 @@ static void *checker(void *arg)
 		usleep(1000);
 	}
 	return NULL;
+}
+
+/* Maps regions and touches their pages one by one for the first time, keeping the
+ * last few alive and unmapping the oldest: a program that keeps growing new memory
+ * while a pre-dump scans it. */
+static void *churn(void *arg)
+{
+	(void)arg;
+	/* A page every ~20 us, 5 ms a region; each region lives ~0.6 s: long enough
+	 * for the next pass to see it again. */
+	enum { KEEP = 128, PAGES = 256 };
+	unsigned char *ring[KEEP] = { 0 };
+	for (uint64_t n = 0;; n++) {
+		unsigned char **slot = &ring[n % KEEP];
+		if (*slot)
+			munmap(*slot, PAGES * PAGE);
+		*slot = mmap(NULL, PAGES * PAGE, PROT_READ | PROT_WRITE,
+			     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		for (size_t i = 0; i < PAGES; i++) {
+			(*slot)[i * PAGE] = (unsigned char)(n + i + 1);
+			struct timespec t0, t1;
+			clock_gettime(CLOCK_MONOTONIC, &t0);
+			do
+				clock_gettime(CLOCK_MONOTONIC, &t1);
+			while ((t1.tv_sec - t0.tv_sec) * 1000000000L + t1.tv_nsec - t0.tv_nsec < 20000);
+		}
+	}
+	return NULL;
+}
+
+/* Forks children that live a little while with memory of their own. */
+static void *forker(void *arg)
+{
+	(void)arg;
+	for (;;) {
+		pid_t pid = fork();
+		if (pid == 0) {
+			unsigned char *mine = mmap(NULL, 8 * PAGE, PROT_READ | PROT_WRITE,
+						   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+			fill(mine, 8 * PAGE, 31);
+			usleep(50000);
+			_exit(0);
+		}
+		usleep(5000);
+		while (waitpid(-1, NULL, WNOHANG) > 0)
+			;
+	}
+	return NULL;
+}
+
+/* A child that inherits every page of the parent and writes nothing. */
+static pid_t quiet_child(void)
+{
+	pid_t child = fork();
+	if (child == 0) {
+		for (;;)
+			pause();
+	}
+	return child;
 }
 
 static void *storm(void *arg)
@@ -227,6 +287,26 @@ int main(int argc, char **argv)
 			unsigned long first = 0, count = 0;
 			sscanf(line + 8, "%lu %lu", &first, &count);
 			madvise(anon + first * PAGE, count * PAGE, MADV_DONTNEED);
+			printf("DONE\n");
+		} else if (!strncmp(line, "forker", 6)) {
+			pthread_create(&t, NULL, forker, NULL);
+			printf("DONE\n");
+		} else if (!strncmp(line, "fork", 4)) {
+			printf("CHILD %d\nDONE\n", quiet_child());
+		} else if (!strncmp(line, "killchild", 9)) {
+			/* killchild PID: kill and reap one child */
+			pid_t pid = (pid_t)atol(line + 10);
+			kill(pid, SIGKILL);
+			waitpid(pid, NULL, 0);
+			printf("DONE\n");
+		} else if (!strncmp(line, "exec", 4)) {
+			/* Run this program again in this process, with the same options. */
+			printf("DONE\n");
+			execv("/proc/self/exe", argv);
+			perror("execv");
+			_exit(2);
+		} else if (!strncmp(line, "churn", 5)) {
+			pthread_create(&t, NULL, churn, NULL);
 			printf("DONE\n");
 		} else if (!strncmp(line, "mprotect", 8)) {
 			unsigned long first = 0, count = 0;
