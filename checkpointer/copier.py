@@ -12,13 +12,13 @@ that differ are written.
 
 from __future__ import annotations
 
-import bisect
+import errno
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from checkpointer.kernel.memory import MemReader
-from checkpointer.pageruns import Range, intersect
+from checkpointer.pageruns import Range, intersect, window
 
 CHUNK = 8 << 20  # bytes read per preadv: large enough to amortize syscalls
 
@@ -59,7 +59,12 @@ class PageCopier:
                 continue
             for start in range(seg.start, seg.end, CHUNK):
                 end = min(start + CHUNK, seg.end)
-                got = self._read(seg.pid, seg.vaddr + (start - seg.start), end - start)
+                try:
+                    got = self._read(seg.pid, seg.vaddr + (start - seg.start), end - start)
+                except OSError as err:
+                    if not (self.partial_ok and err.errno == errno.EIO):
+                        raise
+                    got = 0  # unmapped since the scan (see partial_ok)
                 if got < end - start and not self.partial_ok:
                     raise OSError(f"could not read memory of {seg.pid} at {start + got:#x}")
                 got -= got % self.page_size
@@ -94,9 +99,7 @@ class PageCopier:
         end = start + len(data)
         # Only the held ranges near this chunk: intersecting the whole list for every
         # chunk is quadratic when memory is fragmented into thousands of runs.
-        first = bisect.bisect_right(parent_reader.held, start, key=lambda r: r[1])
-        last = bisect.bisect_left(parent_reader.held, end, lo=first, key=lambda r: r[0])
-        held: list[Range] = intersect(parent_reader.held[first:last], [(start, end)])
+        held: list[Range] = intersect(window(parent_reader.held, start, end), [(start, end)])
         unchanged: list[Range] = []
         for hs, he in held:
             old = parent_reader.read(hs, he - hs)

@@ -19,11 +19,12 @@ from pathlib import Path
 
 from checkpointer import collect, trackstate
 from checkpointer.copier import PageCopier
-from checkpointer.errors import TargetError
+from checkpointer.errors import CheckpointError, ImageError, TargetError
 from checkpointer.freezer import Freezer, FrozenTree, Thaw
 from checkpointer.images import FROZEN_LEVEL, PAGE_LEVEL, Dump, DumpWriter
 from checkpointer.kernel import proc
 from checkpointer.kernel.pagemap import PAGE_SIZE
+from checkpointer.pageruns import Range, subtract
 from checkpointer.plan import ParentPages, private_plan, shared_plans
 from checkpointer.progress import Progress
 from checkpointer.trackers import FullTracker, Tracker, VmaPages, make_tracker
@@ -65,6 +66,9 @@ class DumpResult:
     incremental: bool
     full_pass_reason: str | None = None
     pids: list[int] = field(default_factory=list)
+    # Processes that got a full pass of their own in an incremental pass, and why
+    # (new since the parent, another process with a reused PID, exec'd, tracking lost).
+    full_pids: dict[int, str] = field(default_factory=dict)
 
 
 def pre_dump(req: DumpRequest) -> DumpResult:
@@ -105,6 +109,8 @@ class _Pass:
         self.full_pass_reason: str | None = None
         self.state: trackstate.TrackState | None = None
         self.times: dict[str, int] = {"freezing_time": 0, "frozen_time": 0}
+        self.start_times: dict[int, int] = {}  # read once the tree is known
+        self.full_pids: dict[int, str] = {}  # pid -> why it gets a full pass
 
     # The order of this method is the algorithm.
     def run(self) -> DumpResult:
@@ -121,12 +127,11 @@ class _Pass:
                 # The memory maps with their smaps flags, read while the tree still
                 # runs; a frozen pass re-reads only the cheap maps file (collect.py).
                 known = (
-                    {pid: _vmas_or_none(pid) for pid in _live_tree(req.pid).pids}
-                    if freeze
-                    else {}
+                    {pid: _vmas_or_none(pid) for pid in _live_tree(req.pid).pids} if freeze else {}
                 )
                 tree = self._freeze(freezer) if freeze else _live_tree(req.pid)
                 frozen_at = time.monotonic()
+                self._identify(tree, start_time)
                 vmas = {pid: collect.read_vmas(pid, known.get(pid)) for pid in tree.pids}
                 self._write_state(writer, tree, vmas)
                 log.debug("state collected in %d us", _us_since(frozen_at))
@@ -172,6 +177,7 @@ class _Pass:
             self.incremental,
             self.full_pass_reason,
             tree.pids,
+            self.full_pids,
         )
 
     # -- before the freeze ---------------------------------------------------
@@ -222,6 +228,45 @@ class _Pass:
         self.times["freezing_time"] = tree.freezing_time_us
         return tree
 
+    def _identify(self, tree: FrozenTree, root_start_time: int) -> None:
+        """Which processes are the ones the parent recorded under their PIDs.
+
+        Read before any page is scanned: a process replaced after this moment is
+        recorded under the old start time, so no later pass mistakes it for the
+        new one. Every other process gets a full pass of its own.
+        """
+        self.start_times = {self.req.pid: root_start_time}
+        for pid in tree.pids:
+            if pid != self.req.pid:
+                try:
+                    self.start_times[pid] = collect.start_time(pid)
+                except TargetError:
+                    self.start_times[pid] = -1  # exited: it is dropped or fails later
+        if self.parent is None:
+            return
+        theirs = self.parent.inventory.get("start_times", {})
+        for pid in tree.pids:
+            if str(pid) not in theirs or pid not in self.parent.pids:
+                self.full_pids[pid] = "new since the parent"
+            elif theirs[str(pid)] != self.start_times[pid]:
+                self.full_pids[pid] = "another process than the parent's with this pid"
+            elif self._exec_since_parent(pid):
+                self.full_pids[pid] = "it ran exec since the parent"
+        for pid, why in self.full_pids.items():
+            log.info("process %d: full pass (%s)", pid, why)
+
+    def _exec_since_parent(self, pid: int) -> bool:
+        """exec keeps the PID and start time but replaces the memory, and with it
+        the auxiliary vector (new stack, new AT_RANDOM bytes)."""
+        try:
+            theirs = self.parent.mm(pid).mm["auxv"] if self.parent else None
+            return proc.read_auxv(pid) != theirs
+        except (TargetError, ImageError, OSError):
+            return True
+
+    def _incremental_for(self, pid: int) -> bool:
+        return self.incremental and pid not in self.full_pids
+
     # -- while frozen -------------------------------------------------------
 
     def _write_state(self, writer: DumpWriter, tree: FrozenTree, vmas: dict) -> None:
@@ -247,18 +292,25 @@ class _Pass:
             trackstate.save(self.state)
             per_pid = self.state.extra
             for pid in tree.pids:
-                per_pid[str(pid)] = tracker.attach(
-                    pid, per_pid.get(str(pid), {}), pid if frozen else None
-                )
+                state = {} if pid in self.full_pids else per_pid.get(str(pid), {})
+                if self._incremental_for(pid) and (why := tracker.lost(pid, state)):
+                    self.full_pids[pid] = f"tracking was lost ({why})"
+                per_pid[str(pid)] = tracker.attach(pid, state, pid if frozen else None)
         return {
             pid: tracker.scan(
-                pid, [v for v in vmas[pid] if v.policy is Policy.PRIVATE], self.incremental
+                pid,
+                [v for v in vmas[pid] if v.policy is Policy.PRIVATE],
+                self._incremental_for(pid),
             )
             for pid in tree.pids
         }
 
     def _copy(self, writer: DumpWriter, tree: FrozenTree, vmas: dict, pages: dict) -> dict:
-        plans = {f"pid-{pid}": private_plan(pid, vmas[pid], pages[pid]) for pid in tree.pids}
+        held = {f"pid-{pid}": self._parent_held(pid) for pid in tree.pids}
+        plans = {
+            owner: private_plan(pid, vmas[pid], pages[pid], held[owner])
+            for pid, owner in ((pid, f"pid-{pid}") for pid in tree.pids)
+        }
         plans.update(shared_plans(vmas))
         segments = [seg for plan in plans.values() for seg in plan]
         scanned = sum(seg.end - seg.start for seg in segments)
@@ -279,12 +331,13 @@ class _Pass:
             for owner, plan in plans.items():
                 page_writer = writer.open_pages(owner)
                 parent_reader = (
-                    ParentPages(self.parent, owner)
-                    if (compare and owner.startswith("pid-"))
+                    ParentPages(self.parent, owner, held[owner])
+                    if (compare and owner in held)
                     else None
                 )
                 copier.copy(page_writer, plan, parent_reader)
                 ps = page_writer.close()
+                self._check_parent_runs(owner, page_writer.parent_ranges, held)
                 counts["pages_written"] += ps.written
                 counts["pages_skipped_parent"] += ps.parent
                 counts["pages_zero"] += ps.zero
@@ -302,15 +355,35 @@ class _Pass:
             "iteration": self.req.iteration,
         }
 
+    def _parent_held(self, pid: int) -> list[Range]:
+        """What the parent chain holds for this very process (nothing for a new one)."""
+        if self.parent is None or pid in self.full_pids:
+            return []
+        return self.parent.held_ranges(f"pid-{pid}")
+
+    def _check_parent_runs(self, owner: str, recorded: list[Range], held: dict) -> None:
+        """Never commit a reference the chain cannot resolve: restore would find out
+        only after the source process is gone."""
+        if not recorded:
+            return
+        have = held.get(owner)
+        if have is None:
+            have = self.parent.held_ranges(owner) if self.parent else []
+        if missing := subtract(recorded, have):
+            start, end = missing[0]
+            raise CheckpointError(
+                f"internal error: {owner} pages {start:#x}-{end:#x} would be recorded as "
+                f"in the parent, which does not hold them ({len(missing)} such ranges); "
+                "nothing was committed and the next pass is a full one"
+            )
+
     # -- after the images are safe ---------------------------------------------
 
     def _inventory(self, tree: FrozenTree, start_time: int) -> dict:
-        start_times = {str(self.req.pid): start_time}
-        for pid in tree.pids:
-            try:
-                start_times[str(pid)] = collect.start_time(pid)
-            except TargetError:
-                pass
+        # As read before the scan (_identify): a PID reused since then must not
+        # be taken for the process whose pages this dump holds.
+        start_times = {str(pid): t for pid, t in self.start_times.items() if t >= 0}
+        start_times[str(self.req.pid)] = start_time
         return {
             "tracker": self._tracker_name(),
             "kernel": platform.release(),

@@ -8,14 +8,22 @@ from __future__ import annotations
 
 from checkpointer.copier import Segment
 from checkpointer.images import Dump
-from checkpointer.kernel.pagemap import PAGE_SIZE
-from checkpointer.pageruns import Range, normalize, subtract
+from checkpointer.pageruns import Range, intersect, normalize, subtract, window
 from checkpointer.trackers import VmaPages
 from checkpointer.vmas import Policy, Vma
 
 
-def private_plan(pid: int, vmas: list[Vma], pages: dict[int, VmaPages]) -> list[Segment]:
-    """Segments of one process's own memory, in address order."""
+def private_plan(
+    pid: int, vmas: list[Vma], pages: dict[int, VmaPages], parent_held: list[Range]
+) -> list[Segment]:
+    """Segments of one process's own memory, in address order.
+
+    `parent_held`: what the parent chain holds for this same process (sorted ranges;
+    empty for a process that is new or another one since the parent). A page the
+    tracker calls clean is the parent's only if the parent holds it; otherwise it
+    is copied. That keeps every chain resolvable whatever a tracker missed (a fork,
+    a page populated while a new VMA was being registered).
+    """
     plan: list[Segment] = []
     for vma in vmas:
         if vma.policy is Policy.WHOLE:
@@ -28,9 +36,11 @@ def private_plan(pid: int, vmas: list[Vma], pages: dict[int, VmaPages]) -> list[
             data, held = vp.present, []
         else:
             # Dirty pages are copied even if they were not present a moment ago;
-            # present pages that were not written are the parent's.
-            data = normalize(vp.dirty)
-            held = subtract(vp.present, data)
+            # present pages that were not written are the parent's if it has them.
+            dirty = normalize(vp.dirty)
+            clean = subtract(vp.present, dirty)
+            held = intersect(clean, window(parent_held, vma.start, vma.end))
+            data = normalize(dirty + subtract(clean, held))
         segs = [Segment(s, e, "data", pid, s) for s, e in data]
         segs += [Segment(s, e, "parent", pid, s) for s, e in held]
         plan.extend(sorted(segs, key=lambda seg: seg.start))
@@ -58,12 +68,10 @@ def shared_plans(vmas: dict[int, list[Vma]]) -> dict[str, list[Segment]]:
 class ParentPages:
     """What the parent chain holds for one owner, for content comparison."""
 
-    def __init__(self, parent: Dump, owner: str) -> None:
+    def __init__(self, parent: Dump, owner: str, held: list[Range]) -> None:
         self.parent = parent
         self.pid = int(owner.split("-", 1)[1])
-        self.held: list[Range] = normalize(
-            [(r.addr, r.addr + r.nr * PAGE_SIZE) for r in parent.page_runs(owner)]
-        )
+        self.held = held  # what the chain holds for this same process
 
     def read(self, addr: int, size: int) -> bytes:
         return self.parent.read_memory(self.pid, addr, size)

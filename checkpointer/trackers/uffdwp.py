@@ -66,9 +66,11 @@ class UffdWpTracker(Tracker):
                 present = pm.data_runs(vma.start, vma.end)
                 registered = uffd.vma_is_wp_registered(vma.vmflags)
                 if not registered:
-                    registered = uffd.register_wp(fd, vma.start, vma.end - vma.start)
-                    if registered:
+                    if uffd.register_wp(fd, vma.start, vma.end - vma.start):
                         pm.written_and_protect(vma.start, vma.end)  # start clean
+                        # Read again: a page first touched between the read above
+                        # and the protect is reported by nothing else, ever.
+                        present = pm.data_runs(vma.start, vma.end)
                     result[vma.start] = VmaPages(present, None)
                     continue
                 written = pm.written_and_protect(vma.start, vma.end)

@@ -1,0 +1,99 @@
+"""The incremental chain stays exact through the events real programs produce.
+
+Every pass here is checked twice: the dump's memory against the stopped process
+(memcheck) and, at teardown, `verify` on every committed dump (conftest.py), which
+fails on a page flagged "in the parent" that no ancestor holds.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from memcheck import compare_dump_with_process
+from targetlib import TRACKERS, Target, final_dump, predump, wait_for_state
+
+from checkpointer.images import Dump
+from checkpointer.images.verify import verify_dump
+
+NS_LAST_PID = Path("/proc/sys/kernel/ns_last_pid")
+
+
+def parent_pages(path: Path, pid: int) -> int:
+    return sum(r.nr for r in Dump.open(path).page_runs(f"pid-{pid}") if r.where == "parent")
+
+
+def stopped_and_equal(t: Target, path: Path, *pids: int) -> None:
+    for pid in pids:
+        assert wait_for_state(pid, "T").startswith("T")
+        compare_dump_with_process(path, pid)
+
+
+@pytest.mark.parametrize("tracker", TRACKERS)
+def test_fork_between_passes(spawn, tmp_path, tracker):
+    """A child forked after a reset inherits clean page-table entries (soft-dirty
+    clear): it is new since the parent, which holds nothing of it."""
+    t = spawn("--anon-mb", "4")
+    predump(t.pid, tmp_path / "1", None, tracker)
+    (child,) = [line.split()[1] for line in t.command("fork")]
+    child = int(child)
+    second = predump(t.pid, tmp_path / "2", "../1", tracker)
+    assert second.incremental, second.full_pass_reason
+    assert second.full_pids.get(child) == "new since the parent"
+    assert parent_pages(tmp_path / "2", child) == 0
+    assert parent_pages(tmp_path / "2", t.pid) > 0  # the rest stays incremental
+    t.command("write 10 20")
+    final_dump(t.pid, tmp_path / "3", "../2", tracker)
+    stopped_and_equal(t, tmp_path / "3", t.pid, child)
+    t.child = child  # killed at teardown
+
+
+def _fork_with_pid(t: Target, want: int, tries: int = 20) -> int | None:
+    """Fork a child of t that gets PID `want` (ns_last_pid), or None if another
+    process on the machine keeps taking it first."""
+    for _ in range(tries):
+        NS_LAST_PID.write_text(str(want - 1))
+        (line,) = t.command("fork")
+        got = int(line.split()[1])
+        if got == want:
+            return got
+        t.command(f"killchild {got}")
+    return None
+
+
+@pytest.mark.parametrize("tracker", TRACKERS)
+def test_pid_reuse_between_passes(spawn, tmp_path, tracker):
+    """Same PID, another process: its pages must never come from the old one."""
+    if not os.access(NS_LAST_PID, os.W_OK):
+        pytest.skip("needs a writable /proc/sys/kernel/ns_last_pid (root)")
+    t = spawn("--anon-mb", "4")
+    old = int(t.command("fork")[0].split()[1])
+    predump(t.pid, tmp_path / "1", None, tracker)
+    t.command(f"killchild {old}")
+    t.command("write 0 200")  # the new child inherits other contents than the old one had
+    new = _fork_with_pid(t, old)
+    if new is None:
+        pytest.skip(f"pid {old} kept being taken by other processes")
+    t.child = new
+    second = predump(t.pid, tmp_path / "2", "../1", tracker)
+    assert second.full_pids.get(new) == "another process than the parent's with this pid"
+    assert parent_pages(tmp_path / "2", new) == 0
+    final_dump(t.pid, tmp_path / "3", "../2", tracker)
+    stopped_and_equal(t, tmp_path / "3", t.pid, new)
+
+
+@pytest.mark.parametrize("tracker", TRACKERS)
+def test_mmap_churn_during_pre_dumps(spawn, tmp_path, tracker):
+    """New regions mapped and touched for the first time, and old ones unmapped,
+    all the while pre-dumps run: a page first touched between reading which pages
+    are present and write-protecting a new VMA was recorded "in the parent"."""
+    t = spawn("--anon-mb", "4")
+    t.command("churn")
+    parent = None
+    for i in range(1, 13):
+        predump(t.pid, tmp_path / str(i), parent, tracker)
+        verify_dump(str(tmp_path / str(i)))  # the first bad pass, not just the last
+        parent = f"../{i}"
+    final_dump(t.pid, tmp_path / "final", parent, tracker)
+    stopped_and_equal(t, tmp_path / "final", t.pid)
