@@ -97,3 +97,18 @@ def test_mmap_churn_during_pre_dumps(spawn, tmp_path, tracker):
         parent = f"../{i}"
     final_dump(t.pid, tmp_path / "final", parent, tracker)
     stopped_and_equal(t, tmp_path / "final", t.pid)
+
+
+@pytest.mark.parametrize("tracker", TRACKERS)
+def test_exec_between_passes(spawn, tmp_path, tracker):
+    """exec keeps PID and start time but replaces all memory."""
+    t = spawn("--anon-mb", "4")
+    predump(t.pid, tmp_path / "1", None, tracker)
+    t.command("exec")
+    t.wait_ready()
+    second = predump(t.pid, tmp_path / "2", "../1", tracker)
+    assert not second.incremental or t.pid in second.full_pids, second
+    assert parent_pages(tmp_path / "2", t.pid) == 0
+    t.command("write 1 5")
+    final_dump(t.pid, tmp_path / "3", "../2", tracker)
+    stopped_and_equal(t, tmp_path / "3", t.pid)
