@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from checkpointer.errors import TargetError
 from checkpointer.kernel.memory import MemReader
 from checkpointer.pageruns import Range, intersect, window
 
@@ -61,6 +62,10 @@ class PageCopier:
                 end = min(start + CHUNK, seg.end)
                 try:
                     got = self._read(seg.pid, seg.vaddr + (start - seg.start), end - start)
+                except TargetError:
+                    if not self.partial_ok:
+                        raise
+                    got = 0  # exited since the scan; the dumper checks the root survived
                 except OSError as err:
                     if not (self.partial_ok and err.errno == errno.EIO):
                         raise

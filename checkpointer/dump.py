@@ -111,6 +111,7 @@ class _Pass:
         self.times: dict[str, int] = {"freezing_time": 0, "frozen_time": 0}
         self.start_times: dict[int, int] = {}  # read once the tree is known
         self.full_pids: dict[int, str] = {}  # pid -> why it gets a full pass
+        self.frozen = False
 
     # The order of this method is the algorithm.
     def run(self) -> DumpResult:
@@ -132,7 +133,8 @@ class _Pass:
                 tree = self._freeze(freezer) if freeze else _live_tree(req.pid)
                 frozen_at = time.monotonic()
                 self._identify(tree, start_time)
-                vmas = {pid: collect.read_vmas(pid, known.get(pid)) for pid in tree.pids}
+                self.frozen = freeze
+                vmas = self._read_vmas(tree, known)
                 self._write_state(writer, tree, vmas)
                 log.debug("state collected in %d us", _us_since(frozen_at))
                 pages = self._track(tree, vmas, frozen=freeze)
@@ -269,10 +271,59 @@ class _Pass:
 
     # -- while frozen -------------------------------------------------------
 
-    def _write_state(self, writer: DumpWriter, tree: FrozenTree, vmas: dict) -> None:
-        writer.write_pstree(collect.pstree_records(tree))
+    def _vanished(self, pid: int) -> bool:
+        """May this pass go on without process `pid`? Only a pass that does not
+        freeze sees processes exit, and only the root must last it (checked
+        before commit). What was read of a vanished process is recorded under
+        the start time read before the scan, so no later pass takes it for
+        another process that gets its PID."""
+        if self.frozen or pid == self.req.pid:
+            return False
+        try:
+            # dying (its memory gone a moment before /proc calls it a zombie), or
+            # reaped and the PID already taken by another process
+            gone = proc.wait_exited(pid, timeout=0.2) or collect.start_time(
+                pid
+            ) != self.start_times.get(pid)
+        except TargetError:
+            gone = True
+        if gone:
+            log.info("process %d exited during the %s", pid, self.req.kind)
+        return gone
+
+    def _read_vmas(self, tree: FrozenTree, known: dict) -> dict[int, list[Vma]]:
+        vmas = {}
         for pid in tree.pids:
-            writer.write_mm(pid, collect.mm_record(pid), collect.vma_records(vmas[pid]))
+            try:
+                vmas[pid] = collect.read_vmas(pid, known.get(pid))
+            except TargetError:
+                if not self._vanished(pid):
+                    raise
+                del tree.threads[pid]  # not in this dump at all
+        return vmas
+
+    def _write_state(self, writer: DumpWriter, tree: FrozenTree, vmas: dict) -> None:
+        while True:
+            try:
+                records = collect.pstree_records(tree)
+                break
+            except TargetError:
+                gone = [pid for pid in tree.pids if self._vanished(pid)]
+                if not gone:
+                    raise
+                for pid in gone:
+                    del tree.threads[pid]
+                    del vmas[pid]
+        writer.write_pstree(records)
+        for pid in tree.pids:
+            try:
+                mm = collect.mm_record(pid)
+            except TargetError:
+                if not self._vanished(pid):
+                    raise
+                mm = None
+            if mm is not None:
+                writer.write_mm(pid, mm, collect.vma_records(vmas[pid]))
             if self.req.kind == "dump":  # registers need every thread in a ptrace stop
                 process, threads = collect.core_records(
                     pid, tree.threads[pid], pid in tree.was_stopped
@@ -293,17 +344,24 @@ class _Pass:
             per_pid = self.state.extra
             for pid in tree.pids:
                 state = {} if pid in self.full_pids else per_pid.get(str(pid), {})
-                if self._incremental_for(pid) and (why := tracker.lost(pid, state)):
-                    self.full_pids[pid] = f"tracking was lost ({why})"
-                per_pid[str(pid)] = tracker.attach(pid, state, pid if frozen else None)
-        return {
-            pid: tracker.scan(
-                pid,
-                [v for v in vmas[pid] if v.policy is Policy.PRIVATE],
-                self._incremental_for(pid),
-            )
-            for pid in tree.pids
-        }
+                try:
+                    if self._incremental_for(pid) and (why := tracker.lost(pid, state)):
+                        self.full_pids[pid] = f"tracking was lost ({why})"
+                    per_pid[str(pid)] = tracker.attach(pid, state, pid if frozen else None)
+                except TargetError:
+                    if not self._vanished(pid):
+                        raise
+        pages = {}
+        for pid in tree.pids:
+            private = [v for v in vmas[pid] if v.policy is Policy.PRIVATE]
+            try:
+                pages[pid] = tracker.scan(pid, private, self._incremental_for(pid))
+            except (TargetError, KeyError):
+                # KeyError: no tracking was attached to a process that vanished
+                if not self._vanished(pid):
+                    raise
+                pages[pid] = {v.start: VmaPages([], None) for v in private}
+        return pages
 
     def _copy(self, writer: DumpWriter, tree: FrozenTree, vmas: dict, pages: dict) -> dict:
         held = {f"pid-{pid}": self._parent_held(pid) for pid in tree.pids}

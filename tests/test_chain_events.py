@@ -112,3 +112,17 @@ def test_exec_between_passes(spawn, tmp_path, tracker):
     t.command("write 1 5")
     final_dump(t.pid, tmp_path / "3", "../2", tracker)
     stopped_and_equal(t, tmp_path / "3", t.pid)
+
+
+@pytest.mark.parametrize("tracker", TRACKERS)
+def test_children_fork_and_exit_during_pre_dumps(spawn, tmp_path, tracker):
+    """Children come and go while pre-dumps run (not frozen for uffd-wp and full)."""
+    t = spawn("--anon-mb", "4")
+    t.command("forker")
+    parent = None
+    for i in range(1, 9):
+        predump(t.pid, tmp_path / str(i), parent, tracker)
+        verify_dump(str(tmp_path / str(i)))
+        parent = f"../{i}"
+    final_dump(t.pid, tmp_path / "final", parent, tracker)
+    stopped_and_equal(t, tmp_path / "final", t.pid)
