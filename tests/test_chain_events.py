@@ -8,11 +8,13 @@ fails on a page flagged "in the parent" that no ancestor holds.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from memcheck import compare_dump_with_process
-from targetlib import TRACKERS, Target, final_dump, predump, wait_for_state
+from targetlib import PAGE, TRACKERS, Target, final_dump, predump, wait_for_state
 
 from checkpointer.images import Dump
 from checkpointer.images.verify import verify_dump
@@ -126,3 +128,92 @@ def test_children_fork_and_exit_during_pre_dumps(spawn, tmp_path, tracker):
         parent = f"../{i}"
     final_dump(t.pid, tmp_path / "final", parent, tracker)
     stopped_and_equal(t, tmp_path / "final", t.pid)
+
+
+def _pass_event_pass(t: Target, tmp_path: Path, tracker: str, *commands: str) -> None:
+    """pre-dump, the event, incremental pre-dump, a write, final dump equal to memory."""
+    predump(t.pid, tmp_path / "1", None, tracker)
+    for command in commands:
+        t.command(command)
+    second = predump(t.pid, tmp_path / "2", "../1", tracker)
+    assert second.incremental, second.full_pass_reason
+    t.command("write 300 10")
+    final_dump(t.pid, tmp_path / "3", "../2", tracker)
+    stopped_and_equal(t, tmp_path / "3", t.pid)
+
+
+@pytest.mark.parametrize("tracker", TRACKERS)
+def test_mremap_moves_a_region(spawn, tmp_path, tracker):
+    """Moved page-table entries keep their (clean) dirty state at an address
+    the parent never held."""
+    t = spawn("--anon-mb", "4")
+    _pass_event_pass(t, tmp_path, tracker, "move 100 50")
+
+
+@pytest.mark.parametrize("tracker", TRACKERS)
+def test_mprotect_splits_a_region(spawn, tmp_path, tracker):
+    t = spawn("--anon-mb", "4")
+    _pass_event_pass(t, tmp_path, tracker, "mprotect 10 20", "mprotect 500 1")
+
+
+@pytest.mark.parametrize("tracker", TRACKERS)
+@pytest.mark.parametrize("path", ["default", "bulk pagemap"])
+def test_dontneed_then_read_maps_the_zero_page(spawn, tmp_path, tracker, path, monkeypatch):
+    """MADV_DONTNEED drops pages the parent holds; a read maps the shared zero page.
+    Taking them from the parent would bring the dropped data back."""
+    if path == "bulk pagemap":
+        from checkpointer.kernel.pagemap import Pagemap
+
+        monkeypatch.setattr(Pagemap, "_scan_works", False)  # as on kernels before 6.7
+    t = spawn("--anon-mb", "4")
+    _pass_event_pass(t, tmp_path, tracker, "dontneed 10 20", "read 10 20")
+    anon, _ = t.regions["anon"]
+    assert t.read_mem(anon + 10 * PAGE, 20 * PAGE) == bytes(20 * PAGE)
+
+
+NO_PFN_PASS = """
+import sys
+from checkpointer.kernel import pagemap
+from checkpointer.kernel.pagemap import Pagemap
+assert pagemap.zero_page_pfn() is None, "PFNs are visible"
+Pagemap._scan_works = sys.argv[4] == "default"
+sys.path.insert(0, sys.argv[5])
+from targetlib import predump
+predump(int(sys.argv[1]), sys.argv[2], sys.argv[3] if sys.argv[3] != "-" else None, sys.argv[6])
+"""
+
+
+@pytest.mark.parametrize("tracker", TRACKERS)
+@pytest.mark.parametrize("path", ["default", "bulk pagemap"])
+def test_dontneed_then_read_without_pfns(spawn, tmp_path, tracker, path):
+    """The same, with the pagemap as a user without CAP_SYS_ADMIN sees it: every
+    PFN reads 0, so the zero page cannot be recognized by its frame number."""
+    t = spawn("--anon-mb", "4")
+
+    def pass_without_cap_sys_admin(name: str, parent: str) -> None:
+        subprocess.run(
+            [
+                "setpriv",
+                "--inh-caps=-sys_admin",
+                "--bounding-set=-sys_admin",
+                sys.executable,
+                "-c",
+                NO_PFN_PASS,
+                str(t.pid),
+                str(tmp_path / name),
+                parent,
+                path,
+                str(Path(__file__).parent),
+                tracker,
+            ],
+            check=True,
+        )
+
+    pass_without_cap_sys_admin("1", "-")
+    t.command("dontneed 10 20")
+    t.command("read 10 20")
+    pass_without_cap_sys_admin("2", "../1")
+    t.command("write 300 10")
+    final_dump(t.pid, tmp_path / "3", "../2", tracker)
+    stopped_and_equal(t, tmp_path / "3", t.pid)
+

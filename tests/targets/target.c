@@ -308,6 +308,28 @@ int main(int argc, char **argv)
 		} else if (!strncmp(line, "churn", 5)) {
 			pthread_create(&t, NULL, churn, NULL);
 			printf("DONE\n");
+		} else if (!strncmp(line, "read", 4)) {
+			/* read FIRST COUNT: read pages of the anon region (a page dropped with
+			 * MADV_DONTNEED comes back as the shared zero page) */
+			unsigned long first = 0, count = 0;
+			volatile unsigned char sum = 0;
+			sscanf(line + 4, "%lu %lu", &first, &count);
+			for (unsigned long i = first; i < first + count && i * PAGE < anon_size; i++)
+				sum += anon[i * PAGE + 16];
+			printf("DONE\n");
+		} else if (!strncmp(line, "move", 4)) {
+			/* move FIRST COUNT: mremap pages of the anon region to a new address */
+			unsigned long first = 0, count = 0;
+			sscanf(line + 4, "%lu %lu", &first, &count);
+			void *to = mmap(NULL, count * PAGE, PROT_NONE,
+					MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+			void *got = mremap(anon + first * PAGE, count * PAGE, count * PAGE,
+					   MREMAP_MAYMOVE | MREMAP_FIXED, to);
+			if (got == MAP_FAILED) {
+				perror("mremap");
+				_exit(2);
+			}
+			printf("REGION moved %#lx %lu\nDONE\n", (unsigned long)got, count * PAGE);
 		} else if (!strncmp(line, "mprotect", 8)) {
 			unsigned long first = 0, count = 0;
 			sscanf(line + 8, "%lu %lu", &first, &count);
