@@ -108,7 +108,8 @@ def mm_record(pid: int) -> dict:
     }
 
 
-def fd_records(pid: int) -> list[dict]:
+def fd_records(pid: int, hide: set[int] | frozenset[int] = frozenset()) -> list[dict]:
+    """The process's open files, without `hide` (fds the tool put there)."""
     return [
         {
             "fd": fd.fd,
@@ -119,6 +120,7 @@ def fd_records(pid: int) -> list[dict]:
             "mnt_id": fd.mnt_id,
         }
         for fd in proc.read_fds(pid)
+        if fd.fd not in hide
     ]
 
 
@@ -136,8 +138,13 @@ def fd_type(target: str) -> str:
     return "other"
 
 
-def vma_records(vmas: list[Vma]) -> list[dict]:
-    return [vma_record(v) for v in vmas]
+def vma_records(vmas: list[Vma], hide_flags: set[str] | frozenset[str] = frozenset()) -> list[dict]:
+    """The mm image's VMA records, without the VmFlags in `hide_flags` (set by the tool)."""
+    records = [vma_record(v) for v in vmas]
+    if hide_flags:
+        for r in records:
+            r["vmflags"] = [f for f in r["vmflags"] if f not in hide_flags]
+    return records
 
 
 def start_time(pid: int) -> int:

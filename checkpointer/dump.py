@@ -316,6 +316,7 @@ class _Pass:
                     del vmas[pid]
         writer.write_pstree(records)
         for pid in tree.pids:
+            fds, flags = self._own_traces(pid)
             try:
                 mm = collect.mm_record(pid)
             except TargetError:
@@ -323,13 +324,19 @@ class _Pass:
                     raise
                 mm = None
             if mm is not None:
-                writer.write_mm(pid, mm, collect.vma_records(vmas[pid]))
+                writer.write_mm(pid, mm, collect.vma_records(vmas[pid], flags))
             if self.req.kind == "dump":  # registers need every thread in a ptrace stop
                 process, threads = collect.core_records(
                     pid, tree.threads[pid], pid in tree.was_stopped
                 )
                 writer.write_core(pid, process, threads)
-                writer.write_fds(pid, collect.fd_records(pid))
+                writer.write_fds(pid, collect.fd_records(pid, fds))
+
+    def _own_traces(self, pid: int) -> tuple[set[int], set[str]]:
+        """fds and VmFlags an earlier pass's tracker left in pid (not its own)."""
+        if not (self.tracker and self.state) or pid in self.full_pids:
+            return set(), set()
+        return self.tracker.own_traces(self.state.extra.get(str(pid), {}))
 
     def _track(
         self, tree: FrozenTree, vmas: dict[int, list[Vma]], frozen: bool

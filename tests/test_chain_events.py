@@ -217,3 +217,19 @@ def test_dontneed_then_read_without_pfns(spawn, tmp_path, tracker, path):
     final_dump(t.pid, tmp_path / "3", "../2", tracker)
     stopped_and_equal(t, tmp_path / "3", t.pid)
 
+
+
+@pytest.mark.uffd_wp
+def test_injected_userfaultfd_is_placed_high_and_left_out_of_the_records(spawn, tmp_path):
+    """A daemon that closes and reopens 0-2 must not get the tool's userfaultfd, and
+    a dump records the target's own fds and memory flags, not the tool's."""
+    from checkpointer.kernel import uffd
+
+    t = spawn("--anon-mb", "4")
+    predump(t.pid, tmp_path / "1", None, "uffd-wp")
+    fd = uffd.find_target_uffd(t.pid)
+    assert fd is not None and fd >= 512, fd
+    final_dump(t.pid, tmp_path / "2", "../1", "uffd-wp")
+    d = Dump.open(tmp_path / "2")
+    assert not [r for r in d.fds(t.pid) if "userfaultfd" in r["target"]]
+    assert not [v for v in d.mm(t.pid).vmas if "uw" in v["vmflags"]]

@@ -38,6 +38,11 @@ class Tracker(ABC):
         """Make sure tracking is set up for pid; return state to keep between runs."""
         return {}
 
+    def own_traces(self, state: dict) -> tuple[set[int], set[str]]:
+        """The fds and smaps VmFlags this tracker put into a target (with `state`
+        from an earlier run): the target's records must not show them."""
+        return set(), set()
+
     def lost(self, pid: int, state: dict) -> str | None:
         """Why tracking state from an earlier run cannot be trusted, or None."""
         return None

@@ -20,7 +20,7 @@ import os
 from checkpointer.collect import read_vmas
 from checkpointer.errors import TargetError
 from checkpointer.freezer import stopped_thread
-from checkpointer.kernel import pagemap, uffd
+from checkpointer.kernel import pagemap, proc, uffd
 from checkpointer.pageruns import Range, clip
 from checkpointer.trackers.base import Tracker, VmaPages
 from checkpointer.vmas import Vma
@@ -36,17 +36,22 @@ class UffdWpTracker(Tracker):
     def attach(self, pid: int, state: dict, stopped_tid: int | None) -> dict:
         target_fd = state.get("uffd_fd")
         if target_fd is None or not uffd.is_target_uffd(pid, target_fd):
+            high = _high_fd(pid)
             if stopped_tid is None:
                 with stopped_thread(pid) as tid:
-                    target_fd = uffd.open_target_uffd(pid, tid)
+                    target_fd = uffd.open_target_uffd(pid, tid, high_fd=high)
             else:
-                target_fd = uffd.open_target_uffd(pid, stopped_tid)
+                target_fd = uffd.open_target_uffd(pid, stopped_tid, high_fd=high)
             fd = uffd.get_fd(pid, target_fd)
             uffd.uffd_api(fd, uffd.WP_FEATURES)
         else:
             fd = uffd.get_fd(pid, target_fd)
         self._fds[pid] = fd
         return {"uffd_fd": target_fd}
+
+    def own_traces(self, state: dict) -> tuple[set[int], set[str]]:
+        target_fd = state.get("uffd_fd")
+        return ({target_fd}, {"uw"}) if target_fd is not None else (set(), set())
 
     def lost(self, pid: int, state: dict) -> str | None:
         target_fd = state.get("uffd_fd")
@@ -102,6 +107,14 @@ class UffdWpTracker(Tracker):
             except OSError:
                 pass
         self._fds.clear()
+
+
+def _high_fd(pid: int) -> int:
+    """Where the injected fd goes: far above the low numbers a program reuses (a
+    daemon closing and reopening 0-2 would get the lowest free one), yet under
+    its RLIMIT_NOFILE, and not so high that its fd table grows much."""
+    soft = proc.read_rlimits(pid).get("nofile", [1024])[0]
+    return max(3, min(soft if soft > 0 else 2048, 2048) // 2)
 
 
 def ensure_supported() -> None:
