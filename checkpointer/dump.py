@@ -28,7 +28,7 @@ from checkpointer.pageruns import Range, subtract
 from checkpointer.plan import ParentPages, private_plan, shared_plans
 from checkpointer.progress import Progress
 from checkpointer.trackers import FullTracker, Tracker, VmaPages, make_tracker
-from checkpointer.vmas import Policy, Vma
+from checkpointer.vmas import Policy, Vma, unsupported
 
 log = logging.getLogger("checkpointer")
 
@@ -300,6 +300,13 @@ class _Pass:
                 if not self._vanished(pid):
                     raise
                 del tree.threads[pid]  # not in this dump at all
+                continue
+            for vma in vmas[pid]:
+                if why := unsupported(vma):
+                    raise CheckpointError(
+                        f"process {pid} maps {vma.start:x}-{vma.end:x} "
+                        f"{vma.path or '(anonymous)'}: {why}; nothing was written"
+                    )
         return vmas
 
     def _write_state(self, writer: DumpWriter, tree: FrozenTree, vmas: dict) -> None:

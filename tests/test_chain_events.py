@@ -218,7 +218,6 @@ def test_dontneed_then_read_without_pfns(spawn, tmp_path, tracker, path):
     stopped_and_equal(t, tmp_path / "3", t.pid)
 
 
-
 @pytest.mark.uffd_wp
 def test_injected_userfaultfd_is_placed_high_and_left_out_of_the_records(spawn, tmp_path):
     """A daemon that closes and reopens 0-2 must not get the tool's userfaultfd, and

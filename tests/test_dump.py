@@ -11,7 +11,7 @@ import time
 
 import pytest
 from memcheck import compare_dump_with_process
-from targetlib import cli, proc_status, wait_for_state
+from targetlib import assert_one_line_error, cli, proc_status, wait_for_state
 
 from checkpointer.dump import DumpRequest, dump
 from checkpointer.freezer import Thaw
@@ -192,3 +192,33 @@ def test_extract_reads_what_the_process_held(spawn, tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert out.read_bytes() == bytes(usize)
+
+
+@pytest.fixture
+def surplus_huge_page():
+    """Allow one surplus 2 MiB huge page (nothing is reserved unless it is used)."""
+    knob = "/proc/sys/vm/nr_overcommit_hugepages"
+    if not os.access(knob, os.W_OK):
+        pytest.skip(f"needs a writable {knob} (root)")
+    with open(knob) as f:
+        before = f.read().strip()
+    with open(knob, "w") as f:
+        f.write(str(max(1, int(before))))
+    yield
+    with open(knob, "w") as f:
+        f.write(before)
+
+
+@pytest.mark.parametrize("command", ["dump", "pre-dump"])
+def test_hugetlb_mapping_is_refused_by_name(spawn, tmp_path, surplus_huge_page, command):
+    """A mapping the dumper cannot read page by page is never silently left out."""
+    t = spawn()
+    reply = t.command("hugetlb")
+    if reply[0].startswith("NOHUGETLB"):
+        pytest.skip(f"no huge page for MAP_HUGETLB ({reply[0]})")
+    start, _ = t.regions["hugetlb"]
+    extra = ["--leave-running"] if command == "dump" else []
+    r = cli(command, "-t", str(t.pid), "-D", str(tmp_path / "d"), *extra)
+    assert_one_line_error(r, "hugetlb", f"{start:x}", str(t.pid))
+    assert not (tmp_path / "d").exists()
+    t.assert_carries_on()

@@ -330,6 +330,16 @@ int main(int argc, char **argv)
 				_exit(2);
 			}
 			printf("REGION moved %#lx %lu\nDONE\n", (unsigned long)got, count * PAGE);
+		} else if (!strncmp(line, "hugetlb", 7)) {
+			/* a 2 MiB MAP_HUGETLB region, touched */
+			unsigned char *h = mmap(NULL, 2 << 20, PROT_READ | PROT_WRITE,
+						MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0);
+			if (h == MAP_FAILED) {
+				printf("NOHUGETLB %d\nDONE\n", errno);
+			} else {
+				memset(h, 0x42, 2 << 20);
+				printf("REGION hugetlb %#lx %d\nDONE\n", (unsigned long)h, 2 << 20);
+			}
 		} else if (!strncmp(line, "mprotect", 8)) {
 			unsigned long first = 0, count = 0;
 			sscanf(line + 8, "%lu %lu", &first, &count);
