@@ -106,6 +106,8 @@ def dump_policy(vma: Vma) -> Policy:
 def unsupported(vma: Vma) -> str | None:
     """Why this mapping cannot be dumped, or None. The dump is refused rather than
     written without it: a restore would silently lack that memory."""
+    if classify(vma) in ("vdso", "vvar", "vsyscall", "special"):
+        return None  # the kernel's own areas ([vvar] is VM_IO|VM_PFNMAP): never data
     if "ht" in vma.vmflags:
         return "hugetlb mappings are not supported (their pages are not read page by page)"
     if "io" in vma.vmflags or "pf" in vma.vmflags:
