@@ -80,7 +80,7 @@ def core_records(pid: int, tids: list[int], was_stopped: bool) -> tuple[dict, li
                 "blocked": ptrace.get_sigmask(tid),
                 "pending": masks["pending"],
                 "shared_pending": masks["shared_pending"],
-                "state": proc.read_task_state(pid, tid),
+                "state": proc.read_state(pid, tid),
             }
         )
     return process, threads

@@ -9,6 +9,7 @@ the tree runs, because any page written after the reset is dirty next time.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -20,7 +21,7 @@ from pathlib import Path
 from checkpointer import collect, trackstate
 from checkpointer.copier import PageCopier
 from checkpointer.errors import CheckpointError, ImageError, TargetError
-from checkpointer.freezer import Freezer, FrozenTree, Thaw
+from checkpointer.freezer import Freezer, FrozenTree, Thaw, live_tree, stopped_thread
 from checkpointer.images import FROZEN_LEVEL, PAGE_LEVEL, Dump, DumpWriter
 from checkpointer.kernel import proc
 from checkpointer.kernel.pagemap import PAGE_SIZE
@@ -128,9 +129,9 @@ class _Pass:
                 # The memory maps with their smaps flags, read while the tree still
                 # runs; a frozen pass re-reads only the cheap maps file (collect.py).
                 known = (
-                    {pid: _vmas_or_none(pid) for pid in _live_tree(req.pid).pids} if freeze else {}
+                    {pid: _vmas_or_none(pid) for pid in live_tree(req.pid).pids} if freeze else {}
                 )
-                tree = self._freeze(freezer) if freeze else _live_tree(req.pid)
+                tree = self._freeze(freezer) if freeze else live_tree(req.pid)
                 frozen_at = time.monotonic()
                 self._identify(tree, start_time)
                 self.frozen = freeze
@@ -361,7 +362,7 @@ class _Pass:
                 try:
                     if self._incremental_for(pid) and (why := tracker.lost(pid, state)):
                         self.full_pids[pid] = f"tracking was lost ({why})"
-                    per_pid[str(pid)] = tracker.attach(pid, state, pid if frozen else None)
+                    per_pid[str(pid)] = tracker.attach(pid, state, _stopper(pid, frozen))
                 except TargetError:
                     if not self._vanished(pid):
                         raise
@@ -483,21 +484,10 @@ class _Pass:
         return self.tracker.name if self.tracker else "none"
 
 
-def _live_tree(root: int) -> FrozenTree:
-    """The tree as it is, without stopping it (pre-dumps that need no freeze)."""
-    tree = FrozenTree(root)
-    queue = [root]
-    while queue:
-        pid = queue.pop(0)
-        if pid in tree.threads:
-            continue
-        try:
-            tree.threads[pid] = proc.list_threads(pid)
-            queue.extend(proc.list_children(pid))
-        except TargetError:
-            if pid == root:
-                raise
-    return tree
+def _stopper(pid: int, frozen: bool):
+    """How a tracker gets a stopped thread of pid: the frozen main thread, or one
+    stopped briefly for it."""
+    return (lambda: contextlib.nullcontext(pid)) if frozen else (lambda: stopped_thread(pid))
 
 
 def _vmas_or_none(pid: int) -> list[Vma] | None:

@@ -123,17 +123,7 @@ class Freezer:
         return found
 
     def _descendants(self) -> list[int]:
-        order, queue = [], [self.root]
-        while queue:
-            pid = queue.pop(0)
-            if pid in order:
-                continue
-            order.append(pid)
-            try:
-                queue.extend(proc.list_children(pid))
-            except TargetError:
-                continue
-        return order
+        return descendants(self.root)
 
     def _seize(self, pid: int, tid: int) -> None:
         try:
@@ -223,6 +213,34 @@ class Freezer:
             raise TargetError(f"process {self.root} is not in cgroup {self.cgroup}")
         # The root first, as in a tree walk; the rest in pid order.
         return sorted(pids, key=lambda p: (p != self.root, p))
+
+
+def descendants(root: int) -> list[int]:
+    """root and every process below it, parents first (processes that exit while
+    the walk runs are left out)."""
+    order, queue = [], [root]
+    while queue:
+        pid = queue.pop(0)
+        if pid in order:
+            continue
+        order.append(pid)
+        try:
+            queue.extend(proc.list_children(pid))
+        except TargetError:
+            continue
+    return order
+
+
+def live_tree(root: int) -> FrozenTree:
+    """The tree as it is, without stopping it (pre-dumps that need no freeze)."""
+    tree = FrozenTree(root)
+    for pid in descendants(root):
+        try:
+            tree.threads[pid] = proc.list_threads(pid)
+        except TargetError:
+            if pid == root:
+                raise
+    return tree
 
 
 def _signal(pid: int, sig: int) -> None:

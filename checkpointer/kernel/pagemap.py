@@ -13,7 +13,6 @@ import errno
 import functools
 import os
 import re
-from collections.abc import Iterator
 
 from checkpointer.errors import TargetError
 from checkpointer.kernel.syscalls import ioctl_ptr, mmap_anon, munmap
@@ -453,12 +452,6 @@ def pagemap_scan(
         return pid.scan(start, end, **kw)
     with Pagemap(pid) as pm:
         return pm.scan(start, end, **kw)
-
-
-def iter_runs(regions: list[tuple[int, int, int]]) -> Iterator[tuple[int, int]]:
-    """(addr, nr_pages) from PAGEMAP_SCAN regions, comparable with present_runs()."""
-    for lo, hi, _ in regions:
-        yield lo, (hi - lo) >> PAGE_SHIFT
 
 
 def clear_soft_dirty(pid: int) -> None:

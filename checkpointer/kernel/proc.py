@@ -52,11 +52,6 @@ def exists(pid: int) -> bool:
     return os.path.exists(f"/proc/{pid}")
 
 
-def task_exists(pid: int, tid: int) -> bool:
-    """Is tid still a thread of pid?"""
-    return os.path.exists(f"/proc/{pid}/task/{tid}")
-
-
 # --- tasks and children ---------------------------------------------------------
 
 
@@ -181,15 +176,6 @@ def wait_exited(pid: int, tid: int | None = None, timeout: float = 0.2) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.005)
-
-
-def read_task_state(pid: int, tid: int) -> str:
-    """One-letter state of thread tid of pid (from task/TID/stat)."""
-    return read_stat(pid, tid).state
-
-
-def read_start_time(pid: int) -> int:
-    return read_stat(pid).starttime
 
 
 def read_brk(pid: int, start_brk: int | None = None) -> int:

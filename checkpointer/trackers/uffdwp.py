@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import os
 
-from checkpointer.collect import read_vmas
 from checkpointer.errors import TargetError
-from checkpointer.freezer import stopped_thread
 from checkpointer.kernel import pagemap, proc, uffd
 from checkpointer.pageruns import Range, clip
-from checkpointer.trackers.base import Tracker, VmaPages
+from checkpointer.trackers.base import StopThread, Tracker, VmaPages
 from checkpointer.vmas import Vma
 
 
@@ -33,15 +31,12 @@ class UffdWpTracker(Tracker):
     def __init__(self) -> None:
         self._fds: dict[int, int] = {}  # pid -> our copy of the target's uffd
 
-    def attach(self, pid: int, state: dict, stopped_tid: int | None) -> dict:
+    def attach(self, pid: int, state: dict, stop: StopThread) -> dict:
         target_fd = state.get("uffd_fd")
         if target_fd is None or not uffd.is_target_uffd(pid, target_fd):
             high = _high_fd(pid)
-            if stopped_tid is None:
-                with stopped_thread(pid) as tid:
-                    target_fd = uffd.open_target_uffd(pid, tid, high_fd=high)
-            else:
-                target_fd = uffd.open_target_uffd(pid, stopped_tid, high_fd=high)
+            with stop() as tid:
+                target_fd = uffd.open_target_uffd(pid, tid, high_fd=high)
             fd = uffd.get_fd(pid, target_fd)
             uffd.uffd_api(fd, uffd.WP_FEATURES)
         else:
@@ -83,22 +78,20 @@ class UffdWpTracker(Tracker):
                 result[vma.start] = VmaPages(present, dirty if incremental else None)
         return result
 
-    def untrack(self, pid: int, state: dict, stopped_tid: int | None) -> None:
+    def untrack(self, pid: int, state: dict, stop: StopThread) -> None:
         target_fd = state.get("uffd_fd")
         if target_fd is None or not uffd.is_target_uffd(pid, target_fd):
             return
         fd = uffd.get_fd(pid, target_fd)
         try:
-            for m in read_vmas(pid):
-                if uffd.vma_is_wp_registered(m.vmflags):
+            flags = proc.read_smaps_vmflags(pid)
+            for m in proc.read_maps(pid):
+                if uffd.vma_is_wp_registered(flags.get(m.start, [])):
                     uffd.unregister(fd, m.start, m.end - m.start)
         finally:
             os.close(fd)
-        if stopped_tid is None:
-            with stopped_thread(pid) as tid:
-                uffd.close_target_fd(pid, tid, target_fd)
-        else:
-            uffd.close_target_fd(pid, stopped_tid, target_fd)
+        with stop() as tid:
+            uffd.close_target_fd(pid, tid, target_fd)
 
     def close(self) -> None:
         for fd in self._fds.values():
