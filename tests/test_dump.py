@@ -222,3 +222,20 @@ def test_hugetlb_mapping_is_refused_by_name(spawn, tmp_path, surplus_huge_page, 
     assert_one_line_error(r, "hugetlb", f"{start:x}", str(t.pid))
     assert not (tmp_path / "d").exists()
     t.assert_carries_on()
+
+
+def test_memory_comparison_sees_a_missing_copy_on_write_page(spawn, mapped_file, tmp_path):
+    """The comparison the tests rely on must notice a written page of a private
+    file mapping that the dump lacks (it once compared only the pages held)."""
+    t = spawn("--file", str(mapped_file))
+    images = tmp_path / "d"
+    dump(DumpRequest(pid=t.pid, images_dir=images, thaw=Thaw.STOPPED, progress=False))
+    assert wait_for_state(t.pid, "T").startswith("T")
+    compare_dump_with_process(images, t.pid)
+    # A copy-on-write page the dump does not hold: page 1 was only read by the target.
+    start, _ = t.regions["file"]
+    page = os.sysconf("SC_PAGE_SIZE")
+    with open(f"/proc/{t.pid}/mem", "r+b", buffering=0) as mem:
+        os.pwrite(mem.fileno(), b"\xee" * 64, start + page)
+    with pytest.raises(AssertionError, match=f"page {start + page:#x} differs"):
+        compare_dump_with_process(images, t.pid)
