@@ -113,11 +113,15 @@ class Freezer:
         found: dict[int, list[int]] = {}
         for pid in pids:
             try:
-                if proc.read_stat(pid).state == "Z":
+                if proc.wait_exited(pid, timeout=0):
                     if pid not in self.tree.zombies:
                         self.tree.zombies.append(pid)
                     continue
-                found[pid] = proc.list_threads(pid)
+                # Not a main thread that called pthread_exit: it cannot be
+                # stopped, and the process lives on in its other threads.
+                found[pid] = [
+                    t for t in proc.list_threads(pid) if not proc.wait_exited(pid, t, timeout=0)
+                ]
             except TargetError:
                 continue  # exited while we looked
         return found
@@ -268,17 +272,19 @@ class _signals_deferred:
 
 
 class stopped_thread:
-    """Stop one thread of pid (its main thread) briefly, for an injected syscall."""
+    """Stop one live thread of pid (its main thread, if it has not exited) briefly,
+    for an injected syscall."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
 
     def __enter__(self) -> int:
         self._freezer = Freezer(self.pid)
-        self._freezer._seize(self.pid, self.pid)
-        if self.pid not in self._freezer._seized:
+        tid = proc.live_tid(self.pid)
+        self._freezer._seize(self.pid, tid)
+        if tid not in self._freezer._seized:
             raise TargetError(f"process {self.pid} exited")
-        return self.pid
+        return tid
 
     def __exit__(self, *exc) -> None:
         self._freezer.thaw(Thaw.RUNNING)

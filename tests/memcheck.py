@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from checkpointer.images import Dump
+from checkpointer.kernel.proc import task_dir
 
 SKIP_KINDS = {"vvar", "vsyscall", "special"}
 CHUNK = 64 << 20
@@ -12,7 +13,8 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def read_proc_mem(pid: int, addr: int, size: int) -> bytes:
-    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+    # through a live thread: a main thread that called pthread_exit has no memory
+    fd = os.open(f"{task_dir(pid)}/mem", os.O_RDONLY)
     try:
         out = bytearray()
         while len(out) < size:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -173,6 +174,7 @@ def test_dontneed_then_read_maps_the_zero_page(spawn, tmp_path, tracker, path, m
 
 NO_PFN_PASS = """
 import sys
+import time
 from checkpointer.kernel import pagemap
 from checkpointer.kernel.pagemap import Pagemap
 assert pagemap.zero_page_pfn() is None, "PFNs are visible"
@@ -232,3 +234,30 @@ def test_injected_userfaultfd_is_placed_high_and_left_out_of_the_records(spawn, 
     d = Dump.open(tmp_path / "2")
     assert not [r for r in d.fds(t.pid) if "userfaultfd" in r["target"]]
     assert not [v for v in d.mm(t.pid).vmas if "uw" in v["vmflags"]]
+
+
+@pytest.mark.parametrize("tracker", TRACKERS)
+def test_main_thread_exited_while_others_run(spawn, tmp_path, tracker):
+    """pthread_exit in main: the thread-group leader is a zombie, the process runs
+    on in its other threads, which the freezer must still stop and dump."""
+    t = spawn("--main-exits")
+    assert wait_for_state_of_task(t.pid, t.pid, "Z")
+    predump(t.pid, tmp_path / "1", None, tracker)
+    t.command("write 5 5")
+    res = final_dump(t.pid, tmp_path / "2", "../1", tracker)
+    assert res.pids == [t.pid]
+    live = set(os.listdir(f"/proc/{t.pid}/task")) - {str(t.pid)}
+    threads = {str(r["tid"]) for r in Dump.open(tmp_path / "2").core(t.pid).threads}
+    assert live <= threads
+    assert all(wait_for_state_of_task(t.pid, int(tid), "T") for tid in live)
+    compare_dump_with_process(tmp_path / "2", t.pid)
+
+
+def wait_for_state_of_task(pid: int, tid: int, letter: str, timeout: float = 5) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == letter:
+                return True
+        time.sleep(0.01)
+    return False

@@ -15,6 +15,7 @@ import os
 import re
 
 from checkpointer.errors import TargetError
+from checkpointer.kernel import proc
 from checkpointer.kernel.syscalls import ioctl_ptr, mmap_anon, munmap
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -243,7 +244,7 @@ class Pagemap:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         try:
-            self.fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            self.fd = os.open(f"{proc.task_dir(pid)}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
         except (FileNotFoundError, ProcessLookupError):
             raise TargetError(f"process {pid} does not exist (exited)") from None
         self._vec: ctypes.Array[PageRegion] | None = None
@@ -457,7 +458,7 @@ def pagemap_scan(
 def clear_soft_dirty(pid: int) -> None:
     """Write "4" to /proc/PID/clear_refs: clear soft-dirty bits of every page of pid."""
     try:
-        fd = os.open(f"/proc/{pid}/clear_refs", os.O_WRONLY)
+        fd = os.open(f"{proc.task_dir(pid)}/clear_refs", os.O_WRONLY)
     except (FileNotFoundError, ProcessLookupError):
         raise TargetError(f"process {pid} does not exist (exited)") from None
     try:

@@ -15,7 +15,7 @@ import errno
 import os
 
 from checkpointer.errors import TargetError
-from checkpointer.kernel import ptrace
+from checkpointer.kernel import proc, ptrace
 from checkpointer.kernel.syscalls import (
     F_DUPFD_CLOEXEC,
     O_CLOEXEC,
@@ -38,6 +38,7 @@ UFFD_FEATURE_WP_HUGETLBFS_SHMEM = 1 << 12
 UFFD_FEATURE_WP_UNPOPULATED = 1 << 13
 UFFD_FEATURE_WP_ASYNC = 1 << 15
 UFFD_USER_MODE_ONLY = 1
+PIDFD_THREAD = 0o200  # O_EXCL: a pidfd for one thread (6.9+)
 # What the tracker asks for: async WP (no handler), unpopulated ptes marked too, shmem.
 WP_FEATURES = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_WP_HUGETLBFS_SHMEM
 
@@ -96,12 +97,12 @@ def close_target_fd(pid: int, tid: int, fd: int) -> None:
 def find_target_uffd(pid: int) -> int | None:
     """The lowest fd of pid that is a userfaultfd, or None."""
     try:
-        names = os.listdir(f"/proc/{pid}/fd")
+        names = os.listdir(f"{proc.task_dir(pid)}/fd")
     except (FileNotFoundError, ProcessLookupError):
         raise TargetError(f"process {pid} does not exist (exited)") from None
     for fd in sorted(int(n) for n in names):
         try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == UFFD_LINK:
+            if os.readlink(f"{proc.task_dir(pid)}/fd/{fd}") == UFFD_LINK:
                 return fd
         except (FileNotFoundError, ProcessLookupError):
             continue
@@ -111,7 +112,7 @@ def find_target_uffd(pid: int) -> int | None:
 def is_target_uffd(pid: int, target_fd: int) -> bool:
     """Is fd target_fd of pid (still) a userfaultfd? False if closed or reused."""
     try:
-        return os.readlink(f"/proc/{pid}/fd/{target_fd}") == UFFD_LINK
+        return os.readlink(f"{proc.task_dir(pid)}/fd/{target_fd}") == UFFD_LINK
     except (FileNotFoundError, ProcessLookupError):
         if not os.path.exists(f"/proc/{pid}"):
             raise TargetError(f"process {pid} does not exist (exited)") from None
@@ -120,8 +121,11 @@ def is_target_uffd(pid: int, target_fd: int) -> bool:
 
 def get_fd(pid: int, target_fd: int) -> int:
     """A copy of the target's fd in this process (pidfd_open + pidfd_getfd), CLOEXEC."""
+    tid = proc.live_tid(pid)
     try:
-        pidfd = syscall(NR_pidfd_open, pid, 0)
+        # A thread pidfd (PIDFD_THREAD, 6.9+) when the main thread has exited:
+        # pidfd_getfd takes the files of the pidfd's own task.
+        pidfd = syscall(NR_pidfd_open, tid, PIDFD_THREAD if tid != pid else 0)
     except ProcessLookupError:
         raise TargetError(f"process {pid} does not exist (exited)") from None
     try:

@@ -3,7 +3,7 @@
  * mapping the dumper must handle, and optional writers that keep dirtying it.
  *
  *   target [--threads N] [--anon-mb N] [--hot-pages N] [--hot-sleep-us N]
- *          [--fork] [--file PATH] [--thp-mb N] [--storm] [--remap]
+ *          [--fork] [--file PATH] [--thp-mb N] [--storm] [--remap] [--main-exits]
  *
  * It prints one "REGION name start size" line per region, then "READY pid",
  * and runs until killed. Region contents are deterministic (see fill()), so a
@@ -34,6 +34,8 @@ static long hot_sleep_us = 1000;
 static unsigned char *anon, *shared, *protnone, *filemap, *thp, *statik;
 static size_t file_size = 16 * PAGE;
 static volatile uint64_t heartbeat;
+static char **saved_argv;
+static int main_exits;
 
 static void region(const char *name, void *p, size_t len)
 {
@@ -151,8 +153,107 @@ static void *storm(void *arg)
 	return NULL;
 }
 
+/* Commands on stdin let a test trigger memory-map changes on demand. */
+static void *command_loop(void *arg)
+{
+	(void)arg;
+	pthread_t t;
+	for (;;) {
+		char line[128];
+		if (!fgets(line, sizeof line, stdin)) {
+			for (;;)
+				pause();
+		}
+		if (!strncmp(line, "remap", 5)) {
+			/* Unmap the remap region and map new memory at the same address. */
+			unsigned long addr = strtoul(line + 6, NULL, 0);
+			munmap((void *)addr, 4 * PAGE);
+			unsigned char *r = mmap((void *)addr, 4 * PAGE, PROT_READ | PROT_WRITE,
+						MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+			fill(r, 4 * PAGE, 23);
+			printf("DONE\n");
+		} else if (!strncmp(line, "mmap", 4)) {
+			unsigned char *r = mmap(NULL, 16 * PAGE, PROT_READ | PROT_WRITE,
+						MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+			fill(r, 16 * PAGE, 29);
+			printf("REGION new %#lx %zu\nDONE\n", (unsigned long)r, 16 * PAGE);
+		} else if (!strncmp(line, "write", 5)) {
+			/* write FIRST COUNT: dirty pages FIRST.. of the anon region */
+			unsigned long first = 0, count = 0;
+			sscanf(line + 5, "%lu %lu", &first, &count);
+			for (unsigned long i = first; i < first + count && i * PAGE < anon_size; i++)
+				anon[i * PAGE + 16] ^= 0x5A;
+			printf("DONE\n");
+		} else if (!strncmp(line, "dontneed", 8)) {
+			unsigned long first = 0, count = 0;
+			sscanf(line + 8, "%lu %lu", &first, &count);
+			madvise(anon + first * PAGE, count * PAGE, MADV_DONTNEED);
+			printf("DONE\n");
+		} else if (!strncmp(line, "forker", 6)) {
+			pthread_create(&t, NULL, forker, NULL);
+			printf("DONE\n");
+		} else if (!strncmp(line, "fork", 4)) {
+			printf("CHILD %d\nDONE\n", quiet_child());
+		} else if (!strncmp(line, "killchild", 9)) {
+			/* killchild PID: kill and reap one child */
+			pid_t pid = (pid_t)atol(line + 10);
+			kill(pid, SIGKILL);
+			waitpid(pid, NULL, 0);
+			printf("DONE\n");
+		} else if (!strncmp(line, "exec", 4)) {
+			/* Run this program again in this process, with the same options. */
+			printf("DONE\n");
+			execv("/proc/self/exe", saved_argv);
+			perror("execv");
+			_exit(2);
+		} else if (!strncmp(line, "churn", 5)) {
+			pthread_create(&t, NULL, churn, NULL);
+			printf("DONE\n");
+		} else if (!strncmp(line, "read", 4)) {
+			/* read FIRST COUNT: read pages of the anon region (a page dropped with
+			 * MADV_DONTNEED comes back as the shared zero page) */
+			unsigned long first = 0, count = 0;
+			volatile unsigned char sum = 0;
+			sscanf(line + 4, "%lu %lu", &first, &count);
+			for (unsigned long i = first; i < first + count && i * PAGE < anon_size; i++)
+				sum += anon[i * PAGE + 16];
+			printf("DONE\n");
+		} else if (!strncmp(line, "move", 4)) {
+			/* move FIRST COUNT: mremap pages of the anon region to a new address */
+			unsigned long first = 0, count = 0;
+			sscanf(line + 4, "%lu %lu", &first, &count);
+			void *to = mmap(NULL, count * PAGE, PROT_NONE,
+					MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+			void *got = mremap(anon + first * PAGE, count * PAGE, count * PAGE,
+					   MREMAP_MAYMOVE | MREMAP_FIXED, to);
+			if (got == MAP_FAILED) {
+				perror("mremap");
+				_exit(2);
+			}
+			printf("REGION moved %#lx %lu\nDONE\n", (unsigned long)got, count * PAGE);
+		} else if (!strncmp(line, "hugetlb", 7)) {
+			/* a 2 MiB MAP_HUGETLB region, touched */
+			unsigned char *h = mmap(NULL, 2 << 20, PROT_READ | PROT_WRITE,
+						MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0);
+			if (h == MAP_FAILED) {
+				printf("NOHUGETLB %d\nDONE\n", errno);
+			} else {
+				memset(h, 0x42, 2 << 20);
+				printf("REGION hugetlb %#lx %d\nDONE\n", (unsigned long)h, 2 << 20);
+			}
+		} else if (!strncmp(line, "mprotect", 8)) {
+			unsigned long first = 0, count = 0;
+			sscanf(line + 8, "%lu %lu", &first, &count);
+			mprotect(anon + first * PAGE, count * PAGE, PROT_READ);
+			printf("DONE\n");
+		}
+	}
+	return NULL;
+}
+
 int main(int argc, char **argv)
 {
+	saved_argv = argv;
 	int threads = 2, do_fork = 0, do_storm = 0, do_remap = 0;
 	const char *file = NULL;
 	anon_size = 8 << 20;
@@ -165,6 +266,7 @@ int main(int argc, char **argv)
 		else if (!strcmp(argv[i], "--fork")) do_fork = 1;
 		else if (!strcmp(argv[i], "--storm")) do_storm = 1;
 		else if (!strcmp(argv[i], "--remap")) do_remap = 1;
+		else if (!strcmp(argv[i], "--main-exits")) main_exits = 1;
 		else if (!strcmp(argv[i], "--file")) file = argv[++i];
 		else { fprintf(stderr, "unknown option %s\n", argv[i]); return 2; }
 	}
@@ -256,95 +358,11 @@ int main(int argc, char **argv)
 
 	region("heartbeat", (void *)&heartbeat, sizeof(heartbeat));
 	printf("READY %d\n", getpid());
-	for (;;) {
-		/* Commands on stdin let a test trigger memory-map changes on demand. */
-		char line[128];
-		if (!fgets(line, sizeof line, stdin)) {
-			for (;;)
-				pause();
-		}
-		if (!strncmp(line, "remap", 5)) {
-			/* Unmap the remap region and map new memory at the same address. */
-			unsigned long addr = strtoul(line + 6, NULL, 0);
-			munmap((void *)addr, 4 * PAGE);
-			unsigned char *r = mmap((void *)addr, 4 * PAGE, PROT_READ | PROT_WRITE,
-						MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
-			fill(r, 4 * PAGE, 23);
-			printf("DONE\n");
-		} else if (!strncmp(line, "mmap", 4)) {
-			unsigned char *r = mmap(NULL, 16 * PAGE, PROT_READ | PROT_WRITE,
-						MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-			fill(r, 16 * PAGE, 29);
-			printf("REGION new %#lx %zu\nDONE\n", (unsigned long)r, 16 * PAGE);
-		} else if (!strncmp(line, "write", 5)) {
-			/* write FIRST COUNT: dirty pages FIRST.. of the anon region */
-			unsigned long first = 0, count = 0;
-			sscanf(line + 5, "%lu %lu", &first, &count);
-			for (unsigned long i = first; i < first + count && i * PAGE < anon_size; i++)
-				anon[i * PAGE + 16] ^= 0x5A;
-			printf("DONE\n");
-		} else if (!strncmp(line, "dontneed", 8)) {
-			unsigned long first = 0, count = 0;
-			sscanf(line + 8, "%lu %lu", &first, &count);
-			madvise(anon + first * PAGE, count * PAGE, MADV_DONTNEED);
-			printf("DONE\n");
-		} else if (!strncmp(line, "forker", 6)) {
-			pthread_create(&t, NULL, forker, NULL);
-			printf("DONE\n");
-		} else if (!strncmp(line, "fork", 4)) {
-			printf("CHILD %d\nDONE\n", quiet_child());
-		} else if (!strncmp(line, "killchild", 9)) {
-			/* killchild PID: kill and reap one child */
-			pid_t pid = (pid_t)atol(line + 10);
-			kill(pid, SIGKILL);
-			waitpid(pid, NULL, 0);
-			printf("DONE\n");
-		} else if (!strncmp(line, "exec", 4)) {
-			/* Run this program again in this process, with the same options. */
-			printf("DONE\n");
-			execv("/proc/self/exe", argv);
-			perror("execv");
-			_exit(2);
-		} else if (!strncmp(line, "churn", 5)) {
-			pthread_create(&t, NULL, churn, NULL);
-			printf("DONE\n");
-		} else if (!strncmp(line, "read", 4)) {
-			/* read FIRST COUNT: read pages of the anon region (a page dropped with
-			 * MADV_DONTNEED comes back as the shared zero page) */
-			unsigned long first = 0, count = 0;
-			volatile unsigned char sum = 0;
-			sscanf(line + 4, "%lu %lu", &first, &count);
-			for (unsigned long i = first; i < first + count && i * PAGE < anon_size; i++)
-				sum += anon[i * PAGE + 16];
-			printf("DONE\n");
-		} else if (!strncmp(line, "move", 4)) {
-			/* move FIRST COUNT: mremap pages of the anon region to a new address */
-			unsigned long first = 0, count = 0;
-			sscanf(line + 4, "%lu %lu", &first, &count);
-			void *to = mmap(NULL, count * PAGE, PROT_NONE,
-					MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-			void *got = mremap(anon + first * PAGE, count * PAGE, count * PAGE,
-					   MREMAP_MAYMOVE | MREMAP_FIXED, to);
-			if (got == MAP_FAILED) {
-				perror("mremap");
-				_exit(2);
-			}
-			printf("REGION moved %#lx %lu\nDONE\n", (unsigned long)got, count * PAGE);
-		} else if (!strncmp(line, "hugetlb", 7)) {
-			/* a 2 MiB MAP_HUGETLB region, touched */
-			unsigned char *h = mmap(NULL, 2 << 20, PROT_READ | PROT_WRITE,
-						MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0);
-			if (h == MAP_FAILED) {
-				printf("NOHUGETLB %d\nDONE\n", errno);
-			} else {
-				memset(h, 0x42, 2 << 20);
-				printf("REGION hugetlb %#lx %d\nDONE\n", (unsigned long)h, 2 << 20);
-			}
-		} else if (!strncmp(line, "mprotect", 8)) {
-			unsigned long first = 0, count = 0;
-			sscanf(line + 8, "%lu %lu", &first, &count);
-			mprotect(anon + first * PAGE, count * PAGE, PROT_READ);
-			printf("DONE\n");
-		}
+	if (main_exits) {
+		/* The main thread leaves while the others run: the process lives on
+		 * with a zombie thread-group leader. */
+		pthread_create(&t, NULL, command_loop, NULL);
+		pthread_exit(NULL);
 	}
+	command_loop(NULL);
 }
