@@ -261,3 +261,22 @@ def wait_for_state_of_task(pid: int, tid: int, letter: str, timeout: float = 5) 
                 return True
         time.sleep(0.01)
     return False
+
+
+@pytest.mark.uffd_wp
+def test_target_with_its_own_userfaultfd_write_protection(spawn, tmp_path):
+    """A region the target write-protects with its own (synchronous) userfaultfd
+    shows the same "uw" VmFlag and write-protect bits as the tool's tracking, but
+    a write the target makes (unprotect, write, protect) leaves no trace the tool
+    can read: its pages must be copied every pass, never taken from the parent."""
+    t = spawn("--anon-mb", "4")
+    reply = t.command("ownwp")
+    if reply[0].startswith("NOUFFD"):
+        pytest.skip(f"the target cannot use userfaultfd here ({reply[0]})")
+    predump(t.pid, tmp_path / "1", None, "uffd-wp")
+    t.command("ownwrite")
+    second = predump(t.pid, tmp_path / "2", "../1", "uffd-wp")
+    assert second.incremental, second.full_pass_reason
+    t.command("ownwrite")
+    final_dump(t.pid, tmp_path / "3", "../2", "uffd-wp")
+    stopped_and_equal(t, tmp_path / "3", t.pid)

@@ -349,6 +349,22 @@ class Pagemap:
         )
         return [(lo, hi) for lo, hi, _ in regions]
 
+    def is_wp_async(self, start: int, end: int) -> bool:
+        """Is all of [start, end) registered for async uffd write-protect?
+        (PM_SCAN_CHECK_WPASYNC: EPERM otherwise, e.g. a synchronous registration.)"""
+        try:
+            self.scan(
+                start,
+                end,
+                category_mask=PAGE_IS_WRITTEN,
+                return_mask=PAGE_IS_WRITTEN,
+                flags=PM_SCAN_CHECK_WPASYNC,
+                max_pages=1,
+            )
+        except PermissionError:
+            return False
+        return True
+
     def scan(
         self,
         start: int,

@@ -152,17 +152,19 @@ def uffd_api(fd: int, features: int = WP_FEATURES) -> int:
 
 
 def register_wp(fd: int, start: int, length: int) -> bool:
-    """UFFDIO_REGISTER in write-protect mode. False if the kernel refuses this VMA kind.
+    """UFFDIO_REGISTER in write-protect mode. False if the kernel refuses it.
 
     Refused (False): EINVAL for [vdso]/[vvar]/[vsyscall]/MAP_DROPPABLE, EPERM for
-    read-only MAP_SHARED files: callers skip those and dump them in full.
-    EBUSY (owned by another uffd) and other errors raise OSError.
+    read-only MAP_SHARED files, EBUSY for a VMA registered with another
+    userfaultfd (the target's own): callers dump those in full. Registering a VMA
+    already registered with this fd again succeeds and changes nothing, so True
+    also tells "this registration is ours". Other errors raise OSError.
     """
     reg = _UffdioRegister(start, length, UFFDIO_REGISTER_MODE_WP, 0)
     try:
         ioctl_ptr(fd, UFFDIO_REGISTER, ctypes.addressof(reg))
     except OSError as exc:
-        if exc.errno in (errno.EINVAL, errno.EPERM):
+        if exc.errno in (errno.EINVAL, errno.EPERM, errno.EBUSY):
             return False
         raise
     return True

@@ -15,6 +15,7 @@ registration (the target closed the fd) forces a full pass.
 
 from __future__ import annotations
 
+import logging
 import os
 
 from checkpointer.errors import TargetError
@@ -22,6 +23,8 @@ from checkpointer.kernel import pagemap, proc, uffd
 from checkpointer.pageruns import Range, clip
 from checkpointer.trackers.base import StopThread, Tracker, VmaPages
 from checkpointer.vmas import Vma
+
+log = logging.getLogger("checkpointer")
 
 
 class UffdWpTracker(Tracker):
@@ -65,6 +68,9 @@ class UffdWpTracker(Tracker):
                 # is reported written and copied, never wrongly taken from the parent.
                 present = pm.data_runs(vma.start, vma.end)
                 registered = uffd.vma_is_wp_registered(vma.vmflags)
+                if registered and not self._ours(fd, pm, pid, vma):
+                    result[vma.start] = VmaPages(present, None)  # copied whole
+                    continue
                 if not registered:
                     if uffd.register_wp(fd, vma.start, vma.end - vma.start):
                         pm.written_and_protect(vma.start, vma.end)  # start clean
@@ -77,6 +83,25 @@ class UffdWpTracker(Tracker):
                 dirty: list[Range] | None = clip(written, vma.start, vma.end)
                 result[vma.start] = VmaPages(present, dirty if incremental else None)
         return result
+
+    def _ours(self, fd: int, pm: pagemap.Pagemap, pid: int, vma: Vma) -> bool:
+        """Is this VMA's write-protect registration the tool's? The "uw" flag and
+        the wp bits look the same when the target uses userfaultfd itself, but its
+        own (un)protecting says nothing about writes since our last pass. Ours
+        accepts our fd again (another uffd's gives EBUSY) and is asynchronous
+        (PM_SCAN_CHECK_WPASYNC); anything else is never trusted."""
+        if uffd.register_wp(fd, vma.start, vma.end - vma.start) and pm.is_wp_async(
+            vma.start, vma.end
+        ):
+            return True
+        log.info(
+            "process %d: %x-%x is write-protected by its own userfaultfd: copied whole "
+            "on every pass",
+            pid,
+            vma.start,
+            vma.end,
+        )
+        return False
 
     def untrack(self, pid: int, state: dict, stop: StopThread) -> None:
         target_fd = state.get("uffd_fd")

@@ -20,7 +20,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/userfaultfd.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/prctl.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -153,6 +156,42 @@ static void *storm(void *arg)
 	return NULL;
 }
 
+/* The target's own userfaultfd write-protection (synchronous, as a program
+ * tracking its own writes would use it): a region it protects itself, and
+ * unprotects around its own writes. */
+static int own_uffd = -1;
+static unsigned char *own_wp;
+enum { OWN_WP_PAGES = 16 };
+
+static int own_protect(int on)
+{
+	struct uffdio_writeprotect wp = {
+		.range = { .start = (unsigned long)own_wp, .len = OWN_WP_PAGES * PAGE },
+		.mode = on ? UFFDIO_WRITEPROTECT_MODE_WP : 0,
+	};
+	return ioctl(own_uffd, UFFDIO_WRITEPROTECT, &wp);
+}
+
+static int own_wp_setup(void)
+{
+	own_uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+	if (own_uffd < 0)
+		return -errno;
+	struct uffdio_api api = { .api = UFFD_API, .features = 0 };
+	if (ioctl(own_uffd, UFFDIO_API, &api))
+		return -errno;
+	own_wp = mmap(NULL, OWN_WP_PAGES * PAGE, PROT_READ | PROT_WRITE,
+		      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	fill(own_wp, OWN_WP_PAGES * PAGE, 37);
+	struct uffdio_register reg = {
+		.range = { .start = (unsigned long)own_wp, .len = OWN_WP_PAGES * PAGE },
+		.mode = UFFDIO_REGISTER_MODE_WP,
+	};
+	if (ioctl(own_uffd, UFFDIO_REGISTER, &reg))
+		return -errno;
+	return own_protect(1) ? -errno : 0;
+}
+
 /* Commands on stdin let a test trigger memory-map changes on demand. */
 static void *command_loop(void *arg)
 {
@@ -241,6 +280,20 @@ static void *command_loop(void *arg)
 				memset(h, 0x42, 2 << 20);
 				printf("REGION hugetlb %#lx %d\nDONE\n", (unsigned long)h, 2 << 20);
 			}
+		} else if (!strncmp(line, "ownwp", 5)) {
+			int err = own_wp_setup();
+			if (err)
+				printf("NOUFFD %d\nDONE\n", -err);
+			else
+				printf("REGION ownwp %#lx %lu\nDONE\n", (unsigned long)own_wp,
+				       (unsigned long)(OWN_WP_PAGES * PAGE));
+		} else if (!strncmp(line, "ownwrite", 8)) {
+			/* unprotect, write every page, protect again */
+			own_protect(0);
+			for (size_t i = 0; i < OWN_WP_PAGES; i++)
+				own_wp[i * PAGE + 8]++;
+			own_protect(1);
+			printf("DONE\n");
 		} else if (!strncmp(line, "mprotect", 8)) {
 			unsigned long first = 0, count = 0;
 			sscanf(line + 8, "%lu %lu", &first, &count);
