@@ -27,7 +27,7 @@ CHUNK = 8 << 20  # bytes read per preadv: large enough to amortize syscalls
 class Segment(NamedTuple):
     start: int  # address (or offset into a shared object)
     end: int
-    where: str  # "data" or "parent"
+    where: str  # "data", "parent" or "zero"
     pid: int = 0  # process to read data from
     vaddr: int = 0  # its address of `start` (differs from start for shared objects)
 
@@ -57,6 +57,9 @@ class PageCopier:
         for seg in plan:
             if seg.where == "parent":
                 pages.add_parent(seg.start, (seg.end - seg.start) // self.page_size)
+                continue
+            if seg.where == "zero":  # known to hold nothing (a hole of shared memory)
+                pages.add_zero(seg.start, (seg.end - seg.start) // self.page_size)
                 continue
             for start in range(seg.start, seg.end, CHUNK):
                 end = min(start + CHUNK, seg.end)

@@ -384,7 +384,7 @@ class _Pass:
             owner: private_plan(pid, vmas[pid], pages[pid], held[owner])
             for pid, owner in ((pid, f"pid-{pid}") for pid in tree.pids)
         }
-        plans.update(shared_plans(vmas))
+        plans.update(shared_plans(vmas, _shared_data))
         segments = [seg for plan in plans.values() for seg in plan]
         scanned = sum(seg.end - seg.start for seg in segments)
         to_read = sum(seg.end - seg.start for seg in segments if seg.where == "data")
@@ -488,6 +488,10 @@ def _stopper(pid: int, frozen: bool):
     """How a tracker gets a stopped thread of pid: the frozen main thread, or one
     stopped briefly for it."""
     return (lambda: contextlib.nullcontext(pid)) if frozen else (lambda: stopped_thread(pid))
+
+
+def _shared_data(pid: int, vma: Vma) -> list[Range] | None:
+    return proc.mapped_file_data(pid, vma.start, vma.end, vma.offset, vma.offset + vma.size)
 
 
 def _vmas_or_none(pid: int) -> list[Vma] | None:

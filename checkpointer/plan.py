@@ -6,6 +6,8 @@ that into Segments, in address order per memory owner, for the page copier.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from checkpointer.copier import Segment
 from checkpointer.images import Dump
 from checkpointer.pageruns import Range, intersect, normalize, subtract, window
@@ -47,8 +49,15 @@ def private_plan(
     return plan
 
 
-def shared_plans(vmas: dict[int, list[Vma]]) -> dict[str, list[Segment]]:
-    """Each shared object once, whole, read through whichever process maps each part."""
+def shared_plans(
+    vmas: dict[int, list[Vma]],
+    data_ranges: Callable[[int, Vma], list[Range] | None] = lambda pid, vma: None,
+) -> dict[str, list[Segment]]:
+    """Each shared object once, read through whichever process maps each part.
+
+    `data_ranges(pid, vma)`: the object's offsets that hold data (None: unknown,
+    copy all); the holes are recorded as zero pages, never read (reading a hole
+    of shmem through /proc/PID/mem allocates it)."""
     plans: dict[str, list[Segment]] = {}
     covered: dict[str, list[Range]] = {}
     for pid, pid_vmas in vmas.items():
@@ -57,10 +66,13 @@ def shared_plans(vmas: dict[int, list[Vma]]) -> dict[str, list[Segment]]:
             if owner is None:
                 continue
             span = [(vma.offset, vma.offset + vma.size)]
-            for s, e in subtract(span, covered.get(owner, [])):
-                plans.setdefault(owner, []).append(
-                    Segment(s, e, "data", pid, vma.start + (s - vma.offset))
-                )
+            todo = subtract(span, covered.get(owner, []))
+            held = data_ranges(pid, vma) if todo else None
+            for s, e in todo:
+                data = [(s, e)] if held is None else intersect(held, [(s, e)])
+                segs = [Segment(a, b, "data", pid, vma.start + (a - vma.offset)) for a, b in data]
+                segs += [Segment(a, b, "zero", pid, 0) for a, b in subtract([(s, e)], data)]
+                plans.setdefault(owner, []).extend(segs)
             covered[owner] = normalize(covered.get(owner, []) + span)
     return {owner: sorted(plan, key=lambda s: s.start) for owner, plan in plans.items()}
 

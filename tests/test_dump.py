@@ -239,3 +239,16 @@ def test_memory_comparison_sees_a_missing_copy_on_write_page(spawn, mapped_file,
         os.pwrite(mem.fileno(), b"\xee" * 64, start + page)
     with pytest.raises(AssertionError, match=f"page {start + page:#x} differs"):
         compare_dump_with_process(images, t.pid)
+
+
+def test_sparse_memfd_holes_stay_holes(spawn, tmp_path):
+    """Reading a hole of shared memory through /proc/PID/mem allocates it in the
+    target: a dump must copy only the pages the object holds."""
+    t = spawn()
+    reply = t.command("sparse")
+    fd = int(next(line for line in reply if line.startswith("FD")).split()[1])
+    blocks_before = os.stat(f"/proc/{t.pid}/fd/{fd}").st_blocks
+    dump(DumpRequest(pid=t.pid, images_dir=tmp_path / "d", thaw=Thaw.STOPPED, progress=False))
+    assert os.stat(f"/proc/{t.pid}/fd/{fd}").st_blocks == blocks_before
+    assert wait_for_state(t.pid, "T").startswith("T")
+    compare_dump_with_process(tmp_path / "d", t.pid)

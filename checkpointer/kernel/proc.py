@@ -435,3 +435,36 @@ def read_personality(pid: int) -> int:
 
 def read_comm(pid: int) -> str:
     return _read_text(pid, f"/proc/{pid}/comm").rstrip("\n")
+
+
+def mapped_file_data(
+    pid: int, start: int, end: int, lo: int, hi: int
+) -> list[tuple[int, int]] | None:
+    """The byte ranges of [lo, hi) (file offsets, page aligned) that hold data in
+    the object mapped at start-end (SEEK_DATA/SEEK_HOLE through
+    /proc/PID/map_files), or None when that cannot be read (it needs
+    CAP_SYS_ADMIN). Reading a hole of shmem or a memfd through /proc/PID/mem
+    would allocate it in the target."""
+    try:
+        fd = os.open(f"/proc/{pid}/map_files/{start:x}-{end:x}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    page = os.sysconf("SC_PAGE_SIZE")
+    out: list[tuple[int, int]] = []
+    try:
+        pos = lo
+        while pos < hi:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data after pos
+                    break
+                raise
+            if data >= hi:
+                break
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+            out.append((data - data % page, min(hi, -(-hole // page) * page)))
+            pos = hole
+    finally:
+        os.close(fd)
+    return out

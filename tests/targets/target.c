@@ -294,6 +294,14 @@ static void *command_loop(void *arg)
 				own_wp[i * PAGE + 8]++;
 			own_protect(1);
 			printf("DONE\n");
+		} else if (!strncmp(line, "sparse", 6)) {
+			/* a 64 MiB memfd mapped shared with one page written in its middle */
+			size_t size = 64 << 20;
+			int fd = memfd_create("sparse", MFD_CLOEXEC);
+			ftruncate(fd, size);
+			unsigned char *m = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+			fill(m + size / 2, PAGE, 41);
+			printf("REGION sparse %#lx %zu\nFD %d\nDONE\n", (unsigned long)m, size, fd);
 		} else if (!strncmp(line, "mprotect", 8)) {
 			unsigned long first = 0, count = 0;
 			sscanf(line + 8, "%lu %lu", &first, &count);
