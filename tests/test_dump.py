@@ -252,3 +252,18 @@ def test_sparse_memfd_holes_stay_holes(spawn, tmp_path):
     assert os.stat(f"/proc/{t.pid}/fd/{fd}").st_blocks == blocks_before
     assert wait_for_state(t.pid, "T").startswith("T")
     compare_dump_with_process(tmp_path / "d", t.pid)
+
+
+def test_shared_file_mapping_past_end_of_file(spawn, tmp_path):
+    """Pages of a MAP_SHARED file mapping past end of file cannot be read (SIGBUS
+    in the target, EIO through /proc/PID/mem): a frozen dump must not fail on them."""
+    backing = tmp_path / "one-page"
+    backing.write_bytes(bytes(os.sysconf("SC_PAGE_SIZE")))
+    t = spawn()
+    t.command(f"pastend {backing}")
+    start, _ = t.regions["pastend"]
+    page = os.sysconf("SC_PAGE_SIZE")
+    dump(DumpRequest(pid=t.pid, images_dir=tmp_path / "d", thaw=Thaw.STOPPED, progress=False))
+    assert wait_for_state(t.pid, "T").startswith("T")
+    with Dump.open(tmp_path / "d") as d:
+        assert d.read_memory(t.pid, start, page) == t.read_mem(start, page)

@@ -302,6 +302,16 @@ static void *command_loop(void *arg)
 			unsigned char *m = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
 			fill(m + size / 2, PAGE, 41);
 			printf("REGION sparse %#lx %zu\nFD %d\nDONE\n", (unsigned long)m, size, fd);
+		} else if (!strncmp(line, "pastend ", 8)) {
+			/* pastend PATH: map 4 pages of a 1-page file shared and writable, write
+			 * the first; the other 3 lie past end of file */
+			char *path = line + 8;
+			path[strcspn(path, "\n")] = 0;
+			int fd = open(path, O_RDWR);
+			unsigned char *m = mmap(NULL, 4 * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+			close(fd);
+			fill(m, PAGE, 43);
+			printf("REGION pastend %#lx %lu\nDONE\n", (unsigned long)m, (unsigned long)(4 * PAGE));
 		} else if (!strncmp(line, "mprotect", 8)) {
 			unsigned long first = 0, count = 0;
 			sscanf(line + 8, "%lu %lu", &first, &count);
