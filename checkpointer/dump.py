@@ -164,7 +164,10 @@ class _Pass:
                     raise TargetError(f"process {req.pid} exited during the {req.kind}")
                 writer.commit(self._inventory(tree, start_time))
         except BaseException:
-            freezer.thaw(Thaw.RUNNING)
+            try:
+                freezer.thaw(Thaw.RUNNING)
+            except TargetError as err:
+                log.error("%s", err)  # said, but the error that ended the pass wins
             freezer.undo_stop()  # if it was already thawed into a stop we asked for
             if self.tracker:
                 self.tracker.close()

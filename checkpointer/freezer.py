@@ -171,18 +171,49 @@ class Freezer:
             for pid in pids:
                 if pid not in self.tree.was_stopped:
                     _signal(pid, signal.SIGSTOP)
+        stuck: list[int] = []
         with _signals_deferred():
             for tid in self._seized:
-                try:
-                    ptrace.detach(tid)
-                except TargetError:
-                    pass  # gone already
+                if not self._release(tid):
+                    stuck.append(tid)
             self._seized.clear()
         if self._cgroup_frozen:
             self._thaw_cgroup()
         if mode is Thaw.KILL:
             for pid in pids:
                 _reap_if_child(pid)
+        if stuck:
+            raise TargetError(
+                f"could not release thread(s) {', '.join(map(str, stuck))} of {self.root}: "
+                "they stay traced by this process until it exits"
+            )
+
+    def _release(self, tid: int) -> bool:
+        """Detach tid. PTRACE_DETACH needs a ptrace-stop: a tracee that runs again
+        (continued to take a signal) refuses with ESRCH, which is not "gone"; stop it
+        and detach again. False if it stays traced."""
+        pid = self._pid_of(tid)
+        try:
+            ptrace.detach(tid)
+            return True
+        except TargetError:
+            if proc.wait_exited(pid, tid, timeout=0):
+                return True  # gone already
+        try:
+            ptrace.interrupt(tid)
+            stop = ptrace.wait_stop(tid)
+            if stop.kind in ("exited", "killed"):
+                return True
+            ptrace.detach(tid, stop.sig if stop.kind == "signal-stop" else 0)
+            return True
+        except TargetError:
+            return proc.wait_exited(pid, tid, timeout=0.2)
+
+    def _pid_of(self, tid: int) -> int:
+        for pid, tids in self.tree.threads.items():
+            if tid in tids:
+                return pid
+        return tid
 
     def undo_stop(self) -> None:
         """Resume the tasks a STOPPED thaw stopped (the dump failed after all)."""

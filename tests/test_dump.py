@@ -267,3 +267,21 @@ def test_shared_file_mapping_past_end_of_file(spawn, tmp_path):
     assert wait_for_state(t.pid, "T").startswith("T")
     with Dump.open(tmp_path / "d") as d:
         assert d.read_memory(t.pid, start, page) == t.read_mem(start, page)
+
+
+def test_thaw_releases_a_thread_that_left_its_stop(spawn):
+    """A seized thread that runs again before the thaw (here: PTRACE_CONT, as the
+    freezer does to let a signal through) refuses PTRACE_DETACH with ESRCH. That
+    was taken for "gone already", leaving the thread traced by the tool: the
+    thaw must release it, or say it could not."""
+    from checkpointer.freezer import Freezer
+
+    t = spawn("--threads", "2")
+    freezer = Freezer(t.pid)
+    tree = freezer.freeze()
+    worker = tree.threads[t.pid][1]
+    ptrace.cont(worker)  # runs on, still traced, no longer in a stop
+    freezer.thaw(Thaw.RUNNING)
+    for tid in tree.threads[t.pid]:
+        assert proc_status(tid).get("TracerPid") == "0", tid
+    t.assert_carries_on()
