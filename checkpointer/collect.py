@@ -80,7 +80,7 @@ def read_injected_state(pid: int, tids: list[int]) -> InjectedState:
     a main thread that called pthread_exit cannot run a syscall), then each live
     thread's own. One scratch area serves every thread: they share the memory."""
     started = time.monotonic()
-    live = [tid for tid in tids if proc.read_task_state(pid, tid) not in ("Z", "X")]
+    live = [tid for tid in tids if proc.read_state(pid, tid) not in ("Z", "X")]
     if not live:
         raise TargetError(f"process {pid} has no live thread to read its state from")
     first = pid if pid in live else live[0]
@@ -164,7 +164,7 @@ def core_records(
             "blocked": ptrace.get_sigmask(tid),
             "pending": masks["pending"],
             "shared_pending": masks["shared_pending"],
-            "state": proc.read_task_state(pid, tid),
+            "state": proc.read_state(pid, tid),
             "comm": proc.read_task_comm(pid, tid),
             "robust_list": taskstate.read_robust_list(tid),
             "rseq": ptrace.get_rseq_config(tid),
@@ -201,7 +201,8 @@ def mm_record(pid: int, injected: InjectedState | None = None) -> dict:
     }
 
 
-def fd_records(pid: int) -> list[dict]:
+def fd_records(pid: int, hide: set[int] | frozenset[int] = frozenset()) -> list[dict]:
+    """The process's open files, without `hide` (fds the tool put there)."""
     records = [
         {
             "fd": fd.fd,
@@ -215,6 +216,7 @@ def fd_records(pid: int) -> list[dict]:
             "stat": file_identity(proc.stat_fd(pid, fd.fd)),
         }
         for fd in proc.read_fds(pid)
+        if fd.fd not in hide
     ]
     for rec in records:
         rec.update(fdstate.describe(pid, rec))
@@ -249,16 +251,22 @@ def fd_type(target: str) -> str:
     return "other"
 
 
-def vma_records(pid: int, vmas: list[Vma]) -> list[dict]:
-    """vma records with the identity of each mapped file (map_files/ reaches
-    deleted files too)."""
-    return [
+def vma_records(
+    pid: int, vmas: list[Vma], hide_flags: set[str] | frozenset[str] = frozenset()
+) -> list[dict]:
+    """vma records with the identity of each mapped file (map_files/ reaches deleted
+    files too), without the VmFlags in `hide_flags` (set by the tool)."""
+    records = [
         {
             **vma_record(v),
             "stat": file_identity(proc.stat_mapped_file(pid, v.start, v.end)) if v.inode else None,
         }
         for v in vmas
     ]
+    if hide_flags:
+        for r in records:
+            r["vmflags"] = [f for f in r["vmflags"] if f not in hide_flags]
+    return records
 
 
 def start_time(pid: int) -> int:

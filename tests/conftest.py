@@ -48,6 +48,31 @@ def private_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return state
 
 
+@pytest.fixture(autouse=True)
+def committed_dumps_verify(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[None]:
+    """Every complete dump a test leaves under tmp_path passes `verify`, whole chain
+    included: a committed dump whose parent references do not resolve is the worst
+    defect this tool can have, and it would otherwise surface only at restore time.
+    Tests that damage images on purpose are marked `damages_images`."""
+    yield
+    if request.node.get_closest_marker("damages_images"):
+        return
+    from checkpointer.errors import ImageError
+    from checkpointer.images.reader import is_complete_dump
+    from checkpointer.images.verify import verify_dump
+
+    for inventory in sorted(tmp_path.rglob("inventory")):
+        path = inventory.parent
+        if any(part.startswith(".") for part in path.relative_to(tmp_path).parts):
+            continue  # an uncommitted temp dir
+        if not is_complete_dump(str(path)):
+            continue
+        try:
+            verify_dump(str(path))
+        except ImageError as err:
+            pytest.fail(f"committed dump {path} does not verify: {err}")
+
+
 @pytest.fixture
 def spawn() -> Iterator[Callable[..., Target]]:
     """Start test targets; every one still alive is killed at teardown."""

@@ -64,6 +64,23 @@ class Target:
         elif parts[0] == "STATE":
             self.set_state[parts[1]] = parts[2:]
 
+    def wait_ready(self, timeout: float = 30, lines=None) -> None:
+        """Read the REGION lines up to READY (at start, and again after `exec`),
+        from the target's stdout pipe or from `lines`."""
+        if lines is None:
+            assert self.proc.stdout
+            lines = iter(self.proc.stdout.readline, "")
+        deadline = time.monotonic() + timeout
+        for raw in lines:
+            line = raw.strip()
+            if line.startswith("READY"):
+                return
+            if line:
+                self._parse(line)
+            if time.monotonic() > deadline:
+                break
+        raise RuntimeError(f"target did not become ready (exit status {self.proc.poll()})")
+
     def read_mem(self, addr: int, size: int, pid: int | None = None) -> bytes:
         with open(f"/proc/{pid or self.pid}/mem", "rb", buffering=0) as mem:
             return os.pread(mem.fileno(), size, addr)
@@ -123,17 +140,12 @@ def start_target(*args: str, timeout: float = 30, output: Path | None = None) ->
         assert proc.stdout
         lines = iter(proc.stdout.readline, "")
     target = Target(proc)
-    deadline = time.monotonic() + timeout
-    for raw in lines:
-        line = raw.strip()
-        if line.startswith("READY"):
-            return target
-        if line:
-            target._parse(line)
-        if time.monotonic() > deadline:
-            break
-    target.kill()
-    raise RuntimeError(f"target did not become ready (exit status {proc.poll()})")
+    try:
+        target.wait_ready(timeout, lines)
+    except RuntimeError:
+        target.kill()
+        raise
+    return target
 
 
 def _follow(f, proc: subprocess.Popen, timeout: float):
@@ -193,3 +205,32 @@ CLI = [sys.executable, "-m", "checkpointer"]
 def cli(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
     """Run the checkpointer CLI; the timeout only turns a hang into a failure."""
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, **kw)
+
+
+# The dumper called the way the tests use it: no progress bar; a final dump tracks
+# (so it can extend the chain) and leaves the tree stopped for a memory comparison.
+def predump(pid: int, path, parent: str | None = None, tracker: str = "auto"):
+    from checkpointer.dump import DumpRequest, pre_dump
+
+    return pre_dump(
+        DumpRequest(
+            pid=pid, images_dir=path, prev_images_dir=parent, tracker=tracker, progress=False
+        )
+    )
+
+
+def final_dump(pid: int, path, parent: str | None, tracker: str, thaw=None):
+    from checkpointer.dump import DumpRequest, dump
+    from checkpointer.freezer import Thaw
+
+    return dump(
+        DumpRequest(
+            pid=pid,
+            images_dir=path,
+            prev_images_dir=parent,
+            tracker=tracker,
+            track_mem=True,
+            thaw=Thaw.STOPPED if thaw is None else thaw,
+            progress=False,
+        )
+    )

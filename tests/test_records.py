@@ -192,7 +192,7 @@ def test_zombie_leader_state_read_from_another_thread(spawn):
     # collection directly, on threads stopped here.)
     t = spawn("--state", "--exit-main", "--threads", "2")
     deadline = time.monotonic() + 5
-    while proc.read_task_state(t.pid, t.pid) != "Z":
+    while proc.read_state(t.pid, t.pid) != "Z":
         assert time.monotonic() < deadline, "main thread did not exit"
         time.sleep(0.01)
     live = proc.list_threads(t.pid)[1:]

@@ -12,6 +12,7 @@ import errno
 import os
 
 from checkpointer.errors import TargetError
+from checkpointer.kernel import proc
 from checkpointer.kernel.syscalls import NR_process_vm_writev, syscall
 
 
@@ -21,7 +22,7 @@ class MemReader:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         try:
-            self.fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+            self.fd = os.open(f"{proc.task_dir(pid)}/mem", os.O_RDONLY | os.O_CLOEXEC)
         except (FileNotFoundError, ProcessLookupError):
             raise TargetError(f"process {pid} does not exist (exited)") from None
         except PermissionError:

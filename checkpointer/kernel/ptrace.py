@@ -356,8 +356,13 @@ def find_syscall_insn(tid: int) -> int:
     """
     addr = _syscall_insn.get(tid)
     try:
-        if addr is not None and _read_mem(tid, addr, 2) == b"\x0f\x05":
-            return addr
+        try:
+            if addr is not None and _read_mem(tid, addr, 2) == b"\x0f\x05":
+                return addr
+        except OSError as err:
+            if err.errno != errno.EIO:
+                raise
+            # unmapped: the process ran exec since (or it is another one); look again
         with open(f"/proc/{tid}/maps", "rb") as f:
             for line in f:
                 if line.rstrip().endswith(b"[vdso]"):

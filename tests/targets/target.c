@@ -4,7 +4,7 @@
  *
  *   target [--threads N] [--anon-mb N] [--hot-pages N] [--hot-sleep-us N]
  *          [--fork] [--file PATH] [--thp-mb N] [--storm] [--remap] [--state]
- *          [--exit-main] [--seccomp] [--rseq-cs]
+ *          [--exit-main|--main-exits] [--seccomp] [--rseq-cs]
  *
  * --state sets up what only injected syscalls can read back (see set_up_state()):
  * signal handlers, interval timers, umask, prctl flags, queued blocked signals, a
@@ -25,21 +25,23 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
 #include <stddef.h>
-#include <sys/syscall.h>
-#include <pthread.h>
-#include <signal.h>
 #include <sys/time.h>
 #include <sys/stat.h>
+#include <sys/rseq.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/userfaultfd.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/prctl.h>
-#include <sys/rseq.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -52,6 +54,8 @@ static long hot_sleep_us = 1000;
 static unsigned char *anon, *shared, *protnone, *filemap, *thp, *statik;
 static size_t file_size = 16 * PAGE;
 static volatile uint64_t heartbeat;
+static char **saved_argv;
+static int main_exits;
 
 static void region(const char *name, void *p, size_t len)
 {
@@ -94,6 +98,245 @@ static void *checker(void *arg)
 		}
 		heartbeat++;
 		usleep(1000);
+	}
+	return NULL;
+}
+
+/* Maps regions and touches their pages one by one for the first time, keeping the
+ * last few alive and unmapping the oldest: a program that keeps growing new memory
+ * while a pre-dump scans it. */
+static void *churn(void *arg)
+{
+	(void)arg;
+	/* A page every ~20 us, 5 ms a region; each region lives ~0.6 s: long enough
+	 * for the next pass to see it again. */
+	enum { KEEP = 128, PAGES = 256 };
+	unsigned char *ring[KEEP] = { 0 };
+	for (uint64_t n = 0;; n++) {
+		unsigned char **slot = &ring[n % KEEP];
+		if (*slot)
+			munmap(*slot, PAGES * PAGE);
+		*slot = mmap(NULL, PAGES * PAGE, PROT_READ | PROT_WRITE,
+			     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		for (size_t i = 0; i < PAGES; i++) {
+			(*slot)[i * PAGE] = (unsigned char)(n + i + 1);
+			struct timespec t0, t1;
+			clock_gettime(CLOCK_MONOTONIC, &t0);
+			do
+				clock_gettime(CLOCK_MONOTONIC, &t1);
+			while ((t1.tv_sec - t0.tv_sec) * 1000000000L + t1.tv_nsec - t0.tv_nsec < 20000);
+		}
+	}
+	return NULL;
+}
+
+/* Forks children that live a little while with memory of their own. */
+static void *forker(void *arg)
+{
+	(void)arg;
+	for (;;) {
+		pid_t pid = fork();
+		if (pid == 0) {
+			unsigned char *mine = mmap(NULL, 8 * PAGE, PROT_READ | PROT_WRITE,
+						   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+			fill(mine, 8 * PAGE, 31);
+			usleep(50000);
+			_exit(0);
+		}
+		usleep(5000);
+		while (waitpid(-1, NULL, WNOHANG) > 0)
+			;
+	}
+	return NULL;
+}
+
+/* A child that inherits every page of the parent and writes nothing. */
+static pid_t quiet_child(void)
+{
+	pid_t child = fork();
+	if (child == 0) {
+		for (;;)
+			pause();
+	}
+	return child;
+}
+
+static void *storm(void *arg)
+{
+	(void)arg;
+	for (;;) {
+		pthread_t t;
+		if (pthread_create(&t, NULL, (void *(*)(void *))usleep, (void *)1000) == 0)
+			pthread_detach(t);
+		usleep(200);
+	}
+	return NULL;
+}
+
+/* The target's own userfaultfd write-protection (synchronous, as a program
+ * tracking its own writes would use it): a region it protects itself, and
+ * unprotects around its own writes. */
+static int own_uffd = -1;
+static unsigned char *own_wp;
+enum { OWN_WP_PAGES = 16 };
+
+static int own_protect(int on)
+{
+	struct uffdio_writeprotect wp = {
+		.range = { .start = (unsigned long)own_wp, .len = OWN_WP_PAGES * PAGE },
+		.mode = on ? UFFDIO_WRITEPROTECT_MODE_WP : 0,
+	};
+	return ioctl(own_uffd, UFFDIO_WRITEPROTECT, &wp);
+}
+
+static int own_wp_setup(void)
+{
+	own_uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+	if (own_uffd < 0)
+		return -errno;
+	struct uffdio_api api = { .api = UFFD_API, .features = 0 };
+	if (ioctl(own_uffd, UFFDIO_API, &api))
+		return -errno;
+	own_wp = mmap(NULL, OWN_WP_PAGES * PAGE, PROT_READ | PROT_WRITE,
+		      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	fill(own_wp, OWN_WP_PAGES * PAGE, 37);
+	struct uffdio_register reg = {
+		.range = { .start = (unsigned long)own_wp, .len = OWN_WP_PAGES * PAGE },
+		.mode = UFFDIO_REGISTER_MODE_WP,
+	};
+	if (ioctl(own_uffd, UFFDIO_REGISTER, &reg))
+		return -errno;
+	return own_protect(1) ? -errno : 0;
+}
+
+/* Commands on stdin let a test trigger memory-map changes on demand. */
+static void *command_loop(void *arg)
+{
+	(void)arg;
+	pthread_t t;
+	for (;;) {
+		char line[128];
+		if (!fgets(line, sizeof line, stdin)) {
+			for (;;)
+				pause();
+		}
+		if (!strncmp(line, "remap", 5)) {
+			/* Unmap the remap region and map new memory at the same address. */
+			unsigned long addr = strtoul(line + 6, NULL, 0);
+			munmap((void *)addr, 4 * PAGE);
+			unsigned char *r = mmap((void *)addr, 4 * PAGE, PROT_READ | PROT_WRITE,
+						MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+			fill(r, 4 * PAGE, 23);
+			printf("DONE\n");
+		} else if (!strncmp(line, "mmap", 4)) {
+			unsigned char *r = mmap(NULL, 16 * PAGE, PROT_READ | PROT_WRITE,
+						MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+			fill(r, 16 * PAGE, 29);
+			printf("REGION new %#lx %zu\nDONE\n", (unsigned long)r, 16 * PAGE);
+		} else if (!strncmp(line, "write", 5)) {
+			/* write FIRST COUNT: dirty pages FIRST.. of the anon region */
+			unsigned long first = 0, count = 0;
+			sscanf(line + 5, "%lu %lu", &first, &count);
+			for (unsigned long i = first; i < first + count && i * PAGE < anon_size; i++)
+				anon[i * PAGE + 16] ^= 0x5A;
+			printf("DONE\n");
+		} else if (!strncmp(line, "dontneed", 8)) {
+			unsigned long first = 0, count = 0;
+			sscanf(line + 8, "%lu %lu", &first, &count);
+			madvise(anon + first * PAGE, count * PAGE, MADV_DONTNEED);
+			printf("DONE\n");
+		} else if (!strncmp(line, "forker", 6)) {
+			pthread_create(&t, NULL, forker, NULL);
+			printf("DONE\n");
+		} else if (!strncmp(line, "fork", 4)) {
+			printf("CHILD %d\nDONE\n", quiet_child());
+		} else if (!strncmp(line, "killchild", 9)) {
+			/* killchild PID: kill and reap one child */
+			pid_t pid = (pid_t)atol(line + 10);
+			kill(pid, SIGKILL);
+			waitpid(pid, NULL, 0);
+			printf("DONE\n");
+		} else if (!strncmp(line, "exec", 4)) {
+			/* Run this program again in this process, with the same options. */
+			printf("DONE\n");
+			execv("/proc/self/exe", saved_argv);
+			perror("execv");
+			_exit(2);
+		} else if (!strncmp(line, "churn", 5)) {
+			pthread_create(&t, NULL, churn, NULL);
+			printf("DONE\n");
+		} else if (!strncmp(line, "read", 4)) {
+			/* read FIRST COUNT: read pages of the anon region (a page dropped with
+			 * MADV_DONTNEED comes back as the shared zero page) */
+			unsigned long first = 0, count = 0;
+			volatile unsigned char sum = 0;
+			sscanf(line + 4, "%lu %lu", &first, &count);
+			for (unsigned long i = first; i < first + count && i * PAGE < anon_size; i++)
+				sum += anon[i * PAGE + 16];
+			printf("DONE\n");
+		} else if (!strncmp(line, "move", 4)) {
+			/* move FIRST COUNT: mremap pages of the anon region to a new address */
+			unsigned long first = 0, count = 0;
+			sscanf(line + 4, "%lu %lu", &first, &count);
+			void *to = mmap(NULL, count * PAGE, PROT_NONE,
+					MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+			void *got = mremap(anon + first * PAGE, count * PAGE, count * PAGE,
+					   MREMAP_MAYMOVE | MREMAP_FIXED, to);
+			if (got == MAP_FAILED) {
+				perror("mremap");
+				_exit(2);
+			}
+			printf("REGION moved %#lx %lu\nDONE\n", (unsigned long)got, count * PAGE);
+		} else if (!strncmp(line, "hugetlb", 7)) {
+			/* a 2 MiB MAP_HUGETLB region, touched */
+			unsigned char *h = mmap(NULL, 2 << 20, PROT_READ | PROT_WRITE,
+						MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0);
+			if (h == MAP_FAILED) {
+				printf("NOHUGETLB %d\nDONE\n", errno);
+			} else {
+				memset(h, 0x42, 2 << 20);
+				printf("REGION hugetlb %#lx %d\nDONE\n", (unsigned long)h, 2 << 20);
+			}
+		} else if (!strncmp(line, "ownwp", 5)) {
+			int err = own_wp_setup();
+			if (err)
+				printf("NOUFFD %d\nDONE\n", -err);
+			else
+				printf("REGION ownwp %#lx %lu\nDONE\n", (unsigned long)own_wp,
+				       (unsigned long)(OWN_WP_PAGES * PAGE));
+		} else if (!strncmp(line, "ownwrite", 8)) {
+			/* unprotect, write every page, protect again */
+			own_protect(0);
+			for (size_t i = 0; i < OWN_WP_PAGES; i++)
+				own_wp[i * PAGE + 8]++;
+			own_protect(1);
+			printf("DONE\n");
+		} else if (!strncmp(line, "sparse", 6)) {
+			/* a 64 MiB memfd mapped shared with one page written in its middle */
+			size_t size = 64 << 20;
+			int fd = memfd_create("sparse", MFD_CLOEXEC);
+			ftruncate(fd, size);
+			unsigned char *m = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+			fill(m + size / 2, PAGE, 41);
+			printf("REGION sparse %#lx %zu\nFD %d\nDONE\n", (unsigned long)m, size, fd);
+		} else if (!strncmp(line, "pastend ", 8)) {
+			/* pastend PATH: map 4 pages of a 1-page file shared and writable, write
+			 * the first; the other 3 lie past end of file */
+			char *path = line + 8;
+			path[strcspn(path, "\n")] = 0;
+			int fd = open(path, O_RDWR);
+			unsigned char *m = mmap(NULL, 4 * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+			close(fd);
+			fill(m, PAGE, 43);
+			printf("REGION pastend %#lx %lu\nDONE\n", (unsigned long)m, (unsigned long)(4 * PAGE));
+		} else if (!strncmp(line, "brk", 3)) {
+			printf("BRK %#lx\nDONE\n", (unsigned long)sbrk(0));
+		} else if (!strncmp(line, "mprotect", 8)) {
+			unsigned long first = 0, count = 0;
+			sscanf(line + 8, "%lu %lu", &first, &count);
+			mprotect(anon + first * PAGE, count * PAGE, PROT_READ);
+			printf("DONE\n");
+		}
 	}
 	return NULL;
 }
@@ -228,21 +471,11 @@ static void install_seccomp(void)
 	}
 }
 
-static void *storm(void *arg)
-{
-	(void)arg;
-	for (;;) {
-		pthread_t t;
-		if (pthread_create(&t, NULL, (void *(*)(void *))usleep, (void *)1000) == 0)
-			pthread_detach(t);
-		usleep(200);
-	}
-	return NULL;
-}
 
 int main(int argc, char **argv)
 {
-	int threads = 2, do_fork = 0, do_storm = 0, do_remap = 0, do_state = 0, exit_main = 0;
+	saved_argv = argv;
+	int threads = 2, do_fork = 0, do_storm = 0, do_remap = 0, do_state = 0;
 	int do_seccomp = 0, do_rseq = 0;
 	const char *file = NULL;
 	anon_size = 8 << 20;
@@ -255,8 +488,9 @@ int main(int argc, char **argv)
 		else if (!strcmp(argv[i], "--fork")) do_fork = 1;
 		else if (!strcmp(argv[i], "--storm")) do_storm = 1;
 		else if (!strcmp(argv[i], "--remap")) do_remap = 1;
+		else if (!strcmp(argv[i], "--main-exits")) main_exits = 1;
 		else if (!strcmp(argv[i], "--state")) do_state = 1;
-		else if (!strcmp(argv[i], "--exit-main")) exit_main = 1;
+		else if (!strcmp(argv[i], "--exit-main")) main_exits = 1;
 		else if (!strcmp(argv[i], "--seccomp")) do_seccomp = 1;
 		else if (!strcmp(argv[i], "--rseq-cs")) do_rseq = 1;
 		else if (!strcmp(argv[i], "--file")) file = argv[++i];
@@ -361,47 +595,11 @@ int main(int argc, char **argv)
 
 	region("heartbeat", (void *)&heartbeat, sizeof(heartbeat));
 	printf("READY %d\n", getpid());
-	if (exit_main)
+	if (main_exits) {
+		/* The main thread leaves while the others run: the process lives on
+		 * with a zombie thread-group leader. */
+		pthread_create(&t, NULL, command_loop, NULL);
 		pthread_exit(NULL);
-	for (;;) {
-		/* Commands on stdin let a test trigger memory-map changes on demand. */
-		char line[128];
-		if (!fgets(line, sizeof line, stdin)) {
-			for (;;)
-				pause();
-		}
-		if (!strncmp(line, "remap", 5)) {
-			/* Unmap the remap region and map new memory at the same address. */
-			unsigned long addr = strtoul(line + 6, NULL, 0);
-			munmap((void *)addr, 4 * PAGE);
-			unsigned char *r = mmap((void *)addr, 4 * PAGE, PROT_READ | PROT_WRITE,
-						MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
-			fill(r, 4 * PAGE, 23);
-			printf("DONE\n");
-		} else if (!strncmp(line, "mmap", 4)) {
-			unsigned char *r = mmap(NULL, 16 * PAGE, PROT_READ | PROT_WRITE,
-						MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-			fill(r, 16 * PAGE, 29);
-			printf("REGION new %#lx %zu\nDONE\n", (unsigned long)r, 16 * PAGE);
-		} else if (!strncmp(line, "write", 5)) {
-			/* write FIRST COUNT: dirty pages FIRST.. of the anon region */
-			unsigned long first = 0, count = 0;
-			sscanf(line + 5, "%lu %lu", &first, &count);
-			for (unsigned long i = first; i < first + count && i * PAGE < anon_size; i++)
-				anon[i * PAGE + 16] ^= 0x5A;
-			printf("DONE\n");
-		} else if (!strncmp(line, "dontneed", 8)) {
-			unsigned long first = 0, count = 0;
-			sscanf(line + 8, "%lu %lu", &first, &count);
-			madvise(anon + first * PAGE, count * PAGE, MADV_DONTNEED);
-			printf("DONE\n");
-		} else if (!strncmp(line, "brk", 3)) {
-			printf("BRK %#lx\nDONE\n", (unsigned long)sbrk(0));
-		} else if (!strncmp(line, "mprotect", 8)) {
-			unsigned long first = 0, count = 0;
-			sscanf(line + 8, "%lu %lu", &first, &count);
-			mprotect(anon + first * PAGE, count * PAGE, PROT_READ);
-			printf("DONE\n");
-		}
 	}
+	command_loop(NULL);
 }
