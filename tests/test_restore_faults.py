@@ -58,6 +58,7 @@ def test_pid_taken_is_refused_and_the_original_keeps_running(tmp_path):
         lc.kill()
 
 
+@pytest.mark.damages_images
 def test_incomplete_chain_is_refused_before_anything_is_created(tmp_path):
     lc = start_lifecycle(tmp_path)
     try:
@@ -73,6 +74,7 @@ def test_incomplete_chain_is_refused_before_anything_is_created(tmp_path):
         lc.kill()
 
 
+@pytest.mark.damages_images
 def test_corrupt_pagemap_is_refused_before_anything_is_created(dumped):
     lc, images = dumped
     pagemap = images / f"pagemap-pid-{lc.pid}"
@@ -83,6 +85,7 @@ def test_corrupt_pagemap_is_refused_before_anything_is_created(dumped):
     assert_nothing_restored(lc)
 
 
+@pytest.mark.damages_images
 def test_corrupt_page_data_rolls_back(dumped):
     """A frame whose checksum fails is found while writing pages: everything
     created so far is killed, and the error is one line."""

@@ -84,6 +84,7 @@ def test_resolve_takes_each_page_from_the_newest_dump_that_holds_it(tmp_path):
     ]
 
 
+@pytest.mark.damages_images  # writes a chain with a hole on purpose
 def test_resolve_refuses_a_parent_reference_no_ancestor_holds(tmp_path):
     d = _chain(tmp_path, [("parent", 3, 2)])  # page 4 was never in the parent
     with pytest.raises(ImageError, match="no ancestor holds them"):
