@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from checkpointer import fdstate
 from checkpointer.errors import TargetError
 from checkpointer.freezer import FrozenTree
-from checkpointer.kernel import abi, inject, proc, ptrace, taskstate
+from checkpointer.kernel import abi, inject, kcmp, proc, ptrace, taskstate
 from checkpointer.kernel.inject import SyscallSession
 from checkpointer.kernel.syscalls import O_CLOEXEC
 from checkpointer.vmas import Vma, vma_record
@@ -212,6 +212,26 @@ def fd_records(pid: int) -> list[dict]:
     for rec in records:
         rec.update(fdstate.describe(pid, rec))
     return records
+
+
+def mark_shared_descriptions(fds: dict[int, list[dict]]) -> None:
+    """Give every fd record an "ofd" id, equal for fds that share one open file
+    description (dup'ed, or inherited through fork: they share offset and flags),
+    as kcmp(KCMP_FILE) tells. Only fds on the same file are compared."""
+    seen: dict[tuple, list[tuple[int, int, int]]] = {}  # file -> [(pid, fd, ofd)]
+    next_id = 0
+    for pid, records in fds.items():
+        for rec in records:
+            st = rec.get("stat") or {}
+            same_file = seen.setdefault((rec["target"], st.get("dev"), st.get("ino")), [])
+            for other_pid, other_fd, ofd in same_file:
+                if kcmp.same_open_file(pid, rec["fd"], other_pid, other_fd):
+                    rec["ofd"] = ofd
+                    break
+            else:
+                rec["ofd"] = next_id
+                same_file.append((pid, rec["fd"], next_id))
+                next_id += 1
 
 
 def file_identity(st: os.stat_result | None) -> dict | None:

@@ -224,6 +224,7 @@ class _Pass:
 
     def _write_state(self, writer: DumpWriter, tree: FrozenTree, vmas: dict) -> None:
         writer.write_pstree(collect.pstree_records(tree))
+        fds: dict[int, list[dict]] = {}
         for pid in tree.pids:
             # Registers and injected syscalls need every thread in a ptrace stop. The
             # sessions' scratch page is gone before the memory is tracked or copied.
@@ -240,7 +241,10 @@ class _Pass:
                     pid, tree.threads[pid], pid in tree.was_stopped, injected
                 )
                 writer.write_core(pid, process, threads)
-                writer.write_fds(pid, collect.fd_records(pid))
+                fds[pid] = collect.fd_records(pid)
+        collect.mark_shared_descriptions(fds)
+        for pid, records in fds.items():
+            writer.write_fds(pid, records)
 
     def _track(
         self, tree: FrozenTree, vmas: dict[int, list[Vma]], frozen: bool

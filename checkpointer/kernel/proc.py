@@ -351,6 +351,11 @@ def read_fdinfo(pid: int, fd: int) -> dict[str, str]:
     return out
 
 
+def read_fdinfo_bytes(pid: int, fd: int) -> bytes:
+    """/proc/PID/fdinfo/N as it is (an epoll fd lists one line per watched fd)."""
+    return _read_bytes(pid, f"/proc/{pid}/fdinfo/{fd}")
+
+
 def read_fds(pid: int) -> list[FdInfo]:
     """Open fds of pid, sorted; an fd closed while we read it is left out."""
     out = []

@@ -26,12 +26,42 @@ class OpenFiles:
     def __init__(self, shell_job: bool) -> None:
         self.shell_job = shell_job
         self.objects: dict[str, int] = {}  # key -> our fd of the object
+        self._done: set[str] = set()
 
     def shared(self, key: str, create) -> int:
         """Our fd for the object `key`, made by create() the first time."""
         if key not in self.objects:
             self.objects[key] = create()
         return self.objects[key]
+
+    def first_time(self, key: str) -> bool:
+        """True the first time `key` is asked: for work done once per object."""
+        if key in self._done:
+            return False
+        self._done.add(key)
+        return True
+
+    @staticmethod
+    def description(task: Task, record: dict) -> str:
+        """Key of the open file description behind an fd record: fds that share one
+        (dup, fork) carry the same "ofd" id."""
+        if "ofd" in record:
+            return f"ofd {record['ofd']}"
+        return f"fd {task.pid} {record['fd']}"
+
+    def open_description(self, task: Task, record: dict) -> int:
+        """A new fd of ours on the record's open file description: opened once for
+        every fd sharing it (so they share its offset and flags), then dup'ed."""
+        kind = KINDS.get(record["type"])
+
+        def create() -> int:
+            if kind is not None:
+                return kind.open(self, task, record)
+            return _open(task, record, self.shell_job)
+
+        if "ofd" not in record:
+            return create()
+        return os.dup(self.shared(self.description(task, record), create))
 
     def close(self) -> None:
         for fd in self.objects.values():
@@ -48,8 +78,7 @@ KINDS: dict[str, object] = {}
 
 def restore_fds(task: Task, files: OpenFiles) -> None:
     for f in task.image.fds:
-        kind = KINDS.get(f["type"])
-        ours = kind.open(files, task, f) if kind else _open(task, f, files.shell_job)
+        ours = files.open_description(task, f)
         try:
             cloexec = f.get("cloexec", bool(f["flags"] & os.O_CLOEXEC))
             task.install_fd(ours, at=f["fd"], cloexec=cloexec)
@@ -120,3 +149,12 @@ def _enter(task: Task, path: str) -> None:
         os.close(ours)
     taskctl.fchdir(task.session, fd)
     taskctl.close(task.session, fd)
+
+
+def _register_kinds() -> None:
+    from checkpointer.restore import anon
+
+    KINDS["anon"] = anon
+
+
+_register_kinds()

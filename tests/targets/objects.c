@@ -1,0 +1,166 @@
+/* A workload holding the kernel objects restore must bring back, for
+ * tests/test_restore_objects.py. Usage: objects DIR MODE
+ *
+ * MODE "events": an eventfd holding 7 (fd 10, never read), and an epoll (fd 14)
+ * watching a second eventfd (fd 11, data 111), a periodic 50 ms timerfd (fd 12,
+ * data 222) and a signalfd for SIGUSR2 (fd 13, data 333). The main loop waits on
+ * the epoll and writes DIR/status: "loops=N timer=N efd=N usr2=N".
+ *
+ * MODE "files": a file DIR/shared opened before fork, written by parent and child
+ * through the one inherited description (and a dup of it); a deleted file (fd 20)
+ * and a mapping of another deleted file; a memfd (fd 21) mapped shared, whose
+ * mapping the child also writes. Status "loops=N child=N ghost_ok=N memfd=N".
+ */
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/signalfd.h>
+#include <sys/timerfd.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+static char status_path[4096];
+
+static void put_status(const char *text)
+{
+	char tmp[4200];
+	snprintf(tmp, sizeof tmp, "%s.tmp", status_path);
+	int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+	if (fd < 0)
+		exit(2);
+	write(fd, text, strlen(text));
+	close(fd);
+	rename(tmp, status_path);
+}
+
+static void at(int fd, int want)
+{
+	if (fd != want && (dup2(fd, want) < 0 || close(fd) < 0))
+		exit(3);
+}
+
+static int events(void)
+{
+	at(eventfd(7, EFD_NONBLOCK), 10);
+	at(eventfd(0, EFD_NONBLOCK), 11);
+	at(timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK), 12);
+	struct itimerspec its = {{0, 50000000}, {0, 50000000}};
+	timerfd_settime(12, 0, &its, NULL);
+	sigset_t mask;
+	sigemptyset(&mask);
+	sigaddset(&mask, SIGUSR2);
+	sigprocmask(SIG_BLOCK, &mask, NULL);
+	at(signalfd(-1, &mask, SFD_NONBLOCK), 13);
+	at(epoll_create1(0), 14);
+	int fds[] = {11, 12, 13}, data[] = {111, 222, 333};
+	for (int i = 0; i < 3; i++) {
+		struct epoll_event ev = {.events = EPOLLIN, .data.u64 = data[i]};
+		epoll_ctl(14, EPOLL_CTL_ADD, fds[i], &ev);
+	}
+	uint64_t loops = 0, timer = 0, efd = 0, usr2 = 0;
+	for (;;) {
+		struct epoll_event evs[4];
+		int n = epoll_wait(14, evs, 4, 200);
+		for (int i = 0; i < n; i++) {
+			uint64_t v = 0;
+			if (evs[i].data.u64 == 111 && read(11, &v, 8) == 8)
+				efd += v;
+			if (evs[i].data.u64 == 222 && read(12, &v, 8) == 8)
+				timer += v;
+			if (evs[i].data.u64 == 333) {
+				struct signalfd_siginfo si;
+				if (read(13, &si, sizeof si) == sizeof si && si.ssi_signo == SIGUSR2)
+					usr2++;
+			}
+		}
+		char line[256];
+		snprintf(line, sizeof line, "loops=%lu timer=%lu efd=%lu usr2=%lu\n",
+			 (unsigned long)++loops, (unsigned long)timer, (unsigned long)efd,
+			 (unsigned long)usr2);
+		put_status(line);
+	}
+}
+
+#define GHOST_LEN 10000
+
+static unsigned char ghost_byte(int i) { return (unsigned char)(i * 7 + 3); }
+
+static int files(const char *dir)
+{
+	char path[4200];
+	snprintf(path, sizeof path, "%s/shared", dir);
+	int log = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+	at(log, 15);
+	at(dup(15), 16);
+
+	/* A deleted file open at fd 20, and a deleted file mapped privately. */
+	snprintf(path, sizeof path, "%s/ghost", dir);
+	int g = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+	unsigned char buf[GHOST_LEN];
+	for (int i = 0; i < GHOST_LEN; i++)
+		buf[i] = ghost_byte(i);
+	write(g, buf, GHOST_LEN);
+	lseek(g, 1234, SEEK_SET);
+	at(g, 20);
+	unlink(path);
+	snprintf(path, sizeof path, "%s/ghost-mapped", dir);
+	int gm = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+	write(gm, buf, GHOST_LEN);
+	unsigned char *gmap = mmap(NULL, GHOST_LEN, PROT_READ, MAP_PRIVATE, gm, 0);
+	close(gm);
+	unlink(path);
+
+	/* A memfd at fd 21 with 3 pages, mapped shared; the child bumps a counter in it. */
+	at(memfd_create("objects-memfd", 0), 21);
+	ftruncate(21, 3 * 4096);
+	volatile uint64_t *mem = mmap(NULL, 3 * 4096, PROT_READ | PROT_WRITE, MAP_SHARED, 21, 0);
+	mem[1024] = 42; /* page 1 */
+
+	pid_t child = fork();
+	if (child == 0) {
+		for (uint64_t n = 1;; n++) {
+			dprintf(16, "c%lu\n", (unsigned long)n);
+			mem[0] = n;
+			usleep(20000);
+		}
+	}
+	for (uint64_t loops = 1;; loops++) {
+		dprintf(15, "p%lu\n", (unsigned long)loops);
+		int ok = 1;
+		unsigned char b[GHOST_LEN];
+		if (pread(20, b, GHOST_LEN, 0) != GHOST_LEN || lseek(20, 0, SEEK_CUR) != 1234)
+			ok = 0;
+		for (int i = 0; ok && i < GHOST_LEN; i++)
+			if (b[i] != ghost_byte(i) || gmap[i] != ghost_byte(i))
+				ok = 0;
+		uint64_t inmem = 0;
+		pread(21, &inmem, 8, 0); /* through the fd: the same object as the mapping */
+		char line[256];
+		snprintf(line, sizeof line,
+			 "pid=%d child_pid=%d loops=%lu child=%lu ghost_ok=%d memfd=%lu page1=%lu\n",
+			 getpid(), child, (unsigned long)loops, (unsigned long)mem[0], ok,
+			 (unsigned long)inmem, (unsigned long)mem[1024]);
+		put_status(line);
+		usleep(20000);
+	}
+}
+
+int main(int argc, char **argv)
+{
+	if (argc < 3)
+		return 1;
+	snprintf(status_path, sizeof status_path, "%s/status", argv[1]);
+	if (!strcmp(argv[2], "events"))
+		return events();
+	if (!strcmp(argv[2], "files"))
+		return files(argv[1]);
+	return 1;
+}

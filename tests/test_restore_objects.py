@@ -1,0 +1,145 @@
+"""restore of the kernel objects a real program holds (tests/targets/objects.c):
+event fds, shared open file descriptions, deleted files, memfd. Each test dumps the
+workload (which kills it), restores it, and checks the object still works."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from targetlib import cli, target_binary
+
+from checkpointer.kernel.uffd import get_fd
+
+OBJECTS = Path(__file__).parent / "targets" / "objects.c"
+
+
+class Workload:
+    def __init__(self, base: Path, mode: str) -> None:
+        self.dir = base / "work"
+        self.dir.mkdir()
+        self.popen: subprocess.Popen | None = subprocess.Popen(
+            [str(target_binary(OBJECTS)), str(self.dir), mode],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        self.pid = self.popen.pid
+        self.wait_for(lambda st: st["loops"] > 3, "the workload to start")
+
+    def status(self) -> dict[str, int]:
+        text = (self.dir / "status").read_text()
+        return {k: int(v) for k, v in (kv.split("=") for kv in text.split())}
+
+    def wait_for(self, pred, what: str, timeout: float = 10.0) -> dict[str, int]:
+        deadline = time.monotonic() + timeout
+        st: dict[str, int] = {}
+        while time.monotonic() < deadline:
+            try:
+                st = self.status()
+                if pred(st):
+                    return st
+            except (ValueError, KeyError, FileNotFoundError):
+                pass
+            time.sleep(0.02)
+        raise AssertionError(f"timed out waiting for {what}; status {st}")
+
+    def dump_and_restore(self, images: Path) -> dict[str, int]:
+        at_dump = self.status()
+        r = cli("dump", "-t", str(self.pid), "-D", str(images))
+        assert r.returncode == 0, r.stderr
+        assert self.popen is not None
+        self.popen.wait(timeout=10)
+        self.popen = None
+        r = cli("restore", "-D", str(images), "-d")
+        assert r.returncode == 0, r.stderr
+        return at_dump
+
+    def kill(self, *pids: int) -> None:
+        for pid in (*pids, self.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.popen is not None:
+            self.popen.wait(timeout=10)
+        else:
+            try:
+                os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+
+@pytest.fixture
+def workload(tmp_path):
+    started: list[Workload] = []
+
+    def _start(mode: str) -> Workload:
+        w = Workload(tmp_path, mode)
+        started.append(w)
+        return w
+
+    yield _start
+    for w in started:
+        w.kill(*([w.status().get("child_pid", 0)] if "child_pid" in w.status() else []))
+
+
+def fdinfo(pid: int, fd: int) -> str:
+    return open(f"/proc/{pid}/fdinfo/{fd}").read()
+
+
+def epoll_watches(pid: int, fd: int) -> list[str]:
+    return sorted(
+        " ".join(line.split()[:6]) for line in fdinfo(pid, fd).splitlines() if "tfd:" in line
+    )
+
+
+# -- event fds ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def events_restored(workload, tmp_path):
+    w = workload("events")
+    w.wait_for(lambda st: st["timer"] > 3, "the timer to fire")
+    watches = epoll_watches(w.pid, 14)
+    at_dump = w.dump_and_restore(tmp_path / "images")
+    return w, at_dump, watches
+
+
+def test_eventfd_keeps_its_count(events_restored):
+    w, _, _ = events_restored
+    assert "eventfd-count:                7" in fdinfo(w.pid, 10)
+    ours = get_fd(w.pid, 10)
+    try:
+        assert os.eventfd_read(ours) == 7  # the count, and the fd reads
+        os.eventfd_write(get_fd(w.pid, 11), 5)
+    finally:
+        os.close(ours)
+    w.wait_for(lambda st: st["efd"] == 5, "the workload to read the eventfd it watches")
+
+
+def test_epoll_keeps_its_watches(events_restored):
+    w, at_dump, watches = events_restored
+    assert epoll_watches(w.pid, 14) == watches and len(watches) == 3
+    st = w.wait_for(lambda st: st["loops"] > at_dump["loops"] + 5, "the epoll loop")
+    assert st["timer"] > at_dump["timer"]
+
+
+def test_timerfd_keeps_its_clock_and_interval(events_restored):
+    w, at_dump, _ = events_restored
+    info = fdinfo(w.pid, 12)
+    assert "clockid: 1" in info and "it_interval: (0, 50000000)" in info
+    before = w.status()["timer"]
+    time.sleep(0.5)
+    after = w.status()["timer"]
+    assert 5 <= after - before <= 15, (before, after)  # every 50 ms
+
+
+def test_signalfd_keeps_its_mask(events_restored):
+    w, _, _ = events_restored
+    assert f"sigmask:\t{1 << (signal.SIGUSR2 - 1):016x}" in fdinfo(w.pid, 13)
+    os.kill(w.pid, signal.SIGUSR2)
+    w.wait_for(lambda st: st["usr2"] == 1, "SIGUSR2 read through the signalfd")
