@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from checkpointer import fdstate
 from checkpointer.errors import TargetError
+from checkpointer.fdstate import files as fdfiles
 from checkpointer.freezer import FrozenTree
 from checkpointer.kernel import abi, inject, kcmp, proc, ptrace, taskstate
 from checkpointer.kernel.inject import SyscallSession
@@ -262,16 +263,40 @@ def fd_type(target: str) -> str:
     return "other"
 
 
-def vma_records(pid: int, vmas: list[Vma]) -> list[dict]:
+def vma_records(pid: int, vmas: list[Vma], final: bool = False) -> list[dict]:
     """vma records with the identity of each mapped file (map_files/ reaches
-    deleted files too)."""
-    return [
-        {
+    deleted files too); in a final dump, a mapped deleted file is a ghost whose
+    contents the images hold (fdstate/files.py)."""
+    records = []
+    for v in vmas:
+        rec = {
             **vma_record(v),
             "stat": file_identity(proc.stat_mapped_file(pid, v.start, v.end)) if v.inode else None,
         }
-        for v in vmas
-    ]
+        if final and v.deleted and v.kind in ("file", "file-private"):
+            what = f"process {pid} maps {v.path} at {v.start:#x}"
+            rec["ghost"] = fdfiles.ghost(rec["stat"], what)
+        records.append(rec)
+    return records
+
+
+def content_sources(fds: dict[int, list[dict]], vmas: dict[int, list[dict]]) -> dict[str, tuple]:
+    """Where to read the whole contents of each ghost file and memfd, by page owner:
+    ("fd", pid, fd) or ("map", pid, start, end)."""
+    sources: dict[str, tuple] = {}
+    for pid, records in fds.items():
+        for rec in records:
+            obj = rec.get("ghost") or rec.get("memfd")
+            if obj is not None:
+                sources.setdefault(obj["owner"], ("fd", pid, rec["fd"], obj["size"]))
+    for pid, records in vmas.items():
+        for rec in records:
+            if "ghost" in rec:
+                size = rec["ghost"]["size"]
+                sources.setdefault(
+                    rec["ghost"]["owner"], ("map", pid, rec["start"], rec["end"], size)
+                )
+    return sources
 
 
 def start_time(pid: int) -> int:

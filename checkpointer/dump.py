@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from checkpointer import collect, trackstate
+from checkpointer import collect, contents, trackstate
 from checkpointer.copier import PageCopier
 from checkpointer.errors import TargetError
 from checkpointer.freezer import Freezer, FrozenTree, Thaw
@@ -105,6 +105,7 @@ class _Pass:
         self.full_pass_reason: str | None = None
         self.state: trackstate.TrackState | None = None
         self.times: dict[str, int] = {"freezing_time": 0, "frozen_time": 0}
+        self.contents: dict[str, tuple] = {}  # owner -> where to read a whole file
 
     # The order of this method is the algorithm.
     def run(self) -> DumpResult:
@@ -225,6 +226,7 @@ class _Pass:
     def _write_state(self, writer: DumpWriter, tree: FrozenTree, vmas: dict) -> None:
         writer.write_pstree(collect.pstree_records(tree))
         fds: dict[int, list[dict]] = {}
+        vma_records: dict[int, list[dict]] = {}
         for pid in tree.pids:
             # Registers and injected syscalls need every thread in a ptrace stop. The
             # sessions' scratch page is gone before the memory is tracked or copied.
@@ -233,9 +235,8 @@ class _Pass:
                 if self.req.kind == "dump"
                 else None
             )
-            writer.write_mm(
-                pid, collect.mm_record(pid, injected), collect.vma_records(pid, vmas[pid])
-            )
+            vma_records[pid] = collect.vma_records(pid, vmas[pid], final=injected is not None)
+            writer.write_mm(pid, collect.mm_record(pid, injected), vma_records[pid])
             if injected is not None:
                 process, threads = collect.core_records(
                     pid, tree.threads[pid], pid in tree.was_stopped, injected
@@ -245,6 +246,7 @@ class _Pass:
         collect.mark_shared_descriptions(fds)
         for pid, records in fds.items():
             writer.write_fds(pid, records)
+        self.contents = collect.content_sources(fds, vma_records)
 
     def _track(
         self, tree: FrozenTree, vmas: dict[int, list[Vma]], frozen: bool
@@ -271,6 +273,8 @@ class _Pass:
     def _copy(self, writer: DumpWriter, tree: FrozenTree, vmas: dict, pages: dict) -> dict:
         plans = {f"pid-{pid}": private_plan(pid, vmas[pid], pages[pid]) for pid in tree.pids}
         plans.update(shared_plans(vmas))
+        for owner in self.contents:  # read whole from the file instead
+            plans.pop(owner, None)
         segments = [seg for plan in plans.values() for seg in plan]
         scanned = sum(seg.end - seg.start for seg in segments)
         to_read = sum(seg.end - seg.start for seg in segments if seg.where == "data")
@@ -295,12 +299,9 @@ class _Pass:
                     else None
                 )
                 copier.copy(page_writer, plan, parent_reader)
-                ps = page_writer.close()
-                counts["pages_written"] += ps.written
-                counts["pages_skipped_parent"] += ps.parent
-                counts["pages_zero"] += ps.zero
-                counts["bytes_raw"] += ps.bytes_raw
-                counts["bytes_compressed"] += ps.bytes_compressed
+                _count(counts, page_writer.close())
+            for owner, source in self.contents.items():
+                _count(counts, contents.copy_contents(writer, owner, source))
         finally:
             copier.close()
             progress.finish()
@@ -347,6 +348,14 @@ class _Pass:
 
     def _tracker_name(self) -> str:
         return self.tracker.name if self.tracker else "none"
+
+
+def _count(counts: dict[str, int], ps) -> None:
+    counts["pages_written"] += ps.written
+    counts["pages_skipped_parent"] += ps.parent
+    counts["pages_zero"] += ps.zero
+    counts["bytes_raw"] += ps.bytes_raw
+    counts["bytes_compressed"] += ps.bytes_compressed
 
 
 def _live_tree(root: int) -> FrozenTree:

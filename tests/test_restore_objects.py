@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from targetlib import cli, target_binary
 
+from checkpointer.kernel import kcmp
 from checkpointer.kernel.uffd import get_fd
 
 OBJECTS = Path(__file__).parent / "targets" / "objects.c"
@@ -143,3 +144,47 @@ def test_signalfd_keeps_its_mask(events_restored):
     assert f"sigmask:\t{1 << (signal.SIGUSR2 - 1):016x}" in fdinfo(w.pid, 13)
     os.kill(w.pid, signal.SIGUSR2)
     w.wait_for(lambda st: st["usr2"] == 1, "SIGUSR2 read through the signalfd")
+
+
+# -- files ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def files_restored(workload, tmp_path):
+    w = workload("files")
+    st = w.wait_for(lambda st: st["child"] > 3 and st["memfd"] > 3, "parent and child to write")
+    assert st["ghost_ok"] == 1
+    at_dump = w.dump_and_restore(tmp_path / "images")
+    return w, at_dump
+
+
+def test_shared_file_description_stays_shared(files_restored):
+    w, at_dump = files_restored
+    child = at_dump["child_pid"]
+    assert kcmp.same_open_file(w.pid, 15, child, 16) and kcmp.same_open_file(w.pid, 15, w.pid, 16)
+    w.wait_for(lambda st: st["loops"] > at_dump["loops"] + 10, "the parent to write on")
+    # Parent and child append through one offset: no line overwrote another.
+    lines = (w.dir / "shared").read_text().splitlines()
+    parent = [int(x[1:]) for x in lines if x.startswith("p")]
+    kid = [int(x[1:]) for x in lines if x.startswith("c")]
+    assert len(parent) + len(kid) == len(lines)
+    assert parent == list(range(1, len(parent) + 1)) and kid == list(range(1, len(kid) + 1))
+    assert parent[-1] > at_dump["loops"]
+
+
+def test_deleted_files_come_back_deleted(files_restored):
+    w, at_dump = files_restored
+    st = w.wait_for(lambda st: st["loops"] > at_dump["loops"] + 3, "the parent to read on")
+    assert st["ghost_ok"] == 1  # contents, offset 1234, and the private mapping
+    assert os.readlink(f"/proc/{w.pid}/fd/20") == f"{w.dir}/ghost (deleted)"
+    maps = open(f"/proc/{w.pid}/maps").read()
+    assert f"{w.dir}/ghost-mapped (deleted)" in maps
+    assert sorted(os.listdir(w.dir)) == ["shared", "status"]
+
+
+def test_memfd_fd_and_mapping_share_one_object(files_restored):
+    w, at_dump = files_restored
+    assert os.readlink(f"/proc/{w.pid}/fd/21") == "/memfd:objects-memfd (deleted)"
+    # The child writes the mapping; the parent reads it through the fd.
+    st = w.wait_for(lambda st: st["memfd"] > at_dump["child"] + 5, "the memfd to move on")
+    assert st["page1"] == 42 and os.fstat(get_fd(w.pid, 21)).st_size == 3 * 4096

@@ -19,4 +19,4 @@ def describe(pid: int, record: dict) -> dict:
 
 
 # The kinds register themselves in DESCRIBERS.
-from checkpointer.fdstate import anon  # noqa: E402, F401
+from checkpointer.fdstate import anon, files  # noqa: E402, F401

@@ -474,3 +474,20 @@ def stat_exe(pid: int) -> os.stat_result | None:
 def stat_mapped_file(pid: int, start: int, end: int) -> os.stat_result | None:
     """stat of the file mapped at [start, end) (map_files/; needs CAP_SYS_ADMIN)."""
     return _stat_or_none(pid, f"/proc/{pid}/map_files/{start:x}-{end:x}")
+
+
+def open_fd_file(pid: int, fd: int) -> int:
+    """Our own read-only fd on the file behind fd N of pid (deleted ones too)."""
+    return _open_magic(pid, f"/proc/{pid}/fd/{fd}")
+
+
+def open_mapped_file(pid: int, start: int, end: int) -> int:
+    """Our own read-only fd on the file mapped at [start, end) (deleted ones too)."""
+    return _open_magic(pid, f"/proc/{pid}/map_files/{start:x}-{end:x}")
+
+
+def _open_magic(pid: int, path: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except _GONE:
+        raise _gone(pid) from None

@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import os
 import resource
+from typing import TYPE_CHECKING
 
 from checkpointer.kernel import proc, taskctl
 from checkpointer.restore.images import RestoreError
 from checkpointer.restore.task import Task
 
+if TYPE_CHECKING:
+    from checkpointer.restore.ghosts import GhostFiles
+    from checkpointer.restore.memory import SharedObjects
+
 # Flags that only matter when a file is created, or that we set ourselves.
+DELETED = " (deleted)"
 _OPEN_ONLY = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY | os.O_CLOEXEC
 
 
@@ -23,8 +29,12 @@ class OpenFiles:
     of a pipe, a socket inherited by a child) is made once, in the restorer, and
     copied into every process that holds it; `objects` keeps those, by key."""
 
-    def __init__(self, shell_job: bool) -> None:
+    def __init__(
+        self, shell_job: bool, shared: SharedObjects | None = None, ghosts: GhostFiles | None = None
+    ) -> None:
         self.shell_job = shell_job
+        self.shared_memory = shared  # memfds: their fds reopen the object mappings use
+        self.ghosts = ghosts  # deleted files, recreated until every process has them
         self.objects: dict[str, int] = {}  # key -> our fd of the object
         self._done: set[str] = set()
 
@@ -57,7 +67,7 @@ class OpenFiles:
         def create() -> int:
             if kind is not None:
                 return kind.open(self, task, record)
-            return _open(task, record, self.shell_job)
+            return _open(task, record, self)
 
         if "ofd" not in record:
             return create()
@@ -94,11 +104,15 @@ def finish_fds(task: Task, files: OpenFiles) -> None:
             kind.finish(files, task, f)
 
 
-def _open(task: Task, f: dict, shell_job: bool) -> int:
+def _open(task: Task, f: dict, files: OpenFiles) -> int:
     flags = (f["flags"] & ~_OPEN_ONLY) | os.O_CLOEXEC
     path = f["target"]
+    if "ghost" in f and files.ghosts is not None:
+        path = files.ghosts.path(f["ghost"], path.removesuffix(DELETED))
+    elif "memfd" in f and files.shared_memory is not None:
+        path = f"/proc/self/fd/{files.shared_memory.fd(f['memfd']['owner'])}"
     if f["type"] == "tty":
-        if not shell_job:
+        if not files.shell_job:
             raise RestoreError(f"fd {f['fd']} of process {task.pid} is a terminal: use --shell-job")
         path = _our_terminal()
         flags |= os.O_NOCTTY
@@ -106,7 +120,7 @@ def _open(task: Task, f: dict, shell_job: bool) -> int:
         fd = os.open(path, flags)
     except OSError as exc:
         raise RestoreError(f"fd {f['fd']} of process {task.pid}: {path}: {exc.strerror}") from None
-    if f["type"] == "file" and not f["flags"] & os.O_APPEND:
+    if f["type"] == "file" and not f["flags"] & os.O_APPEND:  # ghosts and memfds too
         os.lseek(fd, f["pos"], os.SEEK_SET)
     return fd
 

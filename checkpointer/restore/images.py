@@ -91,6 +91,10 @@ def load(path: str) -> RestoreImages:
     order = _tree_order(procs, root, path)
     owners = {f"pid-{pid}" for pid in procs}
     owners |= {v["shmem"] for p in procs.values() for v in p.vmas if v["shmem"]}
+    owners |= {v["ghost"]["owner"] for p in procs.values() for v in p.vmas if "ghost" in v}
+    owners |= {
+        f[k]["owner"] for p in procs.values() for f in p.fds for k in ("ghost", "memfd") if k in f
+    }
     pieces = {owner: resolve(dump, owner) for owner in sorted(owners)}
     return RestoreImages(dump, order, pieces)
 
@@ -168,7 +172,8 @@ def _check_vma(p: ProcessImage, v: dict) -> None:
     if v["kind"] not in FILE_KINDS:
         return
     if v.get("deleted"):
-        raise RestoreError(f"{where}: the file was deleted; deleted files are not restored")
+        _check_ghost(v.get("ghost"), v["path"], where)
+        return
     check_identity(v["path"], v.get("stat"), v["dev"], v["inode"], where)
 
 
@@ -191,6 +196,14 @@ def check_identity(path: str, stat: dict | None, dev: str | None, ino: int | Non
         raise RestoreError(f"{where}: {path} changed since the dump (not the same file)")
 
 
+def _check_ghost(ghost: dict | None, path: str, where: str) -> None:
+    """A deleted file is recreated in the directory it was deleted from."""
+    if ghost is None:
+        raise RestoreError(f"{where}: the file was deleted and the images lack its contents")
+    if not os.path.isdir(os.path.dirname(path) or "/"):
+        raise RestoreError(f"{where}: the deleted file's directory {os.path.dirname(path)} is gone")
+
+
 FD_TYPES = ("file", "dir", "tty")
 
 
@@ -204,8 +217,11 @@ def _check_fd(p: ProcessImage, f: dict, shell_job: bool) -> None:
         return
     if f["type"] not in FD_TYPES and kind is None:
         raise RestoreError(f"{where}: a {f['type']} cannot be restored yet")
+    if "memfd" in f:
+        return
     if f.get("deleted"):
-        raise RestoreError(f"{where}: the file was deleted; deleted files are not restored")
+        _check_ghost(f.get("ghost"), f["target"].removesuffix(" (deleted)"), where)
+        return
     if f["type"] == "tty" and not shell_job:
         raise RestoreError(f"{where}: a terminal; restore with --shell-job to attach ours")
     if f["type"] == "file" and f.get("stat") is not None:

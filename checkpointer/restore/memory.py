@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import bisect
 import os
+from typing import TYPE_CHECKING
 
 from checkpointer.errors import ImageError
 from checkpointer.images.resolve import Piece
-from checkpointer.kernel import ptrace, taskctl
+from checkpointer.kernel import memfd, ptrace, taskctl
 from checkpointer.kernel.syscalls import NR_mmap, NR_munmap, syscall
 from checkpointer.restore.images import (
     VDSO_NAMES,
@@ -26,6 +27,9 @@ from checkpointer.restore.images import (
     own_vdso_layout,
 )
 from checkpointer.restore.task import Task
+
+if TYPE_CHECKING:
+    from checkpointer.restore.ghosts import GhostFiles
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TASK_SIZE = 0x7FFFFFFFF000
@@ -43,34 +47,41 @@ def prot_of(vma: dict) -> int:
 
 
 class SharedObjects:
-    """Each shared memory object of the dump, made once in the restorer, filled
-    from the images, and mapped into every process that maps it."""
+    """Each shared memory object of the dump (shared anonymous memory, a memfd),
+    made once in the restorer, filled from the images, and mapped into (or, for a
+    memfd, reopened by) every process that holds it."""
 
     def __init__(self, images: RestoreImages) -> None:
         self.images = images
         self.fds: dict[str, int] = {}
 
-    def fd(self, owner: str, vma: dict) -> int:
+    def fd(self, owner: str) -> int:
         if owner not in self.fds:
-            self.fds[owner] = self._create(owner, vma)
+            self.fds[owner] = self._create(owner)
         return self.fds[owner]
 
-    def _create(self, owner: str, vma: dict) -> int:
-        size = max(
-            v["offset"] + v["end"] - v["start"]
+    def _create(self, owner: str) -> int:
+        vmas = [v for p in self.images.processes for v in p.vmas if v["shmem"] == owner]
+        memfds = [
+            f["memfd"]
             for p in self.images.processes
-            for v in p.vmas
-            if v["shmem"] == owner
-        )
-        if vma["kind"] == "memfd":
-            name = vma["path"].removeprefix("/memfd:")
-            fd = os.memfd_create(name[:249], os.MFD_CLOEXEC)
-            os.ftruncate(fd, size)
+            for f in p.fds
+            if f.get("memfd", {}).get("owner") == owner
+        ]
+        if memfds:  # an fd tells its size, name and seals
+            m = memfds[0]
+            fd = memfd.new_memfd(m["name"], m["size"], m["seals"])
         else:
-            fd = _new_shared_anon(size)
+            size = max(v["offset"] + v["end"] - v["start"] for v in vmas)
+            if vmas[0]["kind"] == "memfd":
+                fd = memfd.new_memfd(vmas[0]["path"].removeprefix("/memfd:"), size, 0)
+            else:
+                fd = _new_shared_anon(size)
         for piece in self.images.pieces.get(owner, []):
-            for off, data in _piece_data(piece):
+            for off, data in piece_data(piece):
                 os.pwrite(fd, data, off)
+        if memfds:
+            memfd.add_seals(fd, memfds[0]["seals"])
         return fd
 
     def close(self) -> None:
@@ -89,7 +100,7 @@ def _new_shared_anon(size: int) -> int:
         syscall(NR_munmap, addr, size)
 
 
-def _piece_data(piece: Piece):
+def piece_data(piece: Piece):
     """(address, bytes) chunks of a piece with data (at most CHUNK bytes each)."""
     assert piece.source is not None
     for addr in range(piece.start, piece.end, CHUNK):
@@ -97,7 +108,7 @@ def _piece_data(piece: Piece):
         yield addr, piece.source.read_stream(piece.off + (addr - piece.start), n)
 
 
-def rebuild(task: Task, images: RestoreImages, shared: SharedObjects) -> None:
+def rebuild(task: Task, images: RestoreImages, shared: SharedObjects, ghosts: GhostFiles) -> None:
     s = task.session
     image = task.image
     cfg = ptrace.get_rseq_config(task.pid)
@@ -123,7 +134,7 @@ def rebuild(task: Task, images: RestoreImages, shared: SharedObjects) -> None:
     try:
         for vma in image.vmas:
             if vma["kind"] not in SKIPPED_KINDS:
-                _map(task, vma, shared, files)
+                _map(task, vma, shared, ghosts, files)
         _write_pages(task, images.pieces.get(f"pid-{task.pid}", []))
         for vma in image.vmas:
             _advise(task, vma)
@@ -170,7 +181,9 @@ def _shift(s, layout: dict, delta: int) -> None:
                 s.insn += delta  # the syscall instruction moved with it
 
 
-def _map(task: Task, vma: dict, shared: SharedObjects, files: dict[str, int]) -> None:
+def _map(
+    task: Task, vma: dict, shared: SharedObjects, ghosts: GhostFiles, files: dict[str, int]
+) -> None:
     s = task.session
     start, length, prot = vma["start"], vma["end"] - vma["start"], prot_of(vma)
     kind = vma["kind"]
@@ -182,7 +195,7 @@ def _map(task: Task, vma: dict, shared: SharedObjects, files: dict[str, int]) ->
             flags |= taskctl.MAP_NORESERVE
         taskctl.mmap(s, start, length, prot, flags)
     elif vma["shmem"] is not None and kind in ("shared-anon", "memfd"):
-        fd = task.install_fd(shared.fd(vma["shmem"], vma))
+        fd = task.install_fd(shared.fd(vma["shmem"]))
         try:
             taskctl.mmap(s, start, length, prot, taskctl.MAP_SHARED | taskctl.MAP_FIXED, fd,
                          vma["offset"])  # fmt: skip
@@ -191,9 +204,10 @@ def _map(task: Task, vma: dict, shared: SharedObjects, files: dict[str, int]) ->
     elif kind in ("file", "file-private"):
         shared_map = vma["prot"][3] == "s"
         writable = shared_map and "w" in vma["prot"]
-        key = f"{'w' if writable else 'r'}:{vma['path']}"
+        path = ghosts.path(vma["ghost"], vma["path"]) if "ghost" in vma else vma["path"]
+        key = f"{'w' if writable else 'r'}:{path}"
         if key not in files:
-            ours = os.open(vma["path"], (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+            ours = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
             try:
                 files[key] = task.install_fd(ours)
             finally:
@@ -223,7 +237,7 @@ def _write_pages(task: Task, pieces: list[Piece]) -> None:
                         os.pwrite(fd, bytes(min(CHUNK, hi - addr)), addr)
                     continue
                 sub = Piece(lo, hi, piece.source, piece.off + (lo - piece.start))
-                for addr, data in _piece_data(sub):
+                for addr, data in piece_data(sub):
                     if os.pwrite(fd, data, addr) != len(data):
                         raise OSError(f"short write into process {task.pid} at {addr:#x}")
     finally:
