@@ -45,19 +45,29 @@ def _key(m) -> tuple:
 
 
 def pstree_records(tree: FrozenTree) -> list[dict]:
-    records = []
+    """One record per live process; its unreaped exited children (zombies) are
+    listed in its record, with their exit status."""
+    records = {}
     for pid, tids in tree.threads.items():
         stat = proc.read_stat(pid)
-        records.append(
-            {
-                "pid": pid,
-                "ppid": stat.ppid,
-                "pgid": stat.pgrp,
-                "sid": stat.session,
-                "threads": list(tids),
-            }
-        )
-    return records
+        records[pid] = {
+            "pid": pid,
+            "ppid": stat.ppid,
+            "pgid": stat.pgrp,
+            "sid": stat.session,
+            "threads": list(tids),
+            "zombies": [],
+        }
+    for pid in tree.zombies:
+        try:
+            stat = proc.read_stat(pid)
+        except TargetError:
+            continue  # reaped before the tree was frozen
+        if stat.state == "Z" and stat.ppid in records:
+            records[stat.ppid]["zombies"].append(
+                {"pid": pid, "pgid": stat.pgrp, "sid": stat.session, "exit_status": stat.exit_code}
+            )
+    return list(records.values())
 
 
 @dataclass

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from checkpointer.errors import TargetError
+from checkpointer.errors import TargetError, UnsupportedObject
 from checkpointer.kernel import proc, ptrace
 
 MAX_ROUNDS = 5
@@ -114,6 +114,11 @@ class Freezer:
         for pid in pids:
             try:
                 if proc.read_stat(pid).state == "Z":
+                    if len(proc.list_threads(pid)) > 1:
+                        raise UnsupportedObject(
+                            f"process {pid}: its main thread exited (pthread_exit) while "
+                            "other threads run: not supported"
+                        )
                     if pid not in self.tree.zombies:
                         self.tree.zombies.append(pid)
                     continue

@@ -188,3 +188,52 @@ def test_memfd_fd_and_mapping_share_one_object(files_restored):
     # The child writes the mapping; the parent reads it through the fd.
     st = w.wait_for(lambda st: st["memfd"] > at_dump["child"] + 5, "the memfd to move on")
     assert st["page1"] == 42 and os.fstat(get_fd(w.pid, 21)).st_size == 3 * 4096
+
+
+# -- process trees ---------------------------------------------------------------------
+
+
+def shape(pid: int) -> list[tuple]:
+    """(pid, ppid, pgid, sid, state) of pid and its children, as ps shows them."""
+    out = subprocess.run(
+        ["ps", "-o", "pid=,ppid=,pgid=,sid=,stat=", "-p", str(pid), "--ppid", str(pid)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return sorted((*map(int, line.split()[:4]), line.split()[4][0]) for line in out.splitlines())
+
+
+def test_tree_keeps_its_shape_and_zombie(workload, tmp_path):
+    w = workload("tree")
+    w.wait_for(lambda st: min(st["kid0"], st["kid1"], st["kid2"]) > 3, "the children to count")
+    before = shape(w.pid)
+    kids = [p for p, ppid, *_ in before if ppid == w.pid]
+    assert len(kids) == 4 and [s for *_, s in before].count("Z") == 1
+    zombie = next(p for p, *_, s in before if s == "Z")
+    at_dump = w.dump_and_restore(tmp_path / "images")
+    try:
+        # pid, ppid, pgid, sid, and the zombie a zombie; the root's parent is whoever
+        # restored it (`restore -d` leaves it to init).
+        assert [r for r in shape(w.pid) if r[0] != w.pid] == [r for r in before if r[0] != w.pid]
+        assert [r[2:] for r in shape(w.pid) if r[0] == w.pid] == [
+            r[2:] for r in before if r[0] == w.pid
+        ]
+        st = w.wait_for(
+            lambda st: all(st[k] > at_dump[k] + 5 for k in ("kid0", "kid1", "kid2")),
+            "the children to count on in shared memory",
+        )
+        assert st["loops"] > at_dump["loops"]
+        assert open(f"/proc/{zombie}/stat").read().split()[-1] == str(7 << 8)  # exit status
+    finally:
+        w.kill(*kids)
+
+
+def test_zombie_leader_is_refused_by_name(workload, tmp_path):
+    w = workload("zombie-leader")
+    r = cli("dump", "-t", str(w.pid), "-D", str(tmp_path / "images"))
+    assert r.returncode == 1
+    assert r.stderr.strip() == (
+        f"checkpointer: process {w.pid}: its main thread exited (pthread_exit) while "
+        "other threads run: not supported"
+    )
+    st = w.status()
+    w.wait_for(lambda now: now["loops"] > st["loops"], "the target to go on running")

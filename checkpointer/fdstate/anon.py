@@ -4,7 +4,7 @@ kernel shows of each in fdinfo, under a field named after its kind."""
 from __future__ import annotations
 
 from checkpointer import fdstate
-from checkpointer.errors import TargetError
+from checkpointer.errors import UnsupportedObject
 from checkpointer.kernel import eventfds, proc
 
 # readlink target -> (record field, reader)
@@ -34,7 +34,7 @@ def _epoll_watches(pid: int, fd: int) -> list[dict]:
     for w in watches:
         st = proc.stat_fd(pid, w["tfd"])
         if st is None or st.st_ino != w["ino"]:
-            raise TargetError(
+            raise UnsupportedObject(
                 f"fd {fd} of process {pid} (epoll) watches fd {w['tfd']}, which was "
                 "closed or reused since: not supported"
             )

@@ -9,7 +9,7 @@ import os
 import stat
 
 from checkpointer import fdstate
-from checkpointer.errors import TargetError
+from checkpointer.errors import UnsupportedObject
 from checkpointer.kernel import memfd, proc
 
 # A deleted file bigger than this is refused (CRIU's --ghost-limit is 1 MiB).
@@ -25,11 +25,11 @@ def object_owner(dev: int, ino: int) -> str:
 def ghost(identity: dict | None, what: str) -> dict:
     """The "ghost" field of a deleted regular file; refuses other deleted files."""
     if identity is None:
-        raise TargetError(f"{what}: a deleted file that cannot be read")
+        raise UnsupportedObject(f"{what}: a deleted file that cannot be read")
     if not stat.S_ISREG(identity["mode"]):
-        raise TargetError(f"{what}: a deleted file that is not a regular file: not supported")
+        raise UnsupportedObject(f"{what}: a deleted file that is not a regular file: not supported")
     if identity["size"] > GHOST_LIMIT:
-        raise TargetError(
+        raise UnsupportedObject(
             f"{what}: a deleted file of {identity['size']} bytes, over the "
             f"{GHOST_LIMIT >> 20} MiB limit for deleted files"
         )

@@ -40,6 +40,7 @@ class ProcessImage:
     vmas: list[dict]
     fds: list[dict]
     children: list[int] = field(default_factory=list)
+    zombies: list[dict] = field(default_factory=list)  # {pid, pgid, sid, exit_status}
 
 
 @dataclass
@@ -86,6 +87,7 @@ def load(path: str) -> RestoreImages:
         procs[pid] = ProcessImage(
             pid, entry["ppid"], entry["pgid"], entry["sid"], list(entry["threads"]),
             core.process, core.threads, mm.mm, mm.vmas, fds,
+            zombies=list(entry.get("zombies", [])),
         )  # fmt: skip
     root = dump.inventory["root_pid"]
     order = _tree_order(procs, root, path)
@@ -121,7 +123,7 @@ def preflight(images: RestoreImages, shell_job: bool = False) -> None:
         raise RestoreError("restore needs root (clone3 with set_tid, PR_SET_MM_MAP)")
     pid_max = int(open("/proc/sys/kernel/pid_max").read())
     for p in images.processes:
-        for tid in p.tids:
+        for tid in p.tids + [z["pid"] for z in p.zombies]:
             if tid > pid_max:
                 raise RestoreError(f"PID {tid} is above this system's pid_max {pid_max}")
             if proc.exists(tid) and not _reaped_soon(tid):

@@ -65,6 +65,7 @@ def restore(req: RestoreRequest) -> RestoreResult:
             for thread in p.threads:
                 threads.check_xstate(seed.pid, thread)
         tasks = tree.create_tree(images, seed, created)
+        tree.create_zombies(images, tasks, created)
         seed.kill()
         seed = None
         for task in tasks.values():

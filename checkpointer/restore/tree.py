@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import signal
 
 from checkpointer.errors import TargetError
 from checkpointer.kernel import abi, ptrace, taskctl
 from checkpointer.kernel.inject import SyscallSession
-from checkpointer.kernel.syscalls import libc
+from checkpointer.kernel.syscalls import NR_exit_group, libc
 from checkpointer.restore.images import RestoreError, RestoreImages
 from checkpointer.restore.task import Task
 
@@ -84,6 +85,28 @@ def create_tree(images: RestoreImages, seed: Seed, created: list[int]) -> dict[i
             tasks[image.pid] = Task(image, orphan)
     _join_groups(images, tasks)
     return tasks
+
+
+def create_zombies(images: RestoreImages, tasks: dict[int, Task], created: list[int]) -> None:
+    """Each zombie, cloned from its parent with its PID, in its session and group,
+    then ended with its exit status (exit, or death by its signal): it stays a
+    zombie until its parent reaps it."""
+    for image in images.processes:
+        for zombie in image.zombies:
+            s = _clone(tasks[image.pid].session, zombie["pid"], False, created)
+            if zombie["sid"] == zombie["pid"]:
+                taskctl.setsid(s)
+            elif zombie["pgid"] != image.pgid and zombie["pgid"] in (zombie["pid"], *tasks):
+                taskctl.setpgid(s, 0 if zombie["pgid"] == zombie["pid"] else zombie["pgid"])
+            status = zombie["exit_status"]
+            if os.WIFSIGNALED(status):
+                sig = os.WTERMSIG(status)
+                taskctl.sigaction(s, sig, 0, 0, 0, 0)  # its default action
+                resource.prlimit(zombie["pid"], resource.RLIMIT_CORE, (0, 0))  # no core file
+                s.die_of(sig)
+            else:
+                s.call_exit(NR_exit_group, os.WEXITSTATUS(status))
+            s.close()
 
 
 def _clone(creator: SyscallSession, pid: int, clone_parent: bool, created: list[int]):

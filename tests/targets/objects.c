@@ -13,6 +13,7 @@
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -153,6 +154,61 @@ static int files(const char *dir)
 	}
 }
 
+/* MODE "tree": three children counting in shared memory, one a session leader
+ * (setsid), one leading its own process group; a fourth child exits with status 7
+ * and stays a zombie. Status "loops=N kid0=N kid1=N kid2=N". */
+static int tree(void)
+{
+	volatile uint64_t *kids = mmap(NULL, 4096, PROT_READ | PROT_WRITE,
+				       MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	pid_t pids[3];
+	for (int i = 0; i < 3; i++) {
+		pids[i] = fork();
+		if (pids[i] == 0) {
+			if (i == 1)
+				setsid();
+			if (i == 2)
+				setpgid(0, 0);
+			for (;;) {
+				kids[i]++;
+				usleep(20000);
+			}
+		}
+	}
+	if (fork() == 0)
+		_exit(7);
+	for (uint64_t loops = 1;; loops++) {
+		char line[256];
+		snprintf(line, sizeof line, "loops=%lu kid0=%lu kid1=%lu kid2=%lu\n",
+			 (unsigned long)loops, (unsigned long)kids[0], (unsigned long)kids[1],
+			 (unsigned long)kids[2]);
+		put_status(line);
+		usleep(20000);
+	}
+}
+
+static void *spin(void *arg)
+{
+	volatile uint64_t *n = arg;
+	for (;;) {
+		(*n)++;
+		char line[64];
+		snprintf(line, sizeof line, "loops=%lu\n", (unsigned long)*n);
+		put_status(line);
+		usleep(20000);
+	}
+	return NULL;
+}
+
+/* MODE "zombie-leader": the main thread calls pthread_exit while a thread runs. */
+static int zombie_leader(void)
+{
+	static uint64_t n;
+	pthread_t t;
+	pthread_create(&t, NULL, spin, &n);
+	pthread_exit(NULL);
+}
+
 int main(int argc, char **argv)
 {
 	if (argc < 3)
@@ -162,5 +218,9 @@ int main(int argc, char **argv)
 		return events();
 	if (!strcmp(argv[2], "files"))
 		return files(argv[1]);
+	if (!strcmp(argv[2], "tree"))
+		return tree();
+	if (!strcmp(argv[2], "zombie-leader"))
+		return zombie_leader();
 	return 1;
 }
