@@ -202,12 +202,15 @@ def shape(pid: int) -> list[tuple]:
     return sorted((*map(int, line.split()[:4]), line.split()[4][0]) for line in out.splitlines())
 
 
-def test_tree_keeps_its_shape_and_zombie(workload, tmp_path):
+def test_tree_keeps_its_shape_zombie_and_orphan(workload, tmp_path):
     w = workload("tree")
-    w.wait_for(lambda st: min(st["kid0"], st["kid1"], st["kid2"]) > 3, "the children to count")
+    keys = ("kid0", "kid1", "kid2", "orphan")
+    w.wait_for(lambda st: min(st[k] for k in keys) > 3, "the children to count")
     before = shape(w.pid)
     kids = [p for p, ppid, *_ in before if ppid == w.pid]
-    assert len(kids) == 4 and [s for *_, s in before].count("Z") == 1
+    assert len(kids) == 5 and [s for *_, s in before].count("Z") == 1
+    orphan = next(r for r in before if r[3] not in (w.pid, r[0]))  # its session leader is gone
+    assert orphan[3] not in kids
     zombie = next(p for p, *_, s in before if s == "Z")
     at_dump = w.dump_and_restore(tmp_path / "images")
     try:
@@ -218,7 +221,7 @@ def test_tree_keeps_its_shape_and_zombie(workload, tmp_path):
             r[2:] for r in before if r[0] == w.pid
         ]
         st = w.wait_for(
-            lambda st: all(st[k] > at_dump[k] + 5 for k in ("kid0", "kid1", "kid2")),
+            lambda st: all(st[k] > at_dump[k] + 5 for k in keys),
             "the children to count on in shared memory",
         )
         assert st["loops"] > at_dump["loops"]

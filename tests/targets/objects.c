@@ -22,6 +22,7 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/signalfd.h>
 #include <sys/timerfd.h>
 #include <sys/wait.h>
@@ -156,7 +157,8 @@ static int files(const char *dir)
 
 /* MODE "tree": three children counting in shared memory, one a session leader
  * (setsid), one leading its own process group; a fourth child exits with status 7
- * and stays a zombie. Status "loops=N kid0=N kid1=N kid2=N". */
+ * and stays a zombie; an orphan in a session whose leader is gone.
+ * Status "loops=N kid0=N kid1=N kid2=N orphan=N". */
 static int tree(void)
 {
 	volatile uint64_t *kids = mmap(NULL, 4096, PROT_READ | PROT_WRITE,
@@ -177,11 +179,26 @@ static int tree(void)
 	}
 	if (fork() == 0)
 		_exit(7);
+	/* An orphan: a child starts a session, forks, and exits (reaped); the
+	 * grandchild is re-parented to us, a subreaper, in a session whose leader is
+	 * gone. */
+	prctl(PR_SET_CHILD_SUBREAPER, 1);
+	pid_t leader = fork();
+	if (leader == 0) {
+		setsid();
+		if (fork() == 0)
+			for (;;) {
+				kids[3]++;
+				usleep(20000);
+			}
+		_exit(0);
+	}
+	waitpid(leader, NULL, 0);
 	for (uint64_t loops = 1;; loops++) {
 		char line[256];
-		snprintf(line, sizeof line, "loops=%lu kid0=%lu kid1=%lu kid2=%lu\n",
+		snprintf(line, sizeof line, "loops=%lu kid0=%lu kid1=%lu kid2=%lu orphan=%lu\n",
 			 (unsigned long)loops, (unsigned long)kids[0], (unsigned long)kids[1],
-			 (unsigned long)kids[2]);
+			 (unsigned long)kids[2], (unsigned long)kids[3]);
 		put_status(line);
 		usleep(20000);
 	}
