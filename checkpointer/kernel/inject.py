@@ -141,7 +141,7 @@ class SyscallSession:
         for name, value in zip(_ARG_REGS, args, strict=False):
             regs[name] = value & _U64
         ptrace.set_regs(self.tid, regs)
-        self._saved = None  # nothing to give back
+        self._saved, self._scratch = None, 0  # nothing to give back or unmap
         ptrace.cont(self.tid)
         while ptrace.wait_stop(self.tid, 10.0).kind not in ("exited", "killed"):
             ptrace.cont(self.tid)
@@ -150,7 +150,7 @@ class SyscallSession:
         """Let the task be killed by `sig` (its default action): unblock it, send it,
         and pass it on at the signal stop; wait until the task is gone."""
         assert self._saved is not None, "session not open"
-        self._saved = None
+        self._saved, self._scratch = None, 0
         ptrace.set_sigmask(self.tid, 0)
         os.kill(self.tid, sig)
         ptrace.cont(self.tid)

@@ -61,6 +61,7 @@ class Seed:
 def create_tree(images: RestoreImages, seed: Seed, created: list[int]) -> dict[int, Task]:
     """Every process, each stopped in its first ptrace stop, in tree order."""
     procs = images.by_pid()
+    gone = _gone_leaders(images)
     tasks: dict[int, Task] = {}
     root = images.root
     tasks[root.pid] = Task(root, _clone(seed.session, root.pid, True, created))
@@ -69,7 +70,7 @@ def create_tree(images: RestoreImages, seed: Seed, created: list[int]) -> dict[i
         kids = [procs[c] for c in image.children]
         # A child in another session than its parent's was forked before the parent
         # became a session leader: create it first, then setsid.
-        early = [k for k in kids if k.sid != image.sid and k.sid != k.pid]
+        early = [k for k in kids if k.sid not in (image.sid, k.pid) and k.sid not in gone]
         for kid in early:
             if image.sid != image.pid:
                 raise RestoreError(f"process {kid.pid}: its session {kid.sid} cannot be rebuilt")
@@ -77,14 +78,48 @@ def create_tree(images: RestoreImages, seed: Seed, created: list[int]) -> dict[i
         if image.sid == image.pid:
             taskctl.setsid(task.session)
         for kid in kids:
-            if kid.pid not in tasks:
-                tasks[kid.pid] = Task(kid, _clone(task.session, kid.pid, False, created))
+            if kid.pid in tasks:
+                continue
+            if kid.sid in gone or kid.pgid in gone:
+                clone = _clone_through_leader(task, kid, gone, created)
+            else:
+                clone = _clone(task.session, kid.pid, False, created)
+            tasks[kid.pid] = Task(kid, clone)
     for image in images.processes:
         if image.pid not in tasks:  # an orphan: its parent is not in the tree
             orphan = _clone(tasks[root.pid].session, image.pid, True, created)
             tasks[image.pid] = Task(image, orphan)
     _join_groups(images, tasks)
     return tasks
+
+
+def _gone_leaders(images: RestoreImages) -> set[int]:
+    """Sessions and groups whose leader is no longer there: an orphan's (its parent
+    started a session, forked it and exited)."""
+    there = {p.pid for p in images.processes} | {
+        z["pid"] for p in images.processes for z in p.zombies
+    }
+    ids = {p.sid for p in images.processes} | {p.pgid for p in images.processes}
+    return ids - there
+
+
+def _clone_through_leader(parent: Task, kid, gone: set[int], created: list[int]):
+    """`kid` of `parent`, in a session or group whose leader is gone: as CRIU does, a
+    helper with the leader's PID starts the session (or group), clones the kid as
+    its sibling (CLONE_PARENT), and exits; the parent reaps it."""
+    leader = kid.sid if kid.sid in gone else kid.pgid
+    helper = _clone(parent.session, leader, False, created)
+    if kid.sid == leader:
+        taskctl.setsid(helper)
+    else:
+        taskctl.setpgid(helper, 0)
+    clone = _clone(helper, kid.pid, True, created)
+    helper.call_exit(NR_exit_group, 0)
+    helper.close()
+    taskctl.reap(parent.session, leader)
+    taskctl.discard_signal(parent.session, signal.SIGCHLD)
+    created.remove(leader)
+    return clone
 
 
 def create_zombies(images: RestoreImages, tasks: dict[int, Task], created: list[int]) -> None:
