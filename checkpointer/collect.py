@@ -10,10 +10,10 @@ import os
 from dataclasses import dataclass, field
 
 from checkpointer import fdstate
-from checkpointer.errors import TargetError
+from checkpointer.errors import TargetError, UnsupportedObject
 from checkpointer.fdstate import files as fdfiles
 from checkpointer.freezer import FrozenTree
-from checkpointer.kernel import abi, inject, kcmp, proc, ptrace, taskstate
+from checkpointer.kernel import abi, inject, kcmp, proc, ptrace, sysvshm, taskstate
 from checkpointer.kernel.inject import SyscallSession
 from checkpointer.kernel.syscalls import O_CLOEXEC
 from checkpointer.vmas import Vma, vma_record
@@ -283,6 +283,13 @@ def vma_records(pid: int, vmas: list[Vma], final: bool = False) -> list[dict]:
             **vma_record(v),
             "stat": file_identity(proc.stat_mapped_file(pid, v.start, v.end)) if v.inode else None,
         }
+        if final and v.kind == "shm":
+            rec["sysv"] = sysvshm.read_segment(v.inode)
+            if rec["sysv"] is None:
+                raise UnsupportedObject(
+                    f"process {pid} maps SysV shared memory {v.inode} at {v.start:#x}, "
+                    "which /proc/sysvipc/shm does not list (another IPC namespace?)"
+                )
         if final and v.deleted and v.kind in ("file", "file-private"):
             what = f"process {pid} maps {v.path} at {v.start:#x}"
             rec["ghost"] = fdfiles.ghost(rec["stat"], what)

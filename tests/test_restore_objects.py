@@ -48,13 +48,16 @@ class Workload:
             time.sleep(0.02)
         raise AssertionError(f"timed out waiting for {what}; status {st}")
 
-    def dump_and_restore(self, images: Path) -> dict[str, int]:
+    def dump_and_restore(self, images: Path, between=None) -> dict[str, int]:
+        """Dump (which kills the workload), call between(), restore."""
         at_dump = self.status()
         r = cli("dump", "-t", str(self.pid), "-D", str(images))
         assert r.returncode == 0, r.stderr
         assert self.popen is not None
         self.popen.wait(timeout=10)
         self.popen = None
+        if between is not None:
+            between()
         r = cli("restore", "-D", str(images), "-d")
         assert r.returncode == 0, r.stderr
         return at_dump
@@ -240,3 +243,42 @@ def test_zombie_leader_is_refused_by_name(workload, tmp_path):
     )
     st = w.status()
     w.wait_for(lambda now: now["loops"] > st["loops"], "the target to go on running")
+
+
+# -- SysV shared memory ------------------------------------------------------------------
+
+
+def sysv_segments() -> dict[int, tuple[int, int, int]]:
+    """shmid -> (key, size, nattch) from /proc/sysvipc/shm."""
+    rows = open("/proc/sysvipc/shm").read().splitlines()[1:]
+    return {int(c[1]): (int(c[0]), int(c[3]), int(c[6])) for c in (r.split() for r in rows)}
+
+
+@pytest.mark.parametrize("segment", ["left", "removed"])
+def test_sysv_shm_keeps_key_id_contents_and_sharing(workload, tmp_path, segment):
+    """The segment outlives the killed tree: restore takes it again ("left"), or
+    makes it again with its key and id when it was removed meanwhile."""
+    w = workload("sysv")
+    st = w.wait_for(lambda st: st["child"] > 3, "the child to count")
+    key = 0x5EED0000 + (w.pid & 0xFFFF)
+    assert sysv_segments()[st["shmid"]] == (key, 8192, 2)
+    removed = [i for i, (k, _, n) in sysv_segments().items() if k == 0 and n == 2]
+
+    def remove() -> None:
+        w.wait_for(lambda _: sysv_segments()[st["shmid"]][2] == 0, "the tree to detach")
+        subprocess.run(["ipcrm", "-m", str(st["shmid"])], check=True)
+        assert st["shmid"] not in sysv_segments()
+
+    at_dump = w.dump_and_restore(tmp_path / "images", remove if segment == "removed" else None)
+    try:
+        segments = sysv_segments()
+        assert segments[at_dump["shmid"]] == (key, 8192, 2)  # same id, key, both attached
+        # The removed one is attached again, and removed again (key 0, marked).
+        assert [i for i, (k, _, n) in segments.items() if k == 0 and n == 2] == removed
+        st = w.wait_for(lambda st: st["child"] > at_dump["child"] + 5, "the child to count on")
+        assert st["ok"] == 1
+    finally:
+        w.kill(at_dump["child_pid"])
+        for shmid, (k, *_) in sysv_segments().items():
+            if k == key:
+                subprocess.run(["ipcrm", "-m", str(shmid)], check=False)

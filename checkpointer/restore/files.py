@@ -16,7 +16,6 @@ from checkpointer.restore.images import RestoreError
 from checkpointer.restore.task import Task
 
 if TYPE_CHECKING:
-    from checkpointer.restore.ghosts import GhostFiles
     from checkpointer.restore.memory import SharedObjects
 
 # Flags that only matter when a file is created, or that we set ourselves.
@@ -29,12 +28,10 @@ class OpenFiles:
     of a pipe, a socket inherited by a child) is made once, in the restorer, and
     copied into every process that holds it; `objects` keeps those, by key."""
 
-    def __init__(
-        self, shell_job: bool, shared: SharedObjects | None = None, ghosts: GhostFiles | None = None
-    ) -> None:
+    def __init__(self, shell_job: bool, shared: SharedObjects | None = None) -> None:
         self.shell_job = shell_job
-        self.shared_memory = shared  # memfds: their fds reopen the object mappings use
-        self.ghosts = ghosts  # deleted files, recreated until every process has them
+        # memfds (their fds reopen the object mappings use) and deleted files
+        self.shared_memory = shared
         self.objects: dict[str, int] = {}  # key -> our fd of the object
         self._done: set[str] = set()
 
@@ -107,8 +104,8 @@ def finish_fds(task: Task, files: OpenFiles) -> None:
 def _open(task: Task, f: dict, files: OpenFiles) -> int:
     flags = (f["flags"] & ~_OPEN_ONLY) | os.O_CLOEXEC
     path = f["target"]
-    if "ghost" in f and files.ghosts is not None:
-        path = files.ghosts.path(f["ghost"], path.removesuffix(DELETED))
+    if "ghost" in f and files.shared_memory is not None:
+        path = files.shared_memory.ghosts.path(f["ghost"], path.removesuffix(DELETED))
     elif "memfd" in f and files.shared_memory is not None:
         path = f"/proc/self/fd/{files.shared_memory.fd(f['memfd']['owner'])}"
     if f["type"] == "tty":

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import os
 
-from checkpointer.restore.images import RestoreError, RestoreImages
-from checkpointer.restore.memory import piece_data
+from checkpointer.restore.images import RestoreError, RestoreImages, piece_data
 
 
 class GhostFiles:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from checkpointer.errors import CheckpointError, ImageError
 from checkpointer.images import Dump
 from checkpointer.images.resolve import Piece, resolve
-from checkpointer.kernel import proc
+from checkpointer.kernel import proc, sysvshm
 
 VDSO_NAMES = ("[vvar]", "[vvar_vclock]", "[vdso]")
 UFFD_LINK = "anon_inode:[userfaultfd]"
@@ -170,13 +170,30 @@ def _check_vma(p: ProcessImage, v: dict) -> None:
     if "ht" in v["vmflags"]:
         raise RestoreError(f"{where}: hugetlb mappings are not restored")
     if v["kind"] == "shm":
-        raise RestoreError(f"{where}: SysV shared memory is not restored")
+        _check_sysv(v, where)
+        return
     if v["kind"] not in FILE_KINDS:
         return
     if v.get("deleted"):
         _check_ghost(v.get("ghost"), v["path"], where)
         return
     check_identity(v["path"], v.get("stat"), v["dev"], v["inode"], where)
+
+
+def _check_sysv(v: dict, where: str) -> None:
+    seg = v.get("sysv")
+    if seg is None:
+        raise RestoreError(f"{where}: SysV shared memory dumped without its segment")
+    if v["offset"] != 0 or v["end"] - v["start"] < seg["size"]:
+        raise RestoreError(f"{where}: part of a SysV segment is mapped: not restored")
+    found = sysvshm.find_key(seg["key"]) if seg["key"] else None
+    # A segment outlives its processes: the dumped one, still there and unused, is
+    # taken again (and given the dumped contents); any other is in the way.
+    if found and (found["id"], found["size"], found["attached"]) != (seg["id"], seg["size"], 0):
+        raise RestoreError(
+            f"{where}: SysV shared memory key {seg['key']:#x} is taken "
+            f"(segment {found['id']}, {found['size']} bytes, attached {found['attached']} times)"
+        )
 
 
 def check_identity(path: str, stat: dict | None, dev: str | None, ino: int | None, where: str):
@@ -269,3 +286,14 @@ def _check_vdso(images: RestoreImages, p: ProcessImage) -> None:
 def _offsets(layout: dict[str, tuple[int, int]]) -> dict[str, int]:
     base = layout["[vdso]"][0]
     return {k: s - base for k, (s, _) in layout.items()}
+
+
+CHUNK = 4 << 20
+
+
+def piece_data(piece: Piece):
+    """(address, bytes) chunks of a piece with data (at most CHUNK bytes each)."""
+    assert piece.source is not None
+    for addr in range(piece.start, piece.end, CHUNK):
+        n = min(CHUNK, piece.end - addr)
+        yield addr, piece.source.read_stream(piece.off + (addr - piece.start), n)

@@ -13,28 +13,27 @@ from __future__ import annotations
 
 import bisect
 import os
-from typing import TYPE_CHECKING
 
 from checkpointer.errors import ImageError
 from checkpointer.images.resolve import Piece
 from checkpointer.kernel import memfd, ptrace, taskctl
 from checkpointer.kernel.syscalls import NR_mmap, NR_munmap, syscall
+from checkpointer.restore.ghosts import GhostFiles
 from checkpointer.restore.images import (
+    CHUNK,
     VDSO_NAMES,
     RestoreError,
     RestoreImages,
     dumped_vdso_layout,
     own_vdso_layout,
+    piece_data,
 )
+from checkpointer.restore.sysvshm import SysvSegments
 from checkpointer.restore.task import Task
-
-if TYPE_CHECKING:
-    from checkpointer.restore.ghosts import GhostFiles
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TASK_SIZE = 0x7FFFFFFFF000
 SCRATCH_SIZE = 4 * PAGE
-CHUNK = 4 << 20
 ANON_KINDS = ("anon", "heap", "stack")
 SKIPPED_KINDS = ("vdso", "vvar", "vsyscall", "special")
 PROT_BITS = {"r": 1, "w": 2, "x": 4}
@@ -49,11 +48,14 @@ def prot_of(vma: dict) -> int:
 class SharedObjects:
     """Each shared memory object of the dump (shared anonymous memory, a memfd),
     made once in the restorer, filled from the images, and mapped into (or, for a
-    memfd, reopened by) every process that holds it."""
+    memfd, reopened by) every process that holds it; with the SysV segments and
+    the deleted files, also made once and shared."""
 
     def __init__(self, images: RestoreImages) -> None:
         self.images = images
         self.fds: dict[str, int] = {}
+        self.ghosts = GhostFiles(images)
+        self.sysv = SysvSegments(images)
 
     def fd(self, owner: str) -> int:
         if owner not in self.fds:
@@ -84,10 +86,17 @@ class SharedObjects:
             memfd.add_seals(fd, memfds[0]["seals"])
         return fd
 
+    def every_process_has_them(self) -> None:
+        """Deleted files are unlinked again, removed segments removed again."""
+        self.ghosts.unlink_all()
+        self.sysv.keep()
+
     def close(self) -> None:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
+        self.ghosts.unlink_all()
+        self.sysv.close()  # what a failed restore made
 
 
 def _new_shared_anon(size: int) -> int:
@@ -100,15 +109,7 @@ def _new_shared_anon(size: int) -> int:
         syscall(NR_munmap, addr, size)
 
 
-def piece_data(piece: Piece):
-    """(address, bytes) chunks of a piece with data (at most CHUNK bytes each)."""
-    assert piece.source is not None
-    for addr in range(piece.start, piece.end, CHUNK):
-        n = min(CHUNK, piece.end - addr)
-        yield addr, piece.source.read_stream(piece.off + (addr - piece.start), n)
-
-
-def rebuild(task: Task, images: RestoreImages, shared: SharedObjects, ghosts: GhostFiles) -> None:
+def rebuild(task: Task, images: RestoreImages, shared: SharedObjects) -> None:
     s = task.session
     image = task.image
     cfg = ptrace.get_rseq_config(task.pid)
@@ -134,7 +135,7 @@ def rebuild(task: Task, images: RestoreImages, shared: SharedObjects, ghosts: Gh
     try:
         for vma in image.vmas:
             if vma["kind"] not in SKIPPED_KINDS:
-                _map(task, vma, shared, ghosts, files)
+                _map(task, vma, shared, files)
         _write_pages(task, images.pieces.get(f"pid-{task.pid}", []))
         for vma in image.vmas:
             _advise(task, vma)
@@ -181,9 +182,7 @@ def _shift(s, layout: dict, delta: int) -> None:
                 s.insn += delta  # the syscall instruction moved with it
 
 
-def _map(
-    task: Task, vma: dict, shared: SharedObjects, ghosts: GhostFiles, files: dict[str, int]
-) -> None:
+def _map(task: Task, vma: dict, shared: SharedObjects, files: dict[str, int]) -> None:
     s = task.session
     start, length, prot = vma["start"], vma["end"] - vma["start"], prot_of(vma)
     kind = vma["kind"]
@@ -201,9 +200,12 @@ def _map(
                          vma["offset"])  # fmt: skip
         finally:
             taskctl.close(s, fd)
+    elif kind == "shm" and "sysv" in vma:
+        shared.sysv.attach(task, vma)
     elif kind in ("file", "file-private"):
         shared_map = vma["prot"][3] == "s"
         writable = shared_map and "w" in vma["prot"]
+        ghosts = shared.ghosts
         path = ghosts.path(vma["ghost"], vma["path"]) if "ghost" in vma else vma["path"]
         key = f"{'w' if writable else 'r'}:{path}"
         if key not in files:

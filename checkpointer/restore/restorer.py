@@ -23,7 +23,6 @@ from pathlib import Path
 
 from checkpointer.kernel import ptrace
 from checkpointer.restore import creds, files, memory, signals, threads, tree
-from checkpointer.restore.ghosts import GhostFiles
 from checkpointer.restore.images import RestoreImages, load, preflight
 from checkpointer.restore.task import Task
 
@@ -58,8 +57,7 @@ def restore(req: RestoreRequest) -> RestoreResult:
     seed = tree.Seed()
     tasks: dict[int, Task] = {}
     shared = memory.SharedObjects(images)
-    ghosts = GhostFiles(images)
-    open_files = files.OpenFiles(req.shell_job, shared, ghosts)
+    open_files = files.OpenFiles(req.shell_job, shared)
     try:
         for p in images.processes:
             for thread in p.threads:
@@ -69,8 +67,8 @@ def restore(req: RestoreRequest) -> RestoreResult:
         seed.kill()
         seed = None
         for task in tasks.values():
-            _rebuild(task, images, shared, ghosts, open_files, created)
-        ghosts.unlink_all()
+            _rebuild(task, images, shared, open_files, created)
+        shared.every_process_has_them()
         for task in tasks.values():
             files.finish_fds(task, open_files)
             task.close_restorer_pidfd()
@@ -87,7 +85,6 @@ def restore(req: RestoreRequest) -> RestoreResult:
     finally:
         if seed is not None:
             seed.kill()
-        ghosts.unlink_all()
         shared.close()
         open_files.close()
     if req.pidfile:
@@ -97,10 +94,10 @@ def restore(req: RestoreRequest) -> RestoreResult:
     )
 
 
-def _rebuild(task: Task, images: RestoreImages, shared, ghosts, open_files, created) -> None:
+def _rebuild(task: Task, images: RestoreImages, shared, open_files, created) -> None:
     """Everything of one process but links between fds, credentials and
     registers, in dependency order."""
-    memory.rebuild(task, images, shared, ghosts)
+    memory.rebuild(task, images, shared)
     files.restore_fds(task, open_files)
     files.restore_dirs_and_limits(task)
     signals.restore_process_signals(task)

@@ -23,6 +23,7 @@
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/shm.h>
 #include <sys/signalfd.h>
 #include <sys/timerfd.h>
 #include <sys/wait.h>
@@ -226,6 +227,38 @@ static int zombie_leader(void)
 	pthread_exit(NULL);
 }
 
+/* MODE "sysv": a SysV segment with key 0x5eed0000 + (pid & 0xffff), mapped by
+ * parent and child; the child counts in it, and a second segment (key private,
+ * removed with IPC_RMID while attached) holds a pattern.
+ * Status "loops=N child=N shmid=N ok=N child_pid=N". */
+static int sysv(void)
+{
+	int id = shmget(0x5eed0000 + (getpid() & 0xffff), 8192, IPC_CREAT | 0600);
+	volatile uint64_t *seg = shmat(id, NULL, 0);
+	int gone = shmget(IPC_PRIVATE, 4096, IPC_CREAT | 0600);
+	volatile unsigned char *pat = shmat(gone, NULL, 0);
+	for (int i = 0; i < 4096; i++)
+		pat[i] = (unsigned char)(i * 13);
+	shmctl(gone, IPC_RMID, NULL);
+	seg[1000] = 4242;
+	pid_t child = fork();
+	if (child == 0)
+		for (;;) {
+			seg[0]++;
+			usleep(20000);
+		}
+	for (uint64_t loops = 1;; loops++) {
+		int ok = seg[1000] == 4242;
+		for (int i = 0; i < 4096; i++)
+			ok &= pat[i] == (unsigned char)(i * 13);
+		char line[256];
+		snprintf(line, sizeof line, "loops=%lu child=%lu shmid=%d ok=%d child_pid=%d\n",
+			 (unsigned long)loops, (unsigned long)seg[0], id, ok, child);
+		put_status(line);
+		usleep(20000);
+	}
+}
+
 int main(int argc, char **argv)
 {
 	if (argc < 3)
@@ -235,6 +268,8 @@ int main(int argc, char **argv)
 		return events();
 	if (!strcmp(argv[2], "files"))
 		return files(argv[1]);
+	if (!strcmp(argv[2], "sysv"))
+		return sysv();
 	if (!strcmp(argv[2], "tree"))
 		return tree();
 	if (!strcmp(argv[2], "zombie-leader"))
