@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+from checkpointer.errors import UnsupportedObject
 from checkpointer.images.pagewriter import PageStats
 from checkpointer.kernel import proc
 from checkpointer.kernel.pagemap import PAGE_SIZE
@@ -16,11 +17,17 @@ CHUNK = 1 << 20
 
 def open_source(source: tuple) -> tuple[int, int]:
     """(our fd on the file, its size) for a content_sources() entry."""
-    if source[0] == "fd":
-        _, pid, fd, size = source
-        return proc.open_fd_file(pid, fd), size
-    _, pid, start, end, size = source
-    return proc.open_mapped_file(pid, start, end), size
+    try:
+        if source[0] == "fd":
+            _, pid, fd, size = source
+            return proc.open_fd_file(pid, fd), size
+        _, pid, start, end, size = source
+        return proc.open_mapped_file(pid, start, end), size
+    except PermissionError:
+        what = f"fd {source[2]}" if source[0] == "fd" else f"the mapping at {source[2]:#x}"
+        raise UnsupportedObject(
+            f"process {source[1]}: {what} is a deleted file this user may not read"
+        ) from None
 
 
 def copy_contents(writer, owner: str, source: tuple) -> PageStats:
