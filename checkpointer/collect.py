@@ -13,7 +13,7 @@ from checkpointer import fdstate
 from checkpointer.errors import TargetError, UnsupportedObject
 from checkpointer.fdstate import files as fdfiles
 from checkpointer.freezer import FrozenTree
-from checkpointer.kernel import abi, inject, kcmp, proc, ptrace, sysvshm, taskstate
+from checkpointer.kernel import abi, inject, kcmp, proc, ptrace, pty, sysvshm, taskstate
 from checkpointer.kernel.inject import SyscallSession
 from checkpointer.kernel.syscalls import O_CLOEXEC
 from checkpointer.vmas import Vma, vma_record
@@ -153,6 +153,11 @@ def core_records(
         "sigcatch": masks["sigcatch"],
         "umask": proc.read_umask(pid),
         "seccomp": proc.read_seccomp_mode(pid),
+        "ctty": {
+            "dev": stat.tty_nr,
+            "index": pty.pts_index(stat.tty_nr),
+            "foreground": stat.tpgid,
+        },
     }
     if injected is not None:
         process.update(injected.process)
@@ -223,6 +228,39 @@ def fd_records(pid: int) -> list[dict]:
     for rec in records:
         rec.update(fdstate.describe(pid, rec))
     return records
+
+
+def check_terminals(
+    pstree: list[dict], processes: dict[int, dict], fds: dict[int, list[dict]], shell_job: bool
+) -> None:
+    """A tree attached to a terminal or session outside it (a shell job) is dumped
+    only with --shell-job, as CRIU does: restore then gives it the restoring
+    shell's terminal and session. Pseudo-terminals whose master is in the tree are
+    the tree's own (restored as a new pair)."""
+    if shell_job:
+        return
+    masters = {r["pty_master"]["index"] for rs in fds.values() for r in rs if "pty_master" in r}
+    pids = {p["pid"] for p in pstree}
+    for p in pstree:
+        if p["sid"] not in pids and proc.exists(p["sid"]):
+            raise UnsupportedObject(
+                f"process {p['pid']} is in session {p['sid']}, whose leader is not in the "
+                "tree (a shell job): dump with --shell-job"
+            )
+    for pid, process in processes.items():
+        ctty = process["ctty"]
+        if ctty["dev"] and ctty["index"] not in masters:
+            raise UnsupportedObject(
+                f"process {pid} has a controlling terminal outside the tree "
+                f"(device {ctty['dev']:#x}): dump with --shell-job"
+            )
+    for pid, records in fds.items():
+        for r in records:
+            if r["type"] == "tty" and r.get("pty", {}).get("index") not in masters:
+                raise UnsupportedObject(
+                    f"fd {r['fd']} of process {pid} ({r['target']}) is a terminal outside "
+                    "the tree: dump with --shell-job"
+                )
 
 
 def mark_shared_descriptions(fds: dict[int, list[dict]]) -> None:

@@ -46,6 +46,8 @@ class DumpRequest:
     iteration: int | None = None
     # zstd level of page data; None: fast for a frozen dump, smaller for a pre-dump
     compress_level: int | None = None
+    # The tree may use a terminal and session outside it (CRIU's --shell-job).
+    shell_job: bool = False
 
     def __post_init__(self) -> None:
         self.images_dir = Path(self.images_dir)
@@ -224,7 +226,9 @@ class _Pass:
     # -- while frozen -------------------------------------------------------
 
     def _write_state(self, writer: DumpWriter, tree: FrozenTree, vmas: dict) -> None:
-        writer.write_pstree(collect.pstree_records(tree))
+        pstree = collect.pstree_records(tree)
+        writer.write_pstree(pstree)
+        processes: dict[int, dict] = {}
         fds: dict[int, list[dict]] = {}
         vma_records: dict[int, list[dict]] = {}
         for pid in tree.pids:
@@ -242,7 +246,10 @@ class _Pass:
                     pid, tree.threads[pid], pid in tree.was_stopped, injected
                 )
                 writer.write_core(pid, process, threads)
+                processes[pid] = process
                 fds[pid] = collect.fd_records(pid)
+        if self.req.kind == "dump":
+            collect.check_terminals(pstree, processes, fds, self.req.shell_job)
         collect.mark_shared_descriptions(fds)
         for pid, records in fds.items():
             writer.write_fds(pid, records)
@@ -336,6 +343,7 @@ class _Pass:
                 "per_pid": self.state.extra if self.state else {},
             },
             "usable_as_parent": True,
+            "shell_job": self.req.shell_job,
         }
 
     def _remember_reset(self) -> None:

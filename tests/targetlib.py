@@ -103,6 +103,9 @@ def start_target(*args: str, timeout: float = 30) -> Target:
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
+        # Its own session: a tree in its caller's session is a shell job, which a
+        # final dump refuses without --shell-job (as CRIU does).
+        start_new_session=True,
     )
     target = Target(proc)
     deadline = time.monotonic() + timeout

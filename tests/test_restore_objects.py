@@ -4,9 +4,14 @@ workload (which kills it), restores it, and checks the object still works."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import select
 import signal
+import struct
 import subprocess
+import sys
+import termios
 import time
 from pathlib import Path
 
@@ -197,12 +202,13 @@ def test_memfd_fd_and_mapping_share_one_object(files_restored):
 
 
 def shape(pid: int) -> list[tuple]:
-    """(pid, ppid, pgid, sid, state) of pid and its children, as ps shows them."""
+    """(pid, ppid, pgid, sid, zombie?) of pid and its children, as ps shows them."""
     out = subprocess.run(
         ["ps", "-o", "pid=,ppid=,pgid=,sid=,stat=", "-p", str(pid), "--ppid", str(pid)],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
-    return sorted((*map(int, line.split()[:4]), line.split()[4][0]) for line in out.splitlines())
+    rows = [line.split() for line in out.splitlines()]
+    return sorted((*map(int, row[:4]), row[4].startswith("Z")) for row in rows)
 
 
 def test_tree_keeps_its_shape_zombie_and_orphan(workload, tmp_path):
@@ -211,10 +217,10 @@ def test_tree_keeps_its_shape_zombie_and_orphan(workload, tmp_path):
     w.wait_for(lambda st: min(st[k] for k in keys) > 3, "the children to count")
     before = shape(w.pid)
     kids = [p for p, ppid, *_ in before if ppid == w.pid]
-    assert len(kids) == 5 and [s for *_, s in before].count("Z") == 1
+    assert len(kids) == 5 and [z for *_, z in before].count(True) == 1
     orphan = next(r for r in before if r[3] not in (w.pid, r[0]))  # its session leader is gone
     assert orphan[3] not in kids
-    zombie = next(p for p, *_, s in before if s == "Z")
+    zombie = next(p for p, *_, z in before if z)
     at_dump = w.dump_and_restore(tmp_path / "images")
     try:
         # pid, ppid, pgid, sid, and the zombie a zombie; the root's parent is whoever
@@ -282,3 +288,119 @@ def test_sysv_shm_keeps_key_id_contents_and_sharing(workload, tmp_path, segment)
         for shmid, (k, *_) in sysv_segments().items():
             if k == key:
                 subprocess.run(["ipcrm", "-m", str(shmid)], check=False)
+
+
+# -- terminals ---------------------------------------------------------------------------
+
+
+def test_pty_pair_of_the_tree_comes_back(workload, tmp_path):
+    w = workload("pty")
+    st = w.wait_for(lambda st: st["pongs"] > 3, "ping-pong through the pty")
+    child = st["child_pid"]
+    at_dump = w.dump_and_restore(tmp_path / "images")
+    try:
+        st = w.wait_for(lambda st: st["pongs"] > at_dump["pongs"] + 5, "ping-pong after restore")
+        assert st["loops"] - st["pongs"] <= at_dump["loops"] - at_dump["pongs"] + 1
+        master = get_fd(w.pid, 30)
+        try:
+            attrs = termios.tcgetattr(master)
+            assert not attrs[3] & (termios.ECHO | termios.ICANON)  # termios kept
+            size = struct.unpack("HHHH", fcntl.ioctl(master, termios.TIOCGWINSZ, bytes(8)))
+            assert size[:2] == (33, 120)
+            index = struct.unpack("i", fcntl.ioctl(master, 0x80045430, bytes(4)))[0]
+        finally:
+            os.close(master)
+        slave = f"/dev/pts/{index}"
+        assert os.readlink(f"/proc/{w.pid}/fd/31") == slave  # the parent holds both ends
+        assert os.readlink(f"/proc/{child}/fd/0") == slave
+        stat = open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()
+        assert int(stat[3]) == child and os.stat(slave).st_rdev == int(stat[4])  # its ctty
+        assert int(stat[5]) == child  # the foreground group
+    finally:
+        w.kill(child)
+
+
+def read_pty(master: int, want: bytes, timeout: float = 10.0) -> bytes:
+    got = b""
+    deadline = time.monotonic() + timeout
+    while want not in got:
+        assert time.monotonic() < deadline, f"no {want!r} on the terminal; got {got[-200:]!r}"
+        if select.select([master], [], [], 0.1)[0]:
+            got += os.read(master, 4096)
+    return got
+
+
+def test_shell_job_needs_shell_job_and_gets_the_restorers_terminal(tmp_path):
+    """A job started from a shell (its session and terminal are the shell's) is
+    refused at dump without --shell-job, as in CRIU; with it, restore --shell-job
+    gives it the restoring shell's terminal and session."""
+    work = tmp_path / "work"
+    work.mkdir()
+    theirs, their_slave = os.openpty()  # the dumping shell's terminal
+    job = subprocess.Popen(
+        [str(target_binary(OBJECTS)), str(work), "shell"],
+        stdin=their_slave, stdout=their_slave, stderr=their_slave,
+    )  # fmt: skip
+    ours, our_slave = os.openpty()  # the restoring shell's terminal
+    try:
+        read_pty(theirs, b"tick 3\r\n")  # the terminal writes \\n as \\r\\n
+        r = cli("dump", "-t", str(job.pid), "-D", str(tmp_path / "refused"))
+        assert r.returncode == 1
+        assert r.stderr == (
+            f"checkpointer: process {job.pid} is in session {os.getsid(0)}, whose leader is "
+            "not in the tree (a shell job): dump with --shell-job\n"
+        )
+        read_pty(theirs, b"tick 6\r\n")  # left running
+        r = cli("dump", "-t", str(job.pid), "-D", str(tmp_path / "images"), "--shell-job")
+        assert r.returncode == 0, r.stderr
+        job.wait(timeout=10)
+        r = cli("restore", "-D", str(tmp_path / "images"), "-d")
+        assert r.returncode == 1 and "restore with --shell-job" in r.stderr
+        restore = subprocess.run(
+            [sys.executable, "-m", "checkpointer", "restore", "-D", str(tmp_path / "images"),
+             "-d", "--shell-job"],
+            stdin=our_slave, stdout=our_slave, stderr=subprocess.PIPE, timeout=60,
+        )  # fmt: skip
+        assert restore.returncode == 0, restore.stderr
+        read_pty(ours, b"tick ")  # it writes on our terminal now
+        assert os.readlink(f"/proc/{job.pid}/fd/1") == os.ttyname(our_slave)
+        assert os.getsid(job.pid) == os.getsid(0)
+    finally:
+        try:
+            os.kill(job.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for fd in (theirs, their_slave, ours, our_slave):
+            os.close(fd)
+
+
+def test_daemon_keeps_the_session_of_its_exited_leader(tmp_path):
+    """The root of the tree is a daemon: its parent started a session, forked it and
+    exited. Restore brings it back in that session (a helper with the leader's PID)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    starter = subprocess.Popen(
+        [str(target_binary(OBJECTS)), str(work), "daemon"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert starter.wait(timeout=10) == 0
+    w = Workload.__new__(Workload)
+    w.dir, w.popen = work, None
+    st = w.wait_for(lambda st: st["loops"] > 3, "the daemon to run")
+    w.pid = st["pid"]
+    try:
+        assert os.getsid(w.pid) == starter.pid and os.getpgid(w.pid) == starter.pid
+        r = cli("dump", "-t", str(w.pid), "-D", str(tmp_path / "images"))
+        assert r.returncode == 0, r.stderr
+        w.wait_for(lambda _: not os.path.exists(f"/proc/{w.pid}"), "the daemon to be reaped")
+        r = cli("restore", "-D", str(tmp_path / "images"), "-d")
+        assert r.returncode == 0, r.stderr
+        assert os.getsid(w.pid) == starter.pid and os.getpgid(w.pid) == starter.pid
+        assert not os.path.exists(f"/proc/{starter.pid}")  # the helper is gone
+        st = w.status()
+        w.wait_for(lambda now: now["loops"] > st["loops"] + 3, "the daemon to run on")
+    finally:
+        try:
+            os.kill(w.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

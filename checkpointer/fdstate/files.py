@@ -1,7 +1,8 @@
 """Files that exist only while open: a deleted file (a "ghost") has its contents
 stored in the images, as does a memfd (whose fds restore reopen on the same
 object its mappings use). Both name the page owner holding those contents,
-`shm-DEV-INODE`, the owner a shared mapping of the same file uses."""
+`shm-DEV-INODE`, the owner a shared mapping of the same file uses.
+Pseudo-terminals: a master (/dev/ptmx) records its pair's state, a slave its number."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import stat
 
 from checkpointer import fdstate
 from checkpointer.errors import UnsupportedObject
-from checkpointer.kernel import memfd, proc
+from checkpointer.kernel import memfd, proc, pty
+from checkpointer.kernel.uffd import get_fd
 
 # A deleted file bigger than this is refused (CRIU's --ghost-limit is 1 MiB).
 GHOST_LIMIT = 64 << 20
@@ -41,6 +43,8 @@ def ghost(identity: dict | None, what: str) -> dict:
 
 
 def describe(pid: int, record: dict) -> dict:
+    if record["target"] == "/dev/ptmx":
+        return {"pty_master": _pty_master(pid, record["fd"])}
     if not record["deleted"]:
         return {}
     target = record["target"]
@@ -63,4 +67,20 @@ def describe(pid: int, record: dict) -> dict:
     return {"ghost": ghost(record["stat"], what)}
 
 
+def _pty_master(pid: int, fd: int) -> dict:
+    ours = get_fd(pid, fd)
+    try:
+        return pty.read_master(ours)
+    finally:
+        os.close(ours)
+
+
+def describe_tty(pid: int, record: dict) -> dict:
+    """A terminal fd: the pts number of a pseudo-terminal slave (whether its master
+    is in the tree is decided once every fd is known: collect.check_terminals)."""
+    number = record["target"].removeprefix("/dev/pts/")
+    return {"pty": {"index": int(number)}} if number.isdigit() else {}
+
+
 fdstate.DESCRIBERS["file"] = describe
+fdstate.DESCRIBERS["tty"] = describe_tty

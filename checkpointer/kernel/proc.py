@@ -109,6 +109,7 @@ class ProcStat(NamedTuple):
     env_end: int  # 51
     exit_code: int  # 52
     brk: int  # not in stat: end of [heap], or start_brk without a heap; -1 if not asked
+    tpgid: int = -1  # field 8: foreground process group of the controlling terminal
 
 
 def parse_stat(pid: int, data: bytes) -> ProcStat:
@@ -147,6 +148,7 @@ def parse_stat(pid: int, data: bytes) -> ProcStat:
         env_end=n(51),
         exit_code=n(52),
         brk=-1,
+        tpgid=n(8),
     )
 
 

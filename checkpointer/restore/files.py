@@ -12,7 +12,8 @@ import resource
 from typing import TYPE_CHECKING
 
 from checkpointer.kernel import proc, taskctl
-from checkpointer.restore.images import RestoreError
+from checkpointer.restore import pty
+from checkpointer.restore.images import RestoreError, RestoreImages
 from checkpointer.restore.task import Task
 
 if TYPE_CHECKING:
@@ -28,11 +29,15 @@ class OpenFiles:
     of a pipe, a socket inherited by a child) is made once, in the restorer, and
     copied into every process that holds it; `objects` keeps those, by key."""
 
-    def __init__(self, shell_job: bool, shared: SharedObjects | None = None) -> None:
+    def __init__(
+        self, shell_job: bool, images: RestoreImages, shared: SharedObjects | None = None
+    ) -> None:
         self.shell_job = shell_job
+        self.images = images
         # memfds (their fds reopen the object mappings use) and deleted files
         self.shared_memory = shared
         self.objects: dict[str, int] = {}  # key -> our fd of the object
+        self.paths: dict[str, str] = {}  # key -> a path to open it (a pty's slave)
         self._done: set[str] = set()
 
     def shared(self, key: str, create) -> int:
@@ -108,7 +113,14 @@ def _open(task: Task, f: dict, files: OpenFiles) -> int:
         path = files.shared_memory.ghosts.path(f["ghost"], path.removesuffix(DELETED))
     elif "memfd" in f and files.shared_memory is not None:
         path = f"/proc/self/fd/{files.shared_memory.fd(f['memfd']['owner'])}"
+    if "pty_master" in f:
+        return pty.open_master(files, f)
     if f["type"] == "tty":
+        index = f.get("pty", {}).get("index")
+        if f["target"] == "/dev/tty":  # the process's controlling terminal
+            index = task.image.process.get("ctty", {}).get("index")
+        if pty.is_own(files.images, index):
+            return pty.open_slave(files, index, flags)
         if not files.shell_job:
             raise RestoreError(f"fd {f['fd']} of process {task.pid} is a terminal: use --shell-job")
         path = _our_terminal()

@@ -121,6 +121,21 @@ def preflight(images: RestoreImages, shell_job: bool = False) -> None:
     """Refuse what cannot work here, before any process is created."""
     if os.geteuid() != 0:
         raise RestoreError("restore needs root (clone3 with set_tid, PR_SET_MM_MAP)")
+    if images.dump.inventory.get("shell_job") and not shell_job:
+        raise RestoreError(
+            "dumped with --shell-job (the tree used its shell's terminal and session): "
+            "restore with --shell-job"
+        )
+    if not shell_job:
+        # A session or group whose leader exited is rebuilt with a helper of that PID.
+        for leader in leaders_outside(images):
+            if proc.exists(leader) and not _reaped_soon(leader):
+                raise RestoreError(
+                    f"PID {leader} (leader of a session or group of the tree, which had "
+                    f"exited) is taken (by {_comm(leader)}); it must be free"
+                )
+    own_ptys = {f["pty_master"]["index"] for p in images.processes for f in p.fds
+                if "pty_master" in f}  # fmt: skip
     pid_max = int(open("/proc/sys/kernel/pid_max").read())
     for p in images.processes:
         for tid in p.tids + [z["pid"] for z in p.zombies]:
@@ -134,10 +149,19 @@ def preflight(images: RestoreImages, shell_job: bool = False) -> None:
         for v in p.vmas:
             _check_vma(p, v)
         for f in p.fds:
-            _check_fd(p, f, shell_job)
+            _check_fd(p, f, shell_job or f.get("pty", {}).get("index", -1) in own_ptys)
         for name in ("exe", "cwd"):
             if p.mm.get(name) and not os.path.exists(p.mm[name]):
                 raise RestoreError(f"{name} of process {p.pid} ({p.mm[name]}) is missing")
+
+
+def leaders_outside(images: RestoreImages) -> set[int]:
+    """Session and group ids of the tree whose leader is not in it."""
+    there = {p.pid for p in images.processes} | {
+        z["pid"] for p in images.processes for z in p.zombies
+    }
+    ids = {p.sid for p in images.processes} | {p.pgid for p in images.processes}
+    return ids - there
 
 
 def _reaped_soon(pid: int, timeout: float = 2.0) -> bool:
@@ -241,8 +265,10 @@ def _check_fd(p: ProcessImage, f: dict, shell_job: bool) -> None:
     if f.get("deleted"):
         _check_ghost(f.get("ghost"), f["target"].removesuffix(" (deleted)"), where)
         return
-    if f["type"] == "tty" and not shell_job:
+    if f["type"] == "tty" and not shell_job:  # (a pty of the tree's own passes)
         raise RestoreError(f"{where}: a terminal; restore with --shell-job to attach ours")
+    if "pty_master" in f:
+        return
     if f["type"] == "file" and f.get("stat") is not None:
         check_identity(f["target"], f["stat"], None, None, where)
     elif f["type"] in ("file", "dir") and not os.path.exists(f["target"]):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from checkpointer.kernel import ptrace
-from checkpointer.restore import creds, files, memory, signals, threads, tree
+from checkpointer.restore import creds, files, memory, pty, signals, threads, tree
 from checkpointer.restore.images import RestoreImages, load, preflight
 from checkpointer.restore.task import Task
 
@@ -57,12 +57,15 @@ def restore(req: RestoreRequest) -> RestoreResult:
     seed = tree.Seed()
     tasks: dict[int, Task] = {}
     shared = memory.SharedObjects(images)
-    open_files = files.OpenFiles(req.shell_job, shared)
+    open_files = files.OpenFiles(req.shell_job, images, shared)
     try:
         for p in images.processes:
             for thread in p.threads:
                 threads.check_xstate(seed.pid, thread)
-        tasks = tree.create_tree(images, seed, created)
+        tasks = tree.create_tree(
+            images, seed, created, lambda task: pty.take_terminal(open_files, task)
+        )
+        pty.set_foreground(open_files, tasks)
         tree.create_zombies(images, tasks, created)
         seed.kill()
         seed = None

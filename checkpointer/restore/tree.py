@@ -18,10 +18,10 @@ import resource
 import signal
 
 from checkpointer.errors import TargetError
-from checkpointer.kernel import abi, ptrace, taskctl
+from checkpointer.kernel import abi, proc, ptrace, taskctl
 from checkpointer.kernel.inject import SyscallSession
 from checkpointer.kernel.syscalls import NR_exit_group, libc
-from checkpointer.restore.images import RestoreError, RestoreImages
+from checkpointer.restore.images import RestoreError, RestoreImages, leaders_outside
 from checkpointer.restore.task import Task
 
 TRACE_OPTIONS = ptrace.PTRACE_O_TRACEFORK | ptrace.PTRACE_O_TRACECLONE | ptrace.PTRACE_O_EXITKILL
@@ -58,13 +58,20 @@ class Seed:
         os.close(self._pipe)
 
 
-def create_tree(images: RestoreImages, seed: Seed, created: list[int]) -> dict[int, Task]:
-    """Every process, each stopped in its first ptrace stop, in tree order."""
+def create_tree(
+    images: RestoreImages, seed: Seed, created: list[int], on_setsid=lambda task: None
+) -> dict[int, Task]:
+    """Every process, each stopped in its first ptrace stop, in tree order;
+    on_setsid(task) runs in each new session leader before its session's other
+    processes exist (a controlling terminal they inherit)."""
     procs = images.by_pid()
     gone = _gone_leaders(images)
     tasks: dict[int, Task] = {}
     root = images.root
-    tasks[root.pid] = Task(root, _clone(seed.session, root.pid, True, created))
+    if root.sid in gone or root.pgid in gone:  # a daemon: its session's leader exited
+        tasks[root.pid] = Task(root, _clone_through_leader(seed.session, root, gone, created))
+    else:
+        tasks[root.pid] = Task(root, _clone(seed.session, root.pid, True, created))
     for image in images.processes:
         task = tasks[image.pid]
         kids = [procs[c] for c in image.children]
@@ -77,11 +84,12 @@ def create_tree(images: RestoreImages, seed: Seed, created: list[int]) -> dict[i
             tasks[kid.pid] = Task(kid, _clone(task.session, kid.pid, False, created))
         if image.sid == image.pid:
             taskctl.setsid(task.session)
+            on_setsid(task)
         for kid in kids:
             if kid.pid in tasks:
                 continue
             if kid.sid in gone or kid.pgid in gone:
-                clone = _clone_through_leader(task, kid, gone, created)
+                clone = _clone_through_leader(task.session, kid, gone, created, task)
             else:
                 clone = _clone(task.session, kid.pid, False, created)
             tasks[kid.pid] = Task(kid, clone)
@@ -94,30 +102,31 @@ def create_tree(images: RestoreImages, seed: Seed, created: list[int]) -> dict[i
 
 
 def _gone_leaders(images: RestoreImages) -> set[int]:
-    """Sessions and groups whose leader is no longer there: an orphan's (its parent
-    started a session, forked it and exited)."""
-    there = {p.pid for p in images.processes} | {
-        z["pid"] for p in images.processes for z in p.zombies
-    }
-    ids = {p.sid for p in images.processes} | {p.pgid for p in images.processes}
-    return ids - there
+    """Sessions and groups whose leader is no longer there (an orphan's: its parent
+    started a session, forked it and exited), to be rebuilt through a helper. A
+    leader alive outside the tree is the shell's of a shell job, joined as is."""
+    return {i for i in leaders_outside(images) if not proc.exists(i)}
 
 
-def _clone_through_leader(parent: Task, kid, gone: set[int], created: list[int]):
-    """`kid` of `parent`, in a session or group whose leader is gone: as CRIU does, a
-    helper with the leader's PID starts the session (or group), clones the kid as
-    its sibling (CLONE_PARENT), and exits; the parent reaps it."""
+def _clone_through_leader(
+    creator: SyscallSession, kid, gone: set[int], created: list[int], parent: Task | None = None
+):
+    """`kid`, in a session or group whose leader is gone: as CRIU does, a helper
+    with the leader's PID starts the session (or group), clones the kid as its
+    sibling (CLONE_PARENT), and exits. The kid's parent reaps the helper: `parent`,
+    or the restorer itself for the root (both are clones of the creator)."""
     leader = kid.sid if kid.sid in gone else kid.pgid
-    helper = _clone(parent.session, leader, False, created)
+    helper = _clone(creator, leader, parent is None, created)
     if kid.sid == leader:
         taskctl.setsid(helper)
     else:
         taskctl.setpgid(helper, 0)
     clone = _clone(helper, kid.pid, True, created)
-    helper.call_exit(NR_exit_group, 0)
+    helper.call_exit(NR_exit_group, 0)  # the restorer, tracer and parent, reaps it here
     helper.close()
-    taskctl.reap(parent.session, leader)
-    taskctl.discard_signal(parent.session, signal.SIGCHLD)
+    if parent is not None:
+        taskctl.reap(parent.session, leader)
+        taskctl.discard_signal(parent.session, signal.SIGCHLD)
     created.remove(leader)
     return clone
 

@@ -21,12 +21,14 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/shm.h>
 #include <sys/signalfd.h>
 #include <sys/timerfd.h>
 #include <sys/wait.h>
+#include <termios.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -85,9 +87,9 @@ static int events(void)
 			}
 		}
 		char line[256];
-		snprintf(line, sizeof line, "loops=%lu timer=%lu efd=%lu usr2=%lu\n",
+		snprintf(line, sizeof line, "loops=%lu timer=%lu efd=%lu usr2=%lu pid=%d\n",
 			 (unsigned long)++loops, (unsigned long)timer, (unsigned long)efd,
-			 (unsigned long)usr2);
+			 (unsigned long)usr2, getpid());
 		put_status(line);
 	}
 }
@@ -259,6 +261,93 @@ static int sysv(void)
 	}
 }
 
+/* MODE "pty": the parent holds a pty master (fd 30) and its slave (fd 31, no
+ * echo, window 33x120); a child starts a session with the slave as its controlling
+ * terminal and stdin/stdout, and answers each line "ping N" with "pong N". The
+ * parent pings through the master. Status "loops=N pongs=N child_pid=N". */
+static int pty_pair(void)
+{
+	int m = posix_openpt(O_RDWR | O_NOCTTY);
+	grantpt(m);
+	unlockpt(m);
+	at(m, 30);
+	at(open(ptsname(30), O_RDWR | O_NOCTTY), 31);
+	struct termios t;
+	tcgetattr(31, &t);
+	t.c_lflag &= ~(ECHO | ICANON);
+	t.c_cc[VMIN] = 1;
+	t.c_cc[VTIME] = 0;
+	tcsetattr(31, TCSANOW, &t);
+	struct winsize ws = {.ws_row = 33, .ws_col = 120};
+	ioctl(31, TIOCSWINSZ, &ws);
+	pid_t child = fork();
+	if (child == 0) {
+		setsid();
+		ioctl(31, TIOCSCTTY, 0);
+		dup2(31, 0);
+		dup2(31, 1);
+		close(30);
+		char line[64];
+		size_t n = 0;
+		for (;;) {
+			char c;
+			if (read(0, &c, 1) != 1)
+				continue;
+			if (c != '\n') {
+				if (n < sizeof line - 1)
+					line[n++] = c;
+				continue;
+			}
+			line[n] = 0;
+			n = 0;
+			unsigned long k;
+			if (sscanf(line, "ping %lu", &k) == 1)
+				dprintf(1, "pong %lu\n", k);
+		}
+	}
+	unsigned long pongs = 0;
+	char buf[256];
+	size_t have = 0;
+	for (unsigned long loops = 1;; loops++) {
+		dprintf(30, "ping %lu\n", loops);
+		for (;;) { /* read up to the answer "pong loops" */
+			ssize_t got = read(30, buf + have, sizeof buf - 1 - have);
+			if (got <= 0)
+				break;
+			have += got;
+			buf[have] = 0;
+			char *nl = strchr(buf, '\n');
+			if (!nl)
+				continue;
+			unsigned long k;
+			if (sscanf(buf, "pong %lu", &k) == 1 && k == loops)
+				pongs++;
+			memmove(buf, nl + 1, have - (nl + 1 - buf));
+			have -= nl + 1 - buf;
+			break;
+		}
+		char line[128];
+		snprintf(line, sizeof line, "loops=%lu pongs=%lu child_pid=%d\n", loops, pongs,
+			 child);
+		put_status(line);
+		usleep(20000);
+	}
+}
+
+/* MODE "shell": a job of a shell, writing "tick N" on its terminal (stdout).
+ * Status "loops=N". */
+static int shell_job(void)
+{
+	for (unsigned long loops = 1;; loops++) {
+		printf("tick %lu\n", loops);
+		fflush(stdout);
+		char line[64];
+		snprintf(line, sizeof line, "loops=%lu\n", loops);
+		put_status(line);
+		usleep(50000);
+	}
+}
+
 int main(int argc, char **argv)
 {
 	if (argc < 3)
@@ -268,6 +357,16 @@ int main(int argc, char **argv)
 		return events();
 	if (!strcmp(argv[2], "files"))
 		return files(argv[1]);
+	if (!strcmp(argv[2], "daemon")) { /* events, in a session whose leader exited */
+		setsid();
+		if (fork() > 0)
+			_exit(0);
+		return events();
+	}
+	if (!strcmp(argv[2], "shell"))
+		return shell_job();
+	if (!strcmp(argv[2], "pty"))
+		return pty_pair();
 	if (!strcmp(argv[2], "sysv"))
 		return sysv();
 	if (!strcmp(argv[2], "tree"))
