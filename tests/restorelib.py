@@ -39,7 +39,7 @@ class Lifecycle:
                 raise AssertionError(f"timed out waiting for {what}; status {st}")
             time.sleep(0.02)
 
-    def carries_on(self, timeout: float = 10.0) -> dict[str, int]:
+    def carries_on(self, timeout: float = 20.0) -> dict[str, int]:
         """Main loop, timer, sleeper, child and checksum all move on from now."""
         before = self.status()
         keys = ("counter", "alarms", "sleeps", "child")
@@ -83,7 +83,15 @@ def start_lifecycle(base: Path, anon_mb: int = 16) -> Lifecycle:
         start_new_session=True,  # a session leader: restore must setsid
     )
     lc = Lifecycle(work, popen.pid, 0, popen)
-    st = lc.wait_for(lambda st: st["counter"] > 20 and st["child"] > 5, "the workload to start")
+    try:
+        st = lc.wait_for(lambda st: st["counter"] > 20 and st["child"] > 5, "the workload to start")
+    except BaseException:
+        popen.kill()  # the child dies with it: SIGKILL of the parent is not enough
+        st = lc.status() if (work / "status").exists() else {}
+        if st.get("child_pid"):
+            os.kill(st["child_pid"], signal.SIGKILL)
+        popen.wait()
+        raise
     lc.child = st["child_pid"]
     return lc
 

@@ -160,5 +160,5 @@ def test_subprocess_exit_code_and_stderr(tmp_path):
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr == (
         f"checkpointer: {tmp_path}/inventory: unsupported image format version 9 "
-        "(this checkpointer reads 1)\n"
+        "(this checkpointer reads 1 and 2)\n"
     )

@@ -39,6 +39,21 @@ level_option = click.option(
     help="zstd level of page data [default: -50 for a frozen dump, -1 for a pre-dump].",
 )
 log_option = click.option("-o", "--log-file", type=click.Path(), help="Write the log here.")
+page_server_option = click.option(
+    "--page-server",
+    metavar="ADDRESS:PORT",
+    help="Also send the committed dump to `checkpointer page-server` there (plain TCP, "
+    "unauthenticated; same name, same parent link).",
+)
+
+
+def send_to_page_server(res, page_server: str | None, as_json: bool) -> None:
+    if page_server:
+        from checkpointer.transport import push_dump
+
+        answer = push_dump(str(res.path), page_server)
+        if not as_json:
+            click.echo(f"sent to {page_server}: {answer['path']}")
 
 
 def leave_options(fn):
@@ -50,6 +65,24 @@ def leave_options(fn):
     fn = click.option("--leave-running", is_flag=True, help="Let the tree run on after the dump.")(
         fn
     )
+    return fn
+
+
+def stop_rule_options(fn):
+    """The pre-dump loop's stop rules (converge.py), for converge and migrate."""
+    for option in reversed(
+        [
+            click.option("--max-iterations", default=8, show_default=True,
+                         help="Pre-dumps at most."),
+            click.option("--min-pages", default=64, show_default=True,
+                         help="Stop when an iteration writes this many pages or fewer."),
+            click.option("--max-grow", default=10.0, show_default=True,
+                         help="Stop when an iteration writes this percent more than the last."),
+            click.option("--max-downtime-ms", default=300.0, show_default=True,
+                         help="Stop when the predicted final dump fits in this time."),
+        ]
+    ):  # fmt: skip
+        fn = option(fn)
     return fn
 
 
@@ -112,6 +145,7 @@ def print_dump_result(res, as_json: bool = False) -> None:
 @shell_job_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @level_option
+@page_server_option
 @verbose_option
 @log_option
 def dump(
@@ -126,6 +160,7 @@ def dump(
     shell_job,
     as_json,
     compress_level,
+    page_server,
     verbose,
     log_file,
 ):
@@ -150,7 +185,9 @@ def dump(
         compress_level=compress_level,
         shell_job=shell_job,
     )
-    print_dump_result(do_dump(req), as_json)
+    res = do_dump(req)
+    print_dump_result(res, as_json)
+    send_to_page_server(res, page_server, as_json)
 
 
 @main.command("pre-dump", cls=CheckedCommand)
@@ -160,11 +197,13 @@ def dump(
 @click.option("--prev-images-dir", help="Parent dump, relative to the images dir (as in CRIU).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @level_option
+@page_server_option
 @verbose_option
 @log_option
 def pre_dump_cmd(
-    pid, images_dir, tracker, prev_images_dir, as_json, compress_level, verbose, log_file
-):
+    pid, images_dir, tracker, prev_images_dir, as_json, compress_level, page_server, verbose,
+    log_file,
+):  # fmt: skip
     """Copy the memory of a running tree, leaving it running.
 
     Without a parent: every present page, and tracking is reset. With
@@ -182,32 +221,16 @@ def pre_dump_cmd(
         tracker=tracker,
         compress_level=compress_level,
     )
-    print_dump_result(pre_dump(req), as_json)
+    res = pre_dump(req)
+    print_dump_result(res, as_json)
+    send_to_page_server(res, page_server, as_json)
 
 
 @main.command(cls=CheckedCommand)
 @pid_option
 @dir_option
 @tracker_option
-@click.option("--max-iterations", default=8, show_default=True, help="Pre-dumps at most.")
-@click.option(
-    "--min-pages",
-    default=64,
-    show_default=True,
-    help="Stop when an iteration writes this many pages or fewer.",
-)
-@click.option(
-    "--max-grow",
-    default=10.0,
-    show_default=True,
-    help="Stop when an iteration writes this many percent more than the last.",
-)
-@click.option(
-    "--max-downtime-ms",
-    default=300.0,
-    show_default=True,
-    help="Stop when the predicted final dump fits in this time.",
-)
+@stop_rule_options
 @click.option("--interval-ms", default=0.0, show_default=True, help="Pause between pre-dumps.")
 @leave_options
 @shell_job_option

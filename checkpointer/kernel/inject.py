@@ -51,6 +51,9 @@ class SyscallSession:
         self._scratch_size = 0
         self._scratch_owned = False
         self.events: list[tuple[int, int]] = []  # (PTRACE_EVENT_*, GETEVENTMSG) seen
+        # After a step the task sits in a SIGTRAP signal-delivery-stop: a tracer that
+        # dies then would let that SIGTRAP kill it (see _back_to_event_stop).
+        self._in_step_trap = False
 
     # -- lifetime ------------------------------------------------------------
 
@@ -80,6 +83,8 @@ class SyscallSession:
             if self._saved is not None and self.restore_regs:
                 ptrace.set_regs(self.tid, self._saved)
                 ptrace.set_sigmask(self.tid, self._saved_mask)
+                if self._in_step_trap:
+                    self._back_to_event_stop()
         except TargetError:
             pass  # the task is gone; nothing to give back
         finally:
@@ -87,6 +92,23 @@ class SyscallSession:
             if self._mem >= 0:
                 os.close(self._mem)
                 self._mem = -1
+
+    def _back_to_event_stop(self) -> None:
+        """Trade the step's SIGTRAP signal-delivery-stop for a PTRACE_INTERRUPT
+        event-stop, as the freezer left it: resuming with signal 0 discards the
+        SIGTRAP and the pending interrupt traps again before any user instruction.
+        A tracer killed afterwards (SIGKILL of the tool) then simply lets the task
+        run on; from the step trap the kernel would deliver the SIGTRAP and kill it."""
+        ptrace.interrupt(self.tid)
+        ptrace.cont(self.tid, 0)
+        for _ in range(MAX_STEPS):
+            stop = ptrace.wait_stop(self.tid, 10.0)
+            if stop.kind in ("event-stop", "group-stop") and stop.event == ptrace.PTRACE_EVENT_STOP:
+                break
+            if stop.kind in ("exited", "killed"):
+                raise TargetError(f"task {self.tid} {stop.kind}")
+            ptrace.cont(self.tid, stop.sig if stop.kind == "signal-stop" else 0)
+        self._in_step_trap = False
 
     @property
     def saved_regs(self) -> dict[str, int]:
@@ -126,6 +148,7 @@ class SyscallSession:
                 self.events.append((stop.event, ptrace.get_event_msg(self.tid)))
                 continue
             if stop.kind == "signal-stop" and stop.sig == signal.SIGTRAP:
+                self._in_step_trap = True
                 after = ptrace.get_regs(self.tid)
                 if after["rip"] == self.insn + 2:
                     return after["rax"]

@@ -19,6 +19,8 @@ from checkpointer.kernel import proc, sysvshm
 
 VDSO_NAMES = ("[vvar]", "[vvar_vclock]", "[vdso]")
 UFFD_LINK = "anon_inode:[userfaultfd]"
+# capability -> its bit(s): set_tid and map_files take either of two.
+NEEDED_CAPS = {"CAP_SYS_PTRACE": (19,), "CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE": (21, 40)}
 
 
 class RestoreError(CheckpointError):
@@ -117,10 +119,17 @@ def _tree_order(procs: dict[int, ProcessImage], root: int, path: str) -> list[Pr
     return order
 
 
-def preflight(images: RestoreImages, shell_job: bool = False) -> None:
-    """Refuse what cannot work here, before any process is created."""
-    if os.geteuid() != 0:
-        raise RestoreError("restore needs root (clone3 with set_tid, PR_SET_MM_MAP)")
+def preflight(images: RestoreImages, shell_job: bool = False, pids_free: bool = True) -> None:
+    """Refuse what cannot work here, before any process is created. pids_free=False
+    skips the PID check (a migration on one host checks before the source lets go
+    of its PIDs)."""
+    caps = proc.read_creds(os.getpid())["cap_eff"]
+    missing = [name for name, bits in NEEDED_CAPS.items() if not any(caps >> b & 1 for b in bits)]
+    if missing:
+        raise RestoreError(
+            f"restore needs root: {' and '.join(missing)} missing "
+            "(clone3 with set_tid, ptrace, /proc/PID/map_files)"
+        )
     if images.dump.inventory.get("shell_job") and not shell_job:
         raise RestoreError(
             "dumped with --shell-job (the tree used its shell's terminal and session): "
@@ -141,7 +150,7 @@ def preflight(images: RestoreImages, shell_job: bool = False) -> None:
         for tid in p.tids + [z["pid"] for z in p.zombies]:
             if tid > pid_max:
                 raise RestoreError(f"PID {tid} is above this system's pid_max {pid_max}")
-            if proc.exists(tid) and not _reaped_soon(tid):
+            if pids_free and proc.exists(tid) and not _reaped_soon(tid):
                 raise RestoreError(f"PID {tid} is taken (by {_comm(tid)}); it must be free")
         if p.process.get("seccomp"):
             raise RestoreError(f"process {p.pid} runs under seccomp: not supported")

@@ -18,6 +18,7 @@ from checkpointer.errors import ImageError
 from checkpointer.images.resolve import Piece
 from checkpointer.kernel import memfd, ptrace, taskctl
 from checkpointer.kernel.syscalls import NR_mmap, NR_munmap, syscall
+from checkpointer.restore import pagefeed
 from checkpointer.restore.ghosts import GhostFiles
 from checkpointer.restore.images import (
     CHUNK,
@@ -26,7 +27,6 @@ from checkpointer.restore.images import (
     RestoreImages,
     dumped_vdso_layout,
     own_vdso_layout,
-    piece_data,
 )
 from checkpointer.restore.sysvshm import SysvSegments
 from checkpointer.restore.task import Task
@@ -79,9 +79,7 @@ class SharedObjects:
                 fd = memfd.new_memfd(vmas[0]["path"].removeprefix("/memfd:"), size, 0)
             else:
                 fd = _new_shared_anon(size)
-        for piece in self.images.pieces.get(owner, []):
-            for off, data in piece_data(piece):
-                os.pwrite(fd, data, off)
+        pagefeed.write_pieces(fd, self.images.pieces.get(owner, []))
         if memfds:
             memfd.add_seals(fd, memfds[0]["seals"])
         return fd
@@ -226,22 +224,21 @@ def _write_pages(task: Task, pieces: list[Piece]) -> None:
     """Every page the images hold for the process, through /proc/PID/mem."""
     vmas = task.image.vmas
     starts = [v["start"] for v in vmas]
+    data: list[Piece] = []
     fd = os.open(f"/proc/{task.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
     try:
         for piece in pieces:
             for lo, hi, vma in _split_by_vma(piece.start, piece.end, vmas, starts, task.pid):
                 if vma["kind"] in SKIPPED_KINDS:
                     continue  # the vdso is this kernel's own (checked equal)
-                if piece.source is None:
-                    if vma["kind"] in ANON_KINDS:
-                        continue  # fresh anonymous memory reads as zeros already
+                if piece.source is not None:
+                    data.append(Piece(lo, hi, piece.source, piece.off + (lo - piece.start)))
+                elif vma["kind"] not in ANON_KINDS:
+                    # Fresh anonymous memory reads as zeros already; a zero page of
+                    # a file mapping is a private copy the file does not hold.
                     for addr in range(lo, hi, CHUNK):
                         os.pwrite(fd, bytes(min(CHUNK, hi - addr)), addr)
-                    continue
-                sub = Piece(lo, hi, piece.source, piece.off + (lo - piece.start))
-                for addr, data in piece_data(sub):
-                    if os.pwrite(fd, data, addr) != len(data):
-                        raise OSError(f"short write into process {task.pid} at {addr:#x}")
+        pagefeed.write_pieces(fd, data)
     finally:
         os.close(fd)
 
@@ -270,7 +267,9 @@ def _advise(task: Task, vma: dict) -> None:
 def _set_mm(task: Task) -> None:
     mm = task.image.mm
     exe_fd = (1 << 32) - 1
-    if mm.get("exe"):
+    # The exe is inherited from the seed, i.e. ours; changing it is refused (EBUSY)
+    # while the old one is mapped, which it is when the process ran our interpreter.
+    if mm.get("exe") and not _same_file(mm["exe"], "/proc/self/exe"):
         ours = os.open(mm["exe"], os.O_RDONLY | os.O_CLOEXEC)
         try:
             exe_fd = task.install_fd(ours)
@@ -283,6 +282,11 @@ def _set_mm(task: Task) -> None:
     finally:
         if exe_fd != (1 << 32) - 1:
             taskctl.close(task.session, exe_fd)
+
+
+def _same_file(a: str, b: str) -> bool:
+    sa, sb = os.stat(a), os.stat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def unmap_scratch(task: Task) -> None:
