@@ -145,6 +145,10 @@ def test_timerfd_keeps_its_clock_and_interval(events_restored):
     time.sleep(0.5)
     after = w.status()["timer"]
     assert 5 <= after - before <= 15, (before, after)  # every 50 ms
+    absolute = fdinfo(w.pid, 15)  # armed at an absolute time, cancelled on clock set
+    assert "clockid: 0" in absolute and "settime flags: 03" in absolute
+    left = int(absolute.split("it_value: (")[1].split(",")[0])
+    assert 3500 < left < 3600
 
 
 def test_signalfd_keeps_its_mask(events_restored):

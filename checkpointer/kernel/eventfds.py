@@ -14,6 +14,7 @@ import fcntl
 import os
 import re
 import struct
+import time
 
 from checkpointer.kernel import proc
 from checkpointer.kernel.inject import SyscallSession
@@ -26,6 +27,7 @@ NR_epoll_create1 = 291
 NR_epoll_ctl = 233
 EPOLL_CTL_ADD = 1
 EFD_SEMAPHORE = 1
+TFD_TIMER_ABSTIME = 1
 # <linux/timerfd.h>: _IOW('T', 0, __u64); needs CONFIG_CHECKPOINT_RESTORE.
 TFD_IOC_SET_TICKS = 0x40085400
 _ITIMERSPEC = struct.Struct("<qqqq")  # it_interval {sec, nsec}, it_value {sec, nsec}
@@ -91,14 +93,26 @@ def new_eventfd(count: int, semaphore: bool, flags: int) -> int:
     return os.eventfd(count, os.EFD_CLOEXEC | nonblock | sem)
 
 
-def new_timerfd(clockid: int, flags: int, value: list[int], interval: list[int], ticks: int) -> int:
-    """A timerfd armed to fire after `value` (relative), then every `interval`,
-    with `ticks` expirations not yet read."""
+def new_timerfd(
+    clockid: int,
+    flags: int,
+    value: list[int],
+    interval: list[int],
+    ticks: int,
+    settime_flags: int = 0,
+) -> int:
+    """A timerfd armed to fire after `value` (time left), then every `interval`,
+    with `ticks` expirations not yet read. With TFD_TIMER_ABSTIME in settime_flags
+    it is armed at now + value on its clock, so TFD_TIMER_CANCEL_ON_SET (a realtime
+    clock set cancels it) is kept too."""
     fd = syscall(NR_timerfd_create, clockid, os.O_CLOEXEC | (flags & os.O_NONBLOCK))
     try:
         if any(value) or any(interval):
+            if settime_flags & TFD_TIMER_ABSTIME:
+                at = time.clock_gettime_ns(clockid) + value[0] * 10**9 + value[1]
+                value = list(divmod(at, 10**9))
             spec = ctypes.create_string_buffer(_ITIMERSPEC.pack(*interval, *value))
-            syscall(NR_timerfd_settime, fd, 0, ctypes.addressof(spec), 0)
+            syscall(NR_timerfd_settime, fd, settime_flags, ctypes.addressof(spec), 0)
         if ticks:
             fcntl.ioctl(fd, TFD_IOC_SET_TICKS, struct.pack("<Q", ticks))
     except BaseException:

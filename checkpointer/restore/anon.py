@@ -26,11 +26,6 @@ def check(process: ProcessImage, record: dict) -> None:
             f"fd {record['fd']} of process {process.pid} ({record['target']}) "
             "cannot be restored yet"
         )
-    if "timerfd" in record and record["timerfd"]["settime_flags"] & 2:
-        raise RestoreError(
-            f"fd {record['fd']} of process {process.pid}: a timerfd cancelled on clock "
-            "changes (TFD_TIMER_CANCEL_ON_SET) is not restored"
-        )
 
 
 def open(files: OpenFiles, task: Task, record: dict) -> int:  # noqa: A001
@@ -46,7 +41,9 @@ def open(files: OpenFiles, task: Task, record: dict) -> int:  # noqa: A001
             # only on read, so it shows no time left. The next expiry is one
             # interval after the pending one (held in ticks).
             value = t["interval"]
-        return eventfds.new_timerfd(t["clockid"], flags, value, t["interval"], t["ticks"])
+        return eventfds.new_timerfd(
+            t["clockid"], flags, value, t["interval"], t["ticks"], t["settime_flags"]
+        )
     if "signalfd" in record:
         return eventfds.new_signalfd(record["signalfd"]["mask"], flags)
     return eventfds.new_epoll(flags)

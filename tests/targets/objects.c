@@ -3,7 +3,8 @@
  *
  * MODE "events": an eventfd holding 7 (fd 10, never read), and an epoll (fd 14)
  * watching a second eventfd (fd 11, data 111), a periodic 50 ms timerfd (fd 12,
- * data 222) and a signalfd for SIGUSR2 (fd 13, data 333). The main loop waits on
+ * data 222) and a signalfd for SIGUSR2 (fd 13, data 333); a realtime timerfd at an
+ * absolute time, cancelled on clock changes (fd 15). The main loop waits on
  * the epoll and writes DIR/status: "loops=N timer=N efd=N usr2=N".
  *
  * MODE "files": a file DIR/shared opened before fork, written by parent and child
@@ -65,6 +66,12 @@ static int events(void)
 	sigprocmask(SIG_BLOCK, &mask, NULL);
 	at(signalfd(-1, &mask, SFD_NONBLOCK), 13);
 	at(epoll_create1(0), 14);
+	/* A realtime timer at an absolute time an hour away, cancelled if the clock is set. */
+	at(timerfd_create(CLOCK_REALTIME, TFD_NONBLOCK), 15);
+	struct itimerspec abs = {{0, 0}, {0, 0}};
+	clock_gettime(CLOCK_REALTIME, &abs.it_value);
+	abs.it_value.tv_sec += 3600;
+	timerfd_settime(15, TFD_TIMER_ABSTIME | TFD_TIMER_CANCEL_ON_SET, &abs, NULL);
 	int fds[] = {11, 12, 13}, data[] = {111, 222, 333};
 	for (int i = 0; i < 3; i++) {
 		struct epoll_event ev = {.events = EPOLLIN, .data.u64 = data[i]};
