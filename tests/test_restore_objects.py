@@ -408,3 +408,33 @@ def test_daemon_keeps_the_session_of_its_exited_leader(tmp_path):
             os.kill(w.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_deleted_file_over_the_limit_is_refused_at_dump(tmp_path):
+    """Refused by name, and the target goes on running."""
+    big = tmp_path / "big"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         f"import os, time\nf = open({str(big)!r}, 'w')\nf.truncate(100 << 20)\n"
+         f"os.unlink({str(big)!r})\nprint('ready', flush=True)\ntime.sleep(60)"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+        start_new_session=True, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "ready\n"
+        fd = next(
+            int(n)
+            for n in os.listdir(f"/proc/{holder.pid}/fd")
+            if os.readlink(f"/proc/{holder.pid}/fd/{n}") == f"{big} (deleted)"
+        )
+        r = cli("dump", "-t", str(holder.pid), "-D", str(tmp_path / "images"))
+        assert r.returncode == 1
+        assert r.stderr == (
+            f"checkpointer: fd {fd} of process {holder.pid} ({big} (deleted)): a deleted "
+            f"file of {100 << 20} bytes, over the 64 MiB limit for deleted files\n"
+        )
+        assert holder.poll() is None and not (tmp_path / "images").exists()
+        assert open(f"/proc/{holder.pid}/stat").read().split(")")[1].split()[0] in "RS"
+    finally:
+        holder.kill()
+        holder.wait()
