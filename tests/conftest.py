@@ -1,9 +1,9 @@
 """Shared fixtures, and the skip rules for tests that need a kernel feature.
 
 A test marked with a feature (softdirty, uffd_wp, pagemap_scan) skips with a
-reason naming that feature when this kernel lacks it. scripts/test runs the
-softdirty ones again inside a QEMU guest whose kernel has soft-dirty, and fails
-if they were skipped there.
+reason naming that feature when this kernel lacks it. scripts/test runs them
+again inside QEMU guests whose kernels have the features (softdirty in 6.1; all
+three in 6.12), and fails if they were skipped there.
 """
 
 from __future__ import annotations

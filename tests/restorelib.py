@@ -58,12 +58,12 @@ class Lifecycle:
             self.popen = None
 
     def kill(self) -> None:
-        for pid in (self.child, self.pid):
+        for pid in filter(None, (self.child, self.pid)):  # never kill(0): our group
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        for pid in (self.pid, self.child):
+        for pid in filter(None, (self.pid, self.child)):
             try:
                 os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:

@@ -35,6 +35,8 @@ class Target:
     proc: subprocess.Popen
     regions: dict[str, tuple[int, int]] = field(default_factory=dict)
     child: int | None = None
+    # "STATE name values..." lines (--state): what the target set, for comparison
+    set_state: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def pid(self) -> int:
@@ -59,6 +61,8 @@ class Target:
             self.regions[parts[1]] = (int(parts[2], 16), int(parts[3]))
         elif parts[0] == "CHILD":
             self.child = int(parts[1])
+        elif parts[0] == "STATE":
+            self.set_state[parts[1]] = parts[2:]
 
     def read_mem(self, addr: int, size: int, pid: int | None = None) -> bytes:
         with open(f"/proc/{pid or self.pid}/mem", "rb", buffering=0) as mem:
@@ -97,28 +101,58 @@ class Target:
                 stream.close()
 
 
-def start_target(*args: str, timeout: float = 30) -> Target:
-    proc = subprocess.Popen(
-        [str(target_binary()), *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        # Its own session: a tree in its caller's session is a shell job, which a
-        # final dump refuses without --shell-job (as CRIU does).
-        start_new_session=True,
-    )
+def start_target(*args: str, timeout: float = 30, output: Path | None = None) -> Target:
+    """Start the C target and wait for READY. With `output`, its stdout goes to that
+    file and stdin is /dev/null (no pipes to us: a tree restore can bring it back;
+    `command` is then unavailable), in a session of its own."""
+    if output is not None:
+        with open(output, "w") as out:  # the child's own open file: its own offset
+            proc = subprocess.Popen(
+                [str(target_binary()), *args],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
+        lines = _follow(open(output), proc, timeout)
+    else:
+        proc = subprocess.Popen(
+            [str(target_binary()), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            # Its own session: a tree in its caller's session is a shell job, which a
+            # final dump refuses without --shell-job (as CRIU does).
+            start_new_session=True,
+        )
+        assert proc.stdout
+        lines = iter(proc.stdout.readline, "")
     target = Target(proc)
     deadline = time.monotonic() + timeout
-    assert proc.stdout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline().strip()
-        if not line:
-            raise RuntimeError(f"target exited early with {proc.wait()}")
+    for raw in lines:
+        line = raw.strip()
         if line.startswith("READY"):
             return target
-        target._parse(line)
+        if line:
+            target._parse(line)
+        if time.monotonic() > deadline:
+            break
     target.kill()
-    raise RuntimeError("target did not become ready")
+    raise RuntimeError(f"target did not become ready (exit status {proc.poll()})")
+
+
+def _follow(f, proc: subprocess.Popen, timeout: float):
+    """The lines of a file another process is writing, until it exits or time is up."""
+    deadline = time.monotonic() + timeout
+    pending = ""
+    with f:
+        while time.monotonic() < deadline and proc.poll() is None:
+            pending += f.read()
+            while "\n" in pending:
+                line, pending = pending.split("\n", 1)
+                yield line
+            time.sleep(0.01)
 
 
 def proc_status(pid: int) -> dict[str, str]:

@@ -439,9 +439,10 @@ def read_task_comm(pid: int, tid: int) -> str:
     return _read_text(pid, f"/proc/{pid}/task/{tid}/comm").rstrip("\n")
 
 
-def read_umask(pid: int) -> int:
-    """The file mode creation mask (status Umask, octal)."""
-    return int(read_status(pid)["Umask"], 8)
+def read_umask(pid: int, tid: int | None = None) -> int:
+    """The file mode creation mask (status Umask, octal; a zombie main thread has
+    none: ask a live thread)."""
+    return int(read_status(pid, tid)["Umask"], 8)
 
 
 def read_seccomp_mode(pid: int, tid: int | None = None) -> int:

@@ -3,7 +3,18 @@
  * mapping the dumper must handle, and optional writers that keep dirtying it.
  *
  *   target [--threads N] [--anon-mb N] [--hot-pages N] [--hot-sleep-us N]
- *          [--fork] [--file PATH] [--thp-mb N] [--storm] [--remap]
+ *          [--fork] [--file PATH] [--thp-mb N] [--storm] [--remap] [--state]
+ *          [--exit-main] [--seccomp] [--rseq-cs]
+ *
+ * --state sets up what only injected syscalls can read back (see set_up_state()):
+ * signal handlers, interval timers, umask, prctl flags, queued blocked signals, a
+ * thread on an alternate signal stack, a deleted file still mapped and open. It
+ * prints what it set as "STATE name value..." lines. --exit-main ends the main
+ * thread with pthread_exit after READY (its leader becomes a zombie). --seccomp
+ * installs a filter (before any thread starts) that kills the process on getitimer:
+ * a dump must get past it without calling it for real. --rseq-cs starts a thread that
+ * spins inside an rseq critical section; every abort (the kernel moves it to the
+ * abort handler when it is preempted) bumps the "rseq_aborts" region's counter.
  *
  * It prints one "REGION name start size" line per region, then "READY pid",
  * and runs until killed. Region contents are deterministic (see fill()), so a
@@ -14,13 +25,21 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stddef.h>
+#include <sys/syscall.h>
 #include <pthread.h>
+#include <signal.h>
+#include <sys/time.h>
+#include <sys/stat.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/rseq.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -79,6 +98,136 @@ static void *checker(void *arg)
 	return NULL;
 }
 
+/* rseq_spin(&rseq->rseq_cs, &descriptor): arm the critical section [cs_start,
+ * cs_post) and spin in it; return only through the abort handler. */
+__asm__(".text\n"
+	".globl rseq_spin, cs_start, cs_post, cs_abort\n"
+	"rseq_spin:\n"
+	"	mov %rsi, (%rdi)\n"
+	"cs_start:\n"
+	"	jmp cs_start\n"
+	"cs_post:\n"
+	"	ret\n"
+	"	.long 0x53053053\n" /* RSEQ_SIG, right before the abort ip */
+	"cs_abort:\n"
+	"	ret\n");
+void rseq_spin(volatile uint64_t *rseq_cs, struct rseq_cs *cs);
+extern char cs_start[], cs_post[], cs_abort[];
+static volatile uint64_t rseq_aborts;
+
+static void *rseq_thread(void *arg)
+{
+	(void)arg;
+	static struct rseq_cs cs __attribute__((aligned(32)));
+	cs.start_ip = (uintptr_t)cs_start;
+	cs.post_commit_offset = (uintptr_t)cs_post - (uintptr_t)cs_start;
+	cs.abort_ip = (uintptr_t)cs_abort;
+	struct rseq *rs = (struct rseq *)((char *)__builtin_thread_pointer() + __rseq_offset);
+	for (;;) {
+		rseq_spin((volatile uint64_t *)&rs->rseq_cs, &cs);
+		rseq_aborts++;
+	}
+	return NULL;
+}
+
+static volatile sig_atomic_t usr1_count;
+
+static void on_usr1(int sig, siginfo_t *info, void *ctx)
+{
+	(void)sig, (void)info, (void)ctx;
+	usr1_count++;
+}
+
+static void on_trap(int sig)
+{
+	(void)sig;
+}
+
+static volatile int altstack_ready;
+
+static void *altstack_thread(void *arg)
+{
+	(void)arg;
+	static char altstack[4 * PAGE] __attribute__((aligned(16)));
+	stack_t ss = { .ss_sp = altstack, .ss_size = sizeof altstack, .ss_flags = 0 };
+	sigaltstack(&ss, NULL);
+	pthread_setname_np(pthread_self(), "altstack-thr");
+	printf("STATE altstack %d %#lx %zu\n", gettid(), (unsigned long)altstack, sizeof altstack);
+	altstack_ready = 1;
+	for (;;)
+		pause();
+	return NULL;
+}
+
+/* Everything the final dump reads by injected syscalls, set to values that are not
+ * the defaults, and printed for the test to compare. Called before any thread
+ * starts, so the signal mask (SIGUSR2 blocked) is every thread's. */
+static void set_up_state(void)
+{
+	struct sigaction sa = { .sa_sigaction = on_usr1, .sa_flags = SA_SIGINFO | SA_ONSTACK | SA_RESTART };
+	sigemptyset(&sa.sa_mask);
+	sigaddset(&sa.sa_mask, SIGUSR2);
+	sigaddset(&sa.sa_mask, SIGTERM);
+	sigaction(SIGUSR1, &sa, NULL);
+	printf("STATE usr1 %#lx\n", (unsigned long)on_usr1);
+	signal(SIGTRAP, on_trap);
+	signal(SIGPIPE, SIG_IGN);
+
+	struct itimerval real = { .it_interval = { 500, 0 }, .it_value = { 1000, 0 } };
+	signal(SIGALRM, SIG_IGN);
+	setitimer(ITIMER_REAL, &real, NULL);
+	struct itimerval prof = { .it_interval = { 0, 250000 }, .it_value = { 2000, 0 } };
+	setitimer(ITIMER_PROF, &prof, NULL);
+
+	umask(027);
+	prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+	prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+
+	sigset_t block;
+	sigemptyset(&block);
+	sigaddset(&block, SIGUSR2);
+	sigprocmask(SIG_BLOCK, &block, NULL);
+	union sigval value = { .sival_int = 4242 };
+	sigqueue(getpid(), SIGUSR2, value); /* process-wide queue */
+	value.sival_int = 77;
+	pthread_sigqueue(pthread_self(), SIGUSR2, value); /* the main thread's own queue */
+
+	char path[] = "/tmp/checkpointer-deleted-XXXXXX";
+	int fd = mkostemp(path, O_CLOEXEC);
+	unsigned char page[PAGE];
+	for (int i = 0; i < 4; i++) {
+		memset(page, 'a' + i, sizeof page);
+		if (write(fd, page, sizeof page) != sizeof page)
+			_exit(2);
+	}
+	void *mapped = mmap(NULL, 4 * PAGE, PROT_READ, MAP_PRIVATE, fd, 0);
+	unlink(path);
+	struct stat st;
+	fstat(fd, &st);
+	printf("STATE deleted %s %d %#lx %lu %lu\n", path, fd, (unsigned long)mapped,
+	       (unsigned long)st.st_dev, (unsigned long)st.st_ino);
+
+	pthread_t t;
+	pthread_create(&t, NULL, altstack_thread, NULL);
+	while (!altstack_ready) /* its STATE line comes before READY */
+		usleep(100);
+}
+
+static void install_seccomp(void)
+{
+	struct sock_filter filter[] = {
+		BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+		BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_getitimer, 0, 1),
+		BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS),
+		BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+	};
+	struct sock_fprog prog = { .len = sizeof filter / sizeof filter[0], .filter = filter };
+	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) || prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog)) {
+		perror("seccomp");
+		_exit(2);
+	}
+}
+
 static void *storm(void *arg)
 {
 	(void)arg;
@@ -93,7 +242,8 @@ static void *storm(void *arg)
 
 int main(int argc, char **argv)
 {
-	int threads = 2, do_fork = 0, do_storm = 0, do_remap = 0;
+	int threads = 2, do_fork = 0, do_storm = 0, do_remap = 0, do_state = 0, exit_main = 0;
+	int do_seccomp = 0, do_rseq = 0;
 	const char *file = NULL;
 	anon_size = 8 << 20;
 	for (int i = 1; i < argc; i++) {
@@ -105,6 +255,10 @@ int main(int argc, char **argv)
 		else if (!strcmp(argv[i], "--fork")) do_fork = 1;
 		else if (!strcmp(argv[i], "--storm")) do_storm = 1;
 		else if (!strcmp(argv[i], "--remap")) do_remap = 1;
+		else if (!strcmp(argv[i], "--state")) do_state = 1;
+		else if (!strcmp(argv[i], "--exit-main")) exit_main = 1;
+		else if (!strcmp(argv[i], "--seccomp")) do_seccomp = 1;
+		else if (!strcmp(argv[i], "--rseq-cs")) do_rseq = 1;
 		else if (!strcmp(argv[i], "--file")) file = argv[++i];
 		else { fprintf(stderr, "unknown option %s\n", argv[i]); return 2; }
 	}
@@ -171,6 +325,11 @@ int main(int argc, char **argv)
 		region("remap", r, 4 * PAGE);
 	}
 
+	if (do_seccomp)
+		install_seccomp();
+	if (do_state)
+		set_up_state();
+
 	static volatile uint64_t slots[64];
 	pthread_t t;
 	for (int i = 0; i < threads; i++)
@@ -178,6 +337,12 @@ int main(int argc, char **argv)
 	pthread_create(&t, NULL, checker, NULL);
 	if (hot_pages)
 		pthread_create(&t, NULL, hot_writer, NULL);
+	if (do_rseq) {
+		pthread_create(&t, NULL, rseq_thread, NULL);
+		region("rseq_aborts", (void *)&rseq_aborts, sizeof rseq_aborts);
+		printf("STATE rseq_cs %#lx %#lx %#lx\n", (unsigned long)cs_start,
+		       (unsigned long)cs_post, (unsigned long)cs_abort);
+	}
 	if (do_storm)
 		pthread_create(&t, NULL, storm, NULL);
 
@@ -196,6 +361,8 @@ int main(int argc, char **argv)
 
 	region("heartbeat", (void *)&heartbeat, sizeof(heartbeat));
 	printf("READY %d\n", getpid());
+	if (exit_main)
+		pthread_exit(NULL);
 	for (;;) {
 		/* Commands on stdin let a test trigger memory-map changes on demand. */
 		char line[128];
@@ -228,6 +395,8 @@ int main(int argc, char **argv)
 			sscanf(line + 8, "%lu %lu", &first, &count);
 			madvise(anon + first * PAGE, count * PAGE, MADV_DONTNEED);
 			printf("DONE\n");
+		} else if (!strncmp(line, "brk", 3)) {
+			printf("BRK %#lx\nDONE\n", (unsigned long)sbrk(0));
 		} else if (!strncmp(line, "mprotect", 8)) {
 			unsigned long first = 0, count = 0;
 			sscanf(line + 8, "%lu %lu", &first, &count);
