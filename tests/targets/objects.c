@@ -167,8 +167,8 @@ static int files(const char *dir)
 
 /* MODE "tree": three children counting in shared memory, one a session leader
  * (setsid), one leading its own process group; a fourth child exits with status 7
- * and stays a zombie; an orphan in a session whose leader is gone.
- * Status "loops=N kid0=N kid1=N kid2=N orphan=N". */
+ * and a fifth dies of SIGTERM, both staying zombies; an orphan in a session whose
+ * leader is gone. Status "loops=N kid0=N kid1=N kid2=N orphan=N". */
 static int tree(void)
 {
 	volatile uint64_t *kids = mmap(NULL, 4096, PROT_READ | PROT_WRITE,
@@ -189,6 +189,8 @@ static int tree(void)
 	}
 	if (fork() == 0)
 		_exit(7);
+	if (fork() == 0)
+		raise(SIGTERM);
 	/* An orphan: a child starts a session, forks, and exits (reaped); the
 	 * grandchild is re-parented to us, a subreaper, in a session whose leader is
 	 * gone. */
