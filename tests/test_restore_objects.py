@@ -441,3 +441,17 @@ def test_deleted_file_over_the_limit_is_refused_at_dump(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_deleted_file_whose_name_was_taken_comes_back_beside_it(workload, tmp_path):
+    w = workload("files")
+    w.wait_for(lambda st: st["child"] > 3, "parent and child to write")
+    taken = w.dir / "ghost"
+    at_dump = w.dump_and_restore(tmp_path / "images", lambda: taken.write_text("someone else's"))
+    try:
+        st = w.wait_for(lambda st: st["loops"] > at_dump["loops"] + 3, "the parent to read on")
+        assert st["ghost_ok"] == 1
+        assert os.readlink(f"/proc/{w.pid}/fd/20") == f"{taken}.checkpointer-ghost-1 (deleted)"
+        assert taken.read_text() == "someone else's"
+    finally:
+        w.kill(at_dump["child_pid"])
