@@ -70,6 +70,13 @@ def pstree_records(tree: FrozenTree) -> list[dict]:
             records[stat.ppid]["zombies"].append(
                 {"pid": pid, "pgid": stat.pgrp, "sid": stat.session, "exit_status": stat.exit_code}
             )
+    zombies = {z["pid"] for r in records.values() for z in r["zombies"]}
+    for r in records.values():
+        if led := {r["sid"], r["pgid"]} & zombies:
+            raise UnsupportedObject(
+                f"process {r['pid']} is in a session or group led by zombie {led.pop()}: "
+                "not supported"
+            )
     return list(records.values())
 
 

@@ -455,3 +455,27 @@ def test_deleted_file_whose_name_was_taken_comes_back_beside_it(workload, tmp_pa
         assert taken.read_text() == "someone else's"
     finally:
         w.kill(at_dump["child_pid"])
+
+
+def test_session_led_by_a_zombie_is_refused_by_name(workload, tmp_path):
+    w = workload("zombie-session")
+    st = w.wait_for(lambda st: st["loops"] > 3, "the tree to start")
+    leader = st["leader"]
+    w.wait_for(lambda _: open(f"/proc/{leader}/stat").read().split()[2] == "Z", "the zombie")
+    member = next(
+        int(p)
+        for p in os.listdir("/proc")
+        if p.isdigit() and int(p) != leader and os.path.exists(f"/proc/{p}/stat")
+        and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[3] == str(leader)
+    )  # fmt: skip
+    try:
+        r = cli("dump", "-t", str(w.pid), "-D", str(tmp_path / "images"))
+        assert r.returncode == 1
+        assert r.stderr == (
+            f"checkpointer: process {member} is in a session or group led by zombie "
+            f"{leader}: not supported\n"
+        )
+        st = w.status()
+        w.wait_for(lambda now: now["loops"] > st["loops"], "the tree to go on running")
+    finally:
+        w.kill(member)

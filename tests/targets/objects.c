@@ -216,6 +216,28 @@ static int tree(void)
 	}
 }
 
+/* MODE "zombie-session": a child starts a session, forks, and exits unreaped: its
+ * child (re-parented to us, a subreaper) is in a session a zombie leads.
+ * Status "loops=N leader=N". */
+static int zombie_session(void)
+{
+	prctl(PR_SET_CHILD_SUBREAPER, 1);
+	pid_t leader = fork();
+	if (leader == 0) {
+		setsid();
+		if (fork() == 0)
+			for (;;)
+				pause();
+		_exit(0);
+	}
+	for (unsigned long loops = 1;; loops++) {
+		char line[64];
+		snprintf(line, sizeof line, "loops=%lu leader=%d\n", loops, leader);
+		put_status(line);
+		usleep(20000);
+	}
+}
+
 static void *spin(void *arg)
 {
 	volatile uint64_t *n = arg;
@@ -380,6 +402,8 @@ int main(int argc, char **argv)
 		return sysv();
 	if (!strcmp(argv[2], "tree"))
 		return tree();
+	if (!strcmp(argv[2], "zombie-session"))
+		return zombie_session();
 	if (!strcmp(argv[2], "zombie-leader"))
 		return zombie_leader();
 	return 1;
