@@ -12,9 +12,10 @@ import time
 from dataclasses import dataclass, field
 
 from checkpointer import fdstate
-from checkpointer.errors import TargetError
+from checkpointer.errors import TargetError, UnsupportedObject
+from checkpointer.fdstate import files as fdfiles
 from checkpointer.freezer import FrozenTree
-from checkpointer.kernel import abi, proc, ptrace, taskstate
+from checkpointer.kernel import abi, kcmp, proc, ptrace, pty, sysvshm, taskstate
 from checkpointer.kernel.inject import SyscallSession
 from checkpointer.kernel.syscalls import O_CLOEXEC
 from checkpointer.vmas import Vma, vma_record
@@ -47,19 +48,36 @@ def _key(m) -> tuple:
 
 
 def pstree_records(tree: FrozenTree) -> list[dict]:
-    records = []
+    """One record per live process; its unreaped exited children (zombies) are
+    listed in its record, with their exit status."""
+    records = {}
     for pid, tids in tree.threads.items():
         stat = proc.read_stat(pid)
-        records.append(
-            {
-                "pid": pid,
-                "ppid": stat.ppid,
-                "pgid": stat.pgrp,
-                "sid": stat.session,
-                "threads": list(tids),
-            }
-        )
-    return records
+        records[pid] = {
+            "pid": pid,
+            "ppid": stat.ppid,
+            "pgid": stat.pgrp,
+            "sid": stat.session,
+            "threads": list(tids),
+            "zombies": [],
+        }
+    for pid in tree.zombies:
+        try:
+            stat = proc.read_stat(pid)
+        except TargetError:
+            continue  # reaped before the tree was frozen
+        if stat.state == "Z" and stat.ppid in records:
+            records[stat.ppid]["zombies"].append(
+                {"pid": pid, "pgid": stat.pgrp, "sid": stat.session, "exit_status": stat.exit_code}
+            )
+    zombies = {z["pid"] for r in records.values() for z in r["zombies"]}
+    for r in records.values():
+        if led := {r["sid"], r["pgid"]} & zombies:
+            raise UnsupportedObject(
+                f"process {r['pid']} is in a session or group led by zombie {led.pop()}: "
+                "not supported"
+            )
+    return list(records.values())
 
 
 @dataclass
@@ -150,6 +168,11 @@ def core_records(
         "sigcatch": masks["sigcatch"],
         "umask": proc.read_umask(pid, live),
         "seccomp": proc.read_seccomp_mode(pid, live),
+        "ctty": {
+            "dev": stat.tty_nr,
+            "index": pty.pts_index(stat.tty_nr),
+            "foreground": stat.tpgid,
+        },
     }
     if injected is not None:
         process.update(injected.process)
@@ -179,7 +202,10 @@ def core_records(
 def mm_record(pid: int, injected: InjectedState | None = None) -> dict:
     """The mm record; brk is exact with `injected` (a final dump), else the end of
     [heap] (the kernel does not export mm->brk in /proc)."""
-    stat = proc.read_stat(pid, brk=injected is None)
+    # Through a live thread: a zombie main thread has no mm, fs (cwd, root) or exe.
+    tid = proc.live_tid(pid)
+    task = f"task/{tid}/"
+    stat = proc.read_stat(pid, tid, brk=injected is None)
     return {
         "start_code": stat.start_code,
         "end_code": stat.end_code,
@@ -194,9 +220,9 @@ def mm_record(pid: int, injected: InjectedState | None = None) -> dict:
         "env_end": stat.env_end,
         "exit_code": stat.exit_code,
         "auxv": proc.read_auxv(pid),
-        "exe": proc.read_link(pid, "exe"),
-        "cwd": proc.read_link(pid, "cwd"),
-        "root": proc.read_link(pid, "root"),
+        "exe": proc.read_link(pid, task + "exe"),
+        "cwd": proc.read_link(pid, task + "cwd"),
+        "root": proc.read_link(pid, task + "root"),
         "exe_stat": file_identity(proc.stat_exe(pid)),
     }
 
@@ -221,6 +247,60 @@ def fd_records(pid: int, hide: set[int] | frozenset[int] = frozenset()) -> list[
     for rec in records:
         rec.update(fdstate.describe(pid, rec))
     return records
+
+
+def check_terminals(
+    pstree: list[dict], processes: dict[int, dict], fds: dict[int, list[dict]], shell_job: bool
+) -> None:
+    """A tree attached to a terminal or session outside it (a shell job) is dumped
+    only with --shell-job, as CRIU does: restore then gives it the restoring
+    shell's terminal and session. Pseudo-terminals whose master is in the tree are
+    the tree's own (restored as a new pair)."""
+    if shell_job:
+        return
+    masters = {r["pty_master"]["index"] for rs in fds.values() for r in rs if "pty_master" in r}
+    pids = {p["pid"] for p in pstree}
+    for p in pstree:
+        if p["sid"] not in pids and proc.exists(p["sid"]):
+            raise UnsupportedObject(
+                f"process {p['pid']} is in session {p['sid']}, whose leader is not in the "
+                "tree (a shell job): dump with --shell-job"
+            )
+    for pid, process in processes.items():
+        ctty = process["ctty"]
+        if ctty["dev"] and ctty["index"] not in masters:
+            raise UnsupportedObject(
+                f"process {pid} has a controlling terminal outside the tree "
+                f"(device {ctty['dev']:#x}): dump with --shell-job"
+            )
+    for pid, records in fds.items():
+        for r in records:
+            if r["type"] == "tty" and r.get("pty", {}).get("index") not in masters:
+                raise UnsupportedObject(
+                    f"fd {r['fd']} of process {pid} ({r['target']}) is a terminal outside "
+                    "the tree: dump with --shell-job"
+                )
+
+
+def mark_shared_descriptions(fds: dict[int, list[dict]]) -> None:
+    """Give every fd record an "ofd" id, equal for fds that share one open file
+    description (dup'ed, or inherited through fork: they share offset and flags),
+    as kcmp(KCMP_FILE) tells. Only fds on the same file are compared."""
+    seen: dict[tuple, list[tuple[int, int, int]]] = {}  # file -> [(tid, fd, ofd)]
+    next_id = 0
+    for pid, records in fds.items():
+        tid = proc.live_tid(pid)  # a zombie main thread has no files to compare
+        for rec in records:
+            st = rec.get("stat") or {}
+            same_file = seen.setdefault((rec["target"], st.get("dev"), st.get("ino")), [])
+            for other_pid, other_fd, ofd in same_file:
+                if kcmp.same_open_file(tid, rec["fd"], other_pid, other_fd):
+                    rec["ofd"] = ofd
+                    break
+            else:
+                rec["ofd"] = next_id
+                same_file.append((tid, rec["fd"], next_id))
+                next_id += 1
 
 
 def file_identity(st: os.stat_result | None) -> dict | None:
@@ -252,21 +332,54 @@ def fd_type(target: str) -> str:
 
 
 def vma_records(
-    pid: int, vmas: list[Vma], hide_flags: set[str] | frozenset[str] = frozenset()
+    pid: int,
+    vmas: list[Vma],
+    final: bool = False,
+    hide_flags: set[str] | frozenset[str] = frozenset(),
 ) -> list[dict]:
-    """vma records with the identity of each mapped file (map_files/ reaches deleted
-    files too), without the VmFlags in `hide_flags` (set by the tool)."""
-    records = [
-        {
+    """vma records with the identity of each mapped file (map_files/ reaches
+    deleted files too), without the VmFlags in `hide_flags` (set by the tool); in a
+    final dump, a mapped deleted file is a ghost whose contents the images hold
+    (fdstate/files.py)."""
+    records = []
+    for v in vmas:
+        rec = {
             **vma_record(v),
             "stat": file_identity(proc.stat_mapped_file(pid, v.start, v.end)) if v.inode else None,
         }
-        for v in vmas
-    ]
-    if hide_flags:
-        for r in records:
-            r["vmflags"] = [f for f in r["vmflags"] if f not in hide_flags]
+        if final and v.kind == "shm":
+            rec["sysv"] = sysvshm.read_segment(v.inode)
+            if rec["sysv"] is None:
+                raise UnsupportedObject(
+                    f"process {pid} maps SysV shared memory {v.inode} at {v.start:#x}, "
+                    "which /proc/sysvipc/shm does not list (another IPC namespace?)"
+                )
+        if final and v.deleted and v.kind in ("file", "file-private"):
+            what = f"process {pid} maps {v.path} at {v.start:#x}"
+            rec["ghost"] = fdfiles.ghost(rec["stat"], what)
+        if hide_flags:
+            rec["vmflags"] = [f for f in rec["vmflags"] if f not in hide_flags]
+        records.append(rec)
     return records
+
+
+def content_sources(fds: dict[int, list[dict]], vmas: dict[int, list[dict]]) -> dict[str, tuple]:
+    """Where to read the whole contents of each ghost file and memfd, by page owner:
+    ("fd", pid, fd) or ("map", pid, start, end)."""
+    sources: dict[str, tuple] = {}
+    for pid, records in fds.items():
+        for rec in records:
+            obj = rec.get("ghost") or rec.get("memfd")
+            if obj is not None:
+                sources.setdefault(obj["owner"], ("fd", pid, rec["fd"], obj["size"]))
+    for pid, records in vmas.items():
+        for rec in records:
+            if "ghost" in rec:
+                size = rec["ghost"]["size"]
+                sources.setdefault(
+                    rec["ghost"]["owner"], ("map", pid, rec["start"], rec["end"], size)
+                )
+    return sources
 
 
 def start_time(pid: int) -> int:

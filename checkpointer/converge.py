@@ -37,6 +37,7 @@ class ConvergeOptions:
     interval_ms: float = 0.0
     thaw: Thaw = Thaw.KILL
     progress: bool | None = False
+    shell_job: bool = False  # for the final dump
 
     def __post_init__(self) -> None:
         self.images_dir = Path(self.images_dir)
@@ -127,6 +128,7 @@ def _request(opts: ConvergeOptions, name: str, parent, tracker: str, number: int
         tracker=tracker,
         progress=opts.progress,
         iteration=number,
+        shell_job=opts.shell_job,
     )
 
 

@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from checkpointer import collect, trackstate
+from checkpointer import collect, contents, trackstate
 from checkpointer.copier import PageCopier
 from checkpointer.errors import CheckpointError, ImageError, TargetError
 from checkpointer.freezer import Freezer, FrozenTree, Thaw, live_tree, stopped_thread
@@ -48,6 +48,8 @@ class DumpRequest:
     iteration: int | None = None
     # zstd level of page data; None: fast for a frozen dump, smaller for a pre-dump
     compress_level: int | None = None
+    # The tree may use a terminal and session outside it (CRIU's --shell-job).
+    shell_job: bool = False
 
     def __post_init__(self) -> None:
         self.images_dir = Path(self.images_dir)
@@ -113,6 +115,7 @@ class _Pass:
         self.start_times: dict[int, int] = {}  # read once the tree is known
         self.full_pids: dict[int, str] = {}  # pid -> why it gets a full pass
         self.frozen = False
+        self.contents: dict[str, tuple] = {}  # owner -> where to read a whole file
 
     # The order of this method is the algorithm.
     def run(self) -> DumpResult:
@@ -326,8 +329,11 @@ class _Pass:
                     del tree.threads[pid]
                     del vmas[pid]
         writer.write_pstree(records)
+        processes: dict[int, dict] = {}
+        fds: dict[int, list[dict]] = {}
+        vma_records: dict[int, list[dict]] = {}
         for pid in tree.pids:
-            fds, flags = self._own_traces(pid)
+            own_fds, own_flags = self._own_traces(pid)
             # Registers and injected syscalls need every thread in a ptrace stop (a
             # dump). The sessions' scratch page is gone before pages are tracked.
             injected = (
@@ -342,13 +348,23 @@ class _Pass:
                     raise
                 mm = None
             if mm is not None:
-                writer.write_mm(pid, mm, collect.vma_records(pid, vmas[pid], flags))
+                vma_records[pid] = collect.vma_records(
+                    pid, vmas[pid], final=injected is not None, hide_flags=own_flags
+                )
+                writer.write_mm(pid, mm, vma_records[pid])
             if injected is not None:
                 process, threads = collect.core_records(
                     pid, tree.threads[pid], pid in tree.was_stopped, injected
                 )
                 writer.write_core(pid, process, threads)
-                writer.write_fds(pid, collect.fd_records(pid, fds))
+                processes[pid] = process
+                fds[pid] = collect.fd_records(pid, own_fds)
+        if self.req.kind == "dump":
+            collect.check_terminals(records, processes, fds, self.req.shell_job)
+        collect.mark_shared_descriptions(fds)
+        for pid, fd_recs in fds.items():
+            writer.write_fds(pid, fd_recs)
+        self.contents = collect.content_sources(fds, vma_records)
 
     def _own_traces(self, pid: int) -> tuple[set[int], set[str]]:
         """fds and VmFlags an earlier pass's tracker left in pid (not its own)."""
@@ -395,6 +411,8 @@ class _Pass:
             for pid, owner in ((pid, f"pid-{pid}") for pid in tree.pids)
         }
         plans.update(shared_plans(vmas, _shared_data))
+        for owner in self.contents:  # read whole from the file instead
+            plans.pop(owner, None)
         segments = [seg for plan in plans.values() for seg in plan]
         scanned = sum(seg.end - seg.start for seg in segments)
         to_read = sum(seg.end - seg.start for seg in segments if seg.where == "data")
@@ -421,11 +439,9 @@ class _Pass:
                 copier.copy(page_writer, plan, parent_reader)
                 ps = page_writer.close()
                 self._check_parent_runs(owner, page_writer.parent_ranges, held)
-                counts["pages_written"] += ps.written
-                counts["pages_skipped_parent"] += ps.parent
-                counts["pages_zero"] += ps.zero
-                counts["bytes_raw"] += ps.bytes_raw
-                counts["bytes_compressed"] += ps.bytes_compressed
+                _count(counts, ps)
+            for owner, source in self.contents.items():
+                _count(counts, contents.copy_contents(writer, owner, source))
         finally:
             copier.close()
             progress.finish()
@@ -480,6 +496,7 @@ class _Pass:
                 "per_pid": self.state.extra if self.state else {},
             },
             "usable_as_parent": True,
+            "shell_job": self.req.shell_job,
         }
 
     def _remember_reset(self) -> None:
@@ -502,6 +519,14 @@ def _stopper(pid: int, frozen: bool):
 
 def _shared_data(pid: int, vma: Vma) -> list[Range] | None:
     return proc.mapped_file_data(pid, vma.start, vma.end, vma.offset, vma.offset + vma.size)
+
+
+def _count(counts: dict[str, int], ps) -> None:
+    counts["pages_written"] += ps.written
+    counts["pages_skipped_parent"] += ps.parent
+    counts["pages_zero"] += ps.zero
+    counts["bytes_raw"] += ps.bytes_raw
+    counts["bytes_compressed"] += ps.bytes_compressed
 
 
 def _vmas_or_none(pid: int) -> list[Vma] | None:

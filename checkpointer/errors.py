@@ -26,3 +26,8 @@ class UnsupportedVersion(ImageError):
 
 class TargetError(CheckpointError):
     """The target process is gone, cannot be traced, or is traced by someone else."""
+
+
+class UnsupportedObject(CheckpointError):
+    """The tree holds something a dump cannot save (named in the message); the
+    dump is refused and the tree left running."""

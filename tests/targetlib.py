@@ -135,7 +135,13 @@ def start_target(*args: str, timeout: float = 30, output: Path | None = None) ->
         lines = _follow(open(output), proc, timeout)
     else:
         proc = subprocess.Popen(
-            [str(target_binary()), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            [str(target_binary()), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            # Its own session: a tree in its caller's session is a shell job, which a
+            # final dump refuses without --shell-job (as CRIU does).
+            start_new_session=True,
         )
         assert proc.stdout
         lines = iter(proc.stdout.readline, "")

@@ -239,7 +239,7 @@ def test_thread_storm(spawn, tmp_path):
 def test_forking_tree(tmp_path):
     """A shell forking a short-lived child continuously: each dump either freezes a
     consistent tree or says it keeps changing; never hangs, never leaves a stop."""
-    sh = subprocess.Popen(["bash", "-c", "while :; do (:); done"])
+    sh = subprocess.Popen(["bash", "-c", "while :; do (:); done"], start_new_session=True)
     try:
         time.sleep(0.2)
         for i in range(3):

@@ -239,7 +239,11 @@ def test_unprivileged_user_dumps_its_own_process(nobody_dir):
         [str(binary)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
+        # Not pytest's capture file: a deleted file nobody may not read (its
+        # contents would go into the images).
+        stderr=subprocess.DEVNULL,
         text=True,
+        start_new_session=True,
         preexec_fn=_as_nobody,
         cwd=nobody_dir,
     )

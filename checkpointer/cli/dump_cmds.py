@@ -92,6 +92,15 @@ def thaw_mode(leave_running: bool, leave_stopped: bool) -> Thaw:
     return Thaw.RUNNING if leave_running else Thaw.STOPPED if leave_stopped else Thaw.KILL
 
 
+shell_job_option = click.option(
+    "--shell-job",
+    "-j",
+    is_flag=True,
+    help="The tree may use a terminal and session outside it (a job of a shell), as in "
+    "CRIU; restore it with --shell-job.",
+)
+
+
 def print_dump_result(res, as_json: bool = False) -> None:
     s = res.stats
     if as_json:
@@ -133,6 +142,7 @@ def print_dump_result(res, as_json: bool = False) -> None:
     type=click.Path(exists=True),
     help="Freeze this cgroup v2 (cgroup.freeze) first: for whole containers.",
 )
+@shell_job_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @level_option
 @page_server_option
@@ -147,6 +157,7 @@ def dump(
     prev_images_dir,
     track_mem,
     freeze_cgroup,
+    shell_job,
     as_json,
     compress_level,
     page_server,
@@ -172,6 +183,7 @@ def dump(
         thaw=thaw_mode(leave_running, leave_stopped),
         cgroup=freeze_cgroup,
         compress_level=compress_level,
+        shell_job=shell_job,
     )
     res = do_dump(req)
     print_dump_result(res, as_json)
@@ -221,6 +233,7 @@ def pre_dump_cmd(
 @stop_rule_options
 @click.option("--interval-ms", default=0.0, show_default=True, help="Pause between pre-dumps.")
 @leave_options
+@shell_job_option
 @click.option("--json", "as_json", is_flag=True, help="Print the iterations and summary as JSON.")
 @verbose_option
 @log_option
@@ -235,6 +248,7 @@ def converge(
     interval_ms,
     leave_running,
     leave_stopped,
+    shell_job,
     as_json,
     verbose,
     log_file,
@@ -259,6 +273,7 @@ def converge(
         max_downtime_ms=max_downtime_ms,
         interval_ms=interval_ms,
         thaw=thaw_mode(leave_running, leave_stopped),
+        shell_job=shell_job,
     )
     if not as_json:
         click.echo(

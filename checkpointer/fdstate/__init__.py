@@ -16,3 +16,7 @@ def describe(pid: int, record: dict) -> dict:
     """The kind-specific fields of one fd record (none for plain files)."""
     fn = DESCRIBERS.get(record["type"])
     return fn(pid, record) if fn else {}
+
+
+# The kinds register themselves in DESCRIBERS.
+from checkpointer.fdstate import anon, files  # noqa: E402, F401

@@ -224,6 +224,35 @@ class SyscallSession:
             # Any other stop (a group-stop) came before our syscall ran: go on.
         raise TargetError(f"task {self.tid}: injected syscall {nr} did not complete")
 
+    def call_exit(self, nr: int, *args: int) -> None:
+        """Run a syscall that ends the task (exit, exit_group) and wait until the
+        task is gone, as its tracer (its real parent still sees it as a zombie)."""
+        assert self._saved is not None and self.insn is not None, "session not open"
+        regs = dict(self._saved)
+        regs.update(rip=self.insn, rax=nr, orig_rax=_U64)
+        for name, value in zip(_ARG_REGS, args, strict=False):
+            regs[name] = value & _U64
+        ptrace.set_regs(self.tid, regs)
+        self._gone()
+        ptrace.cont(self.tid)
+        while ptrace.wait_stop(self.tid, 10.0).kind not in ("exited", "killed"):
+            ptrace.cont(self.tid)
+
+    def die_of(self, sig: int) -> None:
+        """Let the task be killed by `sig` (its default action): unblock it, send it,
+        and pass it on at the signal stop; wait until the task is gone."""
+        assert self._saved is not None, "session not open"
+        self._gone()
+        ptrace.set_sigmask(self.tid, 0)
+        os.kill(self.tid, sig)
+        ptrace.cont(self.tid)
+        while (stop := ptrace.wait_stop(self.tid, 10.0)).kind not in ("exited", "killed"):
+            ptrace.cont(self.tid, stop.sig if stop.kind == "signal-stop" else 0)
+
+    def _gone(self) -> None:
+        """The task is about to end: nothing to give back, unmap or stop again."""
+        self._saved, self._scratch, self._in_syscall_stop = None, 0, False
+
     # -- memory ----------------------------------------------------------------
 
     def _mem_fd(self) -> int:

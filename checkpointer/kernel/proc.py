@@ -127,6 +127,7 @@ class ProcStat(NamedTuple):
     env_end: int  # 51
     exit_code: int  # 52
     brk: int  # not in stat: end of [heap], or start_brk without a heap; -1 if not asked
+    tpgid: int = -1  # field 8: foreground process group of the controlling terminal
 
 
 def parse_stat(pid: int, data: bytes) -> ProcStat:
@@ -165,6 +166,7 @@ def parse_stat(pid: int, data: bytes) -> ProcStat:
         env_end=n(51),
         exit_code=n(52),
         brk=-1,
+        tpgid=n(8),
     )
 
 
@@ -360,6 +362,11 @@ def read_fdinfo(pid: int, fd: int) -> dict[str, str]:
     return out
 
 
+def read_fdinfo_bytes(pid: int, fd: int) -> bytes:
+    """/proc/PID/fdinfo/N as it is (an epoll fd lists one line per watched fd)."""
+    return _read_bytes(pid, f"/proc/{pid}/fdinfo/{fd}")
+
+
 def read_fds(pid: int) -> list[FdInfo]:
     """Open fds of pid, sorted; an fd closed while we read it is left out."""
     out = []
@@ -474,7 +481,7 @@ def stat_fd(pid: int, fd: int) -> os.stat_result | None:
 
 
 def stat_exe(pid: int) -> os.stat_result | None:
-    return _stat_or_none(pid, f"/proc/{pid}/exe")
+    return _stat_or_none(pid, f"/proc/{pid}/task/{live_tid(pid)}/exe")
 
 
 def stat_mapped_file(pid: int, start: int, end: int) -> os.stat_result | None:
@@ -513,3 +520,20 @@ def mapped_file_data(
     finally:
         os.close(fd)
     return out
+
+
+def open_fd_file(pid: int, fd: int) -> int:
+    """Our own read-only fd on the file behind fd N of pid (deleted ones too)."""
+    return _open_magic(pid, f"/proc/{pid}/fd/{fd}")
+
+
+def open_mapped_file(pid: int, start: int, end: int) -> int:
+    """Our own read-only fd on the file mapped at [start, end) (deleted ones too)."""
+    return _open_magic(pid, f"/proc/{pid}/map_files/{start:x}-{end:x}")
+
+
+def _open_magic(pid: int, path: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except _GONE:
+        raise _gone(pid) from None

@@ -48,6 +48,10 @@ from checkpointer.kernel.syscalls import (
     NR_umask,
 )
 
+NR_wait4 = 61
+NR_rt_sigtimedwait = 128
+__WALL = 0x40000000
+
 O_CLOEXEC = 0o2000000
 F_SETFD = 2
 F_DUPFD_CLOEXEC = 1030
@@ -78,6 +82,19 @@ def clone3(s: SyscallSession, flags: int, set_tid: int, exit_signal: int = 0) ->
     args = abi.CLONE_ARGS.pack(flags, 0, 0, 0, exit_signal, 0, 0, 0, tid_array, 1, 0)
     s.write(addr, args + struct.pack("<i", set_tid))
     return s.call(NR_clone3, addr, abi.CLONE_ARGS.size)
+
+
+def reap(s: SyscallSession, pid: int) -> None:
+    """wait4(pid, __WALL) in the task: reap its exited child `pid`."""
+    s.call(NR_wait4, pid, 0, __WALL, 0)
+
+
+def discard_signal(s: SyscallSession, sig: int) -> None:
+    """Take a pending `sig` off the task (rt_sigtimedwait, no wait): one the restore
+    itself caused (a SIGCHLD from a helper it reaped)."""
+    addr = s.scratch()
+    s.write(addr, struct.pack("<Qqq", 1 << (sig - 1), 0, 0))
+    s.call_raw(NR_rt_sigtimedwait, addr, 0, addr + 8, 8)
 
 
 def setsid(s: SyscallSession) -> int:

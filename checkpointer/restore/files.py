@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import os
 import resource
+from typing import TYPE_CHECKING
 
 from checkpointer.kernel import proc, taskctl
-from checkpointer.restore.images import RestoreError
+from checkpointer.restore import pty
+from checkpointer.restore.images import RestoreError, RestoreImages
 from checkpointer.restore.task import Task
 
+if TYPE_CHECKING:
+    from checkpointer.restore.memory import SharedObjects
+
 # Flags that only matter when a file is created, or that we set ourselves.
+DELETED = " (deleted)"
 _OPEN_ONLY = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY | os.O_CLOEXEC
 
 
@@ -23,15 +29,51 @@ class OpenFiles:
     of a pipe, a socket inherited by a child) is made once, in the restorer, and
     copied into every process that holds it; `objects` keeps those, by key."""
 
-    def __init__(self, shell_job: bool) -> None:
+    def __init__(
+        self, shell_job: bool, images: RestoreImages, shared: SharedObjects | None = None
+    ) -> None:
         self.shell_job = shell_job
+        self.images = images
+        # memfds (their fds reopen the object mappings use) and deleted files
+        self.shared_memory = shared
         self.objects: dict[str, int] = {}  # key -> our fd of the object
+        self.paths: dict[str, str] = {}  # key -> a path to open it (a pty's slave)
+        self._done: set[str] = set()
 
     def shared(self, key: str, create) -> int:
         """Our fd for the object `key`, made by create() the first time."""
         if key not in self.objects:
             self.objects[key] = create()
         return self.objects[key]
+
+    def first_time(self, key: str) -> bool:
+        """True the first time `key` is asked: for work done once per object."""
+        if key in self._done:
+            return False
+        self._done.add(key)
+        return True
+
+    @staticmethod
+    def description(task: Task, record: dict) -> str:
+        """Key of the open file description behind an fd record: fds that share one
+        (dup, fork) carry the same "ofd" id."""
+        if "ofd" in record:
+            return f"ofd {record['ofd']}"
+        return f"fd {task.pid} {record['fd']}"
+
+    def open_description(self, task: Task, record: dict) -> int:
+        """A new fd of ours on the record's open file description: opened once for
+        every fd sharing it (so they share its offset and flags), then dup'ed."""
+        kind = KINDS.get(record["type"])
+
+        def create() -> int:
+            if kind is not None:
+                return kind.open(self, task, record)
+            return _open(task, record, self)
+
+        if "ofd" not in record:
+            return create()
+        return os.dup(self.shared(self.description(task, record), create))
 
     def close(self) -> None:
         for fd in self.objects.values():
@@ -48,8 +90,7 @@ KINDS: dict[str, object] = {}
 
 def restore_fds(task: Task, files: OpenFiles) -> None:
     for f in task.image.fds:
-        kind = KINDS.get(f["type"])
-        ours = kind.open(files, task, f) if kind else _open(task, f, files.shell_job)
+        ours = files.open_description(task, f)
         try:
             cloexec = f.get("cloexec", bool(f["flags"] & os.O_CLOEXEC))
             task.install_fd(ours, at=f["fd"], cloexec=cloexec)
@@ -65,11 +106,22 @@ def finish_fds(task: Task, files: OpenFiles) -> None:
             kind.finish(files, task, f)
 
 
-def _open(task: Task, f: dict, shell_job: bool) -> int:
+def _open(task: Task, f: dict, files: OpenFiles) -> int:
     flags = (f["flags"] & ~_OPEN_ONLY) | os.O_CLOEXEC
     path = f["target"]
+    if "ghost" in f and files.shared_memory is not None:
+        path = files.shared_memory.ghosts.path(f["ghost"], path.removesuffix(DELETED))
+    elif "memfd" in f and files.shared_memory is not None:
+        path = f"/proc/self/fd/{files.shared_memory.fd(f['memfd']['owner'])}"
+    if "pty_master" in f:
+        return pty.open_master(files, f)
     if f["type"] == "tty":
-        if not shell_job:
+        index = f.get("pty", {}).get("index")
+        if f["target"] == "/dev/tty":  # the process's controlling terminal
+            index = task.image.process.get("ctty", {}).get("index")
+        if pty.is_own(files.images, index):
+            return pty.open_slave(files, index, flags)
+        if not files.shell_job:
             raise RestoreError(f"fd {f['fd']} of process {task.pid} is a terminal: use --shell-job")
         path = _our_terminal()
         flags |= os.O_NOCTTY
@@ -77,7 +129,7 @@ def _open(task: Task, f: dict, shell_job: bool) -> int:
         fd = os.open(path, flags)
     except OSError as exc:
         raise RestoreError(f"fd {f['fd']} of process {task.pid}: {path}: {exc.strerror}") from None
-    if f["type"] == "file" and not f["flags"] & os.O_APPEND:
+    if f["type"] == "file" and not f["flags"] & os.O_APPEND:  # ghosts and memfds too
         os.lseek(fd, f["pos"], os.SEEK_SET)
     return fd
 
@@ -120,3 +172,12 @@ def _enter(task: Task, path: str) -> None:
         os.close(ours)
     taskctl.fchdir(task.session, fd)
     taskctl.close(task.session, fd)
+
+
+def _register_kinds() -> None:
+    from checkpointer.restore import anon
+
+    KINDS["anon"] = anon
+
+
+_register_kinds()

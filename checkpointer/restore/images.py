@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from checkpointer.errors import CheckpointError, ImageError
 from checkpointer.images import Dump
 from checkpointer.images.resolve import Piece, resolve
-from checkpointer.kernel import proc
+from checkpointer.kernel import proc, sysvshm
 
 VDSO_NAMES = ("[vvar]", "[vvar_vclock]", "[vdso]")
 UFFD_LINK = "anon_inode:[userfaultfd]"
@@ -42,6 +42,7 @@ class ProcessImage:
     vmas: list[dict]
     fds: list[dict]
     children: list[int] = field(default_factory=list)
+    zombies: list[dict] = field(default_factory=list)  # {pid, pgid, sid, exit_status}
 
 
 @dataclass
@@ -88,11 +89,16 @@ def load(path: str) -> RestoreImages:
         procs[pid] = ProcessImage(
             pid, entry["ppid"], entry["pgid"], entry["sid"], list(entry["threads"]),
             core.process, core.threads, mm.mm, mm.vmas, fds,
+            zombies=list(entry.get("zombies", [])),
         )  # fmt: skip
     root = dump.inventory["root_pid"]
     order = _tree_order(procs, root, path)
     owners = {f"pid-{pid}" for pid in procs}
     owners |= {v["shmem"] for p in procs.values() for v in p.vmas if v["shmem"]}
+    owners |= {v["ghost"]["owner"] for p in procs.values() for v in p.vmas if "ghost" in v}
+    owners |= {
+        f[k]["owner"] for p in procs.values() for f in p.fds for k in ("ghost", "memfd") if k in f
+    }
     pieces = {owner: resolve(dump, owner) for owner in sorted(owners)}
     return RestoreImages(dump, order, pieces)
 
@@ -124,9 +130,24 @@ def preflight(images: RestoreImages, shell_job: bool = False, pids_free: bool = 
             f"restore needs root: {' and '.join(missing)} missing "
             "(clone3 with set_tid, ptrace, /proc/PID/map_files)"
         )
+    if images.dump.inventory.get("shell_job") and not shell_job:
+        raise RestoreError(
+            "dumped with --shell-job (the tree used its shell's terminal and session): "
+            "restore with --shell-job"
+        )
+    if not shell_job:
+        # A session or group whose leader exited is rebuilt with a helper of that PID.
+        for leader in leaders_outside(images):
+            if proc.exists(leader) and not _reaped_soon(leader):
+                raise RestoreError(
+                    f"PID {leader} (leader of a session or group of the tree, which had "
+                    f"exited) is taken (by {_comm(leader)}); it must be free"
+                )
+    own_ptys = {f["pty_master"]["index"] for p in images.processes for f in p.fds
+                if "pty_master" in f}  # fmt: skip
     pid_max = int(open("/proc/sys/kernel/pid_max").read())
     for p in images.processes:
-        for tid in p.tids:
+        for tid in p.tids + [z["pid"] for z in p.zombies]:
             if tid > pid_max:
                 raise RestoreError(f"PID {tid} is above this system's pid_max {pid_max}")
             if pids_free and proc.exists(tid) and not _reaped_soon(tid):
@@ -137,10 +158,19 @@ def preflight(images: RestoreImages, shell_job: bool = False, pids_free: bool = 
         for v in p.vmas:
             _check_vma(p, v)
         for f in p.fds:
-            _check_fd(p, f, shell_job)
+            _check_fd(p, f, shell_job or f.get("pty", {}).get("index", -1) in own_ptys)
         for name in ("exe", "cwd"):
             if p.mm.get(name) and not os.path.exists(p.mm[name]):
                 raise RestoreError(f"{name} of process {p.pid} ({p.mm[name]}) is missing")
+
+
+def leaders_outside(images: RestoreImages) -> set[int]:
+    """Session and group ids of the tree whose leader is not in it."""
+    there = {p.pid for p in images.processes} | {
+        z["pid"] for p in images.processes for z in p.zombies
+    }
+    ids = {p.sid for p in images.processes} | {p.pgid for p in images.processes}
+    return ids - there
 
 
 def _reaped_soon(pid: int, timeout: float = 2.0) -> bool:
@@ -173,12 +203,30 @@ def _check_vma(p: ProcessImage, v: dict) -> None:
     if "ht" in v["vmflags"]:
         raise RestoreError(f"{where}: hugetlb mappings are not restored")
     if v["kind"] == "shm":
-        raise RestoreError(f"{where}: SysV shared memory is not restored")
+        _check_sysv(v, where)
+        return
     if v["kind"] not in FILE_KINDS:
         return
     if v.get("deleted"):
-        raise RestoreError(f"{where}: the file was deleted; deleted files are not restored")
+        _check_ghost(v.get("ghost"), v["path"], where)
+        return
     check_identity(v["path"], v.get("stat"), v["dev"], v["inode"], where)
+
+
+def _check_sysv(v: dict, where: str) -> None:
+    seg = v.get("sysv")
+    if seg is None:
+        raise RestoreError(f"{where}: SysV shared memory dumped without its segment")
+    if v["offset"] != 0 or v["end"] - v["start"] < seg["size"]:
+        raise RestoreError(f"{where}: part of a SysV segment is mapped: not restored")
+    found = sysvshm.find_key(seg["key"]) if seg["key"] else None
+    # A segment outlives its processes: the dumped one, still there and unused, is
+    # taken again (and given the dumped contents); any other is in the way.
+    if found and (found["id"], found["size"], found["attached"]) != (seg["id"], seg["size"], 0):
+        raise RestoreError(
+            f"{where}: SysV shared memory key {seg['key']:#x} is taken "
+            f"(segment {found['id']}, {found['size']} bytes, attached {found['attached']} times)"
+        )
 
 
 def check_identity(path: str, stat: dict | None, dev: str | None, ino: int | None, where: str):
@@ -200,6 +248,14 @@ def check_identity(path: str, stat: dict | None, dev: str | None, ino: int | Non
         raise RestoreError(f"{where}: {path} changed since the dump (not the same file)")
 
 
+def _check_ghost(ghost: dict | None, path: str, where: str) -> None:
+    """A deleted file is recreated in the directory it was deleted from."""
+    if ghost is None:
+        raise RestoreError(f"{where}: the file was deleted and the images lack its contents")
+    if not os.path.isdir(os.path.dirname(path) or "/"):
+        raise RestoreError(f"{where}: the deleted file's directory {os.path.dirname(path)} is gone")
+
+
 FD_TYPES = ("file", "dir", "tty")
 
 
@@ -213,10 +269,15 @@ def _check_fd(p: ProcessImage, f: dict, shell_job: bool) -> None:
         return
     if f["type"] not in FD_TYPES and kind is None:
         raise RestoreError(f"{where}: a {f['type']} cannot be restored yet")
+    if "memfd" in f:
+        return
     if f.get("deleted"):
-        raise RestoreError(f"{where}: the file was deleted; deleted files are not restored")
-    if f["type"] == "tty" and not shell_job:
+        _check_ghost(f.get("ghost"), f["target"].removesuffix(" (deleted)"), where)
+        return
+    if f["type"] == "tty" and not shell_job:  # (a pty of the tree's own passes)
         raise RestoreError(f"{where}: a terminal; restore with --shell-job to attach ours")
+    if "pty_master" in f:
+        return
     if f["type"] == "file" and f.get("stat") is not None:
         check_identity(f["target"], f["stat"], None, None, where)
     elif f["type"] in ("file", "dir") and not os.path.exists(f["target"]):
@@ -260,3 +321,14 @@ def _check_vdso(images: RestoreImages, p: ProcessImage) -> None:
 def _offsets(layout: dict[str, tuple[int, int]]) -> dict[str, int]:
     base = layout["[vdso]"][0]
     return {k: s - base for k, (s, _) in layout.items()}
+
+
+CHUNK = 4 << 20
+
+
+def piece_data(piece: Piece):
+    """(address, bytes) chunks of a piece with data (at most CHUNK bytes each)."""
+    assert piece.source is not None
+    for addr in range(piece.start, piece.end, CHUNK):
+        n = min(CHUNK, piece.end - addr)
+        yield addr, piece.source.read_stream(piece.off + (addr - piece.start), n)

@@ -16,23 +16,25 @@ import os
 
 from checkpointer.errors import ImageError
 from checkpointer.images.resolve import Piece
-from checkpointer.kernel import ptrace, taskctl
+from checkpointer.kernel import memfd, ptrace, taskctl
 from checkpointer.kernel.memory import MemWriter
 from checkpointer.kernel.syscalls import NR_mmap, NR_munmap, syscall
 from checkpointer.restore import pagefeed
+from checkpointer.restore.ghosts import GhostFiles
 from checkpointer.restore.images import (
+    CHUNK,
     VDSO_NAMES,
     RestoreError,
     RestoreImages,
     dumped_vdso_layout,
     own_vdso_layout,
 )
+from checkpointer.restore.sysvshm import SysvSegments
 from checkpointer.restore.task import Task
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TASK_SIZE = 0x7FFFFFFFF000
 SCRATCH_SIZE = 4 * PAGE
-CHUNK = 4 << 20
 ANON_KINDS = ("anon", "heap", "stack")
 SKIPPED_KINDS = ("vdso", "vvar", "vsyscall", "special")
 PROT_BITS = {"r": 1, "w": 2, "x": 4}
@@ -45,38 +47,55 @@ def prot_of(vma: dict) -> int:
 
 
 class SharedObjects:
-    """Each shared memory object of the dump, made once in the restorer, filled
-    from the images, and mapped into every process that maps it."""
+    """Each shared memory object of the dump (shared anonymous memory, a memfd),
+    made once in the restorer, filled from the images, and mapped into (or, for a
+    memfd, reopened by) every process that holds it; with the SysV segments and
+    the deleted files, also made once and shared."""
 
     def __init__(self, images: RestoreImages) -> None:
         self.images = images
         self.fds: dict[str, int] = {}
+        self.ghosts = GhostFiles(images)
+        self.sysv = SysvSegments(images)
 
-    def fd(self, owner: str, vma: dict) -> int:
+    def fd(self, owner: str) -> int:
         if owner not in self.fds:
-            self.fds[owner] = self._create(owner, vma)
+            self.fds[owner] = self._create(owner)
         return self.fds[owner]
 
-    def _create(self, owner: str, vma: dict) -> int:
-        size = max(
-            v["offset"] + v["end"] - v["start"]
+    def _create(self, owner: str) -> int:
+        vmas = [v for p in self.images.processes for v in p.vmas if v["shmem"] == owner]
+        memfds = [
+            f["memfd"]
             for p in self.images.processes
-            for v in p.vmas
-            if v["shmem"] == owner
-        )
-        if vma["kind"] == "memfd":
-            name = vma["path"].removeprefix("/memfd:")
-            fd = os.memfd_create(name[:249], os.MFD_CLOEXEC)
-            os.ftruncate(fd, size)
+            for f in p.fds
+            if f.get("memfd", {}).get("owner") == owner
+        ]
+        if memfds:  # an fd tells its size, name and seals
+            m = memfds[0]
+            fd = memfd.new_memfd(m["name"], m["size"], m["seals"])
         else:
-            fd = _new_shared_anon(size)
+            size = max(v["offset"] + v["end"] - v["start"] for v in vmas)
+            if vmas[0]["kind"] == "memfd":
+                fd = memfd.new_memfd(vmas[0]["path"].removeprefix("/memfd:"), size, 0)
+            else:
+                fd = _new_shared_anon(size)
         pagefeed.write_pieces(pagefeed.file_sink(fd), self.images.pieces.get(owner, []))
+        if memfds:
+            memfd.add_seals(fd, memfds[0]["seals"])
         return fd
+
+    def every_process_has_them(self) -> None:
+        """Deleted files are unlinked again, removed segments removed again."""
+        self.ghosts.unlink_all()
+        self.sysv.keep()
 
     def close(self) -> None:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
+        self.ghosts.unlink_all()
+        self.sysv.close()  # what a failed restore made
 
 
 def _new_shared_anon(size: int) -> int:
@@ -174,18 +193,22 @@ def _map(task: Task, vma: dict, shared: SharedObjects, files: dict[str, int]) ->
             flags |= taskctl.MAP_NORESERVE
         taskctl.mmap(s, start, length, prot, flags)
     elif vma["shmem"] is not None and kind in ("shared-anon", "memfd"):
-        fd = task.install_fd(shared.fd(vma["shmem"], vma))
+        fd = task.install_fd(shared.fd(vma["shmem"]))
         try:
             taskctl.mmap(s, start, length, prot, taskctl.MAP_SHARED | taskctl.MAP_FIXED, fd,
                          vma["offset"])  # fmt: skip
         finally:
             taskctl.close(s, fd)
+    elif kind == "shm" and "sysv" in vma:
+        shared.sysv.attach(task, vma)
     elif kind in ("file", "file-private"):
         shared_map = vma["prot"][3] == "s"
         writable = shared_map and "w" in vma["prot"]
-        key = f"{'w' if writable else 'r'}:{vma['path']}"
+        ghosts = shared.ghosts
+        path = ghosts.path(vma["ghost"], vma["path"]) if "ghost" in vma else vma["path"]
+        key = f"{'w' if writable else 'r'}:{path}"
         if key not in files:
-            ours = os.open(vma["path"], (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+            ours = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
             try:
                 files[key] = task.install_fd(ours)
             finally:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from checkpointer.kernel import ptrace
-from checkpointer.restore import creds, files, memory, signals, threads, tree
+from checkpointer.restore import creds, files, memory, pty, signals, threads, tree
 from checkpointer.restore.images import RestoreImages, load, preflight
 from checkpointer.restore.task import Task
 
@@ -57,16 +57,21 @@ def restore(req: RestoreRequest) -> RestoreResult:
     seed = tree.Seed()
     tasks: dict[int, Task] = {}
     shared = memory.SharedObjects(images)
-    open_files = files.OpenFiles(req.shell_job)
+    open_files = files.OpenFiles(req.shell_job, images, shared)
     try:
         for p in images.processes:
             for thread in p.threads:
                 threads.check_xstate(seed.pid, thread)
-        tasks = tree.create_tree(images, seed, created)
+        tasks = tree.create_tree(
+            images, seed, created, lambda task: pty.take_terminal(open_files, task)
+        )
+        pty.set_foreground(open_files, tasks)
+        tree.create_zombies(images, tasks, created)
         seed.kill()
         seed = None
         for task in tasks.values():
             _rebuild(task, images, shared, open_files, created)
+        shared.every_process_has_them()
         for task in tasks.values():
             files.finish_fds(task, open_files)
             task.close_restorer_pidfd()
@@ -109,6 +114,9 @@ def _release(tasks: dict[int, Task], leave_stopped: bool) -> None:
     single instruction (see _stop_before_running)."""
     for task in tasks.values():
         task.close_sessions()
+        if threads.leader_had_exited(task):
+            del task.threads[task.pid]
+            ptrace.detach(task.pid)  # runs its exit(2) (threads.set_registers)
     # A process that was stopped (SIGSTOP, ^Z) when it was dumped stays stopped.
     stopped = {
         pid: t for pid, t in tasks.items() if leave_stopped or t.image.process["state"] == "T"

@@ -15,6 +15,7 @@ import errno
 import struct
 
 from checkpointer.kernel import abi, ptrace, taskctl
+from checkpointer.kernel.syscalls import NR_exit
 from checkpointer.restore import signals
 from checkpointer.restore.images import RestoreError
 from checkpointer.restore.task import Task, clone_task
@@ -90,3 +91,16 @@ def set_registers(task: Task) -> None:
         ptrace.set_regs(tid, restart_fixup(thread["regs"]))
         ptrace.set_xstate(tid, thread["xstate"])
         ptrace.set_sigmask(tid, thread["blocked"])
+    if leader_had_exited(task):
+        # Its main thread had called pthread_exit: the leader, which did the
+        # restoring, ends with exit(2) once released and stays a zombie while the
+        # other threads run, as it was.
+        regs = ptrace.get_regs(task.pid)
+        regs.update(rip=task.session.insn, rax=NR_exit, rdi=0, orig_rax=_U64)
+        ptrace.set_regs(task.pid, regs)
+        ptrace.set_sigmask(task.pid, _U64)
+
+
+def leader_had_exited(task: Task) -> bool:
+    """The dump holds no main thread: it had exited while other threads ran."""
+    return task.pid not in task.image.tids

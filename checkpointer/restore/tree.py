@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import signal
 
-from checkpointer.kernel import abi, ptrace, taskctl
+from checkpointer.kernel import abi, proc, ptrace, taskctl
 from checkpointer.kernel.inject import SyscallSession
-from checkpointer.kernel.syscalls import libc
-from checkpointer.restore.images import RestoreError, RestoreImages
+from checkpointer.kernel.syscalls import NR_exit_group, libc
+from checkpointer.restore.images import RestoreError, RestoreImages, leaders_outside
 from checkpointer.restore.task import Task, clone_task
 
 TRACE_OPTIONS = ptrace.PTRACE_O_TRACEFORK | ptrace.PTRACE_O_TRACECLONE | ptrace.PTRACE_O_EXITKILL
@@ -56,33 +57,99 @@ class Seed:
         os.close(self._pipe)
 
 
-def create_tree(images: RestoreImages, seed: Seed, created: list[int]) -> dict[int, Task]:
-    """Every process, each stopped in its first ptrace stop, in tree order."""
+def create_tree(
+    images: RestoreImages, seed: Seed, created: list[int], on_setsid=lambda task: None
+) -> dict[int, Task]:
+    """Every process, each stopped in its first ptrace stop, in tree order;
+    on_setsid(task) runs in each new session leader before its session's other
+    processes exist (a controlling terminal they inherit)."""
     procs = images.by_pid()
+    gone = _gone_leaders(images)
     tasks: dict[int, Task] = {}
     root = images.root
-    tasks[root.pid] = Task(root, _clone(seed.session, root.pid, True, created))
+    if root.sid in gone or root.pgid in gone:  # a daemon: its session's leader exited
+        tasks[root.pid] = Task(root, _clone_through_leader(seed.session, root, gone, created))
+    else:
+        tasks[root.pid] = Task(root, _clone(seed.session, root.pid, True, created))
     for image in images.processes:
         task = tasks[image.pid]
         kids = [procs[c] for c in image.children]
         # A child in another session than its parent's was forked before the parent
         # became a session leader: create it first, then setsid.
-        early = [k for k in kids if k.sid != image.sid and k.sid != k.pid]
+        early = [k for k in kids if k.sid not in (image.sid, k.pid) and k.sid not in gone]
         for kid in early:
             if image.sid != image.pid:
                 raise RestoreError(f"process {kid.pid}: its session {kid.sid} cannot be rebuilt")
             tasks[kid.pid] = Task(kid, _clone(task.session, kid.pid, False, created))
         if image.sid == image.pid:
             taskctl.setsid(task.session)
+            on_setsid(task)
         for kid in kids:
-            if kid.pid not in tasks:
-                tasks[kid.pid] = Task(kid, _clone(task.session, kid.pid, False, created))
+            if kid.pid in tasks:
+                continue
+            if kid.sid in gone or kid.pgid in gone:
+                clone = _clone_through_leader(task.session, kid, gone, created, task)
+            else:
+                clone = _clone(task.session, kid.pid, False, created)
+            tasks[kid.pid] = Task(kid, clone)
     for image in images.processes:
         if image.pid not in tasks:  # an orphan: its parent is not in the tree
             orphan = _clone(tasks[root.pid].session, image.pid, True, created)
             tasks[image.pid] = Task(image, orphan)
     _join_groups(images, tasks)
     return tasks
+
+
+def _gone_leaders(images: RestoreImages) -> set[int]:
+    """Sessions and groups whose leader is no longer there (an orphan's: its parent
+    started a session, forked it and exited), to be rebuilt through a helper. A
+    leader alive outside the tree is the shell's of a shell job, joined as is."""
+    return {i for i in leaders_outside(images) if not proc.exists(i)}
+
+
+def _clone_through_leader(
+    creator: SyscallSession, kid, gone: set[int], created: list[int], parent: Task | None = None
+):
+    """`kid`, in a session or group whose leader is gone: as CRIU does, a helper
+    with the leader's PID starts the session (or group), clones the kid as its
+    sibling (CLONE_PARENT), and exits. The kid's parent reaps the helper: `parent`,
+    or the restorer itself for the root (both are clones of the creator)."""
+    leader = kid.sid if kid.sid in gone else kid.pgid
+    helper = _clone(creator, leader, parent is None, created)
+    if kid.sid == leader:
+        taskctl.setsid(helper)
+    else:
+        taskctl.setpgid(helper, 0)
+    clone = _clone(helper, kid.pid, True, created)
+    helper.call_exit(NR_exit_group, 0)  # the restorer, tracer and parent, reaps it here
+    helper.close()
+    if parent is not None:
+        taskctl.reap(parent.session, leader)
+        taskctl.discard_signal(parent.session, signal.SIGCHLD)
+    created.remove(leader)
+    return clone
+
+
+def create_zombies(images: RestoreImages, tasks: dict[int, Task], created: list[int]) -> None:
+    """Each zombie, cloned from its parent with its PID, in its session and group,
+    then ended with its exit status (exit, or death by its signal): it stays a
+    zombie until its parent reaps it."""
+    for image in images.processes:
+        for zombie in image.zombies:
+            s = _clone(tasks[image.pid].session, zombie["pid"], False, created)
+            if zombie["sid"] == zombie["pid"]:
+                taskctl.setsid(s)
+            elif zombie["pgid"] != image.pgid and zombie["pgid"] in (zombie["pid"], *tasks):
+                taskctl.setpgid(s, 0 if zombie["pgid"] == zombie["pid"] else zombie["pgid"])
+            status = zombie["exit_status"]
+            if os.WIFSIGNALED(status):
+                sig = os.WTERMSIG(status)
+                taskctl.sigaction(s, sig, 0, 0, 0, 0)  # its default action
+                resource.prlimit(zombie["pid"], resource.RLIMIT_CORE, (0, 0))  # no core file
+                s.die_of(sig)
+            else:
+                s.call_exit(NR_exit_group, os.WEXITSTATUS(status))
+            s.close()
 
 
 def _clone(creator: SyscallSession, pid: int, clone_parent: bool, created: list[int]):

@@ -1,0 +1,86 @@
+"""Files that exist only while open: a deleted file (a "ghost") has its contents
+stored in the images, as does a memfd (whose fds restore reopen on the same
+object its mappings use). Both name the page owner holding those contents,
+`shm-DEV-INODE`, the owner a shared mapping of the same file uses.
+Pseudo-terminals: a master (/dev/ptmx) records its pair's state, a slave its number."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from checkpointer import fdstate
+from checkpointer.errors import UnsupportedObject
+from checkpointer.kernel import memfd, proc, pty
+from checkpointer.kernel.uffd import get_fd
+
+# A deleted file bigger than this is refused (CRIU's --ghost-limit is 1 MiB).
+GHOST_LIMIT = 64 << 20
+DELETED = " (deleted)"
+
+
+def object_owner(dev: int, ino: int) -> str:
+    """The page owner of a file's contents: /proc/PID/maps's "MAJ:MIN" dev, in hex."""
+    return f"shm-{os.major(dev):02x}{os.minor(dev):02x}-{ino}"
+
+
+def ghost(identity: dict | None, what: str) -> dict:
+    """The "ghost" field of a deleted regular file; refuses other deleted files."""
+    if identity is None:
+        raise UnsupportedObject(f"{what}: a deleted file that cannot be read")
+    if not stat.S_ISREG(identity["mode"]):
+        raise UnsupportedObject(f"{what}: a deleted file that is not a regular file: not supported")
+    if identity["size"] > GHOST_LIMIT:
+        raise UnsupportedObject(
+            f"{what}: a deleted file of {identity['size']} bytes, over the "
+            f"{GHOST_LIMIT >> 20} MiB limit for deleted files"
+        )
+    return {
+        "owner": object_owner(identity["dev"], identity["ino"]),
+        "size": identity["size"],
+        "mode": stat.S_IMODE(identity["mode"]),
+    }
+
+
+def describe(pid: int, record: dict) -> dict:
+    if record["target"] == "/dev/ptmx":
+        return {"pty_master": _pty_master(pid, record["fd"])}
+    if not record["deleted"]:
+        return {}
+    target = record["target"]
+    what = f"fd {record['fd']} of process {pid} ({target})"
+    if target.startswith("/memfd:") and record["stat"] is not None:
+        st = record["stat"]
+        ours = proc.open_fd_file(pid, record["fd"])
+        try:
+            seals = memfd.read_seals(ours)
+        finally:
+            os.close(ours)
+        return {
+            "memfd": {
+                "owner": object_owner(st["dev"], st["ino"]),
+                "name": target.removeprefix("/memfd:").removesuffix(DELETED),
+                "size": st["size"],
+                "seals": seals,
+            }
+        }
+    return {"ghost": ghost(record["stat"], what)}
+
+
+def _pty_master(pid: int, fd: int) -> dict:
+    ours = get_fd(pid, fd)
+    try:
+        return pty.read_master(ours)
+    finally:
+        os.close(ours)
+
+
+def describe_tty(pid: int, record: dict) -> dict:
+    """A terminal fd: the pts number of a pseudo-terminal slave (whether its master
+    is in the tree is decided once every fd is known: collect.check_terminals)."""
+    number = record["target"].removeprefix("/dev/pts/")
+    return {"pty": {"index": int(number)}} if number.isdigit() else {}
+
+
+fdstate.DESCRIBERS["file"] = describe
+fdstate.DESCRIBERS["tty"] = describe_tty

@@ -1,0 +1,82 @@
+"""Pseudo-terminals of the tree (their master is in it): each pair comes back as a
+new pair with the dumped termios, window size and lock; a slave fd opens the new
+slave, a master fd shares the new master. A session leader whose controlling
+terminal was such a slave takes the new one before its session's other processes
+are created (they inherit it), and the terminal gets its foreground group back."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from checkpointer.kernel import pty, taskctl
+from checkpointer.restore.images import RestoreImages
+from checkpointer.restore.task import Task
+
+if TYPE_CHECKING:
+    from checkpointer.restore.files import OpenFiles
+
+
+def masters(images: RestoreImages) -> dict[int, dict]:
+    """pts number -> dumped state of each pair whose master the tree holds."""
+    return {
+        f["pty_master"]["index"]: f["pty_master"]
+        for p in images.processes
+        for f in p.fds
+        if "pty_master" in f
+    }
+
+
+def is_own(images: RestoreImages, index: int | None) -> bool:
+    return index is not None and index in masters(images)
+
+
+def pair(files: OpenFiles, index: int) -> tuple[int, str]:
+    """(our master fd, slave path) of the new pair standing for pts `index`."""
+    key = f"pty {index}"
+    if key not in files.objects:
+        state = masters(files.images)[index]
+        files.objects[key], files.paths[key] = pty.new_pair(state)
+    return files.objects[key], files.paths[key]
+
+
+def open_master(files: OpenFiles, record: dict) -> int:
+    master, _ = pair(files, record["pty_master"]["index"])
+    return os.dup(master)
+
+
+def open_slave(files: OpenFiles, index: int, flags: int) -> int:
+    _, path = pair(files, index)
+    return os.open(path, flags | os.O_NOCTTY)
+
+
+def take_terminal(files: OpenFiles, task: Task) -> None:
+    """A new session leader takes its controlling terminal, if the tree's own."""
+    ctty = task.image.process.get("ctty")
+    if ctty and is_own(files.images, ctty["index"]):
+        _in_task(files, task, ctty["index"], pty.take_as_controlling)
+
+
+def set_foreground(files: OpenFiles, tasks: dict[int, Task]) -> None:
+    """Each own terminal's foreground process group, once the groups exist (only
+    a process of the terminal's session may set it: its leader does)."""
+    for task in tasks.values():
+        ctty = task.image.process.get("ctty")
+        if task.image.sid != task.pid or not ctty or not is_own(files.images, ctty["index"]):
+            continue
+        if (pgid := ctty["foreground"]) > 0:
+            _in_task(files, task, ctty["index"],
+                     lambda s, fd, pgid=pgid: pty.set_foreground_in(s, fd, pgid))  # fmt: skip
+
+
+def _in_task(files: OpenFiles, task: Task, index: int, action) -> None:
+    """action(session, fd) with the new slave open at fd in the task, which is
+    closed again, with the task's pidfd: its memory and fds are replaced later."""
+    ours = open_slave(files, index, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fd = task.install_fd(ours)
+    finally:
+        os.close(ours)
+    action(task.session, fd)
+    taskctl.close(task.session, fd)
+    task.close_restorer_pidfd()

@@ -1,0 +1,483 @@
+"""restore of the kernel objects a real program holds (tests/targets/objects.c):
+event fds, shared open file descriptions, deleted files, memfd. Each test dumps the
+workload (which kills it), restores it, and checks the object still works."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+
+import pytest
+from targetlib import cli, target_binary
+
+from checkpointer.kernel import kcmp
+from checkpointer.kernel.uffd import get_fd
+
+OBJECTS = Path(__file__).parent / "targets" / "objects.c"
+
+
+class Workload:
+    def __init__(self, base: Path, mode: str) -> None:
+        self.dir = base / "work"
+        self.dir.mkdir()
+        self.popen: subprocess.Popen | None = subprocess.Popen(
+            [str(target_binary(OBJECTS)), str(self.dir), mode],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        self.pid = self.popen.pid
+        self.wait_for(lambda st: st["loops"] > 3, "the workload to start")
+
+    def status(self) -> dict[str, int]:
+        text = (self.dir / "status").read_text()
+        return {k: int(v) for k, v in (kv.split("=") for kv in text.split())}
+
+    def wait_for(self, pred, what: str, timeout: float = 10.0) -> dict[str, int]:
+        deadline = time.monotonic() + timeout
+        st: dict[str, int] = {}
+        while time.monotonic() < deadline:
+            try:
+                st = self.status()
+                if pred(st):
+                    return st
+            except (ValueError, KeyError, FileNotFoundError):
+                pass
+            time.sleep(0.02)
+        raise AssertionError(f"timed out waiting for {what}; status {st}")
+
+    def dump_and_restore(self, images: Path, between=None) -> dict[str, int]:
+        """Dump (which kills the workload), call between(), restore."""
+        at_dump = self.status()
+        r = cli("dump", "-t", str(self.pid), "-D", str(images))
+        assert r.returncode == 0, r.stderr
+        assert self.popen is not None
+        self.popen.wait(timeout=10)
+        self.popen = None
+        if between is not None:
+            between()
+        r = cli("restore", "-D", str(images), "-d")
+        assert r.returncode == 0, r.stderr
+        return at_dump
+
+    def kill(self, *pids: int) -> None:
+        for pid in (*pids, self.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.popen is not None:
+            self.popen.wait(timeout=10)
+        else:
+            try:
+                os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+
+@pytest.fixture
+def workload(tmp_path):
+    started: list[Workload] = []
+
+    def _start(mode: str) -> Workload:
+        w = Workload(tmp_path, mode)
+        started.append(w)
+        return w
+
+    yield _start
+    for w in started:
+        w.kill(*([w.status().get("child_pid", 0)] if "child_pid" in w.status() else []))
+
+
+def fdinfo(pid: int, fd: int) -> str:
+    return open(f"/proc/{pid}/fdinfo/{fd}").read()
+
+
+def epoll_watches(pid: int, fd: int) -> list[str]:
+    return sorted(
+        " ".join(line.split()[:6]) for line in fdinfo(pid, fd).splitlines() if "tfd:" in line
+    )
+
+
+# -- event fds ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def events_restored(workload, tmp_path):
+    w = workload("events")
+    w.wait_for(lambda st: st["timer"] > 3, "the timer to fire")
+    watches = epoll_watches(w.pid, 14)
+    at_dump = w.dump_and_restore(tmp_path / "images")
+    return w, at_dump, watches
+
+
+def test_eventfd_keeps_its_count(events_restored):
+    w, _, _ = events_restored
+    assert "eventfd-count:                7" in fdinfo(w.pid, 10)
+    ours = get_fd(w.pid, 10)
+    try:
+        assert os.eventfd_read(ours) == 7  # the count, and the fd reads
+        os.eventfd_write(get_fd(w.pid, 11), 5)
+    finally:
+        os.close(ours)
+    w.wait_for(lambda st: st["efd"] == 5, "the workload to read the eventfd it watches")
+
+
+def test_epoll_keeps_its_watches(events_restored):
+    w, at_dump, watches = events_restored
+    assert epoll_watches(w.pid, 14) == watches and len(watches) == 3
+    st = w.wait_for(lambda st: st["loops"] > at_dump["loops"] + 5, "the epoll loop")
+    assert st["timer"] > at_dump["timer"]
+
+
+def test_timerfd_keeps_its_clock_and_interval(events_restored):
+    w, at_dump, _ = events_restored
+    info = fdinfo(w.pid, 12)
+    assert "clockid: 1" in info and "it_interval: (0, 50000000)" in info
+    before = w.status()["timer"]
+    time.sleep(0.5)
+    after = w.status()["timer"]
+    assert 5 <= after - before <= 15, (before, after)  # every 50 ms
+    absolute = fdinfo(w.pid, 15)  # armed at an absolute time, cancelled on clock set
+    assert "clockid: 0" in absolute and "settime flags: 03" in absolute
+    left = int(absolute.split("it_value: (")[1].split(",")[0])
+    assert 3500 < left < 3600
+
+
+def test_signalfd_keeps_its_mask(events_restored):
+    w, _, _ = events_restored
+    assert f"sigmask:\t{1 << (signal.SIGUSR2 - 1):016x}" in fdinfo(w.pid, 13)
+    os.kill(w.pid, signal.SIGUSR2)
+    w.wait_for(lambda st: st["usr2"] == 1, "SIGUSR2 read through the signalfd")
+
+
+# -- files ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def files_restored(workload, tmp_path):
+    w = workload("files")
+    st = w.wait_for(lambda st: st["child"] > 3 and st["memfd"] > 3, "parent and child to write")
+    assert st["ghost_ok"] == 1
+    at_dump = w.dump_and_restore(tmp_path / "images")
+    return w, at_dump
+
+
+def test_shared_file_description_stays_shared(files_restored):
+    w, at_dump = files_restored
+    child = at_dump["child_pid"]
+    assert kcmp.same_open_file(w.pid, 15, child, 16) and kcmp.same_open_file(w.pid, 15, w.pid, 16)
+    w.wait_for(lambda st: st["loops"] > at_dump["loops"] + 10, "the parent to write on")
+    # Parent and child append through one offset: no line overwrote another.
+    lines = (w.dir / "shared").read_text().splitlines()
+    parent = [int(x[1:]) for x in lines if x.startswith("p")]
+    kid = [int(x[1:]) for x in lines if x.startswith("c")]
+    assert len(parent) + len(kid) == len(lines)
+    assert parent == list(range(1, len(parent) + 1)) and kid == list(range(1, len(kid) + 1))
+    assert parent[-1] > at_dump["loops"]
+
+
+def test_deleted_files_come_back_deleted(files_restored):
+    w, at_dump = files_restored
+    st = w.wait_for(lambda st: st["loops"] > at_dump["loops"] + 3, "the parent to read on")
+    assert st["ghost_ok"] == 1  # contents, offset 1234, and the private mapping
+    assert os.readlink(f"/proc/{w.pid}/fd/20") == f"{w.dir}/ghost (deleted)"
+    maps = open(f"/proc/{w.pid}/maps").read()
+    assert f"{w.dir}/ghost-mapped (deleted)" in maps
+    assert sorted(os.listdir(w.dir)) == ["shared", "status"]
+
+
+def test_memfd_fd_and_mapping_share_one_object(files_restored):
+    w, at_dump = files_restored
+    assert os.readlink(f"/proc/{w.pid}/fd/21") == "/memfd:objects-memfd (deleted)"
+    # The child writes the mapping; the parent reads it through the fd.
+    st = w.wait_for(lambda st: st["memfd"] > at_dump["child"] + 5, "the memfd to move on")
+    assert st["page1"] == 42 and os.fstat(get_fd(w.pid, 21)).st_size == 3 * 4096
+
+
+# -- process trees ---------------------------------------------------------------------
+
+
+def shape(pid: int) -> list[tuple]:
+    """(pid, ppid, pgid, sid, zombie?) of pid and its children, as ps shows them."""
+    out = subprocess.run(
+        ["ps", "-o", "pid=,ppid=,pgid=,sid=,stat=", "-p", str(pid), "--ppid", str(pid)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    rows = [line.split() for line in out.splitlines()]
+    return sorted((*map(int, row[:4]), row[4].startswith("Z")) for row in rows)
+
+
+def test_tree_keeps_its_shape_zombie_and_orphan(workload, tmp_path):
+    w = workload("tree")
+    keys = ("kid0", "kid1", "kid2", "orphan")
+    w.wait_for(lambda st: min(st[k] for k in keys) > 3, "the children to count")
+    before = shape(w.pid)
+    kids = [p for p, ppid, *_ in before if ppid == w.pid]
+    assert len(kids) == 6 and [z for *_, z in before].count(True) == 2
+    orphan = next(r for r in before if r[3] not in (w.pid, r[0]))  # its session leader is gone
+    assert orphan[3] not in kids
+    zombies = [p for p, *_, z in before if z]
+    statuses = sorted(int(open(f"/proc/{p}/stat").read().split()[-1]) for p in zombies)
+    assert statuses == [signal.SIGTERM, 7 << 8]
+    at_dump = w.dump_and_restore(tmp_path / "images")
+    try:
+        # pid, ppid, pgid, sid, and the zombie a zombie; the root's parent is whoever
+        # restored it (`restore -d` leaves it to init).
+        assert [r for r in shape(w.pid) if r[0] != w.pid] == [r for r in before if r[0] != w.pid]
+        assert [r[2:] for r in shape(w.pid) if r[0] == w.pid] == [
+            r[2:] for r in before if r[0] == w.pid
+        ]
+        st = w.wait_for(
+            lambda st: all(st[k] > at_dump[k] + 5 for k in keys),
+            "the children to count on in shared memory",
+        )
+        assert st["loops"] > at_dump["loops"]
+        # The same exit statuses: an exit code, a death by signal.
+        assert sorted(int(open(f"/proc/{p}/stat").read().split()[-1]) for p in zombies) == statuses
+    finally:
+        w.kill(*kids)
+
+
+def test_zombie_leader_comes_back_with_its_threads(workload, tmp_path):
+    """Its main thread called pthread_exit while the others run: the restored
+    process has a zombie leader again and its threads go on."""
+    w = workload("zombie-leader")
+    w.dump_and_restore(tmp_path / "images")
+    st = w.status()
+    w.wait_for(lambda now: now["loops"] > st["loops"] + 3, "the threads to go on running")
+    assert open(f"/proc/{w.pid}/task/{w.pid}/stat").read().split(") ")[1][0] == "Z"
+    # cwd and exe came back although the dump had to read them through a thread.
+    live = [t for t in os.listdir(f"/proc/{w.pid}/task") if int(t) != w.pid]
+    assert os.readlink(f"/proc/{w.pid}/task/{live[0]}/cwd") == os.getcwd()
+    assert os.readlink(f"/proc/{w.pid}/task/{live[0]}/exe") == str(target_binary(OBJECTS))
+
+
+# -- SysV shared memory ------------------------------------------------------------------
+
+
+def sysv_segments() -> dict[int, tuple[int, int, int]]:
+    """shmid -> (key, size, nattch) from /proc/sysvipc/shm."""
+    rows = open("/proc/sysvipc/shm").read().splitlines()[1:]
+    return {int(c[1]): (int(c[0]), int(c[3]), int(c[6])) for c in (r.split() for r in rows)}
+
+
+@pytest.mark.parametrize("segment", ["left", "removed"])
+def test_sysv_shm_keeps_key_id_contents_and_sharing(workload, tmp_path, segment):
+    """The segment outlives the killed tree: restore takes it again ("left"), or
+    makes it again with its key and id when it was removed meanwhile."""
+    w = workload("sysv")
+    st = w.wait_for(lambda st: st["child"] > 3, "the child to count")
+    key = 0x5EED0000 + (w.pid & 0xFFFF)
+    assert sysv_segments()[st["shmid"]] == (key, 8192, 2)
+    removed = [i for i, (k, _, n) in sysv_segments().items() if k == 0 and n == 2]
+
+    def remove() -> None:
+        w.wait_for(lambda _: sysv_segments()[st["shmid"]][2] == 0, "the tree to detach")
+        subprocess.run(["ipcrm", "-m", str(st["shmid"])], check=True)
+        assert st["shmid"] not in sysv_segments()
+
+    at_dump = w.dump_and_restore(tmp_path / "images", remove if segment == "removed" else None)
+    try:
+        segments = sysv_segments()
+        assert segments[at_dump["shmid"]] == (key, 8192, 2)  # same id, key, both attached
+        # The removed one is attached again, and removed again (key 0, marked).
+        assert [i for i, (k, _, n) in segments.items() if k == 0 and n == 2] == removed
+        st = w.wait_for(lambda st: st["child"] > at_dump["child"] + 5, "the child to count on")
+        assert st["ok"] == 1
+    finally:
+        w.kill(at_dump["child_pid"])
+        for shmid, (k, *_) in sysv_segments().items():
+            if k == key:
+                subprocess.run(["ipcrm", "-m", str(shmid)], check=False)
+
+
+# -- terminals ---------------------------------------------------------------------------
+
+
+def test_pty_pair_of_the_tree_comes_back(workload, tmp_path):
+    w = workload("pty")
+    st = w.wait_for(lambda st: st["pongs"] > 3, "ping-pong through the pty")
+    child = st["child_pid"]
+    at_dump = w.dump_and_restore(tmp_path / "images")
+    try:
+        st = w.wait_for(lambda st: st["pongs"] > at_dump["pongs"] + 5, "ping-pong after restore")
+        assert st["loops"] - st["pongs"] <= at_dump["loops"] - at_dump["pongs"] + 1
+        master = get_fd(w.pid, 30)
+        try:
+            attrs = termios.tcgetattr(master)
+            assert not attrs[3] & (termios.ECHO | termios.ICANON)  # termios kept
+            size = struct.unpack("HHHH", fcntl.ioctl(master, termios.TIOCGWINSZ, bytes(8)))
+            assert size[:2] == (33, 120)
+            index = struct.unpack("i", fcntl.ioctl(master, 0x80045430, bytes(4)))[0]
+        finally:
+            os.close(master)
+        slave = f"/dev/pts/{index}"
+        assert os.readlink(f"/proc/{w.pid}/fd/31") == slave  # the parent holds both ends
+        assert os.readlink(f"/proc/{child}/fd/0") == slave
+        stat = open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()
+        assert int(stat[3]) == child and os.stat(slave).st_rdev == int(stat[4])  # its ctty
+        assert int(stat[5]) == child  # the foreground group
+    finally:
+        w.kill(child)
+
+
+def read_pty(master: int, want: bytes, timeout: float = 10.0) -> bytes:
+    got = b""
+    deadline = time.monotonic() + timeout
+    while want not in got:
+        assert time.monotonic() < deadline, f"no {want!r} on the terminal; got {got[-200:]!r}"
+        if select.select([master], [], [], 0.1)[0]:
+            got += os.read(master, 4096)
+    return got
+
+
+def test_shell_job_needs_shell_job_and_gets_the_restorers_terminal(tmp_path):
+    """A job started from a shell (its session and terminal are the shell's) is
+    refused at dump without --shell-job, as in CRIU; with it, restore --shell-job
+    gives it the restoring shell's terminal and session."""
+    work = tmp_path / "work"
+    work.mkdir()
+    theirs, their_slave = os.openpty()  # the dumping shell's terminal
+    job = subprocess.Popen(
+        [str(target_binary(OBJECTS)), str(work), "shell"],
+        stdin=their_slave, stdout=their_slave, stderr=their_slave,
+    )  # fmt: skip
+    ours, our_slave = os.openpty()  # the restoring shell's terminal
+    try:
+        read_pty(theirs, b"tick 3\r\n")  # the terminal writes \\n as \\r\\n
+        r = cli("dump", "-t", str(job.pid), "-D", str(tmp_path / "refused"))
+        assert r.returncode == 1
+        assert r.stderr == (
+            f"checkpointer: process {job.pid} is in session {os.getsid(0)}, whose leader is "
+            "not in the tree (a shell job): dump with --shell-job\n"
+        )
+        read_pty(theirs, b"tick 6\r\n")  # left running
+        r = cli("dump", "-t", str(job.pid), "-D", str(tmp_path / "images"), "--shell-job")
+        assert r.returncode == 0, r.stderr
+        job.wait(timeout=10)
+        r = cli("restore", "-D", str(tmp_path / "images"), "-d")
+        assert r.returncode == 1 and "restore with --shell-job" in r.stderr
+        restore = subprocess.run(
+            [sys.executable, "-m", "checkpointer", "restore", "-D", str(tmp_path / "images"),
+             "-d", "--shell-job"],
+            stdin=our_slave, stdout=our_slave, stderr=subprocess.PIPE, timeout=60,
+        )  # fmt: skip
+        assert restore.returncode == 0, restore.stderr
+        read_pty(ours, b"tick ")  # it writes on our terminal now
+        assert os.readlink(f"/proc/{job.pid}/fd/1") == os.ttyname(our_slave)
+        assert os.getsid(job.pid) == os.getsid(0)
+    finally:
+        try:
+            os.kill(job.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for fd in (theirs, their_slave, ours, our_slave):
+            os.close(fd)
+
+
+def test_daemon_keeps_the_session_of_its_exited_leader(tmp_path):
+    """The root of the tree is a daemon: its parent started a session, forked it and
+    exited. Restore brings it back in that session (a helper with the leader's PID)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    starter = subprocess.Popen(
+        [str(target_binary(OBJECTS)), str(work), "daemon"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert starter.wait(timeout=10) == 0
+    w = Workload.__new__(Workload)
+    w.dir, w.popen = work, None
+    st = w.wait_for(lambda st: st["loops"] > 3, "the daemon to run")
+    w.pid = st["pid"]
+    try:
+        assert os.getsid(w.pid) == starter.pid and os.getpgid(w.pid) == starter.pid
+        r = cli("dump", "-t", str(w.pid), "-D", str(tmp_path / "images"))
+        assert r.returncode == 0, r.stderr
+        w.wait_for(lambda _: not os.path.exists(f"/proc/{w.pid}"), "the daemon to be reaped")
+        r = cli("restore", "-D", str(tmp_path / "images"), "-d")
+        assert r.returncode == 0, r.stderr
+        assert os.getsid(w.pid) == starter.pid and os.getpgid(w.pid) == starter.pid
+        assert not os.path.exists(f"/proc/{starter.pid}")  # the helper is gone
+        st = w.status()
+        w.wait_for(lambda now: now["loops"] > st["loops"] + 3, "the daemon to run on")
+    finally:
+        try:
+            os.kill(w.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_deleted_file_over_the_limit_is_refused_at_dump(tmp_path):
+    """Refused by name, and the target goes on running."""
+    big = tmp_path / "big"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         f"import os, time\nf = open({str(big)!r}, 'w')\nf.truncate(100 << 20)\n"
+         f"os.unlink({str(big)!r})\nprint('ready', flush=True)\ntime.sleep(60)"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+        start_new_session=True, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "ready\n"
+        fd = next(
+            int(n)
+            for n in os.listdir(f"/proc/{holder.pid}/fd")
+            if os.readlink(f"/proc/{holder.pid}/fd/{n}") == f"{big} (deleted)"
+        )
+        r = cli("dump", "-t", str(holder.pid), "-D", str(tmp_path / "images"))
+        assert r.returncode == 1
+        assert r.stderr == (
+            f"checkpointer: fd {fd} of process {holder.pid} ({big} (deleted)): a deleted "
+            f"file of {100 << 20} bytes, over the 64 MiB limit for deleted files\n"
+        )
+        assert holder.poll() is None and not (tmp_path / "images").exists()
+        assert open(f"/proc/{holder.pid}/stat").read().split(")")[1].split()[0] in "RS"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_deleted_file_whose_name_was_taken_comes_back_beside_it(workload, tmp_path):
+    w = workload("files")
+    w.wait_for(lambda st: st["child"] > 3, "parent and child to write")
+    taken = w.dir / "ghost"
+    at_dump = w.dump_and_restore(tmp_path / "images", lambda: taken.write_text("someone else's"))
+    try:
+        st = w.wait_for(lambda st: st["loops"] > at_dump["loops"] + 3, "the parent to read on")
+        assert st["ghost_ok"] == 1
+        assert os.readlink(f"/proc/{w.pid}/fd/20") == f"{taken}.checkpointer-ghost-1 (deleted)"
+        assert taken.read_text() == "someone else's"
+    finally:
+        w.kill(at_dump["child_pid"])
+
+
+def test_session_led_by_a_zombie_is_refused_by_name(workload, tmp_path):
+    w = workload("zombie-session")
+    st = w.wait_for(lambda st: st["loops"] > 3, "the tree to start")
+    leader = st["leader"]
+    w.wait_for(lambda _: open(f"/proc/{leader}/stat").read().split()[2] == "Z", "the zombie")
+    member = next(
+        int(p)
+        for p in os.listdir("/proc")
+        if p.isdigit() and int(p) != leader and os.path.exists(f"/proc/{p}/stat")
+        and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[3] == str(leader)
+    )  # fmt: skip
+    try:
+        r = cli("dump", "-t", str(w.pid), "-D", str(tmp_path / "images"))
+        assert r.returncode == 1
+        assert r.stderr == (
+            f"checkpointer: process {member} is in a session or group led by zombie "
+            f"{leader}: not supported\n"
+        )
+        st = w.status()
+        w.wait_for(lambda now: now["loops"] > st["loops"], "the tree to go on running")
+    finally:
+        w.kill(member)
