@@ -355,7 +355,7 @@ class FdInfo(NamedTuple):
 def read_fdinfo(pid: int, fd: int) -> dict[str, str]:
     """/proc/PID/fdinfo/N as {key: value}; extra keys (eventfd, uffd...) are kept."""
     out: dict[str, str] = {}
-    for line in _read_text(pid, f"/proc/{pid}/fdinfo/{fd}").splitlines():
+    for line in _read_text(pid, f"{task_dir(pid)}/fdinfo/{fd}").splitlines():
         key, sep, value = line.partition(":")
         if sep:
             out[key] = value.strip()
@@ -364,7 +364,7 @@ def read_fdinfo(pid: int, fd: int) -> dict[str, str]:
 
 def read_fdinfo_bytes(pid: int, fd: int) -> bytes:
     """/proc/PID/fdinfo/N as it is (an epoll fd lists one line per watched fd)."""
-    return _read_bytes(pid, f"/proc/{pid}/fdinfo/{fd}")
+    return _read_bytes(pid, f"{task_dir(pid)}/fdinfo/{fd}")
 
 
 def read_fds(pid: int) -> list[FdInfo]:
@@ -477,16 +477,16 @@ def _stat_or_none(pid: int, path: str) -> os.stat_result | None:
 
 def stat_fd(pid: int, fd: int) -> os.stat_result | None:
     """stat of what fd N of pid refers to (also pipes, sockets, deleted files)."""
-    return _stat_or_none(pid, f"/proc/{pid}/fd/{fd}")
+    return _stat_or_none(pid, f"{task_dir(pid)}/fd/{fd}")
 
 
 def stat_exe(pid: int) -> os.stat_result | None:
-    return _stat_or_none(pid, f"/proc/{pid}/task/{live_tid(pid)}/exe")
+    return _stat_or_none(pid, f"{task_dir(pid)}/exe")
 
 
 def stat_mapped_file(pid: int, start: int, end: int) -> os.stat_result | None:
     """stat of the file mapped at [start, end) (map_files/; needs CAP_SYS_ADMIN)."""
-    return _stat_or_none(pid, f"/proc/{pid}/map_files/{start:x}-{end:x}")
+    return _stat_or_none(pid, f"{task_dir(pid)}/map_files/{start:x}-{end:x}")
 
 
 def mapped_file_data(
@@ -498,7 +498,7 @@ def mapped_file_data(
     CAP_SYS_ADMIN). Reading a hole of shmem or a memfd through /proc/PID/mem
     would allocate it in the target."""
     try:
-        fd = os.open(f"/proc/{pid}/map_files/{start:x}-{end:x}", os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(f"{task_dir(pid)}/map_files/{start:x}-{end:x}", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
     page = os.sysconf("SC_PAGE_SIZE")
@@ -524,12 +524,12 @@ def mapped_file_data(
 
 def open_fd_file(pid: int, fd: int) -> int:
     """Our own read-only fd on the file behind fd N of pid (deleted ones too)."""
-    return _open_magic(pid, f"/proc/{pid}/fd/{fd}")
+    return _open_magic(pid, f"{task_dir(pid)}/fd/{fd}")
 
 
 def open_mapped_file(pid: int, start: int, end: int) -> int:
     """Our own read-only fd on the file mapped at [start, end) (deleted ones too)."""
-    return _open_magic(pid, f"/proc/{pid}/map_files/{start:x}-{end:x}")
+    return _open_magic(pid, f"{task_dir(pid)}/map_files/{start:x}-{end:x}")
 
 
 def _open_magic(pid: int, path: str) -> int:
