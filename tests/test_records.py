@@ -43,7 +43,11 @@ def full_dump(t, path, thaw=Thaw.RUNNING) -> Dump:
 
 @pytest.fixture
 def state_target(spawn):
-    return spawn("--state", "--threads", "2")
+    t = spawn("--state", "--threads", "2")
+    # READY comes right after pthread_create: let every thread get to its own code
+    # (glibc registers its rseq area and robust list as a thread starts).
+    time.sleep(0.2)
+    return t
 
 
 def test_signal_state_comes_back_exactly(state_target, tmp_path):
