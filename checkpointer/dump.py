@@ -428,12 +428,18 @@ class _Pass:
         compare = (
             self.parent is not None and self.tracker is not None and (self.tracker.compares_content)
         )
+        # Shared objects are compared with the parent whatever the tracker: writes
+        # through other mappings (or write(2) to a memfd) escape every tracker.
+        for owner in plans:
+            if owner.startswith("shm-") and self.parent is not None:
+                held[owner] = self.parent.held_ranges(owner)
         try:
             for owner, plan in plans.items():
                 page_writer = writer.open_pages(owner)
+                shared = owner.startswith("shm-")
                 parent_reader = (
                     ParentPages(self.parent, owner, held[owner])
-                    if (compare and owner in held)
+                    if (compare or shared) and held.get(owner)
                     else None
                 )
                 copier.copy(page_writer, plan, parent_reader)

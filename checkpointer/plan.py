@@ -78,12 +78,16 @@ def shared_plans(
 
 
 class ParentPages:
-    """What the parent chain holds for one owner, for content comparison."""
+    """What the parent chain holds for one owner (a process or a shared object),
+    for content comparison: `held` ranges, and their bytes."""
 
     def __init__(self, parent: Dump, owner: str, held: list[Range]) -> None:
         self.parent = parent
-        self.pid = int(owner.split("-", 1)[1])
-        self.held = held  # what the chain holds for this same process
+        self.owner = owner
+        self.held = held  # what the chain holds for this same owner
 
     def read(self, addr: int, size: int) -> bytes:
-        return self.parent.read_memory(self.pid, addr, size)
+        out = bytearray()
+        for lo, hi, kind, data in self.parent.segments(self.owner, addr, addr + size):
+            out += data if kind == "data" else bytes(hi - lo)  # held: never "missing"
+        return bytes(out)

@@ -161,3 +161,23 @@ def test_parent_from_another_process_is_refused(spawn, tmp_path):
     with pytest.raises(TargetError, match="another process"):
         predump(b.pid, tmp_path / "b", "../a", "full")
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("tracker", TRACKERS)
+def test_shared_memory_is_incremental_by_content(spawn, tmp_path, tracker):
+    """Shared memory escapes every tracker (writes through another mapping), so
+    each pass compares it with the parent: unchanged pages are the parent's,
+    a page changed since is copied again."""
+    t = spawn("--anon-mb", "4")
+    predump(t.pid, tmp_path / "1", tracker=tracker)
+    predump(t.pid, tmp_path / "2", "../1", tracker)
+    addr, size = t.regions["shared"]
+    owner = next(o for o in Dump.open(tmp_path / "2").owners() if o.startswith("shm-"))
+    runs = list(Dump.open(tmp_path / "2").page_runs(owner))
+    assert sum(r.nr for r in runs if r.where == "parent") == size // PAGE
+    with open(f"/proc/{t.pid}/mem", "r+b", buffering=0) as mem:  # a write no tracker sees
+        os.pwrite(mem.fileno(), b"changed", addr + 3 * PAGE)
+    final_dump(t.pid, tmp_path / "3", "../2", tracker)
+    runs = list(Dump.open(tmp_path / "3").page_runs(owner))
+    assert sum(r.nr for r in runs if r.where == "here") == 1
+    compare_dump_with_process(tmp_path / "3", t.pid)
