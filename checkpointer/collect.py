@@ -252,20 +252,15 @@ def fd_records(pid: int, hide: set[int] | frozenset[int] = frozenset()) -> list[
 def check_terminals(
     pstree: list[dict], processes: dict[int, dict], fds: dict[int, list[dict]], shell_job: bool
 ) -> None:
-    """A tree attached to a terminal or session outside it (a shell job) is dumped
-    only with --shell-job, as CRIU does: restore then gives it the restoring
-    shell's terminal and session. Pseudo-terminals whose master is in the tree are
-    the tree's own (restored as a new pair)."""
+    """A tree attached to a terminal outside it (a shell job) is dumped only with
+    --shell-job, as CRIU does ("dangling tty"): restore then gives it the restoring
+    shell's terminal and session. A session whose leader lives outside the tree,
+    without a terminal, needs no flag: the restored tree joins the restorer's
+    session, as a process started from it would. Pseudo-terminals whose master is
+    in the tree are the tree's own (restored as a new pair)."""
     if shell_job:
         return
     masters = {r["pty_master"]["index"] for rs in fds.values() for r in rs if "pty_master" in r}
-    pids = {p["pid"] for p in pstree}
-    for p in pstree:
-        if p["sid"] not in pids and proc.exists(p["sid"]):
-            raise UnsupportedObject(
-                f"process {p['pid']} is in session {p['sid']}, whose leader is not in the "
-                "tree (a shell job): dump with --shell-job"
-            )
     for pid, process in processes.items():
         ctty = process["ctty"]
         if ctty["dev"] and ctty["index"] not in masters:

@@ -343,14 +343,14 @@ class _Pass:
             )
             try:
                 mm = collect.mm_record(pid, injected)
+                vma_records[pid] = collect.vma_records(
+                    pid, vmas[pid], final=injected is not None, hide_flags=own_flags
+                )
             except TargetError:
                 if not self._vanished(pid):
                     raise
                 mm = None
             if mm is not None:
-                vma_records[pid] = collect.vma_records(
-                    pid, vmas[pid], final=injected is not None, hide_flags=own_flags
-                )
                 writer.write_mm(pid, mm, vma_records[pid])
             if injected is not None:
                 process, threads = collect.core_records(

@@ -268,3 +268,28 @@ def test_a_stopped_process_comes_back_stopped_and_pidfile_json(lifecycle, tmp_pa
     assert lc.status()["counter"] == before
     os.kill(lc.pid, signal.SIGCONT)
     lc.carries_on()
+
+
+def test_a_job_in_the_callers_session_without_a_terminal(tmp_path):
+    """Started from our session (its leader is not in the tree) but holding no
+    terminal: no --shell-job needed; it comes back in the restorer's session."""
+    import subprocess
+
+    p = subprocess.Popen(
+        ["sleep", "1000"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert os.getsid(p.pid) == os.getsid(0) != p.pid
+        r = cli("dump", "-t", str(p.pid), "-D", str(tmp_path / "i"))
+        assert r.returncode == 0, r.stderr
+        p.wait(timeout=10)
+        r = cli("restore", "-D", str(tmp_path / "i"), "-d")
+        assert r.returncode == 0, r.stderr
+        assert os.getsid(p.pid) == os.getsid(0)
+        assert proc_status(p.pid)["State"].startswith("S")
+    finally:
+        try:
+            os.kill(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

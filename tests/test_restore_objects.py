@@ -356,8 +356,8 @@ def test_shell_job_needs_shell_job_and_gets_the_restorers_terminal(tmp_path):
         r = cli("dump", "-t", str(job.pid), "-D", str(tmp_path / "refused"))
         assert r.returncode == 1
         assert r.stderr == (
-            f"checkpointer: process {job.pid} is in session {os.getsid(0)}, whose leader is "
-            "not in the tree (a shell job): dump with --shell-job\n"
+            f"checkpointer: fd 0 of process {job.pid} ({os.ttyname(their_slave)}) is a "
+            "terminal outside the tree: dump with --shell-job\n"
         )
         read_pty(theirs, b"tick 6\r\n")  # left running
         r = cli("dump", "-t", str(job.pid), "-D", str(tmp_path / "images"), "--shell-job")

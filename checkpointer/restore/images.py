@@ -135,14 +135,9 @@ def preflight(images: RestoreImages, shell_job: bool = False, pids_free: bool = 
             "dumped with --shell-job (the tree used its shell's terminal and session): "
             "restore with --shell-job"
         )
-    if not shell_job:
-        # A session or group whose leader exited is rebuilt with a helper of that PID.
-        for leader in leaders_outside(images):
-            if proc.exists(leader) and not _reaped_soon(leader):
-                raise RestoreError(
-                    f"PID {leader} (leader of a session or group of the tree, which had "
-                    f"exited) is taken (by {_comm(leader)}); it must be free"
-                )
+    # A session or group whose leader is outside the tree: rebuilt with a helper of
+    # the leader's PID if that leader is gone (an orphan's), else joined as it is
+    # (the restorer's own session or group, as for a job started from it).
     own_ptys = {f["pty_master"]["index"] for p in images.processes for f in p.fds
                 if "pty_master" in f}  # fmt: skip
     pid_max = int(open("/proc/sys/kernel/pid_max").read())
@@ -173,7 +168,7 @@ def leaders_outside(images: RestoreImages) -> set[int]:
     return ids - there
 
 
-def _reaped_soon(pid: int, timeout: float = 2.0) -> bool:
+def _reaped_soon(pid: int, timeout: float = 10.0) -> bool:
     """A just-killed original is a zombie until its parent reaps it: wait a little."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
