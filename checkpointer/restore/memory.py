@@ -254,7 +254,10 @@ def _advise(task: Task, vma: dict) -> None:
 def _set_mm(task: Task) -> None:
     mm = task.image.mm
     exe_fd = (1 << 32) - 1
-    if mm.get("exe"):
+    # The seed's exe is ours (it was forked from the restorer). The kernel refuses
+    # to change an exe that is still mapped, as ours is when the dumped program
+    # runs the same binary (a python program): then it is already right.
+    if mm.get("exe") and not _same_file(mm["exe"], "/proc/self/exe"):
         ours = os.open(mm["exe"], os.O_RDONLY | os.O_CLOEXEC)
         try:
             exe_fd = task.install_fd(ours)
@@ -267,6 +270,14 @@ def _set_mm(task: Task) -> None:
     finally:
         if exe_fd != (1 << 32) - 1:
             taskctl.close(task.session, exe_fd)
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def unmap_scratch(task: Task) -> None:
