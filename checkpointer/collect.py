@@ -7,6 +7,7 @@ describe one instant: registers, signal masks, memory map, files.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 
 from checkpointer import fdstate
@@ -210,6 +211,8 @@ def fd_records(pid: int) -> list[dict]:
         for fd in proc.read_fds(pid)
     ]
     for rec in records:
+        if rec["type"] == "file" and rec["stat"] and stat.S_ISFIFO(rec["stat"]["mode"]):
+            rec["type"] = "fifo"
         rec.update(fdstate.describe(pid, rec))
     return records
 

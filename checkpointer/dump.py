@@ -20,6 +20,7 @@ from pathlib import Path
 from checkpointer import collect, trackstate
 from checkpointer.copier import PageCopier
 from checkpointer.errors import TargetError
+from checkpointer.fdstate import tree as fdtree
 from checkpointer.freezer import Freezer, FrozenTree, Thaw
 from checkpointer.images import FROZEN_LEVEL, PAGE_LEVEL, Dump, DumpWriter
 from checkpointer.kernel import proc
@@ -41,6 +42,7 @@ class DumpRequest:
     tracker: str = "auto"
     track_mem: bool = False  # reset tracking so a later dump can build on this one
     thaw: Thaw = Thaw.KILL
+    tcp_established: bool = False  # dump established TCP connections (repair mode)
     cgroup: str | None = None
     progress: bool | None = None  # None: only when stderr is a terminal
     iteration: int | None = None
@@ -105,6 +107,7 @@ class _Pass:
         self.full_pass_reason: str | None = None
         self.state: trackstate.TrackState | None = None
         self.times: dict[str, int] = {"freezing_time": 0, "frozen_time": 0}
+        self.connections = fdtree.RepairedConnections()
 
     # The order of this method is the algorithm.
     def run(self) -> DumpResult:
@@ -140,6 +143,7 @@ class _Pass:
                         # Every byte is read; fsync and rename need not keep the
                         # target waiting. (A tree to kill stays frozen until the
                         # images are safe.)
+                        self.connections.release()
                         freezer.thaw(req.thaw)
                     self.times["frozen_time"] = _us_since(frozen_at)
                 stats.update(self.times)
@@ -154,12 +158,17 @@ class _Pass:
                     raise TargetError(f"process {req.pid} exited during the {req.kind}")
                 writer.commit(self._inventory(tree, start_time))
         except BaseException:
+            self.connections.release()
             freezer.thaw(Thaw.RUNNING)
             freezer.undo_stop()  # if it was already thawed into a stop we asked for
             if self.tracker:
                 self.tracker.close()
             raise
         self._remember_reset()
+        if req.thaw is not Thaw.KILL:
+            # Killed, the connections close in repair mode (silently) and stay
+            # locked for the restore; a tree that lives on keeps them.
+            self.connections.release()
         freezer.thaw(req.thaw)
         if self.tracker:
             self.tracker.close()
@@ -224,6 +233,12 @@ class _Pass:
 
     def _write_state(self, writer: DumpWriter, tree: FrozenTree, vmas: dict) -> None:
         writer.write_pstree(collect.pstree_records(tree))
+        if self.req.kind == "dump":
+            # Fds first: a refusal (a connection, a peer outside the tree) comes
+            # before anything else is read, and leaves the tree running.
+            fds = {pid: collect.fd_records(pid) for pid in tree.pids}
+            fdtree.check(fds, self.req.tcp_established)
+            fdtree.repair_established(fds, self.connections)
         for pid in tree.pids:
             # Registers and injected syscalls need every thread in a ptrace stop. The
             # sessions' scratch page is gone before the memory is tracked or copied.
@@ -240,7 +255,7 @@ class _Pass:
                     pid, tree.threads[pid], pid in tree.was_stopped, injected
                 )
                 writer.write_core(pid, process, threads)
-                writer.write_fds(pid, collect.fd_records(pid))
+                writer.write_fds(pid, fds[pid])
 
     def _track(
         self, tree: FrozenTree, vmas: dict[int, list[Vma]], frozen: bool

@@ -3,8 +3,18 @@ the program killed and restored, then the object is used."""
 
 from __future__ import annotations
 
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+
 import pytest
 from objectslib import dump_and_kill, restore, start_program
+from targetlib import assert_one_line_error, cli
+
+from checkpointer.kernel import sockets
 
 
 @pytest.fixture
@@ -34,3 +44,373 @@ def test_python_program_restores(program, tmp_path):
     restore(tmp_path / "images")
     prog.go()
     assert prog.result("answer") == b"42"
+
+
+# -- pipes and FIFOs -----------------------------------------------------------------------
+
+
+def test_pipe_keeps_its_bytes_and_size(program, tmp_path):
+    prog = program(
+        """
+        import fcntl
+        r, w = os.pipe()
+        fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ
+        os.write(w, bytes(range(256)) * 1000)
+        ready()
+        go()
+        report("size", fcntl.fcntl(r, 1032))
+        os.write(w, b"and more")
+        os.set_blocking(r, False)
+        got = b""
+        while True:
+            try:
+                got += os.read(r, 1 << 20)
+            except BlockingIOError:
+                break
+        report("data", got)
+        """
+    )
+    dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+    restore(tmp_path / "images")
+    prog.go()
+    assert prog.result("size") == str(1 << 20).encode()
+    assert prog.result("data") == bytes(range(256)) * 1000 + b"and more"
+
+
+READ_STDIN = """
+    ready()
+    go()
+    got = b""
+    while chunk := os.read(0, 65536):
+        got += chunk
+    report("data", got)
+    """
+
+
+def test_pipe_from_outside_is_joined_again(program, tmp_path):
+    """A pipe from a process outside the tree (here: this test) into the dumped
+    program: restored, the program reads on from the same pipe."""
+    r, w = os.pipe()
+    prog = program(READ_STDIN, stdin=r)
+    os.close(r)
+    os.write(w, b"before the dump|")
+    dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+    restore(tmp_path / "images")
+    os.write(w, b"after the restore")
+    os.close(w)
+    prog.go()
+    assert prog.result("data") == b"before the dump|after the restore"
+
+
+def test_pipe_from_outside_gone_gives_its_bytes_then_eof(program, tmp_path):
+    r, w = os.pipe()
+    prog = program(READ_STDIN, stdin=r)
+    os.close(r)
+    os.write(w, b"written, then the writer went away")
+    dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+    os.close(w)  # nobody holds the pipe any more
+    restore(tmp_path / "images")
+    prog.go()
+    assert prog.result("data") == b"written, then the writer went away"
+
+
+def test_fifo_keeps_its_path_and_bytes(program, tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    prog = program(
+        f"""
+        r = os.open({str(fifo)!r}, os.O_RDONLY | os.O_NONBLOCK)
+        w = os.open({str(fifo)!r}, os.O_WRONLY)
+        os.write(w, b"in the fifo|")
+        ready()
+        go()
+        os.write(w, b"after")
+        report("data", os.read(r, 100))
+        report("path", os.readlink(f"/proc/self/fd/{{r}}").encode())
+        """
+    )
+    dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+    restore(tmp_path / "images")
+    prog.go()
+    assert prog.result("data") == b"in the fifo|after"
+    assert prog.result("path").decode() == str(fifo)
+
+
+def test_shell_pipeline_delivers_every_byte_once_in_order(tmp_path):
+    """producer | filter | consumer, dumped with data in both pipes."""
+    lines = 300_000
+    (tmp_path / "producer.py").write_text(
+        "import sys, time\n"
+        f"for i in range({lines}):\n"
+        "    sys.stdout.write(f'{i:08d}\\n')\n"
+        "    if i % 2000 == 0:\n"
+        "        sys.stdout.flush(); time.sleep(0.002)\n"
+    )
+    (tmp_path / "consumer.py").write_text(
+        "import sys, time\n"
+        "for n, line in enumerate(sys.stdin):\n"
+        "    sys.stdout.write(line)\n"
+        "    if n % 1000 == 0:\n"
+        "        sys.stdout.flush(); time.sleep(0.004)\n"
+        "sys.stdout.write('END\\n')\n"
+    )
+    out = tmp_path / "out"
+    py = sys.executable
+    shell = subprocess.Popen(
+        ["sh", "-c", f"{py} producer.py | cat | {py} consumer.py > {out}"],
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_until(lambda: out.exists() and out.stat().st_size > 200_000, "the pipeline to flow")
+        dump_and_kill(shell.pid, tmp_path / "images", reap=shell.wait)
+        in_flight = out.stat().st_size
+        assert in_flight < lines * 9, "the pipeline ended before the dump"
+        restore(tmp_path / "images")
+        wait_until(lambda: out.read_bytes().endswith(b"END\n"), "the pipeline to end", 60)
+        assert out.read_bytes() == b"".join(b"%08d\n" % i for i in range(lines)) + b"END\n"
+    finally:
+        subprocess.run(["pkill", "-9", "-s", str(shell.pid)], check=False)
+        if shell.returncode is None:
+            shell.kill()
+            shell.wait()
+
+
+def wait_until(pred, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+# -- unix sockets --------------------------------------------------------------------------
+
+
+def test_unix_socketpair_keeps_queued_bytes_both_ways(program, tmp_path):
+    prog = program(
+        """
+        a, b = socket.socketpair()
+        a.send(b"for b")
+        b.send(b"for a")
+        ready()
+        go()
+        report("b", b.recv(100))
+        report("a", a.recv(100))
+        a.send(b"again")
+        report("again", b.recv(100))
+        """
+    )
+    dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+    restore(tmp_path / "images")
+    prog.go()
+    assert (prog.result("a"), prog.result("b"), prog.result("again")) == (
+        b"for a", b"for b", b"again",
+    )  # fmt: skip
+
+
+def test_unix_pair_between_parent_and_child(program, tmp_path):
+    prog = program(
+        """
+        a, b = socket.socketpair()
+        child = os.fork()
+        if child == 0:
+            a.close()
+            go()
+            b.send(b"ping")
+            b.recv(100)
+            os._exit(0)
+        b.close()
+        ready()
+        go()
+        report("from_child", a.recv(100))
+        a.send(b"pong")
+        report("child_status", os.waitpid(child, 0)[1])
+        """
+    )
+    dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+    restore(tmp_path / "images")
+    prog.go()
+    assert prog.result("from_child") == b"ping"
+    assert prog.result("child_status") == b"0"
+
+
+def test_unix_listener_keeps_its_path_mode_and_backlog(program, tmp_path):
+    path = tmp_path / "listener.sock"
+    prog = program(
+        f"""
+        u = socket.socket(socket.AF_UNIX)
+        u.bind({str(path)!r})
+        os.chmod({str(path)!r}, 0o640)
+        u.listen(7)
+        report("fd", u.fileno())
+        ready()
+        while True:
+            c, _ = u.accept()
+            c.send(b"served")
+            c.close()
+        """
+    )
+    fd = int(prog.result("fd"))
+    dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+    restore(tmp_path / "images")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    inode = os.stat(f"/proc/{prog.pid}/fd/{fd}").st_ino
+    assert sockets.unix_socket(inode).backlog == 7
+    with socket.socket(socket.AF_UNIX) as c:
+        c.connect(str(path))
+        assert c.recv(100) == b"served"
+
+
+def test_unix_stream_to_outside_is_refused(program, tmp_path):
+    path = str(tmp_path / "outside.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(1)
+    prog = program(
+        f"""
+        c = socket.socket(socket.AF_UNIX)
+        c.connect({path!r})
+        ready()
+        go()
+        report("alive", 1)
+        """
+    )
+    r = cli("dump", "-t", str(prog.pid), "-D", str(tmp_path / "images"))
+    assert_one_line_error(r, f"process {prog.pid}", "outside the dumped tree")
+    prog.go()
+    assert prog.result("alive") == b"1"  # left running
+    server.close()
+
+
+# -- TCP and UDP ---------------------------------------------------------------------------
+
+
+def test_tcp_listener_keeps_address_options_and_backlog(program, tmp_path):
+    prog = program(
+        """
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        s.bind(("127.0.0.1", 0))
+        s.listen(33)
+        report("fd", s.fileno())
+        report("port", s.getsockname()[1])
+        ready()
+        while True:
+            c, _ = s.accept()
+            c.send(b"served")
+            c.close()
+        """
+    )
+    fd, port = int(prog.result("fd")), int(prog.result("port"))
+    dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+    restore(tmp_path / "images")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+        assert c.recv(100) == b"served"
+    with socket.socket(fileno=sockets.copy_fd(prog.pid, fd)) as s:
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 1
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        inode = os.fstat(s.fileno()).st_ino
+    assert sockets.tcp_listen_backlog(socket.AF_INET, inode) == 33
+
+
+def test_tcp_listener_port_taken_is_refused_before_anything_is_made(program, tmp_path):
+    prog = program(
+        """
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen(5)
+        report("port", s.getsockname()[1])
+        ready()
+        go()
+        """
+    )
+    port = int(prog.result("port"))
+    dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen(1)
+        r = cli("restore", "-D", str(tmp_path / "images"), "-d")
+        assert_one_line_error(r, f"port {port}", "in use")
+    assert not os.path.exists(f"/proc/{prog.pid}")
+
+
+def test_udp_socket_keeps_its_address(program, tmp_path):
+    prog = program(
+        """
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        report("port", s.getsockname()[1])
+        ready()
+        while True:
+            data, peer = s.recvfrom(100)
+            s.sendto(data.upper(), peer)
+        """
+    )
+    port = int(prog.result("port"))
+    dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+    restore(tmp_path / "images")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+        c.settimeout(5)
+        c.sendto(b"echo", ("127.0.0.1", port))
+        assert c.recv(100) == b"ECHO"
+
+
+CLIENT = """
+    c = socket.create_connection(("127.0.0.1", {port}))
+    c.sendall(b"hello")
+    ready()
+    go()
+    got = b""
+    while not got.endswith(b"|end"):
+        got += c.recv(65536)
+    c.sendall(got.upper())
+    report("got", got)
+    """
+
+
+def test_tcp_established_is_refused_without_the_flag(program, tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        prog = program(CLIENT.format(port=server.getsockname()[1]))
+        peer, _ = server.accept()
+        r = cli("dump", "-t", str(prog.pid), "-D", str(tmp_path / "images"))
+        assert_one_line_error(r, f"process {prog.pid}", "--tcp-established")
+        assert not (tmp_path / "images").exists()
+        prog.go()
+        peer.sendall(b"still alive|end")
+        assert prog.result("got") == b"still alive|end"  # left running, connection intact
+        peer.close()
+
+
+def test_tcp_established_goes_on_with_the_flag(program, tmp_path):
+    """Queued bytes both ways, bytes sent while the program is down: the same
+    connection carries them all after the restore, and no reset reached us."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        prog = program(CLIENT.format(port=server.getsockname()[1]))
+        peer, (_, port) = server.accept()
+        assert peer.recv(5) == b"hello"
+        peer.sendall(b"queued at the dump|")
+        time.sleep(0.1)
+        dump_and_kill(prog.pid, tmp_path / "images", "--tcp-established", reap=prog.reap)
+        assert f"--dport {port} -j DROP" in _lock_rules()
+        peer.sendall(b"sent while it was down|end")  # retransmitted until it is back
+        restore(tmp_path / "images")
+        assert f"--dport {port} -j DROP" not in _lock_rules()
+        prog.go()
+        expected = b"queued at the dump|sent while it was down|end"
+        assert prog.result("got") == expected
+        peer.settimeout(10)
+        got = b""
+        while len(got) < len(expected):
+            got += peer.recv(65536)
+        assert got == expected.upper()
+        peer.close()
+
+
+def _lock_rules() -> str:
+    return subprocess.run(
+        ["iptables", "-w", "-S", "CHECKPOINTER"], capture_output=True, text=True
+    ).stdout

@@ -39,6 +39,12 @@ level_option = click.option(
     help="zstd level of page data [default: -50 for a frozen dump, -1 for a pre-dump].",
 )
 log_option = click.option("-o", "--log-file", type=click.Path(), help="Write the log here.")
+tcp_option = click.option(
+    "--tcp-established",
+    is_flag=True,
+    help="Dump established TCP connections (repair mode; locked by an iptables rule "
+    "until the restore).",
+)
 
 
 def leave_options(fn):
@@ -101,6 +107,7 @@ def print_dump_result(res, as_json: bool = False) -> None:
     help="Freeze this cgroup v2 (cgroup.freeze) first: for whole containers.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@tcp_option
 @level_option
 @verbose_option
 @log_option
@@ -114,6 +121,7 @@ def dump(
     track_mem,
     freeze_cgroup,
     as_json,
+    tcp_established,
     compress_level,
     verbose,
     log_file,
@@ -137,6 +145,7 @@ def dump(
         thaw=thaw_mode(leave_running, leave_stopped),
         cgroup=freeze_cgroup,
         compress_level=compress_level,
+        tcp_established=tcp_established,
     )
     print_dump_result(do_dump(req), as_json)
 
@@ -199,6 +208,7 @@ def pre_dump_cmd(
 @click.option("--interval-ms", default=0.0, show_default=True, help="Pause between pre-dumps.")
 @leave_options
 @click.option("--json", "as_json", is_flag=True, help="Print the iterations and summary as JSON.")
+@tcp_option
 @verbose_option
 @log_option
 def converge(
@@ -213,6 +223,7 @@ def converge(
     leave_running,
     leave_stopped,
     as_json,
+    tcp_established,
     verbose,
     log_file,
 ):
@@ -236,6 +247,7 @@ def converge(
         max_downtime_ms=max_downtime_ms,
         interval_ms=interval_ms,
         thaw=thaw_mode(leave_running, leave_stopped),
+        tcp_established=tcp_established,
     )
     if not as_json:
         click.echo(

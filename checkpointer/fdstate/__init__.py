@@ -16,3 +16,12 @@ def describe(pid: int, record: dict) -> dict:
     """The kind-specific fields of one fd record (none for plain files)."""
     fn = DESCRIBERS.get(record["type"])
     return fn(pid, record) if fn else {}
+
+
+def _register() -> None:
+    from checkpointer.fdstate import pipe, socket
+
+    DESCRIBERS.update({"pipe": pipe.describe, "fifo": pipe.describe, "socket": socket.describe})
+
+
+_register()

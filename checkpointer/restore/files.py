@@ -23,9 +23,11 @@ class OpenFiles:
     of a pipe, a socket inherited by a child) is made once, in the restorer, and
     copied into every process that holds it; `objects` keeps those, by key."""
 
-    def __init__(self, shell_job: bool) -> None:
+    def __init__(self, shell_job: bool, tree_fds: dict[int, list[dict]] | None = None) -> None:
         self.shell_job = shell_job
         self.objects: dict[str, int] = {}  # key -> our fd of the object
+        # pid -> fd records of every process restored: who holds the other end.
+        self.tree_fds = tree_fds or {}
 
     def shared(self, key: str, create) -> int:
         """Our fd for the object `key`, made by create() the first time."""
@@ -44,6 +46,12 @@ class OpenFiles:
 #   finish(files: OpenFiles, task: Task, record) -> None (optional): once every fd
 #       of every process is in place (epoll watch lists, connections...).
 KINDS: dict[str, object] = {}
+
+
+def _register() -> None:
+    from checkpointer.restore import pipe, socket
+
+    KINDS.update({"pipe": pipe, "fifo": pipe, "socket": socket})
 
 
 def restore_fds(task: Task, files: OpenFiles) -> None:
@@ -120,3 +128,6 @@ def _enter(task: Task, path: str) -> None:
         os.close(ours)
     taskctl.fchdir(task.session, fd)
     taskctl.close(task.session, fd)
+
+
+_register()
