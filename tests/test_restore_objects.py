@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 from objectslib import dump_and_kill, restore, start_program
@@ -414,3 +415,58 @@ def _lock_rules() -> str:
     return subprocess.run(
         ["iptables", "-w", "-S", "CHECKPOINTER"], capture_output=True, text=True
     ).stdout
+
+
+# -- real programs -------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fetch(url: str, timeout: float = 10.0) -> bytes:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return r.read()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def test_http_server_serves_the_same_directory(tmp_path):
+    """python3 -m http.server: restored, it serves a fresh request from the same
+    directory."""
+    served = tmp_path / "www"
+    served.mkdir()
+    (served / "page.txt").write_bytes(b"the same directory\n")
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--directory", str(served)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/page.txt"
+        assert fetch(url) == b"the same directory\n"
+        dump_and_kill(server.pid, tmp_path / "images", reap=server.wait)
+        restore(tmp_path / "images")
+        assert fetch(url, timeout=2) == b"the same directory\n"
+        assert b"page.txt" in fetch(f"http://127.0.0.1:{port}/")
+    finally:
+        _kill(server)
+
+
+def _kill(p: subprocess.Popen) -> None:
+    try:
+        os.kill(p.pid, 9)
+    except ProcessLookupError:
+        pass
+    if p.returncode is None:
+        p.wait()
