@@ -8,11 +8,13 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
 import pytest
 from objectslib import dump_and_kill, restore, start_program
+from redislib import HAVE_REDIS, Resp, commands_processed, start_benchmark, start_redis
 from targetlib import assert_one_line_error, cli
 
 from checkpointer.kernel import sockets
@@ -470,3 +472,62 @@ def _kill(p: subprocess.Popen) -> None:
         pass
     if p.returncode is None:
         p.wait()
+
+
+@pytest.mark.skipif(not HAVE_REDIS, reason="needs redis-server and redis-tools")
+def test_redis_under_load_restored_after_converge(tmp_path):
+    """redis-server with keys, under redis-benchmark, a writer and a kept client:
+    converge (--tcp-established) kills it, restore brings it back. Every key
+    acknowledged before the dump reads back; the writer's, the kept client's and
+    redis-benchmark's connections go on; a new client is served."""
+    port = free_port()
+    server = start_redis(tmp_path / "redis", port)
+    bench = None
+    try:
+        kept = Resp(port)
+        keys = 20_000
+        kept.pipeline([("SET", f"key:{i}", f"value-{i}") for i in range(keys)])
+        bench = start_benchmark(port)
+        acked: list[int] = []
+        stop = threading.Event()
+
+        def write() -> None:
+            w = Resp(port)
+            i = 0
+            while not stop.is_set():
+                w.call("SET", f"w:{i}", i)
+                acked.append(i)
+                i += 1
+            w.close()
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        time.sleep(0.5)
+        r = cli("converge", "-t", str(server.pid), "-D", str(tmp_path / "images"),
+                "--tcp-established", "--max-iterations", "3")  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        at_dump = len(acked)
+        server.wait(timeout=10)
+        restore(tmp_path / "images" / "final")
+        assert kept.call("PING") == b"PONG"  # the connection kept open across the checkpoint
+        values = kept.call("MGET", *(f"key:{i}" for i in range(keys)))
+        assert values == [f"value-{i}".encode() for i in range(keys)]
+        deadline = time.monotonic() + 30
+        while len(acked) < at_dump + 100:  # the writer's connection goes on
+            assert time.monotonic() < deadline and writer.is_alive(), "the writer is stuck"
+            time.sleep(0.05)
+        stop.set()
+        writer.join(timeout=30)
+        written = kept.call("MGET", *(f"w:{i}" for i in acked))
+        assert written == [str(i).encode() for i in acked]
+        fresh = Resp(port)
+        assert fresh.call("GET", "key:7") == b"value-7"
+        before = commands_processed(fresh)
+        time.sleep(1.0)
+        assert commands_processed(fresh) > before + 1000, "redis-benchmark's connections stopped"
+        fresh.close()
+        kept.close()
+    finally:
+        if bench is not None:
+            _kill(bench)
+        _kill(server)
