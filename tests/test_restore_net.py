@@ -474,7 +474,14 @@ def _kill(p: subprocess.Popen) -> None:
         p.wait()
 
 
+def _restores_epoll() -> bool:
+    from checkpointer.restore.files import KINDS
+
+    return "anon" in KINDS
+
+
 @pytest.mark.skipif(not HAVE_REDIS, reason="needs redis-server and redis-tools")
+@pytest.mark.skipif(not _restores_epoll(), reason="redis needs epoll restore (event-fd work)")
 def test_redis_under_load_restored_after_converge(tmp_path):
     """redis-server with keys, under redis-benchmark, a writer and a kept client:
     converge (--tcp-established) kills it, restore brings it back. Every key
@@ -531,3 +538,164 @@ def test_redis_under_load_restored_after_converge(tmp_path):
         if bench is not None:
             _kill(bench)
         _kill(server)
+
+
+# -- more sockets, and what is refused -----------------------------------------------------
+
+
+def test_tcp6_listener_keeps_v6only(program, tmp_path):
+    prog = program(
+        """
+        s = socket.socket(socket.AF_INET6)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind(("::1", 0))
+        s.listen(4)
+        report("fd", s.fileno())
+        report("port", s.getsockname()[1])
+        ready()
+        while True:
+            c, _ = s.accept()
+            c.send(b"served over v6")
+            c.close()
+        """
+    )
+    fd, port = int(prog.result("fd")), int(prog.result("port"))
+    dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+    restore(tmp_path / "images")
+    with socket.create_connection(("::1", port), timeout=5) as c:
+        assert c.recv(100) == b"served over v6"
+    with socket.socket(fileno=sockets.copy_fd(prog.pid, fd)) as s:
+        assert s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+
+
+def test_unix_connection_not_yet_accepted(program, tmp_path):
+    """A client of the tree's own listener, not accepted at the dump: connected
+    again at restore, it is accepted afterwards."""
+    path = str(tmp_path / "l.sock")
+    prog = program(
+        f"""
+        u = socket.socket(socket.AF_UNIX)
+        u.bind({path!r})
+        u.listen(3)
+        c = socket.socket(socket.AF_UNIX)
+        c.connect({path!r})
+        ready()
+        go()
+        a, _ = u.accept()
+        c.send(b"to the server")
+        a.send(b"to the client")
+        report("server", a.recv(100))
+        report("client", c.recv(100))
+        """
+    )
+    dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+    restore(tmp_path / "images")
+    prog.go()
+    assert prog.result("server") == b"to the server"
+    assert prog.result("client") == b"to the client"
+
+
+def test_unix_dgram_connected_outside_is_connected_again(program, tmp_path):
+    path = str(tmp_path / "log.sock")
+    sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sink.bind(path)
+    sink.settimeout(10)
+    prog = program(
+        f"""
+        d = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        d.connect({path!r})
+        ready()
+        go()
+        d.send(b"a log line")
+        """
+    )
+    dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+    restore(tmp_path / "images")
+    prog.go()
+    assert sink.recv(100) == b"a log line"
+    sink.close()
+
+
+def _refused_at_dump(prog, tmp_path, *words, extra=()) -> None:
+    r = cli("dump", "-t", str(prog.pid), "-D", str(tmp_path / "images"), *extra)
+    assert_one_line_error(r, f"process {prog.pid}", *words)
+    assert not (tmp_path / "images").exists()
+    prog.go()
+    assert prog.result("alive") == b"1"  # left running
+
+
+def test_unix_datagrams_queued_are_refused(program, tmp_path):
+    prog = program(
+        """
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        a.send(b"a datagram")
+        ready()
+        go()
+        report("alive", 1)
+        """
+    )
+    _refused_at_dump(prog, tmp_path, "unix dgram", "without loss")
+
+
+def test_netlink_socket_is_refused(program, tmp_path):
+    prog = program(
+        """
+        n = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+        ready()
+        go()
+        report("alive", 1)
+        """
+    )
+    _refused_at_dump(prog, tmp_path, "netlink socket cannot be dumped")
+
+
+def test_tcp_half_closed_is_refused(program, tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        prog = program(
+            f"""
+            c = socket.create_connection(("127.0.0.1", {server.getsockname()[1]}))
+            ready()
+            go()
+            report("alive", 1)
+            """
+        )
+        peer, _ = server.accept()
+        peer.close()  # the program's end is in CLOSE_WAIT now
+        time.sleep(0.1)
+        _refused_at_dump(prog, tmp_path, "close-wait", extra=("--tcp-established",))
+
+
+def test_fifo_gone_at_restore_is_refused(program, tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    prog = program(
+        f"""
+        r = os.open({str(fifo)!r}, os.O_RDWR)
+        ready()
+        go()
+        """
+    )
+    dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+    fifo.unlink()
+    r = cli("restore", "-D", str(tmp_path / "images"), "-d")
+    assert_one_line_error(r, str(fifo), "No such file")
+    assert not os.path.exists(f"/proc/{prog.pid}")
+
+
+def test_unix_listener_path_taken_by_a_file_is_refused(program, tmp_path):
+    path = tmp_path / "l.sock"
+    prog = program(
+        f"""
+        u = socket.socket(socket.AF_UNIX)
+        u.bind({str(path)!r})
+        u.listen(1)
+        ready()
+        go()
+        """
+    )
+    dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+    path.unlink()
+    path.write_text("not a socket")
+    r = cli("restore", "-D", str(tmp_path / "images"), "-d")
+    assert_one_line_error(r, str(path), "not a socket")
+    assert not os.path.exists(f"/proc/{prog.pid}")

@@ -11,13 +11,22 @@ import socket
 from checkpointer.errors import TargetError
 from checkpointer.kernel import sockets
 
-FAMILIES = {socket.AF_UNIX: "unix", socket.AF_INET: "inet", socket.AF_INET6: "inet6"}
+FAMILIES = {
+    socket.AF_UNIX: "unix",
+    socket.AF_INET: "inet",
+    socket.AF_INET6: "inet6",
+    socket.AF_NETLINK: "netlink",
+    socket.AF_PACKET: "packet",
+}
 TYPES = {
     socket.SOCK_STREAM: "stream",
     socket.SOCK_DGRAM: "dgram",
     socket.SOCK_SEQPACKET: "seqpacket",
 }
-TCP_STATES = {sockets.TCP_ESTABLISHED: "established", sockets.TCP_LISTEN: "listen", 7: "close"}
+TCP_STATES = dict(enumerate(
+    ("?", "established", "syn-sent", "syn-recv", "fin-wait1", "fin-wait2", "time-wait",
+     "close", "close-wait", "last-ack", "listen", "closing", "new-syn-recv"),
+))  # fmt: skip
 # Options kept on inet sockets: (level, name) by record key.
 INET_OPTIONS = {
     "reuseaddr": (socket.SOL_SOCKET, socket.SO_REUSEADDR),
