@@ -291,13 +291,21 @@ def test_unix_stream_to_outside_is_refused(program, tmp_path):
 # -- TCP and UDP ---------------------------------------------------------------------------
 
 
-def test_tcp_listener_keeps_address_options_and_backlog(program, tmp_path):
+@pytest.mark.parametrize(
+    "family, host, option",
+    [
+        ("AF_INET", "127.0.0.1", ("SOL_SOCKET", "SO_KEEPALIVE")),
+        ("AF_INET6", "::1", ("IPPROTO_IPV6", "IPV6_V6ONLY")),
+    ],
+)
+def test_tcp_listener_keeps_address_options_and_backlog(program, tmp_path, family, host, option):
+    level, name = (getattr(socket, n) for n in option)
     prog = program(
-        """
-        s = socket.socket()
+        f"""
+        s = socket.socket(socket.{family})
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        s.bind(("127.0.0.1", 0))
+        s.setsockopt({level}, {name}, 1)
+        s.bind(({host!r}, 0))
         s.listen(33)
         report("fd", s.fileno())
         report("port", s.getsockname()[1])
@@ -311,13 +319,13 @@ def test_tcp_listener_keeps_address_options_and_backlog(program, tmp_path):
     fd, port = int(prog.result("fd")), int(prog.result("port"))
     dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
     restore(tmp_path / "images")
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+    with socket.create_connection((host, port), timeout=5) as c:
         assert c.recv(100) == b"served"
     with socket.socket(fileno=sockets.copy_fd(prog.pid, fd)) as s:
         assert s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 1
-        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert s.getsockopt(level, name) == 1
         inode = os.fstat(s.fileno()).st_ino
-    assert sockets.tcp_listen_backlog(socket.AF_INET, inode) == 33
+    assert sockets.tcp_listen_backlog(getattr(socket, family), inode) == 33
 
 
 def test_tcp_listener_port_taken_is_refused_before_anything_is_made(program, tmp_path):
@@ -541,31 +549,6 @@ def test_redis_under_load_restored_after_converge(tmp_path):
 
 
 # -- more sockets, and what is refused -----------------------------------------------------
-
-
-def test_tcp6_listener_keeps_v6only(program, tmp_path):
-    prog = program(
-        """
-        s = socket.socket(socket.AF_INET6)
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        s.bind(("::1", 0))
-        s.listen(4)
-        report("fd", s.fileno())
-        report("port", s.getsockname()[1])
-        ready()
-        while True:
-            c, _ = s.accept()
-            c.send(b"served over v6")
-            c.close()
-        """
-    )
-    fd, port = int(prog.result("fd")), int(prog.result("port"))
-    dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
-    restore(tmp_path / "images")
-    with socket.create_connection(("::1", port), timeout=5) as c:
-        assert c.recv(100) == b"served over v6"
-    with socket.socket(fileno=sockets.copy_fd(prog.pid, fd)) as s:
-        assert s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
 
 
 def test_unix_connection_not_yet_accepted(program, tmp_path):
