@@ -90,38 +90,51 @@ class RepairedConnections:
 
     def release(self) -> None:
         """The tree runs on (or the dump failed): out of repair mode, unlocked."""
-        for pid, fd, rec in self.held:
+        for pid, fd, _ in self.held:
             try:
                 with sockets.socket_of(sockets.copy_fd(pid, fd)) as sock:
                     sockets.set_repair(sock, sockets.TCP_REPAIR_OFF)
             except OSError:
                 pass  # the process is gone: so is its connection
-            netlock.unlock_connection(
-                FAMILY_NUMBERS[rec["sock_family"]], rec["sock_local"], rec["sock_peer_addr"]
-            )
+        for family, conns in _by_family([rec for _, _, rec in self.held]).items():
+            netlock.unlock_connections(family, conns)
         self.held.clear()
 
 
+def _by_family(recs: list[dict]) -> dict[int, list[tuple]]:
+    out: dict[int, list[tuple]] = {}
+    for rec in recs:
+        family = FAMILY_NUMBERS[rec["sock_family"]]
+        out.setdefault(family, []).append((tuple(rec["sock_local"]), tuple(rec["sock_peer_addr"])))
+    return out
+
+
 def repair_established(records: dict[int, list[dict]], held: RepairedConnections) -> None:
-    """Lock each established connection, turn repair mode on, and add its state
-    (tcp_repair) to every fd record of it."""
-    done: dict[int, dict] = {}
+    """Lock every established connection (one netfilter batch), turn repair mode
+    on, and add its state (tcp_repair) to every fd record of it."""
+    first: dict[int, tuple[int, dict]] = {}  # inode -> (pid, record)
     for pid, recs in records.items():
         for rec in recs:
-            if rec.get("tcp_state") != "established":
-                continue
-            inode = rec["sock_inode"]
-            if inode not in done:
-                done[inode] = _repair_one(pid, rec, held)
-            rec["tcp_repair"] = done[inode]
-
-
-def _repair_one(pid: int, rec: dict, held: RepairedConnections) -> dict:
-    family = FAMILY_NUMBERS[rec["sock_family"]]
+            if rec.get("tcp_state") == "established":
+                first.setdefault(rec["sock_inode"], (pid, rec))
+    if not first:
+        return
+    # The locks first: segments still arriving would change the queues read next.
+    held.held.extend((pid, rec["fd"], rec) for pid, rec in first.values())
     try:
-        # The lock first: segments still arriving would change the queues read next.
-        netlock.lock_connection(family, rec["sock_local"], rec["sock_peer_addr"])
-        held.held.append((pid, rec["fd"], rec))
+        for family, conns in _by_family([rec for _, rec in first.values()]).items():
+            netlock.lock_connections(family, conns)
+    except OSError as exc:
+        raise CheckpointError(f"locking TCP connections: {exc}") from None
+    state = {inode: _repair_one(pid, rec) for inode, (pid, rec) in first.items()}
+    for recs in records.values():
+        for rec in recs:
+            if rec.get("tcp_state") == "established":
+                rec["tcp_repair"] = state[rec["sock_inode"]]
+
+
+def _repair_one(pid: int, rec: dict) -> dict:
+    try:
         with sockets.socket_of(sockets.copy_fd(pid, rec["fd"])) as sock:
             sockets.set_repair(sock, sockets.TCP_REPAIR_ON)
             return sockets.read_tcp_repair_state(sock)

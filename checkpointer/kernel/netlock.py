@@ -5,6 +5,8 @@ restore, a segment from the peer would find no socket and draw a RST. One rule
 per connection drops the peer's segments to the dumped endpoint instead; the
 peer retransmits until the restored socket answers. Rules go into a chain of
 our own, CHECKPOINTER, jumped to from INPUT, so they are easy to find and drop.
+All rules of a dump go in with one iptables-restore (each iptables run costs
+tens of milliseconds, and the tree is frozen meanwhile).
 """
 
 from __future__ import annotations
@@ -13,23 +15,24 @@ import shutil
 import subprocess
 
 CHAIN = "CHECKPOINTER"
+Endpoint = tuple  # (host, port)
 
 
-def _iptables(family: int) -> str:
-    name = "ip6tables" if family == 10 else "iptables"
+def _tool(family: int, name: str) -> str:
+    name = name.replace("iptables", "ip6tables") if family == 10 else name
     path = shutil.which(name)
     if path is None:
         raise OSError(f"{name} is not installed: it locks dumped TCP connections")
     return path
 
 
-def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, check=False)
+def _run(cmd: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, check=False)
 
 
-def _rule(local: tuple, peer: tuple) -> list[str]:
-    return ["-p", "tcp", "-s", peer[0], "--sport", str(peer[1]),
-            "-d", local[0], "--dport", str(local[1]), "-j", "DROP"]  # fmt: skip
+def _rule(local: Endpoint, peer: Endpoint) -> str:
+    return (f"-p tcp -s {peer[0]} --sport {peer[1]} -d {local[0]} --dport {local[1]} "
+            "-j DROP")  # fmt: skip
 
 
 def _ensure_chain(ipt: str) -> None:
@@ -39,21 +42,40 @@ def _ensure_chain(ipt: str) -> None:
         _check(_run([ipt, "-w", "-I", "INPUT", "-j", CHAIN]))
 
 
-def lock_connection(family: int, local: tuple, peer: tuple) -> None:
-    """Drop segments from `peer` to `local` until unlock_connection."""
-    ipt = _iptables(family)
-    _ensure_chain(ipt)
-    if _run([ipt, "-w", "-C", CHAIN, *_rule(local, peer)]).returncode != 0:
-        _check(_run([ipt, "-w", "-A", CHAIN, *_rule(local, peer)]))
+def _batch(family: int, action: str, connections: list[tuple[Endpoint, Endpoint]]) -> None:
+    lines = "".join(f"{action} {CHAIN} {_rule(local, peer)}\n" for local, peer in connections)
+    _check(_run([_tool(family, "iptables-restore"), "-w", "--noflush"],
+                f"*filter\n{lines}COMMIT\n"))  # fmt: skip
 
 
-def unlock_connection(family: int, local: tuple, peer: tuple) -> None:
-    """Remove the rule lock_connection added (none left: nothing to do)."""
-    ipt = _iptables(family)
-    while _run([ipt, "-w", "-D", CHAIN, *_rule(local, peer)]).returncode == 0:
-        pass
+def locked(family: int) -> set[str]:
+    """The rules in our chain, as `iptables -S` prints them."""
+    r = _run([_tool(family, "iptables"), "-w", "-S", CHAIN])
+    return set(r.stdout.splitlines()) if r.returncode == 0 else set()
+
+
+def lock_connections(family: int, connections: list[tuple[Endpoint, Endpoint]]) -> None:
+    """Drop segments from each peer to its local endpoint until unlock_connections."""
+    if connections:
+        _ensure_chain(_tool(family, "iptables"))
+        _batch(family, "-A", connections)
+
+
+def unlock_connections(family: int, connections: list[tuple[Endpoint, Endpoint]]) -> None:
+    """Remove the rules lock_connections added (rules already gone are skipped)."""
+    present = locked(family)
+    mine = [(here, peer) for here, peer in connections if _listed(here, peer) in present]
+    if mine:
+        _batch(family, "-D", list(dict.fromkeys(map(tuple, mine))))
+
+
+def _listed(local: Endpoint, peer: Endpoint) -> str:
+    """A rule as `iptables -S` lists it."""
+    bits = "/128" if ":" in local[0] else "/32"
+    return (f"-A {CHAIN} -s {peer[0]}{bits} -d {local[0]}{bits} -p tcp -m tcp "
+            f"--sport {peer[1]} --dport {local[1]} -j DROP")  # fmt: skip
 
 
 def _check(r: subprocess.CompletedProcess) -> None:
     if r.returncode != 0:
-        raise OSError(f"{' '.join(r.args[:3])}: {r.stderr.strip()}")
+        raise OSError(f"{' '.join(r.args[:1])}: {(r.stderr or r.stdout).strip()}")

@@ -140,16 +140,26 @@ def _inet(sock: socket.socket, record: dict) -> None:
 
 
 def finish(files, task, record: dict) -> None:
-    """An established connection runs again: out of repair mode, then unlocked."""
+    """An established connection runs again: out of repair mode; then, once for
+    the whole tree, the netfilter rules that locked them since the dump go."""
     if record.get("tcp_state") != "established":
         return
     key = f"sock-{record['sock_inode']}"
     if key in files.objects:
         with socket.socket(fileno=os.dup(files.objects[key])) as sock:
             sockets.set_repair(sock, sockets.TCP_REPAIR_OFF)
-    netlock.unlock_connection(
-        FAMILIES[record["sock_family"]], record["sock_local"], record["sock_peer_addr"]
-    )
+    if "netlock" in files.objects:
+        return
+    files.objects["netlock"] = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)  # done mark
+    conns: dict[int, list[tuple]] = {}
+    for recs in files.tree_fds.values():
+        for r in recs:
+            if r.get("tcp_state") == "established":
+                conns.setdefault(FAMILIES[r["sock_family"]], []).append(
+                    (tuple(r["sock_local"]), tuple(r["sock_peer_addr"]))
+                )
+    for family, pairs in conns.items():
+        netlock.unlock_connections(family, pairs)
 
 
 def check(p: ProcessImage, record: dict) -> None:
