@@ -20,7 +20,7 @@ def describe(pid: int, record: dict) -> dict:
     else:
         pipe_id = int(record["target"][len("pipe:[") : -1])
     try:
-        size, data = sockets.peek_pipe(pid, record["fd"])
+        size, data = sockets.peek_pipe(pid, record["fd"], with_data=end != "write")
     except OSError as exc:
         raise TargetError(
             f"fd {record['fd']} of process {pid} ({record['target']}): "

@@ -75,13 +75,15 @@ def bytes_queued(fd: int) -> int:
     return buf.value
 
 
-def peek_pipe(pid: int, fd: int) -> tuple[int, bytes]:
+def peek_pipe(pid: int, fd: int, with_data: bool) -> tuple[int, bytes]:
     """(size, buffered bytes) of the pipe at fd `fd` of `pid`, which keeps its data:
-    the pipe is opened anew for reading through /proc and tee()d into a pipe of ours."""
-    src = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    a copy of the fd (pidfd_getfd: no open, so no permission check on a pipe
+    another user made) is tee()d into a pipe of ours. `with_data` only for a
+    read end (tee reads from one)."""
+    src = copy_fd(pid, fd)
     try:
         size = pipe_size(src)
-        queued = bytes_queued(src)
+        queued = bytes_queued(src) if with_data else 0
         if not queued:
             return size, b""
         r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
