@@ -17,6 +17,7 @@ from objectslib import dump_and_kill, restore, start_program
 from redislib import HAVE_REDIS, Resp, commands_processed, start_benchmark, start_redis
 from targetlib import assert_one_line_error, cli
 
+from checkpointer.images import Dump
 from checkpointer.kernel import sockets
 
 
@@ -421,6 +422,28 @@ def test_tcp_established_goes_on_with_the_flag(program, tmp_path):
         peer.close()
 
 
+def test_tcp_established_left_running_goes_on_unlocked(program, tmp_path):
+    """dump --leave-running --tcp-established: the connection leaves repair mode and
+    its lock before the program runs again."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        prog = program(CLIENT.format(port=server.getsockname()[1]))
+        peer, (_, port) = server.accept()
+        r = cli("dump", "-t", str(prog.pid), "-D", str(tmp_path / "images"),
+                "--tcp-established", "--leave-running")  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert f"--dport {port} -j DROP" not in _lock_rules()
+        assert "tcp_repair" in str(Dump.open(str(tmp_path / "images")).fds(prog.pid))
+        prog.go()
+        peer.sendall(b"after a dump|end")
+        assert prog.result("got") == b"after a dump|end"
+        peer.settimeout(10)
+        got = b""
+        while not got.endswith(b"|END"):
+            got += peer.recv(100)
+        assert got == b"helloAFTER A DUMP|END"
+        peer.close()
+
+
 def _lock_rules() -> str:
     return subprocess.run(
         ["iptables", "-w", "-S", "CHECKPOINTER"], capture_output=True, text=True
@@ -620,16 +643,26 @@ def test_unix_datagrams_queued_are_refused(program, tmp_path):
     _refused_at_dump(prog, tmp_path, "unix dgram", "without loss")
 
 
-def test_netlink_socket_is_refused(program, tmp_path):
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        ("socket.AF_NETLINK, socket.SOCK_RAW, 0", "netlink socket cannot be dumped"),
+        (
+            "socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP",
+            "inet raw socket cannot be dumped",
+        ),
+    ],
+)
+def test_other_sockets_are_refused(program, tmp_path, make, words):
     prog = program(
-        """
-        n = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+        f"""
+        n = socket.socket({make})
         ready()
         go()
         report("alive", 1)
         """
     )
-    _refused_at_dump(prog, tmp_path, "netlink socket cannot be dumped")
+    _refused_at_dump(prog, tmp_path, words)
 
 
 def test_tcp_half_closed_is_refused(program, tmp_path):

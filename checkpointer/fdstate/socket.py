@@ -22,6 +22,7 @@ TYPES = {
     socket.SOCK_STREAM: "stream",
     socket.SOCK_DGRAM: "dgram",
     socket.SOCK_SEQPACKET: "seqpacket",
+    socket.SOCK_RAW: "raw",
 }
 TCP_STATES = dict(enumerate(
     ("?", "established", "syn-sent", "syn-recv", "fin-wait1", "fin-wait2", "time-wait",

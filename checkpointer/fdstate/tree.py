@@ -69,7 +69,9 @@ def _check_inet(where: str, rec: dict, tcp_established: bool) -> None:
     if rec["sock_type"] == "dgram":
         return
     if rec["sock_type"] != "stream":
-        raise CheckpointError(f"{where}: a {rec['sock_family']} {rec['sock_type']} socket")
+        raise CheckpointError(
+            f"{where}: a {rec['sock_family']} {rec['sock_type']} socket cannot be dumped"
+        )
     state = rec["tcp_state"]
     if state == "established":
         if not tcp_established:
@@ -96,17 +98,13 @@ class RepairedConnections:
                     sockets.set_repair(sock, sockets.TCP_REPAIR_OFF)
             except OSError:
                 pass  # the process is gone: so is its connection
-        for family, conns in _by_family([rec for _, _, rec in self.held]).items():
-            netlock.unlock_connections(family, conns)
+        netlock.unlock_connections([connection(rec) for _, _, rec in self.held])
         self.held.clear()
 
 
-def _by_family(recs: list[dict]) -> dict[int, list[tuple]]:
-    out: dict[int, list[tuple]] = {}
-    for rec in recs:
-        family = FAMILY_NUMBERS[rec["sock_family"]]
-        out.setdefault(family, []).append((tuple(rec["sock_local"]), tuple(rec["sock_peer_addr"])))
-    return out
+def connection(rec: dict) -> netlock.Connection:
+    """What locks an established connection's fd record."""
+    return FAMILY_NUMBERS[rec["sock_family"]], rec["sock_local"], rec["sock_peer_addr"]
 
 
 def repair_established(records: dict[int, list[dict]], held: RepairedConnections) -> None:
@@ -122,8 +120,7 @@ def repair_established(records: dict[int, list[dict]], held: RepairedConnections
     # The locks first: segments still arriving would change the queues read next.
     held.held.extend((pid, rec["fd"], rec) for pid, rec in first.values())
     try:
-        for family, conns in _by_family([rec for _, rec in first.values()]).items():
-            netlock.lock_connections(family, conns)
+        netlock.lock_connections([connection(rec) for _, rec in first.values()])
     except OSError as exc:
         raise CheckpointError(f"locking TCP connections: {exc}") from None
     state = {inode: _repair_one(pid, rec) for inode, (pid, rec) in first.items()}

@@ -54,19 +54,38 @@ def locked(family: int) -> set[str]:
     return set(r.stdout.splitlines()) if r.returncode == 0 else set()
 
 
-def lock_connections(family: int, connections: list[tuple[Endpoint, Endpoint]]) -> None:
+Connection = tuple[int, Endpoint, Endpoint]  # (address family, local, peer)
+
+
+def _by_family(connections: list[Connection]) -> dict[int, list[tuple[Endpoint, Endpoint]]]:
+    """Connections grouped by the family of their packets: an IPv4-mapped IPv6
+    address (a dual-stack socket's IPv4 peer) is IPv4 on the wire."""
+    out: dict[int, list[tuple[Endpoint, Endpoint]]] = {}
+    for family, local, peer in connections:
+        local, peer = tuple(local), tuple(peer)
+        if family == 10 and local[0].startswith("::ffff:") and "." in local[0]:
+            family = 2
+            local, peer = (local[0][7:], local[1]), (peer[0].removeprefix("::ffff:"), peer[1])
+        pairs = out.setdefault(family, [])
+        if (local, peer) not in pairs:
+            pairs.append((local, peer))
+    return out
+
+
+def lock_connections(connections: list[Connection]) -> None:
     """Drop segments from each peer to its local endpoint until unlock_connections."""
-    if connections:
+    for family, pairs in _by_family(connections).items():
         _ensure_chain(_tool(family, "iptables"))
-        _batch(family, "-A", connections)
+        _batch(family, "-A", pairs)
 
 
-def unlock_connections(family: int, connections: list[tuple[Endpoint, Endpoint]]) -> None:
+def unlock_connections(connections: list[Connection]) -> None:
     """Remove the rules lock_connections added (rules already gone are skipped)."""
-    present = locked(family)
-    mine = [(here, peer) for here, peer in connections if _listed(here, peer) in present]
-    if mine:
-        _batch(family, "-D", list(dict.fromkeys(map(tuple, mine))))
+    for family, pairs in _by_family(connections).items():
+        present = locked(family)
+        mine = [(here, peer) for here, peer in pairs if _listed(here, peer) in present]
+        if mine:
+            _batch(family, "-D", mine)
 
 
 def _listed(local: Endpoint, peer: Endpoint) -> str:

@@ -18,6 +18,7 @@ import os
 import socket
 import stat
 
+from checkpointer.fdstate.tree import connection
 from checkpointer.kernel import netlock, sockets
 from checkpointer.restore.images import ProcessImage, RestoreError
 
@@ -151,15 +152,14 @@ def finish(files, task, record: dict) -> None:
     if "netlock" in files.objects:
         return
     files.objects["netlock"] = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)  # done mark
-    conns: dict[int, list[tuple]] = {}
-    for recs in files.tree_fds.values():
-        for r in recs:
-            if r.get("tcp_state") == "established":
-                conns.setdefault(FAMILIES[r["sock_family"]], []).append(
-                    (tuple(r["sock_local"]), tuple(r["sock_peer_addr"]))
-                )
-    for family, pairs in conns.items():
-        netlock.unlock_connections(family, pairs)
+    netlock.unlock_connections(
+        [
+            connection(r)
+            for recs in files.tree_fds.values()
+            for r in recs
+            if r.get("tcp_state") == "established"
+        ]
+    )
 
 
 def check(p: ProcessImage, record: dict) -> None:
