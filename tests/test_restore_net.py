@@ -715,3 +715,38 @@ def test_unix_listener_path_taken_by_a_file_is_refused(program, tmp_path):
     r = cli("restore", "-D", str(tmp_path / "images"), "-d")
     assert_one_line_error(r, str(path), "not a socket")
     assert not os.path.exists(f"/proc/{prog.pid}")
+
+
+def test_tcp_established_on_a_dual_stack_server(program, tmp_path):
+    """An IPv4 client of a dual-stack IPv6 listener: the accepted connection's
+    addresses are IPv4-mapped; it is locked as IPv4 and rebuilt as IPv6."""
+    prog = program(
+        """
+        s = socket.socket(socket.AF_INET6)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind(("::", 0))
+        s.listen(1)
+        report("port", s.getsockname()[1])
+        ready()
+        c, _ = s.accept()
+        report("accepted", 1)
+        go()
+        got = b""
+        while not got.endswith(b"|end"):
+            got += c.recv(100)
+        c.sendall(got.upper())
+        """
+    )
+    port = int(prog.result("port"))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        prog.result("accepted")
+        dump_and_kill(prog.pid, tmp_path / "images", "--tcp-established", reap=prog.reap)
+        rule = f"-s 127.0.0.1/32 -d 127.0.0.1/32 -p tcp -m tcp --sport {client.getsockname()[1]}"
+        assert rule in _lock_rules()  # an IPv4 rule: the packets are IPv4
+        client.sendall(b"across|end")
+        restore(tmp_path / "images")
+        prog.go()
+        got = b""
+        while not got.endswith(b"|END"):
+            got += client.recv(100)
+        assert got == b"ACROSS|END"
