@@ -127,11 +127,10 @@ def _set_options(sock: socket.socket, record: dict) -> None:
 def _inet(sock: socket.socket, record: dict) -> None:
     local = tuple(record["sock_local"])
     state = record.get("tcp_state")
+    _set_options(sock, record)  # before the bind: IPV6_V6ONLY cannot change after it
     if state == "established":
         sockets.rebuild_tcp(sock, local, tuple(record["sock_peer_addr"]), record["tcp_repair"])
-        _set_options(sock, record)
         return
-    _set_options(sock, record)
     if local[1] != 0:
         sock.bind(local)
     if state == "listen":
