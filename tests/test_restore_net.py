@@ -630,17 +630,62 @@ def _refused_at_dump(prog, tmp_path, *words, extra=()) -> None:
     assert prog.result("alive") == b"1"  # left running
 
 
-def test_unix_datagrams_queued_are_refused(program, tmp_path):
+@pytest.mark.parametrize("kind", ["SOCK_DGRAM", "SOCK_SEQPACKET"])
+def test_unix_pair_keeps_queued_messages(program, tmp_path, kind):
     prog = program(
+        f"""
+        a, b = socket.socketpair(socket.AF_UNIX, socket.{kind})
+        for m in (b"one", b"two", b"three"):
+            a.send(m)
+        b.send(b"back")
+        ready()
+        go()
+        report("b", b"|".join(b.recv(100) for _ in range(3)))
+        report("a", a.recv(100))
         """
-        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        a.send(b"a datagram")
+    )
+    dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+    restore(tmp_path / "images")
+    prog.go()
+    assert prog.result("b") == b"one|two|three"
+    assert prog.result("a") == b"back"
+
+
+def test_unix_datagram_server_keeps_messages_from_unnamed_senders(program, tmp_path):
+    path = str(tmp_path / "dgram.sock")
+    prog = program(
+        f"""
+        d = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        d.bind({path!r})
+        ready()
+        go()
+        report("got", b"|".join(d.recv(100) for _ in range(2)))
+        """
+    )
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as client:
+        client.sendto(b"first", path)
+        client.sendto(b"second", path)
+    dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+    restore(tmp_path / "images")
+    prog.go()
+    assert prog.result("got") == b"first|second"
+
+
+def test_unix_datagrams_from_named_senders_are_refused(program, tmp_path):
+    path = str(tmp_path / "dgram.sock")
+    prog = program(
+        f"""
+        d = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        d.bind({path!r})
         ready()
         go()
         report("alive", 1)
         """
     )
-    _refused_at_dump(prog, tmp_path, "unix dgram", "without loss")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as client:
+        client.bind(str(tmp_path / "client.sock"))
+        client.sendto(b"reply to me", path)
+        _refused_at_dump(prog, tmp_path, "unix dgram", "cannot stand in for")
 
 
 @pytest.mark.parametrize(

@@ -84,6 +84,10 @@ def _unix(sock: socket.socket, inode: int) -> dict:
         fields["sock_queued"] = queued
         if queued and sock.type == socket.SOCK_STREAM:
             fields["sock_data"] = sock.recv(queued, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        elif queued:
+            messages = sockets.peek_messages(sock)
+            fields["sock_messages"] = [data for data, _ in messages]
+            fields["sock_senders"] = [_name(sender) for _, sender in messages]
     name = fields["sock_name"]
     if name and not name.startswith(b"\0"):
         try:

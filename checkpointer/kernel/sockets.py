@@ -104,6 +104,31 @@ def peek_pipe(pid: int, fd: int, with_data: bool) -> tuple[int, bytes]:
 # -- sockets ----------------------------------------------------------------------------
 
 
+SO_PEEK_OFF = 42
+
+
+def peek_messages(sock: socket.socket) -> list[tuple[bytes, bytes | str | None]]:
+    """(bytes, sender address) of every message queued on a datagram or seqpacket
+    socket, none consumed: SO_PEEK_OFF makes each MSG_PEEK read the next one. The
+    socket's own peek offset is put back."""
+    old = sock.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
+    sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+    out = []
+    try:
+        while True:
+            try:
+                data, _, flags, sender = sock.recvmsg(
+                    1 << 20, 0, socket.MSG_PEEK | socket.MSG_DONTWAIT
+                )
+            except BlockingIOError:
+                return out
+            if flags & socket.MSG_TRUNC:
+                raise OSError(errno.EMSGSIZE, "a queued message is over 1 MiB")
+            out.append((data, sender or None))
+    finally:
+        sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, old)
+
+
 def socket_of(fd: int) -> socket.socket:
     """A socket object over our fd `fd` (family, type and protocol asked from the
     kernel); closing it closes fd."""

@@ -87,13 +87,19 @@ def _make_pair(files, record: dict, peer: dict, type_: int) -> int:
     """Both ends of a connected pair at once (the peer's fd is kept for its own turn)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, type_)
     for rec, other in ((record, theirs), (peer, ours)):
-        data = rec.get("sock_data") or b""
-        if data:
-            other.setblocking(False)
-            other.sendall(data)  # the bytes `rec`'s end had to read come from the other end
-            other.setblocking(True)
+        _send_queued(other, rec)  # what `rec`'s end had to read comes from the other end
     files.objects[f"sock-{peer['sock_inode']}"] = theirs.detach()
     return ours.detach()
+
+
+def _send_queued(sender: socket.socket, record: dict) -> None:
+    """Queue again the bytes (stream) or messages the record's socket had to read."""
+    sender.setblocking(False)
+    if record.get("sock_data"):
+        sender.sendall(record["sock_data"])
+    for message in record.get("sock_messages") or []:
+        sender.send(message)
+    sender.setblocking(True)
 
 
 def _unix(sock: socket.socket, record: dict) -> None:
@@ -106,6 +112,10 @@ def _unix(sock: socket.socket, record: dict) -> None:
             os.chmod(name, record["sock_path_mode"])
     if record["sock_listening"]:
         sock.listen(record.get("sock_backlog", 128))
+    elif record.get("sock_messages"):  # unnamed senders (checked at dump)
+        with socket.socket(socket.AF_UNIX, sock.type) as sender:
+            sender.connect(name)
+            _send_queued(sender, record)
 
 
 def _remove_stale_socket_file(path: bytes) -> None:
