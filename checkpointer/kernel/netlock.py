@@ -35,8 +35,8 @@ def _rule(local: Endpoint, peer: Endpoint) -> str:
             "-j DROP")  # fmt: skip
 
 
-def _ensure_chain(ipt: str) -> None:
-    if _run([ipt, "-w", "-n", "-L", CHAIN]).returncode != 0:
+def _ensure_chain(ipt: str, listed: list[str]) -> None:
+    if not listed:  # `-S CHAIN` prints at least "-N CHAIN" when the chain exists
         _check(_run([ipt, "-w", "-N", CHAIN]))
     if _run([ipt, "-w", "-C", "INPUT", "-j", CHAIN]).returncode != 0:
         _check(_run([ipt, "-w", "-I", "INPUT", "-j", CHAIN]))
@@ -48,10 +48,11 @@ def _batch(family: int, action: str, connections: list[tuple[Endpoint, Endpoint]
                 f"*filter\n{lines}COMMIT\n"))  # fmt: skip
 
 
-def locked(family: int) -> set[str]:
-    """The rules in our chain, as `iptables -S` prints them."""
+def locked(family: int) -> list[str]:
+    """The rules in our chain, as `iptables -S` prints them (a rule added twice is
+    listed twice)."""
     r = _run([_tool(family, "iptables"), "-w", "-S", CHAIN])
-    return set(r.stdout.splitlines()) if r.returncode == 0 else set()
+    return r.stdout.splitlines() if r.returncode == 0 else []
 
 
 Connection = tuple[int, Endpoint, Endpoint]  # (address family, local, peer)
@@ -75,15 +76,18 @@ def _by_family(connections: list[Connection]) -> dict[int, list[tuple[Endpoint, 
 def lock_connections(connections: list[Connection]) -> None:
     """Drop segments from each peer to its local endpoint until unlock_connections."""
     for family, pairs in _by_family(connections).items():
-        _ensure_chain(_tool(family, "iptables"))
-        _batch(family, "-A", pairs)
+        present = locked(family)
+        _ensure_chain(_tool(family, "iptables"), present)
+        missing = [(here, peer) for here, peer in pairs if _listed(here, peer) not in present]
+        if missing:
+            _batch(family, "-A", missing)
 
 
 def unlock_connections(connections: list[Connection]) -> None:
     """Remove the rules lock_connections added (rules already gone are skipped)."""
     for family, pairs in _by_family(connections).items():
         present = locked(family)
-        mine = [(here, peer) for here, peer in pairs if _listed(here, peer) in present]
+        mine = [(h, p) for h, p in pairs for _ in range(present.count(_listed(h, p)))]
         if mine:
             _batch(family, "-D", mine)
 
