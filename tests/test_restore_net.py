@@ -787,3 +787,30 @@ def test_tcp_established_on_a_dual_stack_server(program, tmp_path):
         while not got.endswith(b"|END"):
             got += client.recv(100)
         assert got == b"ACROSS|END"
+
+
+def test_tcp_connection_inside_the_tree(program, tmp_path):
+    """Both ends of a loopback connection in the dumped program, bytes queued both
+    ways: both rebuilt in repair mode."""
+    prog = program(
+        """
+        s = socket.create_server(("127.0.0.1", 0))
+        c = socket.create_connection(s.getsockname())
+        a, _ = s.accept()
+        c.sendall(b"to a")
+        a.sendall(b"to c")
+        time.sleep(0.1)
+        ready()
+        go()
+        report("a", a.recv(100))
+        report("c", c.recv(100))
+        a.sendall(b"again")
+        report("again", c.recv(100))
+        """
+    )
+    dump_and_kill(prog.pid, tmp_path / "images", "--tcp-established", reap=prog.reap)
+    restore(tmp_path / "images")
+    prog.go()
+    assert (prog.result("a"), prog.result("c"), prog.result("again")) == (
+        b"to a", b"to c", b"again",
+    )  # fmt: skip
