@@ -6,19 +6,22 @@ describe one instant: registers, signal masks, memory map, files.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
+import time
 from dataclasses import dataclass, field
 
 from checkpointer import fdstate
 from checkpointer.errors import TargetError
 from checkpointer.freezer import FrozenTree
-from checkpointer.kernel import abi, inject, proc, ptrace, taskstate
+from checkpointer.kernel import abi, proc, ptrace, taskstate
 from checkpointer.kernel.inject import SyscallSession
 from checkpointer.kernel.syscalls import O_CLOEXEC
 from checkpointer.vmas import Vma, vma_record
 
 _DELETED = " (deleted)"
+log = logging.getLogger("checkpointer")
 
 
 def read_vmas(pid: int, known: list[Vma] | None = None) -> list[Vma]:
@@ -76,8 +79,9 @@ _NO_THREAD_STATE = {"tid_address": 0, "sigaltstack": {"sp": 0, "flags": abi.SS_D
 def read_injected_state(pid: int, tids: list[int]) -> InjectedState:
     """Process-wide state from one live thread (the main one unless it is a zombie:
     a main thread that called pthread_exit cannot run a syscall), then each live
-    thread's own. One scratch page serves every thread: they share the memory."""
-    live = [tid for tid in tids if proc.read_task_state(pid, tid) not in ("Z", "X")]
+    thread's own. One scratch area serves every thread: they share the memory."""
+    started = time.monotonic()
+    live = [tid for tid in tids if proc.read_state(pid, tid) not in ("Z", "X")]
     if not live:
         raise TargetError(f"process {pid} has no live thread to read its state from")
     first = pid if pid in live else live[0]
@@ -92,25 +96,27 @@ def read_injected_state(pid: int, tids: list[int]) -> InjectedState:
                 },
                 brk=taskstate.read_brk(session),
             )
-            state.threads[first] = _thread_state(session)
-            scratch = session.scratch()
+            state.threads[first] = taskstate.read_thread_state(session)
+            scratch, size, executable = session.scratch_area
             for tid in live:
                 if tid == first:
                     continue
                 with SyscallSession(tid, insn=session.insn) as thread_session:
-                    thread_session.adopt_scratch(scratch, inject.PAGE_SIZE, unmap_on_close=False)
-                    state.threads[tid] = _thread_state(thread_session)
+                    thread_session.adopt_scratch(
+                        scratch, size, unmap_on_close=False, executable=executable
+                    )
+                    state.threads[tid] = taskstate.read_thread_state(thread_session)
     finally:
         for tid in suspended:
-            ptrace.set_options(tid, 0)
+            try:
+                ptrace.set_options(tid, 0)
+            except TargetError:
+                pass  # gone: the error that ended the session says why
+    log.debug(
+        "pid %d: injected reads of %d threads in %d us",
+        pid, len(live), (time.monotonic() - started) * 1e6,
+    )  # fmt: skip
     return state
-
-
-def _thread_state(session: SyscallSession) -> dict:
-    return {
-        "tid_address": taskstate.read_tid_address(session),
-        "sigaltstack": taskstate.read_sigaltstack(session),
-    }
 
 
 def _suspend_seccomp(pid: int, tids: list[int]) -> list[int]:
@@ -131,6 +137,8 @@ def core_records(
     read_injected_state read (required for a version 2 image)."""
     stat = proc.read_stat(pid)
     masks = proc.read_signal_masks(pid, pid)
+    # A live thread for what a zombie main thread no longer has (its fs, its queue).
+    live = next(iter(injected.threads), pid) if injected is not None else pid
     process = {
         "pid": pid,
         "comm": stat.comm,
@@ -141,13 +149,12 @@ def core_records(
         "rlimits": proc.read_rlimits(pid),
         "sigignore": masks["sigignore"],
         "sigcatch": masks["sigcatch"],
-        "umask": proc.read_umask(pid),
-        "seccomp": proc.read_seccomp_mode(pid),
+        "umask": proc.read_umask(pid, live),
+        "seccomp": proc.read_seccomp_mode(pid, live),
     }
     if injected is not None:
         process.update(injected.process)
-        asker = next(iter(injected.threads), pid)
-        process["shared_siginfo"] = ptrace.peek_siginfo(asker, shared=True)
+        process["shared_siginfo"] = ptrace.peek_siginfo(live, shared=True)
     threads = []
     for tid in tids:
         masks = proc.read_signal_masks(pid, tid)
@@ -158,7 +165,7 @@ def core_records(
             "blocked": ptrace.get_sigmask(tid),
             "pending": masks["pending"],
             "shared_pending": masks["shared_pending"],
-            "state": proc.read_task_state(pid, tid),
+            "state": proc.read_state(pid, tid),
             "comm": proc.read_task_comm(pid, tid),
             "robust_list": taskstate.read_robust_list(tid),
             "rseq": ptrace.get_rseq_config(tid),
@@ -195,7 +202,8 @@ def mm_record(pid: int, injected: InjectedState | None = None) -> dict:
     }
 
 
-def fd_records(pid: int) -> list[dict]:
+def fd_records(pid: int, hide: set[int] | frozenset[int] = frozenset()) -> list[dict]:
+    """The process's open files, without `hide` (fds the tool put there)."""
     records = [
         {
             "fd": fd.fd,
@@ -209,6 +217,7 @@ def fd_records(pid: int) -> list[dict]:
             "stat": file_identity(proc.stat_fd(pid, fd.fd)),
         }
         for fd in proc.read_fds(pid)
+        if fd.fd not in hide
     ]
     for rec in records:
         if rec["type"] == "file" and rec["stat"] and stat.S_ISFIFO(rec["stat"]["mode"]):
@@ -245,16 +254,22 @@ def fd_type(target: str) -> str:
     return "other"
 
 
-def vma_records(pid: int, vmas: list[Vma]) -> list[dict]:
-    """vma records with the identity of each mapped file (map_files/ reaches
-    deleted files too)."""
-    return [
+def vma_records(
+    pid: int, vmas: list[Vma], hide_flags: set[str] | frozenset[str] = frozenset()
+) -> list[dict]:
+    """vma records with the identity of each mapped file (map_files/ reaches deleted
+    files too), without the VmFlags in `hide_flags` (set by the tool)."""
+    records = [
         {
             **vma_record(v),
             "stat": file_identity(proc.stat_mapped_file(pid, v.start, v.end)) if v.inode else None,
         }
         for v in vmas
     ]
+    if hide_flags:
+        for r in records:
+            r["vmflags"] = [f for f in r["vmflags"] if f not in hide_flags]
+    return records
 
 
 def start_time(pid: int) -> int:

@@ -12,13 +12,14 @@ that differ are written.
 
 from __future__ import annotations
 
-import bisect
+import errno
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from checkpointer.errors import TargetError
 from checkpointer.kernel.memory import MemReader
-from checkpointer.pageruns import Range, intersect
+from checkpointer.pageruns import Range, intersect, window
 
 CHUNK = 8 << 20  # bytes read per preadv: large enough to amortize syscalls
 
@@ -26,7 +27,7 @@ CHUNK = 8 << 20  # bytes read per preadv: large enough to amortize syscalls
 class Segment(NamedTuple):
     start: int  # address (or offset into a shared object)
     end: int
-    where: str  # "data" or "parent"
+    where: str  # "data", "parent" or "zero"
     pid: int = 0  # process to read data from
     vaddr: int = 0  # its address of `start` (differs from start for shared objects)
 
@@ -57,9 +58,21 @@ class PageCopier:
             if seg.where == "parent":
                 pages.add_parent(seg.start, (seg.end - seg.start) // self.page_size)
                 continue
+            if seg.where == "zero":  # known to hold nothing (a hole of shared memory)
+                pages.add_zero(seg.start, (seg.end - seg.start) // self.page_size)
+                continue
             for start in range(seg.start, seg.end, CHUNK):
                 end = min(start + CHUNK, seg.end)
-                got = self._read(seg.pid, seg.vaddr + (start - seg.start), end - start)
+                try:
+                    got = self._read(seg.pid, seg.vaddr + (start - seg.start), end - start)
+                except TargetError:
+                    if not self.partial_ok:
+                        raise
+                    got = 0  # exited since the scan; the dumper checks the root survived
+                except OSError as err:
+                    if not (self.partial_ok and err.errno == errno.EIO):
+                        raise
+                    got = 0  # unmapped since the scan (see partial_ok)
                 if got < end - start and not self.partial_ok:
                     raise OSError(f"could not read memory of {seg.pid} at {start + got:#x}")
                 got -= got % self.page_size
@@ -94,9 +107,7 @@ class PageCopier:
         end = start + len(data)
         # Only the held ranges near this chunk: intersecting the whole list for every
         # chunk is quadratic when memory is fragmented into thousands of runs.
-        first = bisect.bisect_right(parent_reader.held, start, key=lambda r: r[1])
-        last = bisect.bisect_left(parent_reader.held, end, lo=first, key=lambda r: r[0])
-        held: list[Range] = intersect(parent_reader.held[first:last], [(start, end)])
+        held: list[Range] = intersect(window(parent_reader.held, start, end), [(start, end)])
         unchanged: list[Range] = []
         for hs, he in held:
             old = parent_reader.read(hs, he - hs)

@@ -9,6 +9,7 @@ the tree runs, because any page written after the reset is dirty next time.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -19,16 +20,17 @@ from pathlib import Path
 
 from checkpointer import collect, trackstate
 from checkpointer.copier import PageCopier
-from checkpointer.errors import TargetError
+from checkpointer.errors import CheckpointError, ImageError, TargetError
 from checkpointer.fdstate import tree as fdtree
-from checkpointer.freezer import Freezer, FrozenTree, Thaw
+from checkpointer.freezer import Freezer, FrozenTree, Thaw, live_tree, stopped_thread
 from checkpointer.images import FROZEN_LEVEL, PAGE_LEVEL, Dump, DumpWriter
 from checkpointer.kernel import proc
 from checkpointer.kernel.pagemap import PAGE_SIZE
+from checkpointer.pageruns import Range, subtract
 from checkpointer.plan import ParentPages, private_plan, shared_plans
 from checkpointer.progress import Progress
 from checkpointer.trackers import FullTracker, Tracker, VmaPages, make_tracker
-from checkpointer.vmas import Policy, Vma
+from checkpointer.vmas import Policy, Vma, unsupported
 
 log = logging.getLogger("checkpointer")
 
@@ -67,6 +69,9 @@ class DumpResult:
     incremental: bool
     full_pass_reason: str | None = None
     pids: list[int] = field(default_factory=list)
+    # Processes that got a full pass of their own in an incremental pass, and why
+    # (new since the parent, another process with a reused PID, exec'd, tracking lost).
+    full_pids: dict[int, str] = field(default_factory=dict)
 
 
 def pre_dump(req: DumpRequest) -> DumpResult:
@@ -107,6 +112,9 @@ class _Pass:
         self.full_pass_reason: str | None = None
         self.state: trackstate.TrackState | None = None
         self.times: dict[str, int] = {"freezing_time": 0, "frozen_time": 0}
+        self.start_times: dict[int, int] = {}  # read once the tree is known
+        self.full_pids: dict[int, str] = {}  # pid -> why it gets a full pass
+        self.frozen = False
         self.connections = fdtree.RepairedConnections()
 
     # The order of this method is the algorithm.
@@ -124,11 +132,13 @@ class _Pass:
                 # The memory maps with their smaps flags, read while the tree still
                 # runs; a frozen pass re-reads only the cheap maps file (collect.py).
                 known = (
-                    {pid: _vmas_or_none(pid) for pid in _live_tree(req.pid).pids} if freeze else {}
+                    {pid: _vmas_or_none(pid) for pid in live_tree(req.pid).pids} if freeze else {}
                 )
-                tree = self._freeze(freezer) if freeze else _live_tree(req.pid)
+                tree = self._freeze(freezer) if freeze else live_tree(req.pid)
                 frozen_at = time.monotonic()
-                vmas = {pid: collect.read_vmas(pid, known.get(pid)) for pid in tree.pids}
+                self._identify(tree, start_time)
+                self.frozen = freeze
+                vmas = self._read_vmas(tree, known)
                 self._write_state(writer, tree, vmas)
                 log.debug("state collected in %d us", _us_since(frozen_at))
                 pages = self._track(tree, vmas, frozen=freeze)
@@ -159,7 +169,10 @@ class _Pass:
                 writer.commit(self._inventory(tree, start_time))
         except BaseException:
             self.connections.release()
-            freezer.thaw(Thaw.RUNNING)
+            try:
+                freezer.thaw(Thaw.RUNNING)
+            except TargetError as err:
+                log.error("%s", err)  # said, but the error that ended the pass wins
             freezer.undo_stop()  # if it was already thawed into a stop we asked for
             if self.tracker:
                 self.tracker.close()
@@ -179,6 +192,7 @@ class _Pass:
             self.incremental,
             self.full_pass_reason,
             tree.pids,
+            self.full_pids,
         )
 
     # -- before the freeze ---------------------------------------------------
@@ -229,33 +243,134 @@ class _Pass:
         self.times["freezing_time"] = tree.freezing_time_us
         return tree
 
+    def _identify(self, tree: FrozenTree, root_start_time: int) -> None:
+        """Which processes are the ones the parent recorded under their PIDs.
+
+        Read before any page is scanned: a process replaced after this moment is
+        recorded under the old start time, so no later pass mistakes it for the
+        new one. Every other process gets a full pass of its own.
+        """
+        self.start_times = {self.req.pid: root_start_time}
+        for pid in tree.pids:
+            if pid != self.req.pid:
+                try:
+                    self.start_times[pid] = collect.start_time(pid)
+                except TargetError:
+                    self.start_times[pid] = -1  # exited: it is dropped or fails later
+        if self.parent is None:
+            return
+        theirs = self.parent.inventory.get("start_times", {})
+        for pid in tree.pids:
+            if str(pid) not in theirs or pid not in self.parent.pids:
+                self.full_pids[pid] = "new since the parent"
+            elif theirs[str(pid)] != self.start_times[pid]:
+                self.full_pids[pid] = "another process than the parent's with this pid"
+            elif self._exec_since_parent(pid):
+                self.full_pids[pid] = "it ran exec since the parent"
+        for pid, why in self.full_pids.items():
+            log.info("process %d: full pass (%s)", pid, why)
+
+    def _exec_since_parent(self, pid: int) -> bool:
+        """exec keeps the PID and start time but replaces the memory, and with it
+        the auxiliary vector (new stack, new AT_RANDOM bytes)."""
+        try:
+            theirs = self.parent.mm(pid).mm["auxv"] if self.parent else None
+            return proc.read_auxv(pid) != theirs
+        except (TargetError, ImageError, OSError):
+            return True
+
+    def _incremental_for(self, pid: int) -> bool:
+        return self.incremental and pid not in self.full_pids
+
     # -- while frozen -------------------------------------------------------
 
-    def _write_state(self, writer: DumpWriter, tree: FrozenTree, vmas: dict) -> None:
-        writer.write_pstree(collect.pstree_records(tree))
-        if self.req.kind == "dump":
-            # Fds first: a refusal (a connection, a peer outside the tree) comes
-            # before anything else is read, and leaves the tree running.
-            fds = {pid: collect.fd_records(pid) for pid in tree.pids}
-            fdtree.check(fds, self.req.tcp_established)
-            fdtree.repair_established(fds, self.connections)
+    def _vanished(self, pid: int) -> bool:
+        """May this pass go on without process `pid`? Only a pass that does not
+        freeze sees processes exit, and only the root must last it (checked
+        before commit). What was read of a vanished process is recorded under
+        the start time read before the scan, so no later pass takes it for
+        another process that gets its PID."""
+        if self.frozen or pid == self.req.pid:
+            return False
+        try:
+            # dying (its memory gone a moment before /proc calls it a zombie), or
+            # reaped and the PID already taken by another process
+            gone = proc.wait_exited(pid, timeout=0.2) or collect.start_time(
+                pid
+            ) != self.start_times.get(pid)
+        except TargetError:
+            gone = True
+        if gone:
+            log.info("process %d exited during the %s", pid, self.req.kind)
+        return gone
+
+    def _read_vmas(self, tree: FrozenTree, known: dict) -> dict[int, list[Vma]]:
+        vmas = {}
         for pid in tree.pids:
-            # Registers and injected syscalls need every thread in a ptrace stop. The
-            # sessions' scratch page is gone before the memory is tracked or copied.
+            try:
+                vmas[pid] = collect.read_vmas(pid, known.get(pid))
+            except TargetError:
+                if not self._vanished(pid):
+                    raise
+                del tree.threads[pid]  # not in this dump at all
+                continue
+            for vma in vmas[pid]:
+                if why := unsupported(vma):
+                    raise CheckpointError(
+                        f"process {pid} maps {vma.start:x}-{vma.end:x} "
+                        f"{vma.path or '(anonymous)'}: {why}; nothing was written"
+                    )
+        return vmas
+
+    def _write_state(self, writer: DumpWriter, tree: FrozenTree, vmas: dict) -> None:
+        while True:
+            try:
+                records = collect.pstree_records(tree)
+                break
+            except TargetError:
+                gone = [pid for pid in tree.pids if self._vanished(pid)]
+                if not gone:
+                    raise
+                for pid in gone:
+                    del tree.threads[pid]
+                    del vmas[pid]
+        writer.write_pstree(records)
+        open_files: dict[int, list[dict]] = {}  # pid -> fd records
+        for pid in tree.pids:
+            fds, flags = self._own_traces(pid)
+            # Registers and injected syscalls need every thread in a ptrace stop (a
+            # dump). The sessions' scratch page is gone before pages are tracked.
             injected = (
                 collect.read_injected_state(pid, tree.threads[pid])
                 if self.req.kind == "dump"
                 else None
             )
-            writer.write_mm(
-                pid, collect.mm_record(pid, injected), collect.vma_records(pid, vmas[pid])
-            )
+            try:
+                mm = collect.mm_record(pid, injected)
+            except TargetError:
+                if not self._vanished(pid):
+                    raise
+                mm = None
+            if mm is not None:
+                writer.write_mm(pid, mm, collect.vma_records(pid, vmas[pid], flags))
             if injected is not None:
                 process, threads = collect.core_records(
                     pid, tree.threads[pid], pid in tree.was_stopped, injected
                 )
                 writer.write_core(pid, process, threads)
-                writer.write_fds(pid, fds[pid])
+                open_files[pid] = collect.fd_records(pid, fds)
+        # With every fd of the tree known: refusals (a peer outside the tree, a
+        # connection without --tcp-established), then TCP repair and locks.
+        fdtree.check(open_files, self.req.tcp_established)
+        fdtree.repair_established(open_files, self.connections)
+        for pid, records in open_files.items():
+            writer.write_fds(pid, records)
+
+    def _own_traces(self, pid: int) -> tuple[set[int], set[str]]:
+        """fds and VmFlags an earlier pass's tracker left in pid (not its own)."""
+        if not (self.tracker and self.state) or pid in self.full_pids:
+            return set(), set()
+        return self.tracker.own_traces(self.state.extra.get(str(pid), {}))
 
     def _track(
         self, tree: FrozenTree, vmas: dict[int, list[Vma]], frozen: bool
@@ -269,19 +384,33 @@ class _Pass:
             trackstate.save(self.state)
             per_pid = self.state.extra
             for pid in tree.pids:
-                per_pid[str(pid)] = tracker.attach(
-                    pid, per_pid.get(str(pid), {}), pid if frozen else None
-                )
-        return {
-            pid: tracker.scan(
-                pid, [v for v in vmas[pid] if v.policy is Policy.PRIVATE], self.incremental
-            )
-            for pid in tree.pids
-        }
+                state = {} if pid in self.full_pids else per_pid.get(str(pid), {})
+                try:
+                    if self._incremental_for(pid) and (why := tracker.lost(pid, state)):
+                        self.full_pids[pid] = f"tracking was lost ({why})"
+                    per_pid[str(pid)] = tracker.attach(pid, state, _stopper(pid, frozen))
+                except TargetError:
+                    if not self._vanished(pid):
+                        raise
+        pages = {}
+        for pid in tree.pids:
+            private = [v for v in vmas[pid] if v.policy is Policy.PRIVATE]
+            try:
+                pages[pid] = tracker.scan(pid, private, self._incremental_for(pid))
+            except (TargetError, KeyError):
+                # KeyError: no tracking was attached to a process that vanished
+                if not self._vanished(pid):
+                    raise
+                pages[pid] = {v.start: VmaPages([], None) for v in private}
+        return pages
 
     def _copy(self, writer: DumpWriter, tree: FrozenTree, vmas: dict, pages: dict) -> dict:
-        plans = {f"pid-{pid}": private_plan(pid, vmas[pid], pages[pid]) for pid in tree.pids}
-        plans.update(shared_plans(vmas))
+        held = {f"pid-{pid}": self._parent_held(pid) for pid in tree.pids}
+        plans = {
+            owner: private_plan(pid, vmas[pid], pages[pid], held[owner])
+            for pid, owner in ((pid, f"pid-{pid}") for pid in tree.pids)
+        }
+        plans.update(shared_plans(vmas, _shared_data))
         segments = [seg for plan in plans.values() for seg in plan]
         scanned = sum(seg.end - seg.start for seg in segments)
         to_read = sum(seg.end - seg.start for seg in segments if seg.where == "data")
@@ -301,12 +430,13 @@ class _Pass:
             for owner, plan in plans.items():
                 page_writer = writer.open_pages(owner)
                 parent_reader = (
-                    ParentPages(self.parent, owner)
-                    if (compare and owner.startswith("pid-"))
+                    ParentPages(self.parent, owner, held[owner])
+                    if (compare and owner in held)
                     else None
                 )
                 copier.copy(page_writer, plan, parent_reader)
                 ps = page_writer.close()
+                self._check_parent_runs(owner, page_writer.parent_ranges, held)
                 counts["pages_written"] += ps.written
                 counts["pages_skipped_parent"] += ps.parent
                 counts["pages_zero"] += ps.zero
@@ -324,15 +454,35 @@ class _Pass:
             "iteration": self.req.iteration,
         }
 
+    def _parent_held(self, pid: int) -> list[Range]:
+        """What the parent chain holds for this very process (nothing for a new one)."""
+        if self.parent is None or pid in self.full_pids:
+            return []
+        return self.parent.held_ranges(f"pid-{pid}")
+
+    def _check_parent_runs(self, owner: str, recorded: list[Range], held: dict) -> None:
+        """Never commit a reference the chain cannot resolve: restore would find out
+        only after the source process is gone."""
+        if not recorded:
+            return
+        have = held.get(owner)
+        if have is None:
+            have = self.parent.held_ranges(owner) if self.parent else []
+        if missing := subtract(recorded, have):
+            start, end = missing[0]
+            raise CheckpointError(
+                f"internal error: {owner} pages {start:#x}-{end:#x} would be recorded as "
+                f"in the parent, which does not hold them ({len(missing)} such ranges); "
+                "nothing was committed and the next pass is a full one"
+            )
+
     # -- after the images are safe ---------------------------------------------
 
     def _inventory(self, tree: FrozenTree, start_time: int) -> dict:
-        start_times = {str(self.req.pid): start_time}
-        for pid in tree.pids:
-            try:
-                start_times[str(pid)] = collect.start_time(pid)
-            except TargetError:
-                pass
+        # As read before the scan (_identify): a PID reused since then must not
+        # be taken for the process whose pages this dump holds.
+        start_times = {str(pid): t for pid, t in self.start_times.items() if t >= 0}
+        start_times[str(self.req.pid)] = start_time
         return {
             "tracker": self._tracker_name(),
             "kernel": platform.release(),
@@ -360,21 +510,14 @@ class _Pass:
         return self.tracker.name if self.tracker else "none"
 
 
-def _live_tree(root: int) -> FrozenTree:
-    """The tree as it is, without stopping it (pre-dumps that need no freeze)."""
-    tree = FrozenTree(root)
-    queue = [root]
-    while queue:
-        pid = queue.pop(0)
-        if pid in tree.threads:
-            continue
-        try:
-            tree.threads[pid] = proc.list_threads(pid)
-            queue.extend(proc.list_children(pid))
-        except TargetError:
-            if pid == root:
-                raise
-    return tree
+def _stopper(pid: int, frozen: bool):
+    """How a tracker gets a stopped thread of pid: the frozen main thread, or one
+    stopped briefly for it."""
+    return (lambda: contextlib.nullcontext(pid)) if frozen else (lambda: stopped_thread(pid))
+
+
+def _shared_data(pid: int, vma: Vma) -> list[Range] | None:
+    return proc.mapped_file_data(pid, vma.start, vma.end, vma.offset, vma.offset + vma.size)
 
 
 def _vmas_or_none(pid: int) -> list[Vma] | None:

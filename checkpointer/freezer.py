@@ -113,27 +113,21 @@ class Freezer:
         found: dict[int, list[int]] = {}
         for pid in pids:
             try:
-                if proc.read_stat(pid).state == "Z":
+                if proc.wait_exited(pid, timeout=0):
                     if pid not in self.tree.zombies:
                         self.tree.zombies.append(pid)
                     continue
-                found[pid] = proc.list_threads(pid)
+                # Not a main thread that called pthread_exit: it cannot be
+                # stopped, and the process lives on in its other threads.
+                found[pid] = [
+                    t for t in proc.list_threads(pid) if not proc.wait_exited(pid, t, timeout=0)
+                ]
             except TargetError:
                 continue  # exited while we looked
         return found
 
     def _descendants(self) -> list[int]:
-        order, queue = [], [self.root]
-        while queue:
-            pid = queue.pop(0)
-            if pid in order:
-                continue
-            order.append(pid)
-            try:
-                queue.extend(proc.list_children(pid))
-            except TargetError:
-                continue
-        return order
+        return descendants(self.root)
 
     def _seize(self, pid: int, tid: int) -> None:
         try:
@@ -177,18 +171,49 @@ class Freezer:
             for pid in pids:
                 if pid not in self.tree.was_stopped:
                     _signal(pid, signal.SIGSTOP)
+        stuck: list[int] = []
         with _signals_deferred():
             for tid in self._seized:
-                try:
-                    ptrace.detach(tid)
-                except TargetError:
-                    pass  # gone already
+                if not self._release(tid):
+                    stuck.append(tid)
             self._seized.clear()
         if self._cgroup_frozen:
             self._thaw_cgroup()
         if mode is Thaw.KILL:
             for pid in pids:
                 _reap_if_child(pid)
+        if stuck:
+            raise TargetError(
+                f"could not release thread(s) {', '.join(map(str, stuck))} of {self.root}: "
+                "they stay traced by this process until it exits"
+            )
+
+    def _release(self, tid: int) -> bool:
+        """Detach tid. PTRACE_DETACH needs a ptrace-stop: a tracee that runs again
+        (continued to take a signal) refuses with ESRCH, which is not "gone"; stop it
+        and detach again. False if it stays traced."""
+        pid = self._pid_of(tid)
+        try:
+            ptrace.detach(tid)
+            return True
+        except TargetError:
+            if proc.wait_exited(pid, tid, timeout=0):
+                return True  # gone already
+        try:
+            ptrace.interrupt(tid)
+            stop = ptrace.wait_stop(tid)
+            if stop.kind in ("exited", "killed"):
+                return True
+            ptrace.detach(tid, stop.sig if stop.kind == "signal-stop" else 0)
+            return True
+        except TargetError:
+            return proc.wait_exited(pid, tid, timeout=0.2)
+
+    def _pid_of(self, tid: int) -> int:
+        for pid, tids in self.tree.threads.items():
+            if tid in tids:
+                return pid
+        return tid
 
     def undo_stop(self) -> None:
         """Resume the tasks a STOPPED thaw stopped (the dump failed after all)."""
@@ -225,6 +250,34 @@ class Freezer:
         return sorted(pids, key=lambda p: (p != self.root, p))
 
 
+def descendants(root: int) -> list[int]:
+    """root and every process below it, parents first (processes that exit while
+    the walk runs are left out)."""
+    order, queue = [], [root]
+    while queue:
+        pid = queue.pop(0)
+        if pid in order:
+            continue
+        order.append(pid)
+        try:
+            queue.extend(proc.list_children(pid))
+        except TargetError:
+            continue
+    return order
+
+
+def live_tree(root: int) -> FrozenTree:
+    """The tree as it is, without stopping it (pre-dumps that need no freeze)."""
+    tree = FrozenTree(root)
+    for pid in descendants(root):
+        try:
+            tree.threads[pid] = proc.list_threads(pid)
+        except TargetError:
+            if pid == root:
+                raise
+    return tree
+
+
 def _signal(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)
@@ -250,17 +303,19 @@ class _signals_deferred:
 
 
 class stopped_thread:
-    """Stop one thread of pid (its main thread) briefly, for an injected syscall."""
+    """Stop one live thread of pid (its main thread, if it has not exited) briefly,
+    for an injected syscall."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
 
     def __enter__(self) -> int:
         self._freezer = Freezer(self.pid)
-        self._freezer._seize(self.pid, self.pid)
-        if self.pid not in self._freezer._seized:
+        tid = proc.live_tid(self.pid)
+        self._freezer._seize(self.pid, tid)
+        if tid not in self._freezer._seized:
             raise TargetError(f"process {self.pid} exited")
-        return self.pid
+        return tid
 
     def __exit__(self, *exc) -> None:
         self._freezer.thaw(Thaw.RUNNING)

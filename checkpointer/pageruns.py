@@ -7,6 +7,8 @@ walked once, so the cost follows the number of ranges, not of pages.
 
 from __future__ import annotations
 
+import bisect
+
 Range = tuple[int, int]
 
 
@@ -54,6 +56,13 @@ def subtract(a: list[Range], b: list[Range]) -> list[Range]:
             start = max(start, b[k][1])
             k += 1
     return out
+
+
+def window(ranges: list[Range], lo: int, hi: int) -> list[Range]:
+    """The ranges that overlap [lo, hi), found by bisection (unclipped)."""
+    first = bisect.bisect_right(ranges, lo, key=lambda r: r[1])
+    last = bisect.bisect_left(ranges, hi, lo=first, key=lambda r: r[0])
+    return ranges[first:last]
 
 
 def clip(ranges: list[Range], lo: int, hi: int) -> list[Range]:

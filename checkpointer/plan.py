@@ -6,16 +6,26 @@ that into Segments, in address order per memory owner, for the page copier.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from checkpointer.copier import Segment
 from checkpointer.images import Dump
-from checkpointer.kernel.pagemap import PAGE_SIZE
-from checkpointer.pageruns import Range, normalize, subtract
+from checkpointer.pageruns import Range, intersect, normalize, subtract, window
 from checkpointer.trackers import VmaPages
 from checkpointer.vmas import Policy, Vma
 
 
-def private_plan(pid: int, vmas: list[Vma], pages: dict[int, VmaPages]) -> list[Segment]:
-    """Segments of one process's own memory, in address order."""
+def private_plan(
+    pid: int, vmas: list[Vma], pages: dict[int, VmaPages], parent_held: list[Range]
+) -> list[Segment]:
+    """Segments of one process's own memory, in address order.
+
+    `parent_held`: what the parent chain holds for this same process (sorted ranges;
+    empty for a process that is new or another one since the parent). A page the
+    tracker calls clean is the parent's only if the parent holds it; otherwise it
+    is copied. That keeps every chain resolvable whatever a tracker missed (a fork,
+    a page populated while a new VMA was being registered).
+    """
     plan: list[Segment] = []
     for vma in vmas:
         if vma.policy is Policy.WHOLE:
@@ -28,17 +38,26 @@ def private_plan(pid: int, vmas: list[Vma], pages: dict[int, VmaPages]) -> list[
             data, held = vp.present, []
         else:
             # Dirty pages are copied even if they were not present a moment ago;
-            # present pages that were not written are the parent's.
-            data = normalize(vp.dirty)
-            held = subtract(vp.present, data)
+            # present pages that were not written are the parent's if it has them.
+            dirty = normalize(vp.dirty)
+            clean = subtract(vp.present, dirty)
+            held = intersect(clean, window(parent_held, vma.start, vma.end))
+            data = normalize(dirty + subtract(clean, held))
         segs = [Segment(s, e, "data", pid, s) for s, e in data]
         segs += [Segment(s, e, "parent", pid, s) for s, e in held]
         plan.extend(sorted(segs, key=lambda seg: seg.start))
     return plan
 
 
-def shared_plans(vmas: dict[int, list[Vma]]) -> dict[str, list[Segment]]:
-    """Each shared object once, whole, read through whichever process maps each part."""
+def shared_plans(
+    vmas: dict[int, list[Vma]],
+    data_ranges: Callable[[int, Vma], list[Range] | None] = lambda pid, vma: None,
+) -> dict[str, list[Segment]]:
+    """Each shared object once, read through whichever process maps each part.
+
+    `data_ranges(pid, vma)`: the object's offsets that hold data (None: unknown,
+    copy all); the holes are recorded as zero pages, never read (reading a hole
+    of shmem through /proc/PID/mem allocates it)."""
     plans: dict[str, list[Segment]] = {}
     covered: dict[str, list[Range]] = {}
     for pid, pid_vmas in vmas.items():
@@ -47,10 +66,13 @@ def shared_plans(vmas: dict[int, list[Vma]]) -> dict[str, list[Segment]]:
             if owner is None:
                 continue
             span = [(vma.offset, vma.offset + vma.size)]
-            for s, e in subtract(span, covered.get(owner, [])):
-                plans.setdefault(owner, []).append(
-                    Segment(s, e, "data", pid, vma.start + (s - vma.offset))
-                )
+            todo = subtract(span, covered.get(owner, []))
+            held = data_ranges(pid, vma) if todo else None
+            for s, e in todo:
+                data = [(s, e)] if held is None else intersect(held, [(s, e)])
+                segs = [Segment(a, b, "data", pid, vma.start + (a - vma.offset)) for a, b in data]
+                segs += [Segment(a, b, "zero", pid, 0) for a, b in subtract([(s, e)], data)]
+                plans.setdefault(owner, []).extend(segs)
             covered[owner] = normalize(covered.get(owner, []) + span)
     return {owner: sorted(plan, key=lambda s: s.start) for owner, plan in plans.items()}
 
@@ -58,12 +80,10 @@ def shared_plans(vmas: dict[int, list[Vma]]) -> dict[str, list[Segment]]:
 class ParentPages:
     """What the parent chain holds for one owner, for content comparison."""
 
-    def __init__(self, parent: Dump, owner: str) -> None:
+    def __init__(self, parent: Dump, owner: str, held: list[Range]) -> None:
         self.parent = parent
         self.pid = int(owner.split("-", 1)[1])
-        self.held: list[Range] = normalize(
-            [(r.addr, r.addr + r.nr * PAGE_SIZE) for r in parent.page_runs(owner)]
-        )
+        self.held = held  # what the chain holds for this same process
 
     def read(self, addr: int, size: int) -> bytes:
         return self.parent.read_memory(self.pid, addr, size)

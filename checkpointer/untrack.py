@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from checkpointer import collect, trackstate
+from checkpointer.freezer import stopped_thread
 from checkpointer.trackers.uffdwp import UffdWpTracker
 
 
@@ -16,7 +17,7 @@ def untrack(pid: int) -> str:
         if state.tracker == "uffd-wp":
             tracker = UffdWpTracker()
             for key, extra in state.extra.items():
-                tracker.untrack(int(key), extra, None)
+                tracker.untrack(int(key), extra, lambda pid=int(key): stopped_thread(pid))
             done = f"process {pid}: unregistered userfaultfd write-protection and closed its fd"
         # soft-dirty bits need no undoing: they cost the target nothing.
         trackstate.forget(pid)

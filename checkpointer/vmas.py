@@ -93,10 +93,8 @@ def dump_policy(vma: Vma) -> Policy:
         return Policy.SKIP
     if kind == "vdso":
         return Policy.WHOLE
-    if "ht" in vma.vmflags:  # MAP_HUGETLB: not read through pagemap runs here
-        return Policy.SKIP
-    if "io" in vma.vmflags or "pf" in vma.vmflags:  # device memory: reading may hurt
-        return Policy.SKIP
+    if unsupported(vma):
+        return Policy.SKIP  # the dumper refuses the whole dump first (dump.py)
     if vma.shared:
         # Shared memory that this process can write is dumped whole; read-only
         # shared file mappings hold nothing the file does not.
@@ -104,6 +102,18 @@ def dump_policy(vma: Vma) -> Policy:
             return Policy.SHARED
         return Policy.SKIP
     return Policy.PRIVATE
+
+
+def unsupported(vma: Vma) -> str | None:
+    """Why this mapping cannot be dumped, or None. The dump is refused rather than
+    written without it: a restore would silently lack that memory."""
+    if classify(vma) in ("vdso", "vvar", "vsyscall", "special"):
+        return None  # the kernel's own areas ([vvar] is VM_IO|VM_PFNMAP): never data
+    if "ht" in vma.vmflags:
+        return "hugetlb mappings are not supported (their pages are not read page by page)"
+    if "io" in vma.vmflags or "pf" in vma.vmflags:
+        return "device memory (VM_IO/VM_PFNMAP) is not supported: reading it may have effects"
+    return None
 
 
 def vma_record(vma: Vma) -> dict:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 
 from checkpointer.images import Dump
+from checkpointer.kernel.proc import task_dir
 
 SKIP_KINDS = {"vvar", "vsyscall", "special"}
 CHUNK = 64 << 20
+PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def read_proc_mem(pid: int, addr: int, size: int) -> bytes:
-    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+    # through a live thread: a main thread that called pthread_exit has no memory
+    fd = os.open(f"{task_dir(pid)}/mem", os.O_RDONLY)
     try:
         out = bytearray()
         while len(out) < size:
@@ -24,10 +27,30 @@ def read_proc_mem(pid: int, addr: int, size: int) -> bytes:
         os.close(fd)
 
 
+def _file_private_bytes(dump: Dump, pid: int, vma: dict, start: int, end: int) -> bytes:
+    """[start, end) of a private file mapping as a restore would rebuild it: the
+    pages the dump holds (copied-on-write ones), the file's contents elsewhere
+    (zeros past its end). A written page missing from the dump shows up as the
+    file's bytes and differs from memory."""
+    out = bytearray()
+    with open(vma["path"], "rb") as f:
+        for lo, hi, kind, data in dump.segments(f"pid-{pid}", start, end):
+            if kind == "data":
+                out += data
+            elif kind == "zero":
+                out += bytes(hi - lo)
+            else:
+                f.seek(vma["offset"] + lo - vma["start"])
+                piece = f.read(hi - lo)
+                out += piece + bytes(hi - lo - len(piece))
+    return bytes(out)
+
+
 def compare_dump_with_process(dump_dir, pid: int) -> int:
-    """Assert every page the dump holds for pid (through its chain) equals the
-    process's memory now, and that never-dumped private anon pages are zero in the
-    process too. Returns the number of bytes compared."""
+    """Assert every page of every mapping the dump covers for pid (through its
+    chain) equals the process's memory now: never-dumped private anon pages must
+    be zero, and pages of private file mappings the dump does not hold must equal
+    the file. Returns the number of bytes compared."""
     dump = Dump.open(dump_dir)
     kernel_owned = _rseq_areas(dump, pid)
     compared = 0
@@ -36,23 +59,18 @@ def compare_dump_with_process(dump_dir, pid: int) -> int:
         if kind in SKIP_KINDS or (kind == "file" and "w" not in vma["prot"]):
             continue
         start, end = vma["start"], vma["end"]
-        if kind == "file-private":
-            # Only written (private) pages are in the dump; compare those runs.
-            ranges = [
-                (r.addr, r.addr + r.nr * 4096)
-                for r in dump.page_runs(f"pid-{pid}")
-                if start <= r.addr < end
-            ]
-        else:
-            ranges = [(start, end)]
         # In bounded pieces: a multi-GiB VMA must not be held twice in memory.
-        ranges = [(a, min(a + CHUNK, e)) for s, e in ranges for a in range(s, e, CHUNK)]
-        for s, e in ranges:
-            held = _blank(dump.read_memory(pid, s, e - s), s, kernel_owned)
+        for s in range(start, end, CHUNK):
+            e = min(s + CHUNK, end)
+            if kind == "file-private":
+                held = _file_private_bytes(dump, pid, vma, s, e)
+            else:
+                held = dump.read_memory(pid, s, e - s)
+            held = _blank(held, s, kernel_owned)
             now = _blank(read_proc_mem(pid, s, e - s), s, kernel_owned)
             if held != now:
                 bad = next(
-                    i for i in range(0, e - s, 4096) if held[i : i + 4096] != now[i : i + 4096]
+                    i for i in range(0, e - s, PAGE) if held[i : i + PAGE] != now[i : i + PAGE]
                 )
                 raise AssertionError(
                     f"pid {pid} {kind} vma {start:#x}-{end:#x}: page {s + bad:#x} differs"

@@ -58,12 +58,12 @@ class Lifecycle:
             self.popen = None
 
     def kill(self) -> None:
-        for pid in (self.child, self.pid):
+        for pid in filter(None, (self.child, self.pid)):  # never kill(0): our group
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        for pid in (self.pid, self.child):
+        for pid in filter(None, (self.pid, self.child)):
             try:
                 os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
@@ -83,7 +83,15 @@ def start_lifecycle(base: Path, anon_mb: int = 16) -> Lifecycle:
         start_new_session=True,  # a session leader: restore must setsid
     )
     lc = Lifecycle(work, popen.pid, 0, popen)
-    st = lc.wait_for(lambda st: st["counter"] > 20 and st["child"] > 5, "the workload to start")
+    try:
+        st = lc.wait_for(lambda st: st["counter"] > 20 and st["child"] > 5, "the workload to start")
+    except BaseException:
+        popen.kill()  # the child dies with it: SIGKILL of the parent is not enough
+        st = lc.status() if (work / "status").exists() else {}
+        if st.get("child_pid"):
+            os.kill(st["child_pid"], signal.SIGKILL)
+        popen.wait()
+        raise
     lc.child = st["child_pid"]
     return lc
 

@@ -35,6 +35,8 @@ class Target:
     proc: subprocess.Popen
     regions: dict[str, tuple[int, int]] = field(default_factory=dict)
     child: int | None = None
+    # "STATE name values..." lines (--state): what the target set, for comparison
+    set_state: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def pid(self) -> int:
@@ -59,6 +61,25 @@ class Target:
             self.regions[parts[1]] = (int(parts[2], 16), int(parts[3]))
         elif parts[0] == "CHILD":
             self.child = int(parts[1])
+        elif parts[0] == "STATE":
+            self.set_state[parts[1]] = parts[2:]
+
+    def wait_ready(self, timeout: float = 30, lines=None) -> None:
+        """Read the REGION lines up to READY (at start, and again after `exec`),
+        from the target's stdout pipe or from `lines`."""
+        if lines is None:
+            assert self.proc.stdout
+            lines = iter(self.proc.stdout.readline, "")
+        deadline = time.monotonic() + timeout
+        for raw in lines:
+            line = raw.strip()
+            if line.startswith("READY"):
+                return
+            if line:
+                self._parse(line)
+            if time.monotonic() > deadline:
+                break
+        raise RuntimeError(f"target did not become ready (exit status {self.proc.poll()})")
 
     def read_mem(self, addr: int, size: int, pid: int | None = None) -> bytes:
         with open(f"/proc/{pid or self.pid}/mem", "rb", buffering=0) as mem:
@@ -97,25 +118,47 @@ class Target:
                 stream.close()
 
 
-def start_target(*args: str, timeout: float = 30) -> Target:
-    proc = subprocess.Popen(
-        [str(target_binary()), *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+def start_target(*args: str, timeout: float = 30, output: Path | None = None) -> Target:
+    """Start the C target and wait for READY. With `output`, its stdout goes to that
+    file and stdin is /dev/null (no pipes to us: a tree restore can bring it back;
+    `command` is then unavailable), in a session of its own."""
+    if output is not None:
+        with open(output, "w") as out:  # the child's own open file: its own offset
+            proc = subprocess.Popen(
+                [str(target_binary()), *args],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
+        lines = _follow(open(output), proc, timeout)
+    else:
+        proc = subprocess.Popen(
+            [str(target_binary()), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert proc.stdout
+        lines = iter(proc.stdout.readline, "")
     target = Target(proc)
+    try:
+        target.wait_ready(timeout, lines)
+    except RuntimeError:
+        target.kill()
+        raise
+    return target
+
+
+def _follow(f, proc: subprocess.Popen, timeout: float):
+    """The lines of a file another process is writing, until it exits or time is up."""
     deadline = time.monotonic() + timeout
-    assert proc.stdout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline().strip()
-        if not line:
-            raise RuntimeError(f"target exited early with {proc.wait()}")
-        if line.startswith("READY"):
-            return target
-        target._parse(line)
-    target.kill()
-    raise RuntimeError("target did not become ready")
+    pending = ""
+    with f:
+        while time.monotonic() < deadline and proc.poll() is None:
+            pending += f.read()
+            while "\n" in pending:
+                line, pending = pending.split("\n", 1)
+                yield line
+            time.sleep(0.01)
 
 
 def proc_status(pid: int) -> dict[str, str]:
@@ -162,3 +205,32 @@ CLI = [sys.executable, "-m", "checkpointer"]
 def cli(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
     """Run the checkpointer CLI; the timeout only turns a hang into a failure."""
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, **kw)
+
+
+# The dumper called the way the tests use it: no progress bar; a final dump tracks
+# (so it can extend the chain) and leaves the tree stopped for a memory comparison.
+def predump(pid: int, path, parent: str | None = None, tracker: str = "auto"):
+    from checkpointer.dump import DumpRequest, pre_dump
+
+    return pre_dump(
+        DumpRequest(
+            pid=pid, images_dir=path, prev_images_dir=parent, tracker=tracker, progress=False
+        )
+    )
+
+
+def final_dump(pid: int, path, parent: str | None, tracker: str, thaw=None):
+    from checkpointer.dump import DumpRequest, dump
+    from checkpointer.freezer import Thaw
+
+    return dump(
+        DumpRequest(
+            pid=pid,
+            images_dir=path,
+            prev_images_dir=parent,
+            tracker=tracker,
+            track_mem=True,
+            thaw=Thaw.STOPPED if thaw is None else thaw,
+            progress=False,
+        )
+    )

@@ -38,8 +38,16 @@ def test_bounded_hot_set_converges_and_final_is_exact(spawn, tmp_path, tracker):
     assert final.pages_written < first.pages_written / 20
     assert wait_for_state(t.pid, "T").startswith("T")
     compare_dump_with_process(res.final_dir, t.pid)
-    chain = [tmp_path / "c" / it.directory for it in res.iterations]
-    assert all(Dump.open(p).inventory["complete"] for p in chain)
+    # One chain, not a set of unrelated dumps: the final dump's ancestors are
+    # exactly the pre-dumps of this run, newest first, and each after the first
+    # builds on its parent.
+    with Dump.open(res.final_dir) as top:
+        links = top.chain()
+        held = [os.path.realpath(d.path) for d in links]
+        built_on_parent = [d.stats["pages_skipped_parent"] > 0 for d in links[:-1]]
+    made = [os.path.realpath(tmp_path / "c" / it.directory) for it in reversed(res.iterations)]
+    assert held == made
+    assert all(built_on_parent), built_on_parent
 
 
 def test_non_converging_target_is_reported_and_final_is_exact(spawn, tmp_path):

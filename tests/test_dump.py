@@ -11,7 +11,7 @@ import time
 
 import pytest
 from memcheck import compare_dump_with_process
-from targetlib import cli, proc_status, wait_for_state
+from targetlib import assert_one_line_error, cli, proc_status, wait_for_state
 
 from checkpointer.dump import DumpRequest, dump
 from checkpointer.freezer import Thaw
@@ -192,3 +192,96 @@ def test_extract_reads_what_the_process_held(spawn, tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert out.read_bytes() == bytes(usize)
+
+
+@pytest.fixture
+def surplus_huge_page():
+    """Allow one surplus 2 MiB huge page (nothing is reserved unless it is used)."""
+    knob = "/proc/sys/vm/nr_overcommit_hugepages"
+    if not os.access(knob, os.W_OK):
+        pytest.skip(f"needs a writable {knob} (root)")
+    with open(knob) as f:
+        before = f.read().strip()
+    with open(knob, "w") as f:
+        f.write(str(max(1, int(before))))
+    yield
+    with open(knob, "w") as f:
+        f.write(before)
+
+
+@pytest.mark.parametrize("command", ["dump", "pre-dump"])
+def test_hugetlb_mapping_is_refused_by_name(spawn, tmp_path, surplus_huge_page, command):
+    """A mapping the dumper cannot read page by page is never silently left out."""
+    t = spawn()
+    reply = t.command("hugetlb")
+    if reply[0].startswith("NOHUGETLB"):
+        pytest.skip(f"no huge page for MAP_HUGETLB ({reply[0]})")
+    start, _ = t.regions["hugetlb"]
+    extra = ["--leave-running"] if command == "dump" else []
+    r = cli(command, "-t", str(t.pid), "-D", str(tmp_path / "d"), *extra)
+    assert_one_line_error(r, "hugetlb", f"{start:x}", str(t.pid))
+    assert not (tmp_path / "d").exists()
+    t.assert_carries_on()
+
+
+def test_memory_comparison_sees_a_missing_copy_on_write_page(spawn, mapped_file, tmp_path):
+    """The comparison the tests rely on must notice a written page of a private
+    file mapping that the dump lacks (it once compared only the pages held)."""
+    t = spawn("--file", str(mapped_file))
+    images = tmp_path / "d"
+    dump(DumpRequest(pid=t.pid, images_dir=images, thaw=Thaw.STOPPED, progress=False))
+    assert wait_for_state(t.pid, "T").startswith("T")
+    compare_dump_with_process(images, t.pid)
+    # A copy-on-write page the dump does not hold: page 1 was only read by the target.
+    start, _ = t.regions["file"]
+    page = os.sysconf("SC_PAGE_SIZE")
+    with open(f"/proc/{t.pid}/mem", "r+b", buffering=0) as mem:
+        os.pwrite(mem.fileno(), b"\xee" * 64, start + page)
+    with pytest.raises(AssertionError, match=f"page {start + page:#x} differs"):
+        compare_dump_with_process(images, t.pid)
+
+
+def test_sparse_memfd_holes_stay_holes(spawn, tmp_path):
+    """Reading a hole of shared memory through /proc/PID/mem allocates it in the
+    target: a dump must copy only the pages the object holds."""
+    t = spawn()
+    reply = t.command("sparse")
+    fd = int(next(line for line in reply if line.startswith("FD")).split()[1])
+    blocks_before = os.stat(f"/proc/{t.pid}/fd/{fd}").st_blocks
+    dump(DumpRequest(pid=t.pid, images_dir=tmp_path / "d", thaw=Thaw.STOPPED, progress=False))
+    assert os.stat(f"/proc/{t.pid}/fd/{fd}").st_blocks == blocks_before
+    assert wait_for_state(t.pid, "T").startswith("T")
+    compare_dump_with_process(tmp_path / "d", t.pid)
+
+
+def test_shared_file_mapping_past_end_of_file(spawn, tmp_path):
+    """Pages of a MAP_SHARED file mapping past end of file cannot be read (SIGBUS
+    in the target, EIO through /proc/PID/mem): a frozen dump must not fail on them."""
+    backing = tmp_path / "one-page"
+    backing.write_bytes(bytes(os.sysconf("SC_PAGE_SIZE")))
+    t = spawn()
+    t.command(f"pastend {backing}")
+    start, _ = t.regions["pastend"]
+    page = os.sysconf("SC_PAGE_SIZE")
+    dump(DumpRequest(pid=t.pid, images_dir=tmp_path / "d", thaw=Thaw.STOPPED, progress=False))
+    assert wait_for_state(t.pid, "T").startswith("T")
+    with Dump.open(tmp_path / "d") as d:
+        assert d.read_memory(t.pid, start, page) == t.read_mem(start, page)
+
+
+def test_thaw_releases_a_thread_that_left_its_stop(spawn):
+    """A seized thread that runs again before the thaw (here: PTRACE_CONT, as the
+    freezer does to let a signal through) refuses PTRACE_DETACH with ESRCH. That
+    was taken for "gone already", leaving the thread traced by the tool: the
+    thaw must release it, or say it could not."""
+    from checkpointer.freezer import Freezer
+
+    t = spawn("--threads", "2")
+    freezer = Freezer(t.pid)
+    tree = freezer.freeze()
+    worker = tree.threads[t.pid][1]
+    ptrace.cont(worker)  # runs on, still traced, no longer in a stop
+    freezer.thaw(Thaw.RUNNING)
+    for tid in tree.threads[t.pid]:
+        assert proc_status(tid).get("TracerPid") == "0", tid
+    t.assert_carries_on()

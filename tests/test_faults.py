@@ -318,7 +318,9 @@ def test_disk_full_cli(spawn, tmp_path, command):
 
 
 def test_two_runs_on_one_target(spawn, tmp_path):
-    t = spawn("--anon-mb", "512")
+    # 2 GiB: the first pre-dump must still be copying when the other two start,
+    # even on a loaded machine (512 MiB was sometimes done before them).
+    t = spawn("--anon-mb", "2048")
     first = start_cli("pre-dump", "-t", str(t.pid), "-D", str(tmp_path / "a"))
     wait_until_copying(tmp_path / "a", first)
     for args in (

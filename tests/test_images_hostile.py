@@ -18,6 +18,10 @@ from checkpointer.images import format as fmt
 from checkpointer.images.fuzzing import exercise_dir, exercise_file
 from checkpointer.images.inspect import decode, info, show, verify
 
+# Every test here damages images on purpose.
+pytestmark = pytest.mark.damages_images
+
+
 GOLDEN = os.path.join(os.path.dirname(__file__), "..", "images", "golden", "chain")
 # files of the top dump and of its oldest ancestor (reached through the chain)
 FILES = [f"{n}/{f}" for n in ("3", "1") for f in sorted(os.listdir(os.path.join(GOLDEN, n)))]

@@ -69,6 +69,7 @@ def test_writer_rejects_bad_records(tmp_path):
     assert not os.path.exists(tmp_path / "d")
 
 
+@pytest.mark.damages_images
 def test_page_runs_zero_detection_merge_and_frames(tmp_path):
     """Zero stretches are found per block of ZERO_BLOCK_PAGES (8) pages."""
     path = str(tmp_path / "d")

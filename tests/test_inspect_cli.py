@@ -125,6 +125,7 @@ def test_extract(tmp_path):
     assert code == 1 and "bad address 'zz'" in err
 
 
+@pytest.mark.damages_images
 def test_verify_ok_and_first_problem(tmp_path):
     code, out, _ = run("verify", D3)
     assert code == 0 and out.startswith(f"OK {D3}: 3 dump(s) in chain") and out.count("\n") == 1
@@ -160,5 +161,5 @@ def test_subprocess_exit_code_and_stderr(tmp_path):
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr == (
         f"checkpointer: {tmp_path}/inventory: unsupported image format version 9 "
-        "(this checkpointer reads 1)\n"
+        "(this checkpointer reads 1 and 2)\n"
     )

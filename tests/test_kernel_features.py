@@ -27,7 +27,10 @@ def test_ptrace_probe():
 @pytest.mark.pagemap_scan
 def test_pagemap_scan_categories():
     assert features.probe_pagemap_scan()[0]
-    assert features.probe_pagemap_scan_category(pm.PAGE_IS_GUARD)[0]
+    # PAGE_IS_GUARD came in 6.14 (Debian's 6.12 refuses it: EINVAL); the dumper only
+    # reports it, so either answer is right, but nothing else may come back.
+    ok, reason = features.probe_pagemap_scan_category(pm.PAGE_IS_GUARD)
+    assert ok or "EINVAL" in reason, reason
     assert features.probe_pagemap_scan_category(pm.PAGE_IS_SOFT_DIRTY)[0]
     ok, reason = features.probe_pagemap_scan_category(1 << 40)  # no such category
     assert not ok and "EINVAL" in reason

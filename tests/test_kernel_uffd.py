@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import time
 
@@ -14,6 +13,13 @@ from checkpointer.kernel.syscalls import NR_getpid, NR_prctl, syscall
 
 P = pm.PAGE_SIZE
 WRITTEN = pm.PAGE_IS_WRITTEN
+
+
+def without_soft_dirty(entry: bytes) -> int:
+    """A pagemap entry without bit 55: on a kernel with soft-dirty, every page of a
+    VMA not yet cleared by clear_refs (VM_SOFTDIRTY) reads soft-dirty, even a hole."""
+    return int.from_bytes(entry, "little") & ~pm.PM_SOFT_DIRTY
+
 
 pytestmark = [pytest.mark.uffd_wp, pytest.mark.pagemap_scan]
 
@@ -115,7 +121,8 @@ def test_register_every_vma_and_refusals(tracked):
     t0 = time.perf_counter()
     refused = {m.path for m in maps if not uffd.register_wp(local, m.start, m.end - m.start)}
     ms = (time.perf_counter() - t0) * 1e3
-    assert {"[vdso]", "[vvar]", "[vsyscall]"} <= refused
+    # [vsyscall] is there only on kernels built with it (not Debian's 6.12).
+    assert {"[vdso]", "[vvar]"} | ({"[vsyscall]"} & {m.path for m in maps}) <= refused
     assert refused <= {"[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]"}
     assert ms < 200, f"{len(maps)} VMAs in {ms:.1f} ms"
     flags = proc.read_smaps_vmflags(t.pid)
@@ -136,9 +143,10 @@ def test_second_uffd_cannot_take_over_registered_vmas(tracked):
     second = uffd.get_fd(t.pid, other)
     try:
         uffd.uffd_api(second)
-        with pytest.raises(OSError) as exc:
-            uffd.register_wp(second, vma.start, vma.end - vma.start)
-        assert exc.value.errno == errno.EBUSY
+        # EBUSY from the kernel: register_wp says "not yours" (False)
+        assert not uffd.register_wp(second, vma.start, vma.end - vma.start)
+        # ... while the owner may register it again, changing nothing
+        assert uffd.register_wp(local, vma.start, vma.end - vma.start)
     finally:
         os.close(second)
     freeze(t.pid)
@@ -191,9 +199,7 @@ def test_reset_turns_holes_into_markers_that_present_runs_skips(tracked):
         first = written(pmap, start, start + size)
         assert first == [(start, start + size, WRITTEN)]  # holes count as written once
         entries = pmap.read(start, start + size)
-        assert entries[:8] == (pm.PM_SWAP | pm.PM_UFFD_WP | pm.wp_marker_entry()).to_bytes(
-            8, "little"
-        )
+        assert without_soft_dirty(entries[:8]) == pm.PM_SWAP | pm.PM_UFFD_WP | pm.wp_marker_entry()
         assert pm.present_runs(entries, start) == before
         assert pm.present_runs(entries, start, exclude_wp_markers=False) == [(start, size // P)]
 
@@ -217,7 +223,8 @@ def test_reset_of_populated_pages_only_avoids_markers(tracked):
         before = pm.present_runs(pmap.read(start, start + size), start)
         pmap.scan(start, start + size, **kw)
         assert pm.present_runs(pmap.read(start, start + size), start) == before
-        assert pmap.read(start, start + P) == bytes(8)  # page 0 (pg % 4 == 0): still none
+        # page 0 (pg % 4 == 0): still none
+        assert without_soft_dirty(pmap.read(start, start + P)) == 0
         t.command("write 0 2")  # page 0 was a hole, page 1 present
         assert pmap.scan(start, start + size, **kw) == [(start, start + 2 * P, WRITTEN)]
 

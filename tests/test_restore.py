@@ -208,3 +208,63 @@ def test_a_python_interpreter_with_a_large_dict_comes_back(tmp_path):
             pass
         if p.poll() is None:
             p.wait()
+
+
+def test_credentials_of_an_unprivileged_process_come_back(tmp_path):
+    """A workload running as nobody, with supplementary groups and no capabilities:
+    restored by root, it has exactly its own credentials again."""
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from restorelib import LIFECYCLE, MAPPED, Lifecycle
+    from targetlib import target_binary
+
+    # pytest's tmp_path lies below a root-only directory: nobody needs its own.
+    work = Path(tempfile.mkdtemp(prefix="checkpointer-nobody-"))
+    os.chmod(work, 0o777)
+    (work / "mapped").write_bytes(MAPPED)
+    p = subprocess.Popen(
+        [str(target_binary(LIFECYCLE)), str(work), "8"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True, user=65534, group=65534, extra_groups=[100, 65534],
+    )  # fmt: skip
+    lc = Lifecycle(work, p.pid, 0, p)
+    try:
+        lc.child = lc.wait_for(lambda st: st["counter"] > 20, "the workload")["child_pid"]
+        keys = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
+        before = {k: proc_status(lc.pid)[k] for k in keys}
+        assert before["Uid"].split()[0] == "65534"
+        dump_and_kill(lc, tmp_path / "images")
+        r = cli("restore", "-D", str(tmp_path / "images"), "-d")
+        assert r.returncode == 0, r.stderr
+        lc.carries_on()
+        assert {k: proc_status(lc.pid)[k] for k in keys} == before
+        for tid in os.listdir(f"/proc/{lc.pid}/task"):
+            status = open(f"/proc/{lc.pid}/task/{tid}/status").read()
+            assert "Uid:\t65534\t65534\t65534\t65534" in status, tid
+    finally:
+        lc.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_a_stopped_process_comes_back_stopped_and_pidfile_json(lifecycle, tmp_path):
+    import json
+
+    lc = lifecycle()
+    os.kill(lc.pid, signal.SIGSTOP)
+    wait_stopped(lc.pid)
+    dump_and_kill(lc, tmp_path / "a")
+    pidfile = tmp_path / "root.pid"
+    r = cli("restore", "-D", str(tmp_path / "a"), "-d", "--pidfile", str(pidfile), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["root_pid"] == lc.pid and sorted(out["pids"]) == sorted([lc.pid, lc.child])
+    assert pidfile.read_text() == f"{lc.pid}\n"
+    wait_stopped(lc.pid)  # as it was dumped
+    before = lc.status()["counter"]
+    time.sleep(0.3)
+    assert lc.status()["counter"] == before
+    os.kill(lc.pid, signal.SIGCONT)
+    lc.carries_on()

@@ -11,34 +11,10 @@ import subprocess
 
 import pytest
 from memcheck import compare_dump_with_process
-from targetlib import PAGE, TRACKERS, proc_status, wait_for_state
+from targetlib import PAGE, TRACKERS, final_dump, predump, proc_status, wait_for_state
 
-from checkpointer.dump import DumpRequest, dump, pre_dump
 from checkpointer.errors import TargetError
-from checkpointer.freezer import Thaw
 from checkpointer.images import Dump
-
-
-def predump(pid, path, parent=None, tracker="auto"):
-    return pre_dump(
-        DumpRequest(
-            pid=pid, images_dir=path, prev_images_dir=parent, tracker=tracker, progress=False
-        )
-    )
-
-
-def final_dump(pid, path, parent, tracker, thaw=Thaw.STOPPED):
-    return dump(
-        DumpRequest(
-            pid=pid,
-            images_dir=path,
-            prev_images_dir=parent,
-            tracker=tracker,
-            track_mem=True,
-            thaw=thaw,
-            progress=False,
-        )
-    )
 
 
 @pytest.mark.parametrize("tracker", TRACKERS)

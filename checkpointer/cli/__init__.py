@@ -17,7 +17,7 @@ def main() -> None:
 
 def _register_commands() -> None:
     # Imported for their side effect of adding commands to `main`.
-    from checkpointer.cli import dump_cmds, inspect_cmds, restore_cmds  # noqa: F401
+    from checkpointer.cli import dump_cmds, inspect_cmds, migrate_cmds, restore_cmds  # noqa: F401
 
 
 _register_commands()

@@ -45,6 +45,21 @@ tcp_option = click.option(
     help="Dump established TCP connections (repair mode; locked by an iptables rule "
     "until the restore).",
 )
+page_server_option = click.option(
+    "--page-server",
+    metavar="ADDRESS:PORT",
+    help="Also send the committed dump to `checkpointer page-server` there (plain TCP, "
+    "unauthenticated; same name, same parent link).",
+)
+
+
+def send_to_page_server(res, page_server: str | None, as_json: bool) -> None:
+    if page_server:
+        from checkpointer.transport import push_dump
+
+        answer = push_dump(str(res.path), page_server)
+        if not as_json:
+            click.echo(f"sent to {page_server}: {answer['path']}")
 
 
 def leave_options(fn):
@@ -56,6 +71,24 @@ def leave_options(fn):
     fn = click.option("--leave-running", is_flag=True, help="Let the tree run on after the dump.")(
         fn
     )
+    return fn
+
+
+def stop_rule_options(fn):
+    """The pre-dump loop's stop rules (converge.py), for converge and migrate."""
+    for option in reversed(
+        [
+            click.option("--max-iterations", default=8, show_default=True,
+                         help="Pre-dumps at most."),
+            click.option("--min-pages", default=64, show_default=True,
+                         help="Stop when an iteration writes this many pages or fewer."),
+            click.option("--max-grow", default=10.0, show_default=True,
+                         help="Stop when an iteration writes this percent more than the last."),
+            click.option("--max-downtime-ms", default=300.0, show_default=True,
+                         help="Stop when the predicted final dump fits in this time."),
+        ]
+    ):  # fmt: skip
+        fn = option(fn)
     return fn
 
 
@@ -109,6 +142,7 @@ def print_dump_result(res, as_json: bool = False) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @tcp_option
 @level_option
+@page_server_option
 @verbose_option
 @log_option
 def dump(
@@ -123,6 +157,7 @@ def dump(
     as_json,
     tcp_established,
     compress_level,
+    page_server,
     verbose,
     log_file,
 ):
@@ -147,7 +182,9 @@ def dump(
         compress_level=compress_level,
         tcp_established=tcp_established,
     )
-    print_dump_result(do_dump(req), as_json)
+    res = do_dump(req)
+    print_dump_result(res, as_json)
+    send_to_page_server(res, page_server, as_json)
 
 
 @main.command("pre-dump", cls=CheckedCommand)
@@ -157,11 +194,13 @@ def dump(
 @click.option("--prev-images-dir", help="Parent dump, relative to the images dir (as in CRIU).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @level_option
+@page_server_option
 @verbose_option
 @log_option
 def pre_dump_cmd(
-    pid, images_dir, tracker, prev_images_dir, as_json, compress_level, verbose, log_file
-):
+    pid, images_dir, tracker, prev_images_dir, as_json, compress_level, page_server, verbose,
+    log_file,
+):  # fmt: skip
     """Copy the memory of a running tree, leaving it running.
 
     Without a parent: every present page, and tracking is reset. With
@@ -179,32 +218,16 @@ def pre_dump_cmd(
         tracker=tracker,
         compress_level=compress_level,
     )
-    print_dump_result(pre_dump(req), as_json)
+    res = pre_dump(req)
+    print_dump_result(res, as_json)
+    send_to_page_server(res, page_server, as_json)
 
 
 @main.command(cls=CheckedCommand)
 @pid_option
 @dir_option
 @tracker_option
-@click.option("--max-iterations", default=8, show_default=True, help="Pre-dumps at most.")
-@click.option(
-    "--min-pages",
-    default=64,
-    show_default=True,
-    help="Stop when an iteration writes this many pages or fewer.",
-)
-@click.option(
-    "--max-grow",
-    default=10.0,
-    show_default=True,
-    help="Stop when an iteration writes this many percent more than the last.",
-)
-@click.option(
-    "--max-downtime-ms",
-    default=300.0,
-    show_default=True,
-    help="Stop when the predicted final dump fits in this time.",
-)
+@stop_rule_options
 @click.option("--interval-ms", default=0.0, show_default=True, help="Pause between pre-dumps.")
 @leave_options
 @click.option("--json", "as_json", is_flag=True, help="Print the iterations and summary as JSON.")

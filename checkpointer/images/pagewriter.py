@@ -121,6 +121,8 @@ class PageWriter:
         self._file_off = fmt.HEADER_SIZE
         self._next_addr = 0
         self._counts = {"here": 0, "parent": 0, "zero": 0}
+        # Ranges recorded as the parent's, for the dumper's check before commit.
+        self.parent_ranges: list[tuple[int, int]] = []
         self.closed = False
         self.stats: PageStats | None = None
         self._fd = os.open(
@@ -174,6 +176,12 @@ class PageWriter:
 
     def add_parent(self, addr: int, nr_pages: int) -> None:
         self._check(addr, nr_pages * self.page_size)
+        if nr_pages:
+            end = addr + nr_pages * self.page_size
+            if self.parent_ranges and self.parent_ranges[-1][1] == addr:
+                self.parent_ranges[-1] = (self.parent_ranges[-1][0], end)
+            else:
+                self.parent_ranges.append((addr, end))
         self._add_run(addr, nr_pages, "parent", None)
 
     def add_zero(self, addr: int, nr_pages: int) -> None:

@@ -14,6 +14,7 @@ from checkpointer.errors import ImageError
 from checkpointer.images import format as fmt
 from checkpointer.images import schema
 from checkpointer.images.format import OWNER_RE
+from checkpointer.pageruns import Range, intersect, normalize
 
 WHERE_CODE = {"here": 0, "parent": 1, "zero": 2}
 WHERE_NAME = ("here", "parent", "zero")
@@ -419,6 +420,27 @@ class Dump:
         if cur < end:
             yield cur, end, "missing", None
 
+    def held_ranges(self, owner: str) -> list[Range]:
+        """The address ranges [start, end) whose pages this dump holds for `owner`:
+        its data and zero runs, and the parts of its parent runs that the chain
+        resolves. Read from the page indexes only; no page data is decompressed.
+        A parent that recorded another process under the same pid (other start
+        time) holds nothing for this one."""
+        pm = self.pagemap(owner)
+        if pm is None:
+            return []
+        ps = self.page_size
+        own: list[Range] = []
+        wanted: list[Range] = []
+        for i in range(len(pm.r_addr)):
+            run = (pm.r_addr[i], pm.r_addr[i] + pm.r_nr[i] * ps)
+            (wanted if pm.r_where[i] == 1 else own).append(run)
+        if wanted:
+            parent = self.parent()
+            if parent is not None and _same_incarnation(owner, self, parent):
+                own += intersect(wanted, parent.held_ranges(owner))
+        return normalize(own)
+
     def _from_parent(self, owner: str, lo: int, hi: int):
         p = self.parent()
         if p is None:
@@ -504,3 +526,11 @@ class Dump:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _same_incarnation(owner: str, a: Dump, b: Dump) -> bool:
+    """Do dumps a and b record the same process (or shared object) as `owner`?"""
+    kind, _, ident = owner.partition("-")
+    if kind != "pid":
+        return True  # a shared object is named by device and inode
+    return a.inventory["start_times"].get(ident) == b.inventory["start_times"].get(ident)

@@ -7,10 +7,13 @@ a fresh multi-GiB destination costs seconds of first-touch faults. As root,
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 
 from checkpointer.errors import TargetError
+from checkpointer.kernel import proc
+from checkpointer.kernel.syscalls import NR_process_vm_writev, syscall
 
 
 class MemReader:
@@ -19,7 +22,7 @@ class MemReader:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         try:
-            self.fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+            self.fd = os.open(f"{proc.task_dir(pid)}/mem", os.O_RDONLY | os.O_CLOEXEC)
         except (FileNotFoundError, ProcessLookupError):
             raise TargetError(f"process {pid} does not exist (exited)") from None
         except PermissionError:
@@ -72,3 +75,57 @@ class MemReader:
         buf = bytearray(size)
         n = self.read_into(addr, buf)
         return bytes(buf[:n])
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+class MemWriter:
+    """Writes into another process's memory (a restore filling its pages).
+
+    process_vm_writev copies straight into the target's pages (about 1.6x the rate
+    of /proc/PID/mem, whose writes go through a bounce page) but only where the
+    target itself may write; the rest (read-only or PROT_NONE pages, which
+    /proc/PID/mem writes through) falls back to pwrite on /proc/PID/mem.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        try:
+            self.fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        except (FileNotFoundError, ProcessLookupError):
+            raise TargetError(f"process {pid} does not exist (exited)") from None
+        self._local = _Iovec()
+        self._remote = _Iovec()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> MemWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def write(self, addr: int, data: bytes, off: int = 0, size: int | None = None) -> None:
+        """Write data[off:off+size] at addr in the target."""
+        size = len(data) - off if size is None else size
+        self._local.base = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value + off
+        self._local.len = size
+        self._remote.base, self._remote.len = addr, size
+        try:
+            done = syscall(
+                NR_process_vm_writev, self.pid, ctypes.addressof(self._local), 1,
+                ctypes.addressof(self._remote), 1, 0,
+            )  # fmt: skip
+        except OSError as exc:
+            if exc.errno == errno.ESRCH:
+                raise TargetError(f"process {self.pid} does not exist (exited)") from None
+            done = 0  # EFAULT: not writable by the target; /proc/PID/mem can
+        if done < size:
+            rest = memoryview(data)[off + done : off + size]
+            if os.pwrite(self.fd, rest, addr + done) != len(rest):
+                raise OSError(errno.EIO, f"process {self.pid}: short write at {addr + done:#x}")

@@ -13,9 +13,9 @@ import errno
 import functools
 import os
 import re
-from collections.abc import Iterator
 
 from checkpointer.errors import TargetError
+from checkpointer.kernel import proc
 from checkpointer.kernel.syscalls import ioctl_ptr, mmap_anon, munmap
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -244,7 +244,7 @@ class Pagemap:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         try:
-            self.fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            self.fd = os.open(f"{proc.task_dir(pid)}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
         except (FileNotFoundError, ProcessLookupError):
             raise TargetError(f"process {pid} does not exist (exited)") from None
         self._vec: ctypes.Array[PageRegion] | None = None
@@ -348,6 +348,22 @@ class Pagemap:
             flags=PM_SCAN_WP_MATCHING,
         )
         return [(lo, hi) for lo, hi, _ in regions]
+
+    def is_wp_async(self, start: int, end: int) -> bool:
+        """Is all of [start, end) registered for async uffd write-protect?
+        (PM_SCAN_CHECK_WPASYNC: EPERM otherwise, e.g. a synchronous registration.)"""
+        try:
+            self.scan(
+                start,
+                end,
+                category_mask=PAGE_IS_WRITTEN,
+                return_mask=PAGE_IS_WRITTEN,
+                flags=PM_SCAN_CHECK_WPASYNC,
+                max_pages=1,
+            )
+        except PermissionError:
+            return False
+        return True
 
     def scan(
         self,
@@ -455,16 +471,10 @@ def pagemap_scan(
         return pm.scan(start, end, **kw)
 
 
-def iter_runs(regions: list[tuple[int, int, int]]) -> Iterator[tuple[int, int]]:
-    """(addr, nr_pages) from PAGEMAP_SCAN regions, comparable with present_runs()."""
-    for lo, hi, _ in regions:
-        yield lo, (hi - lo) >> PAGE_SHIFT
-
-
 def clear_soft_dirty(pid: int) -> None:
     """Write "4" to /proc/PID/clear_refs: clear soft-dirty bits of every page of pid."""
     try:
-        fd = os.open(f"/proc/{pid}/clear_refs", os.O_WRONLY)
+        fd = os.open(f"{proc.task_dir(pid)}/clear_refs", os.O_WRONLY)
     except (FileNotFoundError, ProcessLookupError):
         raise TargetError(f"process {pid} does not exist (exited)") from None
     try:

@@ -36,6 +36,29 @@ def _read_bytes(pid: int, path: str) -> bytes:
         raise OSError(exc.errno, f"{path}: {exc.strerror}") from None
 
 
+def task_dir(pid: int) -> str:
+    """The /proc directory that shows pid's memory and files: /proc/PID, or, when the
+    thread-group leader has exited while other threads run (pthread_exit in
+    main), a live thread's task directory: the zombie leader's own maps are
+    empty and its mem, auxv and pagemap have no mm behind them."""
+    tid = live_tid(pid)
+    return f"/proc/{pid}" if tid == pid else f"/proc/{pid}/task/{tid}"
+
+
+def live_tid(pid: int) -> int:
+    """A thread of pid that has not exited: pid itself, unless the main thread
+    called pthread_exit while others run on (then the first other one)."""
+    if read_state(pid) not in ("Z", "X"):
+        return pid
+    for tid in list_threads(pid):
+        try:
+            if tid != pid and read_state(pid, tid) not in ("Z", "X"):
+                return tid
+        except TargetError:
+            continue
+    return pid
+
+
 def _read_text(pid: int, path: str) -> str:
     return _read_bytes(pid, path).decode("utf-8", "surrogateescape")
 
@@ -50,11 +73,6 @@ def _listdir(pid: int, path: str) -> list[str]:
 def exists(pid: int) -> bool:
     """Is there a process (or thread) pid that has not been reaped (zombies count)?"""
     return os.path.exists(f"/proc/{pid}")
-
-
-def task_exists(pid: int, tid: int) -> bool:
-    """Is tid still a thread of pid?"""
-    return os.path.exists(f"/proc/{pid}/task/{tid}")
 
 
 # --- tasks and children ---------------------------------------------------------
@@ -174,22 +192,13 @@ def wait_exited(pid: int, tid: int | None = None, timeout: float = 0.2) -> bool:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            if read_state(pid, tid) in ("Z", "X"):
-                return True
+            if read_state(pid, tid) in ("Z", "X") and (tid is not None or live_tid(pid) == pid):
+                return True  # (a zombie main thread alone does not end the process)
         except TargetError:
             return True  # reaped
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.005)
-
-
-def read_task_state(pid: int, tid: int) -> str:
-    """One-letter state of thread tid of pid (from task/TID/stat)."""
-    return read_stat(pid, tid).state
-
-
-def read_start_time(pid: int) -> int:
-    return read_stat(pid).starttime
 
 
 def read_brk(pid: int, start_brk: int | None = None) -> int:
@@ -199,7 +208,7 @@ def read_brk(pid: int, start_brk: int | None = None) -> int:
     to a page. Exact value: inject_syscall(tid, NR_brk, 0) in a stopped thread.
     Without a [heap] VMA (brk never grown) this is start_brk.
     """
-    data = _read_bytes(pid, f"/proc/{pid}/maps")
+    data = _read_bytes(pid, f"{task_dir(pid)}/maps")
     i = data.find(b" [heap]\n")
     if i < 0:
         if start_brk is None:
@@ -291,14 +300,14 @@ def parse_maps(data: bytes) -> list[MapEntry]:
 
 
 def read_maps(pid: int) -> list[MapEntry]:
-    return parse_maps(_read_bytes(pid, f"/proc/{pid}/maps"))
+    return parse_maps(_read_bytes(pid, f"{task_dir(pid)}/maps"))
 
 
 def read_smaps_vmflags(pid: int) -> dict[int, list[str]]:
     """{VMA start: VmFlags list} from /proc/PID/smaps ('uw' = uffd-wp registered)."""
     out: dict[int, list[str]] = {}
     start = None
-    for line in _read_bytes(pid, f"/proc/{pid}/smaps").split(b"\n"):
+    for line in _read_bytes(pid, f"{task_dir(pid)}/smaps").split(b"\n"):
         if line.startswith(b"VmFlags:"):
             if start is not None:
                 out[start] = line[8:].decode().split()
@@ -314,7 +323,7 @@ def read_smaps_vmflags(pid: int) -> dict[int, list[str]]:
 
 def read_auxv(pid: int) -> bytes:
     """/proc/PID/auxv raw (pairs of native u64, AT_NULL terminated)."""
-    return _read_bytes(pid, f"/proc/{pid}/auxv")
+    return _read_bytes(pid, f"{task_dir(pid)}/auxv")
 
 
 def read_link(pid: int, name: str) -> str | None:
@@ -354,11 +363,12 @@ def read_fdinfo(pid: int, fd: int) -> dict[str, str]:
 def read_fds(pid: int) -> list[FdInfo]:
     """Open fds of pid, sorted; an fd closed while we read it is left out."""
     out = []
-    for name in _listdir(pid, f"/proc/{pid}/fd"):
+    where = task_dir(pid)
+    for name in _listdir(pid, f"{where}/fd"):
         fd = int(name)
         try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
+            target = os.readlink(f"{where}/fd/{fd}")
+            with open(f"{where}/fdinfo/{fd}", "rb") as f:
                 info = f.read()
         except _GONE:
             continue
@@ -432,9 +442,10 @@ def read_task_comm(pid: int, tid: int) -> str:
     return _read_text(pid, f"/proc/{pid}/task/{tid}/comm").rstrip("\n")
 
 
-def read_umask(pid: int) -> int:
-    """The file mode creation mask (status Umask, octal)."""
-    return int(read_status(pid)["Umask"], 8)
+def read_umask(pid: int, tid: int | None = None) -> int:
+    """The file mode creation mask (status Umask, octal; a zombie main thread has
+    none: ask a live thread)."""
+    return int(read_status(pid, tid)["Umask"], 8)
 
 
 def read_seccomp_mode(pid: int, tid: int | None = None) -> int:
@@ -469,3 +480,36 @@ def stat_exe(pid: int) -> os.stat_result | None:
 def stat_mapped_file(pid: int, start: int, end: int) -> os.stat_result | None:
     """stat of the file mapped at [start, end) (map_files/; needs CAP_SYS_ADMIN)."""
     return _stat_or_none(pid, f"/proc/{pid}/map_files/{start:x}-{end:x}")
+
+
+def mapped_file_data(
+    pid: int, start: int, end: int, lo: int, hi: int
+) -> list[tuple[int, int]] | None:
+    """The byte ranges of [lo, hi) (file offsets, page aligned) that hold data in
+    the object mapped at start-end (SEEK_DATA/SEEK_HOLE through
+    /proc/PID/map_files), or None when that cannot be read (it needs
+    CAP_SYS_ADMIN). Reading a hole of shmem or a memfd through /proc/PID/mem
+    would allocate it in the target."""
+    try:
+        fd = os.open(f"/proc/{pid}/map_files/{start:x}-{end:x}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    page = os.sysconf("SC_PAGE_SIZE")
+    out: list[tuple[int, int]] = []
+    try:
+        pos = lo
+        while pos < hi:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data after pos
+                    break
+                raise
+            if data >= hi:
+                break
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+            out.append((data - data % page, min(hi, -(-hole // page) * page)))
+            pos = hole
+    finally:
+        os.close(fd)
+    return out

@@ -30,7 +30,9 @@ from checkpointer.kernel import proc
 
 PTRACE_CONT = 7
 PTRACE_SINGLESTEP = 9
+PTRACE_SYSCALL = 24
 PTRACE_GETREGS = 12
+PTRACE_GETSIGINFO = 0x4202
 PTRACE_SETREGS = 13
 PTRACE_DETACH = 17
 PTRACE_SETOPTIONS = 0x4200
@@ -171,6 +173,24 @@ def singlestep(tid: int, sig: int = 0) -> None:
     _ptrace(PTRACE_SINGLESTEP, tid, 0, sig, what="PTRACE_SINGLESTEP")
 
 
+_siginfo = ctypes.create_string_buffer(128)
+
+
+def in_event_stop(tid: int) -> bool:
+    """Is the stopped task in a PTRACE_EVENT_STOP (an interrupt or group-stop of a
+    seized task), rather than a signal-delivery, syscall or other event stop?
+    (PTRACE_GETSIGINFO: such a stop's si_code is sig | PTRACE_EVENT_STOP << 8.)"""
+    _ptrace(PTRACE_GETSIGINFO, tid, 0, ctypes.addressof(_siginfo), what="PTRACE_GETSIGINFO")
+    si_code = int.from_bytes(_siginfo.raw[8:12], "little", signed=True)
+    return si_code >> 8 == PTRACE_EVENT_STOP
+
+
+def resume_to_syscall(tid: int) -> None:
+    """PTRACE_SYSCALL: run to the next syscall entry or exit, and stop there (no
+    signal is sent, unlike a single step's SIGTRAP)."""
+    _ptrace(PTRACE_SYSCALL, tid, 0, 0, what="PTRACE_SYSCALL")
+
+
 def decode_status(status: int) -> Stop:
     """Turn a waitpid() status into a Stop (see Stop for the kinds)."""
     if os.WIFEXITED(status):
@@ -186,21 +206,34 @@ def decode_status(status: int) -> Stop:
     return Stop("signal-stop", sig, 0, status)
 
 
-def wait_stop(tid: int, timeout: float = 5.0) -> Stop:
+def poll_stop(tid: int) -> Stop | None:
+    """One waitpid(tid, WNOHANG|__WALL): the stop it reports, or None."""
+    try:
+        pid, status = os.waitpid(tid, os.WNOHANG | __WALL)
+    except ChildProcessError:
+        raise TargetError(f"process {tid} is not traced by us (or already reaped)") from None
+    return decode_status(status) if pid else None
+
+
+def wait_stop(tid: int, timeout: float = 5.0, spin: int = 0) -> Stop:
     """waitpid(tid, __WALL) until it reports, polling so a lost stop cannot hang us.
 
+    spin: polls with only a sched_yield between them before the first sleep, for a
+    stop due within microseconds (an injected syscall's): the shortest sleep costs
+    ~60 µs, several times the stop itself.
     Raises TargetError if nothing is reported within `timeout` seconds, or if tid is
     not our tracee/child (ECHILD).
     """
     deadline = time.monotonic() + timeout
     delay = 0.00002
     while True:
-        try:
-            pid, status = os.waitpid(tid, os.WNOHANG | __WALL)
-        except ChildProcessError:
-            raise TargetError(f"process {tid} is not traced by us (or already reaped)") from None
-        if pid:
-            return decode_status(status)
+        stop = poll_stop(tid)
+        if stop is not None:
+            return stop
+        if spin > 0:
+            spin -= 1
+            os.sched_yield()
+            continue
         if time.monotonic() >= deadline:
             raise TargetError(f"process {tid} did not stop within {timeout:g} s")
         time.sleep(delay)
@@ -323,8 +356,13 @@ def find_syscall_insn(tid: int) -> int:
     """
     addr = _syscall_insn.get(tid)
     try:
-        if addr is not None and _read_mem(tid, addr, 2) == b"\x0f\x05":
-            return addr
+        try:
+            if addr is not None and _read_mem(tid, addr, 2) == b"\x0f\x05":
+                return addr
+        except OSError as err:
+            if err.errno != errno.EIO:
+                raise
+            # unmapped: the process ran exec since (or it is another one); look again
         with open(f"/proc/{tid}/maps", "rb") as f:
             for line in f:
                 if line.rstrip().endswith(b"[vdso]"):
@@ -346,47 +384,14 @@ def inject_syscall(tid: int, nr: int, *args: int) -> int:
 
     Returns the syscall's result (unsigned); raises OSError(-result) if it failed.
     The task's registers and signal mask are restored exactly, so a syscall it was
-    blocked in (read, nanosleep...) is restarted as usual when it is resumed.
+    blocked in (read, nanosleep...) is restarted as usual when it is resumed, and it
+    is left in a PTRACE_EVENT_STOP. One call is one SyscallSession (inject.py), which
+    runs it to syscall stops: a single step would force a SIGTRAP on the task,
+    resetting its own SIGTRAP handler.
     Do not call it on a task in a signal-delivery-stop whose signal you still want:
     its delivery is decided by the sig of your next cont/detach, not by this call.
     """
-    if len(args) > 6:
-        raise ValueError("a syscall takes at most 6 arguments")
-    insn = find_syscall_insn(tid)
-    saved = get_regs(tid)
-    saved_mask = get_sigmask(tid)
-    regs = dict(saved)
-    regs["rip"] = insn
-    regs["rax"] = nr
-    # orig_rax = -1: the kernel must not treat the stop's interrupted syscall
-    # (rax = -ERESTART*) as one to restart by rewinding rip over our instruction.
-    regs["orig_rax"] = _U64
-    for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args, strict=False):
-        regs[name] = value & _U64
-    # Block every signal while we step: a pending signal would otherwise be
-    # dequeued and reported (and could be lost) before our instruction runs.
-    set_sigmask(tid, _U64)
-    set_regs(tid, regs)
-    try:
-        for _ in range(16):
-            singlestep(tid)
-            stop = wait_stop(tid, 5.0)
-            if stop.kind in ("exited", "killed"):
-                raise TargetError(f"process {tid} {stop.kind} during syscall injection")
-            after = get_regs(tid)
-            if after["rip"] == insn + 2:
-                break
-            # Stopped before executing it (e.g. a group-stop arrived): step again.
-        else:
-            raise TargetError(f"process {tid}: injected syscall {nr} did not run")
-    finally:
-        try:
-            set_regs(tid, saved)
-            set_sigmask(tid, saved_mask)
-        except TargetError:
-            pass
-    result = after["rax"]
-    if result >= (1 << 64) - 4095:
-        err = (1 << 64) - result
-        raise OSError(err, f"injected syscall {nr} in {tid}: {os.strerror(err)}")
-    return result
+    from checkpointer.kernel.inject import SyscallSession  # inject.py builds on this module
+
+    with SyscallSession(tid) as session:
+        return session.call(nr, *args)

@@ -61,6 +61,7 @@ NR_get_robust_list = 274
 NR_tgkill = 234
 NR_clock_nanosleep = 230
 NR_process_vm_readv = 310
+NR_process_vm_writev = 311
 NR_userfaultfd = 323
 NR_pidfd_open = 434
 NR_pidfd_getfd = 438

@@ -4,10 +4,12 @@ Signal handlers, interval timers, prctl flags, the program break, the clear-tid
 address and the alternate signal stack are not in /proc. Each reader here takes an
 open SyscallSession in a stopped task and runs the `get` syscall there, with its
 output buffers in the session's scratch mapping: many calls write to distinct
-offsets of one page, read back with one read.
+offsets of one buffer, read back with one read, and the calls of one reader run as
+one batch (SyscallSession.call_many).
 
 Process-wide state (sigactions, itimers, brk, prctl) may be read in any live thread
-of the process; per-thread state (tid address, sigaltstack) in that very thread.
+of the process; per-thread state (tid address, sigaltstack: read_thread_state) in
+that very thread.
 The readers that need no injection (robust list, rseq) take a tid.
 """
 
@@ -17,7 +19,7 @@ import signal
 import struct
 
 from checkpointer.kernel import abi, syscalls
-from checkpointer.kernel.inject import SyscallSession
+from checkpointer.kernel.inject import At, SyscallSession
 from checkpointer.kernel.syscalls import NR_brk, NR_prctl
 
 NR_rt_sigaction = 13
@@ -55,10 +57,11 @@ _U64 = struct.Struct("<Q")
 def read_sigactions(session: SyscallSession) -> list[dict[str, int]]:
     """{sig, handler, flags, restorer, mask} of every signal but SIGKILL and SIGSTOP."""
     size = abi.SIGACTION.size
-    buf = session.scratch(size * len(SIGNALS_WITH_ACTION))
-    for i, sig in enumerate(SIGNALS_WITH_ACTION):
-        session.call(NR_rt_sigaction, sig, 0, buf + i * size, abi.SIGSET_SIZE)
-    data = session.read(buf, size * len(SIGNALS_WITH_ACTION))
+    calls = [
+        (NR_rt_sigaction, sig, 0, At(i * size), abi.SIGSET_SIZE)
+        for i, sig in enumerate(SIGNALS_WITH_ACTION)
+    ]
+    _, data = session.call_many(calls, size * len(calls))
     return [
         {"sig": sig, **abi.unpack_sigaction(data[i * size : (i + 1) * size])}
         for i, sig in enumerate(SIGNALS_WITH_ACTION)
@@ -68,10 +71,8 @@ def read_sigactions(session: SyscallSession) -> list[dict[str, int]]:
 def read_itimers(session: SyscallSession) -> dict[str, list[int]]:
     """{"real"|"virtual"|"prof": [interval_us, value_us]}: value is the time left."""
     size = abi.ITIMERVAL.size
-    buf = session.scratch(size * len(abi.ITIMER_NAMES))
-    for which in range(len(abi.ITIMER_NAMES)):
-        session.call(NR_getitimer, which, buf + which * size)
-    data = session.read(buf, size * len(abi.ITIMER_NAMES))
+    calls = [(NR_getitimer, which, At(which * size)) for which in range(len(abi.ITIMER_NAMES))]
+    _, data = session.call_many(calls, size * len(calls))
     return {
         name: abi.unpack_itimerval(data[i * size : (i + 1) * size])
         for i, name in enumerate(abi.ITIMER_NAMES)
@@ -83,13 +84,13 @@ def read_prctl_state(session: SyscallSession) -> dict[str, int]:
 
     pdeathsig, no_new_privs and securebits belong to the thread the session is in.
     """
-    out = {
-        name: session.call(NR_prctl, option, 0, 0, 0, 0) for name, option in PRCTL_BY_RESULT.items()
-    }
-    buf = session.scratch(_INT.size * len(PRCTL_BY_POINTER))
-    for i, option in enumerate(PRCTL_BY_POINTER.values()):
-        session.call(NR_prctl, option, buf + i * _INT.size, 0, 0, 0)
-    data = session.read(buf, _INT.size * len(PRCTL_BY_POINTER))
+    by_result = [(NR_prctl, option, 0, 0, 0, 0) for option in PRCTL_BY_RESULT.values()]
+    by_pointer = [
+        (NR_prctl, option, At(i * _INT.size), 0, 0, 0)
+        for i, option in enumerate(PRCTL_BY_POINTER.values())
+    ]
+    results, data = session.call_many(by_result + by_pointer, _INT.size * len(by_pointer))
+    out = dict(zip(PRCTL_BY_RESULT, results, strict=False))
     for i, name in enumerate(PRCTL_BY_POINTER):
         out[name] = _INT.unpack_from(data, i * _INT.size)[0]
     return dict(sorted(out.items()))
@@ -100,19 +101,20 @@ def read_brk(session: SyscallSession) -> int:
     return session.call(NR_brk, 0)
 
 
-def read_tid_address(session: SyscallSession) -> int:
-    """The session's thread's clear_child_tid (set_tid_address, CLONE_CHILD_CLEARTID)."""
-    buf = session.scratch(_U64.size)
-    session.call(NR_prctl, PR_GET_TID_ADDRESS, buf, 0, 0, 0)
-    return _U64.unpack(session.read(buf, _U64.size))[0]
-
-
-def read_sigaltstack(session: SyscallSession) -> dict[str, int]:
-    """The session's thread's alternate signal stack: {sp, flags, size}
-    (flags SS_DISABLE = 2 when it has none; SS_ONSTACK = 1 while running on it)."""
-    buf = session.scratch(abi.STACK_T.size)
-    session.call(NR_sigaltstack, 0, buf)
-    return abi.unpack_stack(session.read(buf, abi.STACK_T.size))
+def read_thread_state(session: SyscallSession) -> dict:
+    """The session's thread's own state, in one batch: {"tid_address": its
+    clear_child_tid (set_tid_address, CLONE_CHILD_CLEARTID), "sigaltstack": its
+    alternate signal stack {sp, flags, size} (flags SS_DISABLE = 2 when it has none,
+    SS_ONSTACK = 1 while running on it)}."""
+    calls = [
+        (NR_prctl, PR_GET_TID_ADDRESS, At(0), 0, 0, 0),
+        (NR_sigaltstack, 0, At(_U64.size)),
+    ]
+    _, data = session.call_many(calls, _U64.size + abi.STACK_T.size)
+    return {
+        "tid_address": _U64.unpack_from(data)[0],
+        "sigaltstack": abi.unpack_stack(data[_U64.size :]),
+    }
 
 
 def read_robust_list(tid: int) -> list[int]:

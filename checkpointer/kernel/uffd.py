@@ -15,7 +15,7 @@ import errno
 import os
 
 from checkpointer.errors import TargetError
-from checkpointer.kernel import ptrace
+from checkpointer.kernel import proc, ptrace
 from checkpointer.kernel.syscalls import (
     F_DUPFD_CLOEXEC,
     O_CLOEXEC,
@@ -38,6 +38,7 @@ UFFD_FEATURE_WP_HUGETLBFS_SHMEM = 1 << 12
 UFFD_FEATURE_WP_UNPOPULATED = 1 << 13
 UFFD_FEATURE_WP_ASYNC = 1 << 15
 UFFD_USER_MODE_ONLY = 1
+PIDFD_THREAD = 0o200  # O_EXCL: a pidfd for one thread (6.9+)
 # What the tracker asks for: async WP (no handler), unpopulated ptes marked too, shmem.
 WP_FEATURES = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_WP_HUGETLBFS_SHMEM
 
@@ -96,12 +97,12 @@ def close_target_fd(pid: int, tid: int, fd: int) -> None:
 def find_target_uffd(pid: int) -> int | None:
     """The lowest fd of pid that is a userfaultfd, or None."""
     try:
-        names = os.listdir(f"/proc/{pid}/fd")
+        names = os.listdir(f"{proc.task_dir(pid)}/fd")
     except (FileNotFoundError, ProcessLookupError):
         raise TargetError(f"process {pid} does not exist (exited)") from None
     for fd in sorted(int(n) for n in names):
         try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == UFFD_LINK:
+            if os.readlink(f"{proc.task_dir(pid)}/fd/{fd}") == UFFD_LINK:
                 return fd
         except (FileNotFoundError, ProcessLookupError):
             continue
@@ -111,7 +112,7 @@ def find_target_uffd(pid: int) -> int | None:
 def is_target_uffd(pid: int, target_fd: int) -> bool:
     """Is fd target_fd of pid (still) a userfaultfd? False if closed or reused."""
     try:
-        return os.readlink(f"/proc/{pid}/fd/{target_fd}") == UFFD_LINK
+        return os.readlink(f"{proc.task_dir(pid)}/fd/{target_fd}") == UFFD_LINK
     except (FileNotFoundError, ProcessLookupError):
         if not os.path.exists(f"/proc/{pid}"):
             raise TargetError(f"process {pid} does not exist (exited)") from None
@@ -120,8 +121,11 @@ def is_target_uffd(pid: int, target_fd: int) -> bool:
 
 def get_fd(pid: int, target_fd: int) -> int:
     """A copy of the target's fd in this process (pidfd_open + pidfd_getfd), CLOEXEC."""
+    tid = proc.live_tid(pid)
     try:
-        pidfd = syscall(NR_pidfd_open, pid, 0)
+        # A thread pidfd (PIDFD_THREAD, 6.9+) when the main thread has exited:
+        # pidfd_getfd takes the files of the pidfd's own task.
+        pidfd = syscall(NR_pidfd_open, tid, PIDFD_THREAD if tid != pid else 0)
     except ProcessLookupError:
         raise TargetError(f"process {pid} does not exist (exited)") from None
     try:
@@ -148,17 +152,19 @@ def uffd_api(fd: int, features: int = WP_FEATURES) -> int:
 
 
 def register_wp(fd: int, start: int, length: int) -> bool:
-    """UFFDIO_REGISTER in write-protect mode. False if the kernel refuses this VMA kind.
+    """UFFDIO_REGISTER in write-protect mode. False if the kernel refuses it.
 
     Refused (False): EINVAL for [vdso]/[vvar]/[vsyscall]/MAP_DROPPABLE, EPERM for
-    read-only MAP_SHARED files: callers skip those and dump them in full.
-    EBUSY (owned by another uffd) and other errors raise OSError.
+    read-only MAP_SHARED files, EBUSY for a VMA registered with another
+    userfaultfd (the target's own): callers dump those in full. Registering a VMA
+    already registered with this fd again succeeds and changes nothing, so True
+    also tells "this registration is ours". Other errors raise OSError.
     """
     reg = _UffdioRegister(start, length, UFFDIO_REGISTER_MODE_WP, 0)
     try:
         ioctl_ptr(fd, UFFDIO_REGISTER, ctypes.addressof(reg))
     except OSError as exc:
-        if exc.errno in (errno.EINVAL, errno.EPERM):
+        if exc.errno in (errno.EINVAL, errno.EPERM, errno.EBUSY):
             return False
         raise
     return True

@@ -1,6 +1,7 @@
 """Step 6b: credentials, last, in CRIU's order, on every thread (Linux keeps
-credentials per thread): groups, gids, keep-caps, uids, capabilities, ambient
-capabilities; then the prctl state that depends on them (dumpable, no_new_privs)."""
+credentials per thread): groups, gids, bounding set, securebits and keep-caps,
+uids, capabilities, ambient capabilities; then the prctl state that depends on
+them (dumpable, no_new_privs)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,15 @@ from checkpointer.kernel.inject import SyscallSession
 from checkpointer.kernel.proc import read_creds
 from checkpointer.restore.task import Task
 
+SECBIT_KEEP_CAPS = 1 << 4
+
 
 def restore_creds(task: Task) -> None:
     creds = task.image.process["creds"]
-    if _same_creds(creds, read_creds(task.pid)):
-        pass  # nothing to change: root restoring a root process
-    else:
-        for s in task.threads.values():
-            _thread_creds(s, creds)
     state = task.image.process.get("prctl", {})
+    if not _same_creds(creds, read_creds(task.pid)) or state.get("securebits"):
+        for s in task.threads.values():
+            _thread_creds(s, creds, state.get("securebits", 0))
     if "dumpable" in state:
         taskctl.prctl(task.session, taskctl.PR_SET_DUMPABLE, state["dumpable"])
     for s in task.threads.values():
@@ -32,18 +33,22 @@ def _same_creds(dumped: dict, now: dict) -> bool:
     )
 
 
-def _thread_creds(s: SyscallSession, c: dict) -> None:
+def _thread_creds(s: SyscallSession, c: dict, securebits: int) -> None:
     taskctl.setgroups(s, c["groups"])
     taskctl.setresgid(s, *c["gid"])
     last_cap = int(open("/proc/sys/kernel/cap_last_cap").read())
     for cap in range(last_cap + 1):
         if not c["cap_bnd"] >> cap & 1:
             taskctl.prctl(s, taskctl.PR_CAPBSET_DROP, cap)
-    # Keep the permitted set across the uid change; capset then trims it.
+    # Securebits while we still hold CAP_SETPCAP; keep the permitted set across
+    # the uid change (capset then trims it), unless the bits lock keep-caps.
+    if securebits:
+        taskctl.prctl(s, taskctl.PR_SET_SECUREBITS, securebits | SECBIT_KEEP_CAPS)
     taskctl.prctl(s, taskctl.PR_SET_KEEPCAPS, 1)
     taskctl.setresuid(s, *c["uid"])
     taskctl.capset(s, c["cap_eff"], c["cap_prm"], c["cap_inh"])
     for cap in range(last_cap + 1):
         if c["cap_amb"] >> cap & 1:
             taskctl.prctl(s, taskctl.PR_CAP_AMBIENT, taskctl.PR_CAP_AMBIENT_RAISE, cap)
-    taskctl.prctl(s, taskctl.PR_SET_KEEPCAPS, 0)
+    # PR_SET_KEEPCAPS needs no capability, unlike PR_SET_SECUREBITS.
+    taskctl.prctl(s, taskctl.PR_SET_KEEPCAPS, 1 if securebits & SECBIT_KEEP_CAPS else 0)

@@ -113,8 +113,10 @@ def _tree_order(procs: dict[int, ProcessImage], root: int, path: str) -> list[Pr
     return order
 
 
-def preflight(images: RestoreImages, shell_job: bool = False) -> None:
-    """Refuse what cannot work here, before any process is created."""
+def preflight(images: RestoreImages, shell_job: bool = False, pids_free: bool = True) -> None:
+    """Refuse what cannot work here, before any process is created. pids_free=False
+    skips the PID check (a migration on one host checks before the source lets go
+    of its PIDs)."""
     caps = proc.read_creds(os.getpid())["cap_eff"]
     missing = [name for name, bits in NEEDED_CAPS.items() if not any(caps >> b & 1 for b in bits)]
     if missing:
@@ -127,7 +129,7 @@ def preflight(images: RestoreImages, shell_job: bool = False) -> None:
         for tid in p.tids:
             if tid > pid_max:
                 raise RestoreError(f"PID {tid} is above this system's pid_max {pid_max}")
-            if proc.exists(tid) and not _reaped_soon(tid):
+            if pids_free and proc.exists(tid) and not _reaped_soon(tid):
                 raise RestoreError(f"PID {tid} is taken (by {_comm(tid)}); it must be free")
         if p.process.get("seccomp"):
             raise RestoreError(f"process {p.pid} runs under seccomp: not supported")

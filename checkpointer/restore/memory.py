@@ -17,6 +17,7 @@ import os
 from checkpointer.errors import ImageError
 from checkpointer.images.resolve import Piece
 from checkpointer.kernel import ptrace, taskctl
+from checkpointer.kernel.memory import MemWriter
 from checkpointer.kernel.syscalls import NR_mmap, NR_munmap, syscall
 from checkpointer.restore import pagefeed
 from checkpointer.restore.images import (
@@ -69,7 +70,7 @@ class SharedObjects:
             os.ftruncate(fd, size)
         else:
             fd = _new_shared_anon(size)
-        pagefeed.write_pieces(fd, self.images.pieces.get(owner, []))
+        pagefeed.write_pieces(pagefeed.file_sink(fd), self.images.pieces.get(owner, []))
         return fd
 
     def close(self) -> None:
@@ -202,8 +203,7 @@ def _write_pages(task: Task, pieces: list[Piece]) -> None:
     vmas = task.image.vmas
     starts = [v["start"] for v in vmas]
     data: list[Piece] = []
-    fd = os.open(f"/proc/{task.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
-    try:
+    with MemWriter(task.pid) as writer:
         for piece in pieces:
             for lo, hi, vma in _split_by_vma(piece.start, piece.end, vmas, starts, task.pid):
                 if vma["kind"] in SKIPPED_KINDS:
@@ -214,10 +214,8 @@ def _write_pages(task: Task, pieces: list[Piece]) -> None:
                     # Fresh anonymous memory reads as zeros already; a zero page of
                     # a file mapping is a private copy the file does not hold.
                     for addr in range(lo, hi, CHUNK):
-                        os.pwrite(fd, bytes(min(CHUNK, hi - addr)), addr)
-        pagefeed.write_pieces(fd, data)
-    finally:
-        os.close(fd)
+                        writer.write(addr, bytes(min(CHUNK, hi - addr)))
+        pagefeed.write_pieces(writer.write, data)
 
 
 def _split_by_vma(lo: int, hi: int, vmas: list, starts: list, pid: int):

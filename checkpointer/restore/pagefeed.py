@@ -49,8 +49,9 @@ def _frame_jobs(pieces: Iterable[Piece], delta: int):
         yield job
 
 
-def write_pieces(fd: int, pieces: list[Piece], delta: int = 0, workers: int = 2) -> int:
-    """pwrite every data piece into fd at (piece address - delta); the bytes written."""
+def write_pieces(sink, pieces: list[Piece], delta: int = 0, workers: int = 2) -> int:
+    """Write every data piece at (piece address - delta) with sink(addr, frame,
+    offset in frame, size); the bytes written."""
     data_pieces = [p for p in pieces if p.source is not None]
     for pm in {id(p.source): p.source for p in data_pieces}.values():
         pm.open_pages()
@@ -61,17 +62,26 @@ def write_pieces(fd: int, pieces: list[Piece], delta: int = 0, workers: int = 2)
         for job in jobs:
             pending.append((job, pool.submit(_decompress, job[0], job[1])))
             if len(pending) >= AHEAD:
-                written += _write_job(fd, *pending.popleft())
+                written += _write_job(sink, *pending.popleft())
         while pending:
-            written += _write_job(fd, *pending.popleft())
+            written += _write_job(sink, *pending.popleft())
     return written
 
 
-def _write_job(fd: int, job, future) -> int:
-    frame = memoryview(future.result())
+def _write_job(sink, job, future) -> int:
+    frame = future.result()
     total = 0
     for addr, inner, n in job[2]:
-        if os.pwrite(fd, frame[inner : inner + n], addr) != n:
-            raise OSError(f"short write at {addr:#x}")
+        sink(addr, frame, inner, n)
         total += n
     return total
+
+
+def file_sink(fd: int):
+    """A sink that pwrites into a file (a shared memory object's fd)."""
+
+    def write(addr: int, frame: bytes, inner: int, n: int) -> None:
+        if os.pwrite(fd, memoryview(frame)[inner : inner + n], addr) != n:
+            raise OSError(f"short write at {addr:#x}")
+
+    return write

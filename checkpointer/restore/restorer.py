@@ -109,12 +109,15 @@ def _release(tasks: dict[int, Task], leave_stopped: bool) -> None:
     single instruction (see _stop_before_running)."""
     for task in tasks.values():
         task.close_sessions()
-    if leave_stopped:
-        _stop_before_running(tasks)
-        return
+    # A process that was stopped (SIGSTOP, ^Z) when it was dumped stays stopped.
+    stopped = {
+        pid: t for pid, t in tasks.items() if leave_stopped or t.image.process["state"] == "T"
+    }
+    _stop_before_running(stopped)
     for task in tasks.values():
-        for tid in task.threads:
-            ptrace.detach(tid)
+        if task.pid not in stopped:
+            for tid in task.threads:
+                ptrace.detach(tid)
 
 
 def _stop_before_running(tasks: dict[int, Task]) -> None:
@@ -124,6 +127,8 @@ def _stop_before_running(tasks: dict[int, Task]) -> None:
     So: every signal held, SIGSTOP queued, detach (the group stops at once),
     then seize each stopped thread again to set its real mask, and detach again,
     which leaves it in the group-stop."""
+    if not tasks:
+        return
     masks = {tid: ptrace.get_sigmask(tid) for task in tasks.values() for tid in task.threads}
     for tid in masks:
         ptrace.set_sigmask(tid, HOLD_ALL)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass, field
 
-from checkpointer.kernel import taskctl
+from checkpointer.errors import TargetError
+from checkpointer.kernel import ptrace, taskctl
 from checkpointer.kernel.inject import SyscallSession
-from checkpointer.restore.images import ProcessImage
+from checkpointer.restore.images import ProcessImage, RestoreError
 
 
 @dataclass
@@ -44,3 +46,24 @@ class Task:
     def close_sessions(self) -> None:
         for s in self.threads.values():
             s.close()
+
+
+def clone_task(
+    creator: SyscallSession, flags: int, tid: int, exit_signal: int, created: list[int]
+) -> SyscallSession:
+    """clone3 a process or thread with id `tid` from `creator` (set_tid); once it
+    reports its first stop (it is traced from birth), a session on it. `created`
+    gets the id at once, so a failure after this point kills it too."""
+    try:
+        got = taskctl.clone3(creator, flags, tid, exit_signal)
+    except OSError as exc:
+        if exc.errno == errno.EEXIST:
+            raise RestoreError(f"PID {tid} is taken; it must be free") from None
+        raise
+    created.append(got)
+    stop = ptrace.wait_stop(got, 10.0)
+    if stop.kind in ("exited", "killed"):
+        raise TargetError(f"restored task {got} died at birth")
+    session = SyscallSession(got, restore_regs=False, insn=creator.insn)
+    session.open()
+    return session

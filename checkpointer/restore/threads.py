@@ -14,12 +14,10 @@ from __future__ import annotations
 import errno
 import struct
 
-from checkpointer.errors import TargetError
 from checkpointer.kernel import abi, ptrace, taskctl
-from checkpointer.kernel.inject import SyscallSession
 from checkpointer.restore import signals
 from checkpointer.restore.images import RestoreError
-from checkpointer.restore.task import Task
+from checkpointer.restore.task import Task, clone_task
 
 ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK = 512, 513, 514, 516
 _U64 = (1 << 64) - 1
@@ -30,18 +28,7 @@ def create_threads(task: Task, created: list[int]) -> None:
     for tid in task.image.tids:
         if tid == task.pid:
             continue
-        try:
-            taskctl.clone3(task.session, abi.CLONE_THREAD_FLAGS, tid)
-        except OSError as exc:
-            if exc.errno == errno.EEXIST:
-                raise RestoreError(f"TID {tid} is taken; it must be free") from None
-            raise
-        created.append(tid)
-        stop = ptrace.wait_stop(tid, 10.0)
-        if stop.kind in ("exited", "killed"):
-            raise TargetError(f"restored thread {tid} died at birth")
-        s = SyscallSession(tid, restore_regs=False, insn=task.session.insn)
-        s.open()
+        s = clone_task(task.session, abi.CLONE_THREAD_FLAGS, tid, 0, created)
         if task.scratch:
             s.adopt_scratch(*task.scratch)
         task.threads[tid] = s

@@ -16,12 +16,11 @@ import ctypes
 import os
 import signal
 
-from checkpointer.errors import TargetError
 from checkpointer.kernel import abi, ptrace, taskctl
 from checkpointer.kernel.inject import SyscallSession
 from checkpointer.kernel.syscalls import libc
 from checkpointer.restore.images import RestoreError, RestoreImages
-from checkpointer.restore.task import Task
+from checkpointer.restore.task import Task, clone_task
 
 TRACE_OPTIONS = ptrace.PTRACE_O_TRACEFORK | ptrace.PTRACE_O_TRACECLONE | ptrace.PTRACE_O_EXITKILL
 PR_SET_PDEATHSIG = 1
@@ -90,19 +89,7 @@ def _clone(creator: SyscallSession, pid: int, clone_parent: bool, created: list[
     """clone3 a new process with `pid` from `creator`; a session on it."""
     flags = abi.CLONE_PARENT if clone_parent else 0
     exit_signal = 0 if clone_parent else signal.SIGCHLD  # CLONE_PARENT inherits it
-    try:
-        got = taskctl.clone3(creator, flags, pid, exit_signal)
-    except OSError as exc:
-        if exc.errno == 17:  # EEXIST
-            raise RestoreError(f"PID {pid} is taken; it must be free") from None
-        raise
-    created.append(got)
-    stop = ptrace.wait_stop(got, 10.0)
-    if stop.kind in ("exited", "killed"):
-        raise TargetError(f"restored process {got} died at birth")
-    session = SyscallSession(got, restore_regs=False, insn=creator.insn)
-    session.open()
-    return session
+    return clone_task(creator, flags, pid, exit_signal, created)
 
 
 def _join_groups(images: RestoreImages, tasks: dict[int, Task]) -> None:

@@ -11,10 +11,16 @@ the parent dump.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from checkpointer.pageruns import Range
 from checkpointer.vmas import Vma
+
+# Given by the caller (which owns the freezer): a context that holds one thread of
+# the target in a ptrace stop and yields its tid.
+StopThread = Callable[[], AbstractContextManager[int]]
 
 
 @dataclass
@@ -34,15 +40,21 @@ class Tracker(ABC):
     def scan(self, pid: int, vmas: list[Vma], incremental: bool) -> dict[int, VmaPages]:
         """Pages of each PRIVATE vma (keyed by vma.start); resets tracking for pid."""
 
-    def attach(self, pid: int, state: dict, stopped_tid: int | None) -> dict:
-        """Make sure tracking is set up for pid; return state to keep between runs."""
+    def attach(self, pid: int, state: dict, stop: StopThread) -> dict:
+        """Make sure tracking is set up for pid; return state to keep between runs.
+        `with stop() as tid:` gives a thread of pid in a ptrace stop, if needed."""
         return {}
+
+    def own_traces(self, state: dict) -> tuple[set[int], set[str]]:
+        """The fds and smaps VmFlags this tracker put into a target (with `state`
+        from an earlier run): the target's records must not show them."""
+        return set(), set()
 
     def lost(self, pid: int, state: dict) -> str | None:
         """Why tracking state from an earlier run cannot be trusted, or None."""
         return None
 
-    def untrack(self, pid: int, state: dict, stopped_tid: int | None) -> None:  # noqa: B027
+    def untrack(self, pid: int, state: dict, stop: StopThread) -> None:  # noqa: B027
         """Remove every trace of tracking from the target."""
 
     def close(self) -> None:  # noqa: B027 (optional hook)

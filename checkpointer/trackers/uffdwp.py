@@ -15,15 +15,16 @@ registration (the target closed the fd) forces a full pass.
 
 from __future__ import annotations
 
+import logging
 import os
 
-from checkpointer.collect import read_vmas
 from checkpointer.errors import TargetError
-from checkpointer.freezer import stopped_thread
-from checkpointer.kernel import pagemap, uffd
+from checkpointer.kernel import pagemap, proc, uffd
 from checkpointer.pageruns import Range, clip
-from checkpointer.trackers.base import Tracker, VmaPages
+from checkpointer.trackers.base import StopThread, Tracker, VmaPages
 from checkpointer.vmas import Vma
+
+log = logging.getLogger("checkpointer")
 
 
 class UffdWpTracker(Tracker):
@@ -33,20 +34,22 @@ class UffdWpTracker(Tracker):
     def __init__(self) -> None:
         self._fds: dict[int, int] = {}  # pid -> our copy of the target's uffd
 
-    def attach(self, pid: int, state: dict, stopped_tid: int | None) -> dict:
+    def attach(self, pid: int, state: dict, stop: StopThread) -> dict:
         target_fd = state.get("uffd_fd")
         if target_fd is None or not uffd.is_target_uffd(pid, target_fd):
-            if stopped_tid is None:
-                with stopped_thread(pid) as tid:
-                    target_fd = uffd.open_target_uffd(pid, tid)
-            else:
-                target_fd = uffd.open_target_uffd(pid, stopped_tid)
+            high = _high_fd(pid)
+            with stop() as tid:
+                target_fd = uffd.open_target_uffd(pid, tid, high_fd=high)
             fd = uffd.get_fd(pid, target_fd)
             uffd.uffd_api(fd, uffd.WP_FEATURES)
         else:
             fd = uffd.get_fd(pid, target_fd)
         self._fds[pid] = fd
         return {"uffd_fd": target_fd}
+
+    def own_traces(self, state: dict) -> tuple[set[int], set[str]]:
+        target_fd = state.get("uffd_fd")
+        return ({target_fd}, {"uw"}) if target_fd is not None else (set(), set())
 
     def lost(self, pid: int, state: dict) -> str | None:
         target_fd = state.get("uffd_fd")
@@ -65,10 +68,15 @@ class UffdWpTracker(Tracker):
                 # is reported written and copied, never wrongly taken from the parent.
                 present = pm.data_runs(vma.start, vma.end)
                 registered = uffd.vma_is_wp_registered(vma.vmflags)
+                if registered and not self._ours(fd, pm, pid, vma):
+                    result[vma.start] = VmaPages(present, None)  # copied whole
+                    continue
                 if not registered:
-                    registered = uffd.register_wp(fd, vma.start, vma.end - vma.start)
-                    if registered:
+                    if uffd.register_wp(fd, vma.start, vma.end - vma.start):
                         pm.written_and_protect(vma.start, vma.end)  # start clean
+                        # Read again: a page first touched between the read above
+                        # and the protect is reported by nothing else, ever.
+                        present = pm.data_runs(vma.start, vma.end)
                     result[vma.start] = VmaPages(present, None)
                     continue
                 written = pm.written_and_protect(vma.start, vma.end)
@@ -76,22 +84,39 @@ class UffdWpTracker(Tracker):
                 result[vma.start] = VmaPages(present, dirty if incremental else None)
         return result
 
-    def untrack(self, pid: int, state: dict, stopped_tid: int | None) -> None:
+    def _ours(self, fd: int, pm: pagemap.Pagemap, pid: int, vma: Vma) -> bool:
+        """Is this VMA's write-protect registration the tool's? The "uw" flag and
+        the wp bits look the same when the target uses userfaultfd itself, but its
+        own (un)protecting says nothing about writes since our last pass. Ours
+        accepts our fd again (another uffd's gives EBUSY) and is asynchronous
+        (PM_SCAN_CHECK_WPASYNC); anything else is never trusted."""
+        if uffd.register_wp(fd, vma.start, vma.end - vma.start) and pm.is_wp_async(
+            vma.start, vma.end
+        ):
+            return True
+        log.info(
+            "process %d: %x-%x is write-protected by its own userfaultfd: copied whole "
+            "on every pass",
+            pid,
+            vma.start,
+            vma.end,
+        )
+        return False
+
+    def untrack(self, pid: int, state: dict, stop: StopThread) -> None:
         target_fd = state.get("uffd_fd")
         if target_fd is None or not uffd.is_target_uffd(pid, target_fd):
             return
         fd = uffd.get_fd(pid, target_fd)
         try:
-            for m in read_vmas(pid):
-                if uffd.vma_is_wp_registered(m.vmflags):
+            flags = proc.read_smaps_vmflags(pid)
+            for m in proc.read_maps(pid):
+                if uffd.vma_is_wp_registered(flags.get(m.start, [])):
                     uffd.unregister(fd, m.start, m.end - m.start)
         finally:
             os.close(fd)
-        if stopped_tid is None:
-            with stopped_thread(pid) as tid:
-                uffd.close_target_fd(pid, tid, target_fd)
-        else:
-            uffd.close_target_fd(pid, stopped_tid, target_fd)
+        with stop() as tid:
+            uffd.close_target_fd(pid, tid, target_fd)
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -100,6 +125,14 @@ class UffdWpTracker(Tracker):
             except OSError:
                 pass
         self._fds.clear()
+
+
+def _high_fd(pid: int) -> int:
+    """Where the injected fd goes: far above the low numbers a program reuses (a
+    daemon closing and reopening 0-2 would get the lowest free one), yet under
+    its RLIMIT_NOFILE, and not so high that its fd table grows much."""
+    soft = proc.read_rlimits(pid).get("nofile", [1024])[0]
+    return max(3, min(soft if soft > 0 else 2048, 2048) // 2)
 
 
 def ensure_supported() -> None:

@@ -1,0 +1,280 @@
+"""Live migration: pre-copy while the tree runs, one freeze, restore elsewhere.
+
+The flow (the converge loop of converge.py, with every dump streamed as soon as
+it is committed):
+
+1. each pre-dump is written to a local staging chain and streamed to the
+   destination, which commits it there;
+2. when a stop rule holds, the final dump freezes the tree and leaves it stopped
+   (SIGSTOP) on the source; it is streamed like the others;
+3. the destination restores it and answers once the tree runs;
+4. only then the source is killed (after the destination confirmed COMMIT).
+
+Any failure before that lets the source go (SIGCONT: it keeps running) and the
+destination undoes what it did (receive.py). When both ends share one PID
+space (the same host), the restored tree needs the source's PIDs: the source is
+killed before the restore, and a failed restore is rolled back by restoring the
+local staging chain on the source.
+
+The staging chain is a first version: a dump is committed locally, then its files
+are streamed, so the final dump's pages are written twice before the restore.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from checkpointer.converge import ConvergeOptions, Iteration, converge
+from checkpointer.errors import CheckpointError
+from checkpointer.freezer import Thaw
+from checkpointer.kernel import proc
+from checkpointer.receive import can_restore, host_identity
+from checkpointer.transport import Destination, Link, SshLink, TcpLink, parse_page_server
+
+log = logging.getLogger("checkpointer")
+
+
+@dataclass
+class MigrateOptions:
+    pid: int
+    to: str | None = None  # [USER@]HOST for ssh
+    page_server: str | None = None  # ADDRESS:PORT instead of ssh
+    ssh_options: list[str] = field(default_factory=list)
+    remote_command: str = "checkpointer"
+    remote_dir: str | None = None  # default: a fresh directory under /var/tmp
+    images_dir: Path | None = None  # local staging chain; default: a temp dir, removed
+    same_pid_space: str = "auto"  # "yes" | "no": override what hello says
+    leave_stopped: bool = False  # the restored tree waits for SIGCONT at the destination
+    tracker: str = "auto"
+    max_iterations: int = 8
+    min_pages: int = 64
+    max_grow: float = 10.0
+    max_downtime_ms: float = 300.0
+    progress: bool | None = False
+
+
+@dataclass
+class StreamedIteration:
+    number: int
+    kind: str
+    pages_written: int
+    bytes_streamed: int
+    stream_ms: float  # from the first byte sent to committed at the destination
+    send_ms: float  # from the first byte sent to the last
+    rate_mb_s: float  # bytes_streamed / send_ms
+    frozen_ms: float
+    duration_ms: float
+
+
+@dataclass
+class MigrateResult:
+    destination: str
+    remote_dir: str
+    iterations: list[StreamedIteration] = field(default_factory=list)
+    stop_rule: str = ""
+    frozen_ms: float = 0.0  # the final dump's freeze
+    downtime_ms: float = 0.0  # from the final dump's start to running at the destination
+    restore_ms: float = 0.0
+    root_pid: int = 0
+    pids: list[int] = field(default_factory=list)
+    same_pid_space: bool = False
+    bytes_streamed: int = 0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class MigrationFailed(CheckpointError):
+    """The migration did not happen; `rolled_back` says what the source is doing."""
+
+
+def migrate(
+    opts: MigrateOptions, on_iteration: Callable[[StreamedIteration], None] | None = None
+) -> MigrateResult:
+    link = _open_link(opts)
+    staging = opts.images_dir or Path(
+        tempfile.mkdtemp(prefix="checkpointer-migrate-", dir="/var/tmp")
+    )
+    try:
+        return _Migration(opts, link, Path(staging), on_iteration).run()
+    finally:
+        link.close()
+        if opts.images_dir is None:  # set when a rollback restored from it
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _open_link(opts: MigrateOptions) -> Link:
+    if opts.page_server:
+        return TcpLink(*parse_page_server(opts.page_server))
+    if not opts.to:
+        raise CheckpointError("migrate needs --to [USER@]HOST or --page-server ADDRESS:PORT")
+    remote_dir = opts.remote_dir or f"/var/tmp/checkpointer-migrate-{opts.pid}-{int(time.time())}"
+    opts.remote_dir = remote_dir
+    return SshLink(opts.to, remote_dir, opts.ssh_options, opts.remote_command)
+
+
+class _Migration:
+    def __init__(self, opts, link: Link, staging: Path, on_iteration) -> None:
+        self.opts = opts
+        self.staging = staging
+        self.on_iteration = on_iteration
+        self.dest = Destination(link)
+        hello = self.dest.hello
+        ours = host_identity()
+        same = hello.get("boot_id") == ours["boot_id"] and hello.get("pid_ns") == ours["pid_ns"]
+        if opts.same_pid_space != "auto":
+            same = opts.same_pid_space == "yes"
+        self.result = MigrateResult(
+            link.description, hello.get("images_dir", ""), same_pid_space=same
+        )
+        self.final_started: float | None = None
+        self.tree: list[int] = [opts.pid]
+
+    def run(self) -> MigrateResult:
+        opts, res = self.opts, self.result
+        try:
+            conv = converge(
+                ConvergeOptions(
+                    pid=opts.pid,
+                    images_dir=self.staging,
+                    tracker=opts.tracker,
+                    max_iterations=opts.max_iterations,
+                    min_pages=opts.min_pages,
+                    max_grow=opts.max_grow,
+                    max_downtime_ms=opts.max_downtime_ms,
+                    thaw=Thaw.STOPPED,
+                    progress=opts.progress,
+                ),
+                self._stream,
+            )
+        except BaseException as err:
+            self._let_source_go()
+            raise self._failed("streaming the dumps", err) from None
+        res.stop_rule = conv.stop_rule
+        res.frozen_ms = conv.downtime_ms
+        if res.same_pid_space:
+            try:
+                self._check_restorable()
+            except BaseException as err:
+                self._let_source_go()
+                raise self._failed("before the restore", err) from None
+            self._kill_source()  # the restore needs its PIDs
+        try:
+            restored = self.dest.restore("final", opts.leave_stopped)
+            running_at = time.monotonic()
+            self.dest.commit()
+        except BaseException as err:
+            if res.same_pid_space:
+                raise self._restore_here(err) from None
+            self._let_source_go()
+            raise self._failed("restoring at the destination", err) from None
+        if not res.same_pid_space:
+            self._kill_source()
+        res.downtime_ms = (running_at - self.final_started) * 1000
+        res.restore_ms = restored.get("seconds", 0.0) * 1000
+        res.root_pid, res.pids = restored["root_pid"], restored["pids"]
+        try:
+            self.dest.end()
+        except CheckpointError as err:
+            log.warning("the migration is done, but the session did not end cleanly: %s", err)
+        return res
+
+    def _stream(self, it: Iteration) -> None:
+        if it.kind == "dump":
+            self.final_started = time.monotonic() - it.duration_ms / 1000
+            from checkpointer.images import Dump
+
+            with Dump.open(str(self.staging / it.directory)) as d:
+                self.tree = list(d.pids)
+        answer = self.dest.send_dump(str(self.staging / it.directory))
+        send_s = answer["send_seconds"]
+        streamed = StreamedIteration(
+            number=it.number,
+            kind=it.kind,
+            pages_written=it.pages_written,
+            bytes_streamed=answer["bytes_streamed"],
+            stream_ms=answer["seconds"] * 1000,
+            send_ms=send_s * 1000,
+            rate_mb_s=answer["bytes_streamed"] / send_s / 1e6 if send_s > 0 else 0.0,
+            frozen_ms=it.frozen_ms,
+            duration_ms=it.duration_ms,
+        )
+        self.result.iterations.append(streamed)
+        self.result.bytes_streamed += streamed.bytes_streamed
+        if self.on_iteration:
+            self.on_iteration(streamed)
+
+    def _check_restorable(self) -> None:
+        """Same PID space: the source dies before the restore, so whatever can be
+        known to fail must fail now, while the source can still resume."""
+        if not (self.dest.hello.get("can_restore") and can_restore()):
+            raise CheckpointError("one end cannot restore")
+        from checkpointer.restore import images as restore_images
+
+        images = restore_images.load(str(self.staging / "final"))
+        # Taken PIDs are expected: the source holds them until it is killed.
+        restore_images.preflight(images, pids_free=False)
+
+    def _let_source_go(self) -> None:
+        """Rollback: the source runs on (a tree the final dump left stopped resumes)."""
+        if self.final_started is None:
+            return  # only pre-dumps ran: the tree never stopped
+        for pid in self.tree:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+    def _kill_source(self) -> None:
+        for pid in self.tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 5
+        for pid in self.tree:
+            while proc.exists(pid) and time.monotonic() < deadline:
+                time.sleep(0.002)
+
+    def _restore_here(self, err: BaseException) -> MigrationFailed:
+        """Same host, source already killed: restore the staging chain here."""
+        what = _why(err)
+        try:
+            from checkpointer.restore import RestoreRequest, restore
+
+            res = restore(
+                RestoreRequest(images_dir=self.staging / "final", detach=True, leave_stopped=False)
+            )
+        except BaseException as again:
+            return MigrationFailed(
+                f"migration failed restoring at the destination ({what}), and restoring "
+                f"the source from {self.staging} failed too ({_why(again)}); "
+                f"the chain is kept there"
+            )
+        self.opts.images_dir = self.staging  # keep it: the restored source came from it
+        return MigrationFailed(
+            f"migration failed restoring at the destination ({what}); rolled back: "
+            f"the source was restored here as pid {res.root_pid}"
+        )
+
+    def _failed(self, stage: str, err: BaseException) -> MigrationFailed:
+        return MigrationFailed(
+            f"migration failed {stage} ({_why(err)}); rolled back: "
+            f"process {self.opts.pid} keeps running on the source"
+        )
+
+
+def _why(err: BaseException) -> str:
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(err, OSError) and not isinstance(err, CheckpointError):
+        return f"{err.filename}: {err.strerror}" if err.filename else str(err.strerror or err)
+    return str(err) or type(err).__name__

@@ -1,0 +1,90 @@
+"""Pure logic of the restorer (no kernel involved): the syscall-restart fix-up,
+finding a free gap, and resolving page runs through a chain of real images."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from checkpointer.errors import ImageError
+from checkpointer.images import DumpWriter
+from checkpointer.images.reader import Dump
+from checkpointer.images.resolve import resolve
+from checkpointer.restore.memory import _gap
+from checkpointer.restore.threads import restart_fixup
+
+U64 = (1 << 64) - 1
+
+
+def regs(rax: int, orig: int, rip: int = 0x1000) -> dict:
+    return {"rax": rax & U64, "orig_rax": orig & U64, "rip": rip}
+
+
+@pytest.mark.parametrize("code", [512, 513, 514])
+def test_restartable_syscall_is_issued_again(code):
+    out = restart_fixup(regs(-code, 202))  # futex interrupted: -ERESTARTSYS...
+    assert out["rax"] == 202 and out["rip"] == 0x1000 - 2
+
+
+def test_restart_block_becomes_eintr():
+    out = restart_fixup(regs(-516, 230))  # clock_nanosleep: -ERESTART_RESTARTBLOCK
+    assert out["rax"] == -errno.EINTR & U64 and out["rip"] == 0x1000
+
+
+@pytest.mark.parametrize("rax, orig", [(-512, -1), (0, 35), (-errno.EINTR, 232), (7, 0)])
+def test_other_states_are_left_alone(rax, orig):
+    before = regs(rax, orig)
+    assert restart_fixup(before) == before
+
+
+def test_gap_skips_busy_ranges():
+    page = 4096
+    busy = [(1 << 32, (1 << 32) + 2 * page), ((1 << 32) + 3 * page, (1 << 32) + 9 * page)]
+    assert _gap(busy, page) == (1 << 32) + 2 * page
+    assert _gap(busy, 2 * page) == (1 << 32) + 9 * page
+
+
+def _chain(tmp_path, second_runs):
+    """Two dumps of pid 7: the first holds pages 0-3, the second `second_runs`."""
+    ps = 4096
+    base = 0x10000
+    with DumpWriter(str(tmp_path / "1"), kind="pre-dump") as w:
+        w.write_pstree([{"pid": 7, "ppid": 1, "pgid": 7, "sid": 7, "threads": [7]}])
+        pages = w.open_pages("pid-7")
+        pages.add_data(base, b"".join(bytes([i + 1]) * ps for i in range(4)))
+        pages.close()
+        w.commit()
+    with DumpWriter(str(tmp_path / "2"), kind="pre-dump", parent="../1") as w:
+        w.write_pstree([{"pid": 7, "ppid": 1, "pgid": 7, "sid": 7, "threads": [7]}])
+        pages = w.open_pages("pid-7")
+        for kind, first, n in second_runs:
+            if kind == "parent":
+                pages.add_parent(base + first * ps, n)
+            elif kind == "zero":
+                pages.add_zero(base + first * ps, n)
+            else:
+                pages.add_data(base + first * ps, bytes([0xEE]) * ps * n)
+        pages.close()
+        w.commit()
+    return Dump.open(str(tmp_path / "2"))
+
+
+def test_resolve_takes_each_page_from_the_newest_dump_that_holds_it(tmp_path):
+    d = _chain(tmp_path, [("parent", 0, 1), ("here", 1, 1), ("zero", 2, 1), ("parent", 3, 1)])
+    pieces = resolve(d, "pid-7")
+    got = [(p.start, p.end, p.source.read_stream(p.off, 1)[0] if p.source else None)
+           for p in pieces]  # fmt: skip
+    base, ps = 0x10000, 4096
+    assert got == [
+        (base, base + ps, 1),
+        (base + ps, base + 2 * ps, 0xEE),
+        (base + 2 * ps, base + 3 * ps, None),
+        (base + 3 * ps, base + 4 * ps, 4),
+    ]
+
+
+def test_resolve_refuses_a_parent_reference_no_ancestor_holds(tmp_path):
+    d = _chain(tmp_path, [("parent", 3, 2)])  # page 4 was never in the parent
+    with pytest.raises(ImageError, match="no ancestor holds them"):
+        resolve(d, "pid-7")
