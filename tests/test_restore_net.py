@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 from objectslib import dump_and_kill, restore, start_program
 from redislib import HAVE_REDIS, Resp, commands_processed, start_benchmark, start_redis
-from targetlib import assert_one_line_error, cli
+from targetlib import CLI, assert_one_line_error, cli
 
 from checkpointer.images import Dump
 from checkpointer.kernel import sockets
@@ -814,3 +814,21 @@ def test_tcp_connection_inside_the_tree(program, tmp_path):
     assert (prog.result("a"), prog.result("c"), prog.result("again")) == (
         b"to a", b"to c", b"again",
     )  # fmt: skip
+
+
+def test_tcp_established_without_cap_net_admin_is_refused(program, tmp_path):
+    """Root without CAP_NET_ADMIN can trace, but not repair or lock a connection."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        prog = program(CLIENT.format(port=server.getsockname()[1]))
+        peer, _ = server.accept()
+        r = subprocess.run(
+            ["setpriv", "--inh-caps=-net_admin", "--bounding-set=-net_admin", "--",
+             *CLI, "dump", "-t", str(prog.pid), "-D", str(tmp_path / "images"),
+             "--tcp-established"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert_one_line_error(r, f"process {prog.pid}", "needs CAP_NET_ADMIN")
+        prog.go()
+        peer.sendall(b"still connected|end")
+        assert prog.result("got") == b"still connected|end"
+        peer.close()

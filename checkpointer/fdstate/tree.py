@@ -3,10 +3,13 @@ what, and established TCP connections (read in repair mode, locked)."""
 
 from __future__ import annotations
 
+import os
 import socket
 
 from checkpointer.errors import CheckpointError
-from checkpointer.kernel import netlock, sockets
+from checkpointer.kernel import netlock, proc, sockets
+
+CAP_NET_ADMIN = 12
 
 FAMILY_NUMBERS = {"inet": socket.AF_INET, "inet6": socket.AF_INET6}
 
@@ -121,6 +124,12 @@ def repair_established(records: dict[int, list[dict]], held: RepairedConnections
                 first.setdefault(rec["sock_inode"], (pid, rec))
     if not first:
         return
+    if not proc.read_creds(os.getpid())["cap_eff"] & 1 << CAP_NET_ADMIN:
+        pid, rec = next(iter(first.values()))
+        raise CheckpointError(
+            f"{_where(pid, rec)}: dumping established TCP connections needs CAP_NET_ADMIN "
+            "(TCP repair mode, netfilter rules)"
+        )
     # The locks first: segments still arriving would change the queues read next.
     held.held.extend((pid, rec["fd"], rec) for pid, rec in first.values())
     try:
