@@ -30,7 +30,26 @@ FIONREAD = 0x541B
 def copy_fd(pid: int, fd: int) -> int:
     """A copy of fd `fd` of process `pid` in this process (pidfd_getfd), close-on-exec.
     It refers to the same open file: a socket copied this way is the target's socket."""
-    pidfd = syscall(NR_pidfd_open, pid, 0)
+    try:
+        return _getfd(syscall(NR_pidfd_open, pid, 0), fd)
+    except OSError as exc:
+        if exc.errno != errno.ESRCH:
+            raise
+    # The main thread exited (it has no fd table any more) while others run on:
+    # ask one of them, they share the table.
+    for tid in sorted(int(t) for t in os.listdir(f"/proc/{pid}/task")):
+        if tid != pid:
+            try:
+                return _getfd(syscall(NR_pidfd_open, tid, PIDFD_THREAD), fd)
+            except OSError:
+                continue
+    raise OSError(errno.ESRCH, f"no live thread of process {pid} holds fd {fd}")
+
+
+PIDFD_THREAD = os.O_EXCL
+
+
+def _getfd(pidfd: int, fd: int) -> int:
     try:
         return syscall(NR_pidfd_getfd, pidfd, fd, 0)
     finally:
