@@ -832,3 +832,24 @@ def test_tcp_established_without_cap_net_admin_is_refused(program, tmp_path):
         peer.sendall(b"still connected|end")
         assert prog.result("got") == b"still connected|end"
         peer.close()
+
+
+def test_unix_listener_with_an_abstract_name(program, tmp_path):
+    name = f"\0checkpointer-test-{os.getpid()}-{time.monotonic_ns()}"
+    prog = program(
+        f"""
+        u = socket.socket(socket.AF_UNIX)
+        u.bind({name!r})
+        u.listen(2)
+        ready()
+        while True:
+            c, _ = u.accept()
+            c.send(b"abstract")
+            c.close()
+        """
+    )
+    dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+    restore(tmp_path / "images")
+    with socket.socket(socket.AF_UNIX) as c:
+        c.connect(name)
+        assert c.recv(100) == b"abstract"
