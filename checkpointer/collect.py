@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 
@@ -245,6 +246,8 @@ def fd_records(pid: int, hide: set[int] | frozenset[int] = frozenset()) -> list[
         if fd.fd not in hide
     ]
     for rec in records:
+        if rec["type"] == "file" and rec["stat"] and stat.S_ISFIFO(rec["stat"]["mode"]):
+            rec["type"] = "fifo"
         rec.update(fdstate.describe(pid, rec))
     return records
 

@@ -36,6 +36,7 @@ class ConvergeOptions:
     max_downtime_ms: float = 300.0
     interval_ms: float = 0.0
     thaw: Thaw = Thaw.KILL
+    tcp_established: bool = False  # the final dump keeps established TCP connections
     progress: bool | None = False
     shell_job: bool = False  # for the final dump
 
@@ -104,6 +105,7 @@ def converge(
     started = time.monotonic()
     final_req = _request(opts, "final", parent, tracker, len(result.iterations) + 1)
     final_req.thaw = opts.thaw
+    final_req.tcp_established = opts.tcp_established
     final_req.track_mem = opts.thaw is not Thaw.KILL
     res = dump(final_req)
     it = _iteration(len(result.iterations) + 1, "final", "dump", res, started, last_start)

@@ -21,6 +21,7 @@ from pathlib import Path
 from checkpointer import collect, contents, trackstate
 from checkpointer.copier import PageCopier
 from checkpointer.errors import CheckpointError, ImageError, TargetError
+from checkpointer.fdstate import tree as fdtree
 from checkpointer.freezer import Freezer, FrozenTree, Thaw, live_tree, stopped_thread
 from checkpointer.images import FROZEN_LEVEL, PAGE_LEVEL, Dump, DumpWriter
 from checkpointer.kernel import proc
@@ -43,6 +44,7 @@ class DumpRequest:
     tracker: str = "auto"
     track_mem: bool = False  # reset tracking so a later dump can build on this one
     thaw: Thaw = Thaw.KILL
+    tcp_established: bool = False  # dump established TCP connections (repair mode)
     cgroup: str | None = None
     progress: bool | None = None  # None: only when stderr is a terminal
     iteration: int | None = None
@@ -116,6 +118,7 @@ class _Pass:
         self.full_pids: dict[int, str] = {}  # pid -> why it gets a full pass
         self.frozen = False
         self.contents: dict[str, tuple] = {}  # owner -> where to read a whole file
+        self.connections = fdtree.RepairedConnections()
 
     # The order of this method is the algorithm.
     def run(self) -> DumpResult:
@@ -153,6 +156,7 @@ class _Pass:
                         # Every byte is read; fsync and rename need not keep the
                         # target waiting. (A tree to kill stays frozen until the
                         # images are safe.)
+                        self.connections.release()
                         freezer.thaw(req.thaw)
                     self.times["frozen_time"] = _us_since(frozen_at)
                 stats.update(self.times)
@@ -167,6 +171,7 @@ class _Pass:
                     raise TargetError(f"process {req.pid} exited during the {req.kind}")
                 writer.commit(self._inventory(tree, start_time))
         except BaseException:
+            self.connections.release()
             try:
                 freezer.thaw(Thaw.RUNNING)
             except TargetError as err:
@@ -176,6 +181,10 @@ class _Pass:
                 self.tracker.close()
             raise
         self._remember_reset()
+        if req.thaw is not Thaw.KILL:
+            # Killed, the connections close in repair mode (silently) and stay
+            # locked for the restore; a tree that lives on keeps them.
+            self.connections.release()
         freezer.thaw(req.thaw)
         if self.tracker:
             self.tracker.close()
@@ -362,6 +371,10 @@ class _Pass:
         if self.req.kind == "dump":
             collect.check_terminals(records, processes, fds, self.req.shell_job)
         collect.mark_shared_descriptions(fds)
+        # With every fd of the tree known: refusals (a peer outside the tree, a
+        # connection without --tcp-established), then TCP repair and locks.
+        fdtree.check(fds, self.req.tcp_established)
+        fdtree.repair_established(fds, self.connections)
         for pid, fd_recs in fds.items():
             writer.write_fds(pid, fd_recs)
         self.contents = collect.content_sources(fds, vma_records)

@@ -39,6 +39,12 @@ level_option = click.option(
     help="zstd level of page data [default: -50 for a frozen dump, -1 for a pre-dump].",
 )
 log_option = click.option("-o", "--log-file", type=click.Path(), help="Write the log here.")
+tcp_option = click.option(
+    "--tcp-established",
+    is_flag=True,
+    help="Dump established TCP connections (repair mode; locked by an iptables rule "
+    "until the restore).",
+)
 page_server_option = click.option(
     "--page-server",
     metavar="ADDRESS:PORT",
@@ -144,6 +150,7 @@ def print_dump_result(res, as_json: bool = False) -> None:
 )
 @shell_job_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@tcp_option
 @level_option
 @page_server_option
 @verbose_option
@@ -159,6 +166,7 @@ def dump(
     freeze_cgroup,
     shell_job,
     as_json,
+    tcp_established,
     compress_level,
     page_server,
     verbose,
@@ -184,6 +192,7 @@ def dump(
         cgroup=freeze_cgroup,
         compress_level=compress_level,
         shell_job=shell_job,
+        tcp_established=tcp_established,
     )
     res = do_dump(req)
     print_dump_result(res, as_json)
@@ -235,6 +244,7 @@ def pre_dump_cmd(
 @leave_options
 @shell_job_option
 @click.option("--json", "as_json", is_flag=True, help="Print the iterations and summary as JSON.")
+@tcp_option
 @verbose_option
 @log_option
 def converge(
@@ -250,6 +260,7 @@ def converge(
     leave_stopped,
     shell_job,
     as_json,
+    tcp_established,
     verbose,
     log_file,
 ):
@@ -274,6 +285,7 @@ def converge(
         interval_ms=interval_ms,
         thaw=thaw_mode(leave_running, leave_stopped),
         shell_job=shell_job,
+        tcp_established=tcp_established,
     )
     if not as_json:
         click.echo(

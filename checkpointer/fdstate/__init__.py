@@ -18,5 +18,8 @@ def describe(pid: int, record: dict) -> dict:
     return fn(pid, record) if fn else {}
 
 
-# The kinds register themselves in DESCRIBERS.
-from checkpointer.fdstate import anon, files  # noqa: E402, F401
+# The kinds register themselves in DESCRIBERS (anon, files); pipes and sockets here.
+from checkpointer.fdstate import anon, files, pipe, socket  # noqa: E402
+
+DESCRIBERS.update({"pipe": pipe.describe, "fifo": pipe.describe, "socket": socket.describe})
+_ = (anon, files)

@@ -195,7 +195,13 @@ V2_FIELDS: dict[str, dict] = {
     },
     "mm": {"exe_stat": opt(FILE_ID)},
     "vma": {"deleted": BOOL, "stat": opt(FILE_ID)},
-    "fd": {"cloexec": BOOL, "deleted": BOOL, "stat": opt(FILE_ID)},
+    "fd": {
+        "cloexec": BOOL,
+        "deleted": BOOL,
+        "stat": opt(FILE_ID),
+        # v2 tells a FIFO (a path) from a regular file
+        "type": enum("file", "dir", "pipe", "fifo", "socket", "anon", "tty", "other"),
+    },
 }
 
 SCHEMAS_V2: dict[str, dict] = {

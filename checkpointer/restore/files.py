@@ -30,7 +30,11 @@ class OpenFiles:
     copied into every process that holds it; `objects` keeps those, by key."""
 
     def __init__(
-        self, shell_job: bool, images: RestoreImages, shared: SharedObjects | None = None
+        self,
+        shell_job: bool,
+        images: RestoreImages,
+        shared: SharedObjects | None = None,
+        tree_fds: dict[int, list[dict]] | None = None,
     ) -> None:
         self.shell_job = shell_job
         self.images = images
@@ -39,6 +43,8 @@ class OpenFiles:
         self.objects: dict[str, int] = {}  # key -> our fd of the object
         self.paths: dict[str, str] = {}  # key -> a path to open it (a pty's slave)
         self._done: set[str] = set()
+        # pid -> fd records of every process restored: who holds the other end.
+        self.tree_fds = tree_fds or {}
 
     def shared(self, key: str, create) -> int:
         """Our fd for the object `key`, made by create() the first time."""
@@ -175,9 +181,9 @@ def _enter(task: Task, path: str) -> None:
 
 
 def _register_kinds() -> None:
-    from checkpointer.restore import anon
+    from checkpointer.restore import anon, pipe, socket
 
-    KINDS["anon"] = anon
+    KINDS.update({"anon": anon, "pipe": pipe, "fifo": pipe, "socket": socket})
 
 
 _register_kinds()

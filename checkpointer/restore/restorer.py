@@ -57,7 +57,9 @@ def restore(req: RestoreRequest) -> RestoreResult:
     seed = tree.Seed()
     tasks: dict[int, Task] = {}
     shared = memory.SharedObjects(images)
-    open_files = files.OpenFiles(req.shell_job, images, shared)
+    open_files = files.OpenFiles(
+        req.shell_job, images, shared, {p.pid: p.fds for p in images.processes}
+    )
     try:
         for p in images.processes:
             for thread in p.threads:

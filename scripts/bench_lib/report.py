@@ -277,6 +277,25 @@ def restore(r: dict, title: str) -> str:
     return f"### {title}\n\n" + _t(header, rows)
 
 
+def redis_gap(r: dict) -> str:
+    rows = []
+    for i, run in enumerate(r["runs"], 1):
+        if "error" in run:
+            rows.append([str(i), run["error"], "", "", "", ""])
+            continue
+        rows.append([
+            str(i), f"{run['final_frozen_ms']:.0f}", f"{run['restore_wall_s']:.2f}",
+            f"{run['kept_gap_ms']:.0f}", "yes" if run["kept_alive"] else "NO",
+            f"{run['new_client_gap_ms']:.0f}",
+        ])  # fmt: skip
+    header = ["run", "final dump frozen ms", "restore wall s", "kept connection: gap ms",
+              "kept connection answered throughout", "new clients: gap ms"]  # fmt: skip
+    return (
+        f"### 6. redis service gap across converge --tcp-established + restore "
+        f"({r['keys']} keys, redis-benchmark load)\n\n" + _t(header, rows)
+    )
+
+
 def render(res: dict) -> str:
     out = [
         f"## checkpointer benchmarks ({res['meta']['date']}, "
@@ -298,6 +317,8 @@ def render(res: dict) -> str:
         out += [workloads(res["workloads"], "4a. Workloads natively (uffd-wp, full)"), ""]
     if "restore" in res:
         out += [restore(res["restore"], "5a. Restore natively (dump, kill, restore -d)"), ""]
+    if "redis_gap" in res:
+        out += [redis_gap(res["redis_gap"]), ""]
     if "guest" in res:
         g = res["guest"]
         if "restore" in g:

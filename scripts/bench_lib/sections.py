@@ -252,7 +252,9 @@ def workloads(
                         if tool == "criu":
                             entry[tool] = _chain_criu(w, tmp / tool, tcp=name == "redis")
                         else:
-                            entry[tool] = _chain_cp(w, tmp / tool, tool, 2, final=True)
+                            entry[tool] = _chain_cp(
+                                w, tmp / tool, tool, 2, final=True, tcp=name == "redis"
+                            )
                     except Exception as err:  # noqa: BLE001
                         entry[tool] = {"error": str(err)[-1500:]}
                     finally:
@@ -263,7 +265,9 @@ def workloads(
     return out
 
 
-def _chain_cp(w: Workload, d: Path, tracker: str, pre_dumps: int, final: bool) -> list[dict]:
+def _chain_cp(
+    w: Workload, d: Path, tracker: str, pre_dumps: int, final: bool, tcp: bool = False
+) -> list[dict]:
     its = []
     for i in range(1, pre_dumps + 2 if final else pre_dumps + 1):
         if i > 1:
@@ -274,6 +278,8 @@ def _chain_cp(w: Workload, d: Path, tracker: str, pre_dumps: int, final: bool) -
         kind = "dump" if final and i == pre_dumps + 1 else "pre-dump"
         if kind == "dump":
             args += ["--leave-running", "--track-mem"]
+            if tcp:  # redis-benchmark's connections (as CRIU is asked below)
+                args += ["--tcp-established"]
         run = cp(kind, *args)
         s = run.json["stats"]
         its.append(

@@ -1,0 +1,117 @@
+"""Sockets at dump: family, type, addresses, state, options and (unix streams)
+the bytes waiting to be read, through a copy of the target's fd (pidfd_getfd).
+TCP connections are only named here; their repair-mode state is read by
+fdstate.tcp once every fd of the tree is known."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from checkpointer.errors import TargetError
+from checkpointer.kernel import sockets
+
+FAMILIES = {
+    socket.AF_UNIX: "unix",
+    socket.AF_INET: "inet",
+    socket.AF_INET6: "inet6",
+    socket.AF_NETLINK: "netlink",
+    socket.AF_PACKET: "packet",
+}
+TYPES = {
+    socket.SOCK_STREAM: "stream",
+    socket.SOCK_DGRAM: "dgram",
+    socket.SOCK_SEQPACKET: "seqpacket",
+    socket.SOCK_RAW: "raw",
+}
+TCP_STATES = dict(enumerate(
+    ("?", "established", "syn-sent", "syn-recv", "fin-wait1", "fin-wait2", "time-wait",
+     "close", "close-wait", "last-ack", "listen", "closing", "new-syn-recv"),
+))  # fmt: skip
+# Options kept on inet sockets: (level, name) by record key.
+INET_OPTIONS = {
+    "reuseaddr": (socket.SOL_SOCKET, socket.SO_REUSEADDR),
+    "reuseport": (socket.SOL_SOCKET, socket.SO_REUSEPORT),
+    "keepalive": (socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+    "broadcast": (socket.SOL_SOCKET, socket.SO_BROADCAST),
+}
+TCP_OPTIONS = {"nodelay": (socket.IPPROTO_TCP, socket.TCP_NODELAY)}
+
+
+def describe(pid: int, record: dict) -> dict:
+    where = f"fd {record['fd']} of process {pid} ({record['target']})"
+    try:
+        sock = sockets.socket_of(sockets.copy_fd(pid, record["fd"]))
+    except OSError as exc:
+        raise TargetError(f"{where}: cannot read the socket: {exc.strerror or exc}") from None
+    with sock:
+        fields = {
+            "sock_inode": int(record["target"][len("socket:[") : -1]),
+            "sock_family": FAMILIES.get(sock.family, str(int(sock.family))),
+            "sock_type": TYPES.get(sock.type, str(int(sock.type))),
+        }
+        if sock.family == socket.AF_UNIX:
+            fields.update(_unix(sock, fields["sock_inode"]))
+        elif sock.family in (socket.AF_INET, socket.AF_INET6):
+            fields.update(_inet(sock, fields["sock_inode"]))
+        return fields
+
+
+def _name(raw) -> bytes | None:
+    """A unix address as bytes (abstract names start with NUL); None if unbound."""
+    if not raw:
+        return None
+    return raw.encode() if isinstance(raw, str) else bytes(raw)
+
+
+def _unix(sock: socket.socket, inode: int) -> dict:
+    diag = sockets.unix_socket(inode)
+    listening = diag.state == sockets.TCP_LISTEN
+    fields = {
+        "sock_name": _name(sock.getsockname()),
+        "sock_listening": listening,
+        "sock_connected": diag.state == sockets.TCP_ESTABLISHED,
+        "sock_peer": diag.peer,  # 0 also while a listener has not accepted us yet
+    }
+    if listening:
+        fields["sock_backlog"] = diag.backlog
+    else:
+        try:
+            fields["sock_peer_name"] = _name(sock.getpeername())
+        except OSError:
+            fields["sock_peer_name"] = None
+        queued = sockets.bytes_queued(sock.fileno())
+        fields["sock_queued"] = queued
+        if queued and sock.type == socket.SOCK_STREAM:
+            fields["sock_data"] = sock.recv(queued, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        elif queued:
+            messages = sockets.peek_messages(sock)
+            fields["sock_messages"] = [data for data, _ in messages]
+            fields["sock_senders"] = [_name(sender) for _, sender in messages]
+    name = fields["sock_name"]
+    if name and not name.startswith(b"\0"):
+        try:
+            st = os.stat(name)
+            fields["sock_path_mode"] = st.st_mode & 0o7777
+        except OSError:
+            pass
+    return fields
+
+
+def _inet(sock: socket.socket, inode: int) -> dict:
+    fields: dict = {"sock_local": list(sock.getsockname()[:2])}
+    options = {k: sock.getsockopt(*opt) for k, opt in INET_OPTIONS.items()}
+    if sock.family == socket.AF_INET6:
+        options["v6only"] = sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+    try:
+        fields["sock_peer_addr"] = list(sock.getpeername()[:2])
+    except OSError:
+        fields["sock_peer_addr"] = None
+    if sock.type == socket.SOCK_STREAM:
+        options.update({k: sock.getsockopt(*opt) for k, opt in TCP_OPTIONS.items()})
+        state = sockets.tcp_state(sock)
+        fields["tcp_state"] = TCP_STATES.get(state, str(state))
+        if state == sockets.TCP_LISTEN:
+            fields["sock_backlog"] = sockets.tcp_listen_backlog(sock.family, inode) or 128
+    fields["sock_options"] = options
+    return fields

@@ -1,0 +1,156 @@
+"""Checks and steps that need every fd of the tree at once: what is connected to
+what, and established TCP connections (read in repair mode, locked)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from checkpointer.errors import CheckpointError
+from checkpointer.kernel import netlock, proc, sockets
+
+CAP_NET_ADMIN = 12
+
+FAMILY_NUMBERS = {"inet": socket.AF_INET, "inet6": socket.AF_INET6}
+
+
+def _where(pid: int, rec: dict) -> str:
+    return f"fd {rec['fd']} of process {pid} ({rec['target']})"
+
+
+def _endpoint(addr) -> str:
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def check(records: dict[int, list[dict]], tcp_established: bool) -> None:
+    """Refuse, naming the object, what a restore could not bring back."""
+    inodes = {r["sock_inode"] for recs in records.values() for r in recs if "sock_inode" in r}
+    listeners = {
+        r["sock_name"] for recs in records.values() for r in recs if r.get("sock_listening")
+    }
+    for pid, recs in records.items():
+        for rec in recs:
+            if rec["type"] != "socket":
+                continue
+            where = _where(pid, rec)
+            family = rec["sock_family"]
+            if family == "unix":
+                _check_unix(where, rec, inodes, listeners)
+            elif family in FAMILY_NUMBERS:
+                _check_inet(where, rec, tcp_established)
+            else:
+                raise CheckpointError(f"{where}: a {family} socket cannot be dumped")
+
+
+def _check_unix(where: str, rec: dict, inodes: set[int], listeners: set[bytes]) -> None:
+    if rec["sock_type"] not in ("stream", "dgram", "seqpacket"):
+        raise CheckpointError(f"{where}: a unix {rec['sock_type']} socket cannot be dumped")
+    peer = rec.get("sock_peer", 0)
+    # Connected to a listener of the tree that has not accepted it yet: the
+    # restore connects again.
+    waiting = not peer and rec.get("sock_peer_name") in listeners
+    if (
+        rec["sock_type"] != "dgram"
+        and rec.get("sock_connected")
+        and peer not in inodes
+        and not waiting
+    ):
+        name = rec.get("sock_peer_name") or b"an unnamed socket"
+        raise CheckpointError(
+            f"{where}: unix {rec['sock_type']} connected to {name.decode(errors='replace')} "
+            "outside the dumped tree: dump that process with it"
+        )
+    # Queued messages are sent again at restore: from the peer of a pair in the
+    # tree, or from an unnamed socket to a named one when no sender had a name.
+    pair = peer in inodes and rec["sock_type"] != "stream"
+    named_senders = any(rec.get("sock_senders") or [])
+    if rec.get("sock_messages") and not pair and (named_senders or not rec.get("sock_name")):
+        raise CheckpointError(
+            f"{where}: {len(rec['sock_messages'])} unix {rec['sock_type']} messages are "
+            "queued from senders that a restore cannot stand in for"
+        )
+
+
+def _check_inet(where: str, rec: dict, tcp_established: bool) -> None:
+    if rec["sock_type"] == "dgram":
+        return
+    if rec["sock_type"] != "stream":
+        raise CheckpointError(
+            f"{where}: a {rec['sock_family']} {rec['sock_type']} socket cannot be dumped"
+        )
+    state = rec["tcp_state"]
+    if state == "established":
+        if not tcp_established:
+            raise CheckpointError(
+                f"{where}: established TCP connection {_endpoint(rec['sock_local'])} -> "
+                f"{_endpoint(rec['sock_peer_addr'])}: "
+                "dumped only with --tcp-established (dump, converge)"
+            )
+    elif state not in ("listen", "close"):
+        raise CheckpointError(f"{where}: TCP connection in state {state} cannot be dumped")
+
+
+class RepairedConnections:
+    """The tree's established TCP connections, in repair mode and locked by a
+    netfilter rule: killed now, they go away without a word to their peers."""
+
+    def __init__(self) -> None:
+        self.held: list[tuple[int, int, dict]] = []  # (pid, fd, record)
+
+    def release(self) -> None:
+        """The tree runs on (or the dump failed): out of repair mode, unlocked."""
+        for pid, fd, _ in self.held:
+            try:
+                with sockets.socket_of(sockets.copy_fd(pid, fd)) as sock:
+                    sockets.set_repair(sock, sockets.TCP_REPAIR_OFF)
+            except OSError:
+                pass  # the process is gone: so is its connection
+        netlock.unlock_connections([connection(rec) for _, _, rec in self.held])
+        self.held.clear()
+
+
+def connection(rec: dict) -> netlock.Connection:
+    """What locks an established connection's fd record."""
+    return FAMILY_NUMBERS[rec["sock_family"]], rec["sock_local"], rec["sock_peer_addr"]
+
+
+def repair_established(records: dict[int, list[dict]], held: RepairedConnections) -> None:
+    """Lock every established connection (one netfilter batch), turn repair mode
+    on, and add its state (tcp_repair) to every fd record of it."""
+    first: dict[int, tuple[int, dict]] = {}  # inode -> (pid, record)
+    for pid, recs in records.items():
+        for rec in recs:
+            if rec.get("tcp_state") == "established":
+                first.setdefault(rec["sock_inode"], (pid, rec))
+    if not first:
+        return
+    if not proc.read_creds(os.getpid())["cap_eff"] & 1 << CAP_NET_ADMIN:
+        pid, rec = next(iter(first.values()))
+        raise CheckpointError(
+            f"{_where(pid, rec)}: dumping established TCP connections needs CAP_NET_ADMIN "
+            "(TCP repair mode, netfilter rules)"
+        )
+    # The locks first: segments still arriving would change the queues read next.
+    held.held.extend((pid, rec["fd"], rec) for pid, rec in first.values())
+    try:
+        netlock.lock_connections([connection(rec) for _, rec in first.values()])
+    except OSError as exc:
+        raise CheckpointError(f"locking TCP connections: {exc}") from None
+    state = {inode: _repair_one(pid, rec) for inode, (pid, rec) in first.items()}
+    for recs in records.values():
+        for rec in recs:
+            if rec.get("tcp_state") == "established":
+                rec["tcp_repair"] = state[rec["sock_inode"]]
+
+
+def _repair_one(pid: int, rec: dict) -> dict:
+    try:
+        with sockets.socket_of(sockets.copy_fd(pid, rec["fd"])) as sock:
+            sockets.set_repair(sock, sockets.TCP_REPAIR_ON)
+            return sockets.read_tcp_repair_state(sock)
+    except OSError as exc:
+        raise CheckpointError(
+            f"{_where(pid, rec)}: TCP repair: {exc.strerror or exc}"
+            + (" (needs CAP_NET_ADMIN)" if getattr(exc, "errno", 0) == 1 else "")
+        ) from None

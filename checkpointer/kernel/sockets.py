@@ -1,0 +1,323 @@
+"""Pipes and sockets: the few kernel calls that read and rebuild them.
+
+Pipes are read with tee(2), which copies buffered data without consuming it.
+Sockets are described through copies of the target's fds (pidfd_getfd) and
+sock_diag netlink (what no getsockopt tells: a unix socket's peer, a listener's
+backlog). TCP connections are read and rebuilt in repair mode (TCP_REPAIR).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import socket
+import struct
+from dataclasses import dataclass
+
+from checkpointer.kernel.syscalls import NR_pidfd_getfd, NR_pidfd_open, syscall
+
+NR_tee = 276
+SPLICE_F_NONBLOCK = 2
+F_SETPIPE_SZ = 1031
+F_GETPIPE_SZ = 1032
+FIONREAD = 0x541B
+
+# -- fds of other processes -------------------------------------------------------------
+
+
+def copy_fd(pid: int, fd: int) -> int:
+    """A copy of fd `fd` of process `pid` in this process (pidfd_getfd), close-on-exec.
+    It refers to the same open file: a socket copied this way is the target's socket."""
+    try:
+        return _getfd(syscall(NR_pidfd_open, pid, 0), fd)
+    except OSError as exc:
+        if exc.errno != errno.ESRCH:
+            raise
+    # The main thread exited (it has no fd table any more) while others run on:
+    # ask one of them, they share the table.
+    for tid in sorted(int(t) for t in os.listdir(f"/proc/{pid}/task")):
+        if tid != pid:
+            try:
+                return _getfd(syscall(NR_pidfd_open, tid, PIDFD_THREAD), fd)
+            except OSError:
+                continue
+    raise OSError(errno.ESRCH, f"no live thread of process {pid} holds fd {fd}")
+
+
+PIDFD_THREAD = os.O_EXCL
+
+
+def _getfd(pidfd: int, fd: int) -> int:
+    try:
+        return syscall(NR_pidfd_getfd, pidfd, fd, 0)
+    finally:
+        os.close(pidfd)
+
+
+def fd_inode(pid: int, fd: int) -> int:
+    return os.stat(f"/proc/{pid}/fd/{fd}").st_ino
+
+
+def holders_of(link: str, *, exclude: set[int]) -> list[tuple[int, int]]:
+    """(pid, fd) of every process not in `exclude` with an fd whose link reads `link`
+    ("pipe:[123]"): who outside a tree still holds an object."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in exclude:
+            continue
+        try:
+            for fd in os.listdir(f"/proc/{name}/fd"):
+                if os.readlink(f"/proc/{name}/fd/{fd}") == link:
+                    found.append((int(name), int(fd)))
+        except OSError:
+            continue  # exited, or not ours to read
+    return found
+
+
+# -- pipes ------------------------------------------------------------------------------
+
+
+def pipe_size(fd: int) -> int:
+    return fcntl.fcntl(fd, F_GETPIPE_SZ)
+
+
+def set_pipe_size(fd: int, size: int) -> None:
+    fcntl.fcntl(fd, F_SETPIPE_SZ, size)
+
+
+def bytes_queued(fd: int) -> int:
+    """FIONREAD: bytes waiting to be read on a pipe or socket."""
+    buf = ctypes.c_int()
+    fcntl.ioctl(fd, FIONREAD, buf)
+    return buf.value
+
+
+def peek_pipe(pid: int, fd: int, with_data: bool) -> tuple[int, bytes]:
+    """(size, buffered bytes) of the pipe at fd `fd` of `pid`, which keeps its data:
+    a copy of the fd (pidfd_getfd: no open, so no permission check on a pipe
+    another user made) is tee()d into a pipe of ours. `with_data` only for a
+    read end (tee reads from one)."""
+    src = copy_fd(pid, fd)
+    try:
+        size = pipe_size(src)
+        queued = bytes_queued(src) if with_data else 0
+        if not queued:
+            return size, b""
+        r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            set_pipe_size(w, size)
+            copied = syscall(NR_tee, src, w, size, SPLICE_F_NONBLOCK)
+            data = os.read(r, copied)
+            if len(data) != queued:
+                raise OSError(errno.EIO, f"tee copied {len(data)} of {queued} bytes")
+            return size, data
+        finally:
+            os.close(r)
+            os.close(w)
+    finally:
+        os.close(src)
+
+
+# -- sockets ----------------------------------------------------------------------------
+
+
+SO_PEEK_OFF = 42
+
+
+def peek_messages(sock: socket.socket) -> list[tuple[bytes, bytes | str | None]]:
+    """(bytes, sender address) of every message queued on a datagram or seqpacket
+    socket, none consumed: SO_PEEK_OFF makes each MSG_PEEK read the next one. The
+    socket's own peek offset is put back."""
+    old = sock.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
+    sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+    out = []
+    try:
+        while True:
+            try:
+                data, _, flags, sender = sock.recvmsg(
+                    1 << 20, 0, socket.MSG_PEEK | socket.MSG_DONTWAIT
+                )
+            except BlockingIOError:
+                return out
+            if flags & socket.MSG_TRUNC:
+                raise OSError(errno.EMSGSIZE, "a queued message is over 1 MiB")
+            out.append((data, sender or None))
+    finally:
+        sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, old)
+
+
+def socket_of(fd: int) -> socket.socket:
+    """A socket object over our fd `fd` (family, type and protocol asked from the
+    kernel); closing it closes fd."""
+    return socket.socket(fileno=fd)
+
+
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST, NLM_F_DUMP = 1, 0x300
+NLMSG_DONE, NLMSG_ERROR = 3, 2
+UDIAG_SHOW_NAME, UDIAG_SHOW_PEER, UDIAG_SHOW_RQLEN = 1, 4, 0x10
+UNIX_DIAG_NAME, UNIX_DIAG_PEER, UNIX_DIAG_RQLEN = 0, 2, 4
+
+
+@dataclass
+class UnixDiag:
+    inode: int
+    type: int
+    state: int
+    peer: int  # inode of the peer, 0 for none
+    queued: int  # bytes (stream) waiting to be read; a listener: connections waiting
+    backlog: int  # a listener's maximum backlog
+
+
+def _diag_query(payload: bytes, dump: bool = True) -> list[bytes]:
+    """One SOCK_DIAG_BY_FAMILY request (a dump of many, or one exact socket): the
+    bodies of the answers."""
+    flags = NLM_F_REQUEST | (NLM_F_DUMP if dump else 0)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as nl:
+        header = struct.pack("=LHHLL", 16 + len(payload), SOCK_DIAG_BY_FAMILY, flags, 1, 0)
+        nl.sendto(header + payload, (0, 0))
+        out = []
+        while True:
+            data = nl.recv(1 << 16)
+            off = 0
+            while off + 16 <= len(data):
+                length, kind, _, _, _ = struct.unpack_from("=LHHLL", data, off)
+                if kind == NLMSG_DONE:
+                    return out
+                if kind == NLMSG_ERROR:
+                    code = struct.unpack_from("=i", data, off + 16)[0]
+                    raise OSError(-code, f"sock_diag: {os.strerror(-code)}")
+                out.append(data[off + 16 : off + length])
+                off += (length + 3) & ~3
+            if not data or not dump:
+                return out
+
+
+def _attrs(body: bytes, start: int) -> dict[int, bytes]:
+    attrs, off = {}, start
+    while off + 4 <= len(body):
+        length, kind = struct.unpack_from("=HH", body, off)
+        if length < 4:
+            break
+        attrs[kind] = body[off + 4 : off + length]
+        off += (length + 3) & ~3
+    return attrs
+
+
+def unix_socket(inode: int) -> UnixDiag:
+    """The unix socket with this inode: its peer and queues (sock_diag)."""
+    req = struct.pack("=BBHLLLLL", socket.AF_UNIX, 0, 0, 0xFFFFFFFF, inode,
+                      UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN, 0xFFFFFFFF, 0xFFFFFFFF)  # fmt: skip
+    for body in _diag_query(req, dump=False):
+        _, type_, state, _, ino = struct.unpack_from("=BBBBL", body)
+        attrs = _attrs(body, 16)
+        peer = struct.unpack("=L", attrs[UNIX_DIAG_PEER])[0] if UNIX_DIAG_PEER in attrs else 0
+        rq, wq = struct.unpack("=LL", attrs.get(UNIX_DIAG_RQLEN, b"\0" * 8))
+        return UnixDiag(ino, type_, state, peer, rq, wq)
+    raise OSError(errno.ENOENT, f"no unix socket with inode {inode}")
+
+
+def tcp_listen_backlog(family: int, inode: int) -> int | None:
+    """The backlog a TCP listener was given (inet_diag's wqueue), None if not found."""
+    req = struct.pack("=BBBBL", family, socket.IPPROTO_TCP, 0, 0, 1 << 10)  # TCP_LISTEN
+    req += b"\0" * 48  # inet_diag_sockid: any
+    for body in _diag_query(req):
+        _, _, wqueue, _, ino = struct.unpack_from("=LLLLL", body, 4 + 48)
+        if ino == inode:
+            return wqueue
+    return None
+
+
+# -- TCP repair -------------------------------------------------------------------------
+
+TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ, TCP_REPAIR_OPTIONS = 19, 20, 21, 22
+TCP_TIMESTAMP, TCP_REPAIR_WINDOW = 24, 29
+TCP_RECV_QUEUE, TCP_SEND_QUEUE = 1, 2
+TCP_REPAIR_ON, TCP_REPAIR_OFF, TCP_REPAIR_OFF_NO_WP = 1, 0, -1
+TCPOPT_MSS, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
+TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE = 1, 2, 4
+TCP_ESTABLISHED, TCP_LISTEN = 1, 10
+SIOCOUTQ = 0x5411
+
+
+def tcp_state(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+
+
+def set_repair(sock: socket.socket, mode: int) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, mode)
+
+
+def _peek_queue(sock: socket.socket, queue: int, size: int) -> bytes:
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, queue)
+    if size == 0:
+        return b""
+    data = sock.recv(size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    if len(data) != size:
+        raise OSError(errno.EIO, f"read {len(data)} of {size} queued bytes")
+    return data
+
+
+def read_tcp_repair_state(sock: socket.socket) -> dict:
+    """Sequence numbers, queued data, options and window of a connection in repair
+    mode (the caller turned it on): what rebuild_tcp needs."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+    options, wscale = info[5], info[6]
+    in_queue = bytes_queued(sock.fileno())
+    out = ctypes.c_int()
+    fcntl.ioctl(sock.fileno(), SIOCOUTQ, out)
+    state = {
+        "recv_queue": _peek_queue(sock, TCP_RECV_QUEUE, in_queue),
+        "recv_seq": sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ),
+        "send_queue": _peek_queue(sock, TCP_SEND_QUEUE, out.value),
+        "send_seq": sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ),
+        "mss": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG),
+        "timestamps": bool(options & TCPI_OPT_TIMESTAMPS),
+        "sack": bool(options & TCPI_OPT_SACK),
+        "wscale": [wscale & 0xF, wscale >> 4] if options & TCPI_OPT_WSCALE else None,
+        "timestamp": sock.getsockopt(socket.IPPROTO_TCP, TCP_TIMESTAMP) & 0xFFFFFFFF,
+        "window": list(struct.unpack("=5L", sock.getsockopt(socket.IPPROTO_TCP,
+                                                             TCP_REPAIR_WINDOW, 20))),
+    }  # fmt: skip
+    for seq in ("recv_seq", "send_seq"):
+        state[seq] &= 0xFFFFFFFF
+    return state
+
+
+def rebuild_tcp(sock: socket.socket, local: tuple, peer: tuple, st: dict) -> None:
+    """Make `sock` (fresh, same family) the connection `local` <-> `peer` with the
+    state read_tcp_repair_state read; it is left in repair mode (leave_repair ends it)."""
+    tcp = socket.IPPROTO_TCP
+    set_repair(sock, TCP_REPAIR_ON)  # also lets bind reuse the listener's port
+    # The sequence numbers read are those after the queued bytes; writing the
+    # queues back below advances them again.
+    for queue, seq, data in ((TCP_RECV_QUEUE, "recv_seq", "recv_queue"),
+                             (TCP_SEND_QUEUE, "send_seq", "send_queue")):  # fmt: skip
+        sock.setsockopt(tcp, TCP_REPAIR_QUEUE, queue)
+        sock.setsockopt(tcp, TCP_QUEUE_SEQ, _signed32((st[seq] - len(st[data])) & 0xFFFFFFFF))
+    sock.bind(local)
+    sock.connect(peer)  # in repair mode: straight to ESTABLISHED, nothing sent
+    opts = [(TCPOPT_MSS, st["mss"])]
+    if st["wscale"] is not None:
+        opts.append((TCPOPT_WINDOW, st["wscale"][0] | st["wscale"][1] << 16))
+    if st["sack"]:
+        opts.append((TCPOPT_SACK_PERM, 0))
+    if st["timestamps"]:
+        opts.append((TCPOPT_TIMESTAMP, 0))
+    sock.setsockopt(tcp, TCP_REPAIR_OPTIONS, b"".join(struct.pack("=LL", *o) for o in opts))
+    if st["timestamps"]:
+        sock.setsockopt(tcp, TCP_TIMESTAMP, _signed32(st["timestamp"]))
+    for queue, data in ((TCP_RECV_QUEUE, st["recv_queue"]), (TCP_SEND_QUEUE, st["send_queue"])):
+        sock.setsockopt(tcp, TCP_REPAIR_QUEUE, queue)
+        view = memoryview(data)
+        while view:
+            view = view[sock.send(view) :]
+    # After the queues: the kernel checks the window against rcv_nxt.
+    sock.setsockopt(tcp, TCP_REPAIR_WINDOW, struct.pack("=5L", *st["window"]))
+
+
+def _signed32(v: int) -> int:
+    return v - (1 << 32) if v >= 1 << 31 else v

@@ -1,0 +1,199 @@
+"""Sockets at restore: made in the restorer, then copied into the tasks.
+
+unix: a connected pair inside the tree is a socketpair, the bytes each end had
+waiting written back from the other end; a listener is bound to its path again
+(a stale socket file left by the dumped process is replaced) with its mode and
+backlog; a datagram socket is bound and connected to its names again.
+inet: listening and unconnected sockets are bound again with their options
+(SO_REUSEADDR... before the bind, IPV6_V6ONLY) and backlog; an established TCP
+connection (dumped with --tcp-established) is rebuilt in repair mode with its
+sequence numbers, queues, options and window, and leaves repair mode in
+finish(), where the netfilter rule that locked it since the dump is removed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import stat
+
+from checkpointer.fdstate.tree import connection
+from checkpointer.kernel import netlock, sockets
+from checkpointer.restore.images import ProcessImage, RestoreError
+
+FAMILIES = {"unix": socket.AF_UNIX, "inet": socket.AF_INET, "inet6": socket.AF_INET6}
+TYPES = {
+    "stream": socket.SOCK_STREAM,
+    "dgram": socket.SOCK_DGRAM,
+    "seqpacket": socket.SOCK_SEQPACKET,
+}
+OPTIONS = {
+    "reuseaddr": (socket.SOL_SOCKET, socket.SO_REUSEADDR),
+    "reuseport": (socket.SOL_SOCKET, socket.SO_REUSEPORT),
+    "keepalive": (socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+    "broadcast": (socket.SOL_SOCKET, socket.SO_BROADCAST),
+    "nodelay": (socket.IPPROTO_TCP, socket.TCP_NODELAY),
+    "v6only": (socket.IPPROTO_IPV6, socket.IPV6_V6ONLY),
+}
+
+
+def _where(pid: int, record: dict) -> str:
+    return f"fd {record['fd']} of process {pid} ({record['target']})"
+
+
+def _records_by_inode(files) -> dict[int, dict]:
+    return {
+        r["sock_inode"]: r for recs in files.tree_fds.values() for r in recs if "sock_inode" in r
+    }
+
+
+def open(files, task, record: dict) -> int:  # noqa: A001 (the kind interface)
+    where = _where(task.pid, record)
+    try:
+        ours = files.shared(f"sock-{record['sock_inode']}", lambda: _make(files, record))
+        fd = os.dup(ours)
+    except OSError as exc:
+        raise RestoreError(f"{where}: {exc.strerror or exc}") from None
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    nonblock = record["flags"] & os.O_NONBLOCK
+    fcntl.fcntl(fd, fcntl.F_SETFL, (flags & ~os.O_NONBLOCK) | nonblock)
+    return fd
+
+
+def _make(files, record: dict) -> int:
+    family, type_ = FAMILIES[record["sock_family"]], TYPES[record["sock_type"]]
+    if family == socket.AF_UNIX:
+        by_inode = _records_by_inode(files)
+        peer = by_inode.get(record.get("sock_peer", 0))
+        if peer is not None and peer.get("sock_peer") == record["sock_inode"]:
+            return _make_pair(files, record, peer, type_)
+        sock = socket.socket(family, type_)
+        _unix(sock, record)
+        if record.get("sock_peer_name") and not record["sock_listening"]:
+            # Connected to a named socket: to one of the tree's, made first if need
+            # be (a listener that had not accepted us yet), or to one outside (dgram).
+            for other in by_inode.values():
+                if other.get("sock_name") == record["sock_peer_name"] and other is not record:
+                    files.shared(f"sock-{other['sock_inode']}", lambda o=other: _make(files, o))
+            sock.connect(record["sock_peer_name"])
+    else:
+        sock = socket.socket(family, type_)
+        _inet(sock, record)
+    return sock.detach()
+
+
+def _make_pair(files, record: dict, peer: dict, type_: int) -> int:
+    """Both ends of a connected pair at once (the peer's fd is kept for its own turn)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, type_)
+    for rec, other in ((record, theirs), (peer, ours)):
+        _send_queued(other, rec)  # what `rec`'s end had to read comes from the other end
+    files.objects[f"sock-{peer['sock_inode']}"] = theirs.detach()
+    return ours.detach()
+
+
+def _send_queued(sender: socket.socket, record: dict) -> None:
+    """Queue again the bytes (stream) or messages the record's socket had to read."""
+    sender.setblocking(False)
+    if record.get("sock_data"):
+        sender.sendall(record["sock_data"])
+    for message in record.get("sock_messages") or []:
+        sender.send(message)
+    sender.setblocking(True)
+
+
+def _unix(sock: socket.socket, record: dict) -> None:
+    name = record.get("sock_name")
+    if name:
+        if not name.startswith(b"\0"):
+            _remove_stale_socket_file(name)
+        sock.bind(name)
+        if "sock_path_mode" in record and not name.startswith(b"\0"):
+            os.chmod(name, record["sock_path_mode"])
+    if record["sock_listening"]:
+        sock.listen(record.get("sock_backlog", 128))
+    elif record.get("sock_messages"):  # unnamed senders (checked at dump)
+        with socket.socket(socket.AF_UNIX, sock.type) as sender:
+            sender.connect(name)
+            _send_queued(sender, record)
+
+
+def _remove_stale_socket_file(path: bytes) -> None:
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _set_options(sock: socket.socket, record: dict) -> None:
+    for name, value in record.get("sock_options", {}).items():
+        level, opt = OPTIONS[name]
+        if level == socket.IPPROTO_TCP and sock.type != socket.SOCK_STREAM:
+            continue
+        sock.setsockopt(level, opt, value)
+
+
+def _inet(sock: socket.socket, record: dict) -> None:
+    local = tuple(record["sock_local"])
+    state = record.get("tcp_state")
+    _set_options(sock, record)  # before the bind: IPV6_V6ONLY cannot change after it
+    if state == "established":
+        sockets.rebuild_tcp(sock, local, tuple(record["sock_peer_addr"]), record["tcp_repair"])
+        return
+    if local[1] != 0:
+        sock.bind(local)
+    if state == "listen":
+        sock.listen(record.get("sock_backlog", 128))
+    elif record.get("sock_peer_addr") and sock.type == socket.SOCK_DGRAM:
+        sock.connect(tuple(record["sock_peer_addr"]))
+
+
+def finish(files, task, record: dict) -> None:
+    """An established connection runs again: out of repair mode; then, once for
+    the whole tree, the netfilter rules that locked them since the dump go."""
+    if record.get("tcp_state") != "established":
+        return
+    key = f"sock-{record['sock_inode']}"
+    if key in files.objects:
+        with socket.socket(fileno=os.dup(files.objects[key])) as sock:
+            sockets.set_repair(sock, sockets.TCP_REPAIR_OFF)
+    if "netlock" in files.objects:
+        return
+    files.objects["netlock"] = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)  # done mark
+    netlock.unlock_connections(
+        [
+            connection(r)
+            for recs in files.tree_fds.values()
+            for r in recs
+            if r.get("tcp_state") == "established"
+        ]
+    )
+
+
+def check(p: ProcessImage, record: dict) -> None:
+    """Refuse a socket whose address is taken by another program, before anything
+    of the tree exists."""
+    where = _where(p.pid, record)
+    if record.get("sock_family") not in FAMILIES or record.get("sock_type") not in TYPES:
+        raise RestoreError(f"{where}: a {record.get('sock_family')} socket cannot be restored")
+    if record["sock_family"] == "unix":
+        name = record.get("sock_name")
+        if name and not name.startswith(b"\0") and os.path.lexists(name):
+            if not stat.S_ISSOCK(os.lstat(name).st_mode):
+                raise RestoreError(f"{where}: {name.decode()} exists and is not a socket")
+        return
+    if record.get("tcp_state") == "listen" or (
+        record["sock_type"] == "dgram" and record["sock_local"][1] != 0
+    ):
+        _check_free(where, record)
+
+
+def _check_free(where: str, record: dict) -> None:
+    with socket.socket(FAMILIES[record["sock_family"]], TYPES[record["sock_type"]]) as probe:
+        _set_options(probe, record)
+        try:
+            probe.bind(tuple(record["sock_local"]))
+        except OSError as exc:
+            host, port = record["sock_local"][:2]
+            raise RestoreError(f"{where}: cannot bind {host} port {port}: {exc.strerror}") from None
