@@ -165,9 +165,19 @@ class Freezer:
         if mode is Thaw.KILL:
             for pid in pids:
                 _signal(pid, signal.SIGKILL)
-        elif mode is Thaw.STOPPED:
+        masks: dict[int, int] = {}
+        if mode is Thaw.STOPPED:
             # A pending SIGSTOP is delivered as soon as the task runs again, which
-            # puts the whole thread group into an ordinary group-stop.
+            # puts the whole thread group into an ordinary group-stop. Every other
+            # signal is held meanwhile (ptrace.give_back_masks_in_group_stop): a
+            # pending SIGCHLD would be handled first, on a stack the dump read.
+            for tid in self._seized:
+                if self._pid_of(tid) not in self.tree.was_stopped:
+                    try:
+                        masks[tid] = ptrace.get_sigmask(tid)
+                        ptrace.set_sigmask(tid, ptrace.HOLD_ALL)
+                    except TargetError:
+                        masks.pop(tid, None)
             for pid in pids:
                 if pid not in self.tree.was_stopped:
                     _signal(pid, signal.SIGSTOP)
@@ -179,6 +189,8 @@ class Freezer:
             self._seized.clear()
         if self._cgroup_frozen:
             self._thaw_cgroup()
+        if masks:
+            ptrace.give_back_masks_in_group_stop(masks)
         if mode is Thaw.KILL:
             for pid in pids:
                 _reap_if_child(pid)

@@ -395,3 +395,32 @@ def inject_syscall(tid: int, nr: int, *args: int) -> int:
 
     with SyscallSession(tid) as session:
         return session.call(nr, *args)
+
+
+HOLD_ALL = (1 << 64) - 1  # a signal mask holding everything (KILL and STOP cannot be)
+
+
+def give_back_masks_in_group_stop(masks: dict[int, int], timeout: float = 5.0) -> None:
+    """Set each thread's signal mask while it stays in a group-stop.
+
+    For leaving a tree stopped exactly as it was read: its threads are detached
+    holding every signal with a SIGSTOP queued, so they stop before running an
+    instruction (a pending signal with a handler would otherwise be handled
+    first, writing a frame on a stack). Then each one is seized again, which a
+    group-stopped task reports by itself, given its real mask, and detached,
+    which leaves it in the group-stop.
+    """
+    deadline = time.monotonic() + timeout
+    for tid, mask in masks.items():
+        while proc.read_state(tid) not in ("T", "Z", "X"):
+            if time.monotonic() > deadline:
+                raise TargetError(f"thread {tid} did not stop")
+            time.sleep(0.001)
+        seize(tid)
+        while (stop := wait_stop(tid, timeout)).kind != "group-stop":
+            if stop.kind in ("exited", "killed"):
+                break
+            cont(tid, stop.sig if stop.kind == "signal-stop" else 0)
+        else:
+            set_sigmask(tid, mask)
+            detach(tid)

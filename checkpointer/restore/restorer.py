@@ -26,8 +26,6 @@ from checkpointer.restore import creds, files, memory, pty, signals, threads, tr
 from checkpointer.restore.images import RestoreImages, load, preflight
 from checkpointer.restore.task import Task
 
-HOLD_ALL = (1 << 64) - 1  # SIGKILL and SIGSTOP cannot be held anyway
-
 
 @dataclass
 class RestoreRequest:
@@ -131,27 +129,19 @@ def _release(tasks: dict[int, Task], leave_stopped: bool) -> None:
 
 
 def _stop_before_running(tasks: dict[int, Task]) -> None:
-    """Leave the tree in an ordinary group-stop that `kill -CONT` ends, with its
-    memory exactly as restored: a signal pending at detach (an itimer's, say)
-    would otherwise be handled, pushing a frame on a stack, before the SIGSTOP.
-    So: every signal held, SIGSTOP queued, detach (the group stops at once),
-    then seize each stopped thread again to set its real mask, and detach again,
-    which leaves it in the group-stop."""
+    """Leave the tree in an ordinary group-stop that `kill -CONT` ends, before it
+    runs a single instruction: every signal held, SIGSTOP queued, detach; then
+    the real masks back (ptrace.give_back_masks_in_group_stop)."""
     if not tasks:
         return
     masks = {tid: ptrace.get_sigmask(tid) for task in tasks.values() for tid in task.threads}
     for tid in masks:
-        ptrace.set_sigmask(tid, HOLD_ALL)
+        ptrace.set_sigmask(tid, ptrace.HOLD_ALL)
     for task in tasks.values():
         os.kill(task.pid, signal.SIGSTOP)
         for tid in task.threads:
             ptrace.detach(tid)
-    for tid, mask in masks.items():
-        ptrace.seize(tid)
-        while (stop := ptrace.wait_stop(tid)).kind != "group-stop":
-            ptrace.cont(tid, stop.sig if stop.kind == "signal-stop" else 0)
-        ptrace.set_sigmask(tid, mask)
-        ptrace.detach(tid)
+    ptrace.give_back_masks_in_group_stop(masks)
 
 
 def _write_pidfile(path: Path, pid: int) -> None:
