@@ -37,12 +37,21 @@ def copy_fd(pid: int, fd: int) -> int:
             raise
     # The main thread exited (it has no fd table any more) while others run on:
     # ask one of them, they share the table.
-    for tid in sorted(int(t) for t in os.listdir(f"/proc/{pid}/task")):
-        if tid != pid:
-            try:
-                return _getfd(syscall(NR_pidfd_open, tid, PIDFD_THREAD), fd)
-            except OSError:
-                continue
+    tids = [int(t) for t in sorted(os.listdir(f"/proc/{pid}/task"), key=int) if int(t) != pid]
+    for tid in tids:
+        try:
+            return _getfd(syscall(NR_pidfd_open, tid, PIDFD_THREAD), fd)
+        except OSError:
+            continue
+    # Before 6.9 a pidfd names a process only (no PIDFD_THREAD): a pipe can still be
+    # opened anew through a live thread's fd link (a socket cannot).
+    for tid in tids:
+        try:
+            return os.open(
+                f"/proc/{pid}/task/{tid}/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+            )
+        except OSError:
+            continue
     raise OSError(errno.ESRCH, f"no live thread of process {pid} holds fd {fd}")
 
 
