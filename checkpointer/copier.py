@@ -38,7 +38,9 @@ class CopyTimes:
 
 
 class PageCopier:
-    def __init__(self, page_size: int, progress=None, partial_ok: bool = False) -> None:
+    def __init__(
+        self, page_size: int, progress=None, partial_ok: bool = False, readers=None
+    ) -> None:
         self.page_size = page_size
         self.buffer = bytearray(CHUNK)
         self.view = memoryview(self.buffer)
@@ -48,7 +50,8 @@ class PageCopier:
         # there later is new memory and therefore dirty.
         self.partial_ok = partial_ok
         self.times = CopyTimes()
-        self._readers: dict[int, MemReader] = {}
+        # pid -> reader; `readers` replaces some (a copy-on-write snapshot's).
+        self._readers: dict[int, MemReader] = dict(readers or {})
 
     def copy(self, pages, plan: list[Segment], parent_reader=None) -> None:
         """Feed `plan` into `pages` (a PageWriter). parent_reader(start, end) returns

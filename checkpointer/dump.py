@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from checkpointer import collect, trackstate
+from checkpointer import collect, snapshot, trackstate
 from checkpointer.copier import PageCopier
 from checkpointer.errors import TargetError
 from checkpointer.freezer import Freezer, FrozenTree, Thaw
@@ -46,6 +46,9 @@ class DumpRequest:
     iteration: int | None = None
     # zstd level of page data; None: fast for a frozen dump, smaller for a pre-dump
     compress_level: int | None = None
+    # Thaw a leave-running or pre-dump pass as soon as a copy-on-write child of each
+    # process holds its memory (snapshot.py), instead of after the copy.
+    snapshot: bool = True
 
     def __post_init__(self) -> None:
         self.images_dir = Path(self.images_dir)
@@ -130,12 +133,17 @@ class _Pass:
                 log.debug("state collected in %d us", _us_since(frozen_at))
                 pages = self._track(tree, vmas, frozen=freeze)
                 log.debug("tracking read and reset at %d us", _us_since(frozen_at))
-                if req.kind == "pre-dump" and freeze:
+                snap = snapshot.take(tree, vmas, pages) if self._snapshots(freeze) else None
+                if snap or (req.kind == "pre-dump" and freeze):
                     freezer.thaw(Thaw.RUNNING)  # dirty state is read and reset
                     self.times["frozen_time"] = _us_since(frozen_at)
-                stats = self._copy(writer, tree, vmas, pages)
+                try:
+                    stats = self._copy(writer, tree, vmas, pages, snap)
+                finally:
+                    if snap:
+                        snap.release()
                 log.debug("pages copied at %d us", _us_since(frozen_at))
-                if req.kind == "dump":
+                if req.kind == "dump" and not snap:
                     if req.thaw is not Thaw.KILL:
                         # Every byte is read; fsync and rename need not keep the
                         # target waiting. (A tree to kill stays frozen until the
@@ -264,14 +272,25 @@ class _Pass:
             for pid in tree.pids
         }
 
-    def _copy(self, writer: DumpWriter, tree: FrozenTree, vmas: dict, pages: dict) -> dict:
+    def _snapshots(self, freeze: bool) -> bool:
+        """A copy-on-write snapshot shortens the window only where the tree runs on."""
+        return freeze and self.req.snapshot and self.req.thaw is Thaw.RUNNING
+
+    def _copy(
+        self, writer: DumpWriter, tree: FrozenTree, vmas: dict, pages: dict, snap=None
+    ) -> dict:
         plans = {f"pid-{pid}": private_plan(pid, vmas[pid], pages[pid]) for pid in tree.pids}
         plans.update(shared_plans(vmas))
         segments = [seg for plan in plans.values() for seg in plan]
         scanned = sum(seg.end - seg.start for seg in segments)
         to_read = sum(seg.end - seg.start for seg in segments if seg.where == "data")
         progress = Progress(to_read // PAGE_SIZE, PAGE_SIZE, self.req.progress)
-        copier = PageCopier(PAGE_SIZE, progress, partial_ok=self.req.kind == "pre-dump")
+        copier = PageCopier(
+            PAGE_SIZE,
+            progress,
+            partial_ok=self.req.kind == "pre-dump",
+            readers=snap.readers() if snap else None,
+        )
         counts = {
             "pages_written": 0,
             "pages_skipped_parent": 0,
@@ -307,6 +326,8 @@ class _Pass:
             **counts,
             "tracker": self._tracker_name(),
             "iteration": self.req.iteration,
+            "snapshot": "copy-on-write" if snap else "none",
+            "snapshot_time": snap.take_us if snap else 0,
         }
 
     # -- after the images are safe ---------------------------------------------

@@ -39,6 +39,13 @@ level_option = click.option(
     help="zstd level of page data [default: -50 for a frozen dump, -1 for a pre-dump].",
 )
 log_option = click.option("-o", "--log-file", type=click.Path(), help="Write the log here.")
+snapshot_option = click.option(
+    "--no-snapshot",
+    "no_snapshot",
+    is_flag=True,
+    help="Copy pages with the tree frozen, not from a copy-on-write child of each process "
+    "(the default when the tree runs on: it is thawed in milliseconds).",
+)
 
 
 def leave_options(fn):
@@ -102,6 +109,7 @@ def print_dump_result(res, as_json: bool = False) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @level_option
+@snapshot_option
 @verbose_option
 @log_option
 def dump(
@@ -115,6 +123,7 @@ def dump(
     freeze_cgroup,
     as_json,
     compress_level,
+    no_snapshot,
     verbose,
     log_file,
 ):
@@ -137,6 +146,7 @@ def dump(
         thaw=thaw_mode(leave_running, leave_stopped),
         cgroup=freeze_cgroup,
         compress_level=compress_level,
+        snapshot=not no_snapshot,
     )
     print_dump_result(do_dump(req), as_json)
 
@@ -148,10 +158,19 @@ def dump(
 @click.option("--prev-images-dir", help="Parent dump, relative to the images dir (as in CRIU).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @level_option
+@snapshot_option
 @verbose_option
 @log_option
 def pre_dump_cmd(
-    pid, images_dir, tracker, prev_images_dir, as_json, compress_level, verbose, log_file
+    pid,
+    images_dir,
+    tracker,
+    prev_images_dir,
+    as_json,
+    compress_level,
+    no_snapshot,
+    verbose,
+    log_file,
 ):
     """Copy the memory of a running tree, leaving it running.
 
@@ -169,6 +188,7 @@ def pre_dump_cmd(
         prev_images_dir=prev_images_dir,
         tracker=tracker,
         compress_level=compress_level,
+        snapshot=not no_snapshot,
     )
     print_dump_result(pre_dump(req), as_json)
 
