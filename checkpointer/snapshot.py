@@ -26,6 +26,8 @@ from __future__ import annotations
 import bisect
 import contextlib
 import logging
+import subprocess
+import sys
 import time
 
 from checkpointer.copier import Segment
@@ -53,6 +55,24 @@ class Snapshot:
         self.children: dict[int, cowchild.CowChild] = {}  # target pid -> its child
         self.held: dict[int, _HeldMemory] = {}  # target pid -> memory read in the window
         self.take_us = 0
+        self._reaper: subprocess.Popen | None = None
+
+    def _start_reaper(self) -> None:
+        """The watchdog that reaps the children should this tool die (reaper.py)."""
+        self._reaper = subprocess.Popen(
+            [sys.executable, "-m", "checkpointer.reaper"], stdin=subprocess.PIPE, text=True
+        )
+
+    def _tell_reaper(self, line: str) -> None:
+        if self._reaper and self._reaper.stdin:
+            with contextlib.suppress(OSError):
+                self._reaper.stdin.write(line + "\n")
+                self._reaper.stdin.flush()
+
+    def _spawn(self, pid: int, tid: int) -> None:
+        child = cowchild.spawn(tid, pid)
+        self.children[pid] = child
+        self._tell_reaper(f"{pid} {child.pid}")
 
     def readers(self) -> dict[int, SnapshotReader]:
         """A memory reader per target pid, for the page copier."""
@@ -67,9 +87,16 @@ class Snapshot:
         for child in self.children.values():
             cowchild.kill(child)
         for pid, child in self.children.items():
-            _reap(pid, child.pid, frozen)
+            if _reap(pid, child.pid, frozen):
+                self._tell_reaper(f"reaped {child.pid}")
         self.children.clear()
         self.held.clear()
+        if self._reaper:
+            self._tell_reaper("done")
+            with contextlib.suppress(OSError):
+                self._reaper.stdin.close()  # type: ignore[union-attr]
+            self._reaper.wait()
+            self._reaper = None
 
 
 def take(tree: FrozenTree, vmas: dict[int, list[Vma]], pages: dict[int, dict[int, VmaPages]]):
@@ -86,9 +113,9 @@ def take(tree: FrozenTree, vmas: dict[int, list[Vma]], pages: dict[int, dict[int
         return None
     snap = Snapshot()
     try:
+        snap._start_reaper()
         for pid in tree.pids:
-            tid = _live_thread(pid, tree.threads[pid])
-            snap.children[pid] = cowchild.spawn(tid, pid)
+            snap._spawn(pid, _live_thread(pid, tree.threads[pid]))
         for pid, child in snap.children.items():
             window[pid] = window.get(pid, []) + _missing_in_child(pid, child.pid, vmas[pid], pages)
         for pid, segs in window.items():
@@ -142,7 +169,7 @@ def _live_thread(pid: int, tids: list[int]) -> int:
     raise TargetError(f"process {pid} has no live thread to clone")
 
 
-def _reap(pid: int, child: int, frozen: bool) -> None:
+def _reap(pid: int, child: int, frozen: bool) -> bool:
     """Wait for the dead child inside its parent, stopping the parent briefly if it runs."""
     try:
         if frozen:
@@ -152,9 +179,10 @@ def _reap(pid: int, child: int, frozen: bool) -> None:
             with stopped_thread(pid) as tid, SyscallSession(tid) as session:
                 reaped = cowchild.reap(session, child)
     except TargetError:
-        return  # the parent is gone: init reaps its orphans
+        return False  # the parent is gone: init reaps its orphans
     if not reaped:
         log.warning("copy-on-write child %d of %d could not be reaped", child, pid)
+    return reaped
 
 
 class _HeldMemory:
