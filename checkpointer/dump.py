@@ -117,6 +117,7 @@ class _Pass:
         self._choose_tracker(start_time)
         freeze = req.kind == "dump" or (self.tracker is not None and self.tracker.freezes_pre_dump)
         freezer = Freezer(req.pid, thaw=req.thaw, cgroup=req.cgroup)
+        watchdog = snapshot.Watchdog() if self._snapshots(freeze) else None
         try:
             with DumpWriter(
                 req.images_dir, kind=req.kind, parent=self.parent_link, level=req.page_level
@@ -131,12 +132,16 @@ class _Pass:
                 vmas = {pid: collect.read_vmas(pid, known.get(pid)) for pid in tree.pids}
                 self._write_state(writer, tree, vmas)
                 log.debug("state collected in %d us", _us_since(frozen_at))
-                pages = self._track(tree, vmas, frozen=freeze)
+                # Nothing to reset: the copy-on-write children can be scanned later.
+                later = watchdog is not None and self.tracker is None
+                pages = None if later else self._track(tree, vmas, frozen=freeze)
                 log.debug("tracking read and reset at %d us", _us_since(frozen_at))
-                snap = snapshot.take(tree, vmas, pages) if self._snapshots(freeze) else None
+                snap = snapshot.take(tree, vmas, pages, watchdog) if watchdog else None
                 if snap or (req.kind == "pre-dump" and freeze):
                     freezer.thaw(Thaw.RUNNING)  # dirty state is read and reset
                     self.times["frozen_time"] = _us_since(frozen_at)
+                if pages is None:
+                    pages = snap.scan(vmas) if snap else self._track(tree, vmas, frozen=freeze)
                 try:
                     stats = self._copy(writer, tree, vmas, pages, snap)
                 finally:

@@ -37,7 +37,7 @@ from checkpointer.kernel import cowchild, proc
 from checkpointer.kernel.inject import SyscallSession
 from checkpointer.kernel.memory import MemReader
 from checkpointer.plan import private_plan, shared_plans
-from checkpointer.trackers import VmaPages
+from checkpointer.trackers import FullTracker, VmaPages
 from checkpointer.vmas import Policy, Vma
 
 log = logging.getLogger("checkpointer")
@@ -48,31 +48,57 @@ PREFETCH_LIMIT = 256 << 20
 NOT_FORKED = ("dc", "wf")
 
 
-class Snapshot:
-    """Copy-on-write children of a frozen tree, plus what they cannot show."""
+class Watchdog:
+    """The process that reaps the children should this tool die (reaper.py). Started
+    before the freeze: starting a Python costs milliseconds the window need not pay."""
 
     def __init__(self) -> None:
-        self.children: dict[int, cowchild.CowChild] = {}  # target pid -> its child
-        self.held: dict[int, _HeldMemory] = {}  # target pid -> memory read in the window
-        self.take_us = 0
-        self._reaper: subprocess.Popen | None = None
-
-    def _start_reaper(self) -> None:
-        """The watchdog that reaps the children should this tool die (reaper.py)."""
-        self._reaper = subprocess.Popen(
+        self._proc: subprocess.Popen | None = subprocess.Popen(
             [sys.executable, "-m", "checkpointer.reaper"], stdin=subprocess.PIPE, text=True
         )
 
-    def _tell_reaper(self, line: str) -> None:
-        if self._reaper and self._reaper.stdin:
+    def tell(self, line: str) -> None:
+        if self._proc and self._proc.stdin:
             with contextlib.suppress(OSError):
-                self._reaper.stdin.write(line + "\n")
-                self._reaper.stdin.flush()
+                self._proc.stdin.write(line + "\n")
+                self._proc.stdin.flush()
+
+    def close(self) -> None:
+        """All children are reaped: let it go."""
+        if self._proc:
+            self.tell("done")
+            with contextlib.suppress(OSError):
+                self._proc.stdin.close()  # type: ignore[union-attr]
+            self._proc.wait()
+            self._proc = None
+
+
+class Snapshot:
+    """Copy-on-write children of a frozen tree, plus what they cannot show."""
+
+    def __init__(self, watchdog: Watchdog) -> None:
+        self.children: dict[int, cowchild.CowChild] = {}  # target pid -> its child
+        self.held: dict[int, _HeldMemory] = {}  # target pid -> memory read in the window
+        # target pid -> pages of the VMAs read in the window, when the dump left the
+        # scan of the rest to the children (scan())
+        self.window_pages: dict[int, dict[int, VmaPages]] = {}
+        self.take_us = 0
+        self.watchdog = watchdog
 
     def _spawn(self, pid: int, tid: int) -> None:
         child = cowchild.spawn(tid, pid)
         self.children[pid] = child
-        self._tell_reaper(f"{pid} {child.pid}")
+        self.watchdog.tell(f"{pid} {child.pid}")
+
+    def scan(self, vmas: dict[int, list[Vma]]) -> dict[int, dict[int, VmaPages]]:
+        """Present pages of every private VMA, read in the children (after the thaw)
+        where they have the memory, else as read in the window."""
+        pages = {}
+        for pid, child in self.children.items():
+            held = self.window_pages.get(pid, {})
+            forked = [v for v in vmas[pid] if v.policy is Policy.PRIVATE and v.start not in held]
+            pages[pid] = {**FullTracker().scan(child.pid, forked, False), **held}
+        return pages
 
     def readers(self) -> dict[int, SnapshotReader]:
         """A memory reader per target pid, for the page copier."""
@@ -88,38 +114,43 @@ class Snapshot:
             cowchild.kill(child)
         for pid, child in self.children.items():
             if _reap(pid, child.pid, frozen):
-                self._tell_reaper(f"reaped {child.pid}")
+                self.watchdog.tell(f"reaped {child.pid}")
         self.children.clear()
         self.held.clear()
-        if self._reaper:
-            self._tell_reaper("done")
-            with contextlib.suppress(OSError):
-                self._reaper.stdin.close()  # type: ignore[union-attr]
-            self._reaper.wait()
-            self._reaper = None
+        self.watchdog.close()
 
 
-def take(tree: FrozenTree, vmas: dict[int, list[Vma]], pages: dict[int, dict[int, VmaPages]]):
-    """A Snapshot of the frozen tree, or None (logged) when the dump must copy frozen."""
+def take(
+    tree: FrozenTree,
+    vmas: dict[int, list[Vma]],
+    pages: dict[int, dict[int, VmaPages]] | None,
+    watchdog: Watchdog,
+) -> Snapshot | None:
+    """A Snapshot of the frozen tree, or None (logged) when the dump must copy frozen.
+
+    `pages`: what the tracker read in the window; None for a dump with nothing to
+    reset, whose scan can wait for the children (Snapshot.scan) but for the memory
+    read here."""
     started = time.monotonic()
-    window = _window_segments(tree, vmas, pages)
-    size = sum(seg.end - seg.start for segs in window.values() for seg in segs)
-    if size > PREFETCH_LIMIT:
+    held = sum(v.size for pid in tree.pids for v in vmas[pid] if _held(v))
+    if held > PREFETCH_LIMIT:
+        watchdog.close()
         log.warning(
             "no copy-on-write snapshot: %d MiB of shared/DONTFORK/WIPEONFORK memory would "
             "have to be held; pages are copied with the tree frozen",
-            size >> 20,
+            held >> 20,
         )
         return None
-    snap = Snapshot()
+    snap = Snapshot(watchdog)
     try:
-        snap._start_reaper()
         for pid in tree.pids:
             snap._spawn(pid, _live_thread(pid, tree.threads[pid]))
+        log.debug("snapshot: children cloned at %d us", _us_since(started))
         for pid, child in snap.children.items():
-            window[pid] = window.get(pid, []) + _missing_in_child(pid, child.pid, vmas[pid], pages)
-        for pid, segs in window.items():
-            snap.held.setdefault(pid, _HeldMemory()).read(pid, segs)
+            _hold_unforked(snap, pid, child.pid, vmas[pid], pages[pid] if pages else None)
+        for plan in shared_plans({pid: vmas[pid] for pid in tree.pids}).values():
+            for seg in plan:
+                snap.held.setdefault(seg.pid, _HeldMemory()).read(seg.pid, [seg])
     except OSError as err:
         snap.release(frozen=True)
         log.warning(
@@ -129,35 +160,42 @@ def take(tree: FrozenTree, vmas: dict[int, list[Vma]], pages: dict[int, dict[int
     except BaseException:
         snap.release(frozen=True)
         raise
-    snap.take_us = int((time.monotonic() - started) * 1e6)
+    snap.take_us = _us_since(started)
+    log.debug("snapshot: taken in %d us", snap.take_us)
     return snap
 
 
-def _window_segments(tree, vmas, pages) -> dict[int, list[Segment]]:
-    """Per pid, the data segments a child cannot show: read while frozen."""
-    window: dict[int, list[Segment]] = {}
-    for pid in tree.pids:
-        unforked = [v for v in vmas[pid] if v.policy is Policy.WHOLE or _not_forked(v)]
-        window[pid] = [s for s in private_plan(pid, unforked, pages[pid]) if s.where == "data"]
-    for plan in shared_plans({pid: vmas[pid] for pid in tree.pids}).values():
-        for seg in plan:
-            window.setdefault(seg.pid, []).append(seg)
-    return window
+def _hold_unforked(snap: Snapshot, pid: int, child: int, vmas: list[Vma], pages) -> None:
+    """Read the private memory the child does not have as it was (and [vdso])."""
+    unforked = [v for v in vmas if _held(v) and not v.shared] + _missing_in_child(child, vmas)
+    if pages is None:
+        private = [v for v in unforked if v.policy is Policy.PRIVATE]
+        pages = snap.window_pages[pid] = FullTracker().scan(pid, private, False)
+    segs = private_plan(pid, unforked, pages)
+    snap.held.setdefault(pid, _HeldMemory()).read(pid, [s for s in segs if s.where == "data"])
+
+
+def _us_since(t: float) -> int:
+    return int((time.monotonic() - t) * 1e6)
+
+
+def _held(vma: Vma) -> bool:
+    """Read in the window: what a child does not have as it was."""
+    return vma.policy in (Policy.WHOLE, Policy.SHARED) or _not_forked(vma)
 
 
 def _not_forked(vma: Vma) -> bool:
     return vma.policy is Policy.PRIVATE and any(f in vma.vmflags for f in NOT_FORKED)
 
 
-def _missing_in_child(pid: int, child: int, vmas: list[Vma], pages) -> list[Segment]:
+def _missing_in_child(child: int, vmas: list[Vma]) -> list[Vma]:
     """Private VMAs the child lacks: made DONTFORK after their flags were read."""
     present = {(m.start, m.end) for m in proc.read_maps(child)}
-    missing = [
+    return [
         v
         for v in vmas
         if v.policy is Policy.PRIVATE and not _not_forked(v) and (v.start, v.end) not in present
     ]
-    return [s for s in private_plan(pid, missing, pages[pid]) if s.where == "data"]
 
 
 def _live_thread(pid: int, tids: list[int]) -> int:
