@@ -39,7 +39,7 @@ class Lifecycle:
                 raise AssertionError(f"timed out waiting for {what}; status {st}")
             time.sleep(0.02)
 
-    def carries_on(self, timeout: float = 10.0) -> dict[str, int]:
+    def carries_on(self, timeout: float = 20.0) -> dict[str, int]:
         """Main loop, timer, sleeper, child and checksum all move on from now."""
         before = self.status()
         keys = ("counter", "alarms", "sleeps", "child")

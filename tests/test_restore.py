@@ -145,3 +145,66 @@ def test_restore_without_detach_waits_for_the_root(lifecycle, tmp_path):
     os.kill(lc.pid, signal.SIGTERM)  # no handler: the root dies of it
     assert p.wait(timeout=10) == 128 + signal.SIGTERM
     os.kill(lc.child, signal.SIGKILL)
+
+
+PYTHON_SERVER = r"""
+import os, sys, time
+work = sys.argv[1]
+table = {f"key-{i}": i * i for i in range(300_000)}
+open(os.path.join(work, "ready"), "w").close()
+while True:
+    req = os.path.join(work, "request")
+    if os.path.exists(req):
+        key = open(req).read().strip()
+        os.unlink(req)
+        answer = f"{len(table)} {sum(table.values())} {table.get(key)}"
+        with open(os.path.join(work, "answer.tmp"), "w") as f:
+            f.write(answer)
+        os.rename(os.path.join(work, "answer.tmp"), os.path.join(work, "answer"))
+    time.sleep(0.01)
+"""
+
+
+def ask(work, key: str, timeout: float = 20.0) -> str:
+    (work / "request").write_text(key)
+    deadline = time.monotonic() + timeout
+    while not (work / "answer").exists():
+        assert time.monotonic() < deadline, "no answer"
+        time.sleep(0.01)
+    answer = (work / "answer").read_text()
+    (work / "answer").unlink()
+    return answer
+
+
+def test_a_python_interpreter_with_a_large_dict_comes_back(tmp_path):
+    import subprocess
+    import sys
+
+    work = tmp_path / "py"
+    work.mkdir()
+    p = subprocess.Popen(
+        [sys.executable, "-c", PYTHON_SERVER, str(work)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not (work / "ready").exists():
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.02)
+        expected = f"300000 {sum(i * i for i in range(300_000))} {777 * 777}"
+        assert ask(work, "key-777") == expected
+        r = cli("dump", "-t", str(p.pid), "-D", str(tmp_path / "images"))
+        assert r.returncode == 0, r.stderr
+        p.wait(timeout=10)
+        r = cli("restore", "-D", str(tmp_path / "images"), "-d")
+        assert r.returncode == 0, r.stderr
+        assert ask(work, "key-777") == expected
+        assert ask(work, "key-12") == f"300000 {sum(i * i for i in range(300_000))} 144"
+    finally:
+        try:
+            os.kill(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if p.poll() is None:
+            p.wait()

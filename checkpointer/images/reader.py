@@ -181,11 +181,25 @@ class PageMap:
         data = self._cache.get(i)
         if data is None:
             f = self._pages_file()
-            data = fmt.read_frame(f, self.pages_path, self.f_off[i], self.f_clen[i], self.f_rlen[i])
+            data = fmt.read_frame(
+                f, self.pages_path, self.f_off[i], self.f_clen[i], self.f_rlen[i], self._dctx
+            )
             if len(self._cache) >= 2:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[i] = data
         return data
+
+    def open_pages(self) -> None:
+        """Open (and check) the pages file now, before threads read frames."""
+        self._pages_file()
+
+    def frame_uncached(self, i: int, dctx) -> bytes:
+        """Frame i decompressed with the caller's own decompressor, bypassing the
+        cache: several threads may call it at once (after open_pages())."""
+        assert self._file is not None, "open_pages() first"
+        return fmt.read_frame(
+            self._file, self.pages_path, self.f_off[i], self.f_clen[i], self.f_rlen[i], dctx
+        )
 
     def read_stream(self, off: int, length: int) -> bytes:
         parts = []

@@ -19,6 +19,8 @@ from checkpointer.kernel import proc
 
 VDSO_NAMES = ("[vvar]", "[vvar_vclock]", "[vdso]")
 UFFD_LINK = "anon_inode:[userfaultfd]"
+# capability -> its bit(s): set_tid and map_files take either of two.
+NEEDED_CAPS = {"CAP_SYS_PTRACE": (19,), "CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE": (21, 40)}
 
 
 class RestoreError(CheckpointError):
@@ -113,8 +115,13 @@ def _tree_order(procs: dict[int, ProcessImage], root: int, path: str) -> list[Pr
 
 def preflight(images: RestoreImages, shell_job: bool = False) -> None:
     """Refuse what cannot work here, before any process is created."""
-    if os.geteuid() != 0:
-        raise RestoreError("restore needs root (clone3 with set_tid, PR_SET_MM_MAP)")
+    caps = proc.read_creds(os.getpid())["cap_eff"]
+    missing = [name for name, bits in NEEDED_CAPS.items() if not any(caps >> b & 1 for b in bits)]
+    if missing:
+        raise RestoreError(
+            f"restore needs root: {' and '.join(missing)} missing "
+            "(clone3 with set_tid, ptrace, /proc/PID/map_files)"
+        )
     pid_max = int(open("/proc/sys/kernel/pid_max").read())
     for p in images.processes:
         for tid in p.tids:

@@ -18,6 +18,7 @@ from checkpointer.errors import ImageError
 from checkpointer.images.resolve import Piece
 from checkpointer.kernel import ptrace, taskctl
 from checkpointer.kernel.syscalls import NR_mmap, NR_munmap, syscall
+from checkpointer.restore import pagefeed
 from checkpointer.restore.images import (
     VDSO_NAMES,
     RestoreError,
@@ -68,9 +69,7 @@ class SharedObjects:
             os.ftruncate(fd, size)
         else:
             fd = _new_shared_anon(size)
-        for piece in self.images.pieces.get(owner, []):
-            for off, data in _piece_data(piece):
-                os.pwrite(fd, data, off)
+        pagefeed.write_pieces(fd, self.images.pieces.get(owner, []))
         return fd
 
     def close(self) -> None:
@@ -87,14 +86,6 @@ def _new_shared_anon(size: int) -> int:
         return os.open(f"/proc/self/map_files/{addr:x}-{addr + size:x}", os.O_RDWR | os.O_CLOEXEC)
     finally:
         syscall(NR_munmap, addr, size)
-
-
-def _piece_data(piece: Piece):
-    """(address, bytes) chunks of a piece with data (at most CHUNK bytes each)."""
-    assert piece.source is not None
-    for addr in range(piece.start, piece.end, CHUNK):
-        n = min(CHUNK, piece.end - addr)
-        yield addr, piece.source.read_stream(piece.off + (addr - piece.start), n)
 
 
 def rebuild(task: Task, images: RestoreImages, shared: SharedObjects) -> None:
@@ -210,22 +201,21 @@ def _write_pages(task: Task, pieces: list[Piece]) -> None:
     """Every page the images hold for the process, through /proc/PID/mem."""
     vmas = task.image.vmas
     starts = [v["start"] for v in vmas]
+    data: list[Piece] = []
     fd = os.open(f"/proc/{task.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
     try:
         for piece in pieces:
             for lo, hi, vma in _split_by_vma(piece.start, piece.end, vmas, starts, task.pid):
                 if vma["kind"] in SKIPPED_KINDS:
                     continue  # the vdso is this kernel's own (checked equal)
-                if piece.source is None:
-                    if vma["kind"] in ANON_KINDS:
-                        continue  # fresh anonymous memory reads as zeros already
+                if piece.source is not None:
+                    data.append(Piece(lo, hi, piece.source, piece.off + (lo - piece.start)))
+                elif vma["kind"] not in ANON_KINDS:
+                    # Fresh anonymous memory reads as zeros already; a zero page of
+                    # a file mapping is a private copy the file does not hold.
                     for addr in range(lo, hi, CHUNK):
                         os.pwrite(fd, bytes(min(CHUNK, hi - addr)), addr)
-                    continue
-                sub = Piece(lo, hi, piece.source, piece.off + (lo - piece.start))
-                for addr, data in _piece_data(sub):
-                    if os.pwrite(fd, data, addr) != len(data):
-                        raise OSError(f"short write into process {task.pid} at {addr:#x}")
+        pagefeed.write_pieces(fd, data)
     finally:
         os.close(fd)
 
@@ -254,7 +244,9 @@ def _advise(task: Task, vma: dict) -> None:
 def _set_mm(task: Task) -> None:
     mm = task.image.mm
     exe_fd = (1 << 32) - 1
-    if mm.get("exe"):
+    # The exe is inherited from the seed, i.e. ours; changing it is refused (EBUSY)
+    # while the old one is mapped, which it is when the process ran our interpreter.
+    if mm.get("exe") and not _same_file(mm["exe"], "/proc/self/exe"):
         ours = os.open(mm["exe"], os.O_RDONLY | os.O_CLOEXEC)
         try:
             exe_fd = task.install_fd(ours)
@@ -267,6 +259,11 @@ def _set_mm(task: Task) -> None:
     finally:
         if exe_fd != (1 << 32) - 1:
             taskctl.close(task.session, exe_fd)
+
+
+def _same_file(a: str, b: str) -> bool:
+    sa, sb = os.stat(a), os.stat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def unmap_scratch(task: Task) -> None:

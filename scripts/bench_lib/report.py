@@ -260,6 +260,25 @@ def workloads(r: dict, title: str, baseline: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def restore(r: dict, title: str) -> str:
+    rows = []
+    for row in r["rows"]:
+        for tool in ("checkpointer", "criu"):
+            if tool in row:
+                t = row[tool]
+                rows.append([
+                    f"{row['target_mb']} MiB", tool, f"{t['wall_s']:.2f}",
+                    f"{t['restored_gbs']:.2f}", f"{t['rss_mb']:.0f}", f"{t['cpu_s']:.2f}",
+                    f"{t['image_mb']:.0f}",
+                ])  # fmt: skip
+        if "ratio_vs_criu" in row:
+            rows.append(
+                ["", "ratio (≤ 1.0 is the goal)", f"{row['ratio_vs_criu']:.2f}", "", "", "", ""]
+            )
+    header = ["target", "tool", "restore wall s", "GB/s", "tool RSS MiB", "CPU s", "image MiB"]
+    return f"### {title}\n\n" + _t(header, rows)
+
+
 def render(res: dict) -> str:
     out = [
         f"## checkpointer benchmarks ({res['meta']['date']}, "
@@ -281,8 +300,12 @@ def render(res: dict) -> str:
         out += [converge(res["converge"]), ""]
     if "workloads" in res:
         out += [workloads(res["workloads"], "4a. Workloads natively (uffd-wp, full)"), ""]
+    if "restore" in res:
+        out += [restore(res["restore"], "5a. Restore natively (dump, kill, restore -d)"), ""]
     if "guest" in res:
         g = res["guest"]
+        if "restore" in g:
+            out += [restore(g["restore"], "5. Restore side by side with CRIU (guest, TCG)"), ""]
         if "error" in g:
             out += ["### 4. Side by side with CRIU (guest)", "", f"Not run: {g['error']}", ""]
         else:

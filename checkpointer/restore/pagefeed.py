@@ -1,0 +1,77 @@
+"""Write page data from the images into a process (or a shared object) fast.
+
+Frames are decompressed on a small thread pool a few frames ahead of the
+writer (zstd and pwrite both release the GIL), so on two cores decompressing
+and faulting pages into the target overlap. Each frame is decompressed once,
+and its pages are written straight from it, without another copy.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+from checkpointer.images import format as fmt
+from checkpointer.images.resolve import Piece
+
+AHEAD = 8  # frames decompressed ahead of the writes (bounded memory: ~8 MiB)
+_tls = threading.local()
+
+
+def _decompress(pm, index: int) -> bytes:
+    dctx = getattr(_tls, "dctx", None)
+    if dctx is None:
+        dctx = _tls.dctx = fmt.decompressor()
+    return pm.frame_uncached(index, dctx)
+
+
+def _frame_jobs(pieces: Iterable[Piece], delta: int):
+    """(pm, frame index, [(address, offset in frame, length)]) in piece order."""
+    job = None
+    for piece in pieces:
+        pm = piece.source
+        fs = pm.frame_size
+        off, addr, left = piece.off, piece.start - delta, piece.end - piece.start
+        while left:
+            index, inner = divmod(off, fs)
+            n = min(left, fs - inner)
+            if job is not None and job[0] is pm and job[1] == index:
+                job[2].append((addr, inner, n))
+            else:
+                if job is not None:
+                    yield job
+                job = (pm, index, [(addr, inner, n)])
+            off, addr, left = off + n, addr + n, left - n
+    if job is not None:
+        yield job
+
+
+def write_pieces(fd: int, pieces: list[Piece], delta: int = 0, workers: int = 2) -> int:
+    """pwrite every data piece into fd at (piece address - delta); the bytes written."""
+    data_pieces = [p for p in pieces if p.source is not None]
+    for pm in {id(p.source): p.source for p in data_pieces}.values():
+        pm.open_pages()
+    written = 0
+    with ThreadPoolExecutor(workers, thread_name_prefix="unzstd") as pool:
+        pending: collections.deque = collections.deque()
+        jobs = _frame_jobs(data_pieces, delta)
+        for job in jobs:
+            pending.append((job, pool.submit(_decompress, job[0], job[1])))
+            if len(pending) >= AHEAD:
+                written += _write_job(fd, *pending.popleft())
+        while pending:
+            written += _write_job(fd, *pending.popleft())
+    return written
+
+
+def _write_job(fd: int, job, future) -> int:
+    frame = memoryview(future.result())
+    total = 0
+    for addr, inner, n in job[2]:
+        if os.pwrite(fd, frame[inner : inner + n], addr) != n:
+            raise OSError(f"short write at {addr:#x}")
+        total += n
+    return total

@@ -1,0 +1,169 @@
+"""restore refuses what cannot work, with one line, before anything is created;
+and whatever goes wrong later, no half-restored process survives."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from restorelib import start_lifecycle
+from targetlib import assert_one_line_error, cli
+
+from checkpointer.images import format as fmt
+
+
+@pytest.fixture
+def dumped(tmp_path):
+    """A lifecycle workload dumped (and killed); yields (workload, images dir)."""
+    lc = start_lifecycle(tmp_path)
+    images = tmp_path / "images"
+    r = cli("dump", "-t", str(lc.pid), "-D", str(images))
+    assert r.returncode == 0, r.stderr
+    lc.reap_original()
+    yield lc, images
+    lc.kill()
+
+
+def assert_nothing_restored(lc, timeout: float = 5.0) -> None:
+    """Neither process of the dump exists (a killed one may take a moment to go)."""
+    deadline = time.monotonic() + timeout
+    while any(os.path.exists(f"/proc/{pid}") for pid in (lc.pid, lc.child)):
+        assert time.monotonic() < deadline, "a restored process survived the failure"
+        time.sleep(0.02)
+
+
+def rewrite_records(path, change) -> None:
+    """Decode a record file, change its records, write it back (same format)."""
+    records = fmt.read_records(str(path))
+    change(records)
+    kind = fmt.kind_of_name(path.name)
+    data = fmt.encode_records(kind, records)
+    version = fmt.read_header(str(path))[1]
+    path.write_bytes(data[:8] + version.to_bytes(2, "little") + data[10:])
+
+
+def test_pid_taken_is_refused_and_the_original_keeps_running(tmp_path):
+    lc = start_lifecycle(tmp_path)
+    try:
+        r = cli("dump", "-t", str(lc.pid), "-D", str(tmp_path / "i"), "--leave-running")
+        assert r.returncode == 0, r.stderr
+        r = cli("restore", "-D", str(tmp_path / "i"), "-d")
+        assert_one_line_error(r, f"PID {lc.pid} is taken")
+        lc.carries_on()
+    finally:
+        lc.kill()
+
+
+def test_incomplete_chain_is_refused_before_anything_is_created(tmp_path):
+    lc = start_lifecycle(tmp_path)
+    try:
+        assert cli("pre-dump", "-t", str(lc.pid), "-D", str(tmp_path / "1")).returncode == 0
+        r = cli("dump", "-t", str(lc.pid), "-D", str(tmp_path / "2"), "--prev-images-dir", "../1",
+                "--track-mem")  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        lc.reap_original()
+        (tmp_path / "1" / "inventory").unlink()  # the parent is now an interrupted dump
+        assert_one_line_error(cli("restore", "-D", str(tmp_path / "2"), "-d"), "incomplete")
+        assert_nothing_restored(lc)
+    finally:
+        lc.kill()
+
+
+def test_corrupt_pagemap_is_refused_before_anything_is_created(dumped):
+    lc, images = dumped
+    pagemap = images / f"pagemap-pid-{lc.pid}"
+    data = bytearray(pagemap.read_bytes())
+    data[40] ^= 0xFF
+    pagemap.write_bytes(bytes(data))
+    assert_one_line_error(cli("restore", "-D", str(images), "-d"), "pagemap")
+    assert_nothing_restored(lc)
+
+
+def test_corrupt_page_data_rolls_back(dumped):
+    """A frame whose checksum fails is found while writing pages: everything
+    created so far is killed, and the error is one line."""
+    lc, images = dumped
+    pages = images / f"pages-pid-{lc.pid}"
+    data = bytearray(pages.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    pages.write_bytes(bytes(data))
+    assert_one_line_error(cli("restore", "-D", str(images), "-d"), "corrupt")
+    assert_nothing_restored(lc)
+
+
+def test_changed_file_behind_a_mapping_is_refused(dumped):
+    lc, images = dumped
+    mapped = lc.dir / "mapped"
+    mapped.write_bytes(b"another file" + mapped.read_bytes()[12:])
+    os.utime(mapped, ns=(0, 0))
+    r = cli("restore", "-D", str(images), "-d")
+    assert_one_line_error(r, str(mapped), "changed since the dump")
+    assert_nothing_restored(lc)
+
+
+def test_missing_file_behind_an_fd_is_refused(dumped):
+    lc, images = dumped
+    (lc.dir / "log").unlink()
+    assert_one_line_error(cli("restore", "-D", str(images), "-d"), "log")
+    assert_nothing_restored(lc)
+
+
+def test_vdso_of_another_size_is_refused(dumped):
+    lc, images = dumped
+
+    def grow_vdso(records):
+        for rec in records[1:]:
+            if rec["path"] == "[vvar]":
+                rec["end"] -= 0x1000  # a smaller [vvar]: another kernel's layout
+
+    rewrite_records(images / f"mm-{lc.pid}", grow_vdso)
+    assert_one_line_error(cli("restore", "-D", str(images), "-d"), "vdso", "same kernel")
+    assert_nothing_restored(lc)
+
+
+def test_xstate_of_another_cpu_is_refused(dumped):
+    lc, images = dumped
+
+    def other_cpu(records):
+        for rec in records[1:]:
+            blob = bytearray(rec["xstate"])
+            blob[472] ^= 0x04  # xfeatures: flip the AVX bit
+            rec["xstate"] = bytes(blob)
+
+    rewrite_records(images / f"core-{lc.pid}", other_cpu)
+    assert_one_line_error(cli("restore", "-D", str(images), "-d"), "other features")
+    assert_nothing_restored(lc)
+
+
+def test_no_privilege_is_refused(dumped):
+    lc, images = dumped
+    # Root without its capabilities, as in a container that was not given them.
+    r = subprocess.run(
+        ["setpriv", "--inh-caps=-all", "--bounding-set=-all", sys.executable, "-m",
+         "checkpointer", "restore", "-D", str(images), "-d"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert_one_line_error(r, "needs root", "CAP_SYS_ADMIN")
+    assert_nothing_restored(lc)
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.15, 0.3, 0.5])
+def test_sigkill_of_the_restorer_leaves_nothing(dumped, delay):
+    lc, images = dumped
+    p = subprocess.Popen(
+        [sys.executable, "-m", "checkpointer", "restore", "-D", str(images), "-d"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    time.sleep(delay)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    if os.path.exists(f"/proc/{lc.pid}/status"):
+        # Finished before the kill: then it must be whole and running.
+        if "zombie" not in open(f"/proc/{lc.pid}/status").read():
+            lc.carries_on()
+            return
+    assert_nothing_restored(lc)
