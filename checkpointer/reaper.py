@@ -22,11 +22,6 @@ import signal
 import sys
 import time
 
-from checkpointer.errors import TargetError
-from checkpointer.freezer import stopped_thread
-from checkpointer.kernel import cowchild
-from checkpointer.kernel.inject import SyscallSession
-
 # How long the dead tool's ptrace links may take to go, and a child to die.
 GRACE_S = 10.0
 
@@ -56,6 +51,13 @@ def main() -> int:
 
 
 def _reap_orphan(parent: int, child: int, pidfd: int) -> None:
+    # Imported only now: the watchdog starts with every snapshot dump and mostly
+    # just reads "done"; a bare interpreter starts in a fraction of the time.
+    from checkpointer.errors import TargetError
+    from checkpointer.freezer import stopped_thread
+    from checkpointer.kernel import cowchild
+    from checkpointer.kernel.inject import SyscallSession
+
     try:
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     except ProcessLookupError:

@@ -64,12 +64,12 @@ class Watchdog:
                 self._proc.stdin.flush()
 
     def close(self) -> None:
-        """All children are reaped: let it go."""
+        """All children are reaped: let it go (it exits by itself; not waited for, so
+        the dump does not wait for an interpreter to start)."""
         if self._proc:
             self.tell("done")
             with contextlib.suppress(OSError):
                 self._proc.stdin.close()  # type: ignore[union-attr]
-            self._proc.wait()
             self._proc = None
 
 
