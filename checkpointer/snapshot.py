@@ -53,9 +53,15 @@ class Watchdog:
     before the freeze: starting a Python costs milliseconds the window need not pay."""
 
     def __init__(self) -> None:
-        self._proc: subprocess.Popen | None = subprocess.Popen(
-            [sys.executable, "-m", "checkpointer.reaper"], stdin=subprocess.PIPE, text=True
-        )
+        self._proc: subprocess.Popen | None = None
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "checkpointer.reaper"], stdin=subprocess.PIPE, text=True
+            )
+        except OSError as err:
+            # E.g. a user who may not run the interpreter's path again. The children
+            # still die with the tool; only their reaping would be lost if it died.
+            log.info("no snapshot watchdog (%s): a killed dump would leave zombies", err)
 
     def tell(self, line: str) -> None:
         if self._proc and self._proc.stdin:
