@@ -60,24 +60,58 @@ class PageCopier:
             if seg.where == "parent":
                 pages.add_parent(seg.start, (seg.end - seg.start) // self.page_size)
                 continue
+            if parent_reader is None and hasattr(pages, "reserve"):
+                self._copy_into_frames(pages, seg)
+                continue
             for start in range(seg.start, seg.end, CHUNK):
                 end = min(start + CHUNK, seg.end)
-                got = self._read(seg.pid, seg.vaddr + (start - seg.start), end - start)
-                if got < end - start and not self.partial_ok:
-                    raise OSError(f"could not read memory of {seg.pid} at {start + got:#x}")
+                got = self._read_into(seg.pid, seg.vaddr + (start - seg.start), end - start)
+                self._check_read(seg, start, end, got)
                 got -= got % self.page_size
                 if got:
                     self._write(pages, start, self.view[:got], parent_reader)
                 if self.progress:
                     self.progress.advance((end - start) // self.page_size)
 
-    def _read(self, pid: int, addr: int, size: int) -> int:
+    def _copy_into_frames(self, pages, seg: Segment) -> None:
+        """Read straight into the writer's compression frames: no copy in between."""
+        start = seg.start
+        while start < seg.end:
+            space = pages.reserve(seg.end - start)
+            if not len(space):
+                # A frame with less than a page left: a 1-page read finishes it.
+                space = self.view[: self.page_size]
+                got = self._read_into(seg.pid, seg.vaddr + (start - seg.start), len(space), space)
+                self._check_read(seg, start, start + len(space), got)
+                if got:
+                    self._write(pages, start, space[:got], None)
+            else:
+                size = len(space)
+                got = self._read_into(seg.pid, seg.vaddr + (start - seg.start), size, space)
+                space.release()
+                self._check_read(seg, start, start + size, got)
+                got -= got % self.page_size
+                started = time.monotonic()
+                pages.filled(start, got)
+                self.times.memwrite_us += int((time.monotonic() - started) * 1e6)
+            if self.progress:
+                self.progress.advance(max(got, self.page_size) // self.page_size)
+            if got < self.page_size:
+                return  # a short read a pre-dump tolerates: the rest is not there
+            start += got
+
+    def _check_read(self, seg: Segment, start: int, end: int, got: int) -> None:
+        if got < end - start and not self.partial_ok:
+            raise OSError(f"could not read memory of {seg.pid} at {start + got:#x}")
+
+    def _read_into(self, pid: int, addr: int, size: int, into=None) -> int:
+        """Read size bytes at addr of pid into `into` (default: the copier's buffer)."""
         reader = self._readers.get(pid)
         if reader is None:
             reader = self._readers[pid] = MemReader(pid)
         started = time.monotonic()
         try:
-            return reader.read_into(addr, self.view[:size])
+            return reader.read_into(addr, self.view[:size] if into is None else into)
         finally:
             self.times.memdump_us += int((time.monotonic() - started) * 1e6)
 
