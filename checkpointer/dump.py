@@ -46,8 +46,8 @@ class DumpRequest:
     iteration: int | None = None
     # zstd level of page data; None: fast for a frozen dump, smaller for a pre-dump
     compress_level: int | None = None
-    # Thaw a leave-running or pre-dump pass as soon as a copy-on-write child of each
-    # process holds its memory (snapshot.py), instead of after the copy.
+    # Thaw a leave-running dump as soon as a copy-on-write child of each process
+    # holds its memory (snapshot.py), instead of after the copy.
     snapshot: bool = True
 
     def __post_init__(self) -> None:
@@ -278,8 +278,11 @@ class _Pass:
         }
 
     def _snapshots(self, freeze: bool) -> bool:
-        """A copy-on-write snapshot shortens the window only where the tree runs on."""
-        return freeze and self.req.snapshot and self.req.thaw is Thaw.RUNNING
+        """A copy-on-write snapshot shortens the window of a dump that lets the tree
+        run on. (A freezing pre-dump already thaws before its copy: a snapshot would
+        only add the clone to its window.)"""
+        req = self.req
+        return freeze and req.snapshot and req.kind == "dump" and req.thaw is Thaw.RUNNING
 
     def _copy(
         self, writer: DumpWriter, tree: FrozenTree, vmas: dict, pages: dict, snap=None

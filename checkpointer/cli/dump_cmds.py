@@ -43,8 +43,8 @@ snapshot_option = click.option(
     "--no-snapshot",
     "no_snapshot",
     is_flag=True,
-    help="Copy pages with the tree frozen, not from a copy-on-write child of each process "
-    "(the default when the tree runs on: it is thawed in milliseconds).",
+    help="With --leave-running: copy pages with the tree frozen, not from a copy-on-write "
+    "child of each process (the default: the tree is thawed once the children exist).",
 )
 
 
@@ -158,19 +158,10 @@ def dump(
 @click.option("--prev-images-dir", help="Parent dump, relative to the images dir (as in CRIU).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @level_option
-@snapshot_option
 @verbose_option
 @log_option
 def pre_dump_cmd(
-    pid,
-    images_dir,
-    tracker,
-    prev_images_dir,
-    as_json,
-    compress_level,
-    no_snapshot,
-    verbose,
-    log_file,
+    pid, images_dir, tracker, prev_images_dir, as_json, compress_level, verbose, log_file
 ):
     """Copy the memory of a running tree, leaving it running.
 
@@ -188,7 +179,6 @@ def pre_dump_cmd(
         prev_images_dir=prev_images_dir,
         tracker=tracker,
         compress_level=compress_level,
-        snapshot=not no_snapshot,
     )
     print_dump_result(pre_dump(req), as_json)
 
