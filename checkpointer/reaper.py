@@ -5,7 +5,7 @@ signal 0 each stays a zombie of its target until someone waits for exactly that
 pid with __WALL, and only the target can. A dump that is SIGKILLed cannot do it,
 so before the first clone it starts this small process:
 
-    python -m checkpointer.reaper    stdin: "PARENT CHILD" per clone, "reaped CHILD", "done"
+    python -m checkpointer.reaper    stdin: "PARENT CHILD NSPID" per clone, "reaped CHILD", "done"
 
 "reaped CHILD" (the dump reaped that one itself) and "done" are the dump's own
 clean-up; "done" ends the watchdog quietly. End of input
@@ -30,27 +30,27 @@ def main() -> int:
     # Ctrl-C in the dump's terminal must not take the watchdog with it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    children: dict[int, tuple[int, int]] = {}  # child -> (parent, pidfd)
+    children: dict[int, tuple[int, int, int]] = {}  # child -> (parent, ns_pid, pidfd)
     for line in sys.stdin:
         words = line.split()
         if words == ["done"]:
             return 0
         if words[0] == "reaped":
-            _, pidfd = children.pop(int(words[1]), (0, -1))
+            *_, pidfd = children.pop(int(words[1]), (0, 0, -1))
             if pidfd >= 0:
                 os.close(pidfd)
             continue
-        parent, child = int(words[0]), int(words[1])
+        parent, child, ns_pid = (int(word) for word in words)
         try:
-            children[child] = (parent, os.pidfd_open(child))
+            children[child] = (parent, ns_pid, os.pidfd_open(child))
         except ProcessLookupError:
             continue  # gone and reaped already
-    for child, (parent, pidfd) in children.items():
-        _reap_orphan(parent, child, pidfd)
+    for child, (parent, ns_pid, pidfd) in children.items():
+        _reap_orphan(parent, child, ns_pid, pidfd)
     return 0
 
 
-def _reap_orphan(parent: int, child: int, pidfd: int) -> None:
+def _reap_orphan(parent: int, child: int, ns_pid: int, pidfd: int) -> None:
     # Imported only now: the watchdog starts with every snapshot dump and mostly
     # just reads "done"; a bare interpreter starts in a fraction of the time.
     from checkpointer.errors import TargetError
@@ -69,7 +69,7 @@ def _reap_orphan(parent: int, child: int, pidfd: int) -> None:
         try:
             # The target may still be traced by the dying tool for a moment.
             with stopped_thread(parent) as tid, SyscallSession(tid) as session:
-                cowchild.reap(session, child)
+                cowchild.reap(session, ns_pid, child)
             return
         except TargetError:
             if not os.path.exists(f"/proc/{parent}"):

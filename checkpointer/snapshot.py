@@ -96,7 +96,7 @@ class Snapshot:
     def _spawn(self, pid: int, tid: int) -> None:
         child = cowchild.spawn(tid, pid)
         self.children[pid] = child
-        self.watchdog.tell(f"{pid} {child.pid}")
+        self.watchdog.tell(f"{pid} {child.pid} {child.ns_pid}")
 
     def scan(self, vmas: dict[int, list[Vma]]) -> dict[int, dict[int, VmaPages]]:
         """Present pages of every private VMA, read in the children (after the thaw)
@@ -121,7 +121,7 @@ class Snapshot:
         for child in self.children.values():
             cowchild.kill(child)
         for pid, child in self.children.items():
-            if _reap(pid, child.pid, frozen):
+            if _reap(pid, child, frozen):
                 self.watchdog.tell(f"reaped {child.pid}")
         self.children.clear()
         self.held.clear()
@@ -234,19 +234,19 @@ def _live_thread(pid: int, tids: list[int]) -> int:
     raise TargetError(f"process {pid} has no live thread to clone")
 
 
-def _reap(pid: int, child: int, frozen: bool) -> bool:
+def _reap(pid: int, child: cowchild.CowChild, frozen: bool) -> bool:
     """Wait for the dead child inside its parent, stopping the parent briefly if it runs."""
     try:
         if frozen:
             with SyscallSession(_live_thread(pid, proc.list_threads(pid))) as session:
-                reaped = cowchild.reap(session, child)
+                reaped = cowchild.reap(session, child.ns_pid, child.pid)
         else:
             with stopped_thread(pid) as tid, SyscallSession(tid) as session:
-                reaped = cowchild.reap(session, child)
+                reaped = cowchild.reap(session, child.ns_pid, child.pid)
     except TargetError:
         return False  # the parent is gone: init reaps its orphans
     if not reaped:
-        log.warning("copy-on-write child %d of %d could not be reaped", child, pid)
+        log.warning("copy-on-write child %d of %d could not be reaped", child.pid, pid)
     return reaped
 
 

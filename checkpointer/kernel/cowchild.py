@@ -45,6 +45,7 @@ PROT_RWX = 7
 MAP_SHARED_ANON = 0x01 | 0x20
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _U64 = (1 << 64) - 1
+_CLONE_EVENTS = (ptrace.PTRACE_EVENT_CLONE, ptrace.PTRACE_EVENT_FORK)
 
 # syscall; mov eax, 60 (exit); xor edi, edi; syscall; ud2
 _CLONE_CODE = b"\x0f\x05" + b"\xb8\x3c\x00\x00\x00" + b"\x31\xff" + b"\x0f\x05" + b"\x0f\x0b"
@@ -57,6 +58,7 @@ class CowChild:
     pid: int
     parent: int
     pidfd: int
+    ns_pid: int  # its pid as its parent sees it (another pid namespace: a container)
     dead: bool = False
 
 
@@ -69,18 +71,21 @@ def spawn(tid: int, pid: int) -> CowChild:
         code = session.call(NR_mmap, 0, PAGE_SIZE, PROT_RWX, MAP_SHARED_ANON, _U64, 0)
         try:
             session.write(code, _CLONE_CODE)
-            child_pid = _clone(session, tid, code, seccomp)
+            ns_pid = _clone(session, tid, code, seccomp)
+            # The clone event's message is the pid in our namespace.
+            born = [msg for event, msg in session.events if event in _CLONE_EVENTS]
+            child_pid = born[-1] if born else ns_pid
             try:
                 _hold(child_pid, code, seccomp)
                 pidfd = os.pidfd_open(child_pid)
             except BaseException:
                 _kill_traced(child_pid, None)
-                reap(session, child_pid)
+                reap(session, ns_pid, child_pid)
                 raise
         finally:
             with contextlib.suppress(OSError):
                 session.call(NR_munmap, code, PAGE_SIZE)
-    return CowChild(child_pid, pid, pidfd)
+    return CowChild(child_pid, pid, pidfd, ns_pid)
 
 
 def _clone(session: SyscallSession, tid: int, code: int, seccomp: int) -> int:
@@ -132,9 +137,10 @@ def _kill_traced(pid: int, pidfd: int | None) -> None:
             return
 
 
-def reap(session: SyscallSession, child: int) -> bool:
+def reap(session: SyscallSession, ns_pid: int, pid: int) -> bool:
     """Inside the child's parent (a session on one of its stopped threads): wait for
-    exactly that zombie, with __WALL because its exit signal is 0. True if it is gone."""
+    exactly that zombie (`ns_pid`: as the parent sees it), with __WALL because its
+    exit signal is 0. True if it is gone (`pid`: as we see it)."""
     with contextlib.suppress(OSError, TargetError):
-        session.call(NR_waitid, P_PID, child, 0, WEXITED | WNOHANG | __WALL, 0)
-    return not os.path.exists(f"/proc/{child}")
+        session.call(NR_waitid, P_PID, ns_pid, 0, WEXITED | WNOHANG | __WALL, 0)
+    return not os.path.exists(f"/proc/{pid}")
