@@ -39,7 +39,9 @@ class CopyTimes:
 
 
 class PageCopier:
-    def __init__(self, page_size: int, progress=None, partial_ok: bool = False) -> None:
+    def __init__(
+        self, page_size: int, progress=None, partial_ok: bool = False, readers=None
+    ) -> None:
         self.page_size = page_size
         self.buffer = bytearray(CHUNK)
         self.view = memoryview(self.buffer)
@@ -49,7 +51,8 @@ class PageCopier:
         # there later is new memory and therefore dirty.
         self.partial_ok = partial_ok
         self.times = CopyTimes()
-        self._readers: dict[int, MemReader] = {}
+        # pid -> reader; `readers` replaces some (a copy-on-write snapshot's).
+        self._readers: dict[int, MemReader] = dict(readers or {})
 
     def copy(self, pages, plan: list[Segment], parent_reader=None) -> None:
         """Feed `plan` into `pages` (a PageWriter). parent_reader(start, end) returns
@@ -60,6 +63,11 @@ class PageCopier:
                 continue
             if seg.where == "zero":  # known to hold nothing (a hole of shared memory)
                 pages.add_zero(seg.start, (seg.end - seg.start) // self.page_size)
+                continue
+            if parent_reader is None and not self.partial_ok and hasattr(pages, "reserve"):
+                # A complete read (a frozen tree, or a snapshot of it): straight
+                # into the compression frames.
+                self._copy_into_frames(pages, seg)
                 continue
             for start in range(seg.start, seg.end, CHUNK):
                 end = min(start + CHUNK, seg.end)
@@ -81,13 +89,45 @@ class PageCopier:
                 if self.progress:
                     self.progress.advance((end - start) // self.page_size)
 
-    def _read(self, pid: int, addr: int, size: int) -> int:
+    def _copy_into_frames(self, pages, seg: Segment) -> None:
+        """Read straight into the writer's compression frames: no copy in between."""
+        start = seg.start
+        while start < seg.end:
+            space = pages.reserve(seg.end - start)
+            if not len(space):
+                # A frame with less than a page left: a 1-page read finishes it.
+                space = self.view[: self.page_size]
+                got = self._read(seg.pid, seg.vaddr + (start - seg.start), len(space), space)
+                self._check_read(seg, start, start + len(space), got)
+                if got:
+                    self._write(pages, start, space[:got], None)
+            else:
+                size = len(space)
+                got = self._read(seg.pid, seg.vaddr + (start - seg.start), size, space)
+                space.release()
+                self._check_read(seg, start, start + size, got)
+                got -= got % self.page_size
+                started = time.monotonic()
+                pages.filled(start, got)
+                self.times.memwrite_us += int((time.monotonic() - started) * 1e6)
+            if self.progress:
+                self.progress.advance(max(got, self.page_size) // self.page_size)
+            if got < self.page_size:
+                return
+            start += got
+
+    def _check_read(self, seg: Segment, start: int, end: int, got: int) -> None:
+        if got < end - start and not self.partial_ok:
+            raise OSError(f"could not read memory of {seg.pid} at {start + got:#x}")
+
+    def _read(self, pid: int, addr: int, size: int, into=None) -> int:
+        """Read size bytes at addr of pid into `into` (default: the copier's buffer)."""
         reader = self._readers.get(pid)
         if reader is None:
             reader = self._readers[pid] = MemReader(pid)
         started = time.monotonic()
         try:
-            return reader.read_into(addr, self.view[:size])
+            return reader.read_into(addr, self.view[:size] if into is None else into)
         finally:
             self.times.memdump_us += int((time.monotonic() - started) * 1e6)
 

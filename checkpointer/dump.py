@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from checkpointer import collect, contents, trackstate
+from checkpointer import collect, contents, snapshot, trackstate
 from checkpointer.copier import PageCopier
 from checkpointer.errors import CheckpointError, ImageError, TargetError
 from checkpointer.fdstate import tree as fdtree
@@ -52,6 +52,9 @@ class DumpRequest:
     compress_level: int | None = None
     # The tree may use a terminal and session outside it (CRIU's --shell-job).
     shell_job: bool = False
+    # Thaw a leave-running dump as soon as a copy-on-write child of each process
+    # holds its memory (snapshot.py), instead of after the copy.
+    snapshot: bool = True
 
     def __post_init__(self) -> None:
         self.images_dir = Path(self.images_dir)
@@ -128,6 +131,7 @@ class _Pass:
         self._choose_tracker(start_time)
         freeze = req.kind == "dump" or (self.tracker is not None and self.tracker.freezes_pre_dump)
         freezer = Freezer(req.pid, thaw=req.thaw, cgroup=req.cgroup)
+        watchdog = snapshot.Watchdog() if self._snapshots(freeze) else None
         try:
             with DumpWriter(
                 req.images_dir, kind=req.kind, parent=self.parent_link, level=req.page_level
@@ -144,14 +148,23 @@ class _Pass:
                 vmas = self._read_vmas(tree, known)
                 self._write_state(writer, tree, vmas)
                 log.debug("state collected in %d us", _us_since(frozen_at))
-                pages = self._track(tree, vmas, frozen=freeze)
+                # Nothing to reset: the copy-on-write children can be scanned later.
+                later = watchdog is not None and self.tracker is None
+                pages = None if later else self._track(tree, vmas, frozen=freeze)
                 log.debug("tracking read and reset at %d us", _us_since(frozen_at))
-                if req.kind == "pre-dump" and freeze:
+                snap = snapshot.take(tree, vmas, pages, watchdog) if watchdog else None
+                if snap or (req.kind == "pre-dump" and freeze):
                     freezer.thaw(Thaw.RUNNING)  # dirty state is read and reset
                     self.times["frozen_time"] = _us_since(frozen_at)
-                stats = self._copy(writer, tree, vmas, pages)
+                if pages is None:
+                    pages = snap.scan(vmas) if snap else self._track(tree, vmas, frozen=freeze)
+                try:
+                    stats = self._copy(writer, tree, vmas, pages, snap)
+                finally:
+                    if snap:
+                        snap.release()
                 log.debug("pages copied at %d us", _us_since(frozen_at))
-                if req.kind == "dump":
+                if req.kind == "dump" and not snap:
                     if req.thaw is not Thaw.KILL:
                         # Every byte is read; fsync and rename need not keep the
                         # target waiting. (A tree to kill stays frozen until the
@@ -417,7 +430,16 @@ class _Pass:
                 pages[pid] = {v.start: VmaPages([], None) for v in private}
         return pages
 
-    def _copy(self, writer: DumpWriter, tree: FrozenTree, vmas: dict, pages: dict) -> dict:
+    def _snapshots(self, freeze: bool) -> bool:
+        """A copy-on-write snapshot shortens the window of a dump that lets the tree
+        run on. (A freezing pre-dump already thaws before its copy: a snapshot would
+        only add the clone to its window.)"""
+        req = self.req
+        return freeze and req.snapshot and req.kind == "dump" and req.thaw is Thaw.RUNNING
+
+    def _copy(
+        self, writer: DumpWriter, tree: FrozenTree, vmas: dict, pages: dict, snap=None
+    ) -> dict:
         held = {f"pid-{pid}": self._parent_held(pid) for pid in tree.pids}
         plans = {
             owner: private_plan(pid, vmas[pid], pages[pid], held[owner])
@@ -430,7 +452,12 @@ class _Pass:
         scanned = sum(seg.end - seg.start for seg in segments)
         to_read = sum(seg.end - seg.start for seg in segments if seg.where == "data")
         progress = Progress(to_read // PAGE_SIZE, PAGE_SIZE, self.req.progress)
-        copier = PageCopier(PAGE_SIZE, progress, partial_ok=self.req.kind == "pre-dump")
+        copier = PageCopier(
+            PAGE_SIZE,
+            progress,
+            partial_ok=self.req.kind == "pre-dump",
+            readers=snap.readers() if snap else None,
+        )
         counts = {
             "pages_written": 0,
             "pages_skipped_parent": 0,
@@ -471,6 +498,8 @@ class _Pass:
             **counts,
             "tracker": self._tracker_name(),
             "iteration": self.req.iteration,
+            "snapshot": "copy-on-write" if snap else "none",
+            "snapshot_time": snap.take_us if snap else 0,
         }
 
     def _parent_held(self, pid: int) -> list[Range]:

@@ -62,6 +62,15 @@ def send_to_page_server(res, page_server: str | None, as_json: bool) -> None:
             click.echo(f"sent to {page_server}: {answer['path']}")
 
 
+snapshot_option = click.option(
+    "--no-snapshot",
+    "no_snapshot",
+    is_flag=True,
+    help="With --leave-running: copy pages with the tree frozen, not from a copy-on-write "
+    "child of each process (the default: the tree is thawed once the children exist).",
+)
+
+
 def leave_options(fn):
     fn = click.option(
         "--leave-stopped",
@@ -153,6 +162,7 @@ def print_dump_result(res, as_json: bool = False) -> None:
 @tcp_option
 @level_option
 @page_server_option
+@snapshot_option
 @verbose_option
 @log_option
 def dump(
@@ -169,6 +179,7 @@ def dump(
     tcp_established,
     compress_level,
     page_server,
+    no_snapshot,
     verbose,
     log_file,
 ):
@@ -193,6 +204,7 @@ def dump(
         compress_level=compress_level,
         shell_job=shell_job,
         tcp_established=tcp_established,
+        snapshot=not no_snapshot,
     )
     res = do_dump(req)
     print_dump_result(res, as_json)

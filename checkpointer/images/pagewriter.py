@@ -190,14 +190,17 @@ class PageWriter:
 
     def add_data(self, addr: int, buf) -> None:
         """Page data from addr; zero stretches become zero runs, the rest is queued
-        for compression. Zeros are found per block of ZERO_BLOCK_PAGES pages: an
-        isolated zero page costs zstd next to nothing, while a run record per page
-        costs Python time on the dump's critical path."""
+        for compression."""
         mv = memoryview(buf).cast("B")
+        self._check(addr, len(mv))
+        for lo, hi, is_zero in self._stretches(mv):
+            self._emit(addr, mv, lo, hi, is_zero)
+
+    def _stretches(self, mv: memoryview):
+        """(lo, hi, is_zero) stretches of mv. Zeros are found per block of
+        ZERO_BLOCK_PAGES pages: an isolated zero page costs zstd next to nothing,
+        while a run record per page costs Python time on the dump's critical path."""
         n = len(mv)
-        self._check(addr, n)
-        if not n:
-            return
         block = self.page_size * ZERO_BLOCK_PAGES
         zero = self._zero_block
         run_start, run_zero = 0, None
@@ -210,9 +213,38 @@ class PageWriter:
             )
             if z != run_zero:
                 if run_zero is not None:
-                    self._emit(addr, mv, run_start, j, run_zero)
+                    yield run_start, j, run_zero
                 run_start, run_zero = j, z
-        self._emit(addr, mv, run_start, n, run_zero)
+        if n:
+            yield run_start, n, run_zero
+
+    def reserve(self, max_bytes: int) -> memoryview:
+        """Free space at the end of the current frame (at most max_bytes, whole
+        pages) for the caller to read page data into directly, sparing a copy;
+        `filled` then says how much it holds."""
+        take = min(self.frame_size - self._fill, max_bytes)
+        take -= take % self.page_size
+        return memoryview(self._frame)[self._fill : self._fill + take]
+
+    def filled(self, addr: int, nbytes: int) -> None:
+        """nbytes of page data from addr were read into the space `reserve` gave:
+        the same as add_data, without the copy (zero stretches are squeezed out)."""
+        self._check(addr, nbytes)
+        base = self._fill
+        mv = memoryview(self._frame)[base : base + nbytes]
+        for lo, hi, is_zero in self._stretches(mv):
+            nr = (hi - lo) // self.page_size
+            if is_zero:
+                self._add_run(addr + lo, nr, "zero", None)
+                continue
+            if self._fill != base + lo:  # a zero stretch went before: move down
+                self._frame[self._fill : self._fill + hi - lo] = mv[lo:hi].tobytes()
+            self._add_run(addr + lo, nr, "here", self._pos)
+            self._fill += hi - lo
+            self._pos += hi - lo
+        mv.release()
+        if self._fill == self.frame_size:
+            self._submit()
 
     def _emit(self, a0, mv, lo, hi, is_zero):
         nr = (hi - lo) // self.page_size

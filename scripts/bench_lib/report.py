@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from bench_lib import native
+
 
 def _t(header: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -309,6 +311,8 @@ def render(res: dict) -> str:
     out += [f"CLI start floor (`checkpointer --version`): {res['meta']['cli_start_s']:.2f} s", ""]
     if "throughput" in res:
         out += [throughput(res["throughput"]), ""]
+    if "native" in res:
+        out += [native.render(res["native"]), ""]
     if "trackers" in res:
         out += [trackers(res["trackers"]), ""]
     if "converge" in res:

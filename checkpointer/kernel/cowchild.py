@@ -1,0 +1,146 @@
+"""A copy-on-write child of a frozen process: its memory at one instant, to read at leisure.
+
+`spawn` injects `clone(CLONE_FILES, exit signal 0)` into a thread in a ptrace
+stop. The kernel copies page tables, not pages, so this takes milliseconds for
+gigabytes; the original can then run on while the child's /proc/PID/mem still
+shows the memory as it was. The child never runs an instruction of the target:
+
+- the parent is traced with PTRACE_O_TRACECLONE while the clone runs, so the
+  child is born traced by us and stops before returning to user space;
+- it gets PTRACE_O_EXITKILL (dies with the tool) and, injected, PR_SET_PDEATHSIG
+  SIGKILL (dies with the parent thread);
+- the clone is issued from a scratch code page whose next instructions are
+  `exit(0)`: in the microseconds before EXITKILL is set, a tool that dies
+  releases a child that exits at once instead of running the target's code.
+
+CLONE_FILES shares the fd table, so the child holds no extra reference on any
+pipe or socket and closes nothing when it dies. With exit signal 0 the parent's
+SIGCHLD handling never hears of it, but its zombie stays the parent's until
+someone waits with __WALL: `reap` injects a waitid for exactly that pid.
+
+Not copied on write, and so to be read from the original while it is frozen:
+MAP_SHARED memory (shared with the child), MADV_DONTFORK regions (absent in the
+child) and MADV_WIPEONFORK regions (zero in the child).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from dataclasses import dataclass
+
+from checkpointer.errors import TargetError
+from checkpointer.kernel import proc, ptrace
+from checkpointer.kernel.inject import SyscallSession
+from checkpointer.kernel.syscalls import NR_mmap, NR_munmap, NR_prctl
+
+NR_clone = 56
+NR_waitid = 247
+CLONE_FILES = 0x400
+PR_SET_PDEATHSIG = 1
+P_PID = 1
+WNOHANG, WEXITED, __WALL = 1, 4, 0x40000000
+PROT_RWX = 7
+MAP_SHARED_ANON = 0x01 | 0x20
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+_U64 = (1 << 64) - 1
+_CLONE_EVENTS = (ptrace.PTRACE_EVENT_CLONE, ptrace.PTRACE_EVENT_FORK)
+
+# syscall; mov eax, 60 (exit); xor edi, edi; syscall; ud2
+_CLONE_CODE = b"\x0f\x05" + b"\xb8\x3c\x00\x00\x00" + b"\x31\xff" + b"\x0f\x05" + b"\x0f\x0b"
+
+
+@dataclass
+class CowChild:
+    """The traced copy-on-write child of `parent`; `pidfd` pins its identity."""
+
+    pid: int
+    parent: int
+    pidfd: int
+    ns_pid: int  # its pid as its parent sees it (another pid namespace: a container)
+    dead: bool = False
+
+
+def spawn(tid: int, pid: int) -> CowChild:
+    """Clone thread `tid` (of process `pid`, in a ptrace stop under us) into a traced,
+    stopped copy-on-write child. OSError carries clone's errno (ENOMEM under strict
+    overcommit, EAGAIN at a pids limit)."""
+    seccomp = ptrace.PTRACE_O_SUSPEND_SECCOMP if proc.read_seccomp_mode(pid, tid) else 0
+    with SyscallSession(tid) as session:
+        code = session.call(NR_mmap, 0, PAGE_SIZE, PROT_RWX, MAP_SHARED_ANON, _U64, 0)
+        try:
+            session.write(code, _CLONE_CODE)
+            ns_pid = _clone(session, tid, code, seccomp)
+            # The clone event's message is the pid in our namespace.
+            born = [msg for event, msg in session.events if event in _CLONE_EVENTS]
+            child_pid = born[-1] if born else ns_pid
+            try:
+                _hold(child_pid, code, seccomp)
+                pidfd = os.pidfd_open(child_pid)
+            except BaseException:
+                _kill_traced(child_pid, None)
+                reap(session, ns_pid, child_pid)
+                raise
+        finally:
+            with contextlib.suppress(OSError):
+                session.call(NR_munmap, code, PAGE_SIZE)
+    return CowChild(child_pid, pid, pidfd, ns_pid)
+
+
+def _clone(session: SyscallSession, tid: int, code: int, seccomp: int) -> int:
+    vdso_insn = session.insn
+    ptrace.set_options(tid, ptrace.PTRACE_O_TRACECLONE | ptrace.PTRACE_O_TRACEFORK | seccomp)
+    try:
+        session.insn = code
+        return session.call(NR_clone, CLONE_FILES, 0, 0, 0, 0)
+    finally:
+        session.insn = vdso_insn
+        ptrace.set_options(tid, seccomp)
+
+
+def _hold(child: int, code: int, seccomp: int) -> None:
+    """Wait for the new child's first stop; make it die with us and with its parent."""
+    stop = ptrace.wait_stop(child, 10.0)
+    if stop.kind in ("exited", "killed"):
+        raise TargetError(f"copy-on-write child {child} {stop.kind} before its first stop")
+    ptrace.set_options(child, ptrace.PTRACE_O_EXITKILL | seccomp)
+    with SyscallSession(child, insn=code) as session:
+        session.call(NR_prctl, PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def kill(child: CowChild) -> None:
+    """SIGKILL the child and collect its death as its tracer. It stays a zombie of
+    its parent until `reap`."""
+    if not child.dead:
+        _kill_traced(child.pid, child.pidfd)
+        child.dead = True
+    if child.pidfd >= 0:
+        os.close(child.pidfd)
+        child.pidfd = -1
+
+
+def _kill_traced(pid: int, pidfd: int | None) -> None:
+    try:
+        if pidfd is not None:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for _ in range(16):
+        try:
+            stop = ptrace.wait_stop(pid, 10.0)
+        except TargetError:
+            return  # no longer ours to wait for
+        if stop.kind in ("exited", "killed"):
+            return
+
+
+def reap(session: SyscallSession, ns_pid: int, pid: int) -> bool:
+    """Inside the child's parent (a session on one of its stopped threads): wait for
+    exactly that zombie (`ns_pid`: as the parent sees it), with __WALL because its
+    exit signal is 0. True if it is gone (`pid`: as we see it)."""
+    with contextlib.suppress(OSError, TargetError):
+        session.call(NR_waitid, P_PID, ns_pid, 0, WEXITED | WNOHANG | __WALL, 0)
+    return not os.path.exists(f"/proc/{pid}")

@@ -1,0 +1,298 @@
+"""A copy-on-write snapshot of a frozen tree, so it can run on while its pages are read.
+
+While the tree is frozen and its state and dirty bits have been read, every
+process gets a copy-on-write child (kernel/cowchild.py): the kernel copies page
+tables, not pages, in milliseconds. The tree is thawed at once; the page copier
+then reads private memory from the children, which still hold it as it was at
+the freeze, and the children are killed and reaped afterwards.
+
+What a fork does not copy on write is read from the original inside the frozen
+window and held in memory until the copier asks for it:
+- MAP_SHARED memory is the same memory in the child (chosen: copy it in the
+  window; it is usually small, and a file or memfd cannot be snapshot otherwise);
+- MADV_DONTFORK regions are absent from the child, MADV_WIPEONFORK regions are
+  zero there;
+- [vdso] (small, and dumped whole).
+Above PREFETCH_LIMIT bytes of such memory, or when the clone fails (strict
+overcommit: ENOMEM; a pids limit: EAGAIN), there is no snapshot: the dump copies
+with the tree frozen, as without this module, and says so.
+
+Dirty tracking (soft-dirty, uffd-wp) was read and reset in the original before
+the clone and stays with the original: a child never has it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import logging
+import subprocess
+import sys
+import time
+
+from checkpointer.copier import Segment
+from checkpointer.errors import TargetError
+from checkpointer.freezer import FrozenTree, stopped_thread
+from checkpointer.kernel import cowchild, proc
+from checkpointer.kernel.inject import SyscallSession
+from checkpointer.kernel.memory import MemReader
+from checkpointer.plan import private_plan, shared_plans
+from checkpointer.trackers import FullTracker, VmaPages
+from checkpointer.vmas import Policy, Vma
+
+log = logging.getLogger("checkpointer")
+
+# Memory read inside the window and held until copied (shared, DONTFORK, WIPEONFORK).
+PREFETCH_LIMIT = 256 << 20
+# A frozen copy of fewer than 1/COPY_VS_CLONE of the present bytes beats the clone.
+COPY_VS_CLONE = 16
+# VmFlags of regions a forked child does not get as they are.
+NOT_FORKED = ("dc", "wf")
+
+
+class Watchdog:
+    """The process that reaps the children should this tool die (reaper.py). Started
+    before the freeze: starting a Python costs milliseconds the window need not pay."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen | None = None
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "checkpointer.reaper"], stdin=subprocess.PIPE, text=True
+            )
+        except OSError as err:
+            # E.g. a user who may not run the interpreter's path again. The children
+            # still die with the tool; only their reaping would be lost if it died.
+            log.info("no snapshot watchdog (%s): a killed dump would leave zombies", err)
+
+    def tell(self, line: str) -> None:
+        if self._proc and self._proc.stdin:
+            with contextlib.suppress(OSError):
+                self._proc.stdin.write(line + "\n")
+                self._proc.stdin.flush()
+
+    def close(self) -> None:
+        """All children are reaped: let it go (it exits by itself; not waited for, so
+        the dump does not wait for an interpreter to start)."""
+        if self._proc:
+            self.tell("done")
+            with contextlib.suppress(OSError):
+                self._proc.stdin.close()  # type: ignore[union-attr]
+            self._proc = None
+
+
+class Snapshot:
+    """Copy-on-write children of a frozen tree, plus what they cannot show."""
+
+    def __init__(self, watchdog: Watchdog) -> None:
+        self.children: dict[int, cowchild.CowChild] = {}  # target pid -> its child
+        self.held: dict[int, _HeldMemory] = {}  # target pid -> memory read in the window
+        # target pid -> pages of the VMAs read in the window, when the dump left the
+        # scan of the rest to the children (scan())
+        self.window_pages: dict[int, dict[int, VmaPages]] = {}
+        self.take_us = 0
+        self.watchdog = watchdog
+
+    def _spawn(self, pid: int, tid: int) -> None:
+        child = cowchild.spawn(tid, pid)
+        self.children[pid] = child
+        self.watchdog.tell(f"{pid} {child.pid} {child.ns_pid}")
+
+    def scan(self, vmas: dict[int, list[Vma]]) -> dict[int, dict[int, VmaPages]]:
+        """Present pages of every private VMA, read in the children (after the thaw)
+        where they have the memory, else as read in the window."""
+        pages = {}
+        for pid, child in self.children.items():
+            held = self.window_pages.get(pid, {})
+            forked = [v for v in vmas[pid] if v.policy is Policy.PRIVATE and v.start not in held]
+            pages[pid] = {**FullTracker().scan(child.pid, forked, False), **held}
+        return pages
+
+    def readers(self) -> dict[int, SnapshotReader]:
+        """A memory reader per target pid, for the page copier."""
+        return {
+            pid: SnapshotReader(child.pid, self.held.get(pid, _HeldMemory()))
+            for pid, child in self.children.items()
+        }
+
+    def release(self, frozen: bool = False) -> None:
+        """Kill every child and reap it in its parent, leaving no trace. `frozen`: the
+        parents are still in our ptrace stop (no need to stop them again)."""
+        for child in self.children.values():
+            cowchild.kill(child)
+        for pid, child in self.children.items():
+            if _reap(pid, child, frozen):
+                self.watchdog.tell(f"reaped {child.pid}")
+        self.children.clear()
+        self.held.clear()
+        self.watchdog.close()
+
+
+def take(
+    tree: FrozenTree,
+    vmas: dict[int, list[Vma]],
+    pages: dict[int, dict[int, VmaPages]] | None,
+    watchdog: Watchdog,
+) -> Snapshot | None:
+    """A Snapshot of the frozen tree, or None (logged) when the dump must copy frozen.
+
+    `pages`: what the tracker read in the window; None for a dump with nothing to
+    reset, whose scan can wait for the children (Snapshot.scan) but for the memory
+    read here."""
+    started = time.monotonic()
+    held = sum(v.size for pid in tree.pids for v in vmas[pid] if _held(v))
+    if held > PREFETCH_LIMIT:
+        watchdog.close()
+        log.warning(
+            "no copy-on-write snapshot: %d MiB of shared/DONTFORK/WIPEONFORK memory would "
+            "have to be held; pages are copied with the tree frozen",
+            held >> 20,
+        )
+        return None
+    if pages is not None and _worth_copying_frozen(pages):
+        watchdog.close()
+        return None
+    snap = Snapshot(watchdog)
+    try:
+        for pid in tree.pids:
+            snap._spawn(pid, _live_thread(pid, tree.threads[pid]))
+        log.debug("snapshot: children cloned at %d us", _us_since(started))
+        for pid, child in snap.children.items():
+            _hold_unforked(snap, pid, child.pid, vmas[pid], pages[pid] if pages else None)
+        for plan in shared_plans({pid: vmas[pid] for pid in tree.pids}).values():
+            for seg in plan:
+                snap.held.setdefault(seg.pid, _HeldMemory()).read(seg.pid, [seg])
+    except OSError as err:
+        snap.release(frozen=True)
+        log.warning(
+            "no copy-on-write snapshot (%s): pages are copied with the tree frozen", err.strerror
+        )
+        return None
+    except BaseException:
+        snap.release(frozen=True)
+        raise
+    snap.take_us = _us_since(started)
+    log.debug("snapshot: taken in %d us", snap.take_us)
+    return snap
+
+
+def _hold_unforked(snap: Snapshot, pid: int, child: int, vmas: list[Vma], pages) -> None:
+    """Read the private memory the child does not have as it was (and [vdso])."""
+    unforked = [v for v in vmas if _held(v) and not v.shared] + _missing_in_child(child, vmas)
+    if pages is None:
+        private = [v for v in unforked if v.policy is Policy.PRIVATE]
+        pages = snap.window_pages[pid] = FullTracker().scan(pid, private, False)
+    segs = private_plan(pid, unforked, pages)
+    snap.held.setdefault(pid, _HeldMemory()).read(pid, [s for s in segs if s.where == "data"])
+
+
+def _worth_copying_frozen(pages: dict[int, dict[int, VmaPages]]) -> bool:
+    """Whether the pages to copy are so few that copying them frozen is quicker than
+    the clone, which costs about as much as copying 1/16 of the present pages
+    (page tables: ~30-100 ms per GiB here; the copy: ~2 GB/s). The final dump of a
+    converged chain, which copies only the last hot set, is the case."""
+    present = copy = 0
+    for by_vma in pages.values():
+        for vp in by_vma.values():
+            present += sum(e - s for s, e in vp.present)
+            copy += sum(e - s for s, e in (vp.present if vp.dirty is None else vp.dirty))
+    if copy * COPY_VS_CLONE < present:
+        log.debug("no snapshot: %d of %d present bytes to copy", copy, present)
+        return True
+    return False
+
+
+def _us_since(t: float) -> int:
+    return int((time.monotonic() - t) * 1e6)
+
+
+def _held(vma: Vma) -> bool:
+    """Read in the window: what a child does not have as it was."""
+    return vma.policy in (Policy.WHOLE, Policy.SHARED) or _not_forked(vma)
+
+
+def _not_forked(vma: Vma) -> bool:
+    return vma.policy is Policy.PRIVATE and any(f in vma.vmflags for f in NOT_FORKED)
+
+
+def _missing_in_child(child: int, vmas: list[Vma]) -> list[Vma]:
+    """Private VMAs the child lacks: made DONTFORK after their flags were read."""
+    present = {(m.start, m.end) for m in proc.read_maps(child)}
+    return [
+        v
+        for v in vmas
+        if v.policy is Policy.PRIVATE and not _not_forked(v) and (v.start, v.end) not in present
+    ]
+
+
+def _live_thread(pid: int, tids: list[int]) -> int:
+    """The main thread, or the first live one (a main thread that called
+    pthread_exit cannot run a syscall)."""
+    for tid in [pid] + tids if pid in tids else tids:
+        if proc.read_task_state(pid, tid) not in ("Z", "X"):
+            return tid
+    raise TargetError(f"process {pid} has no live thread to clone")
+
+
+def _reap(pid: int, child: cowchild.CowChild, frozen: bool) -> bool:
+    """Wait for the dead child inside its parent, stopping the parent briefly if it runs."""
+    try:
+        if frozen:
+            with SyscallSession(_live_thread(pid, proc.list_threads(pid))) as session:
+                reaped = cowchild.reap(session, child.ns_pid, child.pid)
+        else:
+            with stopped_thread(pid) as tid, SyscallSession(tid) as session:
+                reaped = cowchild.reap(session, child.ns_pid, child.pid)
+    except TargetError:
+        return False  # the parent is gone: init reaps its orphans
+    if not reaped:
+        log.warning("copy-on-write child %d of %d could not be reaped", child.pid, pid)
+    return reaped
+
+
+class _HeldMemory:
+    """Ranges of a process's memory read in the frozen window, by address."""
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.data: list[bytearray] = []
+
+    def read(self, pid: int, segs: list[Segment]) -> None:
+        if not segs:
+            return
+        with MemReader(pid) as reader:
+            for seg in segs:
+                buf = bytearray(seg.end - seg.start)
+                n = reader.read_into(seg.vaddr, buf)
+                index = bisect.bisect(self.starts, seg.vaddr)
+                self.starts.insert(index, seg.vaddr)
+                self.data.insert(index, buf[:n] if n < len(buf) else buf)
+
+    def find(self, addr: int) -> tuple[bytearray, int] | None:
+        """The held buffer covering addr and addr's offset in it."""
+        index = bisect.bisect_right(self.starts, addr) - 1
+        if index >= 0 and addr - self.starts[index] < len(self.data[index]):
+            return self.data[index], addr - self.starts[index]
+        return None
+
+
+class SnapshotReader:
+    """Reads one process's memory as it was at the freeze: held ranges from memory,
+    everything else from its copy-on-write child. (MemReader's read_into contract.)"""
+
+    def __init__(self, child: int, held: _HeldMemory) -> None:
+        self.child = MemReader(child)
+        self.held = held
+
+    def read_into(self, addr: int, buf) -> int:
+        found = self.held.find(addr)
+        if found is None:
+            return self.child.read_into(addr, buf)
+        data, off = found
+        n = min(len(buf), len(data) - off)
+        buf[:n] = data[off : off + n]
+        return n
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.child.close()

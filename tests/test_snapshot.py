@@ -1,0 +1,220 @@
+"""The copy-on-write snapshot: a leave-running dump of a target that never stops
+writing holds its memory at the instant of the freeze, and leaves no trace."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from targetlib import CLI, Target, target_binary
+
+from checkpointer.dump import DumpRequest, dump, pre_dump
+from checkpointer.freezer import Thaw
+from checkpointer.images import Dump
+
+SOURCE = Path(__file__).parent / "targets" / "generations.c"
+PAGE = os.sysconf("SC_PAGE_SIZE")
+SEQUENCE = ("private", "dontfork", "wipeonfork", "shared")  # the writer's page order
+
+
+@pytest.fixture
+def writer():
+    """Start generations.c targets; killed at teardown."""
+    started: list[Target] = []
+
+    def _start(mb: int = 32) -> Target:
+        proc = subprocess.Popen(
+            [str(target_binary(SOURCE)), "--mb", str(mb)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        target = Target(proc)
+        started.append(target)
+        assert proc.stdout
+        while not (line := proc.stdout.readline().strip()).startswith("READY"):
+            assert line, f"target exited early with {proc.wait()}"
+            target._parse(line)
+        # Past the first sweep, so "the previous generation" is defined everywhere.
+        while int.from_bytes(target.read_mem(target.regions["clock"][0], 8), "little") >> 32 < 2:
+            time.sleep(0.001)
+        return target
+
+    yield _start
+    for target in started:
+        target.kill()
+
+
+def first_words(read, target: Target) -> list[int]:
+    """The generation in each page of the writer's sequence, read through `read`."""
+    words = []
+    for name in SEQUENCE:
+        addr, size = target.regions[name]
+        data = read(addr, size)
+        words += [int.from_bytes(data[off : off + 8], "little") for off in range(0, size, PAGE)]
+    return words
+
+
+def assert_one_instant(dumped: Dump, target: Target) -> int:
+    """The dump obeys the writer's invariant for the clock it holds; the clock's g."""
+    clock = int.from_bytes(dumped.read_memory(target.pid, target.regions["clock"][0], 8), "little")
+    g, i = clock >> 32, clock & 0xFFFFFFFF
+    words = first_words(lambda a, n: dumped.read_memory(target.pid, a, n), target)
+    assert words[:i] == [g] * i, "pages before the clock's index are not at its generation"
+    assert words[i] in (g - 1, g)
+    assert words[i + 1 :] == [g - 1] * (len(words) - i - 1), "pages after the index moved on"
+    # The fixed pattern survived in every kind of region (a wiped copy loses it).
+    for n, name in enumerate(SEQUENCE):
+        addr, size = target.regions[name]
+        page = dumped.read_memory(target.pid, addr + size - PAGE, PAGE)
+        index = sum(target.regions[s][1] // PAGE for s in SEQUENCE[:n]) + size // PAGE - 1
+        assert page[8:] == bytes((index * 7 + k) & 0xFF for k in range(8, PAGE)), name
+    return g
+
+
+def children(pid: int) -> set[int]:
+    return {
+        int(c)
+        for tid in os.listdir(f"/proc/{pid}/task")
+        for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()
+    }
+
+
+def is_child_of(pid: int, parent: int) -> bool:
+    """pid exists and is parent's child (pids are reused quickly on a busy machine)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return int(stat.rsplit(")", 1)[1].split()[1]) == parent
+
+
+def tracer(pid: int) -> int:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return -1
+    return int(status.split("TracerPid:")[1].split()[0])
+
+
+def fd_state(pid: int) -> dict[str, tuple[str, str]]:
+    fds = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines()
+        fds[fd] = (os.readlink(f"/proc/{pid}/fd/{fd}"), "\n".join(info[:3]))
+    return fds
+
+
+def test_snapshot_dump_is_the_memory_at_the_freeze(writer, tmp_path):
+    t = writer()
+    kids, fds = children(t.pid), fd_state(t.pid)
+    res = dump(DumpRequest(t.pid, tmp_path / "d", thaw=Thaw.RUNNING, progress=False))
+    assert res.stats["snapshot"] == "copy-on-write"
+    g = assert_one_instant(Dump.open(tmp_path / "d"), t)
+    # It ran on meanwhile (the dump is not just a copy taken later), and nothing of
+    # the snapshot is left: no child, same fds.
+    time.sleep(0.05)
+    now = first_words(t.read_mem, t)
+    assert max(now) > g
+    assert children(t.pid) == kids and fd_state(t.pid) == fds
+    assert t.proc.poll() is None
+
+
+def test_snapshot_dump_on_a_content_compared_parent(writer, tmp_path):
+    t = writer()
+    res = pre_dump(DumpRequest(t.pid, tmp_path / "p", tracker="full", progress=False))
+    # The full tracker needs no freeze: no snapshot, and none needed.
+    assert res.stats["snapshot"] == "none"
+    res = dump(DumpRequest(t.pid, tmp_path / "d", thaw=Thaw.RUNNING, prev_images_dir="../p"))
+    assert res.stats["snapshot"] == "copy-on-write"
+    assert_one_instant(Dump.open(tmp_path / "d"), t)
+
+
+@pytest.mark.uffd_wp
+def test_snapshot_incremental_dump_keeps_tracking(writer, tmp_path):
+    t = writer()
+    pre_dump(DumpRequest(t.pid, tmp_path / "p", tracker="uffd-wp", progress=False))
+    res = dump(
+        DumpRequest(
+            t.pid, tmp_path / "d", thaw=Thaw.RUNNING, prev_images_dir="../p", tracker="uffd-wp"
+        )
+    )
+    assert res.incremental and res.stats["snapshot"] == "copy-on-write"
+    assert_one_instant(Dump.open(tmp_path / "d"), t)
+    # Tracking stayed with the original: the next pass is still incremental.
+    res = dump(
+        DumpRequest(
+            t.pid, tmp_path / "e", thaw=Thaw.RUNNING, prev_images_dir="../d", tracker="uffd-wp"
+        )
+    )
+    assert res.incremental
+    assert_one_instant(Dump.open(tmp_path / "e"), t)
+
+
+def test_without_snapshot_the_copy_is_frozen(writer, tmp_path):
+    t = writer()
+    res = dump(
+        DumpRequest(t.pid, tmp_path / "d", thaw=Thaw.RUNNING, progress=False, snapshot=False)
+    )
+    assert res.stats["snapshot"] == "none"
+    assert_one_instant(Dump.open(tmp_path / "d"), t)
+
+
+def pids_cgroup() -> Path | None:
+    root = Path("/sys/fs/cgroup/pids")
+    return root if (root / "cgroup.procs").exists() and os.access(root, os.W_OK) else None
+
+
+def test_clone_refused_falls_back_to_a_frozen_copy(writer, tmp_path, caplog):
+    root = pids_cgroup()
+    if root is None:
+        pytest.skip("needs a writable cgroup v1 pids hierarchy")
+    t = writer()
+    group = root / f"checkpointer-test-{os.getpid()}-{t.pid}"
+    group.mkdir()
+    try:
+        (group / "cgroup.procs").write_text(str(t.pid))
+        (group / "pids.max").write_text("1")  # the target itself: no room for a clone
+        res = dump(DumpRequest(t.pid, tmp_path / "d", thaw=Thaw.RUNNING, progress=False))
+        assert res.stats["snapshot"] == "none"
+        assert "no copy-on-write snapshot" in caplog.text
+        assert_one_instant(Dump.open(tmp_path / "d"), t)
+        assert children(t.pid) == set()
+    finally:
+        (root / "cgroup.procs").write_text(str(t.pid))
+        group.rmdir()
+
+
+def test_tool_killed_during_the_copy_leaves_no_process(writer, tmp_path):
+    t = writer(mb=512)
+    kids = children(t.pid)
+    tool = subprocess.Popen(
+        [*CLI, "dump", "-t", str(t.pid), "-D", str(tmp_path / "d"), "--leave-running"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    # The copy: a child exists and the target runs again (not traced). (A tool
+    # killed inside the window, while a syscall is being injected, would leave the
+    # target with injected registers: that hazard is every injection's, not the
+    # snapshot's.)
+    snapshot_child = None
+    deadline = time.monotonic() + 60
+    while tool.poll() is None and time.monotonic() < deadline:
+        snapshot_child = next(iter(children(t.pid) - kids), None)
+        if snapshot_child and tracer(t.pid) == 0 and tracer(snapshot_child) == tool.pid:
+            break
+        time.sleep(0.001)
+    assert snapshot_child is not None, "the copy-on-write child never appeared"
+    os.kill(tool.pid, signal.SIGKILL)
+    tool.wait()
+    deadline = time.monotonic() + 10
+    while children(t.pid) != kids and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert children(t.pid) == kids
+    assert not is_child_of(snapshot_child, t.pid)
+    assert t.proc.poll() is None
+    assert tracer(t.pid) == 0
