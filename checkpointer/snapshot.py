@@ -182,7 +182,8 @@ def _hold_unforked(snap: Snapshot, pid: int, child: int, vmas: list[Vma], pages)
     if pages is None:
         private = [v for v in unforked if v.policy is Policy.PRIVATE]
         pages = snap.window_pages[pid] = FullTracker().scan(pid, private, False)
-    segs = private_plan(pid, unforked, pages)
+    # No parent holdings: hold every page the later plan could copy (a superset).
+    segs = private_plan(pid, unforked, pages, [])
     snap.held.setdefault(pid, _HeldMemory()).read(pid, [s for s in segs if s.where == "data"])
 
 
@@ -229,7 +230,7 @@ def _live_thread(pid: int, tids: list[int]) -> int:
     """The main thread, or the first live one (a main thread that called
     pthread_exit cannot run a syscall)."""
     for tid in [pid] + tids if pid in tids else tids:
-        if proc.read_task_state(pid, tid) not in ("Z", "X"):
+        if proc.read_state(pid, tid) not in ("Z", "X"):
             return tid
     raise TargetError(f"process {pid} has no live thread to clone")
 
