@@ -23,8 +23,18 @@ class Lifecycle:
     popen: subprocess.Popen | None
 
     def status(self) -> dict[str, int]:
-        text = (self.dir / "status").read_text()
-        return {k: int(v) for k, v in (kv.split("=") for kv in text.split())}
+        """The status line; read again while the workload is halfway through
+        rewriting it (pwrite, then ftruncate)."""
+        for _ in range(100):
+            text = (self.dir / "status").read_text()
+            try:
+                st = {k: int(v) for k, v in (kv.split("=") for kv in text.split())}
+            except ValueError:
+                st = {}
+            if "child_pid" in st:  # the last field: the line is whole
+                return st
+            time.sleep(0.005)
+        raise AssertionError(f"no whole status line: {text!r}")
 
     def wait_for(self, pred, what: str, timeout: float = 10.0) -> dict[str, int]:
         deadline = time.monotonic() + timeout
