@@ -62,9 +62,9 @@ class Lifecycle:
     def log_counters(self) -> list[int]:
         return [int(x) for x in (self.dir / "log").read_text().split()]
 
-    def reap_original(self) -> None:
+    def reap_original(self, timeout: float | None = 10) -> None:
         if self.popen is not None:
-            self.popen.wait(timeout=10)
+            self.popen.wait(timeout=timeout)
             self.popen = None
 
     def kill(self) -> None:

@@ -216,7 +216,9 @@ def lifecycle(tmp_path):
 
     def _start(anon_mb: int = 16):
         lc = start_lifecycle(tmp_path, anon_mb)
-        threading.Thread(target=lc.reap_original, daemon=True).start()  # frees its PID
+        # Frees its PID once a migration kills it, however long that takes (minutes
+        # under TCG: a timeout here left a zombie holding the PID in the guest).
+        threading.Thread(target=lc.reap_original, args=(None,), daemon=True).start()
         started.append(lc)
         return lc
 

@@ -11,7 +11,9 @@ def main() -> None:
     """Checkpoint live Linux process trees incrementally, CRIU-style.
 
     Dump commands freeze a process tree with ptrace and write its state and memory
-    into an images directory; inspection commands open, verify and extract from them.
+    into an images directory; restore brings a final dump back to life; migrate
+    moves a live tree to another host over ssh; inspection commands open, verify
+    and extract from the images.
     """
 
 
