@@ -16,17 +16,22 @@ from checkpointer.kernel import proc
 from checkpointer.kernel.syscalls import NR_process_vm_writev, syscall
 
 
+def _open_mem(pid: int, flags: int) -> int:
+    """/proc/PID/mem (through a live thread if the main one has exited)."""
+    try:
+        return os.open(f"{proc.task_dir(pid)}/mem", flags | os.O_CLOEXEC)
+    except (FileNotFoundError, ProcessLookupError):
+        raise TargetError(f"process {pid} does not exist (exited)") from None
+    except PermissionError:
+        raise TargetError(f"cannot open the memory of process {pid}: permission denied") from None
+
+
 class MemReader:
     """/proc/PID/mem opened once; read_into(addr, buffer) many times."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        try:
-            self.fd = os.open(f"{proc.task_dir(pid)}/mem", os.O_RDONLY | os.O_CLOEXEC)
-        except (FileNotFoundError, ProcessLookupError):
-            raise TargetError(f"process {pid} does not exist (exited)") from None
-        except PermissionError:
-            raise TargetError(f"cannot read memory of process {pid}: permission denied") from None
+        self.fd = _open_mem(pid, os.O_RDONLY)
 
     def __enter__(self) -> MemReader:
         return self
@@ -92,10 +97,7 @@ class MemWriter:
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        try:
-            self.fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
-        except (FileNotFoundError, ProcessLookupError):
-            raise TargetError(f"process {pid} does not exist (exited)") from None
+        self.fd = _open_mem(pid, os.O_RDWR)
         self._local = _Iovec()
         self._remote = _Iovec()
 

@@ -12,10 +12,10 @@ the restorer dies.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import resource
 import signal
+import time
 
 from checkpointer.kernel import abi, proc, ptrace, taskctl
 from checkpointer.kernel.inject import SyscallSession
@@ -184,7 +184,7 @@ def kill_and_reap(pids: list[int]) -> None:
                 break
             if got:
                 break
-            ctypes.CDLL(None).usleep(5000)
+            time.sleep(0.005)
 
 
 def restore_prctl(task: Task) -> None:
