@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from memcheck import compare_dump_with_process
@@ -268,6 +270,41 @@ def test_a_stopped_process_comes_back_stopped_and_pidfile_json(lifecycle, tmp_pa
     assert lc.status()["counter"] == before
     os.kill(lc.pid, signal.SIGCONT)
     lc.carries_on()
+
+
+def test_a_job_whose_session_leader_is_in_an_outer_pid_namespace(tmp_path):
+    """In a PID namespace (a container, a CI runner) a session or group led from
+    an outer namespace reads as id 0: a leader alive outside the tree, joined as
+    it is, like a shell's. (Restore took 0 for a gone leader's PID and failed in
+    clone3 with EINVAL.)"""
+    import subprocess
+    import textwrap
+
+    script = tmp_path / "job.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import os, signal, subprocess, sys
+        cli = [sys.executable, "-m", "checkpointer"]
+        quiet = dict(stdout=subprocess.DEVNULL)
+        p = subprocess.Popen(["sleep", "1000"], stdin=subprocess.DEVNULL)
+        assert os.getsid(p.pid) == 0 and os.getpgid(p.pid) == 0, "not in a new namespace"
+        r = subprocess.run(cli + ["dump", "-t", str(p.pid), "-D", "{tmp_path}/i"], **quiet)
+        assert r.returncode == 0
+        p.wait()
+        r = subprocess.run(cli + ["restore", "-D", "{tmp_path}/i", "-d"], **quiet)
+        assert r.returncode == 0
+        state = open(f"/proc/{{p.pid}}/stat").read().rsplit(")", 1)[1].split()
+        os.kill(p.pid, signal.SIGKILL)
+        print("restored", state[0], "sid", state[3], "pgid", state[2])
+    """)
+    )
+    r = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, str(script)],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "restored S sid 0 pgid 0\n"
 
 
 def test_a_job_in_the_callers_session_without_a_terminal(tmp_path):

@@ -103,8 +103,9 @@ def create_tree(
 def _gone_leaders(images: RestoreImages) -> set[int]:
     """Sessions and groups whose leader is no longer there (an orphan's: its parent
     started a session, forked it and exited), to be rebuilt through a helper. A
-    leader alive outside the tree is the shell's of a shell job, joined as is."""
-    return {i for i in leaders_outside(images) if not proc.exists(i)}
+    leader alive outside the tree is the shell's of a shell job, joined as is; so
+    is one in an outer PID namespace, which /proc shows as id 0."""
+    return {i for i in leaders_outside(images) if i > 0 and not proc.exists(i)}
 
 
 def _clone_through_leader(
