@@ -194,6 +194,38 @@ def test_deleted_files_come_back_deleted(files_restored):
     assert sorted(os.listdir(w.dir)) == ["shared", "status"]
 
 
+def test_an_unnamed_temporary_file_comes_back(tmp_path):
+    """A file opened with O_TMPFILE (pytest's output capture, for one) never had a
+    name: its fd reads "DIR/#INODE (deleted)" and its flags keep O_TMPFILE, which
+    the restore passed to open (ENOTDIR) before it dropped them."""
+    fd = os.open(tmp_path, os.O_TMPFILE | os.O_RDWR, 0o600)
+    try:
+        os.write(fd, b"written before the dump\n")
+        p = subprocess.Popen(["sleep", "1000"], stdin=subprocess.DEVNULL, stdout=fd,
+                             stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    finally:
+        os.close(fd)
+    try:
+        assert os.readlink(f"/proc/{p.pid}/fd/1").endswith(" (deleted)")
+        r = cli("dump", "-t", str(p.pid), "-D", str(tmp_path / "images"))
+        assert r.returncode == 0, r.stderr
+        p.wait(timeout=10)
+        r = cli("restore", "-D", str(tmp_path / "images"), "-d")
+        assert r.returncode == 0, r.stderr
+        assert os.readlink(f"/proc/{p.pid}/fd/1").endswith(" (deleted)")
+        with open(f"/proc/{p.pid}/fd/1", "rb") as f:
+            assert f.read() == b"written before the dump\n"
+        info = open(f"/proc/{p.pid}/fdinfo/1").read()
+        assert "pos:\t24\n" in info
+        assert int(info.split("flags:\t")[1].split()[0], 8) & os.O_ACCMODE == os.O_RDWR
+        assert [n for n in os.listdir(tmp_path) if n.startswith("#")] == []  # unlinked again
+    finally:
+        try:
+            os.kill(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def test_memfd_fd_and_mapping_share_one_object(files_restored):
     w, at_dump = files_restored
     assert os.readlink(f"/proc/{w.pid}/fd/21") == "/memfd:objects-memfd (deleted)"

@@ -114,6 +114,10 @@ def finish_fds(task: Task, files: OpenFiles) -> None:
 
 def _open(task: Task, f: dict, files: OpenFiles) -> int:
     flags = (f["flags"] & ~_OPEN_ONLY) | os.O_CLOEXEC
+    if f["type"] == "file":
+        # A regular file opened with O_TMPFILE keeps it (and its O_DIRECTORY) in
+        # its flags; reopening the recreated ghost by name needs neither.
+        flags &= ~os.O_TMPFILE
     path = f["target"]
     if "ghost" in f and files.shared_memory is not None:
         path = files.shared_memory.ghosts.path(f["ghost"], path.removesuffix(DELETED))
