@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from checkpointer.dump import DumpRequest, DumpResult, dump, pre_dump
+from checkpointer.fdstate.tree import RepairedConnections
 from checkpointer.freezer import Thaw
 
 CONVERGED_RULES = ("min-pages", "downtime")
@@ -37,6 +38,7 @@ class ConvergeOptions:
     interval_ms: float = 0.0
     thaw: Thaw = Thaw.KILL
     tcp_established: bool = False  # the final dump keeps established TCP connections
+    hold_connections: bool = False  # ... and a stopped tree keeps them repaired (dump.py)
     progress: bool | None = False
     shell_job: bool = False  # for the final dump
 
@@ -70,9 +72,11 @@ class ConvergeResult:
     bytes_raw: int = 0
     compression_ratio: float = 0.0
     tracker: str = ""
+    connections: RepairedConnections | None = None  # held by the final dump
 
     def to_json(self) -> dict:
-        out = asdict(self)
+        out = asdict(replace(self, connections=None))
+        del out["connections"]
         out["final_dir"] = str(self.final_dir)
         return out
 
@@ -106,12 +110,19 @@ def converge(
     final_req = _request(opts, "final", parent, tracker, len(result.iterations) + 1)
     final_req.thaw = opts.thaw
     final_req.tcp_established = opts.tcp_established
+    final_req.hold_connections = opts.hold_connections
     final_req.track_mem = opts.thaw is not Thaw.KILL
     res = dump(final_req)
+    result.connections = res.connections
     it = _iteration(len(result.iterations) + 1, "final", "dump", res, started, last_start)
     result.iterations.append(it)
     if on_iteration:
-        on_iteration(it)
+        try:
+            on_iteration(it)
+        except BaseException:
+            if res.connections:  # the caller gets them only if converge returns
+                res.connections.release()
+            raise
     result.converged = result.stop_rule in CONVERGED_RULES
     result.downtime_ms = it.frozen_ms
     result.tracker = tracker

@@ -45,6 +45,9 @@ class DumpRequest:
     track_mem: bool = False  # reset tracking so a later dump can build on this one
     thaw: Thaw = Thaw.KILL
     tcp_established: bool = False  # dump established TCP connections (repair mode)
+    # A tree left stopped keeps its connections in repair mode and locked, for a
+    # restore elsewhere; the caller releases them (DumpResult.connections).
+    hold_connections: bool = False
     cgroup: str | None = None
     progress: bool | None = None  # None: only when stderr is a terminal
     iteration: int | None = None
@@ -77,6 +80,8 @@ class DumpResult:
     # Processes that got a full pass of their own in an incremental pass, and why
     # (new since the parent, another process with a reused PID, exec'd, tracking lost).
     full_pids: dict[int, str] = field(default_factory=dict)
+    # The established connections still in repair mode and locked (hold_connections).
+    connections: fdtree.RepairedConnections | None = None
 
 
 def pre_dump(req: DumpRequest) -> DumpResult:
@@ -154,7 +159,7 @@ class _Pass:
                 log.debug("tracking read and reset at %d us", _us_since(frozen_at))
                 snap = snapshot.take(tree, vmas, pages, watchdog) if watchdog else None
                 if snap or (req.kind == "pre-dump" and freeze):
-                    freezer.thaw(Thaw.RUNNING)  # dirty state is read and reset
+                    self._thaw(freezer, Thaw.RUNNING)  # dirty state is read and reset
                     self.times["frozen_time"] = _us_since(frozen_at)
                 if pages is None:
                     pages = snap.scan(vmas) if snap else self._track(tree, vmas, frozen=freeze)
@@ -169,8 +174,7 @@ class _Pass:
                         # Every byte is read; fsync and rename need not keep the
                         # target waiting. (A tree to kill stays frozen until the
                         # images are safe.)
-                        self.connections.release()
-                        freezer.thaw(req.thaw)
+                        self._thaw(freezer, req.thaw)
                     self.times["frozen_time"] = _us_since(frozen_at)
                 stats.update(self.times)
                 writer.write_stats(stats)
@@ -194,13 +198,10 @@ class _Pass:
                 self.tracker.close()
             raise
         self._remember_reset()
-        if req.thaw is not Thaw.KILL:
-            # Killed, the connections close in repair mode (silently) and stay
-            # locked for the restore; a tree that lives on keeps them.
-            self.connections.release()
-        freezer.thaw(req.thaw)
+        self._thaw(freezer, req.thaw)
         if self.tracker:
             self.tracker.close()
+        held = self.connections if self.connections.held else None
         return DumpResult(
             req.images_dir,
             stats,
@@ -209,7 +210,17 @@ class _Pass:
             self.full_pass_reason,
             tree.pids,
             self.full_pids,
+            held,
         )
+
+    def _thaw(self, freezer: Freezer, thaw: Thaw) -> None:
+        """Let the tree go. A tree that runs on gets its TCP connections back first,
+        and so does a stopped one unless the caller holds them for a restore
+        elsewhere. A killed tree closes them silently in repair mode; they stay
+        locked until the restore."""
+        if thaw is Thaw.RUNNING or (thaw is Thaw.STOPPED and not self.req.hold_connections):
+            self.connections.release()
+        freezer.thaw(thaw)
 
     # -- before the freeze ---------------------------------------------------
 

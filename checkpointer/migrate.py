@@ -16,6 +16,11 @@ space (the same host), the restored tree needs the source's PIDs: the source is
 killed before the restore, and a failed restore is rolled back by restoring the
 local staging chain on the source.
 
+With tcp_established, the final dump leaves the stopped source's established
+connections in repair mode and locked (dump.py hold_connections): a rollback
+releases them before SIGCONT; after a restore elsewhere they are released once the
+source is killed; on one host the restore lifts the locks itself.
+
 The staging chain is a first version: a dump is committed locally, then its files
 are streamed, so the final dump's pages are written twice before the restore.
 """
@@ -34,6 +39,7 @@ from pathlib import Path
 
 from checkpointer.converge import ConvergeOptions, Iteration, converge
 from checkpointer.errors import CheckpointError
+from checkpointer.fdstate.tree import RepairedConnections
 from checkpointer.freezer import Thaw
 from checkpointer.kernel import proc
 from checkpointer.receive import can_restore, host_identity
@@ -53,6 +59,7 @@ class MigrateOptions:
     images_dir: Path | None = None  # local staging chain; default: a temp dir, removed
     same_pid_space: str = "auto"  # "yes" | "no": override what hello says
     leave_stopped: bool = False  # the restored tree waits for SIGCONT at the destination
+    tcp_established: bool = False  # established TCP connections move along (repair mode)
     tracker: str = "auto"
     max_iterations: int = 8
     min_pages: int = 64
@@ -136,6 +143,7 @@ class _Migration:
             link.description, hello.get("images_dir", ""), same_pid_space=same
         )
         self.final_started: float | None = None
+        self.connections: RepairedConnections | None = None
         self.tree: list[int] = [opts.pid]
 
     def run(self) -> MigrateResult:
@@ -151,6 +159,8 @@ class _Migration:
                     max_grow=opts.max_grow,
                     max_downtime_ms=opts.max_downtime_ms,
                     thaw=Thaw.STOPPED,
+                    tcp_established=opts.tcp_established,
+                    hold_connections=True,
                     progress=opts.progress,
                 ),
                 self._stream,
@@ -158,6 +168,10 @@ class _Migration:
         except BaseException as err:
             self._let_source_go()
             raise self._failed("streaming the dumps", err) from None
+        # The stopped source's connections stay in repair mode and locked: neither
+        # its peers nor its own kernel may see them close or change until the
+        # destination's restore takes them over (or the source runs on).
+        self.connections = conv.connections
         res.stop_rule = conv.stop_rule
         res.frozen_ms = conv.downtime_ms
         if res.same_pid_space:
@@ -167,6 +181,9 @@ class _Migration:
                 self._let_source_go()
                 raise self._failed("before the restore", err) from None
             self._kill_source()  # the restore needs its PIDs
+            # Killed in repair mode, the connections closed silently; their locks
+            # stay for the restore here, which lifts them (or the rollback's).
+            self.connections = None
         try:
             restored = self.dest.restore("final", opts.leave_stopped)
             running_at = time.monotonic()
@@ -178,6 +195,8 @@ class _Migration:
             raise self._failed("restoring at the destination", err) from None
         if not res.same_pid_space:
             self._kill_source()
+            if self.connections:  # closed silently; this host's locks are not needed
+                self.connections.release()
         res.downtime_ms = (running_at - self.final_started) * 1000
         res.restore_ms = restored.get("seconds", 0.0) * 1000
         res.root_pid, res.pids = restored["root_pid"], restored["pids"]
@@ -220,13 +239,15 @@ class _Migration:
         from checkpointer.restore import images as restore_images
 
         images = restore_images.load(str(self.staging / "final"))
-        # Taken PIDs are expected: the source holds them until it is killed.
-        restore_images.preflight(images, pids_free=False)
+        # Taken PIDs and addresses are expected: the source holds them until it is killed.
+        restore_images.preflight(images, source_alive=True)
 
     def _let_source_go(self) -> None:
         """Rollback: the source runs on (a tree the final dump left stopped resumes)."""
         if self.final_started is None:
             return  # only pre-dumps ran: the tree never stopped
+        if self.connections:  # out of repair mode and unlocked before it runs
+            self.connections.release()
         for pid in self.tree:
             try:
                 os.kill(pid, signal.SIGCONT)

@@ -315,7 +315,86 @@ def test_python_workload_migrates_and_keeps_working(sshd, tmp_path):
         p.kill()
 
 
-# ---- redis under load (needs established TCP connections: the sockets issue) ----
+# ---- established TCP connections ----
+
+ECHO_SERVER = textwrap.dedent("""
+    import socket, sys
+    srv = socket.create_server(("127.0.0.1", 0))
+    print(srv.getsockname()[1], flush=True)
+    conn, _ = srv.accept()
+    while data := conn.recv(4096):
+        conn.sendall(data)
+""")
+
+
+@pytest.fixture
+def echo_connection():
+    """A Python echo server in its own session and one connection to it."""
+    import socket
+
+    p = subprocess.Popen([sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE,
+                         stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    port = int(p.stdout.readline())
+    conn = socket.create_connection(("127.0.0.1", port), timeout=30)
+    conn.sendall(b"before")
+    assert conn.recv(64) == b"before"
+    yield p, conn, port
+    conn.close()
+    p.kill()
+    p.wait()
+    p.stdout.close()
+
+
+def _locks_on(port: int) -> list[str]:
+    from checkpointer.kernel import netlock
+
+    return [rule for rule in netlock.locked(socket_family()) if f"--dport {port} " in rule]
+
+
+def socket_family() -> int:
+    import socket
+
+    return socket.AF_INET
+
+
+@pytest.mark.uffd_wp
+def test_established_connection_needs_tcp_established(sshd, echo_connection, tmp_path):
+    p, conn, port = echo_connection
+    r = migrate(sshd, p.pid, tmp_path / "remote")
+    assert_one_line_error(r, "rolled back", "--tcp-established")
+    conn.sendall(b"after")
+    assert conn.recv(64) == b"after"
+
+
+@needs_restore
+@pytest.mark.uffd_wp
+def test_failed_restore_gives_the_connections_back(sshd, echo_connection, tmp_path):
+    """The final dump leaves the source stopped with its connections in repair
+    mode and locked; a failed restore at the destination (PIDs taken) must turn
+    repair off and lift the locks before the source runs on."""
+    p, conn, port = echo_connection
+    r = migrate(sshd, p.pid, tmp_path / "remote", "--tcp-established", "--same-pid-space", "no")
+    assert_one_line_error(r, "rolled back", "restoring at the destination")
+    assert _locks_on(port) == []
+    conn.sendall(b"after")
+    assert conn.recv(64) == b"after"
+    assert proc_status(p.pid)["State"][0] in "RS"
+
+
+@needs_restore
+@pytest.mark.uffd_wp
+def test_echo_connection_migrates_with_tcp_established(sshd, echo_connection, tmp_path):
+    p, conn, port = echo_connection
+    threading.Thread(target=p.wait, daemon=True).start()
+    r = migrate(sshd, p.pid, tmp_path / "remote", "--tcp-established", "--json")
+    assert r.returncode == 0, r.stderr
+    assert _locks_on(port) == []
+    conn.sendall(b"after")
+    assert conn.recv(64) == b"after"  # the same connection, served by the restored copy
+    os.kill(json.loads(r.stdout)["root_pid"], signal.SIGKILL)
+
+
+# ---- redis under load ----
 
 
 def _resp(sock, *words: str) -> bytes:
@@ -330,8 +409,6 @@ def test_redis_under_load_migrates_with_tcp_established(sshd, tmp_path):
     import shutil
     import socket
 
-    if "--tcp-established" not in cli("migrate", "--help").stdout:
-        pytest.skip("needs the sockets issue: migrate --tcp-established")
     if not (shutil.which("redis-server") and shutil.which("redis-benchmark")):
         pytest.skip("needs redis-server and redis-tools")
     with socket.socket() as s:
@@ -370,6 +447,7 @@ def test_redis_under_load_migrates_with_tcp_established(sshd, tmp_path):
                 _resp(conn, "GET", f"key:{i}") == f"${len(f'value-{i}')}\r\nvalue-{i}\r\n".encode()
             )
         assert load.poll() is None, "redis-benchmark lost its connections"
+        assert _locks_on(port) == []
     finally:
         if load:
             load.kill()

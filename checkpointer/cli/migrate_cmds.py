@@ -13,6 +13,7 @@ from checkpointer.cli.common import CheckedCommand, Terminated, setup_logging
 from checkpointer.cli.dump_cmds import (
     pid_option,
     stop_rule_options,
+    tcp_option,
     tracker_option,
     verbose_option,
 )
@@ -123,6 +124,7 @@ def page_server(address, port, images_dir, once, verbose):
     is_flag=True,
     help="Leave the restored tree stopped at the destination; `kill -CONT` resumes it.",
 )
+@tcp_option
 @tracker_option
 @stop_rule_options
 @click.option("--json", "as_json", is_flag=True, help="Print the iterations and summary as JSON.")
@@ -137,6 +139,7 @@ def migrate(
     images_dir,
     same_pid_space,
     leave_stopped,
+    tcp_established,
     tracker,
     max_iterations,
     min_pages,
@@ -167,6 +170,7 @@ def migrate(
         images_dir=images_dir,
         same_pid_space=same_pid_space,
         leave_stopped=leave_stopped,
+        tcp_established=tcp_established,
         tracker=tracker,
         max_iterations=max_iterations,
         min_pages=min_pages,

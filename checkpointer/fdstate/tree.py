@@ -85,7 +85,7 @@ def _check_inet(where: str, rec: dict, tcp_established: bool) -> None:
             raise CheckpointError(
                 f"{where}: established TCP connection {_endpoint(rec['sock_local'])} -> "
                 f"{_endpoint(rec['sock_peer_addr'])}: "
-                "dumped only with --tcp-established (dump, converge)"
+                "dumped only with --tcp-established (dump, converge, migrate)"
             )
     elif state not in ("listen", "close"):
         raise CheckpointError(f"{where}: TCP connection in state {state} cannot be dumped")

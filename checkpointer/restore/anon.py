@@ -20,7 +20,7 @@ def _field(record: dict) -> str | None:
     return next((k for k in EVENT_FIELDS if k in record), None)
 
 
-def check(process: ProcessImage, record: dict) -> None:
+def check(process: ProcessImage, record: dict, source_alive: bool = False) -> None:
     if _field(record) is None:
         raise RestoreError(
             f"fd {record['fd']} of process {process.pid} ({record['target']}) "

@@ -119,10 +119,10 @@ def _tree_order(procs: dict[int, ProcessImage], root: int, path: str) -> list[Pr
     return order
 
 
-def preflight(images: RestoreImages, shell_job: bool = False, pids_free: bool = True) -> None:
-    """Refuse what cannot work here, before any process is created. pids_free=False
-    skips the PID check (a migration on one host checks before the source lets go
-    of its PIDs)."""
+def preflight(images: RestoreImages, shell_job: bool = False, source_alive: bool = False) -> None:
+    """Refuse what cannot work here, before any process is created. source_alive:
+    the dumped tree still runs on this host (a migration on one host checks before
+    it kills the source), so its PIDs and bound addresses are expected to be taken."""
     caps = proc.read_creds(os.getpid())["cap_eff"]
     missing = [name for name, bits in NEEDED_CAPS.items() if not any(caps >> b & 1 for b in bits)]
     if missing:
@@ -145,7 +145,7 @@ def preflight(images: RestoreImages, shell_job: bool = False, pids_free: bool = 
         for tid in p.tids + [z["pid"] for z in p.zombies]:
             if tid > pid_max:
                 raise RestoreError(f"PID {tid} is above this system's pid_max {pid_max}")
-            if pids_free and proc.exists(tid) and not _reaped_soon(tid):
+            if not source_alive and proc.exists(tid) and not _reaped_soon(tid):
                 raise RestoreError(f"PID {tid} is taken (by {_comm(tid)}); it must be free")
         if p.process.get("seccomp"):
             raise RestoreError(f"process {p.pid} runs under seccomp: not supported")
@@ -153,7 +153,8 @@ def preflight(images: RestoreImages, shell_job: bool = False, pids_free: bool = 
         for v in p.vmas:
             _check_vma(p, v)
         for f in p.fds:
-            _check_fd(p, f, shell_job or f.get("pty", {}).get("index", -1) in own_ptys)
+            ours = shell_job or f.get("pty", {}).get("index", -1) in own_ptys
+            _check_fd(p, f, ours, source_alive)
         for name in ("exe", "cwd"):
             if p.mm.get(name) and not os.path.exists(p.mm[name]):
                 raise RestoreError(f"{name} of process {p.pid} ({p.mm[name]}) is missing")
@@ -254,13 +255,13 @@ def _check_ghost(ghost: dict | None, path: str, where: str) -> None:
 FD_TYPES = ("file", "dir", "tty")
 
 
-def _check_fd(p: ProcessImage, f: dict, shell_job: bool) -> None:
+def _check_fd(p: ProcessImage, f: dict, shell_job: bool, source_alive: bool) -> None:
     where = f"fd {f['fd']} of process {p.pid} ({f['target']})"
     from checkpointer.restore.files import KINDS
 
     kind = KINDS.get(f["type"])
     if kind is not None and hasattr(kind, "check"):
-        kind.check(p, f)  # raises RestoreError naming what it refuses
+        kind.check(p, f, source_alive)  # raises RestoreError naming what it refuses
         return
     if f["type"] not in FD_TYPES and kind is None:
         raise RestoreError(f"{where}: a {f['type']} cannot be restored yet")

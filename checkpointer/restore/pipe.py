@@ -92,7 +92,7 @@ def _open_fifo(files, record: dict, where: str) -> int:
     return keeper
 
 
-def check(p: ProcessImage, record: dict) -> None:
+def check(p: ProcessImage, record: dict, source_alive: bool = False) -> None:
     if record["type"] != "fifo":
         return
     where = f"fd {record['fd']} of process {p.pid} ({record['target']})"

@@ -171,9 +171,10 @@ def finish(files, task, record: dict) -> None:
     )
 
 
-def check(p: ProcessImage, record: dict) -> None:
+def check(p: ProcessImage, record: dict, source_alive: bool = False) -> None:
     """Refuse a socket whose address is taken by another program, before anything
-    of the tree exists."""
+    of the tree exists. (A source still alive holds its own addresses: see
+    images.preflight.)"""
     where = _where(p.pid, record)
     if record.get("sock_family") not in FAMILIES or record.get("sock_type") not in TYPES:
         raise RestoreError(f"{where}: a {record.get('sock_family')} socket cannot be restored")
@@ -182,6 +183,8 @@ def check(p: ProcessImage, record: dict) -> None:
         if name and not name.startswith(b"\0") and os.path.lexists(name):
             if not stat.S_ISSOCK(os.lstat(name).st_mode):
                 raise RestoreError(f"{where}: {name.decode()} exists and is not a socket")
+        return
+    if source_alive:
         return
     if record.get("tcp_state") == "listen" or (
         record["sock_type"] == "dgram" and record["sock_local"][1] != 0
