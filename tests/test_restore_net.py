@@ -241,6 +241,61 @@ def test_unix_pair_between_parent_and_child(program, tmp_path):
     assert prog.result("child_status") == b"0"
 
 
+@pytest.mark.parametrize("kind", ["SOCK_STREAM", "SOCK_SEQPACKET"])
+def test_unix_socket_whose_peer_closed_gives_its_bytes_then_eof(program, tmp_path, kind):
+    """One end of a pair closed (the JVM holds such a socket): the other keeps the
+    bytes sent before, then reads EOF and cannot write. It was refused at dump as
+    "connected to an unnamed socket outside the dumped tree"."""
+    prog = program(
+        f"""
+        a, b = socket.socketpair(socket.AF_UNIX, socket.{kind})
+        b.send(b"sent before the close")
+        b.close()
+        ready()
+        go()
+        report("queued", a.recv(100))
+        report("then", a.recv(100))
+        try:
+            a.send(b"x")
+            report("send", b"sent")
+        except BrokenPipeError:
+            report("send", b"EPIPE")
+        """
+    )
+    dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+    restore(tmp_path / "images")
+    prog.go()
+    assert prog.result("queued") == b"sent before the close"
+    assert (prog.result("then"), prog.result("send")) == (b"", b"EPIPE")
+
+
+def test_unix_pair_half_closed_stays_half_closed(program, tmp_path):
+    """shutdown(SHUT_WR) on one end of a pair in the tree: its peer reads the queued
+    bytes then EOF, it may not write, and the other direction still works."""
+    prog = program(
+        """
+        a, b = socket.socketpair()
+        a.send(b"last words")
+        a.shutdown(socket.SHUT_WR)
+        ready()
+        go()
+        report("b_reads", b.recv(100) + b"|" + b.recv(100))
+        try:
+            a.send(b"x")
+            report("a_send", b"sent")
+        except BrokenPipeError:
+            report("a_send", b"EPIPE")
+        b.send(b"reply")
+        report("a_reads", a.recv(100))
+        """
+    )
+    dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+    restore(tmp_path / "images")
+    prog.go()
+    assert prog.result("b_reads") == b"last words|"
+    assert (prog.result("a_send"), prog.result("a_reads")) == (b"EPIPE", b"reply")
+
+
 def test_unix_listener_keeps_its_path_mode_and_backlog(program, tmp_path):
     path = tmp_path / "listener.sock"
     prog = program(

@@ -72,6 +72,7 @@ def _unix(sock: socket.socket, inode: int) -> dict:
         "sock_listening": listening,
         "sock_connected": diag.state == sockets.TCP_ESTABLISHED,
         "sock_peer": diag.peer,  # 0 also while a listener has not accepted us yet
+        "sock_shutdown": diag.shutdown,
     }
     if listening:
         fields["sock_backlog"] = diag.backlog
@@ -85,7 +86,7 @@ def _unix(sock: socket.socket, inode: int) -> dict:
         if queued and sock.type == socket.SOCK_STREAM:
             fields["sock_data"] = sock.recv(queued, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         elif queued:
-            messages = sockets.peek_messages(sock)
+            messages = sockets.peek_messages(sock, bool(diag.shutdown & sockets.RCV_SHUTDOWN))
             fields["sock_messages"] = [data for data, _ in messages]
             fields["sock_senders"] = [_name(sender) for _, sender in messages]
     name = fields["sock_name"]

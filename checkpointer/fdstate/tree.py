@@ -43,18 +43,31 @@ def check(records: dict[int, list[dict]], tcp_established: bool) -> None:
                 raise CheckpointError(f"{where}: a {family} socket cannot be dumped")
 
 
+def peer_closed(rec: dict) -> bool:
+    """A unix stream or seqpacket socket whose peer is gone (closed): no peer inode,
+    shut for reading and writing."""
+    return (
+        rec["sock_type"] != "dgram"
+        and rec.get("sock_connected", False)
+        and not rec.get("sock_peer")
+        and rec.get("sock_shutdown", 0) == sockets.SHUTDOWN_MASK
+    )
+
+
 def _check_unix(where: str, rec: dict, inodes: set[int], listeners: set[bytes]) -> None:
     if rec["sock_type"] not in ("stream", "dgram", "seqpacket"):
         raise CheckpointError(f"{where}: a unix {rec['sock_type']} socket cannot be dumped")
     peer = rec.get("sock_peer", 0)
     # Connected to a listener of the tree that has not accepted it yet: the
-    # restore connects again.
+    # restore connects again. A peer that closed leaves the socket shut both ways:
+    # the restore closes the other end of a new pair.
     waiting = not peer and rec.get("sock_peer_name") in listeners
     if (
         rec["sock_type"] != "dgram"
         and rec.get("sock_connected")
         and peer not in inodes
         and not waiting
+        and not peer_closed(rec)
     ):
         name = rec.get("sock_peer_name") or b"an unnamed socket"
         raise CheckpointError(
@@ -63,7 +76,7 @@ def _check_unix(where: str, rec: dict, inodes: set[int], listeners: set[bytes]) 
         )
     # Queued messages are sent again at restore: from the peer of a pair in the
     # tree, or from an unnamed socket to a named one when no sender had a name.
-    pair = peer in inodes and rec["sock_type"] != "stream"
+    pair = (peer in inodes or peer_closed(rec)) and rec["sock_type"] != "stream"
     named_senders = any(rec.get("sock_senders") or [])
     if rec.get("sock_messages") and not pair and (named_senders or not rec.get("sock_name")):
         raise CheckpointError(

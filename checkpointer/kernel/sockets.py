@@ -135,15 +135,22 @@ def peek_pipe(pid: int, fd: int, with_data: bool) -> tuple[int, bytes]:
 SO_PEEK_OFF = 42
 
 
-def peek_messages(sock: socket.socket) -> list[tuple[bytes, bytes | str | None]]:
+MAX_PEEKED_MESSAGES = 1 << 16  # far above any unix receive queue (net.unix.max_dgram_qlen)
+
+
+def peek_messages(
+    sock: socket.socket, shut_for_reading: bool
+) -> list[tuple[bytes, bytes | str | None]]:
     """(bytes, sender address) of every message queued on a datagram or seqpacket
     socket, none consumed: SO_PEEK_OFF makes each MSG_PEEK read the next one. The
-    socket's own peek offset is put back."""
+    socket's own peek offset is put back. A socket shut for reading answers an
+    empty queue with end of file, not EAGAIN: there an empty read ends the list
+    (a zero-length message queued on it cannot be told from the end)."""
     old = sock.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
     sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
     out = []
     try:
-        while True:
+        while len(out) < MAX_PEEKED_MESSAGES:
             try:
                 data, _, flags, sender = sock.recvmsg(
                     1 << 20, 0, socket.MSG_PEEK | socket.MSG_DONTWAIT
@@ -152,7 +159,10 @@ def peek_messages(sock: socket.socket) -> list[tuple[bytes, bytes | str | None]]
                 return out
             if flags & socket.MSG_TRUNC:
                 raise OSError(errno.EMSGSIZE, "a queued message is over 1 MiB")
+            if not data and shut_for_reading:
+                return out
             out.append((data, sender or None))
+        raise OSError(errno.EMSGSIZE, f"over {MAX_PEEKED_MESSAGES} messages queued")
     finally:
         sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, old)
 
@@ -168,7 +178,11 @@ SOCK_DIAG_BY_FAMILY = 20
 NLM_F_REQUEST, NLM_F_DUMP = 1, 0x300
 NLMSG_DONE, NLMSG_ERROR = 3, 2
 UDIAG_SHOW_NAME, UDIAG_SHOW_PEER, UDIAG_SHOW_RQLEN = 1, 4, 0x10
-UNIX_DIAG_NAME, UNIX_DIAG_PEER, UNIX_DIAG_RQLEN = 0, 2, 4
+UNIX_DIAG_NAME, UNIX_DIAG_PEER, UNIX_DIAG_RQLEN, UNIX_DIAG_SHUTDOWN = 0, 2, 4, 6
+# sk_shutdown bits: shut for reading, for writing. A unix stream or seqpacket socket
+# whose peer closed has both.
+RCV_SHUTDOWN, SEND_SHUTDOWN = 1, 2
+SHUTDOWN_MASK = RCV_SHUTDOWN | SEND_SHUTDOWN
 
 
 @dataclass
@@ -179,6 +193,7 @@ class UnixDiag:
     peer: int  # inode of the peer, 0 for none
     queued: int  # bytes (stream) waiting to be read; a listener: connections waiting
     backlog: int  # a listener's maximum backlog
+    shutdown: int  # RCV_SHUTDOWN | SEND_SHUTDOWN bits
 
 
 def _diag_query(payload: bytes, dump: bool = True) -> list[bytes]:
@@ -225,7 +240,8 @@ def unix_socket(inode: int) -> UnixDiag:
         attrs = _attrs(body, 16)
         peer = struct.unpack("=L", attrs[UNIX_DIAG_PEER])[0] if UNIX_DIAG_PEER in attrs else 0
         rq, wq = struct.unpack("=LL", attrs.get(UNIX_DIAG_RQLEN, b"\0" * 8))
-        return UnixDiag(ino, type_, state, peer, rq, wq)
+        shutdown = attrs.get(UNIX_DIAG_SHUTDOWN, b"\0")[0]
+        return UnixDiag(ino, type_, state, peer, rq, wq, shutdown)
     raise OSError(errno.ENOENT, f"no unix socket with inode {inode}")
 
 

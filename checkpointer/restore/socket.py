@@ -18,7 +18,7 @@ import os
 import socket
 import stat
 
-from checkpointer.fdstate.tree import connection
+from checkpointer.fdstate.tree import connection, peer_closed
 from checkpointer.kernel import netlock, sockets
 from checkpointer.restore.images import ProcessImage, RestoreError
 
@@ -68,6 +68,8 @@ def _make(files, record: dict) -> int:
         peer = by_inode.get(record.get("sock_peer", 0))
         if peer is not None and peer.get("sock_peer") == record["sock_inode"]:
             return _make_pair(files, record, peer, type_)
+        if peer_closed(record):
+            return _make_orphaned(record, type_)
         sock = socket.socket(family, type_)
         _unix(sock, record)
         if record.get("sock_peer_name") and not record["sock_listening"]:
@@ -88,8 +90,30 @@ def _make_pair(files, record: dict, peer: dict, type_: int) -> int:
     ours, theirs = socket.socketpair(socket.AF_UNIX, type_)
     for rec, other in ((record, theirs), (peer, ours)):
         _send_queued(other, rec)  # what `rec`'s end had to read comes from the other end
+    for rec, sock in ((record, ours), (peer, theirs)):
+        _shut_down(sock, rec)
     files.objects[f"sock-{peer['sock_inode']}"] = theirs.detach()
     return ours.detach()
+
+
+def _make_orphaned(record: dict, type_: int) -> int:
+    """A socket whose peer closed: one end of a new pair, given its unread bytes by
+    the other end, which is then closed (shutting ours both ways, as before)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, type_)
+    with theirs:
+        _send_queued(theirs, record)
+    return ours.detach()
+
+
+def _shut_down(sock: socket.socket, record: dict) -> None:
+    """shutdown() as the record's end had it (of a pair: both ends' bits agree)."""
+    how = {
+        sockets.RCV_SHUTDOWN: socket.SHUT_RD,
+        sockets.SEND_SHUTDOWN: socket.SHUT_WR,
+        sockets.SHUTDOWN_MASK: socket.SHUT_RDWR,
+    }.get(record.get("sock_shutdown", 0))
+    if how is not None:
+        sock.shutdown(how)
 
 
 def _send_queued(sender: socket.socket, record: dict) -> None:
