@@ -194,6 +194,60 @@ def test_deleted_files_come_back_deleted(files_restored):
     assert sorted(os.listdir(w.dir)) == ["shared", "status"]
 
 
+def test_files_others_wrote_to_after_the_dump_are_reopened(tmp_path):
+    """The same file (device and inode) that grew since the dump: a daemon's log
+    shared with its parent (`su` appends "Killed" when the daemon is killed), a file
+    `tail -f` reads. Restore reopens it at the dumped offset; it refused it as "changed
+    since the dump" because its size and mtime had changed."""
+    log, followed = tmp_path / "log", tmp_path / "followed"
+    followed.write_bytes(b"line 1\n")
+    with open(log, "wb") as out, open(followed, "rb") as src:
+        src.read()
+        p = subprocess.Popen(["sleep", "1000"], stdin=src, stdout=out, stderr=out,
+                             start_new_session=True)  # fmt: skip
+    try:
+        r = cli("dump", "-t", str(p.pid), "-D", str(tmp_path / "images"))
+        assert r.returncode == 0, r.stderr
+        p.wait(timeout=10)
+        with open(log, "ab") as out, open(followed, "ab") as more:
+            out.write(b"Killed\n")
+            more.write(b"line 2\n")
+        r = cli("restore", "-D", str(tmp_path / "images"), "-d")
+        assert r.returncode == 0, r.stderr
+        assert "pos:\t7\n" in open(f"/proc/{p.pid}/fdinfo/0").read()
+        with open(f"/proc/{p.pid}/fd/0", "rb") as f:
+            assert f.read() == b"line 1\nline 2\n"
+    finally:
+        try:
+            os.kill(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_file_replaced_since_the_dump_is_refused(tmp_path):
+    """Another file at the path (log rotation: renamed, then created anew) is not
+    the one the process had open."""
+    log = tmp_path / "log"
+    with open(log, "wb") as out:
+        p = subprocess.Popen(["sleep", "1000"], stdin=subprocess.DEVNULL, stdout=out,
+                             start_new_session=True)  # fmt: skip
+    try:
+        r = cli("dump", "-t", str(p.pid), "-D", str(tmp_path / "images"))
+        assert r.returncode == 0, r.stderr
+        p.wait(timeout=10)
+        log.rename(tmp_path / "log.1")
+        log.write_bytes(b"")
+        r = cli("restore", "-D", str(tmp_path / "images"), "-d")
+        assert r.returncode == 1
+        assert r.stderr.endswith(f"{log} changed since the dump (not the same file)\n")
+        assert r.stderr.count("\n") == 1
+    finally:
+        try:
+            os.kill(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def test_an_unnamed_temporary_file_comes_back(tmp_path):
     """A file opened with O_TMPFILE (pytest's output capture, for one) never had a
     name: its fd reads "DIR/#INODE (deleted)" and its flags keep O_TMPFILE, which

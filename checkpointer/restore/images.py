@@ -225,13 +225,21 @@ def _check_sysv(v: dict, where: str) -> None:
         )
 
 
-def check_identity(path: str, stat: dict | None, dev: str | None, ino: int | None, where: str):
-    """Refuse a file that is missing or is not the one dumped (inode, size, mtime)."""
+def check_identity(
+    path: str, stat: dict | None, dev: str | None, ino: int | None, where: str,
+    contents: bool = True,
+) -> None:  # fmt: skip
+    """Refuse a file that is missing or is not the one dumped: another inode, or,
+    where the restore takes data from it (`contents`: a private mapping's pages
+    never written), another size or mtime. An open fd only needs the same file:
+    others may write it meanwhile (a log), and its readers expect that (tail -f)."""
     try:
         st = os.stat(path)
     except OSError as exc:
         raise RestoreError(f"{where}: {path}: {exc.strerror}") from None
-    if stat is not None:
+    if stat is not None and not contents:
+        same = (st.st_dev, st.st_ino) == (stat["dev"], stat["ino"])
+    elif stat is not None:
         same = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == (
             stat["dev"], stat["ino"], stat["size"], stat["mtime_ns"],
         )  # fmt: skip
@@ -275,7 +283,7 @@ def _check_fd(p: ProcessImage, f: dict, shell_job: bool, source_alive: bool) -> 
     if "pty_master" in f:
         return
     if f["type"] == "file" and f.get("stat") is not None:
-        check_identity(f["target"], f["stat"], None, None, where)
+        check_identity(f["target"], f["stat"], None, None, where, contents=False)
     elif f["type"] in ("file", "dir") and not os.path.exists(f["target"]):
         raise RestoreError(f"{where}: missing")
 
