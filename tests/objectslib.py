@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +87,24 @@ def start_program(base: Path, code: str, name: str = "prog", **popen) -> Program
         assert time.monotonic() < deadline, "the program did not start"
         time.sleep(0.01)
     return prog
+
+
+@contextmanager
+def program_starter(base: Path, prelude: str = ""):
+    """start(code, name, **popen) -> Program (`prelude` before each program's code);
+    every program started is killed at the end."""
+    started: list[Program] = []
+
+    def start(code: str, name: str = "prog", **popen) -> Program:
+        prog = start_program(base, prelude + textwrap.dedent(code), name, **popen)
+        started.append(prog)
+        return prog
+
+    try:
+        yield start
+    finally:
+        for prog in started:
+            prog.kill()
 
 
 def dump_and_kill(pid: int, images: Path, *extra: str, reap=None) -> subprocess.CompletedProcess:

@@ -27,8 +27,25 @@ def test_restartable_syscall_is_issued_again(code):
     assert out["rax"] == 202 and out["rip"] == 0x1000 - 2
 
 
-def test_restart_block_becomes_eintr():
-    out = restart_fixup(regs(-516, 230))  # clock_nanosleep: -ERESTART_RESTARTBLOCK
+@pytest.mark.parametrize("orig", [7, 35, 202, 230])  # poll, nanosleep, futex, clock_nanosleep
+def test_restart_block_syscall_is_issued_again(orig):
+    """Its restart block stayed in the old task: issued again (EINTR, as CRIU
+    returns, made GNU tail -f give up)."""
+    out = restart_fixup(regs(-516, orig))
+    assert out["rax"] == orig and out["rip"] == 0x1000 - 2
+
+
+def test_restart_syscall_issues_the_syscall_its_code_names():
+    code = bytes.fromhex("b807000000") + b"\x0f\x05"  # mov $7 (poll), %eax; syscall
+    out = restart_fixup(regs(-516, 219), code)
+    assert out["rax"] == 7 and out["rip"] == 0x1000 - 2
+
+
+@pytest.mark.parametrize(
+    "code", [b"", b"\x48\x89\xf8\x90\x90\x0f\x05", bytes.fromhex("b8db000000") + b"\x0f\x05"]
+)
+def test_restart_syscall_of_unknown_origin_gets_eintr(code):
+    out = restart_fixup(regs(-516, 219), code)  # mov %rdi,%rax...: the number is not there
     assert out["rax"] == -errno.EINTR & U64 and out["rip"] == 0x1000
 
 

@@ -13,7 +13,7 @@ import time
 import urllib.request
 
 import pytest
-from objectslib import dump_and_kill, restore, start_program
+from objectslib import dump_and_kill, program_starter, restore
 from redislib import HAVE_REDIS, Resp, commands_processed, start_benchmark, start_redis
 from targetlib import CLI, assert_one_line_error, cli
 
@@ -23,16 +23,8 @@ from checkpointer.kernel import sockets
 
 @pytest.fixture
 def program(tmp_path):
-    started = []
-
-    def _start(code: str, name: str = "prog", **popen):
-        prog = start_program(tmp_path, code, name, **popen)
-        started.append(prog)
-        return prog
-
-    yield _start
-    for prog in started:
-        prog.kill()
+    with program_starter(tmp_path) as start:
+        yield start
 
 
 def test_python_program_restores(program, tmp_path):

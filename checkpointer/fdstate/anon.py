@@ -1,11 +1,18 @@
-"""Event fds (anon_inode:[eventfd], [timerfd], [signalfd], [eventpoll]): what the
-kernel shows of each in fdinfo, under a field named after its kind."""
+"""Event fds (anon_inode:[eventfd], [timerfd], [signalfd], [eventpoll], inotify):
+what the kernel shows of each in fdinfo, under a field named after its kind. An
+anon_inode fd of another kind gets no field: fdstate.tree refuses it at dump."""
 
 from __future__ import annotations
 
+import logging
+import os
+
 from checkpointer import fdstate
 from checkpointer.errors import UnsupportedObject
-from checkpointer.kernel import eventfds, proc
+from checkpointer.kernel import eventfds, inotify, proc
+from checkpointer.kernel.uffd import get_fd
+
+log = logging.getLogger("checkpointer")
 
 # readlink target -> (record field, reader)
 EVENT_KINDS = {
@@ -13,7 +20,13 @@ EVENT_KINDS = {
     "anon_inode:[timerfd]": ("timerfd", eventfds.read_timerfd),
     "anon_inode:[signalfd]": ("signalfd", eventfds.read_signalfd),
     "anon_inode:[eventpoll]": ("epoll", None),
+    "anon_inode:inotify": ("inotify", None),
 }
+FIELDS = tuple(field for field, _ in EVENT_KINDS.values())
+
+
+def restorable(record: dict) -> bool:
+    return any(field in record for field in FIELDS)
 
 
 def describe(pid: int, record: dict) -> dict:
@@ -23,7 +36,32 @@ def describe(pid: int, record: dict) -> dict:
     field, reader = kind
     if reader is not None:
         return {field: reader(pid, record["fd"])}
+    if field == "inotify":
+        return {"inotify": _inotify_watches(pid, record["fd"])}
     return {"epoll": _epoll_watches(pid, record["fd"])}
+
+
+def _inotify_watches(pid: int, fd: int) -> list[dict]:
+    """[{wd, path, mask}]: each watched inode by the path it has now. Events queued
+    and not read yet cannot be queued again, like those of the downtime: said."""
+    where = f"fd {fd} of process {pid} (inotify)"
+    watches = []
+    for w in inotify.read_watches(pid, fd):
+        path = inotify.path_of_handle(w["dev"], w["handle_type"], w["handle"], w["ino"])
+        if path is None:
+            raise UnsupportedObject(
+                f"{where} watches inode {w['ino']} on device {w['dev'][0]}:{w['dev'][1]}, "
+                "which has no path here (deleted, or on a mount we do not see)"
+            )
+        watches.append({"wd": w["wd"], "path": path, "mask": w["mask"]})
+    ours = get_fd(pid, fd)
+    try:
+        queued = inotify.queued_bytes(ours)
+    finally:
+        os.close(ours)
+    if queued:
+        log.warning("%s: %d bytes of events queued are not carried over", where, queued)
+    return watches
 
 
 def _epoll_watches(pid: int, fd: int) -> list[dict]:

@@ -7,6 +7,7 @@ import os
 import socket
 
 from checkpointer.errors import CheckpointError
+from checkpointer.fdstate import anon
 from checkpointer.kernel import netlock, proc, sockets
 
 CAP_NET_ADMIN = 12
@@ -31,9 +32,11 @@ def check(records: dict[int, list[dict]], tcp_established: bool) -> None:
     }
     for pid, recs in records.items():
         for rec in recs:
+            where = _where(pid, rec)
+            if rec["type"] in ("anon", "other") and not anon.restorable(rec):
+                raise CheckpointError(f"{where}: this kind of file cannot be dumped")
             if rec["type"] != "socket":
                 continue
-            where = _where(pid, rec)
             family = rec["sock_family"]
             if family == "unix":
                 _check_unix(where, rec, inodes, listeners)

@@ -1,19 +1,21 @@
 """Restore event fds: eventfd (its count), timerfd (clock, time left, interval,
-unread expirations), signalfd (its mask), epoll (its watches, added inside the
-task once every fd of every process exists)."""
+unread expirations), signalfd (its mask), inotify (its watches, each under its
+old watch descriptor), epoll (its watches, added inside the task once every fd
+of every process exists)."""
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
-from checkpointer.kernel import eventfds
+from checkpointer.kernel import eventfds, inotify
 from checkpointer.restore.images import ProcessImage, RestoreError
 from checkpointer.restore.task import Task
 
 if TYPE_CHECKING:
     from checkpointer.restore.files import OpenFiles
 
-EVENT_FIELDS = ("eventfd", "timerfd", "signalfd", "epoll")
+EVENT_FIELDS = ("eventfd", "timerfd", "signalfd", "epoll", "inotify")
 
 
 def _field(record: dict) -> str | None:
@@ -26,6 +28,12 @@ def check(process: ProcessImage, record: dict, source_alive: bool = False) -> No
             f"fd {record['fd']} of process {process.pid} ({record['target']}) "
             "cannot be restored yet"
         )
+    for w in record.get("inotify", []):
+        if not os.path.lexists(w["path"]):
+            raise RestoreError(
+                f"fd {record['fd']} of process {process.pid} (inotify) watches "
+                f"{w['path']}, which is missing"
+            )
 
 
 def open(files: OpenFiles, task: Task, record: dict) -> int:  # noqa: A001
@@ -46,6 +54,13 @@ def open(files: OpenFiles, task: Task, record: dict) -> int:  # noqa: A001
         )
     if "signalfd" in record:
         return eventfds.new_signalfd(record["signalfd"]["mask"], flags)
+    if "inotify" in record:
+        try:
+            return inotify.new_inotify(flags, record["inotify"])
+        except OSError as exc:
+            raise RestoreError(
+                f"fd {record['fd']} of process {task.pid} (inotify): {exc.strerror or exc}"
+            ) from None
     return eventfds.new_epoll(flags)
 
 

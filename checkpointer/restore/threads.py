@@ -5,8 +5,20 @@ CLONE_VM|FS|FILES|SIGHAND|THREAD|SYSVSEM and set_tid); a new thread starts with
 no rseq and no clear-child-tid address, so each gets back its tid address (which
 pthread_join waits on), robust list, rseq area, alternate stack and name.
 
-Registers last: the general registers with CRIU's restart fix-up for a thread
+Registers last: the general registers with the restart fix-up for a thread
 stopped inside a syscall, then the XSAVE area, then the blocked-signal mask.
+
+The fix-up does what the kernel would have done on the way out of the syscall.
+Most interrupted syscalls are simply issued again. Those the kernel resumes
+through a restart block (poll, nanosleep, clock_nanosleep, futex with a timeout)
+cannot be: the block stayed in the old kernel task. CRIU returns EINTR to them,
+which programs that installed no handler do not expect (GNU `tail -f` gives up on
+it); here they are issued again with their own arguments, still in the registers
+(a timeout starts over: later than the program asked, never an error). A thread
+already inside restart_syscall (it had been stopped and resumed before, by an
+earlier leave-running pass for one) no longer shows which syscall it restarts;
+the usual `mov $NR, %eax; syscall` before its instruction pointer tells, and
+only without it does it get EINTR.
 """
 
 from __future__ import annotations
@@ -15,12 +27,15 @@ import errno
 import struct
 
 from checkpointer.kernel import abi, ptrace, taskctl
+from checkpointer.kernel.memory import MemReader
 from checkpointer.kernel.syscalls import NR_exit
 from checkpointer.restore import signals
 from checkpointer.restore.images import RestoreError
 from checkpointer.restore.task import Task, clone_task
 
 ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK = 512, 513, 514, 516
+NR_restart_syscall = 219
+MOV_EAX_SYSCALL = 7  # bytes of `mov $imm32, %eax` (b8 imm32) then `syscall` (0f 05)
 _U64 = (1 << 64) - 1
 XSTATE_XFEATURES = 472  # u64 in the FXSAVE area's software-reserved bytes (xfeatures)
 
@@ -71,26 +86,53 @@ def _xfeatures(blob: bytes) -> int:
     return struct.unpack_from("<Q", blob, XSTATE_XFEATURES)[0]
 
 
-def restart_fixup(regs: dict[str, int]) -> dict[str, int]:
-    """What the kernel would have done on return from an interrupted syscall."""
+def restart_fixup(regs: dict[str, int], code_before: bytes = b"") -> dict[str, int]:
+    """The registers a thread stopped inside a syscall resumes with (see above);
+    code_before: the MOV_EAX_SYSCALL bytes that end at its instruction pointer."""
     regs = dict(regs)
     orig = regs["orig_rax"]
     ax = regs["rax"] - (1 << 64) if regs["rax"] >= 1 << 63 else regs["rax"]
-    if orig < 1 << 63:  # orig_rax >= 0: stopped inside a syscall
-        if -ax in (ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND):
-            regs["rax"] = orig
-            regs["rip"] -= 2
-        elif -ax == ERESTART_RESTARTBLOCK:
+    if orig >= 1 << 63:  # orig_rax < 0: not stopped inside a syscall
+        return regs
+    if -ax == ERESTART_RESTARTBLOCK:
+        orig = _restarted_syscall(code_before) if orig == NR_restart_syscall else orig
+        if orig is None:
             regs["rax"] = -errno.EINTR & _U64
+            return regs
+    if -ax in (ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK):
+        regs["rax"] = orig
+        regs["rip"] -= 2
     return regs
 
 
+def _restarted_syscall(code: bytes) -> int | None:
+    if len(code) == MOV_EAX_SYSCALL and code[0] == 0xB8 and code[5:] == b"\x0f\x05":
+        nr = struct.unpack_from("<I", code, 1)[0]
+        return nr if nr != NR_restart_syscall else None
+    return None
+
+
+def _code_before(mem: MemReader, regs: dict[str, int]) -> bytes:
+    """The bytes before the thread's instruction pointer, for restart_fixup: only
+    needed for a thread inside restart_syscall."""
+    if regs["orig_rax"] != NR_restart_syscall:
+        return b""
+    buf = bytearray(MOV_EAX_SYSCALL)
+    try:
+        n = mem.read_into(regs["rip"] - MOV_EAX_SYSCALL, buf)
+    except OSError:
+        return b""
+    return bytes(buf[:n])
+
+
 def set_registers(task: Task) -> None:
-    for thread in task.image.threads:
-        tid = thread["tid"]
-        ptrace.set_regs(tid, restart_fixup(thread["regs"]))
-        ptrace.set_xstate(tid, thread["xstate"])
-        ptrace.set_sigmask(tid, thread["blocked"])
+    with MemReader(task.pid) as mem:
+        for thread in task.image.threads:
+            tid = thread["tid"]
+            regs = thread["regs"]
+            ptrace.set_regs(tid, restart_fixup(regs, _code_before(mem, regs)))
+            ptrace.set_xstate(tid, thread["xstate"])
+            ptrace.set_sigmask(tid, thread["blocked"])
     if leader_had_exited(task):
         # Its main thread had called pthread_exit: the leader, which did the
         # restoring, ends with exit(2) once released and stays a zombie while the
