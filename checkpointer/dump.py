@@ -403,11 +403,23 @@ class _Pass:
             writer.write_fds(pid, fd_recs)
         self.contents = collect.content_sources(fds, vma_records)
 
+    def _tracking_state(self, pid: int) -> dict:
+        """The tracker's state for pid, if it is this process's: not a former
+        process's with the same PID (a pass of this one that failed after setting
+        tracking up counts: it is what the target holds)."""
+        assert self.state is not None
+        state = self.state.extra.get(str(pid), {})
+        return state if state.get("start_time") == self.start_times.get(pid) else {}
+
     def _own_traces(self, pid: int) -> tuple[set[int], set[str]]:
-        """fds and VmFlags an earlier pass's tracker left in pid (not its own)."""
-        if not (self.tracker and self.state) or pid in self.full_pids:
+        """fds and VmFlags an earlier pass's tracker left in pid (not its own),
+        and the fds of its parent's tracker it inherited through fork."""
+        if not (self.tracker and self.state):
             return set(), set()
-        return self.tracker.own_traces(self.state.extra.get(str(pid), {}))
+        state = self._tracking_state(pid)
+        inherited = self.tracker.inherited_traces(pid, state, self.state.extra)
+        fds, flags = self.tracker.own_traces(state)
+        return fds | inherited, flags
 
     def _track(
         self, tree: FrozenTree, vmas: dict[int, list[Vma]], frozen: bool
@@ -420,15 +432,25 @@ class _Pass:
             self.state.pending = self.dump_id
             trackstate.save(self.state)
             per_pid = self.state.extra
-            for pid in tree.pids:
-                state = {} if pid in self.full_pids else per_pid.get(str(pid), {})
-                try:
-                    if self._incremental_for(pid) and (why := tracker.lost(pid, state)):
-                        self.full_pids[pid] = f"tracking was lost ({why})"
-                    per_pid[str(pid)] = tracker.attach(pid, state, _stopper(pid, frozen))
-                except TargetError:
-                    if not self._vanished(pid):
-                        raise
+            try:
+                for pid in tree.pids:
+                    state = self._tracking_state(pid)
+                    try:
+                        if self._incremental_for(pid) and (why := tracker.lost(pid, state)):
+                            self.full_pids[pid] = f"tracking was lost ({why})"
+                        stopper = _stopper(pid, frozen)
+                        inherited = tracker.inherited_traces(pid, state, per_pid)
+                        state = tracker.attach(pid, state, stopper)
+                        per_pid[str(pid)] = {**state, "start_time": self.start_times.get(pid)}
+                        tracker.drop_inherited(pid, inherited, stopper)
+                    except TargetError:
+                        if not self._vanished(pid):
+                            raise
+            finally:
+                # What attach put into the targets is kept even if this pass fails
+                # (still pending: the next pass is full), or the next pass would put
+                # a second one beside it.
+                trackstate.save(self.state)
         pages = {}
         for pid in tree.pids:
             private = [v for v in vmas[pid] if v.policy is Policy.PRIVATE]

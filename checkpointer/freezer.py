@@ -282,6 +282,8 @@ def live_tree(root: int) -> FrozenTree:
     """The tree as it is, without stopping it (pre-dumps that need no freeze)."""
     tree = FrozenTree(root)
     for pid in descendants(root):
+        if pid != root and proc.tearing_down(pid):
+            continue  # killed, its memory going away: nothing to read (a zombie is kept)
         try:
             tree.threads[pid] = proc.list_threads(pid)
         except TargetError:

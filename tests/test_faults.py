@@ -317,6 +317,32 @@ def test_disk_full_cli(spawn, tmp_path, command):
         subprocess.run(["umount", "-l", str(chain)], check=True)
 
 
+@pytest.mark.uffd_wp
+def test_first_pass_failing_leaves_no_second_userfaultfd(spawn, tmp_path):
+    """A first pre-dump that set up tracking in the target and then failed (disk
+    full) did not save where: the next pass put a second userfaultfd into the
+    target, and the first, still registered, made every later pass copy those
+    regions whole ("write-protected by its own userfaultfd")."""
+    t = spawn("--anon-mb", "16")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        r = cli("pre-dump", "-t", str(t.pid), "-D", str(small / "1"), "--tracker", "uffd-wp")
+        assert_one_line_error(r, "No space left")
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=True)
+    for i in (1, 2):
+        parent = ["--prev-images-dir", f"../{i - 1}"] if i > 1 else []
+        r = cli("pre-dump", "-t", str(t.pid), "-D", str(tmp_path / str(i)), "--tracker",
+                "uffd-wp", "-v", *parent)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+    assert "write-protected by its own userfaultfd" not in r.stderr
+    fds = os.listdir(f"/proc/{t.pid}/fd")
+    links = [os.readlink(f"/proc/{t.pid}/fd/{n}") for n in fds]
+    assert links.count("anon_inode:[userfaultfd]") == 1
+
+
 def test_two_runs_on_one_target(spawn, tmp_path):
     # 2 GiB: the first pre-dump must still be copying when the other two start,
     # even on a loaded machine (512 MiB was sometimes done before them).

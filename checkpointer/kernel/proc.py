@@ -185,22 +185,46 @@ def read_state(pid: int, tid: int | None = None) -> str:
     return read_stat(pid, tid).state
 
 
-def wait_exited(pid: int, tid: int | None = None, timeout: float = 0.2) -> bool:
-    """Is the process (or its thread tid) gone or dying, i.e. a zombie or dead?
+PF_EXITING = 0x4  # task flag (stat field 9): in do_exit
 
-    Waits up to `timeout` for it to show: a task in exit already refuses ptrace
-    (EPERM) and has lost its memory a moment before /proc calls it a zombie.
+
+def wait_exited(pid: int, tid: int | None = None, timeout: float = 0.2) -> bool:
+    """Is the process (or its thread tid) gone or dying: exiting, a zombie, dead?
+
+    Waits up to `timeout` for it to show. A task in exit already refuses ptrace
+    (EPERM); it shows PF_EXITING at once, but stays "R" while the kernel frees its
+    memory, which takes seconds for gigabytes, before /proc calls it a zombie.
     """
     deadline = time.monotonic() + timeout
     while True:
         try:
-            if read_state(pid, tid) in ("Z", "X") and (tid is not None or live_tid(pid) == pid):
-                return True  # (a zombie main thread alone does not end the process)
+            if _exiting(pid, tid):
+                return True
         except TargetError:
             return True  # reaped
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.005)
+
+
+def tearing_down(pid: int) -> bool:
+    """Is the process exiting but not yet a zombie (its memory being freed)?"""
+    try:
+        st = read_stat(pid)
+        return st.state not in ("Z", "X") and bool(st.flags & PF_EXITING) and _exiting(pid, None)
+    except TargetError:
+        return False
+
+
+def _exiting(pid: int, tid: int | None) -> bool:
+    st = read_stat(pid, tid)
+    if st.state not in ("Z", "X") and not st.flags & PF_EXITING:
+        return False
+    if tid is not None:
+        return True
+    # A main thread that called pthread_exit alone does not end the process.
+    live = live_tid(pid)
+    return live == pid or bool(read_stat(pid, live).flags & PF_EXITING)
 
 
 def read_brk(pid: int, start_brk: int | None = None) -> int:

@@ -96,6 +96,13 @@ def close_target_fd(pid: int, tid: int, fd: int) -> None:
 
 def find_target_uffd(pid: int) -> int | None:
     """The lowest fd of pid that is a userfaultfd, or None."""
+    fds = target_uffds(pid)
+    return fds[0] if fds else None
+
+
+def target_uffds(pid: int) -> list[int]:
+    """Every fd of pid that is a userfaultfd."""
+    out = []
     try:
         names = os.listdir(f"{proc.task_dir(pid)}/fd")
     except (FileNotFoundError, ProcessLookupError):
@@ -103,10 +110,10 @@ def find_target_uffd(pid: int) -> int | None:
     for fd in sorted(int(n) for n in names):
         try:
             if os.readlink(f"{proc.task_dir(pid)}/fd/{fd}") == UFFD_LINK:
-                return fd
+                out.append(fd)
         except (FileNotFoundError, ProcessLookupError):
             continue
-    return None
+    return out
 
 
 def is_target_uffd(pid: int, target_fd: int) -> bool:

@@ -50,6 +50,15 @@ class Tracker(ABC):
         from an earlier run): the target's records must not show them."""
         return set(), set()
 
+    def inherited_traces(self, pid: int, state: dict, states: dict[str, dict]) -> set[int]:
+        """fds of pid, besides its own trace (`state`), that are another tracked
+        process's trace inherited through fork (`states`: by pid string; an entry
+        for pid itself may be a former process's with its PID, and is skipped)."""
+        return set()
+
+    def drop_inherited(self, pid: int, fds: set[int], stop: StopThread) -> None:  # noqa: B027
+        """Close such inherited fds in pid: they are the tool's, not the program's."""
+
     def lost(self, pid: int, state: dict) -> str | None:
         """Why tracking state from an earlier run cannot be trusted, or None."""
         return None

@@ -19,7 +19,7 @@ import logging
 import os
 
 from checkpointer.errors import TargetError
-from checkpointer.kernel import pagemap, proc, uffd
+from checkpointer.kernel import kcmp, pagemap, proc, uffd
 from checkpointer.pageruns import Range, clip
 from checkpointer.trackers.base import StopThread, Tracker, VmaPages
 from checkpointer.vmas import Vma
@@ -50,6 +50,30 @@ class UffdWpTracker(Tracker):
     def own_traces(self, state: dict) -> tuple[set[int], set[str]]:
         target_fd = state.get("uffd_fd")
         return ({target_fd}, {"uw"}) if target_fd is not None else (set(), set())
+
+    def inherited_traces(self, pid: int, state: dict, states: dict[str, dict]) -> set[int]:
+        """A child forked from a tracked process holds its userfaultfd: useless to
+        the child (a userfaultfd serves the memory it was made for), and the
+        tool's, not the program's. kcmp tells it from a uffd of the program."""
+        candidates = [fd for fd in uffd.target_uffds(pid) if fd != state.get("uffd_fd")]
+        out: set[int] = set()
+        for other, state in states.items():
+            other_fd = state.get("uffd_fd")
+            if other_fd is None or int(other) == pid:
+                continue
+            for fd in candidates:
+                try:
+                    if kcmp.same_open_file(int(other), other_fd, pid, fd):
+                        out.add(fd)
+                except OSError:
+                    pass  # that process is gone, or its fd closed
+        return out
+
+    def drop_inherited(self, pid: int, fds: set[int], stop: StopThread) -> None:
+        if fds:
+            with stop() as tid:
+                for fd in sorted(fds):
+                    uffd.close_target_fd(pid, tid, fd)
 
     def lost(self, pid: int, state: dict) -> str | None:
         target_fd = state.get("uffd_fd")
