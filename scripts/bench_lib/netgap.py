@@ -1,10 +1,20 @@
 """Benchmark section `redis-gap`: how long redis under load answers nobody across
 a checkpoint and restore on the same host. redis-server with keys and a
-redis-benchmark GET/SET load is converged with --tcp-established (which kills it)
-and restored with `restore -d`. Two probes run throughout: a client that keeps
-one connection and sends PING every millisecond (the gap a connection kept
-across the checkpoint sees), and one that connects anew every 10 ms (the gap a
-new client sees: connection refused while the port is closed)."""
+redis-benchmark GET/SET load is checkpointed with --tcp-established (which kills
+it) and restored detached. Two probes run throughout: a client that keeps one
+connection and sends PING every millisecond (the gap a connection kept across the
+checkpoint sees), and one that connects anew every 10 ms (the gap a new client
+sees: connection refused while the port is closed). The new client ends each
+connection with QUIT, so redis closes first: a connection its client closed and
+redis not yet (close-wait) is refused by checkpointer's dump, and the probe would
+make that race likely.
+
+Tools: checkpointer (`converge --tcp-established`, then `restore -d`) and, in the
+guest, CRIU (`criu pre-dump --track-mem`, `criu dump --tcp-established
+--prev-images-dir ../1 --skip-in-flight`, then `criu restore -d
+--tcp-established`), alternating run by run on a fresh redis each time. CRIU
+refuses a connection still in the listener's accept queue unless told to skip it;
+checkpointer does not dump that queue either (the client's connection is lost)."""
 
 from __future__ import annotations
 
@@ -13,8 +23,10 @@ import signal
 import socket
 import threading
 import time
+from pathlib import Path
 
-from bench_lib.core import TempDir, cp, median, say, start_redis
+from bench_lib import criustats
+from bench_lib.core import Run, TempDir, cp, median, run_timed, say, start_redis
 
 
 class _Probe(threading.Thread):
@@ -25,6 +37,8 @@ class _Probe(threading.Thread):
         self.port, self.fresh = port, fresh
         self.stop = threading.Event()
         self.longest = 0.0
+        self.silence = (0.0, 0.0)  # monotonic start and end of the longest silence
+        self.last = 0.0  # monotonic time of the last answer
         self.answers = 0
         self.broken = False  # the kept connection failed
 
@@ -33,25 +47,40 @@ class _Probe(threading.Thread):
         if sock.recv(64) != b"+PONG\r\n":
             raise OSError("not a PONG")
 
+    def _ping_quit(self, sock: socket.socket) -> None:
+        sock.sendall(b"PING\r\nQUIT\r\n")
+        data = b""
+        while chunk := sock.recv(64):  # until redis closes
+            data += chunk
+        if data != b"+PONG\r\n+OK\r\n":
+            raise OSError("not a PONG")
+
     def run(self) -> None:
-        last = time.monotonic()
-        kept = None if self.fresh else socket.create_connection(("127.0.0.1", self.port))
+        self.last = time.monotonic()
+        kept = None
+        if not self.fresh:  # a lost connection must not hang the probe for ever
+            kept = socket.create_connection(("127.0.0.1", self.port), timeout=120)
         while not self.stop.is_set():
             try:
                 if kept is not None:
                     self._ping(kept)
                 else:
                     with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                        self._ping(s)
+                        self._ping_quit(s)
                 now = time.monotonic()
-                self.longest = max(self.longest, now - last)
-                last = now
+                if now - self.last > self.longest:
+                    self.longest, self.silence = now - self.last, (self.last, now)
+                self.last = now
                 self.answers += 1
             except OSError:
                 if kept is not None:
                     self.broken = True
                     return
             time.sleep(0.001 if kept is not None else 0.01)
+
+    def gap_s(self, now: float) -> float:
+        """The longest silence, counting one still going on."""
+        return max(self.longest, now - self.last)
 
 
 def _free_port() -> int:
@@ -60,50 +89,157 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def redis_gap(keys: int, runs: int, base: str | None) -> dict:
+def _redis(port: int, *cmd: str) -> bytes:
+    """One command on a new connection; its reply line."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(" ".join(cmd).encode() + b"\r\n")
+        data = b""
+        while not data.endswith(b"\r\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+
+def _info_int(port: int, field: str) -> int:
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(b"INFO stats\r\n")
+        data = b""
+        while field.encode() + b":" not in data or not data.endswith(b"\r\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    for line in data.decode(errors="replace").splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split(":")[1])
+    raise RuntimeError(f"no {field} in INFO")
+
+
+def _criu(argv: list[str], images: Path, log: str) -> Run:
+    run = run_timed(["criu", *argv, "-D", str(images), "-o", log, "-v2"])
+    if run.rc != 0:
+        tail = (images / log).read_text(errors="replace")[-1500:]
+        raise RuntimeError(f"criu {' '.join(argv)} failed ({run.rc}): {tail}")
+    return run
+
+
+def _checkpoint(tool: str, tracker: str, pid: int, images: Path) -> tuple[Run, float | None]:
+    """Checkpoint (killing redis); the run and the final dump's frozen ms."""
+    if tool == "criu":
+        (images / "1").mkdir(parents=True)
+        (images / "2").mkdir()
+        _criu(["pre-dump", "-t", str(pid), "--track-mem"], images / "1", "pre-dump.log")
+        argv = ["dump", "-t", str(pid), "--track-mem", "--prev-images-dir", "../1",
+                "--tcp-established", "--skip-in-flight"]  # fmt: skip
+        run = _criu(argv, images / "2", "dump.log")
+        frozen = criustats.read(images / "2" / "stats-dump").get("frozen_time")
+        return run, None if frozen is None else frozen / 1000
+    run = cp("converge", "-t", str(pid), "-D", str(images), "--tcp-established",
+             "--tracker", tracker)  # fmt: skip
+    return run, run.json["downtime_ms"] if run.json else None
+
+
+def _restore(tool: str, images: Path) -> Run:
+    if tool == "criu":
+        return _criu(["restore", "-d", "--tcp-established"], images / "2", "restore.log")
+    return cp("restore", "-D", str(images / "final"), "-d")
+
+
+def _one(tool: str, tracker: str, keys: int, settle_s: float, tmp: Path) -> dict:
+    port = _free_port()
+    w = start_redis(tmp / "redis", keys, 64, port=port)
+    pid = w.pid
+    probes = [_Probe(port, fresh=False), _Probe(port, fresh=True)]
+    try:
+        for p in probes:
+            p.start()
+        time.sleep(1)
+        keys_before = int(_redis(port, "DBSIZE")[1:])
+        conv, frozen_ms = _checkpoint(tool, tracker, pid, tmp / "images")
+        checkpointed_at = time.monotonic()
+        w.proc.wait(timeout=120)  # reaped: its PID is free for the restore
+        rest = _restore(tool, tmp / "images")
+        restored_at = time.monotonic()
+        time.sleep(settle_s)  # the kept connection's retransmission, reconnects
+        now = time.monotonic()
+        for p in probes:
+            p.stop.set()
+            p.join(timeout=10)
+        kept, fresh = probes
+        served = _info_int(port, "total_commands_processed")
+        time.sleep(1)
+        load_alive = _info_int(port, "total_commands_processed") > served + 100
+        return {
+            "tool": tool if tool == "criu" else f"checkpointer {tracker}",
+            "final_frozen_ms": frozen_ms,
+            "checkpoint_wall_s": conv.wall_s,
+            "restore_wall_s": rest.wall_s,
+            "kept_gap_ms": kept.gap_s(now) * 1e3,
+            "kept_alive": not kept.broken and kept.last > restored_at,
+            # The kept connection's silence, split: until the checkpoint command
+            # exited, then until the first answer (the restore command, or most of it).
+            "kept_gap_split_ms": [
+                (checkpointed_at - kept.silence[0]) * 1e3,
+                (kept.silence[1] - checkpointed_at) * 1e3,
+            ],
+            "new_client_gap_ms": fresh.gap_s(now) * 1e3,
+            "keys_before": keys_before,
+            "keys_after": int(_redis(port, "DBSIZE")[1:]),
+            "load_alive": load_alive,
+        }
+    finally:
+        for p in probes:
+            p.stop.set()
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        w.kill()
+
+
+SUMMED = ("final_frozen_ms", "restore_wall_s", "kept_gap_ms", "new_client_gap_ms")
+
+
+def redis_gap(
+    keys: int,
+    runs: int,
+    base: str | None,
+    tools: tuple[str, ...] = ("checkpointer",),
+    tracker: str = "auto",
+    settle_s: float = 3.0,
+) -> dict:
+    """`runs` rounds; in each, every tool once on a fresh redis, the order
+    alternating round by round."""
     rows = []
     for i in range(runs):
-        say(f"redis-gap: run {i + 1} of {runs}, {keys} keys")
-        with TempDir("bench-redisgap-", base) as tmp:
-            port = _free_port()
-            w = start_redis(tmp / "redis", keys, 64, port=port)
-            pid = w.pid
-            probes = [_Probe(port, fresh=False), _Probe(port, fresh=True)]
-            try:
-                for p in probes:
-                    p.start()
-                time.sleep(1)
-                conv = cp("converge", "-t", str(pid), "-D", str(tmp / "images"),
-                          "--tcp-established")  # fmt: skip
-                w.proc.wait(timeout=60)
-                rest = cp("restore", "-D", str(tmp / "images" / "final"), "-d")
-                time.sleep(3)  # retransmissions and reconnects settle
-                for p in probes:
-                    p.stop.set()
-                    p.join(timeout=10)
-                kept, fresh = probes
-                rows.append({
-                    "final_frozen_ms": conv.json["downtime_ms"] if conv.json else None,
-                    "converge_wall_s": conv.wall_s,
-                    "restore_wall_s": rest.wall_s,
-                    "kept_gap_ms": kept.longest * 1e3,
-                    "kept_alive": not kept.broken,
-                    "new_client_gap_ms": fresh.longest * 1e3,
-                })  # fmt: skip
-            except Exception as err:  # noqa: BLE001 - reported, not raised
-                rows.append({"error": f"{type(err).__name__}: {str(err)[-300:]}"})
-            finally:
-                for p in probes:
-                    p.stop.set()
+        order = tools if i % 2 == 0 else tools[::-1]
+        for tool in order:
+            say(f"redis-gap: run {i + 1} of {runs}, {tool}, {keys} keys")
+            with TempDir("bench-redisgap-", base) as tmp:
                 try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                w.kill()
-    good = [r for r in rows if "error" not in r]
-    summary = {
-        k: median([r[k] for r in good])
-        for k in ("final_frozen_ms", "restore_wall_s", "kept_gap_ms", "new_client_gap_ms")
-        if good and all(r[k] is not None for r in good)
-    }
-    return {"keys": keys, "runs": rows, "median": summary}
+                    row = _one(tool, tracker, keys, settle_s, tmp)
+                except Exception as err:  # noqa: BLE001 - reported, not raised
+                    name = tool if tool == "criu" else f"checkpointer {tracker}"
+                    row = {"tool": name, "error": f"{type(err).__name__}: {str(err)[-600:]}"}
+            row["run"] = i + 1
+            rows.append(row)
+    medians: dict = {}
+    for name in dict.fromkeys(r["tool"] for r in rows):
+        good = [r for r in rows if r["tool"] == name and "error" not in r]
+        medians[name] = {
+            k: median([r[k] for r in good])
+            for k in SUMMED
+            if good and all(r[k] is not None for r in good)
+        }
+    out = {"keys": keys, "runs": rows, "median": medians}
+    names = list(medians)
+    crius = [n for n in names if n == "criu"]
+    ours = [n for n in names if n != "criu"]
+    if crius and ours:
+        a, b = medians[ours[0]], medians["criu"]
+        out["ratio_vs_criu"] = {
+            k: a[k] / b[k] for k in ("kept_gap_ms", "new_client_gap_ms") if k in a and k in b
+        }
+    return out

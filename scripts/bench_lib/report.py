@@ -279,23 +279,36 @@ def restore(r: dict, title: str) -> str:
     return f"### {title}\n\n" + _t(header, rows)
 
 
-def redis_gap(r: dict) -> str:
+def redis_gap(r: dict, title: str) -> str:
     rows = []
-    for i, run in enumerate(r["runs"], 1):
+    for run in r["runs"]:
         if "error" in run:
-            rows.append([str(i), run["error"], "", "", "", ""])
+            rows.append([str(run.get("run", "")), run.get("tool", ""), run["error"]] + [""] * 8)
             continue
+        frozen = run["final_frozen_ms"]
         rows.append([
-            str(i), f"{run['final_frozen_ms']:.0f}", f"{run['restore_wall_s']:.2f}",
-            f"{run['kept_gap_ms']:.0f}", "yes" if run["kept_alive"] else "NO",
+            str(run.get("run", "")), run.get("tool", "checkpointer"),
+            "" if frozen is None else f"{frozen:.0f}",
+            f"{run['checkpoint_wall_s']:.2f}", f"{run['restore_wall_s']:.2f}",
+            f"{run['kept_gap_ms']:.0f}",
+            " / ".join(f"{x:.0f}" for x in run["kept_gap_split_ms"]),
+            "yes" if run["kept_alive"] else "NO",
             f"{run['new_client_gap_ms']:.0f}",
+            f"{run['keys_before']} / {run['keys_after']}",
+            "yes" if run["load_alive"] else "NO",
         ])  # fmt: skip
-    header = ["run", "final dump frozen ms", "restore wall s", "kept connection: gap ms",
-              "kept connection answered throughout", "new clients: gap ms"]  # fmt: skip
-    return (
-        f"### 6. redis service gap across converge --tcp-established + restore "
-        f"({r['keys']} keys, redis-benchmark load)\n\n" + _t(header, rows)
-    )
+    header = ["run", "tool", "final dump frozen ms", "checkpoint wall s", "restore wall s",
+              "kept connection: gap ms", "of which checkpoint / restore ms",
+              "kept connection answered after", "new clients: gap ms",
+              "keys before / after", "load goes on"]  # fmt: skip
+    out = f"### {title} ({r['keys']} keys, redis-benchmark load)\n\n" + _t(header, rows)
+    ratio = r.get("ratio_vs_criu")
+    if ratio:
+        out += "\n\nMedian gap, checkpointer / CRIU (goal ≤ 0.5): " + ", ".join(
+            f"{k.removesuffix('_gap_ms').replace('_', ' ')} {v:.2f} {_met(v <= 0.5)}"
+            for k, v in ratio.items()
+        )
+    return out
 
 
 def render(res: dict) -> str:
@@ -307,7 +320,9 @@ def render(res: dict) -> str:
         "",
     ]
     if "guest" in res and "meta" in res["guest"]:
-        out += [f"Guest: {res['guest']['meta']['host']}", ""]
+        g = res["guest"]["meta"]
+        start = f"; CLI start floor {g['cli_start_s']:.2f} s" if "cli_start_s" in g else ""
+        out += [f"Guest: {g['host']}{start}", ""]
     out += [f"CLI start floor (`checkpointer --version`): {res['meta']['cli_start_s']:.2f} s", ""]
     if "throughput" in res:
         out += [throughput(res["throughput"]), ""]
@@ -322,14 +337,20 @@ def render(res: dict) -> str:
     if "restore" in res:
         out += [restore(res["restore"], "5a. Restore natively (dump, kill, restore -d)"), ""]
     if "redis_gap" in res:
-        out += [redis_gap(res["redis_gap"]), ""]
+        out += [
+            redis_gap(res["redis_gap"], "6. redis service gap across a checkpoint and restore"),
+            "",
+        ]
     if "guest" in res:
         g = res["guest"]
         if "restore" in g:
             out += [restore(g["restore"], "5. Restore side by side with CRIU (guest, TCG)"), ""]
+        if "redis_gap" in g:
+            title = "6b. redis service gap, soft-dirty vs CRIU (guest, TCG)"
+            out += [redis_gap(g["redis_gap"], title), ""]
         if "error" in g:
             out += ["### 4. Side by side with CRIU (guest)", "", f"Not run: {g['error']}", ""]
-        else:
+        elif "workloads" in g:
             out += [
                 workloads(
                     g["workloads"], "4. Side by side with CRIU (soft-dirty guest, TCG)", "criu"
