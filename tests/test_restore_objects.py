@@ -567,3 +567,138 @@ def test_session_led_by_a_zombie_is_refused_by_name(workload, tmp_path):
         w.wait_for(lambda now: now["loops"] > st["loops"], "the tree to go on running")
     finally:
         w.kill(member)
+
+
+# A program holding a pty pair (master fd 40, slave fd 41, default termios:
+# canonical, echo, ONLCR). It writes output to the slave and input to the master,
+# and nobody reads either yet. On go() it reads its input as the slave's reader
+# would and reports what it got, line by line.
+QUEUED_PTY = """
+import fcntl, os, select, termios
+m, s = os.openpty()
+os.dup2(m, 40); os.dup2(s, 41); os.close(m); os.close(s)
+INPUT = {input!r}
+if {packet!r}:
+    fcntl.ioctl(40, termios.TIOCPKT, (1).to_bytes(4, "little"))
+if {netlink!r}:  # fd 50: refused at dump, after every fd was read
+    nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+    os.dup2(nl.fileno(), 50)
+    nl.close()
+os.write(41, b"out one\\nout two")       # output the master has not read
+if INPUT:
+    os.write(40, INPUT)                  # input the slave has not read
+ready()
+go()
+lines = []
+fl = fcntl.fcntl(41, fcntl.F_GETFL)
+fcntl.fcntl(41, fcntl.F_SETFL, fl | os.O_NONBLOCK)
+while True:
+    try:
+        lines.append(os.read(41, 4096))  # canonical: one line a read
+    except BlockingIOError:
+        break
+os.write(40, b"\\n")                     # ends the partial line
+select.select([41], [], [], 5)
+lines.append(os.read(41, 4096))
+report("lines", lines)
+while True:
+    time.sleep(1)
+"""
+
+
+def drain(fd: int) -> bytes:
+    """Every byte queued on a terminal fd (ours, a copy), without blocking."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+    got = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                return got
+            if not chunk:
+                return got
+            got += chunk
+    finally:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+
+
+@pytest.mark.parametrize("mode", ["kill", "leave-running", "failed", "packet"])
+def test_pty_queued_bytes_come_back_exactly_once(tmp_path, mode):
+    """Output the master has not read and input the slave has not read are in the
+    restored pair (or still in the original one: left running, or after a dump
+    that failed once the terminal was read), once: the input keeps its line
+    boundaries (a whole line, then a partial one) and is not echoed again; the
+    echo it had is in the master's queue once. A master in packet mode stays in
+    it (each read starts with a header byte, 0 for data)."""
+    from objectslib import start_program
+
+    packet = mode == "packet"
+    head = b"\0" if packet else b""
+    code = QUEUED_PTY.format(input=b"in one\npartial", packet=packet, netlink=mode == "failed")
+    prog = start_program(tmp_path, code)
+    try:
+        extra = ["--leave-running"] if mode == "leave-running" else []
+        r = cli("dump", "-t", str(prog.pid), "-D", str(tmp_path / "images"), *extra)
+        if mode == "failed":
+            assert r.returncode == 1 and "fd 50 of process" in r.stderr, r.stderr
+        else:
+            assert r.returncode == 0, r.stderr
+        if mode in ("kill", "packet"):
+            prog.reap()
+            r = cli("restore", "-D", str(tmp_path / "images"), "-d")
+            assert r.returncode == 0, r.stderr
+        master = get_fd(prog.pid, 40)
+        try:
+            assert drain(master) == head + b"out one\r\nout twoin one\r\npartial"
+            prog.go()
+            assert eval(prog.result("lines")) == [b"in one\n", b"partial\n"]
+            assert drain(master) == head + b"\r\n"  # the echo of the last newline only
+        finally:
+            os.close(master)
+    finally:
+        prog.kill()
+
+
+def test_pty_input_over_the_limit_is_refused_and_kept(tmp_path):
+    """More input queued than a restore can queue again (the line discipline's
+    4095 bytes) is refused by name at dump, and the tree, left running, still
+    reads every byte of it."""
+    from objectslib import start_program
+
+    code = (
+        QUEUED_PTY.split("ready()")[0].format(input=b"x" * 99 + b"\n", packet=False, netlink=False)
+        + """
+os.write(40, b"y" * 99 * 50)
+ready()
+go()
+t = termios.tcgetattr(41)
+t[3] &= ~termios.ICANON
+termios.tcsetattr(41, termios.TCSANOW, t)
+os.set_blocking(41, False)
+got = b""
+while True:
+    r = select.select([41], [], [], 0.5)[0]
+    if not r:
+        break
+    got += os.read(41, 65536)
+report("got", got)
+while True:
+    time.sleep(1)
+"""
+    )
+    prog = start_program(tmp_path, code)
+    try:
+        r = cli("dump", "-t", str(prog.pid), "-D", str(tmp_path / "images"))
+        assert r.returncode == 1
+        index = int(os.readlink(f"/proc/{prog.pid}/fd/41").removeprefix("/dev/pts/"))
+        assert r.stderr == (
+            f"checkpointer: fd 40 of process {prog.pid} (/dev/ptmx, pts {index}): 4095 bytes "
+            "or more of input queued, over the 4095 a restore can queue\n"
+        )
+        assert not (tmp_path / "images").exists()
+        prog.go()
+        assert prog.result("got") == b"x" * 99 + b"\n" + b"y" * 99 * 50
+    finally:
+        prog.kill()

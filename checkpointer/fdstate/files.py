@@ -2,10 +2,12 @@
 stored in the images, as does a memfd (whose fds restore reopen on the same
 object its mappings use). Both name the page owner holding those contents,
 `shm-DEV-INODE`, the owner a shared mapping of the same file uses.
-Pseudo-terminals: a master (/dev/ptmx) records its pair's state, a slave its number."""
+Pseudo-terminals: a master (/dev/ptmx) records its pair's state and the bytes
+queued in it, a slave its number."""
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 
@@ -13,6 +15,9 @@ from checkpointer import fdstate
 from checkpointer.errors import UnsupportedObject
 from checkpointer.kernel import memfd, proc, pty
 from checkpointer.kernel.uffd import get_fd
+
+log = logging.getLogger("checkpointer")
+CAP_SYS_ADMIN = 21
 
 # A deleted file bigger than this is refused (CRIU's --ghost-limit is 1 MiB).
 GHOST_LIMIT = 64 << 20
@@ -68,11 +73,31 @@ def describe(pid: int, record: dict) -> dict:
 
 
 def _pty_master(pid: int, fd: int) -> dict:
+    """The pair's settings, and the bytes queued in it (read and put back at once:
+    the tree finds them there whether it is killed, left running, or the dump
+    fails)."""
     ours = get_fd(pid, fd)
     try:
-        return pty.read_master(ours)
+        state = pty.read_master(ours)
+        try:
+            output, inqueue, statuses = pty.read_queues(ours, _can_inject())
+        except pty.InputRefused as why:
+            raise UnsupportedObject(
+                f"fd {fd} of process {pid} (/dev/ptmx, pts {state['index']}): {why}"
+            ) from None
     finally:
         os.close(ours)
+    if statuses:
+        log.warning(
+            "fd %d of process %d (/dev/ptmx, pts %d): packet-mode status %#x was pending: "
+            "a restore cannot report it again",
+            fd, pid, state["index"], statuses,
+        )  # fmt: skip
+    return {**state, "output": output, "input": inqueue}
+
+
+def _can_inject() -> bool:
+    return bool(proc.read_creds(os.getpid())["cap_eff"] & 1 << CAP_SYS_ADMIN)
 
 
 def describe_tty(pid: int, record: dict) -> dict:

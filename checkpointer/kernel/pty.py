@@ -1,10 +1,17 @@
-"""Pseudo-terminals: read a master's pair (index, termios, window size, lock),
-make a new pair, and make a terminal the controlling one of a task (injected)."""
+"""Pseudo-terminals: read a master's pair (index, termios, window size, lock, packet
+mode, the bytes queued in both directions), make a new pair, and make a terminal
+the controlling one of a task (injected).
+
+Queued bytes cannot be read without consuming them: `read_queues` reads them and
+puts them back at once, through the same paths `new_pair` uses to queue them in a
+new pair (see `_neutral`)."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import select
 import struct
 import termios
 
@@ -14,6 +21,12 @@ from checkpointer.kernel.syscalls import NR_ioctl
 TIOCGPTN = 0x80045430
 TIOCSPTLCK = 0x40045431
 TIOCGPTLCK = 0x80045439
+TIOCGPKT = 0x80045438
+TIOCPKT = 0x5420
+TIOCGPTPEER = 0x5441
+# The line discipline's input buffer holds 4096 bytes, one kept free: TIOCSTI
+# queues at most this many (more waits in the port's buffers, out of its reach).
+INPUT_LIMIT = 4095
 PTS_MAJORS = range(136, 144)  # UNIX98_PTY_SLAVE_MAJOR .. + UNIX98_PTY_MAJOR_COUNT
 _INT = struct.Struct("<i")
 _WINSIZE = struct.Struct("<HHHH")
@@ -40,11 +53,159 @@ def read_master(fd: int) -> dict:
         "termios": {**dict(zip(TERMIOS_FIELDS, attrs[:6], strict=True)), "cc": cc},
         "winsize": winsize,
         "locked": locked,
+        "packet": _INT.unpack(fcntl.ioctl(fd, TIOCGPKT, bytes(4)))[0],
     }
 
 
+class InputRefused(Exception):
+    """The slave's queued input cannot be read and put back (the reason)."""
+
+
+def read_queues(fd: int, can_inject: bool) -> tuple[bytes, bytes, int]:
+    """(output, input, statuses) queued in the pair behind master fd `fd` (ours):
+    the bytes written to the slave that the master has not read (after output
+    processing, as the master reads them), the input written to the master that
+    the slave's readers have not read (after input processing), and in packet mode
+    the status bits a read reported. Both are read, then put back as new_pair
+    queues them (same queues, line boundaries, no second echo). The input needs
+    `can_inject` (TIOCSTI: CAP_SYS_ADMIN); without it, or over INPUT_LIMIT bytes,
+    InputRefused is raised and nothing was taken.
+
+    Canonical input is read after switching the line discipline to
+    non-canonical mode (a partial line can then be read) and back; if the input is
+    refused, the switch back makes everything queued read as one line."""
+    packet = _INT.unpack(fcntl.ioctl(fd, TIOCGPKT, bytes(4)))[0]
+    slave = _open_peer(fd)
+    try:
+        attrs = termios.tcgetattr(slave)
+        queued = _drain_input_check(slave, attrs, can_inject)
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)  # shared with the target's fd
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+            output, statuses = _drain(fd, packet=bool(packet))
+            inqueue = _drain(slave)[0] if queued else b""
+        finally:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+            termios.tcsetattr(slave, termios.TCSANOW, attrs)
+        _queue(slave, attrs, output, inqueue)
+    finally:
+        os.close(slave)
+    return output, inqueue, statuses
+
+
+def _open_peer(master: int) -> int:
+    """The slave of a master, opened through it (O_NOCTTY, non-blocking), even
+    locked: the lock is lifted for the open and set again."""
+    locked = _INT.unpack(fcntl.ioctl(master, TIOCGPTLCK, bytes(4)))[0]
+    if locked:
+        fcntl.ioctl(master, TIOCSPTLCK, _INT.pack(0))
+    try:
+        flags = os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
+        return fcntl.ioctl(master, TIOCGPTPEER, flags)
+    finally:
+        if locked:
+            fcntl.ioctl(master, TIOCSPTLCK, _INT.pack(1))
+
+
+def _drain_input_check(slave: int, attrs: list, can_inject: bool) -> int:
+    """Leave the slave in non-canonical mode (every queued byte readable) and
+    return how many bytes its line discipline holds; refuse (mode restored) what
+    read_queues cannot put back."""
+    if attrs[3] & termios.ICANON:
+        raw = list(attrs)
+        raw[3] &= ~termios.ICANON
+        raw[6] = list(attrs[6])
+        raw[6][termios.VMIN], raw[6][termios.VTIME] = 0, 0
+        termios.tcsetattr(slave, termios.TCSANOW, raw)
+    queued = _INT.unpack(fcntl.ioctl(slave, termios.TIOCINQ, bytes(4)))[0]
+    why = None
+    if queued >= INPUT_LIMIT:
+        why = f"{queued} bytes or more of input queued, over the {INPUT_LIMIT} a restore can queue"
+    elif queued and not can_inject:
+        why = f"{queued} bytes of input queued: putting them back needs CAP_SYS_ADMIN (TIOCSTI)"
+    if why:
+        termios.tcsetattr(slave, termios.TCSANOW, attrs)
+        raise InputRefused(why)
+    return queued
+
+
+def _drain(fd: int, packet: bool = False) -> tuple[bytes, int]:
+    """Every byte queued for reading on a non-blocking terminal fd of ours; in
+    packet mode, without the header bytes, and the status bits reported. (A read
+    that finds nothing waits for the port's pending buffers first, so end of data
+    is end of data.)"""
+    data, statuses = bytearray(), 0
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        except OSError as exc:
+            if exc.errno == errno.EIO:  # a master whose slave is closed: drained
+                break
+            raise
+        if not chunk:
+            break
+        if packet:
+            if chunk[0]:
+                statuses |= chunk[0]  # a status report comes alone
+                continue
+            chunk = chunk[1:]
+        data += chunk
+    return bytes(data), statuses
+
+
+_INPUT_TRANSLATION = (
+    termios.ISTRIP | termios.INLCR | termios.IGNCR | termios.ICRNL | termios.IUCLC | termios.PARMRK
+)
+_ECHOES = (
+    termios.ECHO | termios.ECHOE | termios.ECHOK | termios.ECHONL | termios.ECHOCTL
+    | termios.ECHOKE | termios.ECHOPRT
+)  # fmt: skip
+
+
+def _neutral(attrs: list) -> list:
+    """The slave's settings while queued bytes are put in again: no output
+    processing, no echo, no signals, no input translation, and no editing
+    characters, but the same canonical mode, so a newline (or EOL, EOL2) still ends
+    a line. Flow control is left alone (changing it makes a packet-mode master
+    report it)."""
+    neutral = list(attrs)
+    neutral[0] &= ~_INPUT_TRANSLATION
+    neutral[1] &= ~termios.OPOST
+    neutral[3] &= ~(_ECHOES | termios.ISIG)
+    neutral[6] = list(attrs[6])
+    for c in (termios.VERASE, termios.VKILL, termios.VEOF, termios.VWERASE, termios.VLNEXT,
+              termios.VREPRINT):  # fmt: skip
+        neutral[6][c] = b"\0" if isinstance(attrs[6][c], bytes) else 0
+    return neutral
+
+
+def _queue(slave: int, attrs: list, output: bytes, inqueue: bytes) -> None:
+    """Queue output (written to the slave: the master reads it) and input (each
+    byte through TIOCSTI, processed at once) under _neutral settings, then set
+    `attrs` again."""
+    if not (output or inqueue):
+        return
+    termios.tcsetattr(slave, termios.TCSANOW, _neutral(attrs))
+    try:
+        view = memoryview(output)
+        while view:
+            if not select.select([], [slave], [], 5.0)[1]:
+                raise OSError(errno.EAGAIN, "the pty master's queue is full")
+            try:
+                view = view[os.write(slave, view) :]
+            except BlockingIOError:
+                pass
+        for byte in inqueue:
+            fcntl.ioctl(slave, termios.TIOCSTI, bytes([byte]))
+    finally:
+        termios.tcsetattr(slave, termios.TCSANOW, attrs)
+
+
 def new_pair(state: dict) -> tuple[int, str]:
-    """A new pty pair set as `state` (read_master's); (our master fd, slave path)."""
+    """A new pty pair set as `state` (read_master's, with read_queues' `output`
+    and `input` if any); (our master fd, slave path)."""
     master, slave = os.openpty()
     try:
         path = os.ttyname(slave)
@@ -52,6 +213,10 @@ def new_pair(state: dict) -> tuple[int, str]:
         attrs = [t[k] for k in TERMIOS_FIELDS] + [[bytes([c]) for c in t["cc"]]]
         termios.tcsetattr(master, termios.TCSANOW, attrs)
         fcntl.ioctl(master, termios.TIOCSWINSZ, _WINSIZE.pack(*state["winsize"]))
+        os.set_blocking(slave, False)
+        _queue(slave, termios.tcgetattr(slave), state.get("output", b""), state.get("input", b""))
+        if state.get("packet"):  # last: turning it on clears pending status reports
+            fcntl.ioctl(master, TIOCPKT, _INT.pack(1))
         if state["locked"]:
             fcntl.ioctl(master, TIOCSPTLCK, _INT.pack(1))
     finally:

@@ -281,6 +281,11 @@ def _check_fd(p: ProcessImage, f: dict, shell_job: bool, source_alive: bool) -> 
     if f["type"] == "tty" and not shell_job:  # (a pty of the tree's own passes)
         raise RestoreError(f"{where}: a terminal; restore with --shell-job to attach ours")
     if "pty_master" in f:
+        if f["pty_master"].get("input") and not proc.read_creds(os.getpid())["cap_eff"] >> 21 & 1:
+            raise RestoreError(
+                f"{where}: input queued in the terminal is queued again with TIOCSTI, "
+                "which needs CAP_SYS_ADMIN"
+            )
         return
     if f["type"] == "file" and f.get("stat") is not None:
         check_identity(f["target"], f["stat"], None, None, where, contents=False)

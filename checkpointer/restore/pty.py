@@ -1,5 +1,6 @@
 """Pseudo-terminals of the tree (their master is in it): each pair comes back as a
-new pair with the dumped termios, window size and lock; a slave fd opens the new
+new pair with the dumped termios, window size, lock, packet mode and queued bytes
+(output for the master to read, input for the slave's readers); a slave fd opens the new
 slave, a master fd shares the new master. A session leader whose controlling
 terminal was such a slave takes the new one before its session's other processes
 are created (they inherit it), and the terminal gets its foreground group back."""
