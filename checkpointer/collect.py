@@ -230,6 +230,7 @@ def mm_record(pid: int, injected: InjectedState | None = None) -> dict:
 
 def fd_records(pid: int, hide: set[int] | frozenset[int] = frozenset()) -> list[dict]:
     """The process's open files, without `hide` (fds the tool put there)."""
+    fds = proc.read_fds(pid)
     records = [
         {
             "fd": fd.fd,
@@ -241,8 +242,9 @@ def fd_records(pid: int, hide: set[int] | frozenset[int] = frozenset()) -> list[
             "cloexec": bool(fd.flags & O_CLOEXEC),
             "deleted": fd.target.startswith("/") and fd.target.endswith(_DELETED),
             "stat": file_identity(proc.stat_fd(pid, fd.fd)),
+            **({"locks": [lock._asdict() for lock in fd.locks]} if fd.locks else {}),
         }
-        for fd in proc.read_fds(pid)
+        for fd in fds
         if fd.fd not in hide
     ]
     for rec in records:

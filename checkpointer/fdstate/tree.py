@@ -33,6 +33,12 @@ def check(records: dict[int, list[dict]], tcp_established: bool) -> None:
     for pid, recs in records.items():
         for rec in recs:
             where = _where(pid, rec)
+            for lock in rec.get("locks", []):
+                if lock["kind"] not in ("flock", "posix", "ofd"):
+                    raise CheckpointError(
+                        f"{where}: holds a {lock['kind'].lower()} on the file, which "
+                        "cannot be dumped"
+                    )
             if rec["type"] in ("anon", "other") and not anon.restorable(rec):
                 raise CheckpointError(f"{where}: this kind of file cannot be dumped")
             if rec["type"] != "socket":

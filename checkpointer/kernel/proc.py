@@ -368,12 +368,34 @@ def read_link(pid: int, name: str) -> str | None:
         raise
 
 
+class FileLock(NamedTuple):
+    kind: str  # "flock", "posix", "ofd"; or what fdinfo calls another ("LEASE"...)
+    write: bool
+    start: int
+    end: int | None  # last byte; None: to the end of the file, however long
+
+
 class FdInfo(NamedTuple):
     fd: int
     target: str  # readlink of /proc/PID/fd/N: "/path", "pipe:[123]", "anon_inode:[userfaultfd]"
     pos: int
     flags: int  # open flags (fdinfo prints them in octal)
     mnt_id: int
+    locks: tuple[FileLock, ...] = ()  # held through this fd (fdinfo "lock:" lines)
+
+
+_LOCK_KINDS = {b"FLOCK": "flock", b"POSIX": "posix", b"OFDLCK": "ofd"}
+
+
+def _parse_lock(line: bytes) -> FileLock | None:
+    """One fdinfo "lock:" line, e.g. `lock:\t1: POSIX  ADVISORY  WRITE 123
+    fe:00:456 5 14`; None for a waiter (`1: -> ...`), which holds nothing."""
+    words = line.split()
+    if len(words) < 8 or words[2] == b"->":
+        return None
+    kind = _LOCK_KINDS.get(words[2], words[2].decode(errors="replace"))
+    end = None if words[-1] == b"EOF" else int(words[-1])
+    return FileLock(kind, words[4] == b"WRITE", int(words[-2]), end)
 
 
 def read_fdinfo(pid: int, fd: int) -> dict[str, str]:
@@ -404,6 +426,7 @@ def read_fds(pid: int) -> list[FdInfo]:
         except _GONE:
             continue
         pos = flags = mnt_id = 0
+        locks = []
         for line in info.split(b"\n"):
             if line.startswith(b"pos:"):
                 pos = int(line[4:])
@@ -411,7 +434,9 @@ def read_fds(pid: int) -> list[FdInfo]:
                 flags = int(line[6:], 8)
             elif line.startswith(b"mnt_id:"):
                 mnt_id = int(line[7:])
-        out.append(FdInfo(fd, target, pos, flags, mnt_id))
+            elif line.startswith(b"lock:") and (lock := _parse_lock(line)):
+                locks.append(lock)
+        out.append(FdInfo(fd, target, pos, flags, mnt_id, tuple(locks)))
     if not os.path.exists(f"/proc/{pid}"):
         raise _gone(pid)
     return sorted(out)

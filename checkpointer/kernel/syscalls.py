@@ -55,6 +55,7 @@ NR_nanosleep = 35
 NR_getpid = 39
 NR_kill = 62
 NR_fcntl = 72
+NR_flock = 73
 NR_prctl = 157
 NR_gettid = 186
 NR_get_robust_list = 274

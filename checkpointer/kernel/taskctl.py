@@ -7,6 +7,7 @@ section 6 (clone3 set_tid, moving the vdso, rseq, PR_SET_MM_MAP).
 
 from __future__ import annotations
 
+import os
 import struct
 
 from checkpointer.kernel import abi
@@ -20,6 +21,7 @@ from checkpointer.kernel.syscalls import (
     NR_dup3,
     NR_fchdir,
     NR_fcntl,
+    NR_flock,
     NR_madvise,
     NR_mlock,
     NR_mmap,
@@ -243,6 +245,30 @@ def set_name(s: SyscallSession, name: str) -> None:
 
 def prctl(s: SyscallSession, option: int, arg2: int = 0, arg3: int = 0) -> int:
     return s.call(NR_prctl, option, arg2, arg3, 0, 0)
+
+
+# -- file locks ----------------------------------------------------------------------
+
+F_SETLK, F_OFD_SETLK = 6, 37
+F_RDLCK, F_WRLCK = 0, 1
+LOCK_SH, LOCK_EX, LOCK_NB = 1, 2, 4
+_FLOCK = struct.Struct("<hhxxxxqqixxxx")  # struct flock: type, whence, start, len, pid
+
+
+def flock(s: SyscallSession, fd: int, write: bool) -> None:
+    """flock(fd, LOCK_SH or LOCK_EX, without waiting) in the task."""
+    s.call(NR_flock, fd, (LOCK_EX if write else LOCK_SH) | LOCK_NB)
+
+
+def set_record_lock(
+    s: SyscallSession, fd: int, ofd: bool, write: bool, start: int, length: int
+) -> None:
+    """A POSIX (the task's) or open-file-description record lock on bytes
+    [start, start+length) of fd, length 0 meaning to the end of the file, without
+    waiting."""
+    addr = s.scratch()
+    s.write(addr, _FLOCK.pack(F_WRLCK if write else F_RDLCK, os.SEEK_SET, start, length, 0))
+    s.call(NR_fcntl, fd, F_OFD_SETLK if ofd else F_SETLK, addr)
 
 
 # -- signals ---------------------------------------------------------------------------

@@ -7,6 +7,7 @@ dumped. Then cwd and root, umask, personality, and rlimits (prlimit from outside
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 from typing import TYPE_CHECKING
@@ -105,11 +106,38 @@ def restore_fds(task: Task, files: OpenFiles) -> None:
 
 
 def finish_fds(task: Task, files: OpenFiles) -> None:
-    """The second pass of kinds that link fds together."""
+    """The second pass of kinds that link fds together; then the file locks."""
     for f in task.image.fds:
         kind = KINDS.get(f["type"])
         if kind is not None and hasattr(kind, "finish"):
             kind.finish(files, task, f)
+    for f in task.image.fds:
+        for lock in f.get("locks", []):
+            _take_lock(task, files, f, lock)
+
+
+def _take_lock(task: Task, files: OpenFiles, f: dict, lock: dict) -> None:
+    """A lock the process held through fd f, taken again by it, without waiting:
+    flock and OFD locks once per open file description (the fds that share it
+    share them), POSIX locks by each process that held them."""
+    if lock["kind"] != "posix" and not files.first_time(
+        f"{lock['kind']} {files.description(task, f)} {lock['start']}"
+    ):
+        return
+    try:
+        if lock["kind"] == "flock":
+            taskctl.flock(task.session, f["fd"], lock["write"])
+        else:
+            end = lock["end"]
+            length = 0 if end is None else end - lock["start"] + 1
+            taskctl.set_record_lock(task.session, f["fd"], lock["kind"] == "ofd",
+                                    lock["write"], lock["start"], length)  # fmt: skip
+    except OSError as exc:
+        held = exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK)
+        raise RestoreError(
+            f"fd {f['fd']} of process {task.pid} ({f['target']}): its {lock['kind']} lock "
+            + ("is held by another process now" if held else f"failed: {exc.strerror}")
+        ) from None
 
 
 def _open(task: Task, f: dict, files: OpenFiles) -> int:
