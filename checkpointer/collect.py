@@ -254,6 +254,22 @@ def fd_records(pid: int, hide: set[int] | frozenset[int] = frozenset()) -> list[
     return records
 
 
+def check_namespaces(pids: list[int]) -> None:
+    """Namespaces are not dumped: a process in another one than the tool's (a
+    container, a service with PrivateTmp, `unshare`) would come back in the
+    restorer's, seeing other files, network or PIDs. Refused, naming it."""
+    ours = proc.read_namespaces(os.getpid())
+    for pid in pids:
+        for kind, ns in sorted(proc.read_namespaces(pid).items()):
+            if kind in ours and ns != ours[kind]:
+                what = kind.replace("_for_children", " (for its children)")
+                raise UnsupportedObject(
+                    f"process {pid} is in another {what} namespace ({ns}) than "
+                    f"checkpointer ({ours[kind]}): namespaces are not dumped; run "
+                    "checkpointer inside it"
+                )
+
+
 def check_terminals(
     pstree: list[dict], processes: dict[int, dict], fds: dict[int, list[dict]], shell_job: bool
 ) -> None:

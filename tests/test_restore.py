@@ -18,7 +18,7 @@ import pytest
 from memcheck import compare_dump_with_process
 from objectslib import program_starter
 from restorelib import start_lifecycle, wait_stopped
-from targetlib import TRACKERS, cli, proc_status
+from targetlib import TRACKERS, assert_one_line_error, cli, proc_status
 
 from checkpointer.images import Dump
 
@@ -350,6 +350,26 @@ def test_a_job_whose_session_leader_is_in_an_outer_pid_namespace(tmp_path):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert r.stdout == "restored S sid 0 pgid 0\n"
+
+
+@pytest.mark.parametrize("kind, flag", [("net", "--net"), ("uts", "--uts"), ("mnt", "--mount")])
+def test_a_process_in_another_namespace_is_refused_at_dump(tmp_path, kind, flag):
+    """Namespaces are not dumped: restored in ours, it would see another network,
+    host name or file tree. It was dumped (and restored into ours) silently."""
+    import subprocess
+
+    p = subprocess.Popen(["unshare", flag, "sleep", "1000"], stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while os.readlink(f"/proc/{p.pid}/exe") != "/usr/bin/sleep":  # unshare exec'd it
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        r = cli("dump", "-t", str(p.pid), "-D", str(tmp_path / "i"))
+        assert_one_line_error(r, f"process {p.pid} is in another {kind} namespace")
+        assert proc_status(p.pid)["State"][0] == "S"  # left running
+    finally:
+        p.kill()
+        p.wait()
 
 
 def test_a_job_in_the_callers_session_without_a_terminal(tmp_path):

@@ -368,6 +368,20 @@ def read_link(pid: int, name: str) -> str | None:
         raise
 
 
+def read_namespaces(pid: int) -> dict[str, str]:
+    """{kind: "net:[4026531833]", ...} from /proc/PID/ns (pid_for_children and
+    time_for_children included), through a live thread (a main thread that
+    called pthread_exit shows none)."""
+    where = f"{task_dir(pid)}/ns"
+    out = {}
+    for kind in _listdir(pid, where):
+        try:
+            out[kind] = os.readlink(f"{where}/{kind}")
+        except _GONE:
+            raise _gone(pid) from None
+    return out
+
+
 class FileLock(NamedTuple):
     kind: str  # "flock", "posix", "ofd"; or what fdinfo calls another ("LEASE"...)
     write: bool
