@@ -16,7 +16,7 @@ from checkpointer import fdstate
 from checkpointer.errors import TargetError, UnsupportedObject
 from checkpointer.fdstate import files as fdfiles
 from checkpointer.freezer import FrozenTree
-from checkpointer.kernel import abi, kcmp, proc, ptrace, pty, sysvshm, taskstate
+from checkpointer.kernel import abi, kcmp, proc, ptrace, pty, sched, sysvshm, taskstate
 from checkpointer.kernel.inject import SyscallSession
 from checkpointer.kernel.syscalls import O_CLOEXEC
 from checkpointer.vmas import Vma, vma_record
@@ -169,6 +169,7 @@ def core_records(
         "sigcatch": masks["sigcatch"],
         "umask": proc.read_umask(pid, live),
         "seccomp": proc.read_seccomp_mode(pid, live),
+        "oom_score_adj": sched.read_oom_score_adj(pid),
         "ctty": {
             "dev": stat.tty_nr,
             "index": pty.pts_index(stat.tty_nr),
@@ -193,6 +194,7 @@ def core_records(
             "robust_list": taskstate.read_robust_list(tid),
             "rseq": ptrace.get_rseq_config(tid),
             "siginfo": ptrace.peek_siginfo(tid, shared=False),
+            "sched": sched.read_thread_sched(tid),
         }
         if injected is not None:
             record.update(injected.threads.get(tid, _NO_THREAD_STATE))

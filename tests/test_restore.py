@@ -372,6 +372,47 @@ def test_a_process_in_another_namespace_is_refused_at_dump(tmp_path, kind, flag)
         p.wait()
 
 
+def test_scheduling_and_oom_adjustment_come_back(tmp_path):
+    """nice, policy, affinity per thread and oom_score_adj per process were left at
+    the restorer's (nice 0, SCHED_OTHER, every CPU, 0)."""
+    with program_starter(tmp_path) as start:
+        prog = start(
+            """
+            import threading
+            os.setpriority(os.PRIO_PROCESS, 0, 7)  # this thread's
+            open("/proc/self/oom_score_adj", "w").write("345")
+            def worker():
+                os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+                os.sched_setaffinity(0, {0})
+                os.setpriority(os.PRIO_PROCESS, 0, 3)
+                report("worker", threading.get_native_id())
+                go()
+            threading.Thread(target=worker).start()
+            while not (D / "worker").exists():
+                time.sleep(0.01)
+            ready()
+            go()
+            """
+        )
+        worker = int(prog.result("worker"))
+        dump_and_kill_program(prog, tmp_path / "images")
+        r = cli("restore", "-D", str(tmp_path / "images"), "-d")
+        assert r.returncode == 0, r.stderr
+        assert os.getpriority(os.PRIO_PROCESS, prog.pid) == 7
+        assert os.getpriority(os.PRIO_PROCESS, worker) == 3
+        assert os.sched_getscheduler(worker) == os.SCHED_BATCH
+        assert os.sched_getscheduler(prog.pid) == os.SCHED_OTHER
+        assert os.sched_getaffinity(worker) == {0}
+        assert os.sched_getaffinity(prog.pid) == os.sched_getaffinity(0)
+        assert open(f"/proc/{prog.pid}/oom_score_adj").read() == "345\n"
+
+
+def dump_and_kill_program(prog, images) -> None:
+    r = cli("dump", "-t", str(prog.pid), "-D", str(images))
+    assert r.returncode == 0, r.stderr
+    prog.reap()
+
+
 def test_a_job_in_the_callers_session_without_a_terminal(tmp_path):
     """Started from our session (its leader is not in the tree) but holding no
     terminal: no --shell-job needed; it comes back in the restorer's session."""

@@ -78,6 +78,7 @@ def restore(req: RestoreRequest) -> RestoreResult:
             creds.restore_creds(task)
         for task in tasks.values():
             memory.unmap_scratch(task)
+            threads.restore_scheduling(task)
             threads.set_registers(task)
         _release(tasks, req.leave_stopped)
     except BaseException:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import errno
 import struct
 
-from checkpointer.kernel import abi, ptrace, taskctl
+from checkpointer.kernel import abi, ptrace, sched, taskctl
 from checkpointer.kernel.memory import MemReader
 from checkpointer.kernel.syscalls import NR_exit
 from checkpointer.restore import signals
@@ -123,6 +123,22 @@ def _code_before(mem: MemReader, regs: dict[str, int]) -> bytes:
     except OSError:
         return b""
     return bytes(buf[:n])
+
+
+def restore_scheduling(task: Task) -> None:
+    """Each thread's nice value, policy, real-time priority and CPU affinity, and
+    the process's OOM-killer adjustment: set from here, by thread id (images
+    from before they were recorded keep the restorer's)."""
+    for thread in task.image.threads:
+        if "sched" in thread:
+            try:
+                sched.set_thread_sched(thread["tid"], thread["sched"])
+            except OSError as exc:
+                raise RestoreError(
+                    f"thread {thread['tid']}: scheduling {thread['sched']}: {exc.strerror}"
+                ) from None
+    if "oom_score_adj" in task.image.process:
+        sched.set_oom_score_adj(task.pid, task.image.process["oom_score_adj"])
 
 
 def set_registers(task: Task) -> None:
