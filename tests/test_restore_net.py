@@ -261,6 +261,30 @@ def test_unix_socket_whose_peer_closed_gives_its_bytes_then_eof(program, tmp_pat
     assert (prog.result("then"), prog.result("send")) == (b"", b"EPIPE")
 
 
+def test_fds_in_flight_on_a_unix_socket_are_refused(program, tmp_path):
+    """SCM_RIGHTS fds sent and not received yet were dropped silently."""
+    if not _shows_scm_fds():
+        pytest.skip("needs a kernel that shows scm_fds in unix sockets' fdinfo")
+    prog = program(
+        """
+        a, b = socket.socketpair()
+        socket.send_fds(a, [b"fd"], [0])
+        report("fd", b.fileno())
+        ready()
+        go()
+        """
+    )
+    fd = int(prog.result("fd"))
+    r = cli("dump", "-t", str(prog.pid), "-D", str(tmp_path / "images"))
+    assert_one_line_error(r, f"fd {fd} of process {prog.pid}", "1 file descriptors sent over it")
+    prog.go()
+
+
+def _shows_scm_fds() -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        return "scm_fds" in open(f"/proc/self/fdinfo/{s.fileno()}").read()
+
+
 def test_unix_pair_half_closed_stays_half_closed(program, tmp_path):
     """shutdown(SHUT_WR) on one end of a pair in the tree: its peer reads the queued
     bytes then EOF, it may not write, and the other direction still works."""

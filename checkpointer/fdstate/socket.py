@@ -9,7 +9,7 @@ import os
 import socket
 
 from checkpointer.errors import TargetError
-from checkpointer.kernel import sockets
+from checkpointer.kernel import proc, sockets
 
 FAMILIES = {
     socket.AF_UNIX: "unix",
@@ -52,6 +52,10 @@ def describe(pid: int, record: dict) -> dict:
         }
         if sock.family == socket.AF_UNIX:
             fields.update(_unix(sock, fields["sock_inode"]))
+            # File descriptors sent over it and not received yet, where fdinfo shows them.
+            in_flight = proc.read_fdinfo(pid, record["fd"]).get("scm_fds")
+            if in_flight and int(in_flight):
+                fields["sock_scm_fds"] = int(in_flight)
         elif sock.family in (socket.AF_INET, socket.AF_INET6):
             fields.update(_inet(sock, fields["sock_inode"]))
         return fields

@@ -66,6 +66,11 @@ def peer_closed(rec: dict) -> bool:
 def _check_unix(where: str, rec: dict, inodes: set[int], listeners: set[bytes]) -> None:
     if rec["sock_type"] not in ("stream", "dgram", "seqpacket"):
         raise CheckpointError(f"{where}: a unix {rec['sock_type']} socket cannot be dumped")
+    if rec.get("sock_scm_fds"):
+        raise CheckpointError(
+            f"{where}: {rec['sock_scm_fds']} file descriptors sent over it (SCM_RIGHTS) are "
+            "waiting to be received: they cannot be dumped"
+        )
     peer = rec.get("sock_peer", 0)
     # Connected to a listener of the tree that has not accepted it yet: the
     # restore connects again. A peer that closed leaves the socket shut both ways:
