@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from targetlib import cli
+from targetlib import assert_one_line_error, cli
 
 # Every program gets these: D (its directory), ready(), go() and report(name, value).
 PRELUDE = """
@@ -105,6 +105,16 @@ def program_starter(base: Path, prelude: str = ""):
     finally:
         for prog in started:
             prog.kill()
+
+
+def refused_at_dump(prog: Program, base: Path, *words: str, extra=()) -> None:
+    """A dump of the program fails with one line naming it and `words`, writes no
+    images, and leaves it running: after go() it must report("alive", 1)."""
+    r = cli("dump", "-t", str(prog.pid), "-D", str(base / "images"), *extra)
+    assert_one_line_error(r, f"process {prog.pid}", *words)
+    assert not (base / "images").exists()
+    prog.go()
+    assert prog.result("alive") == b"1"  # left running
 
 
 def dump_and_kill(pid: int, images: Path, *extra: str, reap=None) -> subprocess.CompletedProcess:

@@ -9,7 +9,7 @@ import os
 import struct
 
 import pytest
-from objectslib import dump_and_kill, program_starter, restore
+from objectslib import dump_and_kill, program_starter, refused_at_dump, restore
 from targetlib import assert_one_line_error, cli
 
 F_OFD_SETLK = 37
@@ -114,9 +114,8 @@ def test_a_lease_is_refused_at_dump(program, tmp_path):
         report("fd", fd)
         ready()
         go()
+        report("alive", 1)
         """
     )
     fd = int(prog.result("fd"))
-    r = cli("dump", "-t", str(prog.pid), "-D", str(tmp_path / "images"))
-    assert_one_line_error(r, f"fd {fd} of process {prog.pid}", "lease")
-    prog.go()
+    refused_at_dump(prog, tmp_path, f"fd {fd} of", "lease")

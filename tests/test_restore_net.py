@@ -13,7 +13,7 @@ import time
 import urllib.request
 
 import pytest
-from objectslib import dump_and_kill, program_starter, restore
+from objectslib import dump_and_kill, program_starter, refused_at_dump, restore
 from redislib import HAVE_REDIS, Resp, commands_processed, start_benchmark, start_redis
 from targetlib import CLI, assert_one_line_error, cli
 
@@ -272,12 +272,11 @@ def test_fds_in_flight_on_a_unix_socket_are_refused(program, tmp_path):
         report("fd", b.fileno())
         ready()
         go()
+        report("alive", 1)
         """
     )
     fd = int(prog.result("fd"))
-    r = cli("dump", "-t", str(prog.pid), "-D", str(tmp_path / "images"))
-    assert_one_line_error(r, f"fd {fd} of process {prog.pid}", "1 file descriptors sent over it")
-    prog.go()
+    refused_at_dump(prog, tmp_path, f"fd {fd} of", "1 file descriptors sent over it")
 
 
 def _shows_scm_fds() -> bool:
@@ -702,14 +701,6 @@ def test_unix_dgram_connected_outside_is_connected_again(program, tmp_path):
     sink.close()
 
 
-def _refused_at_dump(prog, tmp_path, *words, extra=()) -> None:
-    r = cli("dump", "-t", str(prog.pid), "-D", str(tmp_path / "images"), *extra)
-    assert_one_line_error(r, f"process {prog.pid}", *words)
-    assert not (tmp_path / "images").exists()
-    prog.go()
-    assert prog.result("alive") == b"1"  # left running
-
-
 @pytest.mark.parametrize("kind", ["SOCK_DGRAM", "SOCK_SEQPACKET"])
 def test_unix_pair_keeps_queued_messages(program, tmp_path, kind):
     prog = program(
@@ -752,7 +743,7 @@ def test_unix_datagram_server_messages(program, tmp_path, named_sender):
         client.sendto(b"first", path)
         client.sendto(b"second", path)
         if named_sender:
-            _refused_at_dump(prog, tmp_path, "unix dgram", "cannot stand in for")
+            refused_at_dump(prog, tmp_path, "unix dgram", "cannot stand in for")
             return
     dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
     restore(tmp_path / "images")
@@ -779,7 +770,7 @@ def test_other_sockets_are_refused(program, tmp_path, make, words):
         report("alive", 1)
         """
     )
-    _refused_at_dump(prog, tmp_path, words)
+    refused_at_dump(prog, tmp_path, words)
 
 
 def test_tcp_half_closed_is_refused(program, tmp_path):
@@ -795,7 +786,7 @@ def test_tcp_half_closed_is_refused(program, tmp_path):
         peer, _ = server.accept()
         peer.close()  # the program's end is in CLOSE_WAIT now
         time.sleep(0.1)
-        _refused_at_dump(prog, tmp_path, "close-wait", extra=("--tcp-established",))
+        refused_at_dump(prog, tmp_path, "close-wait", extra=("--tcp-established",))
 
 
 def test_fifo_gone_at_restore_is_refused(program, tmp_path):
