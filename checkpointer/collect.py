@@ -90,6 +90,14 @@ class InjectedState:
     brk: int = 0  # exact mm->brk
 
 
+def _posix_timers(pid: int, session) -> list[dict]:
+    """timer_create's timers: what /proc/PID/timers lists, with the time left, the
+    interval and the overrun count read by timer_gettime in the task."""
+    timers = proc.read_posix_timers(pid)
+    times = taskstate.read_posix_timer_times(session, [t["id"] for t in timers])
+    return [{**t, **time_} for t, time_ in zip(timers, times, strict=True)]
+
+
 # The fields of a thread that could not be asked (not a live thread): nothing set.
 _NO_THREAD_STATE = {"tid_address": 0, "sigaltstack": {"sp": 0, "flags": abi.SS_DISABLE, "size": 0}}
 
@@ -110,6 +118,7 @@ def read_injected_state(pid: int, tids: list[int]) -> InjectedState:
                 process={
                     "sigactions": taskstate.read_sigactions(session),
                     "itimers": taskstate.read_itimers(session),
+                    "posix_timers": _posix_timers(pid, session),
                     "prctl": taskstate.read_prctl_state(session),
                 },
                 brk=taskstate.read_brk(session),

@@ -407,6 +407,32 @@ def test_scheduling_and_oom_adjustment_come_back(tmp_path):
         assert open(f"/proc/{prog.pid}/oom_score_adj").read() == "345\n"
 
 
+def test_posix_timers_come_back(tmp_path):
+    """`timeout 4 sleep 1000` holds a POSIX timer (timer_create): restored, it still
+    fires when it was due and ends the job. Dropped, the job ran forever."""
+    import subprocess
+
+    p = subprocess.Popen(["timeout", "4", "sleep", "1000"], stdin=subprocess.DEVNULL,
+                         start_new_session=True)  # fmt: skip
+    try:
+        time.sleep(0.5)
+        timers = open(f"/proc/{p.pid}/timers").read()
+        assert timers.startswith("ID: 0\nsignal: 14/")
+        r = cli("dump", "-t", str(p.pid), "-D", str(tmp_path / "images"))
+        assert r.returncode == 0, r.stderr
+        p.wait(timeout=10)
+        dumped = time.monotonic()
+        r = cli("restore", "-D", str(tmp_path / "images"), "-d")
+        assert r.returncode == 0, r.stderr
+        assert open(f"/proc/{p.pid}/timers").read() == timers
+        while os.path.exists(f"/proc/{p.pid}") and proc_status(p.pid)["State"][0] != "Z":
+            assert time.monotonic() - dumped < 10, "the timer never fired"
+            time.sleep(0.05)
+        assert time.monotonic() - dumped > 2.5  # it fired when due, not at once
+    finally:
+        subprocess.run(["pkill", "-9", "-s", str(p.pid)], check=False)
+
+
 def dump_and_kill_program(prog, images) -> None:
     r = cli("dump", "-t", str(prog.pid), "-D", str(images))
     assert r.returncode == 0, r.stderr

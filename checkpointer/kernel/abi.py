@@ -17,6 +17,10 @@ SA_RESTORER = 0x04000000
 
 # struct itimerval: it_interval {sec, usec}, it_value {sec, usec}.
 ITIMERVAL = struct.Struct("<qqqq")
+ITIMERSPEC = struct.Struct("<qqqq")  # it_interval {sec, nsec}, it_value {sec, nsec}
+# struct sigevent: sigval, signo, notify, then (SIGEV_THREAD_ID) the thread id; 64 bytes
+SIGEVENT = struct.Struct("<qiii44x")
+SIGEV_THREAD_ID = 4
 ITIMER_NAMES = ("real", "virtual", "prof")  # ITIMER_REAL 0, VIRTUAL 1, PROF 2
 
 # stack_t: ss_sp, ss_flags (int, padded), ss_size.

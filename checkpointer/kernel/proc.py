@@ -368,6 +368,32 @@ def read_link(pid: int, name: str) -> str | None:
         raise
 
 
+_NOTIFY = {"signal": 0, "none": 1, "thread": 2}
+
+
+def read_posix_timers(pid: int) -> list[dict]:
+    """The process's POSIX timers (timer_create) from /proc/PID/timers:
+    [{id, clock, signo, sigval, notify, target}], notify as sigev_notify
+    (SIGEV_THREAD_ID included), target the pid or tid it signals."""
+    timers: list[dict] = []
+    for line in _read_text(pid, f"/proc/{pid}/timers").splitlines():
+        key, _, value = line.partition(": ")
+        if key == "ID":
+            timers.append({"id": int(value)})
+        elif key == "signal":
+            signo, _, sigval = value.partition("/")
+            timers[-1].update(signo=int(signo), sigval=int(sigval, 16))
+        elif key == "notify":
+            kind, _, target = value.partition("/")  # "signal/pid.123", "thread/tid.124"
+            who, _, number = target.partition(".")
+            timers[-1].update(
+                notify=_NOTIFY.get(kind, 0) | (4 if who == "tid" else 0), target=int(number)
+            )
+        elif key == "ClockID":
+            timers[-1]["clock"] = int(value)
+    return timers
+
+
 def read_namespaces(pid: int) -> dict[str, str]:
     """{kind: "net:[4026531833]", ...} from /proc/PID/ns (pid_for_children and
     time_for_children included), through a live thread (a main thread that

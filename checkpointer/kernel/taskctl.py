@@ -7,6 +7,7 @@ section 6 (clone3 set_tid, moving the vdso, rseq, PR_SET_MM_MAP).
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 
@@ -47,6 +48,9 @@ from checkpointer.kernel.syscalls import (
     NR_setresuid,
     NR_setsid,
     NR_sigaltstack,
+    NR_timer_create,
+    NR_timer_delete,
+    NR_timer_settime,
     NR_umask,
 )
 
@@ -245,6 +249,36 @@ def set_name(s: SyscallSession, name: str) -> None:
 
 def prctl(s: SyscallSession, option: int, arg2: int = 0, arg3: int = 0) -> int:
     return s.call(NR_prctl, option, arg2, arg3, 0, 0)
+
+
+# -- POSIX timers ----------------------------------------------------------------------
+
+MAX_TIMER_ID_STEPS = 1 << 16
+
+
+def create_posix_timer(s: SyscallSession, timer: dict) -> None:
+    """timer_create in the task with the dumped id: ids come one after another
+    from 0 in a new process, so timers are made in id order and the ones made
+    only to reach an id are deleted again."""
+    addr = s.scratch()
+    tid = timer["target"] if timer["notify"] & abi.SIGEV_THREAD_ID else 0
+    event = abi.SIGEVENT.pack(timer["sigval"], timer["signo"], timer["notify"], tid)
+    s.write(addr, event)
+    for _ in range(MAX_TIMER_ID_STEPS):
+        s.call(NR_timer_create, timer["clock"], addr, addr + abi.SIGEVENT.size)
+        got = struct.unpack("<i", s.read(addr + abi.SIGEVENT.size, 4))[0]
+        if got == timer["id"]:
+            return
+        if got > timer["id"]:
+            raise OSError(errno.EBUSY, f"POSIX timer {timer['id']} came back as {got}")
+        s.call(NR_timer_delete, got)
+    raise OSError(errno.EBUSY, f"POSIX timer {timer['id']} is out of reach")
+
+
+def set_posix_timer(s: SyscallSession, timer_id: int, value: list[int], interval: list[int]):
+    addr = s.scratch()
+    s.write(addr, abi.ITIMERSPEC.pack(*interval, *value))
+    s.call(NR_timer_settime, timer_id, 0, addr, 0)
 
 
 # -- file locks ----------------------------------------------------------------------

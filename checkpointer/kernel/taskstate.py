@@ -79,6 +79,22 @@ def read_itimers(session: SyscallSession) -> dict[str, list[int]]:
     }
 
 
+def read_posix_timer_times(session: SyscallSession, ids: list[int]) -> list[dict]:
+    """[{value [s, ns] (time left), interval [s, ns], overrun}] of each timer id."""
+    if not ids:
+        return []
+    size = abi.ITIMERSPEC.size
+    calls = [(syscalls.NR_timer_gettime, tid, At(i * size)) for i, tid in enumerate(ids)]
+    calls += [(syscalls.NR_timer_getoverrun, tid) for tid in ids]
+    results, data = session.call_many(calls, size * len(ids))
+    out = []
+    for i in range(len(ids)):
+        isec, insec, vsec, vnsec = abi.ITIMERSPEC.unpack_from(data, i * size)
+        out.append({"value": [vsec, vnsec], "interval": [isec, insec],
+                    "overrun": results[len(ids) + i]})  # fmt: skip
+    return out
+
+
 def read_prctl_state(session: SyscallSession) -> dict[str, int]:
     """dumpable, pdeathsig, child_subreaper, no_new_privs, thp_disable, securebits.
 

@@ -1,4 +1,4 @@
-"""Step 6a: signal handlers, interval timers and pending signals.
+"""Step 6a: signal handlers, interval timers, POSIX timers and pending signals.
 
 Handlers come back with their flags, mask and restorer (x86_64 has no sigreturn
 trampoline in the vdso: SA_RESTORER's address is glibc's). Pending signals are
@@ -23,6 +23,12 @@ def restore_process_signals(task: Task) -> None:
             # value 0 with an interval: it expired just as it was read and is
             # being re-armed; arm it for one interval.
             taskctl.setitimer(s, which, interval, value or interval)
+    for timer in sorted(process.get("posix_timers", []), key=lambda t: t["id"]):
+        taskctl.create_posix_timer(s, timer)
+        value, interval = timer["value"], timer["interval"]
+        if any(value) or any(interval):
+            # (no time left but an interval: it expired as it was read, re-arming)
+            taskctl.set_posix_timer(s, timer["id"], value if any(value) else interval, interval)
     for info in process.get("shared_siginfo", []):
         taskctl.queue_signal(s, task.pid, None, info)
 
