@@ -84,7 +84,19 @@ class ConvergeResult:
 def converge(
     opts: ConvergeOptions, on_iteration: Callable[[Iteration], None] | None = None
 ) -> ConvergeResult:
+    created = not opts.images_dir.exists()
     opts.images_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        return _converge(opts, on_iteration)
+    except BaseException:
+        if created and not any(opts.images_dir.iterdir()):
+            opts.images_dir.rmdir()  # the first pass failed: nothing to keep
+        raise
+
+
+def _converge(
+    opts: ConvergeOptions, on_iteration: Callable[[Iteration], None] | None
+) -> ConvergeResult:
     result = ConvergeResult(final_dir=opts.images_dir / "final")
     parent: str | None = None
     tracker = opts.tracker

@@ -97,6 +97,8 @@ def dump(req: DumpRequest) -> DumpResult:
 
 
 def run(req: DumpRequest) -> DumpResult:
+    if not proc.exists(req.pid):
+        raise TargetError(f"no process {req.pid}")
     with trackstate.target_lock(req.pid):
         try:
             return _Pass(req).run()

@@ -118,12 +118,16 @@ def test_already_stopped_target_stays_stopped(spawn, tmp_path):
     t.assert_carries_on()
 
 
-def test_missing_pid_is_one_line_error(tmp_path):
-    r = cli("dump", "-t", "999999999", "-D", str(tmp_path / "d"))
-    assert r.returncode == 1
-    assert r.stderr.count("\n") == 1 and "999999999" in r.stderr
-    assert "Traceback" not in r.stderr
-    assert not (tmp_path / "d").exists()
+@pytest.mark.parametrize("command", ["dump", "pre-dump", "converge"])
+def test_missing_pid_is_one_line_error(tmp_path, command):
+    """It says there is no such process (it said "exited during the dump")."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    for pid in ("999999999", str(gone.pid)):
+        r = cli(command, "-t", pid, "-D", str(tmp_path / "d"))
+        assert r.returncode == 1
+        assert r.stderr == f"checkpointer: no process {pid}\n"
+        assert not (tmp_path / "d").exists()
 
 
 def test_already_traced_target_names_the_tracer(spawn, tmp_path):
