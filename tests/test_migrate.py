@@ -193,6 +193,13 @@ def test_failed_restore_through_a_page_server_rolls_back(spawn, tmp_path):
         p.stderr.close()
 
 
+def test_missing_pid_is_one_line_before_any_connection():
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    r = cli("migrate", "-t", str(gone.pid), "--to", "root@127.0.0.1", "--ssh-option=-p1")
+    assert (r.returncode, r.stderr) == (1, f"checkpointer: no process {gone.pid}\n")
+
+
 def test_unreachable_destination_is_one_line(spawn, tmp_path):
     t = spawn("--anon-mb", "1")
     r = cli("migrate", "-t", str(t.pid), "--to", "root@127.0.0.1", "--ssh-option=-p1",
