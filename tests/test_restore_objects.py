@@ -194,6 +194,32 @@ def test_deleted_files_come_back_deleted(files_restored):
     assert sorted(os.listdir(w.dir)) == ["shared", "status"]
 
 
+def test_a_program_whose_binary_was_deleted_comes_back(tmp_path):
+    """The binary replaced or removed under a running program (a package upgrade):
+    its exe reads "(deleted)". The restore refused it as missing; the mapping's ghost
+    now stands in for the exe too."""
+    binary = tmp_path / "mysleep"
+    binary.write_bytes(open("/bin/sleep", "rb").read())
+    binary.chmod(0o755)
+    p = subprocess.Popen([str(binary), "1000"], stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        time.sleep(0.2)
+        binary.unlink()
+        r = cli("dump", "-t", str(p.pid), "-D", str(tmp_path / "images"))
+        assert r.returncode == 0, r.stderr
+        p.wait(timeout=10)
+        r = cli("restore", "-D", str(tmp_path / "images"), "-d")
+        assert r.returncode == 0, r.stderr
+        assert os.readlink(f"/proc/{p.pid}/exe") == f"{binary} (deleted)"
+        assert not binary.exists()
+        assert open(f"/proc/{p.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "S"
+    finally:
+        try:
+            os.kill(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def test_files_others_wrote_to_after_the_dump_are_reopened(tmp_path):
     """The same file (device and inode) that grew since the dump: a daemon's log
     shared with its parent (`su` appends "Killed" when the daemon is killed), a file

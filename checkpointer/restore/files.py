@@ -14,14 +14,13 @@ from typing import TYPE_CHECKING
 
 from checkpointer.kernel import proc, taskctl
 from checkpointer.restore import pty
-from checkpointer.restore.images import RestoreError, RestoreImages
+from checkpointer.restore.images import DELETED, RestoreError, RestoreImages
 from checkpointer.restore.task import Task
 
 if TYPE_CHECKING:
     from checkpointer.restore.memory import SharedObjects
 
 # Flags that only matter when a file is created, or that we set ourselves.
-DELETED = " (deleted)"
 _OPEN_ONLY = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY | os.O_CLOEXEC
 
 

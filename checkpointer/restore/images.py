@@ -27,6 +27,9 @@ class RestoreError(CheckpointError):
     """The images cannot be restored here, or restoring them failed."""
 
 
+DELETED = " (deleted)"  # what /proc adds to the path of a file that was unlinked
+
+
 @dataclass
 class ProcessImage:
     """One process of the dump: its pstree entry and records."""
@@ -156,8 +159,14 @@ def preflight(images: RestoreImages, shell_job: bool = False, source_alive: bool
             ours = shell_job or f.get("pty", {}).get("index", -1) in own_ptys
             _check_fd(p, f, ours, source_alive)
         for name in ("exe", "cwd"):
-            if p.mm.get(name) and not os.path.exists(p.mm[name]):
-                raise RestoreError(f"{name} of process {p.pid} ({p.mm[name]}) is missing")
+            path = p.mm.get(name)
+            if name == "exe" and path and path.endswith(DELETED):
+                # deleted since it started: its mapping's ghost stands in (memory.py)
+                if any(v.get("path") == path.removesuffix(DELETED) and "ghost" in v
+                       for v in p.vmas):  # fmt: skip
+                    continue
+            if path and not os.path.exists(path):
+                raise RestoreError(f"{name} of process {p.pid} ({path}) is missing")
 
 
 def leaders_outside(images: RestoreImages) -> set[int]:

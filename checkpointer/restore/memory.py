@@ -23,6 +23,7 @@ from checkpointer.restore import pagefeed
 from checkpointer.restore.ghosts import GhostFiles
 from checkpointer.restore.images import (
     CHUNK,
+    DELETED,
     VDSO_NAMES,
     RestoreError,
     RestoreImages,
@@ -138,7 +139,7 @@ def rebuild(task: Task, images: RestoreImages, shared: SharedObjects) -> None:
         _write_pages(task, images.pieces.get(f"pid-{task.pid}", []))
         for vma in image.vmas:
             _advise(task, vma)
-        _set_mm(task)
+        _set_mm(task, shared)
     finally:
         for fd in files.values():
             taskctl.close(s, fd)
@@ -262,13 +263,14 @@ def _advise(task: Task, vma: dict) -> None:
         taskctl.mlock(task.session, start, length)
 
 
-def _set_mm(task: Task) -> None:
+def _set_mm(task: Task, shared: SharedObjects) -> None:
     mm = task.image.mm
     exe_fd = (1 << 32) - 1
+    exe = _exe_path(task, shared)
     # The exe is inherited from the seed, i.e. ours; changing it is refused (EBUSY)
     # while the old one is mapped, which it is when the process ran our interpreter.
-    if mm.get("exe") and not _same_file(mm["exe"], "/proc/self/exe"):
-        ours = os.open(mm["exe"], os.O_RDONLY | os.O_CLOEXEC)
+    if exe and not _same_file(exe, "/proc/self/exe"):
+        ours = os.open(exe, os.O_RDONLY | os.O_CLOEXEC)
         try:
             exe_fd = task.install_fd(ours)
         finally:
@@ -280,6 +282,19 @@ def _set_mm(task: Task) -> None:
     finally:
         if exe_fd != (1 << 32) - 1:
             taskctl.close(task.session, exe_fd)
+
+
+def _exe_path(task: Task, shared: SharedObjects) -> str | None:
+    """Where the exe is now: its path, or, deleted since it started (a binary
+    upgraded under a running program), the ghost its mapping was recreated from."""
+    exe = task.image.mm.get("exe")
+    if not exe or not exe.endswith(DELETED):
+        return exe
+    path = exe.removesuffix(DELETED)
+    for vma in task.image.vmas:
+        if vma.get("path") == path and "ghost" in vma:
+            return shared.ghosts.path(vma["ghost"], path)
+    return exe  # not mapped: missing (preflight said so)
 
 
 def _same_file(a: str, b: str) -> bool:
