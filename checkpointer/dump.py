@@ -141,6 +141,8 @@ class _Pass:
                 known = (
                     {pid: _vmas_or_none(pid) for pid in live_tree(req.pid).pids} if freeze else {}
                 )
+                if watchdog:
+                    watchdog.wait_ready()  # its start-up would share the CPU with the window
                 tree = self._freeze(freezer) if freeze else live_tree(req.pid)
                 frozen_at = time.monotonic()
                 self._identify(tree, start_time)

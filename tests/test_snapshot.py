@@ -218,3 +218,18 @@ def test_tool_killed_during_the_copy_leaves_no_process(writer, tmp_path):
     assert not is_child_of(snapshot_child, t.pid)
     assert t.proc.poll() is None
     assert tracer(t.pid) == 0
+
+
+def test_watchdog_says_when_it_runs():
+    """The dump waits for its watchdog's "ready" before freezing, so the watchdog's
+    start-up does not share the CPU with the frozen window."""
+    from checkpointer.snapshot import Watchdog
+
+    watchdog = Watchdog()
+    try:
+        assert watchdog.wait_ready(timeout=30)
+        assert watchdog._proc is not None and watchdog._proc.poll() is None
+    finally:
+        proc = watchdog._proc
+        watchdog.close()
+    assert proc is not None and proc.wait(timeout=30) == 0
