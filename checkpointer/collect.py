@@ -6,6 +6,7 @@ describe one instant: registers, signal masks, memory map, files.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import stat
@@ -26,22 +27,60 @@ log = logging.getLogger("checkpointer")
 
 
 def read_vmas(pid: int, known: list[Vma] | None = None) -> list[Vma]:
-    """The process's VMAs with their smaps flags.
+    """The process's VMAs with their smaps flags (read_vmas_reusing)."""
+    return read_vmas_reusing(pid, known)[0]
+
+
+def read_vmas_reusing(pid: int, known: list[Vma] | None = None) -> tuple[list[Vma], bool]:
+    """The process's VMAs with their smaps flags, and whether those flags are the
+    ones of `known`.
 
     `known`: the VMAs as read a moment ago (before a freeze). When /proc/PID/maps
     lists exactly those mappings again, their flags are reused: walking smaps costs
-    about 50 ms per resident GiB, which would otherwise be downtime. The flags that
-    matter (hugetlb, io/pfnmap: fixed at mmap; "uw": set only by this tool) cannot
-    change without the mapping changing.
+    about 50 ms per resident GiB, which would otherwise be downtime. But madvise or
+    mlock over a whole VMA changes its flags (DONTFORK, WIPEONFORK, DONTDUMP,
+    HUGEPAGE, locked...) and not its maps line, so reused flags must be checked
+    against the instant of the dump before they are trusted (vmflags_changed).
     """
     maps = proc.read_maps(pid)
     if known is not None and len(known) == len(maps):
         by_key = {_key(v): v for v in known}
         same = [by_key.get(_key(m)) for m in maps]
         if all(same):
-            return same  # type: ignore[return-value]
+            return same, True  # type: ignore[return-value]
     flags = proc.read_smaps_vmflags(pid)
-    return [Vma(*m[:7], tuple(flags.get(m.start, ())), m.deleted) for m in maps]
+    return [Vma(*m[:7], tuple(flags.get(m.start, ())), m.deleted) for m in maps], False
+
+
+# VmFlags that are tracking state, not the target's: uffd registration (this tool's
+# uffd-wp tracker registers in the window), soft-dirty (cleared by its reset).
+_TRACKING_FLAGS = frozenset({"um", "uw", "ui", "sd"})
+# What a fork changes: the child's VMAs are not locked (VM_LOCKED_MASK).
+FORK_CLEARS = frozenset({"lo", "lf"})
+
+
+def vmflags_changed(
+    vmas: list[Vma], smaps: list[tuple[int, int, list[str]]], forked: bool = False
+) -> list[tuple[Vma, list[str] | None]]:
+    """The VMAs whose flags differ from those in `smaps` (proc.read_smaps_vmas, read
+    at the instant of the dump: from the frozen process, or from its copy-on-write
+    child when `forked`, which lacks the DONTFORK VMAs and the lock flags), each with
+    its flags there (None: not mapped there). Each VMA is compared with the one that
+    holds its start now: registering uffd-wp in the window may have merged it with a
+    neighbour of the same flags."""
+    ignore = _TRACKING_FLAGS | FORK_CLEARS if forked else _TRACKING_FLAGS
+    starts = [start for start, _end, _flags in smaps]
+    changed: list[tuple[Vma, list[str] | None]] = []
+    for v in vmas:
+        i = bisect.bisect_right(starts, v.start) - 1
+        now = smaps[i][2] if i >= 0 and v.start < smaps[i][1] else None
+        if now is None:
+            # Only a DONTFORK VMA is absent from the child.
+            if not (forked and "dc" in v.vmflags):
+                changed.append((v, None))
+        elif set(now) - ignore != set(v.vmflags) - ignore:
+            changed.append((v, now))
+    return changed
 
 
 def _key(m) -> tuple:

@@ -96,12 +96,23 @@ def dump(req: DumpRequest) -> DumpResult:
     return run(req)
 
 
+class VmFlagsChanged(CheckpointError):
+    """Flags read before the freeze were not those of the instant: dump again."""
+
+
 def run(req: DumpRequest) -> DumpResult:
     if not proc.exists(req.pid):
         raise TargetError(f"no process {req.pid}")
     with trackstate.target_lock(req.pid):
         try:
-            return _Pass(req).run()
+            try:
+                return _Pass(req).run()
+            except VmFlagsChanged as err:
+                # Nothing was committed. Rare (a madvise or mlock of a whole VMA
+                # between the early read and the freeze): the second pass reads the
+                # flags with the tree frozen.
+                log.warning("%s; dumping again with the flags read frozen", err)
+                return _Pass(req, early_flags=False).run()
         except (OSError, TargetError) as err:
             # A traced process killed mid-dump stays a zombie until we detach.
             if proc.wait_exited(req.pid, timeout=1.0):
@@ -114,8 +125,11 @@ def run(req: DumpRequest) -> DumpResult:
 class _Pass:
     """One dump or pre-dump of one tree."""
 
-    def __init__(self, req: DumpRequest) -> None:
+    def __init__(self, req: DumpRequest, early_flags: bool = True) -> None:
         self.req = req
+        # Read the VMAs' smaps flags before the freeze (checked at the instant later).
+        self.early_flags = early_flags
+        self.reused_flags: set[int] = set()  # pids whose flags were read before it
         self.dump_id = uuid.uuid4().hex
         self.parent: Dump | None = None
         self.parent_link: str | None = None
@@ -145,14 +159,20 @@ class _Pass:
             ) as writer:
                 # The memory maps with their smaps flags, read while the tree still
                 # runs; a frozen pass re-reads only the cheap maps file (collect.py).
-                known = (
-                    {pid: _vmas_or_none(pid) for pid in live_tree(req.pid).pids} if freeze else {}
+                # Locked sizes first: an mlock after this read shows in the window.
+                locked = (
+                    {pid: _locked(pid) for pid in live_tree(req.pid).pids}
+                    if freeze and self.early_flags
+                    else {}
                 )
+                known = {pid: _vmas_or_none(pid) for pid in locked}
+                if watchdog:
+                    watchdog.wait_ready()  # its start-up would share the CPU with the window
                 tree = self._freeze(freezer) if freeze else live_tree(req.pid)
                 frozen_at = time.monotonic()
                 self._identify(tree, start_time)
                 self.frozen = freeze
-                vmas = self._read_vmas(tree, known)
+                vmas = self._read_vmas(tree, known, locked)
                 self._write_state(writer, tree, vmas)
                 log.debug("state collected in %d us", _us_since(frozen_at))
                 # Nothing to reset: the copy-on-write children can be scanned later.
@@ -166,6 +186,9 @@ class _Pass:
                 if pages is None:
                     pages = snap.scan(vmas) if snap else self._track(tree, vmas, frozen=freeze)
                 try:
+                    if snap:
+                        # The children hold the flags of the instant (not the locks).
+                        self._check_vmflags(vmas, {p: c.pid for p, c in snap.children.items()})
                     stats = self._copy(writer, tree, vmas, pages, snap)
                 finally:
                     if snap:
@@ -173,11 +196,15 @@ class _Pass:
                 log.debug("pages copied at %d us", _us_since(frozen_at))
                 if req.kind == "dump" and not snap:
                     if req.thaw is not Thaw.KILL:
+                        self._check_vmflags(vmas)  # before the tree runs again
                         # Every byte is read; fsync and rename need not keep the
                         # target waiting. (A tree to kill stays frozen until the
                         # images are safe.)
                         self._thaw(freezer, req.thaw)
                     self.times["frozen_time"] = _us_since(frozen_at)
+                    if req.thaw is Thaw.KILL:
+                        # Every byte is read; still frozen until killed after commit.
+                        self._check_vmflags(vmas)
                 stats.update(self.times)
                 writer.write_stats(stats)
                 # A pre-dump tolerates short reads of a running tree (a VMA unmapped
@@ -333,11 +360,18 @@ class _Pass:
             log.info("process %d exited during the %s", pid, self.req.kind)
         return gone
 
-    def _read_vmas(self, tree: FrozenTree, known: dict) -> dict[int, list[Vma]]:
+    def _read_vmas(self, tree: FrozenTree, known: dict, locked: dict) -> dict[int, list[Vma]]:
         vmas = {}
         for pid in tree.pids:
             try:
-                vmas[pid] = collect.read_vmas(pid, known.get(pid))
+                # A fork drops the lock flags, so a snapshot's children cannot show
+                # an mlock since the early read: the locked size tells, cheaply.
+                early = known.get(pid)
+                if early is not None and _locked(pid) != locked.get(pid):
+                    early = None
+                vmas[pid], reused = collect.read_vmas_reusing(pid, early)
+                if reused:
+                    self.reused_flags.add(pid)
             except TargetError:
                 if not self._vanished(pid):
                     raise
@@ -413,6 +447,26 @@ class _Pass:
         assert self.state is not None
         state = self.state.extra.get(str(pid), {})
         return state if state.get("start_time") == self.start_times.get(pid) else {}
+
+    def _check_vmflags(self, vmas: dict[int, list[Vma]], children: dict | None = None) -> None:
+        """Flags read before the freeze (a final dump's) must be those of the instant:
+        read again from the frozen process, or from its copy-on-write child (`children`:
+        pid -> child pid). The walk of smaps costs about as much as a pagemap scan, so
+        it runs where it is cheapest: after the thaw for a snapshot, after the copy
+        otherwise."""
+        if self.req.kind != "dump":
+            return
+        for pid in sorted(self.reused_flags & set(vmas)):
+            source = children[pid] if children else pid
+            smaps = proc.read_smaps_vmas(source)
+            if changed := collect.vmflags_changed(vmas[pid], smaps, forked=bool(children)):
+                v, now = changed[0]
+                raise VmFlagsChanged(
+                    f"process {pid} changed the flags of {len(changed)} memory mapping(s) "
+                    f"(first {v.start:x}-{v.end:x}: {' '.join(v.vmflags)} -> "
+                    f"{' '.join(now) if now is not None else 'not mapped'}) while they "
+                    "were read before the freeze"
+                )
 
     def _own_traces(self, pid: int) -> tuple[set[int], set[str]]:
         """fds and VmFlags an earlier pass's tracker left in pid (not its own),
@@ -618,6 +672,14 @@ def _vmas_or_none(pid: int) -> list[Vma] | None:
         return collect.read_vmas(pid)
     except TargetError:
         return None  # exited meanwhile: the frozen pass finds out
+
+
+def _locked(pid: int) -> str | None:
+    """The process's locked memory (VmLck), as /proc says it."""
+    try:
+        return proc.read_status(pid).get("VmLck")
+    except TargetError:
+        return None
 
 
 def _us_since(t: float) -> int:

@@ -6,6 +6,7 @@ pid with __WALL, and only the target can. A dump that is SIGKILLed cannot do it,
 so before the first clone it starts this small process:
 
     python -m checkpointer.reaper    stdin: "PARENT CHILD NSPID" per clone, "reaped CHILD", "done"
+                                     stdout: "ready" once, when it is running
 
 "reaped CHILD" (the dump reaped that one itself) and "done" are the dump's own
 clean-up; "done" ends the watchdog quietly. End of input
@@ -16,6 +17,7 @@ parent for an injected waitid, as the dump would have.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -30,6 +32,11 @@ def main() -> int:
     # Ctrl-C in the dump's terminal must not take the watchdog with it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # The interpreter has started: the dump may freeze now without sharing the CPU
+    # with this start-up (it would otherwise run inside the frozen window).
+    with contextlib.suppress(OSError):
+        sys.stdout.write("ready\n")
+        sys.stdout.close()
     children: dict[int, tuple[int, int, int]] = {}  # child -> (parent, ns_pid, pidfd)
     for line in sys.stdin:
         words = line.split()

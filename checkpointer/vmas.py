@@ -53,6 +53,12 @@ class Vma:
         return dump_policy(self)
 
     @property
+    def anonymous(self) -> bool:
+        """Private anonymous memory (no file behind it): every page it holds is
+        anonymous, so a page scan need not ask whether a page is a file's."""
+        return not self.shared and self.kind in ("anon", "heap", "stack")
+
+    @property
     def shmem_owner(self) -> str | None:
         """Image owner id of the shared object behind a SHARED vma."""
         if self.policy is not Policy.SHARED:

@@ -255,6 +255,9 @@ def test_data_runs_skip_the_zero_page():
             (addr, addr + P),
             (addr + 2 * P, addr + 3 * P),
         ]
+        with pm.Pagemap(os.getpid()) as pmap:  # by PAGEMAP_SCAN where there is one
+            for anon in (False, True):
+                assert pmap.data_runs(addr, addr + 4 * P, anon) == [(addr + 2 * P, addr + 3 * P)]
     finally:
         munmap(addr, 4 * P)
 
@@ -299,3 +302,8 @@ def test_data_runs_by_scan_equal_data_runs_by_read(spawn_no_thp, mapped_file):
                 continue
             by_read = pm.data_runs(pmap.read(vma.start, vma.end), vma.start)
             assert pmap.data_runs(vma.start, vma.end) == by_read, vma
+            # The cheaper scan of anonymous memory (no PAGE_IS_FILE) finds the same.
+            if vma.anonymous:
+                assert pmap.data_runs(vma.start, vma.end, anon=True) == by_read, vma
+            if vma.path == str(mapped_file):
+                assert not vma.anonymous

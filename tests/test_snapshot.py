@@ -218,3 +218,122 @@ def test_tool_killed_during_the_copy_leaves_no_process(writer, tmp_path):
     assert not is_child_of(snapshot_child, t.pid)
     assert t.proc.poll() is None
     assert tracer(t.pid) == 0
+
+
+MADV_DONTDUMP, MADV_WIPEONFORK = 16, 18
+NR_madvise, NR_mlock = 28, 149
+
+
+def vma_around(pid: int, addr: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+        if lo <= addr < hi:
+            return lo, hi
+    raise AssertionError(f"{addr:#x} is not mapped in {pid}")
+
+
+def madvise_after_the_early_read(
+    monkeypatch, pid: int, addr: int, advice: int, nr: int = NR_madvise
+) -> tuple:
+    """Have the target madvise (or mlock: `nr`) the whole VMA at addr (its maps line
+    stays the same, only its smaps VmFlags change) right after the dump read its
+    maps before the freeze."""
+    from checkpointer import dump as dump_module
+    from checkpointer.freezer import stopped_thread
+    from checkpointer.kernel.inject import SyscallSession
+
+    lo, hi = vma_around(pid, addr)
+    early = dump_module._vmas_or_none
+    calls = []
+
+    def early_then_madvise(p):
+        found = early(p)
+        if not calls:
+            with stopped_thread(pid) as tid, SyscallSession(tid) as s:
+                s.call(nr, lo, hi - lo, *((advice,) if nr == NR_madvise else ()))
+        calls.append(p)
+        return found
+
+    monkeypatch.setattr(dump_module, "_vmas_or_none", early_then_madvise)
+    return lo, hi
+
+
+def vmflags_at(dumped: Dump, pid: int, start: int) -> list[str]:
+    return next(v["vmflags"] for v in dumped.mm(pid).vmas if v["start"] == start)
+
+
+def test_wipeonfork_set_before_the_freeze_is_seen(writer, tmp_path, monkeypatch, caplog):
+    """A VMA made WIPEONFORK between the early maps read and the freeze is zero in the
+    copy-on-write child: the dump must notice and hold it from the original."""
+    t = writer()
+    lo, _ = madvise_after_the_early_read(
+        monkeypatch, t.pid, t.regions["private"][0], MADV_WIPEONFORK
+    )
+    res = dump(DumpRequest(t.pid, tmp_path / "d", thaw=Thaw.RUNNING, progress=False))
+    assert res.stats["snapshot"] == "copy-on-write"
+    dumped = Dump.open(tmp_path / "d")
+    assert_one_instant(dumped, t)
+    assert "wf" in vmflags_at(dumped, t.pid, lo)
+    assert "changed" in caplog.text
+
+
+def test_vmflags_changed_before_the_freeze_are_recorded(writer, tmp_path, monkeypatch):
+    """The same for a frozen copy (no snapshot): the records hold the flags of the
+    instant, not those read before the freeze."""
+    t = writer()
+    lo, _ = madvise_after_the_early_read(monkeypatch, t.pid, t.regions["private"][0], MADV_DONTDUMP)
+    dump(DumpRequest(t.pid, tmp_path / "d", thaw=Thaw.RUNNING, progress=False, snapshot=False))
+    dumped = Dump.open(tmp_path / "d")
+    assert_one_instant(dumped, t)
+    assert "dd" in vmflags_at(dumped, t.pid, lo)
+
+
+def test_watchdog_says_when_it_runs():
+    """The dump waits for its watchdog's "ready" before freezing, so the watchdog's
+    start-up does not share the CPU with the frozen window."""
+    from checkpointer.snapshot import Watchdog
+
+    watchdog = Watchdog()
+    try:
+        assert watchdog.wait_ready(timeout=30)
+        assert watchdog._proc is not None and watchdog._proc.poll() is None
+    finally:
+        proc = watchdog._proc
+        watchdog.close()
+    assert proc is not None and proc.wait(timeout=30) == 0
+
+
+def test_vmflags_check_rules():
+    """What the check of early flags counts as a change: not a merge with a neighbour
+    of the same flags (uffd-wp registration in the window), not tracking flags, not
+    what a fork drops; a flag set, or a VMA gone, is one."""
+    from checkpointer.collect import vmflags_changed
+    from checkpointer.vmas import Vma
+
+    def vma(start, end, *flags):
+        return Vma(start, end, "rw-p", 0, "00:00", 0, "", flags)
+
+    rw = ("rd", "wr", "mr", "mw", "me", "ac")
+    ours = [vma(0x1000, 0x3000, *rw), vma(0x3000, 0x4000, *rw), vma(0x5000, 0x6000, *rw, "dc")]
+    merged = [(0x1000, 0x4000, [*rw, "uw"]), (0x5000, 0x6000, [*rw, "dc", "sd"])]
+    assert vmflags_changed(ours, merged) == []
+    locked = [vma(0x1000, 0x2000, *rw, "lo"), vma(0x5000, 0x6000, *rw, "dc")]
+    child = [(0x1000, 0x2000, list(rw))]  # a fork: no lock flags, no DONTFORK VMA
+    assert vmflags_changed(locked, child, forked=True) == []
+    assert vmflags_changed(locked, child) == [(locked[0], list(rw)), (locked[1], None)]
+    wiped = [(0x1000, 0x4000, [*rw, "wf"]), (0x5000, 0x6000, [*rw, "dc"])]
+    assert [v.start for v, _ in vmflags_changed(ours, wiped)] == [0x1000, 0x3000]
+    assert [v.start for v, _ in vmflags_changed(ours, [(0x1000, 0x4000, list(rw))])] == [0x5000]
+
+
+def test_mlock_before_the_freeze_is_recorded(writer, tmp_path, monkeypatch, caplog):
+    """A snapshot's children show no lock flags: an mlock between the early read and
+    the freeze is seen by the locked size, and the flags are read in the window."""
+    t = writer()
+    lo, _ = madvise_after_the_early_read(monkeypatch, t.pid, t.regions["private"][0], 0, NR_mlock)
+    res = dump(DumpRequest(t.pid, tmp_path / "d", thaw=Thaw.RUNNING, progress=False))
+    assert res.stats["snapshot"] == "copy-on-write"
+    dumped = Dump.open(tmp_path / "d")
+    assert_one_instant(dumped, t)
+    assert "lo" in vmflags_at(dumped, t.pid, lo)
+    assert "dumping again" not in caplog.text  # seen in the window: no second pass

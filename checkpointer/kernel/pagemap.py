@@ -277,18 +277,19 @@ class Pagemap:
             data = b"".join(parts)
         return data
 
-    def data_runs(self, start: int, end: int) -> list[tuple[int, int]]:
-        """data_runs() of [start, end)."""
-        regions = self._scan_data(start, end, 0)
+    def data_runs(self, start: int, end: int, anon: bool = False) -> list[tuple[int, int]]:
+        """data_runs() of [start, end). anon: the range is private anonymous memory
+        (no page of it can be a file's; _scan_data)."""
+        regions = self._scan_data(start, end, 0, anon)
         if regions is not None:
             return _merge([(lo, hi) for lo, hi, _ in regions])
         return data_runs(self.read(start, end), start)
 
     def data_and_soft_dirty(
-        self, start: int, end: int
+        self, start: int, end: int, anon: bool = False
     ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """(data_runs, the soft-dirty ones among them) of [start, end), in one walk."""
-        regions = self._scan_data(start, end, PAGE_IS_SOFT_DIRTY)
+        regions = self._scan_data(start, end, PAGE_IS_SOFT_DIRTY, anon)
         if regions is not None:
             data = _merge([(lo, hi) for lo, hi, _ in regions])
             dirty = _merge([(lo, hi) for lo, hi, cat in regions if cat & PAGE_IS_SOFT_DIRTY])
@@ -299,7 +300,7 @@ class Pagemap:
         return _ranges(mask, start), _ranges(dirty_mask, start)
 
     def _scan_data(
-        self, start: int, end: int, categories: int
+        self, start: int, end: int, categories: int, anon: bool = False
     ) -> list[tuple[int, int, int]] | None:
         """PAGEMAP_SCAN for data pages (present or swapped, not file, not the zero
         page), reporting `categories`; None where the bulk read must answer instead.
@@ -308,15 +309,21 @@ class Pagemap:
         ranges rather than pages (3-4x faster over a populated GiB). It cannot tell a
         real swap entry from a uffd-wp marker, so a VMA with swapped pages takes the
         bulk read, and so does a kernel without PAGEMAP_SCAN (before 6.7).
+
+        anon: the range is private anonymous memory, which holds no file page, so
+        PAGE_IS_FILE is left out of the masks. Asked for, it makes the kernel look up
+        each present page's struct page (vm_normal_page, PageAnon): measured here,
+        17 ms instead of 3.7 ms over a populated GiB (4096 ranges).
         """
         if not Pagemap._scan_works:
             return None
+        excluded = PAGE_IS_PFNZERO if anon else PAGE_IS_FILE | PAGE_IS_PFNZERO
         try:
             regions = self.scan(
                 start,
                 end,
-                category_inverted=PAGE_IS_FILE | PAGE_IS_PFNZERO,
-                category_mask=PAGE_IS_FILE | PAGE_IS_PFNZERO,
+                category_inverted=excluded,
+                category_mask=excluded,
                 anyof_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
                 return_mask=PAGE_IS_SWAPPED | categories,
             )

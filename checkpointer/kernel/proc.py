@@ -331,16 +331,21 @@ def read_maps(pid: int) -> list[MapEntry]:
 
 def read_smaps_vmflags(pid: int) -> dict[int, list[str]]:
     """{VMA start: VmFlags list} from /proc/PID/smaps ('uw' = uffd-wp registered)."""
-    out: dict[int, list[str]] = {}
-    start = None
+    return {start: flags for start, _end, flags in read_smaps_vmas(pid)}
+
+
+def read_smaps_vmas(pid: int) -> list[tuple[int, int, list[str]]]:
+    """[(start, end, VmFlags list)] of every VMA, in address order, from smaps."""
+    out: list[tuple[int, int, list[str]]] = []
+    span = None
     for line in _read_bytes(pid, f"{task_dir(pid)}/smaps").split(b"\n"):
         if line.startswith(b"VmFlags:"):
-            if start is not None:
-                out[start] = line[8:].decode().split()
+            if span is not None:
+                out.append((*span, line[8:].decode().split()))
         elif line and line[:1] in b"0123456789abcdef":
-            dash = line.find(b"-")
-            if 0 < dash < line.find(b" "):
-                start = int(line[:dash], 16)
+            dash, space = line.find(b"-"), line.find(b" ")
+            if 0 < dash < space:
+                span = (int(line[:dash], 16), int(line[dash + 1 : space], 16))
     return out
 
 

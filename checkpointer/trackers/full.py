@@ -16,4 +16,7 @@ class FullTracker(Tracker):
 
     def scan(self, pid: int, vmas: list[Vma], incremental: bool) -> dict[int, VmaPages]:
         with pagemap.Pagemap(pid) as pm:
-            return {vma.start: VmaPages(pm.data_runs(vma.start, vma.end), None) for vma in vmas}
+            return {
+                vma.start: VmaPages(pm.data_runs(vma.start, vma.end, vma.anonymous), None)
+                for vma in vmas
+            }

@@ -25,7 +25,7 @@ class SoftDirtyTracker(Tracker):
             for vma in vmas:
                 # Dirty pages among the data pages (a clean file page of a new,
                 # soft-dirty VMA is in its file, not a page to copy).
-                present, dirty = pm.data_and_soft_dirty(vma.start, vma.end)
+                present, dirty = pm.data_and_soft_dirty(vma.start, vma.end, vma.anonymous)
                 result[vma.start] = VmaPages(present, dirty if incremental else None)
         pagemap.clear_soft_dirty(pid)
         return result

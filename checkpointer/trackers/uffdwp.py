@@ -90,7 +90,7 @@ class UffdWpTracker(Tracker):
             for vma in vmas:
                 # Present pages first, then the reset: a page populated in between
                 # is reported written and copied, never wrongly taken from the parent.
-                present = pm.data_runs(vma.start, vma.end)
+                present = pm.data_runs(vma.start, vma.end, vma.anonymous)
                 registered = uffd.vma_is_wp_registered(vma.vmflags)
                 if registered and not self._ours(fd, pm, pid, vma):
                     result[vma.start] = VmaPages(present, None)  # copied whole
@@ -100,7 +100,7 @@ class UffdWpTracker(Tracker):
                         pm.written_and_protect(vma.start, vma.end)  # start clean
                         # Read again: a page first touched between the read above
                         # and the protect is reported by nothing else, ever.
-                        present = pm.data_runs(vma.start, vma.end)
+                        present = pm.data_runs(vma.start, vma.end, vma.anonymous)
                     result[vma.start] = VmaPages(present, None)
                     continue
                 written = pm.written_and_protect(vma.start, vma.end)
