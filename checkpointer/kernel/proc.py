@@ -399,17 +399,23 @@ def read_posix_timers(pid: int) -> list[dict]:
     return timers
 
 
+NAMESPACES = ("cgroup", "ipc", "mnt", "net", "pid", "pid_for_children", "time",
+              "time_for_children", "user", "uts")  # fmt: skip
+
+
 def read_namespaces(pid: int) -> dict[str, str]:
-    """{kind: "net:[4026531833]", ...} from /proc/PID/ns (pid_for_children and
-    time_for_children included), through a live thread (a main thread that
-    called pthread_exit shows none)."""
+    """{kind: "net:[4026531833]", ...} from /proc/PID/ns, through a live thread (a
+    main thread that called pthread_exit shows none). Each link is read by name:
+    listing the directory needs the process to be dumpable, reading a link does
+    not. Kinds this kernel lacks are left out."""
     where = f"{task_dir(pid)}/ns"
     out = {}
-    for kind in _listdir(pid, where):
+    for kind in NAMESPACES:
         try:
             out[kind] = os.readlink(f"{where}/{kind}")
-        except _GONE:
-            raise _gone(pid) from None
+        except FileNotFoundError:
+            if not os.path.exists(f"/proc/{pid}"):
+                raise _gone(pid) from None
     return out
 
 
