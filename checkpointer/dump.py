@@ -500,7 +500,9 @@ class _Pass:
                         state = tracker.attach(pid, state, stopper)
                         per_pid[str(pid)] = {**state, "start_time": self.start_times.get(pid)}
                         tracker.drop_inherited(pid, inherited, stopper)
-                    except TargetError:
+                    except (TargetError, OSError):
+                        # (an exiting process's mm answers ioctls and injected
+                        # syscalls with errors such as ENOMEM)
                         if not self._vanished(pid):
                             raise
             finally:
@@ -513,7 +515,7 @@ class _Pass:
             private = [v for v in vmas[pid] if v.policy is Policy.PRIVATE]
             try:
                 pages[pid] = tracker.scan(pid, private, self._incremental_for(pid))
-            except (TargetError, KeyError):
+            except (TargetError, OSError, KeyError):
                 # KeyError: no tracking was attached to a process that vanished
                 if not self._vanished(pid):
                     raise

@@ -55,7 +55,10 @@ class UffdWpTracker(Tracker):
         """A child forked from a tracked process holds its userfaultfd: useless to
         the child (a userfaultfd serves the memory it was made for), and the
         tool's, not the program's. kcmp tells it from a uffd of the program."""
-        candidates = [fd for fd in uffd.target_uffds(pid) if fd != state.get("uffd_fd")]
+        try:
+            candidates = [fd for fd in uffd.target_uffds(pid) if fd != state.get("uffd_fd")]
+        except TargetError:
+            return set()  # it exited: it holds nothing (the pass sees it gone elsewhere)
         out: set[int] = set()
         for other, state in states.items():
             other_fd = state.get("uffd_fd")
