@@ -166,6 +166,10 @@ class _Pass:
                     else {}
                 )
                 known = {pid: _vmas_or_none(pid) for pid in locked}
+                # What the parent chain holds is read from its page indexes, which
+                # never change: before the freeze, not inside it.
+                for pid in known if self.parent else ():
+                    self.parent.held_ranges(f"pid-{pid}")
                 if watchdog:
                     watchdog.wait_ready()  # its start-up would share the CPU with the window
                 tree = self._freeze(freezer) if freeze else live_tree(req.pid)

@@ -230,6 +230,7 @@ class Dump:
         self._seen = seen
         self._parent: Dump | None | bool = False
         self._pagemaps: dict[str, PageMap | None] = {}
+        self._held: dict[str, list[Range]] = {}
         # pid -> its checked vma records: read_memory is called once per page run
         # when comparing with a parent, and re-reading mm-PID each time is quadratic.
         self._vmas: dict[int, list[dict]] = {}
@@ -425,7 +426,13 @@ class Dump:
         its data and zero runs, and the parts of its parent runs that the chain
         resolves. Read from the page indexes only; no page data is decompressed.
         A parent that recorded another process under the same pid (other start
-        time) holds nothing for this one."""
+        time) holds nothing for this one. Remembered: a dump never changes."""
+        if owner in self._held:
+            return self._held[owner]
+        self._held[owner] = held = self._held_ranges(owner)
+        return held
+
+    def _held_ranges(self, owner: str) -> list[Range]:
         pm = self.pagemap(owner)
         if pm is None:
             return []
