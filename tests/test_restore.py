@@ -439,6 +439,39 @@ def dump_and_kill_program(prog, images) -> None:
     prog.reap()
 
 
+def test_a_session_whose_leader_exited_but_lives_on_outside_the_tree(tmp_path):
+    """Its leader exited, but another process outside the tree is still in the
+    session: the id is in use, so no helper can take it (clone3 gave EEXIST, as for
+    a CI job whose shell had exited); the tree joins the restorer's session."""
+    import subprocess
+
+    sh = subprocess.run(
+        ["setsid", "sh", "-c", "sleep 1000 </dev/null >/dev/null 2>&1 & echo $!; "
+         "sleep 1001 </dev/null >/dev/null 2>&1 & echo $!"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    dumped, other = (int(x) for x in sh.stdout.split())
+    try:
+        sid = os.getsid(dumped)
+        assert os.getsid(other) == sid and not os.path.exists(f"/proc/{sid}")
+        r = cli("dump", "-t", str(dumped), "-D", str(tmp_path / "i"))
+        assert r.returncode == 0, r.stderr
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{dumped}"):  # reaped by init
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        r = cli("restore", "-D", str(tmp_path / "i"), "-d")
+        assert r.returncode == 0, r.stderr
+        assert os.getsid(dumped) == os.getsid(0)
+        assert proc_status(dumped)["State"].startswith("S")
+    finally:
+        for pid in (dumped, other):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def test_a_job_in_the_callers_session_without_a_terminal(tmp_path):
     """Started from our session (its leader is not in the tree) but holding no
     terminal: no --shell-job needed; it comes back in the restorer's session."""

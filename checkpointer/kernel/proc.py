@@ -75,6 +75,20 @@ def exists(pid: int) -> bool:
     return os.path.exists(f"/proc/{pid}")
 
 
+def sessions_and_groups_in_use() -> set[int]:
+    """Every session and process group id some process has now. Such an id stays
+    taken after its leader exits: no new process can get it as its PID."""
+    ids: set[int] = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                st = read_stat(int(name))
+            except TargetError:
+                continue
+            ids.update((st.pgrp, st.session))
+    return ids
+
+
 # --- tasks and children ---------------------------------------------------------
 
 

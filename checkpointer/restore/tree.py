@@ -104,8 +104,11 @@ def _gone_leaders(images: RestoreImages) -> set[int]:
     """Sessions and groups whose leader is no longer there (an orphan's: its parent
     started a session, forked it and exited), to be rebuilt through a helper. A
     leader alive outside the tree is the shell's of a shell job, joined as is; so
-    is one in an outer PID namespace, which /proc shows as id 0."""
-    return {i for i in leaders_outside(images) if i > 0 and not proc.exists(i)}
+    is one in an outer PID namespace, which /proc shows as id 0, and one whose
+    leader exited while other processes outside the tree stay in it: its id is
+    taken, so no helper can have it (the tree joins the restorer's session)."""
+    gone = {i for i in leaders_outside(images) if i > 0 and not proc.exists(i)}
+    return gone - proc.sessions_and_groups_in_use() if gone else gone
 
 
 def _clone_through_leader(
