@@ -107,6 +107,15 @@ def program_starter(base: Path, prelude: str = ""):
             prog.kill()
 
 
+def sigkill(*pids: int) -> None:
+    """SIGKILL each, gone or not (a test's clean-up)."""
+    for pid in pids:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+
+
 def refused_at_dump(prog: Program, base: Path, *words: str, extra=()) -> None:
     """A dump of the program fails with one line naming it and `words`, writes no
     images, and leaves it running: after go() it must report("alive", 1)."""

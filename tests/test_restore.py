@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 from memcheck import compare_dump_with_process
-from objectslib import program_starter
+from objectslib import dump_and_kill as dump_process_and_kill
+from objectslib import program_starter, restore, sigkill
 from restorelib import start_lifecycle, wait_stopped
 from targetlib import TRACKERS, assert_one_line_error, cli, proc_status
 
@@ -241,18 +242,12 @@ def test_a_python_interpreter_with_a_large_dict_comes_back(tmp_path):
             time.sleep(0.02)
         expected = f"300000 {sum(i * i for i in range(300_000))} {777 * 777}"
         assert ask(work, "key-777") == expected
-        r = cli("dump", "-t", str(p.pid), "-D", str(tmp_path / "images"))
-        assert r.returncode == 0, r.stderr
-        p.wait(timeout=10)
-        r = cli("restore", "-D", str(tmp_path / "images"), "-d")
-        assert r.returncode == 0, r.stderr
+        dump_process_and_kill(p.pid, tmp_path / "images", reap=lambda: p.wait(timeout=10))
+        restore(tmp_path / "images")
         assert ask(work, "key-777") == expected
         assert ask(work, "key-12") == f"300000 {sum(i * i for i in range(300_000))} 144"
     finally:
-        try:
-            os.kill(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        sigkill(p.pid)
         if p.poll() is None:
             p.wait()
 
@@ -284,8 +279,7 @@ def test_credentials_of_an_unprivileged_process_come_back(tmp_path):
         before = {k: proc_status(lc.pid)[k] for k in keys}
         assert before["Uid"].split()[0] == "65534"
         dump_and_kill(lc, tmp_path / "images")
-        r = cli("restore", "-D", str(tmp_path / "images"), "-d")
-        assert r.returncode == 0, r.stderr
+        restore(tmp_path / "images")
         lc.carries_on()
         assert {k: proc_status(lc.pid)[k] for k in keys} == before
         for tid in os.listdir(f"/proc/{lc.pid}/task"):
@@ -395,9 +389,8 @@ def test_scheduling_and_oom_adjustment_come_back(tmp_path):
             """
         )
         worker = int(prog.result("worker"))
-        dump_and_kill_program(prog, tmp_path / "images")
-        r = cli("restore", "-D", str(tmp_path / "images"), "-d")
-        assert r.returncode == 0, r.stderr
+        dump_process_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+        restore(tmp_path / "images")
         assert os.getpriority(os.PRIO_PROCESS, prog.pid) == 7
         assert os.getpriority(os.PRIO_PROCESS, worker) == 3
         assert os.sched_getscheduler(worker) == os.SCHED_BATCH
@@ -418,12 +411,9 @@ def test_posix_timers_come_back(tmp_path):
         time.sleep(0.5)
         timers = open(f"/proc/{p.pid}/timers").read()
         assert timers.startswith("ID: 0\nsignal: 14/")
-        r = cli("dump", "-t", str(p.pid), "-D", str(tmp_path / "images"))
-        assert r.returncode == 0, r.stderr
-        p.wait(timeout=10)
+        dump_process_and_kill(p.pid, tmp_path / "images", reap=lambda: p.wait(timeout=10))
         dumped = time.monotonic()
-        r = cli("restore", "-D", str(tmp_path / "images"), "-d")
-        assert r.returncode == 0, r.stderr
+        restore(tmp_path / "images")
         assert open(f"/proc/{p.pid}/timers").read() == timers
         while os.path.exists(f"/proc/{p.pid}") and proc_status(p.pid)["State"][0] != "Z":
             assert time.monotonic() - dumped < 10, "the timer never fired"
@@ -431,12 +421,6 @@ def test_posix_timers_come_back(tmp_path):
         assert time.monotonic() - dumped > 2.5  # it fired when due, not at once
     finally:
         subprocess.run(["pkill", "-9", "-s", str(p.pid)], check=False)
-
-
-def dump_and_kill_program(prog, images) -> None:
-    r = cli("dump", "-t", str(prog.pid), "-D", str(images))
-    assert r.returncode == 0, r.stderr
-    prog.reap()
 
 
 def test_a_session_whose_leader_exited_but_lives_on_outside_the_tree(tmp_path):
@@ -491,7 +475,4 @@ def test_a_job_in_the_callers_session_without_a_terminal(tmp_path):
         assert os.getsid(p.pid) == os.getsid(0)
         assert proc_status(p.pid)["State"].startswith("S")
     finally:
-        try:
-            os.kill(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        sigkill(p.pid)

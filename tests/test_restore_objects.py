@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from objectslib import dump_and_kill, restore, sigkill
 from targetlib import cli, target_binary
 
 from checkpointer.kernel import kcmp
@@ -206,19 +207,13 @@ def test_a_program_whose_binary_was_deleted_comes_back(tmp_path):
     try:
         time.sleep(0.2)
         binary.unlink()
-        r = cli("dump", "-t", str(p.pid), "-D", str(tmp_path / "images"))
-        assert r.returncode == 0, r.stderr
-        p.wait(timeout=10)
-        r = cli("restore", "-D", str(tmp_path / "images"), "-d")
-        assert r.returncode == 0, r.stderr
+        dump_and_kill(p.pid, tmp_path / "images", reap=lambda: p.wait(timeout=10))
+        restore(tmp_path / "images")
         assert os.readlink(f"/proc/{p.pid}/exe") == f"{binary} (deleted)"
         assert not binary.exists()
         assert open(f"/proc/{p.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "S"
     finally:
-        try:
-            os.kill(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        sigkill(p.pid)
 
 
 def test_files_others_wrote_to_after_the_dump_are_reopened(tmp_path):
@@ -233,22 +228,16 @@ def test_files_others_wrote_to_after_the_dump_are_reopened(tmp_path):
         p = subprocess.Popen(["sleep", "1000"], stdin=src, stdout=out, stderr=out,
                              start_new_session=True)  # fmt: skip
     try:
-        r = cli("dump", "-t", str(p.pid), "-D", str(tmp_path / "images"))
-        assert r.returncode == 0, r.stderr
-        p.wait(timeout=10)
+        dump_and_kill(p.pid, tmp_path / "images", reap=lambda: p.wait(timeout=10))
         with open(log, "ab") as out, open(followed, "ab") as more:
             out.write(b"Killed\n")
             more.write(b"line 2\n")
-        r = cli("restore", "-D", str(tmp_path / "images"), "-d")
-        assert r.returncode == 0, r.stderr
+        restore(tmp_path / "images")
         assert "pos:\t7\n" in open(f"/proc/{p.pid}/fdinfo/0").read()
         with open(f"/proc/{p.pid}/fd/0", "rb") as f:
             assert f.read() == b"line 1\nline 2\n"
     finally:
-        try:
-            os.kill(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        sigkill(p.pid)
 
 
 def test_a_file_replaced_since_the_dump_is_refused(tmp_path):
@@ -259,9 +248,7 @@ def test_a_file_replaced_since_the_dump_is_refused(tmp_path):
         p = subprocess.Popen(["sleep", "1000"], stdin=subprocess.DEVNULL, stdout=out,
                              start_new_session=True)  # fmt: skip
     try:
-        r = cli("dump", "-t", str(p.pid), "-D", str(tmp_path / "images"))
-        assert r.returncode == 0, r.stderr
-        p.wait(timeout=10)
+        dump_and_kill(p.pid, tmp_path / "images", reap=lambda: p.wait(timeout=10))
         log.rename(tmp_path / "log.1")
         log.write_bytes(b"")
         r = cli("restore", "-D", str(tmp_path / "images"), "-d")
@@ -269,10 +256,7 @@ def test_a_file_replaced_since_the_dump_is_refused(tmp_path):
         assert r.stderr.endswith(f"{log} changed since the dump (not the same file)\n")
         assert r.stderr.count("\n") == 1
     finally:
-        try:
-            os.kill(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        sigkill(p.pid)
 
 
 def test_an_unnamed_temporary_file_comes_back(tmp_path):
@@ -288,11 +272,8 @@ def test_an_unnamed_temporary_file_comes_back(tmp_path):
         os.close(fd)
     try:
         assert os.readlink(f"/proc/{p.pid}/fd/1").endswith(" (deleted)")
-        r = cli("dump", "-t", str(p.pid), "-D", str(tmp_path / "images"))
-        assert r.returncode == 0, r.stderr
-        p.wait(timeout=10)
-        r = cli("restore", "-D", str(tmp_path / "images"), "-d")
-        assert r.returncode == 0, r.stderr
+        dump_and_kill(p.pid, tmp_path / "images", reap=lambda: p.wait(timeout=10))
+        restore(tmp_path / "images")
         assert os.readlink(f"/proc/{p.pid}/fd/1").endswith(" (deleted)")
         with open(f"/proc/{p.pid}/fd/1", "rb") as f:
             assert f.read() == b"written before the dump\n"
@@ -301,10 +282,7 @@ def test_an_unnamed_temporary_file_comes_back(tmp_path):
         assert int(info.split("flags:\t")[1].split()[0], 8) & os.O_ACCMODE == os.O_RDWR
         assert [n for n in os.listdir(tmp_path) if n.startswith("#")] == []  # unlinked again
     finally:
-        try:
-            os.kill(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        sigkill(p.pid)
 
 
 def test_memfd_fd_and_mapping_share_one_object(files_restored):
@@ -515,8 +493,7 @@ def test_daemon_keeps_the_session_of_its_exited_leader(tmp_path):
         r = cli("dump", "-t", str(w.pid), "-D", str(tmp_path / "images"))
         assert r.returncode == 0, r.stderr
         w.wait_for(lambda _: not os.path.exists(f"/proc/{w.pid}"), "the daemon to be reaped")
-        r = cli("restore", "-D", str(tmp_path / "images"), "-d")
-        assert r.returncode == 0, r.stderr
+        restore(tmp_path / "images")
         assert os.getsid(w.pid) == starter.pid and os.getpgid(w.pid) == starter.pid
         assert not os.path.exists(f"/proc/{starter.pid}")  # the helper is gone
         st = w.status()
