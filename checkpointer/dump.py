@@ -143,6 +143,7 @@ class _Pass:
         self.frozen = False
         self.contents: dict[str, tuple] = {}  # owner -> where to read a whole file
         self.connections = fdtree.RepairedConnections()
+        self.inherited: dict[int, set[int]] = {}  # pid -> tracker fds it got by fork
 
     # The order of this method is the algorithm.
     def run(self) -> DumpResult:
@@ -478,9 +479,15 @@ class _Pass:
         if not (self.tracker and self.state):
             return set(), set()
         state = self._tracking_state(pid)
-        inherited = self.tracker.inherited_traces(pid, state, self.state.extra)
         fds, flags = self.tracker.own_traces(state)
-        return fds | inherited, flags
+        return fds | self._inherited_traces(pid, state), flags
+
+    def _inherited_traces(self, pid: int, state: dict) -> set[int]:
+        """Once per pass and process: the records hide them, tracking closes them."""
+        assert self.tracker is not None and self.state is not None
+        if pid not in self.inherited:
+            self.inherited[pid] = self.tracker.inherited_traces(pid, state, self.state.extra)
+        return self.inherited[pid]
 
     def _track(
         self, tree: FrozenTree, vmas: dict[int, list[Vma]], frozen: bool
@@ -500,7 +507,7 @@ class _Pass:
                         if self._incremental_for(pid) and (why := tracker.lost(pid, state)):
                             self.full_pids[pid] = f"tracking was lost ({why})"
                         stopper = _stopper(pid, frozen)
-                        inherited = tracker.inherited_traces(pid, state, per_pid)
+                        inherited = self._inherited_traces(pid, state)
                         state = tracker.attach(pid, state, stopper)
                         per_pid[str(pid)] = {**state, "start_time": self.start_times.get(pid)}
                         tracker.drop_inherited(pid, inherited, stopper)

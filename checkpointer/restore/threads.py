@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import struct
 
+from checkpointer.errors import TargetError
 from checkpointer.kernel import abi, ptrace, sched, taskctl
 from checkpointer.kernel.memory import MemReader
 from checkpointer.kernel.syscalls import NR_exit
@@ -112,17 +113,16 @@ def _restarted_syscall(code: bytes) -> int | None:
     return None
 
 
-def _code_before(mem: MemReader, regs: dict[str, int]) -> bytes:
+def _code_before(pid: int, regs: dict[str, int]) -> bytes:
     """The bytes before the thread's instruction pointer, for restart_fixup: only
-    needed for a thread inside restart_syscall."""
+    read for a thread inside restart_syscall."""
     if regs["orig_rax"] != NR_restart_syscall:
         return b""
-    buf = bytearray(MOV_EAX_SYSCALL)
     try:
-        n = mem.read_into(regs["rip"] - MOV_EAX_SYSCALL, buf)
-    except OSError:
-        return b""
-    return bytes(buf[:n])
+        with MemReader(pid) as mem:
+            return mem.read(regs["rip"] - MOV_EAX_SYSCALL, MOV_EAX_SYSCALL)
+    except (OSError, TargetError):
+        return b""  # unreadable: it gets EINTR
 
 
 def restore_scheduling(task: Task) -> None:
@@ -142,13 +142,12 @@ def restore_scheduling(task: Task) -> None:
 
 
 def set_registers(task: Task) -> None:
-    with MemReader(task.pid) as mem:
-        for thread in task.image.threads:
-            tid = thread["tid"]
-            regs = thread["regs"]
-            ptrace.set_regs(tid, restart_fixup(regs, _code_before(mem, regs)))
-            ptrace.set_xstate(tid, thread["xstate"])
-            ptrace.set_sigmask(tid, thread["blocked"])
+    for thread in task.image.threads:
+        tid = thread["tid"]
+        regs = thread["regs"]
+        ptrace.set_regs(tid, restart_fixup(regs, _code_before(task.pid, regs)))
+        ptrace.set_xstate(tid, thread["xstate"])
+        ptrace.set_sigmask(tid, thread["blocked"])
     if leader_had_exited(task):
         # Its main thread had called pthread_exit: the leader, which did the
         # restoring, ends with exit(2) once released and stays a zombie while the
