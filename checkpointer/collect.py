@@ -320,6 +320,26 @@ def check_namespaces(pids: list[int]) -> None:
                 )
 
 
+# What two processes (not threads) can share after clone() without CLONE_THREAD,
+# and what restore would split: each restored process gets its own.
+SHARED_KINDS = (
+    (kcmp.KCMP_VM, "their memory (CLONE_VM: a vfork child before its exec?)"),
+    (kcmp.KCMP_FILES, "their file descriptor table (CLONE_FILES)"),
+    (kcmp.KCMP_FS, "their working directory, root and umask (CLONE_FS)"),
+)
+
+
+def check_sharing(pids: list[int]) -> None:
+    """Restore gives every process its own memory, fd table and cwd: two that
+    shared one would come back apart, each missing the other's changes.
+    Refused, naming both."""
+    for kind, what in SHARED_KINDS:
+        for a, b in kcmp.shared_between(sorted(pids), kind):
+            raise UnsupportedObject(
+                f"processes {min(a, b)} and {max(a, b)} share {what}: restore cannot rebuild that"
+            )
+
+
 def check_terminals(
     pstree: list[dict], processes: dict[int, dict], fds: dict[int, list[dict]], shell_job: bool
 ) -> None:

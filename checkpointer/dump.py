@@ -435,6 +435,7 @@ class _Pass:
                 fds[pid] = collect.fd_records(pid, own_fds)
         if self.req.kind == "dump":
             collect.check_namespaces(tree.pids)
+            collect.check_sharing(tree.pids)
             collect.check_terminals(records, processes, fds, self.req.shell_job)
         collect.mark_shared_descriptions(fds)
         # With every fd of the tree known: refusals (a peer outside the tree, a

@@ -19,7 +19,7 @@ from memcheck import compare_dump_with_process
 from objectslib import dump_and_kill as dump_process_and_kill
 from objectslib import program_starter, restore, sigkill
 from restorelib import start_lifecycle, wait_stopped
-from targetlib import TRACKERS, assert_one_line_error, cli, proc_status
+from targetlib import TRACKERS, assert_one_line_error, cli, proc_status, target_binary
 
 from checkpointer.images import Dump
 
@@ -476,3 +476,31 @@ def test_a_job_in_the_callers_session_without_a_terminal(tmp_path):
         assert proc_status(p.pid)["State"].startswith("S")
     finally:
         sigkill(p.pid)
+
+
+@pytest.mark.parametrize(
+    "flag, what",
+    [("vm", "memory"), ("files", "file descriptor table"), ("fs", "working directory")],
+)
+def test_processes_sharing_kernel_state_are_refused_at_dump(tmp_path, flag, what):
+    """Two processes (not threads) made by clone() with CLONE_VM, CLONE_FILES or
+    CLONE_FS share one memory, fd table or cwd/umask; restore makes each its own,
+    so writes one makes would no longer reach the other. Such a tree was dumped
+    and restored silently."""
+    import subprocess
+
+    binary = target_binary(Path(__file__).parent / "targets" / "sharing.c")
+    p = subprocess.Popen([str(binary), flag], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    child = int(p.stdout.readline())
+    try:
+        r = cli("dump", "-t", str(p.pid), "-D", str(tmp_path / "i"))
+        pair = f"processes {min(p.pid, child)} and {max(p.pid, child)} share"
+        assert_one_line_error(r, pair, what)
+        assert not (tmp_path / "i").exists()
+        for pid in (p.pid, child):  # left running (the child ticks: R or S)
+            assert proc_status(pid)["State"][0] in "RS"
+            assert proc_status(pid)["TracerPid"] == "0"
+    finally:
+        sigkill(child)
+        p.kill()
+        p.wait()

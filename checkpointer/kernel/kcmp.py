@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
+
 from checkpointer.kernel.syscalls import syscall
 
 NR_kcmp = 312
 KCMP_FILE = 0
+KCMP_VM = 1
+KCMP_FILES = 2
+KCMP_FS = 3
 
 
 def same_open_file(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
     """Do the two fds share one open file description (dup, fork)?"""
     return syscall(NR_kcmp, pid1, pid2, KCMP_FILE, fd1, fd2) == 0
+
+
+def shared_between(pids: list[int], kind: int) -> list[tuple[int, int]]:
+    """Pairs of processes sharing one object of `kind` (KCMP_VM, KCMP_FILES,
+    KCMP_FS). kcmp also orders distinct objects (1: less, 2: greater), so a sort
+    puts sharers side by side: n log n calls, not one per pair."""
+
+    def order(a: int, b: int) -> int:
+        return (0, -1, 1)[syscall(NR_kcmp, a, b, kind, 0, 0)]
+
+    ranked = sorted(pids, key=functools.cmp_to_key(order))
+    return [(a, b) for a, b in itertools.pairwise(ranked) if order(a, b) == 0]
