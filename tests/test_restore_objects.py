@@ -216,6 +216,36 @@ def test_a_program_whose_binary_was_deleted_comes_back(tmp_path):
         sigkill(p.pid)
 
 
+def test_a_deleted_working_directory_and_files_in_it_come_back(tmp_path):
+    """A program whose working directory was removed under it (a build or temp
+    directory cleaned up), holding a deleted file that lived there. Restore
+    refused both: "cwd ... is missing", "the deleted file's directory is gone".
+    Now the directories are made again for the restore and removed after it."""
+    gone = tmp_path / "build" / "step"
+    gone.mkdir(parents=True)
+    code = "import time\nf = open('out', 'w+')\nf.write('kept')\nf.flush()\ntime.sleep(1000)"
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=gone, stdin=subprocess.DEVNULL,
+                         start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not (gone / "out").exists() or not (gone / "out").stat().st_size:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        subprocess.run(["rm", "-r", str(tmp_path / "build")], check=True)
+        fd = next(n for n in os.listdir(f"/proc/{p.pid}/fd") if "out" in os.readlink(
+            f"/proc/{p.pid}/fd/{n}"))  # fmt: skip
+        dump_and_kill(p.pid, tmp_path / "images", reap=lambda: p.wait(timeout=10))
+        restore(tmp_path / "images")
+        assert os.readlink(f"/proc/{p.pid}/cwd") == f"{gone} (deleted)"
+        assert os.readlink(f"/proc/{p.pid}/fd/{fd}") == f"{gone / 'out'} (deleted)"
+        with open(f"/proc/{p.pid}/fd/{fd}", "rb") as f:
+            assert f.read() == b"kept"
+        assert not (tmp_path / "build").exists()  # made for the restore, removed again
+        assert open(f"/proc/{p.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "S"
+    finally:
+        sigkill(p.pid)
+
+
 def test_files_others_wrote_to_after_the_dump_are_reopened(tmp_path):
     """The same file (device and inode) that grew since the dump: a daemon's log
     shared with its parent (`su` appends "Killed" when the daemon is killed), a file

@@ -18,6 +18,7 @@ from checkpointer.restore.images import DELETED, RestoreError, RestoreImages
 from checkpointer.restore.task import Task
 
 if TYPE_CHECKING:
+    from checkpointer.restore.ghosts import GhostFiles
     from checkpointer.restore.memory import SharedObjects
 
 # Flags that only matter when a file is created, or that we set ourselves.
@@ -178,11 +179,13 @@ def _our_terminal() -> str:
     raise RestoreError("--shell-job: the restorer has no terminal to give")
 
 
-def restore_dirs_and_limits(task: Task) -> None:
+def restore_dirs_and_limits(task: Task, ghosts: GhostFiles) -> None:
     s = task.session
     mm, process = task.image.mm, task.image.process
     root = mm.get("root") or "/"
     cwd = mm.get("cwd") or "/"
+    if cwd.endswith(DELETED):  # removed under it: entered, then removed again
+        cwd = ghosts.directory(cwd.removesuffix(DELETED))
     if root != "/":
         _enter(task, root)
         taskctl.chroot_here(s)

@@ -1,7 +1,9 @@
 """Deleted files ("ghosts") come back as they were: each is created once, in the
 directory it was deleted from, filled from the images, opened or mapped by every
 process that had it, then unlinked again, so the restored fds and mappings show
-"(deleted)" as before."""
+"(deleted)" as before. A deleted working directory, and the directory of a
+deleted file if it went too, are made again the same way for the restore (empty,
+0700), entered or used, and removed with the ghosts."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ class GhostFiles:
     def __init__(self, images: RestoreImages) -> None:
         self.images = images
         self.paths: dict[str, str] = {}  # page owner -> path created
+        self.dirs: dict[str, str] = {}  # deleted directory -> path made for it
+        self.made: list[str] = []  # every directory made, parents first
 
     def path(self, ghost: dict, original: str) -> str:
         """Where the ghost `ghost` (an fd or vma record's field) lives until
@@ -23,10 +27,44 @@ class GhostFiles:
             self.paths[owner] = self._create(ghost, original)
         return self.paths[owner]
 
+    def directory(self, original: str) -> str:
+        """A directory standing in for the deleted directory `original` (a
+        working directory) until unlink_all; made at its first use."""
+        if original in self.made:  # made already as a deleted file's directory
+            self.dirs[original] = original
+        if original not in self.dirs:
+            self._make_parents(original)
+            for path in _names(original):
+                try:
+                    os.mkdir(path, 0o700)
+                    break
+                except FileExistsError:
+                    continue
+                except OSError as exc:
+                    raise RestoreError(f"deleted directory {original}: {exc.strerror}") from None
+            else:
+                raise RestoreError(f"deleted directory {original}: no free name beside it")
+            self.made.append(path)
+            self.dirs[original] = path
+        return self.dirs[original]
+
+    def _make_parents(self, original: str) -> None:
+        """The missing directories above `original`, made and remembered."""
+        missing = []
+        parent = os.path.dirname(original)
+        while parent and not os.path.isdir(parent):
+            missing.append(parent)
+            parent = os.path.dirname(parent)
+        for path in reversed(missing):
+            try:
+                os.mkdir(path, 0o700)
+            except OSError as exc:
+                raise RestoreError(f"directory {path} for {original}: {exc.strerror}") from None
+            self.made.append(path)
+
     def _create(self, ghost: dict, original: str) -> str:
-        for n in range(100):
-            # The original name if free, else a name beside it (something else took it).
-            path = original if n == 0 else f"{original}.checkpointer-ghost-{n}"
+        self._make_parents(original)
+        for path in _names(original):
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
                 break
@@ -55,3 +93,17 @@ class GhostFiles:
             except FileNotFoundError:
                 pass
         self.paths.clear()
+        for path in reversed(self.made):  # deepest first
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass  # something else put a file in it meanwhile: left
+        self.made.clear()
+        self.dirs.clear()
+
+
+def _names(original: str):
+    """The original name if free, else names beside it (something else took it)."""
+    yield original
+    for n in range(1, 100):
+        yield f"{original}.checkpointer-ghost-{n}"

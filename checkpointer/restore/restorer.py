@@ -103,7 +103,7 @@ def _rebuild(task: Task, images: RestoreImages, shared, open_files, created) -> 
     registers, in dependency order."""
     memory.rebuild(task, images, shared)
     files.restore_fds(task, open_files)
-    files.restore_dirs_and_limits(task)
+    files.restore_dirs_and_limits(task, shared.ghosts)
     signals.restore_process_signals(task)
     threads.create_threads(task, created)
     threads.restore_thread_state(task)
