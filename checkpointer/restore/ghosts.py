@@ -34,16 +34,7 @@ class GhostFiles:
             self.dirs[original] = original
         if original not in self.dirs:
             self._make_parents(original)
-            for path in _names(original):
-                try:
-                    os.mkdir(path, 0o700)
-                    break
-                except FileExistsError:
-                    continue
-                except OSError as exc:
-                    raise RestoreError(f"deleted directory {original}: {exc.strerror}") from None
-            else:
-                raise RestoreError(f"deleted directory {original}: no free name beside it")
+            path, _ = _make_free(original, "deleted directory", lambda p: os.mkdir(p, 0o700))
             self.made.append(path)
             self.dirs[original] = path
         return self.dirs[original]
@@ -64,16 +55,8 @@ class GhostFiles:
 
     def _create(self, ghost: dict, original: str) -> str:
         self._make_parents(original)
-        for path in _names(original):
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                break
-            except FileExistsError:
-                continue
-            except OSError as exc:
-                raise RestoreError(f"deleted file {original}: {exc.strerror}") from None
-        else:
-            raise RestoreError(f"deleted file {original}: no free name beside it")
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        path, fd = _make_free(original, "deleted file", lambda p: os.open(p, flags, 0o600))
         try:
             for piece in self.images.pieces.get(ghost["owner"], []):
                 if piece.source is not None:
@@ -102,8 +85,15 @@ class GhostFiles:
         self.dirs.clear()
 
 
-def _names(original: str):
-    """The original name if free, else names beside it (something else took it)."""
-    yield original
-    for n in range(1, 100):
-        yield f"{original}.checkpointer-ghost-{n}"
+def _make_free(original: str, what: str, make):
+    """make(path) at the original name if free, else at a name beside it
+    (something else took it); (path, what make returned)."""
+    for n in range(100):
+        path = original if n == 0 else f"{original}.checkpointer-ghost-{n}"
+        try:
+            return path, make(path)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise RestoreError(f"{what} {original}: {exc.strerror}") from None
+    raise RestoreError(f"{what} {original}: no free name beside it")
