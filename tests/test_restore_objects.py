@@ -246,6 +246,45 @@ def test_a_deleted_working_directory_and_files_in_it_come_back(tmp_path):
         sigkill(p.pid)
 
 
+def test_fds_above_the_restorers_open_file_limit_come_back(tmp_path):
+    """A server that raised its RLIMIT_NOFILE and holds fd 4000, restored from a
+    shell with the usual soft limit of 1024: installing the fd failed with EINVAL
+    (F_DUPFD above the limit the restored process inherited from the restorer)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4001:
+        pytest.skip(f"the hard open-file limit here is {hard}")
+    code = (
+        "import os, resource, time\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))\n"
+        "os.dup2(os.open('/etc/hostname', os.O_RDONLY), 4000)\n"
+        "open(os.environ['READY'], 'w').close()\n"
+        "time.sleep(1000)"
+    )
+    ready = tmp_path / "ready"
+    env = {**os.environ, "READY": str(ready)}
+    p = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.DEVNULL, env=env, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not ready.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        dump_and_kill(p.pid, tmp_path / "images", reap=lambda: p.wait(timeout=10))
+
+        def usual_limit():
+            resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+
+        r = cli("restore", "-D", str(tmp_path / "images"), "-d", preexec_fn=usual_limit)
+        assert r.returncode == 0, r.stderr
+        assert os.readlink(f"/proc/{p.pid}/fd/4000") == "/etc/hostname"
+        assert resource.prlimit(p.pid, resource.RLIMIT_NOFILE) == (4096, 4096)
+    finally:
+        sigkill(p.pid)
+
+
 def test_files_others_wrote_to_after_the_dump_are_reopened(tmp_path):
     """The same file (device and inode) that grew since the dump: a daemon's log
     shared with its parent (`su` appends "Killed" when the daemon is killed), a file

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 from dataclasses import dataclass, field
 
 from checkpointer.errors import TargetError
@@ -35,6 +36,7 @@ class Task:
             # Above every fd of the image, so restoring those never closes it.
             low = taskctl.pidfd_open(self.session, os.getpid())
             high = max([f["fd"] for f in self.image.fds], default=0) + 1
+            _room_for_fds(self.pid, high + 1)
             self.pidfd = taskctl.dup_above(self.session, low, high)
         return taskctl.take_fd(self.session, self.pidfd, our_fd, at, cloexec)
 
@@ -46,6 +48,24 @@ class Task:
     def close_sessions(self) -> None:
         for s in self.threads.values():
             s.close()
+
+
+def _room_for_fds(pid: int, count: int) -> None:
+    """A restored process starts with the restorer's RLIMIT_NOFILE (often a
+    soft 1024) and gets its own back last (files.restore_dirs_and_limits); its
+    fds may go higher (a server that raised its limit), so the limit is raised
+    first, the hard one too if needed (CAP_SYS_RESOURCE)."""
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < count:
+        if hard != resource.RLIM_INFINITY:
+            hard = max(hard, count)
+        try:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (count, hard))
+        except (OSError, ValueError) as exc:
+            raise RestoreError(
+                f"process {pid}: its fds go up to {count - 2}, above the open-file "
+                f"limit restore can give it ({exc})"
+            ) from None
 
 
 def clone_task(
