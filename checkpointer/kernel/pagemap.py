@@ -356,6 +356,32 @@ class Pagemap:
         )
         return [(lo, hi) for lo, hi, _ in regions]
 
+    def data_and_written_protect(
+        self, start: int, end: int, anon: bool = False
+    ) -> tuple[list[tuple[int, int]] | None, list[tuple[int, int]]]:
+        """(data_runs, written) of [start, end), write-protecting the written pages
+        again: one walk of the page tables instead of two (data_runs, then
+        written_and_protect). Each page is read and reset at one instant, so a page
+        populated behind the walk is still unprotected next time. The zero page is
+        left out of the walk: it is never written, so nothing a write reaches is
+        left unprotected. data_runs is None where _scan_data would answer None
+        (swapped pages: data_runs() then reads it the slow way; `written` is
+        right either way, and must be used: those pages are protected now)."""
+        excluded = PAGE_IS_PFNZERO if anon else PAGE_IS_FILE | PAGE_IS_PFNZERO
+        regions = self.scan(
+            start,
+            end,
+            category_inverted=excluded,
+            category_mask=excluded,
+            anyof_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            return_mask=PAGE_IS_SWAPPED | PAGE_IS_WRITTEN,
+            flags=PM_SCAN_WP_MATCHING,
+        )
+        written = _merge([(lo, hi) for lo, hi, cat in regions if cat & PAGE_IS_WRITTEN])
+        if any(cat & PAGE_IS_SWAPPED for _, _, cat in regions):
+            return None, written
+        return _merge([(lo, hi) for lo, hi, _ in regions]), written
+
     def is_wp_async(self, start: int, end: int) -> bool:
         """Is all of [start, end) registered for async uffd write-protect?
         (PM_SCAN_CHECK_WPASYNC: EPERM otherwise, e.g. a synchronous registration.)"""
