@@ -26,34 +26,52 @@ def normalize(ranges: list[Range]) -> list[Range]:
 
 def intersect(a: list[Range], b: list[Range]) -> list[Range]:
     out: list[Range] = []
+    append = out.append
+    na, nb = len(a), len(b)
+    if not na or not nb:
+        return out
     i = j = 0
-    while i < len(a) and j < len(b):
-        start = max(a[i][0], b[j][0])
-        end = min(a[i][1], b[j][1])
+    a0, a1 = a[0]
+    b0, b1 = b[0]
+    while True:  # (plain comparisons: max/min calls cost a third of the time here)
+        start = a0 if a0 > b0 else b0
+        end = a1 if a1 < b1 else b1
         if start < end:
-            out.append((start, end))
-        if a[i][1] < b[j][1]:
+            append((start, end))
+        if a1 < b1:
             i += 1
+            if i == na:
+                return out
+            a0, a1 = a[i]
         else:
             j += 1
-    return out
+            if j == nb:
+                return out
+            b0, b1 = b[j]
 
 
 def subtract(a: list[Range], b: list[Range]) -> list[Range]:
     """The parts of `a` not covered by `b`."""
     out: list[Range] = []
+    append = out.append
+    nb = len(b)
     j = 0
     for start, end in a:
-        while j < len(b) and b[j][1] <= start:
+        while j < nb and b[j][1] <= start:
             j += 1
+        if j == nb or b[j][0] >= end:  # untouched: the common case
+            append((start, end))
+            continue
         k = j
         while start < end:
-            if k >= len(b) or b[k][0] >= end:
-                out.append((start, end))
+            if k >= nb or b[k][0] >= end:
+                append((start, end))
                 break
-            if b[k][0] > start:
-                out.append((start, b[k][0]))
-            start = max(start, b[k][1])
+            b0, b1 = b[k]
+            if b0 > start:
+                append((start, b0))
+            if b1 > start:
+                start = b1
             k += 1
     return out
 

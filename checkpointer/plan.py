@@ -43,10 +43,25 @@ def private_plan(
             clean = subtract(vp.present, dirty)
             held = intersect(clean, window(parent_held, vma.start, vma.end))
             data = normalize(dirty + subtract(clean, held))
-        segs = [Segment(s, e, "data", pid, s) for s, e in data]
-        segs += [Segment(s, e, "parent", pid, s) for s, e in held]
-        plan.extend(sorted(segs, key=lambda seg: seg.start))
+        plan.extend(_merged(pid, data, held))
     return plan
+
+
+def _merged(pid: int, data: list[Range], held: list[Range]) -> list[Segment]:
+    """Data and parent segments in address order: two sorted, disjoint lists
+    merged in one pass (thousands of runs per GiB on the frozen path)."""
+    out: list[Segment] = []
+    append = out.append
+    i, nd = 0, len(data)
+    for hs, he in held:
+        while i < nd and data[i][0] < hs:
+            ds, de = data[i]
+            append(Segment(ds, de, "data", pid, ds))
+            i += 1
+        append(Segment(hs, he, "parent", pid, hs))
+    for ds, de in data[i:]:
+        append(Segment(ds, de, "data", pid, ds))
+    return out
 
 
 def shared_plans(

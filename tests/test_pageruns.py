@@ -35,3 +35,16 @@ def test_subtract_examples():
     assert subtract([(0, 10)], [(2, 3), (5, 7)]) == [(0, 2), (3, 5), (7, 10)]
     assert subtract([(0, 10)], []) == [(0, 10)]
     assert subtract([(0, 10)], [(0, 10)]) == []
+
+
+@given(ranges, ranges)
+def test_a_private_plan_lists_every_segment_once_in_address_order(a, b):
+    from checkpointer.plan import _merged
+
+    page_ranges = normalize(a)
+    held = intersect(page_ranges, normalize(b))
+    data = subtract(page_ranges, held)
+    plan = _merged(7, data, held)
+    assert [(s.start, s.end) for s in plan] == sorted(data + held)
+    assert all(s.where == ("parent" if (s.start, s.end) in held else "data") for s in plan)
+    assert all(s.pid == 7 and s.vaddr == s.start for s in plan)
