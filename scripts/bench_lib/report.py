@@ -126,41 +126,23 @@ def trackers(r: dict) -> str:
 
 
 def converge(r: dict) -> str:
-    its = ", ".join(
-        f"{i['kind']} {i['pages_written']}p/{i['frozen_ms']:.0f}ms" for i in r["iterations"]
-    )
+    rows, lines = [], []
+    for mode, m in r["modes"].items():
+        rows.append([
+            f"{r['target_mb']} MiB", mode, r["hot_pages"], f"{m['plain_frozen_ms']:.0f}",
+            f"{m['converge_frozen_ms']:.1f}", f"x{m['ratio']:.1f}", m["tracker"], m["stop_rule"],
+        ])  # fmt: skip
+        its = ", ".join(
+            f"{i['kind']} {i['pages_written']}p/{i['frozen_ms']:.0f}ms" for i in m["iterations"]
+        )
+        lines.append(f"- {mode}: iterations {its}")
+    head = ["target", "mode", "hot pages", "plain dump frozen ms", "converge final frozen ms",
+            "ratio", "tracker", "stop rule"]  # fmt: skip
+    met = {mode: _met(m["ratio"] >= 20) for mode, m in r["modes"].items()}
     return "\n".join(
-        [
-            "### 3. Converge (1% hot set)",
-            "",
-            _t(
-                [
-                    "target",
-                    "hot pages",
-                    "plain dump frozen ms",
-                    "converge final frozen ms",
-                    "ratio",
-                    "tracker",
-                    "stop rule",
-                ],
-                [
-                    [
-                        f"{r['target_mb']} MiB",
-                        r["hot_pages"],
-                        f"{r['plain_frozen_ms']:.0f}",
-                        f"{r['converge_frozen_ms']:.1f}",
-                        f"x{r['ratio']:.1f}",
-                        r["tracker"],
-                        r["stop_rule"],
-                    ]
-                ],
-            ),
-            "",
-            f"Iterations: {its}",
-            "",
-            f"- final frozen time ≥ 20x shorter than a plain dump: {_met(r['ratio'] >= 20)}",
-        ]
-    )
+        ["### 3. Converge (1% hot set)", "", _t(head, rows), "", *lines, "",
+         f"- final frozen time ≥ 20x shorter than a plain dump: {met}"]
+    )  # fmt: skip
 
 
 def workloads(r: dict, title: str, baseline: str | None = None) -> str:

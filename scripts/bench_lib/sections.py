@@ -160,27 +160,35 @@ def write_slowdown(mb: int, trackers_: list[str], base: str | None) -> dict:
 
 
 def converge(size_mb: int, base: str | None, hot_pct: float = 1.0) -> dict:
+    """Both ways converge ends: --leave-running (the tree runs on after its final
+    dump) and kill (the migration case: the final dump's window is the downtime
+    until the restore). Each against a plain dump in the same mode, frozen for
+    its whole copy (--no-snapshot: the window converge exists to shorten)."""
     hot = int(size_mb * MiB // PAGE * hot_pct / 100)
-    say(f"converge: {size_mb} MiB, {hot} hot pages")
+    modes = {}
+    for mode in ("leave-running", "kill"):
+        say(f"converge ({mode}): {size_mb} MiB, {hot} hot pages")
+        modes[mode] = _converge_mode(mode, size_mb, hot, base)
+    return {"target_mb": size_mb, "hot_pages": hot, "modes": modes}
+
+
+def _converge_mode(mode: str, size_mb: int, hot: int, base: str | None) -> dict:
+    args = ("--threads", "1", "--hot-pages", str(hot), "--hot-sleep-us", "1000")
+    leave = ["--leave-running"] if mode == "leave-running" else []
     with TempDir("bench-cv-", base) as tmp:
-        w = start_target(
-            tmp, size_mb, "--threads", "1", "--hot-pages", str(hot), "--hot-sleep-us", "1000"
-        )
+        w = start_target(tmp, size_mb, *args)
         try:
-            # The plain dump copies frozen (no copy-on-write snapshot): the downtime
-            # converge exists to shorten.
-            plain = cp(
-                "dump", "-t", str(w.pid), "-D", str(tmp / "plain"), "--leave-running",
-                "--no-snapshot",
-            )  # fmt: skip
-            conv = cp("converge", "-t", str(w.pid), "-D", str(tmp / "conv"), "--leave-running")
+            plain = cp("dump", "-t", str(w.pid), "-D", str(tmp / "plain"), *leave,
+                       "--no-snapshot")  # fmt: skip
+            if not leave:  # the plain dump killed it: converge a fresh one
+                w.kill()
+                w = start_target(tmp, size_mb, *args, name="target2")
+            conv = cp("converge", "-t", str(w.pid), "-D", str(tmp / "conv"), *leave)
         finally:
             w.kill()
     c = conv.json
     plain_ms = plain.json["stats"]["frozen_time"] / 1000
     return {
-        "target_mb": size_mb,
-        "hot_pages": hot,
         "plain_frozen_ms": plain_ms,
         "converge_frozen_ms": c["downtime_ms"],
         "ratio": plain_ms / c["downtime_ms"] if c["downtime_ms"] else 0.0,
