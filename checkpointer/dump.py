@@ -185,6 +185,8 @@ class _Pass:
                 pages = None if later else self._track(tree, vmas, frozen=freeze)
                 log.debug("tracking read and reset at %d us", _us_since(frozen_at))
                 snap = snapshot.take(tree, vmas, pages, watchdog) if watchdog else None
+                if snap and snap.whole:  # no child holds their flags: checked frozen
+                    self._check_vmflags({pid: vmas[pid] for pid in snap.whole})
                 if snap or (req.kind == "pre-dump" and freeze):
                     self._thaw(freezer, Thaw.RUNNING)  # dirty state is read and reset
                     self.times["frozen_time"] = _us_since(frozen_at)
@@ -193,7 +195,8 @@ class _Pass:
                 try:
                     if snap:
                         # The children hold the flags of the instant (not the locks).
-                        self._check_vmflags(vmas, {p: c.pid for p, c in snap.children.items()})
+                        children = {p: c.pid for p, c in snap.children.items()}
+                        self._check_vmflags({p: vmas[p] for p in children}, children)
                     stats = self._copy(writer, tree, vmas, pages, snap)
                 finally:
                     if snap:

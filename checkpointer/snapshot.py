@@ -13,6 +13,10 @@ window and held in memory until the copier asks for it:
 - MADV_DONTFORK regions are absent from the child, MADV_WIPEONFORK regions are
   zero there;
 - [vdso] (small, and dumped whole).
+A small process (under SMALL_PROCESS bytes of anonymous memory resident) gets no
+child: all its memory is read in the window. That costs about what its clone
+would, and its child would die with it (PR_SET_PDEATHSIG) should it exit right
+after the thaw, as the short commands a shell or build runs do.
 Above PREFETCH_LIMIT bytes of such memory, or when the clone fails (strict
 overcommit: ENOMEM; a pids limit: EAGAIN), there is no snapshot: the dump copies
 with the tree frozen, as without this module, and says so.
@@ -49,6 +53,8 @@ PREFETCH_LIMIT = 256 << 20
 COPY_VS_CLONE = 16
 # How long the dump waits for its watchdog to start before freezing anyway.
 READY_TIMEOUT = 2.0
+# Anonymous memory resident under which a process is read whole in the window.
+SMALL_PROCESS = 4 << 20
 # VmFlags of regions a forked child does not get as they are.
 NOT_FORKED = ("dc", "wf")
 
@@ -112,6 +118,7 @@ class Snapshot:
     def __init__(self, watchdog: Watchdog) -> None:
         self.children: dict[int, cowchild.CowChild] = {}  # target pid -> its child
         self.held: dict[int, _HeldMemory] = {}  # target pid -> memory read in the window
+        self.whole: set[int] = set()  # small processes read whole in the window: no child
         # target pid -> pages of the VMAs read in the window, when the dump left the
         # scan of the rest to the children (scan())
         self.window_pages: dict[int, dict[int, VmaPages]] = {}
@@ -126,7 +133,7 @@ class Snapshot:
     def scan(self, vmas: dict[int, list[Vma]]) -> dict[int, dict[int, VmaPages]]:
         """Present pages of every private VMA, read in the children (after the thaw)
         where they have the memory, else as read in the window."""
-        pages = {}
+        pages = {pid: self.window_pages[pid] for pid in self.whole}
         for pid, child in self.children.items():
             held = self.window_pages.get(pid, {})
             forked = [v for v in vmas[pid] if v.policy is Policy.PRIVATE and v.start not in held]
@@ -135,10 +142,10 @@ class Snapshot:
 
     def readers(self) -> dict[int, SnapshotReader]:
         """A memory reader per target pid, for the page copier."""
-        return {
-            pid: SnapshotReader(child.pid, self.held.get(pid, _HeldMemory()))
-            for pid, child in self.children.items()
-        }
+        readers = {pid: SnapshotReader(pid, None, self.held[pid]) for pid in self.whole}
+        for pid, child in self.children.items():
+            readers[pid] = SnapshotReader(pid, child.pid, self.held.get(pid, _HeldMemory()))
+        return readers
 
     def release(self, frozen: bool = False) -> None:
         """Kill every child and reap it in its parent, leaving no trace. `frozen`: the
@@ -179,11 +186,18 @@ def take(
         return None
     snap = Snapshot(watchdog)
     try:
+        snap.whole = {pid for pid in tree.pids if _small(pid)}
         for pid in tree.pids:
-            snap._spawn(pid, _live_thread(pid, tree.threads[pid]))
+            if pid not in snap.whole:
+                snap._spawn(pid, _live_thread(pid, tree.threads[pid]))
         log.debug("snapshot: children cloned at %d us", _us_since(started))
-        for pid, child in snap.children.items():
-            _hold_unforked(snap, pid, child.pid, vmas[pid], pages[pid] if pages else None)
+        for pid in tree.pids:
+            child = snap.children.get(pid)
+            unforked = [v for v in vmas[pid] if not v.shared and (
+                _held(v) if child else v.policy in (Policy.PRIVATE, Policy.WHOLE))]  # fmt: skip
+            if child:
+                unforked += _missing_in_child(child.pid, vmas[pid])
+            _hold(snap, pid, unforked, pages[pid] if pages else None)
         for plan in shared_plans({pid: vmas[pid] for pid in tree.pids}).values():
             for seg in plan:
                 snap.held.setdefault(seg.pid, _HeldMemory()).read(seg.pid, [seg])
@@ -201,9 +215,17 @@ def take(
     return snap
 
 
-def _hold_unforked(snap: Snapshot, pid: int, child: int, vmas: list[Vma], pages) -> None:
-    """Read the private memory the child does not have as it was (and [vdso])."""
-    unforked = [v for v in vmas if _held(v) and not v.shared] + _missing_in_child(child, vmas)
+def _small(pid: int) -> bool:
+    try:
+        rss_anon = int(proc.read_status(pid)["RssAnon"].split()[0]) << 10
+    except (TargetError, KeyError, ValueError):
+        return False  # (a zombie main thread's status has no RssAnon: clone a thread)
+    return rss_anon < SMALL_PROCESS
+
+
+def _hold(snap: Snapshot, pid: int, unforked: list[Vma], pages) -> None:
+    """Read the private memory no child has as it was (and [vdso]): what its child
+    lacks, or all of a small process's."""
     if pages is None:
         private = [v for v in unforked if v.policy is Policy.PRIVATE]
         pages = snap.window_pages[pid] = FullTracker().scan(pid, private, False)
@@ -304,21 +326,40 @@ class _HeldMemory:
 
 class SnapshotReader:
     """Reads one process's memory as it was at the freeze: held ranges from memory,
-    everything else from its copy-on-write child. (MemReader's read_into contract.)"""
+    everything else from its copy-on-write child, if it has one. (MemReader's
+    read_into contract.)"""
 
-    def __init__(self, child: int, held: _HeldMemory) -> None:
-        self.child = MemReader(child)
+    def __init__(self, pid: int, child: int | None, held: _HeldMemory) -> None:
+        self.pid = pid
         self.held = held
+        self.child = None
+        if child is not None:
+            try:
+                self.child = MemReader(child)
+            except TargetError:
+                raise self._lost() from None
+
+    def _lost(self) -> TargetError:
+        return TargetError(
+            f"process {self.pid} exited right after the freeze, and its copy-on-write "
+            "snapshot with it, before its memory was read: dump again, or with --no-snapshot"
+        )
 
     def read_into(self, addr: int, buf) -> int:
         found = self.held.find(addr)
         if found is None:
-            return self.child.read_into(addr, buf)
+            if self.child is None:
+                return 0
+            got = self.child.read_into(addr, buf)
+            if not got:  # its mm is gone: the child died (with its parent)
+                raise self._lost()
+            return got
         data, off = found
         n = min(len(buf), len(data) - off)
         buf[:n] = data[off : off + n]
         return n
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.child.close()
+        if self.child is not None:
+            with contextlib.suppress(OSError):
+                self.child.close()

@@ -15,6 +15,7 @@ from targetlib import CLI, Target, target_binary
 from checkpointer.dump import DumpRequest, dump, pre_dump
 from checkpointer.freezer import Thaw
 from checkpointer.images import Dump
+from checkpointer.images.verify import verify_dump
 
 SOURCE = Path(__file__).parent / "targets" / "generations.c"
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -337,3 +338,29 @@ def test_mlock_before_the_freeze_is_recorded(writer, tmp_path, monkeypatch, capl
     assert_one_instant(dumped, t)
     assert "lo" in vmflags_at(dumped, t.pid, lo)
     assert "dumping again" not in caplog.text  # seen in the window: no second pass
+
+
+def test_a_tree_whose_children_come_and_go_dumps_every_time(tmp_path):
+    """A shell running short commands in a loop: the child of the instant often
+    exits right after the thaw, and its copy-on-write child dies with it
+    (PR_SET_PDEATHSIG). Half of such dumps failed with "process N does not exist"
+    (N: the snapshot child). Small processes are now read in the window."""
+    loop = subprocess.Popen(["bash", "-c", "while :; do /bin/true; done"],
+                            stdin=subprocess.DEVNULL)  # fmt: skip
+    try:
+        time.sleep(0.2)
+        for i in range(12):
+            req = DumpRequest(pid=loop.pid, images_dir=tmp_path / str(i), thaw=Thaw.RUNNING,
+                              progress=False)  # fmt: skip
+            res = dump(req)
+            assert res.stats["snapshot"] == "copy-on-write"
+            assert res.pids[0] == loop.pid
+            assert verify_dump(str(tmp_path / str(i)))["pages"] > 0
+        assert loop.poll() is None  # it ran on
+        # No trace in the shell: no child of ours left behind.
+        kids = subprocess.run(["ps", "--ppid", str(loop.pid), "-o", "comm="],
+                              capture_output=True, text=True).stdout.split()  # fmt: skip
+        assert set(kids) <= {"true"}
+    finally:
+        loop.kill()
+        loop.wait()
