@@ -504,3 +504,53 @@ def test_processes_sharing_kernel_state_are_refused_at_dump(tmp_path, flag, what
         sigkill(child)
         p.kill()
         p.wait()
+
+
+def test_a_chain_whose_pages_interleave_is_restored_decompressing_each_frame_once(
+    tmp_path, monkeypatch
+):
+    """Every other page written after a pre-dump: the final dump holds the odd
+    pages, its parent the even ones. Restore wrote in address order and
+    decompressed a frame again each time the source switched, once per page here
+    (a redis converge chain: 3,323 frame decompressions, 0.56 s of a 0.85 s
+    restore). The memory must come back exactly, with each frame unpacked once."""
+    from checkpointer.restore import RestoreRequest, pagefeed
+    from checkpointer.restore import restore as restore_tree
+
+    with program_starter(tmp_path) as start:
+        prog = start(
+            """
+            import hashlib
+            page = os.sysconf("SC_PAGE_SIZE")
+            buf = bytearray(os.urandom(8 << 20))
+            ready()
+            go()
+            for off in range(page, len(buf), 2 * page):
+                buf[off] ^= 0xFF
+            report("sum", hashlib.sha256(buf).hexdigest())
+            while not (D / "again").exists():
+                time.sleep(0.01)
+            report("after", hashlib.sha256(buf).hexdigest())
+            while True:
+                time.sleep(0.05)
+            """
+        )
+        images = tmp_path / "images"
+        r = cli("pre-dump", "-t", str(prog.pid), "-D", str(images / "1"))
+        assert r.returncode == 0, r.stderr
+        prog.go()
+        before = prog.result("sum")
+        dump_process_and_kill(prog.pid, images / "2", "--prev-images-dir", "../1",
+                              reap=prog.reap)  # fmt: skip
+        frames = 0
+        for d in Dump.open(str(images / "2")).chain():
+            frames += d.pagemap(f"pid-{prog.pid}").head["nr_frames"]
+        unpacked = []
+        real = pagefeed._decompress
+        monkeypatch.setattr(
+            pagefeed, "_decompress", lambda pm, index: unpacked.append(index) or real(pm, index)
+        )
+        restore_tree(RestoreRequest(images / "2"))
+        (prog.dir / "again").touch()
+        assert prog.result("after") == before
+        assert 0 < len(unpacked) <= frames

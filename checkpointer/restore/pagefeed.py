@@ -53,8 +53,15 @@ def write_pieces(sink, pieces: list[Piece], delta: int = 0, workers: int = 2) ->
     """Write every data piece at (piece address - delta) with sink(addr, frame,
     offset in frame, size); the bytes written."""
     data_pieces = [p for p in pieces if p.source is not None]
-    for pm in {id(p.source): p.source for p in data_pieces}.values():
+    sources = {id(p.source): p.source for p in data_pieces}
+    for pm in sources.values():
         pm.open_pages()
+    # In source order, not address order: the pieces of a chain interleave (the
+    # pages a later dump rewrote sit between its parent's), and each switch of
+    # source would decompress a frame again. No two pieces overlap, so the order
+    # of the writes does not matter.
+    rank = {key: n for n, key in enumerate(sources)}
+    data_pieces.sort(key=lambda p: (rank[id(p.source)], p.off))
     written = 0
     with ThreadPoolExecutor(workers, thread_name_prefix="unzstd") as pool:
         pending: collections.deque = collections.deque()
