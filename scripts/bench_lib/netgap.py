@@ -9,12 +9,14 @@ connection with QUIT, so redis closes first: a connection its client closed and
 redis not yet (close-wait) is refused by checkpointer's dump, and the probe would
 make that race likely.
 
-Tools: checkpointer (`converge --tcp-established`, then `restore -d`) and, in the
-guest, CRIU (`criu pre-dump --track-mem`, `criu dump --tcp-established
---prev-images-dir ../1 --skip-in-flight`, then `criu restore -d
---tcp-established`), alternating run by run on a fresh redis each time. CRIU
-refuses a connection still in the listener's accept queue unless told to skip it;
-checkpointer does not dump that queue either (the client's connection is lost)."""
+Tools: checkpointer (`converge --tcp-established`, then `restore -d`) and CRIU:
+natively the one scripts/bench builds (nativecriu.py), with `criu dump` alone
+(its pre-dump needs soft-dirty, which this kernel lacks); in the guest, CRIU
+(`criu pre-dump --track-mem`, `criu dump --tcp-established --prev-images-dir ../1
+--skip-in-flight`, then `criu restore -d --tcp-established`), alternating run by
+run on a fresh redis each time. CRIU refuses a connection still in the listener's
+accept queue unless told to skip it; checkpointer does not dump that queue either
+(the client's connection is lost)."""
 
 from __future__ import annotations
 
@@ -117,8 +119,11 @@ def _info_int(port: int, field: str) -> int:
     raise RuntimeError(f"no {field} in INFO")
 
 
+CRIU = {"binary": "criu", "pre_dump": True}  # natively: the built one, no pre-dump
+
+
 def _criu(argv: list[str], images: Path, log: str) -> Run:
-    run = run_timed(["criu", *argv, "-D", str(images), "-o", log, "-v2"])
+    run = run_timed([CRIU["binary"], *argv, "-D", str(images), "-o", log, "-v2"])
     if run.rc != 0:
         tail = (images / log).read_text(errors="replace")[-1500:]
         raise RuntimeError(f"criu {' '.join(argv)} failed ({run.rc}): {tail}")
@@ -130,9 +135,10 @@ def _checkpoint(tool: str, tracker: str, pid: int, images: Path) -> tuple[Run, f
     if tool == "criu":
         (images / "1").mkdir(parents=True)
         (images / "2").mkdir()
-        _criu(["pre-dump", "-t", str(pid), "--track-mem"], images / "1", "pre-dump.log")
-        argv = ["dump", "-t", str(pid), "--track-mem", "--prev-images-dir", "../1",
-                "--tcp-established", "--skip-in-flight"]  # fmt: skip
+        argv = ["dump", "-t", str(pid), "--tcp-established", "--skip-in-flight"]
+        if CRIU["pre_dump"]:
+            _criu(["pre-dump", "-t", str(pid), "--track-mem"], images / "1", "pre-dump.log")
+            argv += ["--track-mem", "--prev-images-dir", "../1"]
         run = _criu(argv, images / "2", "dump.log")
         frozen = criustats.read(images / "2" / "stats-dump").get("frozen_time")
         return run, None if frozen is None else frozen / 1000
@@ -209,9 +215,13 @@ def redis_gap(
     tools: tuple[str, ...] = ("checkpointer",),
     tracker: str = "auto",
     settle_s: float = 3.0,
+    criu: str | None = None,
 ) -> dict:
     """`runs` rounds; in each, every tool once on a fresh redis, the order
-    alternating round by round."""
+    alternating round by round. `criu`: a CRIU binary to use without pre-dump
+    (natively), instead of the guest's `criu` with one."""
+    if criu is not None:
+        CRIU.update(binary=criu, pre_dump=False)
     rows = []
     for i in range(runs):
         order = tools if i % 2 == 0 else tools[::-1]
