@@ -340,6 +340,31 @@ def check_sharing(pids: list[int]) -> None:
             )
 
 
+def check_seccomp(threads: dict[int, list[int]], killing: bool) -> None:
+    """Restore cannot install seccomp filters (it refuses such images). A dump that
+    kills the tree is refused, or the process would be lost; one that leaves it
+    running still serves inspection, with a warning."""
+    for pid, tids in threads.items():
+        for tid in tids:
+            if mode := _seccomp_mode(pid, tid):
+                what = "filters" if mode == 2 else "strict mode"
+                if killing:
+                    raise UnsupportedObject(
+                        f"process {pid} runs under seccomp ({what}, thread {tid}), which "
+                        "restore cannot rebuild: a dump that kills it is refused "
+                        "(--leave-running dumps it for inspection)"
+                    )
+                log.warning("process %d runs under seccomp: these images cannot be restored", pid)
+                return
+
+
+def _seccomp_mode(pid: int, tid: int) -> int:
+    try:
+        return proc.read_seccomp_mode(pid, tid)
+    except TargetError:
+        return 0  # a thread that exited since the freeze
+
+
 def check_terminals(
     pstree: list[dict], processes: dict[int, dict], fds: dict[int, list[dict]], shell_job: bool
 ) -> None:

@@ -439,6 +439,7 @@ class _Pass:
         if self.req.kind == "dump":
             collect.check_namespaces(tree.pids)
             collect.check_sharing(tree.pids)
+            collect.check_seccomp(tree.threads, killing=self.req.thaw is Thaw.KILL)
             collect.check_terminals(records, processes, fds, self.req.shell_job)
         collect.mark_shared_descriptions(fds)
         # With every fd of the tree known: refusals (a peer outside the tree, a

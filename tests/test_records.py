@@ -13,7 +13,7 @@ import struct
 import time
 
 import pytest
-from targetlib import proc_status, wait_for_state
+from targetlib import assert_one_line_error, cli, proc_status, wait_for_state
 
 from checkpointer import collect
 from checkpointer.dump import DumpRequest, dump, pre_dump
@@ -230,6 +230,18 @@ def test_seccomp_filter_does_not_see_the_injected_syscalls(spawn, tmp_path):
     assert process["itimers"]["real"][0] == 500_000_000
     t.assert_carries_on()
     assert t.alive()
+
+
+def test_a_dump_that_kills_a_process_under_seccomp_is_refused(spawn, tmp_path):
+    """Restore cannot install seccomp filters, and refused such images only after
+    the dump had killed the process: it was lost. A killing dump now refuses
+    (one line; the target runs on); a --leave-running dump still works (above)."""
+    t = spawn("--seccomp", "--state")
+    r = cli("dump", "-t", str(t.pid), "-D", str(tmp_path / "d"))
+    assert_one_line_error(r, f"process {t.pid}", "seccomp")
+    assert not (tmp_path / "d").exists()
+    t.assert_carries_on()
+    assert proc_status(t.pid)["TracerPid"] == "0"
 
 
 def test_pre_dump_records_file_identities(spawn, mapped_file, tmp_path):
