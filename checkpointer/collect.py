@@ -280,9 +280,14 @@ def mm_record(pid: int, injected: InjectedState | None = None) -> dict:
 
 def fd_records(pid: int, hide: set[int] | frozenset[int] = frozenset()) -> list[dict]:
     """The process's open files, without `hide` (fds the tool put there)."""
-    fds = proc.read_fds(pid)
-    records = [
-        {
+    records = []
+    for fd in proc.read_fds(pid):
+        if fd.fd in hide:
+            continue
+        st = proc.stat_fd(pid, fd.fd)
+        if st is not None and stat.S_ISCHR(st.st_mode):
+            _check_device(pid, fd, st.st_rdev)
+        records.append({
             "fd": fd.fd,
             "target": fd.target,
             "pos": fd.pos,
@@ -291,17 +296,32 @@ def fd_records(pid: int, hide: set[int] | frozenset[int] = frozenset()) -> list[
             "mnt_id": fd.mnt_id,
             "cloexec": bool(fd.flags & O_CLOEXEC),
             "deleted": fd.target.startswith("/") and fd.target.endswith(_DELETED),
-            "stat": file_identity(proc.stat_fd(pid, fd.fd)),
+            "stat": file_identity(st),
             **({"locks": [lock._asdict() for lock in fd.locks]} if fd.locks else {}),
-        }
-        for fd in fds
-        if fd.fd not in hide
-    ]
+        })  # fmt: skip
     for rec in records:
         if rec["type"] == "file" and rec["stat"] and stat.S_ISFIFO(rec["stat"]["mode"]):
             rec["type"] = "fifo"
         rec.update(fdstate.describe(pid, rec))
     return records
+
+
+# Character devices whose fds hold nothing but a position and flags, so that
+# opening the path again is the same: the memory devices (null, zero, full,
+# random, urandom, kmsg), terminals and the console, ptmx and pseudo-terminals.
+STATELESS_CHAR_MAJORS = frozenset({1, 4, 5, *range(136, 144)})
+
+
+def _check_device(pid: int, fd: proc.FdInfo, rdev: int) -> None:
+    """Any other device keeps its state in its driver (a VM in /dev/kvm, a FUSE
+    connection, a TUN interface, a GPU context): a reopened path is a fresh one,
+    so such an fd is refused by name, as CRIU refuses unknown devices."""
+    major, minor = os.major(rdev), os.minor(rdev)
+    if major not in STATELESS_CHAR_MAJORS:
+        raise UnsupportedObject(
+            f"fd {fd.fd} of process {pid} ({fd.target}): a character device "
+            f"({major}:{minor}) whose state lives in its driver cannot be dumped"
+        )
 
 
 def check_namespaces(pids: list[int]) -> None:

@@ -775,3 +775,30 @@ while True:
         assert prog.result("got") == b"x" * 99 + b"\n" + b"y" * 99 * 50
     finally:
         prog.kill()
+
+
+DEVICES_WITH_STATE = ("/dev/kvm", "/dev/fuse", "/dev/net/tun")
+
+
+def test_a_character_device_with_state_is_refused_at_dump(tmp_path):
+    """/dev/kvm, /dev/fuse, /dev/net/tun...: what an fd of them holds (a VM, a FUSE
+    connection, a TUN interface) lives in the driver; reopening the path gives a
+    fresh one. Such fds were dumped and reopened without a word."""
+    from objectslib import program_starter, refused_at_dump
+
+    device = next((d for d in DEVICES_WITH_STATE if os.path.exists(d)), None)
+    if device is None:
+        pytest.skip(f"none of {', '.join(DEVICES_WITH_STATE)} here")
+    with program_starter(tmp_path) as start:
+        prog = start(
+            f"""
+            fd = os.open("{device}", os.O_RDWR)
+            null = os.open("/dev/null", os.O_RDWR)  # no state: dumped as a file
+            report("fd", fd)
+            ready()
+            go()
+            report("alive", 1)
+            """
+        )
+        fd = int(prog.result("fd"))
+        refused_at_dump(prog, tmp_path, f"fd {fd} of", device, "character device")
