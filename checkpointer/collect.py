@@ -244,6 +244,10 @@ def core_records(
             "siginfo": ptrace.peek_siginfo(tid, shared=False),
             "sched": sched.read_thread_sched(tid),
         }
+        if proc.read_seccomp_mode(pid, tid) == SECCOMP_MODE_FILTER:
+            record["seccomp_filters"] = [
+                {"prog": prog, "flags": flags} for prog, flags in ptrace.seccomp_filters(tid)
+            ]
         if injected is not None:
             record.update(injected.threads.get(tid, _NO_THREAD_STATE))
         threads.append(record)
@@ -360,21 +364,28 @@ def check_sharing(pids: list[int]) -> None:
             )
 
 
+SECCOMP_MODE_STRICT, SECCOMP_MODE_FILTER = 1, 2
+
+
 def check_seccomp(threads: dict[int, list[int]], killing: bool) -> None:
-    """Restore cannot install seccomp filters (it refuses such images). A dump that
-    kills the tree is refused, or the process would be lost; one that leaves it
-    running still serves inspection, with a warning."""
+    """Seccomp filters are dumped (each thread's, core_records) and attached again
+    by restore; strict mode cannot be (it allows nothing but read, write and exit,
+    and restore cannot issue its calls under it). A dump that kills such a process
+    is refused, or it would be lost; one that leaves it running still serves
+    inspection, with a warning."""
     for pid, tids in threads.items():
         for tid in tids:
-            if mode := _seccomp_mode(pid, tid):
-                what = "filters" if mode == 2 else "strict mode"
+            if _seccomp_mode(pid, tid) == SECCOMP_MODE_STRICT:
                 if killing:
                     raise UnsupportedObject(
-                        f"process {pid} runs under seccomp ({what}, thread {tid}), which "
+                        f"process {pid} runs in seccomp strict mode (thread {tid}), which "
                         "restore cannot rebuild: a dump that kills it is refused "
                         "(--leave-running dumps it for inspection)"
                     )
-                log.warning("process %d runs under seccomp: these images cannot be restored", pid)
+                log.warning(
+                    "process %d runs in seccomp strict mode: these images cannot be restored",
+                    pid,
+                )
                 return
 
 

@@ -13,7 +13,7 @@ import struct
 import time
 
 import pytest
-from targetlib import assert_one_line_error, cli, proc_status, wait_for_state
+from targetlib import proc_status, wait_for_state
 
 from checkpointer import collect
 from checkpointer.dump import DumpRequest, dump, pre_dump
@@ -232,16 +232,48 @@ def test_seccomp_filter_does_not_see_the_injected_syscalls(spawn, tmp_path):
     assert t.alive()
 
 
-def test_a_dump_that_kills_a_process_under_seccomp_is_refused(spawn, tmp_path):
-    """Restore cannot install seccomp filters, and refused such images only after
-    the dump had killed the process: it was lost. A killing dump now refuses
-    (one line; the target runs on); a --leave-running dump still works (above)."""
+def test_a_process_under_seccomp_comes_back_with_its_filter(spawn, tmp_path):
+    """Restore refused a filtering process, and only after the dump had killed it:
+    it was lost. Each thread's filters are now dumped (PTRACE_SECCOMP_GET_FILTER)
+    and attached again: the same program, and the process runs on under it."""
+    import subprocess
+
+    from targetlib import CLI, cli
+
     t = spawn("--seccomp", "--state")
+    ptrace.seize(t.pid)
+    try:
+        ptrace.interrupt(t.pid)
+        ptrace.wait_stop(t.pid)
+        filters = ptrace.seccomp_filters(t.pid)
+    finally:
+        ptrace.detach(t.pid)
+    assert len(filters) == 1 and len(filters[0][0]) == 4 * 8  # target.c's four insns
     r = cli("dump", "-t", str(t.pid), "-D", str(tmp_path / "d"))
-    assert_one_line_error(r, f"process {t.pid}", "seccomp")
-    assert not (tmp_path / "d").exists()
-    t.assert_carries_on()
-    assert proc_status(t.pid)["TracerPid"] == "0"
+    assert r.returncode == 0, r.stderr
+    t.proc.wait(timeout=10)
+    # Not detached: the target dies with its parent (PR_SET_PDEATHSIG, restored).
+    restorer = subprocess.Popen([*CLI, "restore", "-D", str(tmp_path / "d")])
+    try:
+        deadline = time.monotonic() + 30
+        while proc_status(t.pid).get("Seccomp_filters") != "1":
+            assert restorer.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        time.sleep(0.2)  # released by the restorer
+        status = proc_status(t.pid)
+        assert status["Seccomp"] == "2" and status["NoNewPrivs"] == "1"
+        assert status["Seccomp_filters"] == "1"
+        ptrace.seize(t.pid)
+        try:
+            ptrace.interrupt(t.pid)
+            ptrace.wait_stop(t.pid)
+            assert ptrace.seccomp_filters(t.pid) == filters
+        finally:
+            ptrace.detach(t.pid)
+        t.assert_carries_on()
+    finally:
+        subprocess.run(["kill", "-9", str(t.pid)])
+        restorer.wait(timeout=30)
 
 
 def test_pre_dump_records_file_identities(spawn, mapped_file, tmp_path):

@@ -45,6 +45,8 @@ PTRACE_GETSIGMASK = 0x420A
 PTRACE_SETSIGMASK = 0x420B
 PTRACE_PEEKSIGINFO = 0x4209
 PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
+PTRACE_SECCOMP_GET_FILTER = 0x420C
+PTRACE_SECCOMP_GET_METADATA = 0x420D
 PTRACE_EVENT_FORK = 1
 PTRACE_EVENT_CLONE = 3
 PTRACE_EVENT_STOP = 128
@@ -306,6 +308,33 @@ SIGINFO_SIZE = 128
 
 class _PeekSiginfoArgs(ctypes.Structure):
     _fields_ = [("off", ctypes.c_uint64), ("flags", ctypes.c_uint32), ("nr", ctypes.c_int32)]
+
+
+class SeccompMetadata(ctypes.Structure):
+    """struct seccomp_metadata: which filter (0: the newest) and its flags."""
+
+    _fields_ = [("filter_off", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+def seccomp_filters(tid: int) -> list[tuple[bytes, int]]:
+    """The thread's seccomp filters, oldest first: (its BPF program, struct
+    sock_filter[] bytes; its SECCOMP_FILTER_FLAG_* flags). Needs CAP_SYS_ADMIN."""
+    filters = []
+    while True:
+        index = len(filters)
+        try:
+            count = _ptrace(PTRACE_SECCOMP_GET_FILTER, tid, index, 0, what="SECCOMP_GET_FILTER")
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:  # past the oldest
+                return filters[::-1]
+            raise
+        prog = ctypes.create_string_buffer(count * 8)
+        _ptrace(PTRACE_SECCOMP_GET_FILTER, tid, index, ctypes.addressof(prog),
+                what="SECCOMP_GET_FILTER")  # fmt: skip
+        meta = SeccompMetadata(filter_off=index)
+        _ptrace(PTRACE_SECCOMP_GET_METADATA, tid, ctypes.sizeof(meta), ctypes.addressof(meta),
+                what="SECCOMP_GET_METADATA")  # fmt: skip
+        filters.append((prog.raw, meta.flags))
 
 
 def peek_siginfo(tid: int, shared: bool) -> list[bytes]:

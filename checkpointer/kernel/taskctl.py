@@ -247,6 +247,25 @@ def set_name(s: SyscallSession, name: str) -> None:
     s.call(NR_prctl, PR_SET_NAME, addr, 0, 0, 0)
 
 
+NR_seccomp = 317
+SECCOMP_SET_MODE_FILTER = 1
+
+
+def seccomp_filter(s: SyscallSession, prog: bytes, flags: int) -> None:
+    """Attach one seccomp BPF program (struct sock_filter[]) to the calling thread:
+    seccomp(SECCOMP_SET_MODE_FILTER, flags, &struct sock_fprog)."""
+    # Its own mapping, wherever the kernel finds room: a program (up to 32 KiB) may
+    # not fit the scratch area, and the task's layout is final by now.
+    size = 16 + len(prog)  # (the kernel rounds it up to pages)
+    addr = mmap(s, 0, size, 3, MAP_PRIVATE | MAP_ANONYMOUS)
+    try:
+        # struct sock_fprog: unsigned short len; (padding); struct sock_filter *filter
+        s.write(addr, struct.pack("<HxxxxxxQ", len(prog) // 8, addr + 16) + prog)
+        s.call(NR_seccomp, SECCOMP_SET_MODE_FILTER, flags, addr)
+    finally:
+        munmap(s, addr, size)
+
+
 def prctl(s: SyscallSession, option: int, arg2: int = 0, arg3: int = 0) -> int:
     return s.call(NR_prctl, option, arg2, arg3, 0, 0)
 

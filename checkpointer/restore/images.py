@@ -150,8 +150,7 @@ def preflight(images: RestoreImages, shell_job: bool = False, source_alive: bool
                 raise RestoreError(f"PID {tid} is above this system's pid_max {pid_max}")
             if not source_alive and proc.exists(tid) and not _reaped_soon(tid):
                 raise RestoreError(f"PID {tid} is taken (by {_comm(tid)}); it must be free")
-        if p.process.get("seccomp"):
-            raise RestoreError(f"process {p.pid} runs under seccomp: not supported")
+        _check_seccomp(p)
         _check_vdso(images, p)
         for v in p.vmas:
             _check_vma(p, v)
@@ -169,6 +168,31 @@ def preflight(images: RestoreImages, shell_job: bool = False, source_alive: bool
                 continue  # made again for the restore (ghosts.py)
             if path and not os.path.exists(path):
                 raise RestoreError(f"{name} of process {p.pid} ({path}) is missing")
+
+
+# seccomp(2) takes at most BPF_MAXINSNS instructions per program; the metadata
+# flags a dump can read are LOG and SPEC_ALLOW.
+SECCOMP_MAX_PROG = 4096 * 8
+SECCOMP_FLAGS = 2 | 4
+
+
+def _check_seccomp(p: ProcessImage) -> None:
+    """Filters are attached again (creds.py); strict mode, or a filtering process
+    dumped without its filters (an older checkpointer), is refused."""
+    if p.process.get("seccomp") == 1:
+        raise RestoreError(f"process {p.pid} runs in seccomp strict mode: not supported")
+    filtered = False
+    for thread in p.threads:
+        for f in thread.get("seccomp_filters", []):
+            prog, flags = f.get("prog"), f.get("flags")
+            if not (
+                isinstance(prog, bytes) and 0 < len(prog) <= SECCOMP_MAX_PROG
+                and len(prog) % 8 == 0 and isinstance(flags, int) and not flags & ~SECCOMP_FLAGS
+            ):  # fmt: skip
+                raise ImageError(f"thread {thread['tid']}: a malformed seccomp filter")
+            filtered = True
+    if p.process.get("seccomp") and not filtered:
+        raise RestoreError(f"process {p.pid} runs under seccomp and its filters were not dumped")
 
 
 def leaders_outside(images: RestoreImages) -> set[int]:
