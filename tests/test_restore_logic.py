@@ -106,3 +106,21 @@ def test_resolve_refuses_a_parent_reference_no_ancestor_holds(tmp_path):
     d = _chain(tmp_path, [("parent", 3, 2)])  # page 4 was never in the parent
     with pytest.raises(ImageError, match="no ancestor holds them"):
         resolve(d, "pid-7")
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [5, "x", [5], [{"prog": b"x" * 7, "flags": 0}], [{"prog": b"", "flags": 0}],
+     [{"prog": b"x" * 8, "flags": 1}], [{"prog": b"x" * 8 * 4097, "flags": 0}],
+     [{"prog": "text", "flags": 0}]],
+)  # fmt: skip
+def test_a_malformed_seccomp_filter_is_an_image_error(filters):
+    """A hostile image's filters: one line (ImageError), never a traceback."""
+    from types import SimpleNamespace
+
+    from checkpointer.restore.images import _check_seccomp
+
+    thread = {"tid": 1, "seccomp_filters": filters}
+    p = SimpleNamespace(pid=1, process={"seccomp": 2}, threads=[thread])
+    with pytest.raises(ImageError, match="malformed seccomp filter"):
+        _check_seccomp(p)

@@ -183,8 +183,9 @@ def _check_seccomp(p: ProcessImage) -> None:
         raise RestoreError(f"process {p.pid} runs in seccomp strict mode: not supported")
     filtered = False
     for thread in p.threads:
-        for f in thread.get("seccomp_filters", []):
-            prog, flags = f.get("prog"), f.get("flags")
+        filters = thread.get("seccomp_filters", [])
+        for f in filters if isinstance(filters, list) else [None]:
+            prog, flags = (f.get("prog"), f.get("flags")) if isinstance(f, dict) else (0, 0)
             if not (
                 isinstance(prog, bytes) and 0 < len(prog) <= SECCOMP_MAX_PROG
                 and len(prog) % 8 == 0 and isinstance(flags, int) and not flags & ~SECCOMP_FLAGS
