@@ -291,6 +291,8 @@ def fd_records(pid: int, hide: set[int] | frozenset[int] = frozenset()) -> list[
         st = proc.stat_fd(pid, fd.fd)
         if st is not None and stat.S_ISCHR(st.st_mode):
             _check_device(pid, fd, st.st_rdev)
+        elif st is not None and fd.target.startswith("/"):
+            _check_reachable(pid, fd, st)
         records.append({
             "fd": fd.fd,
             "target": fd.target,
@@ -325,6 +327,33 @@ def _check_device(pid: int, fd: proc.FdInfo, rdev: int) -> None:
         raise UnsupportedObject(
             f"fd {fd.fd} of process {pid} ({fd.target}): a character device "
             f"({major}:{minor}) whose state lives in its driver cannot be dumped"
+        )
+
+
+def _check_reachable(pid: int, fd: proc.FdInfo, st: os.stat_result) -> None:
+    """Restore opens a file again by its path: refused here, while the process
+    still runs, is an fd whose path does not lead back to its file (a POSIX
+    message queue reads "/NAME", a path of its own file system; a file on a mount
+    hidden since, or in another mount namespace). A deleted file's contents are
+    kept instead (a ghost), except a message queue's, which is no file."""
+    if proc.fd_fs_type(pid, fd.fd) == proc.MQUEUE_MAGIC:
+        raise UnsupportedObject(
+            f"fd {fd.fd} of process {pid} ({fd.target}): a POSIX message queue cannot "
+            "be dumped (its path does not lead back to it from here)"
+        )
+    if fd.target.endswith(_DELETED):
+        return
+    try:
+        # (an O_PATH fd of a symbolic link is the link itself)
+        there = os.lstat(fd.target) if stat.S_ISLNK(st.st_mode) else os.stat(fd.target)
+        same = (there.st_dev, there.st_ino) == (st.st_dev, st.st_ino)
+    except OSError:
+        same = False
+    if not same:
+        raise UnsupportedObject(
+            f"fd {fd.fd} of process {pid} ({fd.target}): its path does not lead back "
+            "to its file from here (another mount, or the file was moved over), so "
+            "restore could not open it again"
         )
 
 

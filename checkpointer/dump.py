@@ -406,6 +406,10 @@ class _Pass:
                     del tree.threads[pid]
                     del vmas[pid]
         writer.write_pstree(records)
+        if self.req.kind == "dump":  # refusals of the whole process first
+            collect.check_namespaces(tree.pids)
+            collect.check_sharing(tree.pids)
+            collect.check_seccomp(tree.threads, killing=self.req.thaw is Thaw.KILL)
         processes: dict[int, dict] = {}
         fds: dict[int, list[dict]] = {}
         vma_records: dict[int, list[dict]] = {}
@@ -437,9 +441,6 @@ class _Pass:
                 processes[pid] = process
                 fds[pid] = collect.fd_records(pid, own_fds)
         if self.req.kind == "dump":
-            collect.check_namespaces(tree.pids)
-            collect.check_sharing(tree.pids)
-            collect.check_seccomp(tree.threads, killing=self.req.thaw is Thaw.KILL)
             collect.check_terminals(records, processes, fds, self.req.shell_job)
         collect.mark_shared_descriptions(fds)
         # With every fd of the tree known: refusals (a peer outside the tree, a

@@ -802,3 +802,65 @@ def test_a_character_device_with_state_is_refused_at_dump(tmp_path):
         )
         fd = int(prog.result("fd"))
         refused_at_dump(prog, tmp_path, f"fd {fd} of", device, "character device")
+
+
+def test_a_posix_message_queue_is_refused_at_dump(tmp_path):
+    """A POSIX message queue's fd reads "/NAME", a path of the mqueue file system
+    that the restorer would look up on its own root: the dump killed the process,
+    then the restore refused "/NAME: No such file" and it was lost. (Unlinked, it
+    would have been kept as a ghost: a regular file holding the queue's status.)"""
+    import ctypes
+
+    from objectslib import program_starter, refused_at_dump
+
+    name = f"/checkpointer-test-{os.getpid()}"
+    with program_starter(tmp_path) as start:
+        prog = start(
+            f"""
+            import ctypes
+            rt = ctypes.CDLL("librt.so.1", use_errno=True)
+            rt.mq_open.restype = ctypes.c_int
+            rt.mq_open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+            fd = rt.mq_open(b"{name}", os.O_CREAT | os.O_RDWR, 0o600, None)
+            assert fd >= 0, ctypes.get_errno()
+            report("fd", fd)
+            ready()
+            go()
+            report("alive", 1)
+            """
+        )
+        fd = int(prog.result("fd"))
+        try:
+            assert os.readlink(f"/proc/{prog.pid}/fd/{fd}") == name
+            refused_at_dump(prog, tmp_path, f"fd {fd} of", name, "message queue")
+        finally:
+            ctypes.CDLL("librt.so.1").mq_unlink(name.encode())
+
+
+def test_an_fd_of_a_file_under_a_hidden_mount_is_refused_at_dump(tmp_path):
+    """A file whose directory got a file system mounted over it: its fd reads the
+    old path, which now leads into the new mount; restore would open another file
+    (or none) after the dump had killed the process."""
+    import subprocess
+
+    from objectslib import program_starter, refused_at_dump
+
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / "data").write_text("under the mount")
+    with program_starter(tmp_path) as start:
+        prog = start(
+            f"""
+            fd = os.open("{hidden / "data"}", os.O_RDONLY)
+            report("fd", fd)
+            ready()
+            go()
+            report("alive", 1)
+            """
+        )
+        fd = int(prog.result("fd"))
+        subprocess.run(["mount", "-t", "tmpfs", "none", str(hidden)], check=True)
+        try:
+            refused_at_dump(prog, tmp_path, f"fd {fd} of", "does not lead back")
+        finally:
+            subprocess.run(["umount", str(hidden)], check=True)

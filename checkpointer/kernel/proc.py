@@ -6,12 +6,14 @@ Readers take a pid; the per-thread ones read /proc/PID/task/TID/*.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import time
 from typing import NamedTuple
 
 from checkpointer.errors import TargetError
+from checkpointer.kernel.syscalls import libc
 
 _GONE = (FileNotFoundError, ProcessLookupError)
 
@@ -592,6 +594,22 @@ def _stat_or_none(pid: int, path: str) -> os.stat_result | None:
 def stat_fd(pid: int, fd: int) -> os.stat_result | None:
     """stat of what fd N of pid refers to (also pipes, sockets, deleted files)."""
     return _stat_or_none(pid, f"{task_dir(pid)}/fd/{fd}")
+
+
+MQUEUE_MAGIC = 0x19800202  # statfs f_type of the POSIX message queue file system
+
+
+class _Statfs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_long * 15)]
+
+
+def fd_fs_type(pid: int, fd: int) -> int | None:
+    """statfs f_type of the file system fd N of pid is on (None if gone)."""
+    buf = _Statfs()
+    path = f"{task_dir(pid)}/fd/{fd}".encode()
+    if libc.statfs(path, ctypes.byref(buf)) != 0:
+        return None
+    return buf.f_type & 0xFFFFFFFF
 
 
 def stat_exe(pid: int) -> os.stat_result | None:
