@@ -343,18 +343,22 @@ def _check_reachable(pid: int, fd: proc.FdInfo, st: os.stat_result) -> None:
         )
     if fd.target.endswith(_DELETED):
         return
-    try:
-        # (an O_PATH fd of a symbolic link is the link itself)
-        there = os.lstat(fd.target) if stat.S_ISLNK(st.st_mode) else os.stat(fd.target)
-        same = (there.st_dev, there.st_ino) == (st.st_dev, st.st_ino)
-    except OSError:
-        same = False
-    if not same:
+    if not _leads_back(fd.target, file_identity(st)):
         raise UnsupportedObject(
             f"fd {fd.fd} of process {pid} ({fd.target}): its path does not lead back "
             "to its file from here (another mount, or the file was moved over), so "
             "restore could not open it again"
         )
+
+
+def _leads_back(path: str, identity: dict) -> bool:
+    """Does `path` lead, from here, to the file `identity` (file_identity) names?
+    (lstat for a symbolic link: an O_PATH fd of one is the link itself.)"""
+    try:
+        there = os.lstat(path) if stat.S_ISLNK(identity["mode"]) else os.stat(path)
+    except OSError:
+        return False
+    return (there.st_dev, there.st_ino) == (identity["dev"], identity["ino"])
 
 
 def check_namespaces(pids: list[int]) -> None:
@@ -525,9 +529,16 @@ def vma_records(
                     f"process {pid} maps SysV shared memory {v.inode} at {v.start:#x}, "
                     "which /proc/sysvipc/shm does not list (another IPC namespace?)"
                 )
-        if final and v.deleted and v.kind in ("file", "file-private"):
+        if final and v.kind in ("file", "file-private"):
             what = f"process {pid} maps {v.path} at {v.start:#x}"
-            rec["ghost"] = fdfiles.ghost(rec["stat"], what)
+            if v.deleted:
+                rec["ghost"] = fdfiles.ghost(rec["stat"], what)
+            elif rec["stat"] is not None and not _leads_back(v.path, rec["stat"]):
+                raise UnsupportedObject(
+                    f"{what}: its path does not lead back to the mapped file from here "
+                    "(another mount, or the file was moved over), so restore could not "
+                    "map it again"
+                )
         if hide_flags:
             rec["vmflags"] = [f for f in rec["vmflags"] if f not in hide_flags]
         records.append(rec)

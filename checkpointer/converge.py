@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from checkpointer import interrupt
 from checkpointer.dump import DumpRequest, DumpResult, dump, pre_dump
 from checkpointer.fdstate.tree import RepairedConnections
 from checkpointer.freezer import Thaw
@@ -102,6 +103,7 @@ def _converge(
     tracker = opts.tracker
     last_start = time.monotonic()
     for number in range(1, opts.max_iterations + 1):
+        interrupt.check()
         name = f"pre-{number}"
         started = time.monotonic()
         res = pre_dump(_request(opts, name, parent, tracker, number))
@@ -118,6 +120,7 @@ def _converge(
             break
         if opts.interval_ms:
             time.sleep(opts.interval_ms / 1000)
+    interrupt.check()  # never on to the final dump (it kills) after ^C, even a lost one
     started = time.monotonic()
     final_req = _request(opts, "final", parent, tracker, len(result.iterations) + 1)
     final_req.thaw = opts.thaw

@@ -136,7 +136,7 @@ def test_sigint_leaves_target_running_and_chain_readable(spawn, tmp_path):
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1 and "Traceback" not in err
+    assert proc.returncode == 1 and "Traceback" not in err, (proc.returncode, err[-1500:])
     assert t.alive()
     status = proc_status(t.pid)
     assert status["State"][0] in "RS" and status["TracerPid"] == "0"
@@ -146,3 +146,23 @@ def test_sigint_leaves_target_running_and_chain_readable(spawn, tmp_path):
         r = subprocess.run(["checkpointer", "verify", str(p)], capture_output=True, text=True)
         assert r.returncode == 0, r.stdout + r.stderr
     assert not [p for p in os.listdir(images) if p.startswith(".")]
+
+
+def test_an_interrupt_python_dropped_still_stops_converge_before_its_final_dump(spawn, tmp_path):
+    """^C landing in a finalizer or weakref callback is dropped by Python
+    ("Exception ignored"); converge then went on to its final dump, which killed
+    the target (seen under load in the SIGINT test above: exit 0, target gone).
+    The signal handler also records the request; converge checks it between
+    passes. Here the request is recorded without the exception, as when dropped."""
+    from checkpointer import interrupt
+
+    t = spawn("--anon-mb", "8")
+    opts = ConvergeOptions(pid=t.pid, images_dir=tmp_path / "c", max_iterations=3,
+                           min_pages=0, max_downtime_ms=0, max_grow=1e6)  # fmt: skip
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            converge(opts, on_iteration=lambda it: interrupt.request(KeyboardInterrupt))
+    finally:
+        interrupt.clear()
+    assert t.alive() and proc_status(t.pid)["TracerPid"] == "0"
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["pre-1"]

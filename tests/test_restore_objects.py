@@ -864,3 +864,30 @@ def test_an_fd_of_a_file_under_a_hidden_mount_is_refused_at_dump(tmp_path):
             refused_at_dump(prog, tmp_path, f"fd {fd} of", "does not lead back")
         finally:
             subprocess.run(["umount", str(hidden)], check=True)
+
+
+def test_a_mapping_of_a_file_under_a_hidden_mount_is_refused_at_dump(tmp_path):
+    """The same for a file mapping: restore maps the file again by its path."""
+    import subprocess
+
+    from objectslib import program_starter, refused_at_dump
+
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / "data").write_bytes(b"x" * 8192)
+    with program_starter(tmp_path) as start:
+        prog = start(
+            f"""
+            import mmap
+            with open("{hidden / "data"}", "rb") as f:
+                m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+            ready()
+            go()
+            report("alive", 1)
+            """
+        )
+        subprocess.run(["mount", "-t", "tmpfs", "none", str(hidden)], check=True)
+        try:
+            refused_at_dump(prog, tmp_path, f"maps {hidden / 'data'}", "does not lead back")
+        finally:
+            subprocess.run(["umount", str(hidden)], check=True)

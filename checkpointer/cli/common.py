@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from checkpointer import interrupt
 from checkpointer.errors import CheckpointError
 
 
@@ -17,7 +18,20 @@ class Terminated(BaseException):
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
+    interrupt.request(Terminated)
     raise Terminated()
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    interrupt.request(KeyboardInterrupt)
+    raise KeyboardInterrupt()
+
+
+def _unraisable(info: Any) -> None:
+    """An interruption Python had to drop (raised in a finalizer) is not printed
+    as a traceback: it is remembered (interrupt.py) and ends the command later."""
+    if not isinstance(info.exc_value, (KeyboardInterrupt, Terminated)):
+        sys.__unraisablehook__(info)
 
 
 def error_line(exc: BaseException) -> str:
@@ -40,6 +54,9 @@ class CheckedCommand(click.Command):
 
     def invoke(self, ctx: click.Context) -> Any:
         old = signal.signal(signal.SIGTERM, _on_sigterm)
+        old_int = signal.signal(signal.SIGINT, _on_sigint)
+        sys.unraisablehook = _unraisable
+        interrupt.clear()
         try:
             return super().invoke(ctx)
         except (CheckpointError, OSError, KeyboardInterrupt, Terminated) as exc:
@@ -51,6 +68,7 @@ class CheckedCommand(click.Command):
             raise SystemExit(1) from None
         finally:
             signal.signal(signal.SIGTERM, old)
+            signal.signal(signal.SIGINT, old_int)
 
 
 def setup_logging(verbose: int, logfile: str | None) -> None:
