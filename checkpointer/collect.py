@@ -244,7 +244,7 @@ def core_records(
             "siginfo": ptrace.peek_siginfo(tid, shared=False),
             "sched": sched.read_thread_sched(tid),
         }
-        if proc.read_seccomp_mode(pid, tid) == SECCOMP_MODE_FILTER:
+        if proc.read_seccomp_mode(pid, tid) == proc.SECCOMP_MODE_FILTER:
             record["seccomp_filters"] = [
                 {"prog": prog, "flags": flags} for prog, flags in ptrace.seccomp_filters(tid)
             ]
@@ -397,9 +397,6 @@ def check_sharing(pids: list[int]) -> None:
             )
 
 
-SECCOMP_MODE_STRICT, SECCOMP_MODE_FILTER = 1, 2
-
-
 def check_seccomp(threads: dict[int, list[int]], killing: bool) -> None:
     """Seccomp filters are dumped (each thread's, core_records) and attached again
     by restore; strict mode cannot be (it allows nothing but read, write and exit,
@@ -408,7 +405,7 @@ def check_seccomp(threads: dict[int, list[int]], killing: bool) -> None:
     inspection, with a warning."""
     for pid, tids in threads.items():
         for tid in tids:
-            if _seccomp_mode(pid, tid) == SECCOMP_MODE_STRICT:
+            if _seccomp_mode(pid, tid) == proc.SECCOMP_MODE_STRICT:
                 if killing:
                     raise UnsupportedObject(
                         f"process {pid} runs in seccomp strict mode (thread {tid}), which "

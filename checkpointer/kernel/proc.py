@@ -571,6 +571,9 @@ def read_umask(pid: int, tid: int | None = None) -> int:
     return int(read_status(pid, tid)["Umask"], 8)
 
 
+SECCOMP_MODE_STRICT, SECCOMP_MODE_FILTER = 1, 2
+
+
 def read_seccomp_mode(pid: int, tid: int | None = None) -> int:
     """Seccomp mode from status: 0 none, 1 strict, 2 filter."""
     return int(read_status(pid, tid).get("Seccomp", "0"))
