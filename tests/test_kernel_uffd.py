@@ -249,24 +249,3 @@ def test_written_and_protect(tracked):
         # pages 1..127 now populated; 128 is the next hole
         assert pmap.data_runs(start, end)[0] == (start + P, start + 128 * P)
     assert int(proc.read_status(t.pid)["VmPTE"].split()[0]) <= vm_pte + 8  # no markers
-
-
-def test_data_and_written_protect_is_both_reads_in_one_walk(tracked):
-    """The tracker's one-walk read: the same present runs as data_runs, the same
-    written runs as written_and_protect, and the written pages protected again."""
-    t, _, local, _ = tracked
-    uffd.uffd_api(local)
-    start, size = t.regions["anon"]
-    end = start + size
-    vma = vma_of(t.pid, start)
-    assert uffd.register_wp(local, vma.start, vma.end - vma.start)
-    with pm.Pagemap(t.pid) as pmap:
-        present = pmap.data_runs(start, end, anon=True)
-        assert pmap.data_and_written_protect(start, end, anon=True) == (present, present)
-        assert pmap.data_and_written_protect(start, end, anon=True) == (present, [])
-        t.command("write 64 3")  # page 64 was a hole, 65 and 66 populated
-        now = pmap.data_runs(start, end, anon=True)
-        assert now != present
-        got = pmap.data_and_written_protect(start, end, anon=True)
-        assert got == (now, [(start + 64 * P, start + 67 * P)])
-        assert pmap.written_and_protect(start, end) == []  # protected again
