@@ -193,10 +193,11 @@ def take(
         log.debug("snapshot: children cloned at %d us", _us_since(started))
         for pid in tree.pids:
             child = snap.children.get(pid)
-            unforked = [v for v in vmas[pid] if not v.shared and (
-                _held(v) if child else v.policy in (Policy.PRIVATE, Policy.WHOLE))]  # fmt: skip
-            if child:
+            if child:  # what its child does not have as it was
+                unforked = [v for v in vmas[pid] if _held(v) and not v.shared]
                 unforked += _missing_in_child(child.pid, vmas[pid])
+            else:  # a small process: all its own memory
+                unforked = [v for v in vmas[pid] if v.policy in (Policy.PRIVATE, Policy.WHOLE)]
             _hold(snap, pid, unforked, pages[pid] if pages else None)
         for plan in shared_plans({pid: vmas[pid] for pid in tree.pids}).values():
             for seg in plan:
