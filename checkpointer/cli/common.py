@@ -55,7 +55,7 @@ class CheckedCommand(click.Command):
     def invoke(self, ctx: click.Context) -> Any:
         old = signal.signal(signal.SIGTERM, _on_sigterm)
         old_int = signal.signal(signal.SIGINT, _on_sigint)
-        sys.unraisablehook = _unraisable
+        old_hook, sys.unraisablehook = sys.unraisablehook, _unraisable
         interrupt.clear()
         try:
             return super().invoke(ctx)
@@ -69,6 +69,7 @@ class CheckedCommand(click.Command):
         finally:
             signal.signal(signal.SIGTERM, old)
             signal.signal(signal.SIGINT, old_int)
+            sys.unraisablehook = old_hook
 
 
 def setup_logging(verbose: int, logfile: str | None) -> None:

@@ -179,7 +179,7 @@ SECCOMP_FLAGS = 2 | 4
 def _check_seccomp(p: ProcessImage) -> None:
     """Filters are attached again (creds.py); strict mode, or a filtering process
     dumped without its filters (an older checkpointer), is refused."""
-    if p.process.get("seccomp") == 1:
+    if p.process.get("seccomp") == proc.SECCOMP_MODE_STRICT:
         raise RestoreError(f"process {p.pid} runs in seccomp strict mode: not supported")
     filtered = False
     for thread in p.threads:
