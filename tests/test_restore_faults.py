@@ -3,6 +3,7 @@ and whatever goes wrong later, no half-restored process survives."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -11,7 +12,7 @@ import time
 
 import pytest
 from restorelib import start_lifecycle
-from targetlib import assert_one_line_error, cli
+from targetlib import assert_one_line_error, cli, proc_status
 
 from checkpointer.images import format as fmt
 
@@ -170,3 +171,89 @@ def test_sigkill_of_the_restorer_leaves_nothing(dumped, delay):
             lc.carries_on()
             return
     assert_nothing_restored(lc)
+
+
+# A subreaper standing in for a slow init: it starts a session leader that forks a
+# child on SIGUSR1, reaps the leader as soon as it dies, and the orphaned child only
+# after `delay` seconds (or when killed itself).
+HOLDER = r"""
+import ctypes, os, signal, sys, time
+ctypes.CDLL(None).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
+LEADER = '''
+import os, signal, time
+def fork_child(*_):
+    if os.fork() == 0:
+        time.sleep(1000)
+        os._exit(0)
+signal.signal(signal.SIGUSR1, fork_child)
+while True:
+    time.sleep(0.05)
+'''
+leader = os.fork()
+if leader == 0:
+    os.setsid()
+    os.execv(sys.executable, [sys.executable, "-c", LEADER])
+print(leader, flush=True)
+os.waitpid(leader, 0)
+print("reaped", flush=True)
+time.sleep(float(sys.argv[1]))
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        break
+"""
+
+
+def _holder_with_an_orphan(tmp_path, delay: float):
+    """(holder, leader pid, orphan pid): the leader dumped with --leave-running, then
+    killed with the child it forked after the dump, which the holder has not reaped."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(delay)], stdout=subprocess.PIPE, text=True
+    )
+    leader = int(holder.stdout.readline())
+    deadline = time.monotonic() + 10
+    while not int(proc_status(leader).get("SigCgt", "0"), 16) & (1 << (signal.SIGUSR1 - 1)):
+        assert time.monotonic() < deadline, "the leader never set its handler"
+        time.sleep(0.02)
+    r = cli("dump", "-t", str(leader), "-D", str(tmp_path / "i"), "--leave-running")
+    assert r.returncode == 0, r.stderr
+    os.kill(leader, signal.SIGUSR1)
+    while not (kids := open(f"/proc/{leader}/task/{leader}/children").read().split()):
+        assert time.monotonic() < deadline, "the leader never forked"
+        time.sleep(0.02)
+    orphan = int(kids[0])
+    os.killpg(leader, signal.SIGKILL)
+    assert holder.stdout.readline().strip() == "reaped"
+    while proc_status(orphan).get("State", "")[:1] != "Z":
+        assert time.monotonic() < deadline, "the orphan never died"
+        time.sleep(0.02)
+    return holder, leader, orphan
+
+
+def test_a_pid_held_as_the_group_of_an_unreaped_zombie_is_waited_for(tmp_path):
+    """The leader's PID is free, but as the process group and session of its killed
+    child, a zombie its reaper takes a while to wait for, it stays taken. Restore
+    waits for the reaper, as for a killed original. Before: clone3 EEXIST."""
+    holder, leader, orphan = _holder_with_an_orphan(tmp_path, delay=1.5)
+    try:
+        assert not os.path.exists(f"/proc/{leader}")
+        r = cli("restore", "-D", str(tmp_path / "i"), "-d")
+        assert r.returncode == 0, r.stderr
+        assert proc_status(leader)["State"][:1] in "SR"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(leader, signal.SIGKILL)
+        holder.kill()
+        holder.wait()
+
+
+def test_a_pid_held_as_the_group_of_a_zombie_nobody_reaps_is_refused_by_name(tmp_path):
+    holder, leader, orphan = _holder_with_an_orphan(tmp_path, delay=600)
+    try:
+        r = cli("restore", "-D", str(tmp_path / "i"), "-d")
+        assert_one_line_error(r, f"PID {leader} is taken", f"process {orphan}")
+        assert not os.path.exists(f"/proc/{leader}")
+    finally:
+        holder.kill()
+        holder.wait()

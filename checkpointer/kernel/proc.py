@@ -10,6 +10,7 @@ import ctypes
 import errno
 import os
 import time
+from collections.abc import Iterator
 from typing import NamedTuple
 
 from checkpointer.errors import TargetError
@@ -77,18 +78,27 @@ def exists(pid: int) -> bool:
     return os.path.exists(f"/proc/{pid}")
 
 
+def _every_stat() -> Iterator[ProcStat]:
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                yield read_stat(int(name))
+            except TargetError:
+                continue
+
+
 def sessions_and_groups_in_use() -> set[int]:
     """Every session and process group id some process has now. Such an id stays
     taken after its leader exits: no new process can get it as its PID."""
     ids: set[int] = set()
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                st = read_stat(int(name))
-            except TargetError:
-                continue
-            ids.update((st.pgrp, st.session))
+    for st in _every_stat():
+        ids.update((st.pgrp, st.session))
     return ids
+
+
+def members_of(ids: set[int]) -> list[ProcStat]:
+    """Every process (zombies too) whose process group or session is one of `ids`."""
+    return [st for st in _every_stat() if st.pgrp in ids or st.session in ids]
 
 
 # --- tasks and children ---------------------------------------------------------

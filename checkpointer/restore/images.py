@@ -144,12 +144,15 @@ def preflight(images: RestoreImages, shell_job: bool = False, source_alive: bool
     own_ptys = {f["pty_master"]["index"] for p in images.processes for f in p.fds
                 if "pty_master" in f}  # fmt: skip
     pid_max = int(open("/proc/sys/kernel/pid_max").read())
+    pids = {t for p in images.processes for t in p.tids + [z["pid"] for z in p.zombies]}
+    for tid in sorted(pids):
+        if tid > pid_max:
+            raise RestoreError(f"PID {tid} is above this system's pid_max {pid_max}")
+        if not source_alive and proc.exists(tid) and not _reaped_soon(tid):
+            raise RestoreError(f"PID {tid} is taken (by {_comm(tid)}); it must be free")
+    if not source_alive:
+        _check_ids_released(pids)
     for p in images.processes:
-        for tid in p.tids + [z["pid"] for z in p.zombies]:
-            if tid > pid_max:
-                raise RestoreError(f"PID {tid} is above this system's pid_max {pid_max}")
-            if not source_alive and proc.exists(tid) and not _reaped_soon(tid):
-                raise RestoreError(f"PID {tid} is taken (by {_comm(tid)}); it must be free")
         _check_seccomp(p)
         _check_vdso(images, p)
         for v in p.vmas:
@@ -216,6 +219,26 @@ def _reaped_soon(pid: int, timeout: float = 10.0) -> bool:
             return True  # reaped
         time.sleep(0.01)
     return not proc.exists(pid)
+
+
+def _check_ids_released(pids: set[int], timeout: float = 10.0) -> None:
+    """A PID stays taken while it is any process's group or session id, after its
+    leader is gone: a killed original's child that its parent did not reap yet (a
+    shell's command, reparented to a slow init) holds it. Wait for such zombies;
+    refuse, naming it, a member that lives on or is not reaped in time."""
+    deadline = time.monotonic() + timeout
+    while members := proc.members_of(pids):
+        live = [m for m in members if m.state not in ("Z", "X")]
+        if live or time.monotonic() > deadline:
+            m = (live or members)[0]
+            held = m.pgrp if m.pgrp in pids else m.session
+            what = "process group" if m.pgrp in pids else "session"
+            still = "lives on" if live else "is a zombie nobody reaps"
+            raise RestoreError(
+                f"PID {held} is taken: it is still the {what} of process {m.pid} "
+                f"({m.comm}), which {still}; it must be free"
+            )
+        time.sleep(0.02)
 
 
 def _comm(pid: int) -> str:
