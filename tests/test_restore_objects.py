@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from objectslib import dump_and_kill, restore, sigkill
+from objectslib import dump_and_kill, program_starter, restore, sigkill
 from targetlib import cli, target_binary
 
 from checkpointer.kernel import kcmp
@@ -307,6 +307,47 @@ def test_files_others_wrote_to_after_the_dump_are_reopened(tmp_path):
             assert f.read() == b"line 1\nline 2\n"
     finally:
         sigkill(p.pid)
+
+
+def test_a_shared_file_mapping_written_after_the_dump_is_mapped_again(tmp_path):
+    """A MAP_SHARED file mapping (the JVM's hsperfdata, a database's pages) holds no
+    pages in the images: the file is the memory. A --leave-running dump's target goes
+    on writing it, so its size and mtime change; restore refused it as "changed since
+    the dump". It must map the same file again, with what was written since."""
+    code = """
+        import mmap
+        f = open(D / "data", "w+b")
+        f.truncate(4096)
+        m = mmap.mmap(f.fileno(), 4096, mmap.MAP_SHARED)
+        ready()
+        n = 0
+        while True:
+            n += 1
+            m[:8] = n.to_bytes(8, "little")
+            if (D / "grow").exists():
+                f.truncate(8192)
+                (D / "grow").unlink()
+            if (D / "ask").exists():
+                (D / "ask").unlink()
+                m[8:16] = b"restored"
+                report("mapped", bytes(m[:16]))
+            time.sleep(0.005)
+    """
+    with program_starter(tmp_path) as start:
+        prog = start(code)
+        r = cli("dump", "-t", str(prog.pid), "-D", str(tmp_path / "images"), "--leave-running")
+        assert r.returncode == 0, r.stderr
+        (prog.dir / "grow").touch()
+        while (prog.dir / "grow").exists():
+            time.sleep(0.01)
+        pid = prog.pid
+        sigkill(pid)
+        prog.reap()
+        restore(tmp_path / "images")
+        (prog.dir / "ask").touch()
+        assert prog.result("mapped")[8:] == b"restored"
+        assert (prog.dir / "data").read_bytes()[8:16] == b"restored"  # the same file
+        assert os.path.getsize(prog.dir / "data") == 8192
 
 
 def test_a_file_replaced_since_the_dump_is_refused(tmp_path):

@@ -265,7 +265,10 @@ def _check_vma(p: ProcessImage, v: dict) -> None:
     if v.get("deleted"):
         _check_ghost(v.get("ghost"), where)
         return
-    check_identity(v["path"], v.get("stat"), v["dev"], v["inode"], where)
+    # A shared mapping's pages are the file's own, not in the images: like an fd's
+    # file, it only has to be the same file (its target may have written it since).
+    private = v["kind"] == "file-private"
+    check_identity(v["path"], v.get("stat"), v["dev"], v["inode"], where, contents=private)
 
 
 def _check_sysv(v: dict, where: str) -> None:
