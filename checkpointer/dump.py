@@ -18,17 +18,13 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from checkpointer import collect, contents, snapshot, trackstate
-from checkpointer.copier import PageCopier
+from checkpointer import collect, memdump, snapshot, trackstate
 from checkpointer.errors import CheckpointError, ImageError, TargetError
 from checkpointer.fdstate import tree as fdtree
 from checkpointer.freezer import Freezer, FrozenTree, Thaw, live_tree, stopped_thread
 from checkpointer.images import FROZEN_LEVEL, PAGE_LEVEL, Dump, DumpWriter
 from checkpointer.kernel import proc
-from checkpointer.kernel.pagemap import PAGE_SIZE
-from checkpointer.pageruns import Range, subtract
-from checkpointer.plan import ParentPages, private_plan, shared_plans
-from checkpointer.progress import Progress
+from checkpointer.pageruns import Range
 from checkpointer.trackers import FullTracker, Tracker, VmaPages, make_tracker
 from checkpointer.vmas import Policy, Vma, unsupported
 
@@ -549,62 +545,22 @@ class _Pass:
     def _copy(
         self, writer: DumpWriter, tree: FrozenTree, vmas: dict, pages: dict, snap=None
     ) -> dict:
-        held = {f"pid-{pid}": self._parent_held(pid) for pid in tree.pids}
-        plans = {
-            owner: private_plan(pid, vmas[pid], pages[pid], held[owner])
-            for pid, owner in ((pid, f"pid-{pid}") for pid in tree.pids)
-        }
-        plans.update(shared_plans(vmas, _shared_data))
-        for owner in self.contents:  # read whole from the file instead
-            plans.pop(owner, None)
-        segments = [seg for plan in plans.values() for seg in plan]
-        scanned = sum(seg.end - seg.start for seg in segments)
-        to_read = sum(seg.end - seg.start for seg in segments if seg.where == "data")
-        progress = Progress(to_read // PAGE_SIZE, PAGE_SIZE, self.req.progress)
-        copier = PageCopier(
-            PAGE_SIZE,
-            progress,
+        # The full tracker compares pages with the parent's content.
+        compare = self.parent is not None and bool(self.tracker and self.tracker.compares_content)
+        stats = memdump.copy_memory(
+            writer,
+            vmas,
+            pages,
+            {pid: self._parent_held(pid) for pid in tree.pids},
+            self.parent,
+            compare=compare,
+            whole_files=self.contents,
+            progress=self.req.progress,
             partial_ok=self.req.kind == "pre-dump",
             readers=snap.readers() if snap else None,
         )
-        counts = {
-            "pages_written": 0,
-            "pages_skipped_parent": 0,
-            "pages_zero": 0,
-            "bytes_raw": 0,
-            "bytes_compressed": 0,
-        }
-        compare = (
-            self.parent is not None and self.tracker is not None and (self.tracker.compares_content)
-        )
-        # Shared objects are compared with the parent whatever the tracker: writes
-        # through other mappings (or write(2) to a memfd) escape every tracker.
-        for owner in plans:
-            if owner.startswith("shm-") and self.parent is not None:
-                held[owner] = self.parent.held_ranges(owner)
-        try:
-            for owner, plan in plans.items():
-                page_writer = writer.open_pages(owner)
-                shared = owner.startswith("shm-")
-                parent_reader = (
-                    ParentPages(self.parent, owner, held[owner])
-                    if (compare or shared) and held.get(owner)
-                    else None
-                )
-                copier.copy(page_writer, plan, parent_reader)
-                ps = page_writer.close()
-                self._check_parent_runs(owner, page_writer.parent_ranges, held)
-                _count(counts, ps)
-            for owner, source in self.contents.items():
-                _count(counts, contents.copy_contents(writer, owner, source))
-        finally:
-            copier.close()
-            progress.finish()
         return {
-            "memdump_time": copier.times.memdump_us,
-            "memwrite_time": copier.times.memwrite_us,
-            "pages_scanned": scanned // PAGE_SIZE,
-            **counts,
+            **stats,
             "tracker": self._tracker_name(),
             "iteration": self.req.iteration,
             "snapshot": "copy-on-write" if snap else "none",
@@ -616,22 +572,6 @@ class _Pass:
         if self.parent is None or pid in self.full_pids:
             return []
         return self.parent.held_ranges(f"pid-{pid}")
-
-    def _check_parent_runs(self, owner: str, recorded: list[Range], held: dict) -> None:
-        """Never commit a reference the chain cannot resolve: restore would find out
-        only after the source process is gone."""
-        if not recorded:
-            return
-        have = held.get(owner)
-        if have is None:
-            have = self.parent.held_ranges(owner) if self.parent else []
-        if missing := subtract(recorded, have):
-            start, end = missing[0]
-            raise CheckpointError(
-                f"internal error: {owner} pages {start:#x}-{end:#x} would be recorded as "
-                f"in the parent, which does not hold them ({len(missing)} such ranges); "
-                "nothing was committed and the next pass is a full one"
-            )
 
     # -- after the images are safe ---------------------------------------------
 
@@ -672,18 +612,6 @@ def _stopper(pid: int, frozen: bool):
     """How a tracker gets a stopped thread of pid: the frozen main thread, or one
     stopped briefly for it."""
     return (lambda: contextlib.nullcontext(pid)) if frozen else (lambda: stopped_thread(pid))
-
-
-def _shared_data(pid: int, vma: Vma) -> list[Range] | None:
-    return proc.mapped_file_data(pid, vma.start, vma.end, vma.offset, vma.offset + vma.size)
-
-
-def _count(counts: dict[str, int], ps) -> None:
-    counts["pages_written"] += ps.written
-    counts["pages_skipped_parent"] += ps.parent
-    counts["pages_zero"] += ps.zero
-    counts["bytes_raw"] += ps.bytes_raw
-    counts["bytes_compressed"] += ps.bytes_compressed
 
 
 def _vmas_or_none(pid: int) -> list[Vma] | None:

@@ -1,0 +1,118 @@
+"""The copy step of a pass: every memory owner's plan, from the target (or its
+copy-on-write snapshot) into the dump's page writers.
+
+An owner is a process's private memory ("pid-N") or a shared object ("shm-..."),
+as the image format names them. Its plan (plan.py) says which ranges to copy and
+which the parent chain already holds; files whose contents are stored whole
+(deleted files, memfds: contents.py) are read from the file instead.
+"""
+
+from __future__ import annotations
+
+from checkpointer import contents
+from checkpointer.copier import PageCopier
+from checkpointer.errors import CheckpointError
+from checkpointer.images import Dump, DumpWriter
+from checkpointer.kernel import proc
+from checkpointer.kernel.pagemap import PAGE_SIZE
+from checkpointer.pageruns import Range, subtract
+from checkpointer.plan import ParentPages, private_plan, shared_plans
+from checkpointer.progress import Progress
+from checkpointer.trackers import VmaPages
+from checkpointer.vmas import Vma
+
+
+def copy_memory(
+    writer: DumpWriter,
+    vmas: dict[int, list[Vma]],
+    pages: dict[int, dict[int, VmaPages]],
+    held: dict[int, list[Range]],
+    parent: Dump | None,
+    *,
+    compare: bool,
+    whole_files: dict[str, tuple],
+    progress: bool,
+    partial_ok: bool,
+    readers: dict | None = None,
+) -> dict[str, int]:
+    """Copy the pages of every process (`pages`: present and dirty, per VMA) and
+    shared object, leaving out what `held` says the parent chain holds for each
+    process. `compare`: compare pages with the parent's content (the full tracker).
+    `whole_files`: owner -> where to read a whole file instead. Returns the copy's
+    counts and times for the stats record."""
+    owned = {f"pid-{pid}": ranges for pid, ranges in held.items()}
+    plans = {
+        f"pid-{pid}": private_plan(pid, vmas[pid], pages[pid], ranges)
+        for pid, ranges in held.items()
+    }
+    plans.update(shared_plans(vmas, _shared_data))
+    for owner in whole_files:
+        plans.pop(owner, None)
+    segments = [seg for plan in plans.values() for seg in plan]
+    scanned = sum(seg.end - seg.start for seg in segments)
+    to_read = sum(seg.end - seg.start for seg in segments if seg.where == "data")
+    meter = Progress(to_read // PAGE_SIZE, PAGE_SIZE, progress)
+    copier = PageCopier(PAGE_SIZE, meter, partial_ok=partial_ok, readers=readers)
+    counts = dict.fromkeys(
+        ("pages_written", "pages_skipped_parent", "pages_zero", "bytes_raw", "bytes_compressed"),
+        0,
+    )
+    # Shared objects are compared with the parent whatever the tracker: writes
+    # through other mappings (or write(2) to a memfd) escape every tracker.
+    for owner in plans:
+        if owner.startswith("shm-") and parent is not None:
+            owned[owner] = parent.held_ranges(owner)
+    try:
+        for owner, plan in plans.items():
+            page_writer = writer.open_pages(owner)
+            parent_reader = (
+                ParentPages(parent, owner, owned[owner])
+                if (compare or owner.startswith("shm-")) and owned.get(owner)
+                else None
+            )
+            copier.copy(page_writer, plan, parent_reader)
+            ps = page_writer.close()
+            _check_parent_runs(owner, page_writer.parent_ranges, owned, parent)
+            _count(counts, ps)
+        for owner, source in whole_files.items():
+            _count(counts, contents.copy_contents(writer, owner, source))
+    finally:
+        copier.close()
+        meter.finish()
+    return {
+        "memdump_time": copier.times.memdump_us,
+        "memwrite_time": copier.times.memwrite_us,
+        "pages_scanned": scanned // PAGE_SIZE,
+        **counts,
+    }
+
+
+def _check_parent_runs(
+    owner: str, recorded: list[Range], owned: dict[str, list[Range]], parent: Dump | None
+) -> None:
+    """Never commit a reference the chain cannot resolve: restore would find out
+    only after the source process is gone."""
+    if not recorded:
+        return
+    have = owned.get(owner)
+    if have is None:
+        have = parent.held_ranges(owner) if parent else []
+    if missing := subtract(recorded, have):
+        start, end = missing[0]
+        raise CheckpointError(
+            f"internal error: {owner} pages {start:#x}-{end:#x} would be recorded as "
+            f"in the parent, which does not hold them ({len(missing)} such ranges); "
+            "nothing was committed and the next pass is a full one"
+        )
+
+
+def _shared_data(pid: int, vma: Vma) -> list[Range] | None:
+    return proc.mapped_file_data(pid, vma.start, vma.end, vma.offset, vma.offset + vma.size)
+
+
+def _count(counts: dict[str, int], ps) -> None:
+    counts["pages_written"] += ps.written
+    counts["pages_skipped_parent"] += ps.parent
+    counts["pages_zero"] += ps.zero
+    counts["bytes_raw"] += ps.bytes_raw
+    counts["bytes_compressed"] += ps.bytes_compressed
