@@ -257,3 +257,19 @@ def test_a_pid_held_as_the_group_of_a_zombie_nobody_reaps_is_refused_by_name(tmp
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_pid_held_by_a_zombie_its_parent_does_not_reap_names_the_parent(tmp_path):
+    """On one host the killed original must be reaped by its parent first (migrate
+    rolled back with only "taken (by sleep)"): the message says whose job that is."""
+    p = subprocess.Popen(["sleep", "1000"], start_new_session=True)
+    try:
+        r = cli("dump", "-t", str(p.pid), "-D", str(tmp_path / "i"))
+        assert r.returncode == 0, r.stderr
+        r = cli("restore", "-D", str(tmp_path / "i"), "-d")
+        assert_one_line_error(
+            r, f"PID {p.pid} is taken", f"its parent {os.getpid()} (", "has not reaped"
+        )
+    finally:
+        p.kill()
+        p.wait()

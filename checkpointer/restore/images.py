@@ -149,7 +149,7 @@ def preflight(images: RestoreImages, shell_job: bool = False, source_alive: bool
         if tid > pid_max:
             raise RestoreError(f"PID {tid} is above this system's pid_max {pid_max}")
         if not source_alive and proc.exists(tid) and not _reaped_soon(tid):
-            raise RestoreError(f"PID {tid} is taken (by {_comm(tid)}); it must be free")
+            raise RestoreError(f"PID {tid} is taken ({_holder(tid)}); it must be free")
     if not source_alive:
         _check_ids_released(pids)
     for p in images.processes:
@@ -239,6 +239,18 @@ def _check_ids_released(pids: set[int], timeout: float = 10.0) -> None:
                 f"({m.comm}), which {still}; it must be free"
             )
         time.sleep(0.02)
+
+
+def _holder(pid: int) -> str:
+    """Who has the PID: a zombie's parent, who should reap it, is named too."""
+    try:
+        st = proc.read_stat(pid)
+    except CheckpointError:
+        return "by ?"
+    if st.state == "Z":
+        parent = f"{st.ppid} ({_comm(st.ppid)})"
+        return f"by a zombie {st.comm} that its parent {parent} has not reaped"
+    return f"by {st.comm}"
 
 
 def _comm(pid: int) -> str:
