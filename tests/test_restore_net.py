@@ -514,6 +514,51 @@ def test_tcp_established_left_running_goes_on_unlocked(program, tmp_path):
         peer.close()
 
 
+SERVER_CONNECTION = """
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", {port}))
+    srv.listen()
+    ready()
+    c, _ = srv.accept()
+    report("accepted", 1)
+    go()
+    report("reuseaddr", c.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR))
+    time.sleep(1000)
+    """
+
+
+@pytest.mark.parametrize("mode", ["leave-running", "restore"])
+def test_tcp_connection_keeps_so_reuseaddr_through_repair_mode(program, tmp_path, mode):
+    """Leaving TCP repair mode clears SO_REUSEADDR (the kernel forces reuse while
+    in it, and resets it to none after). An accepted connection of a server that set
+    it lost it through a dump or a restore; killed later, its FIN_WAIT/TIME_WAIT
+    then kept the port from the restarted server's bind for a minute (postgres
+    after a --leave-running dump: "Address already in use")."""
+    port = free_port()
+    prog = program(SERVER_CONNECTION.format(port=port))
+    with socket.create_connection(("127.0.0.1", port)):  # open throughout
+        prog.result("accepted")
+        if mode == "restore":
+            dump_and_kill(prog.pid, tmp_path / "images", "--tcp-established", reap=prog.reap)
+            restore(tmp_path / "images")
+        else:
+            r = cli("dump", "-t", str(prog.pid), "-D", str(tmp_path / "images"),
+                    "--tcp-established", "--leave-running")  # fmt: skip
+            assert r.returncode == 0, r.stderr
+        prog.go()
+        assert prog.result("reuseaddr") == b"1"
+        os.kill(prog.pid, 9)  # the server side closes first: its socket lingers
+        prog.reap()
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{prog.pid}"):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with socket.socket() as again:
+            again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            again.bind(("127.0.0.1", port))  # a restarted server
+
+
 def _lock_rules() -> str:
     return subprocess.run(
         ["iptables", "-w", "-S", "CHECKPOINTER"], capture_output=True, text=True

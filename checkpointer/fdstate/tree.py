@@ -127,14 +127,19 @@ class RepairedConnections:
 
     def release(self) -> None:
         """The tree runs on (or the dump failed): out of repair mode, unlocked."""
-        for pid, fd, _ in self.held:
+        for pid, fd, rec in self.held:
             try:
                 with sockets.socket_of(sockets.copy_fd(pid, fd)) as sock:
-                    sockets.set_repair(sock, sockets.TCP_REPAIR_OFF)
+                    sockets.leave_repair(sock, reuseaddr_of(rec))
             except OSError:
                 pass  # the process is gone: so is its connection
         netlock.unlock_connections([connection(rec) for _, _, rec in self.held])
         self.held.clear()
+
+
+def reuseaddr_of(rec: dict) -> int:
+    """SO_REUSEADDR as the dump read it, before repair mode changed it."""
+    return int(rec.get("sock_options", {}).get("reuseaddr", 0))
 
 
 def connection(rec: dict) -> netlock.Connection:

@@ -276,6 +276,15 @@ def set_repair(sock: socket.socket, mode: int) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, mode)
 
 
+def leave_repair(sock: socket.socket, reuseaddr: int) -> None:
+    """Out of repair mode, with the socket's own SO_REUSEADDR put back: the kernel
+    forces reuse while in repair mode and resets it to none when leaving it. Without
+    it, the connection's FIN_WAIT or TIME_WAIT, once closed, keeps its port from a
+    restarted server's bind for a minute, SO_REUSEADDR or not."""
+    set_repair(sock, TCP_REPAIR_OFF)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, reuseaddr)
+
+
 def _peek_queue(sock: socket.socket, queue: int, size: int) -> bytes:
     sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, queue)
     if size == 0:

@@ -18,7 +18,7 @@ import os
 import socket
 import stat
 
-from checkpointer.fdstate.tree import connection, peer_closed
+from checkpointer.fdstate.tree import connection, peer_closed, reuseaddr_of
 from checkpointer.kernel import netlock, sockets
 from checkpointer.restore.images import ProcessImage, RestoreError
 
@@ -181,7 +181,7 @@ def finish(files, task, record: dict) -> None:
     key = f"sock-{record['sock_inode']}"
     if key in files.objects:
         with socket.socket(fileno=os.dup(files.objects[key])) as sock:
-            sockets.set_repair(sock, sockets.TCP_REPAIR_OFF)
+            sockets.leave_repair(sock, reuseaddr_of(record))
     if "netlock" in files.objects:
         return
     files.objects["netlock"] = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)  # done mark
