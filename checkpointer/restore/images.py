@@ -233,7 +233,7 @@ def _check_ids_released(pids: set[int], timeout: float = 10.0) -> None:
             m = (live or members)[0]
             held = m.pgrp if m.pgrp in pids else m.session
             what = "process group" if m.pgrp in pids else "session"
-            still = "lives on" if live else "is a zombie nobody reaps"
+            still = "lives on" if live else f"is a zombie its parent {m.ppid} has not reaped"
             raise RestoreError(
                 f"PID {held} is taken: it is still the {what} of process {m.pid} "
                 f"({m.comm}), which {still}; it must be free"
