@@ -9,7 +9,7 @@ import pytest
 
 from checkpointer.errors import TargetError
 from checkpointer.kernel import proc
-from checkpointer.kernel.memory import MemReader
+from checkpointer.kernel.memory import MemReader, MemWriter
 
 P = 4096
 M64 = (1 << 64) - 1
@@ -91,3 +91,33 @@ def test_exited_target(spawn):
         mem.close()
     with pytest.raises(TargetError, match="does not exist"):
         MemReader(t.pid)
+
+
+def test_writer_is_safe_from_several_threads(spawn):
+    """The restore's pool writes pages from two threads through one MemWriter: each
+    write must land where it was aimed, with its own bytes. (Its iovecs were once
+    shared by every call, and the syscall runs without the GIL: a write could take
+    another thread's address and bytes, and its own were lost.)"""
+    import threading
+
+    t = spawn()
+    start, size = t.regions["anon"]
+    lost: list[str] = []
+
+    def worker(k: int) -> None:
+        addr = start + k * P
+        with MemReader(t.pid) as reader:
+            for i in range(3000):
+                data = struct.pack("<QQ", k, i) * (P // 16)
+                writer.write(addr, data)
+                if reader.read(addr, P) != data:
+                    lost.append(f"thread {k} write {i}")
+                    return
+
+    with MemWriter(t.pid) as writer:
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    assert not lost, lost

@@ -98,8 +98,6 @@ class MemWriter:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.fd = _open_mem(pid, os.O_RDWR)
-        self._local = _Iovec()
-        self._remote = _Iovec()
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -113,15 +111,16 @@ class MemWriter:
         self.close()
 
     def write(self, addr: int, data: bytes, off: int = 0, size: int | None = None) -> None:
-        """Write data[off:off+size] at addr in the target."""
+        """Write data[off:off+size] at addr in the target. Safe from several threads
+        at once (the restore's pool): each call has iovecs of its own, since the
+        syscall runs without the GIL."""
         size = len(data) - off if size is None else size
-        self._local.base = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value + off
-        self._local.len = size
-        self._remote.base, self._remote.len = addr, size
+        local = _Iovec(ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value + off, size)
+        remote = _Iovec(addr, size)
         try:
             done = syscall(
-                NR_process_vm_writev, self.pid, ctypes.addressof(self._local), 1,
-                ctypes.addressof(self._remote), 1, 0,
+                NR_process_vm_writev, self.pid, ctypes.addressof(local), 1,
+                ctypes.addressof(remote), 1, 0,
             )  # fmt: skip
         except OSError as exc:
             if exc.errno == errno.ESRCH:
