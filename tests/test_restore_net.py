@@ -514,6 +514,51 @@ def test_tcp_established_left_running_goes_on_unlocked(program, tmp_path):
         peer.close()
 
 
+HALF_CLOSED_CLIENT = """
+    c = socket.socket({family})
+    c.connect(("{host}", {port}))
+    c.sendall(b"hello")
+    ready()
+    go()
+    got = b""
+    while chunk := c.recv(65536):  # the bytes queued at the dump, then end of file
+        got += chunk
+    c.sendall(b"still here")  # the peer only closed its way
+    c.close()
+    report("got", got)
+    """
+
+
+@pytest.mark.parametrize("family,host", [("socket.AF_INET", "127.0.0.1"),
+                                         ("socket.AF_INET6", "::1")])  # fmt: skip
+def test_tcp_close_wait_gets_its_bytes_then_end_of_file(program, tmp_path, family, host):
+    """The peer sent its last bytes and closed (its FIN arrived: CLOSE_WAIT, as an
+    idle pooled connection whose server timed out), the program has not read them
+    yet. It was refused at dump ("state close-wait cannot be dumped"). Restored, the
+    program reads the bytes, then end of file, and can still send."""
+    with socket.create_server((host, 0), family=eval(family)) as server:
+        prog = program(HALF_CLOSED_CLIENT.format(family=family, host=host,
+                                                 port=server.getsockname()[1]))  # fmt: skip
+        peer, _ = server.accept()
+        assert peer.recv(5) == b"hello"
+        peer.sendall(b"last words")
+        peer.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + 10
+        while sockets.tcp_state(peer) != 5:  # FIN_WAIT2: the program's kernel acked the FIN
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        dump_and_kill(prog.pid, tmp_path / "images", "--tcp-established", reap=prog.reap)
+        restore(tmp_path / "images")
+        prog.go()
+        assert prog.result("got") == b"last words"
+        peer.settimeout(10)
+        got = b""
+        while chunk := peer.recv(100):
+            got += chunk
+        assert got == b"still here"  # then end of file: it closed
+        peer.close()
+
+
 SERVER_CONNECTION = """
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -818,20 +863,24 @@ def test_other_sockets_are_refused(program, tmp_path, make, words):
     refused_at_dump(prog, tmp_path, words)
 
 
-def test_tcp_half_closed_is_refused(program, tmp_path):
+def test_tcp_closed_by_the_program_on_its_side_is_refused(program, tmp_path):
+    """shutdown(SHUT_WR) by the program (FIN_WAIT2) is refused by name, even with the
+    flag; the peer's close (CLOSE_WAIT) is dumped (test above)."""
     with socket.create_server(("127.0.0.1", 0)) as server:
         prog = program(
             f"""
             c = socket.create_connection(("127.0.0.1", {server.getsockname()[1]}))
+            c.shutdown(socket.SHUT_WR)
             ready()
             go()
             report("alive", 1)
             """
         )
         peer, _ = server.accept()
-        peer.close()  # the program's end is in CLOSE_WAIT now
+        assert peer.recv(10) == b""  # its FIN came, and was acked
         time.sleep(0.1)
-        refused_at_dump(prog, tmp_path, "close-wait", extra=("--tcp-established",))
+        refused_at_dump(prog, tmp_path, "fin-wait2", extra=("--tcp-established",))
+        peer.close()
 
 
 def test_fifo_gone_at_restore_is_refused(program, tmp_path):

@@ -99,6 +99,12 @@ def _check_unix(where: str, rec: dict, inodes: set[int], listeners: set[bytes]) 
         )
 
 
+# TCP states dumped through repair mode: established, and established with the
+# peer's FIN received (CLOSE_WAIT: the peer closed, the program has not yet; an idle
+# pooled client connection whose server timed out), whose FIN restore delivers again.
+REPAIRED = ("established", "close-wait")
+
+
 def _check_inet(where: str, rec: dict, tcp_established: bool) -> None:
     if rec["sock_type"] == "dgram":
         return
@@ -107,10 +113,11 @@ def _check_inet(where: str, rec: dict, tcp_established: bool) -> None:
             f"{where}: a {rec['sock_family']} {rec['sock_type']} socket cannot be dumped"
         )
     state = rec["tcp_state"]
-    if state == "established":
+    if state in REPAIRED:
         if not tcp_established:
+            what = "established" if state == "established" else f"established ({state})"
             raise CheckpointError(
-                f"{where}: established TCP connection {_endpoint(rec['sock_local'])} -> "
+                f"{where}: {what} TCP connection {_endpoint(rec['sock_local'])} -> "
                 f"{_endpoint(rec['sock_peer_addr'])}: "
                 "dumped only with --tcp-established (dump, converge, migrate)"
             )
@@ -153,7 +160,7 @@ def repair_established(records: dict[int, list[dict]], held: RepairedConnections
     first: dict[int, tuple[int, dict]] = {}  # inode -> (pid, record)
     for pid, recs in records.items():
         for rec in recs:
-            if rec.get("tcp_state") == "established":
+            if rec.get("tcp_state") in REPAIRED:
                 first.setdefault(rec["sock_inode"], (pid, rec))
     if not first:
         return
@@ -172,7 +179,7 @@ def repair_established(records: dict[int, list[dict]], held: RepairedConnections
     state = {inode: _repair_one(pid, rec) for inode, (pid, rec) in first.items()}
     for recs in records.values():
         for rec in recs:
-            if rec.get("tcp_state") == "established":
+            if rec.get("tcp_state") in REPAIRED:
                 rec["tcp_repair"] = state[rec["sock_inode"]]
 
 

@@ -321,6 +321,63 @@ def read_tcp_repair_state(sock: socket.socket) -> dict:
     return state
 
 
+def before_fin(st: dict) -> dict:
+    """The repair state of a connection whose peer's FIN was received (CLOSE_WAIT),
+    as it was just before that FIN: repair mode can only rebuild an established
+    connection, and the FIN (one sequence number) is then delivered again with
+    inject_fin."""
+    recv_seq = (st["recv_seq"] - 1) & 0xFFFFFFFF
+    window = list(st["window"])
+    if window[4] == st["recv_seq"]:  # rcv_wup may not lie beyond rcv_nxt
+        window[4] = recv_seq
+    return {**st, "recv_seq": recv_seq, "window": window}
+
+
+def inject_fin(local: tuple, peer: tuple, st: dict) -> None:
+    """Deliver to the rebuilt connection `local` <-> `peer` (st: before_fin's state)
+    the FIN its peer sent before the dump, as a segment from the peer on a raw
+    socket: the kernel then moves it to CLOSE_WAIT and its reader gets end of file.
+    The peer, in FIN_WAIT2, takes the ACK this draws as a duplicate."""
+    ack = (st["send_seq"] - len(st["send_queue"])) & 0xFFFFFFFF  # what it has acked
+    src, dst = _wire_address(peer[0]), _wire_address(local[0])
+    tcp = struct.pack("!HHIIBBHHH", peer[1], local[1], st["recv_seq"], ack, 5 << 4,
+                      _TH_FIN | _TH_ACK, 65535, 0, 0)  # fmt: skip
+    if len(src) == 4:
+        pseudo = src + dst + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(tcp))
+        header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64,
+                             socket.IPPROTO_TCP, 0, src, dst)  # fmt: skip
+        header = header[:10] + struct.pack("!H", _checksum(header)) + header[12:]
+        family, to = socket.AF_INET, (socket.inet_ntop(socket.AF_INET, dst), 0)
+    else:
+        pseudo = src + dst + struct.pack("!IxxxB", len(tcp), socket.IPPROTO_TCP)
+        header = struct.pack("!IHBB16s16s", 6 << 28, len(tcp), socket.IPPROTO_TCP, 64, src, dst)
+        family, to = socket.AF_INET6, (socket.inet_ntop(socket.AF_INET6, dst), 0)
+    tcp = tcp[:16] + struct.pack("!H", _checksum(pseudo + tcp)) + tcp[18:]
+    # IPPROTO_RAW: the caller writes the IP header (IPv4 and IPv6 alike).
+    with socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+        raw.sendto(header + tcp, to)
+
+
+_TH_FIN, _TH_ACK = 0x01, 0x10
+
+
+def _wire_address(host: str) -> bytes:
+    """An address as it travels: an IPv4-mapped IPv6 address travels as IPv4."""
+    if ":" not in host:
+        return socket.inet_pton(socket.AF_INET, host)
+    packed = socket.inet_pton(socket.AF_INET6, host)
+    return packed[12:] if packed[:12] == b"\0" * 10 + b"\xff\xff" else packed
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
 def rebuild_tcp(sock: socket.socket, local: tuple, peer: tuple, st: dict) -> None:
     """Make `sock` (fresh, same family) the connection `local` <-> `peer` with the
     state read_tcp_repair_state read; it is left in repair mode (leave_repair ends it)."""

@@ -18,7 +18,7 @@ import os
 import socket
 import stat
 
-from checkpointer.fdstate.tree import connection, peer_closed, reuseaddr_of
+from checkpointer.fdstate.tree import REPAIRED, connection, peer_closed, reuseaddr_of
 from checkpointer.kernel import netlock, sockets
 from checkpointer.restore.images import ProcessImage, RestoreError
 
@@ -162,8 +162,11 @@ def _inet(sock: socket.socket, record: dict) -> None:
     local = tuple(record["sock_local"])
     state = record.get("tcp_state")
     _set_options(sock, record)  # before the bind: IPV6_V6ONLY cannot change after it
-    if state == "established":
-        sockets.rebuild_tcp(sock, local, tuple(record["sock_peer_addr"]), record["tcp_repair"])
+    if state in REPAIRED:
+        st = record["tcp_repair"]
+        if state == "close-wait":  # rebuilt established; finish() delivers the FIN
+            st = sockets.before_fin(st)
+        sockets.rebuild_tcp(sock, local, tuple(record["sock_peer_addr"]), st)
         return
     if local[1] != 0:
         sock.bind(local)
@@ -175,24 +178,26 @@ def _inet(sock: socket.socket, record: dict) -> None:
 
 def finish(files, task, record: dict) -> None:
     """An established connection runs again: out of repair mode; then, once for
-    the whole tree, the netfilter rules that locked them since the dump go."""
-    if record.get("tcp_state") != "established":
+    the whole tree, the netfilter rules that locked them since the dump go. A
+    connection whose peer had closed gets its FIN again, once unlocked."""
+    if record.get("tcp_state") not in REPAIRED:
         return
     key = f"sock-{record['sock_inode']}"
     if key in files.objects:
         with socket.socket(fileno=os.dup(files.objects[key])) as sock:
             sockets.leave_repair(sock, reuseaddr_of(record))
-    if "netlock" in files.objects:
-        return
-    files.objects["netlock"] = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)  # done mark
-    netlock.unlock_connections(
-        [
-            connection(r)
-            for recs in files.tree_fds.values()
-            for r in recs
-            if r.get("tcp_state") == "established"
-        ]
-    )
+    if files.first_time("netlock"):
+        netlock.unlock_connections(
+            [
+                connection(r)
+                for recs in files.tree_fds.values()
+                for r in recs
+                if r.get("tcp_state") in REPAIRED
+            ]
+        )
+    if record["tcp_state"] == "close-wait" and files.first_time(f"fin-{key}"):
+        st = sockets.before_fin(record["tcp_repair"])
+        sockets.inject_fin(tuple(record["sock_local"]), tuple(record["sock_peer_addr"]), st)
 
 
 def check(p: ProcessImage, record: dict, source_alive: bool = False) -> None:
