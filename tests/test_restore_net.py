@@ -559,6 +559,35 @@ def test_tcp_close_wait_gets_its_bytes_then_end_of_file(program, tmp_path, famil
         peer.close()
 
 
+@pytest.mark.parametrize("damage", ["drop-window", "queue-as-text", "no-peer"])
+def test_tcp_record_of_a_damaged_image_is_refused_in_one_line(program, tmp_path, damage):
+    """A hostile or damaged connection record (the fd schema leaves socket fields to
+    their kind) was met halfway, with a KeyError's traceback: refused before any
+    process exists now."""
+    from checkpointer.images import format as fmt
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        prog = program(CLIENT.format(port=server.getsockname()[1]))
+        peer, _ = server.accept()
+        dump_and_kill(prog.pid, tmp_path / "images", "--tcp-established", reap=prog.reap)
+        path = tmp_path / "images" / f"fds-{prog.pid}"
+        records = fmt.read_records(str(path))
+        rec = next(r for r in records if r.get("tcp_state") == "established")
+        if damage == "drop-window":
+            del rec["tcp_repair"]["window"]
+        elif damage == "queue-as-text":
+            rec["tcp_repair"]["recv_queue"] = "text"
+        else:
+            rec["sock_peer_addr"] = None
+        data = fmt.encode_records(fmt.kind_of_name(path.name), records)
+        version = fmt.read_header(str(path))[1]
+        path.write_bytes(data[:8] + version.to_bytes(2, "little") + data[10:])
+        r = cli("restore", "-D", str(tmp_path / "images"), "-d")
+        assert_one_line_error(r, "malformed socket record")
+        assert not os.path.exists(f"/proc/{prog.pid}")
+        peer.close()
+
+
 SERVER_CONNECTION = """
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

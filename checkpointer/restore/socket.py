@@ -213,12 +213,55 @@ def check(p: ProcessImage, record: dict, source_alive: bool = False) -> None:
             if not stat.S_ISSOCK(os.lstat(name).st_mode):
                 raise RestoreError(f"{where}: {name.decode()} exists and is not a socket")
         return
+    _check_inet_fields(where, record)
     if source_alive:
         return
     if record.get("tcp_state") == "listen" or (
         record["sock_type"] == "dgram" and record["sock_local"][1] != 0
     ):
         _check_free(where, record)
+
+
+# What a rebuilt TCP connection reads of its record (read_tcp_repair_state's).
+REPAIR_FIELDS = {
+    "recv_seq": int, "send_seq": int, "recv_queue": bytes, "send_queue": bytes,
+    "mss": int, "timestamps": bool, "sack": bool, "timestamp": int, "window": list,
+}  # fmt: skip
+
+
+def _check_inet_fields(where: str, record: dict) -> None:
+    """The fields an inet socket's restore reads, of the types it expects: a record
+    of a damaged or hostile image is refused here, in one line, not met halfway."""
+
+    def address(value) -> bool:
+        return (isinstance(value, list) and len(value) >= 2 and isinstance(value[0], str)
+                and type(value[1]) is int)  # fmt: skip
+
+    bad = None
+    if not address(record.get("sock_local")):
+        bad = "sock_local"
+    elif record.get("tcp_state") in REPAIRED:
+        st = record.get("tcp_repair")
+        if not address(record.get("sock_peer_addr")):
+            bad = "sock_peer_addr"
+        elif not isinstance(st, dict):
+            bad = "tcp_repair"
+        else:
+            for key, kind in REPAIR_FIELDS.items():
+                if type(st.get(key)) is not kind:
+                    bad = f"tcp_repair.{key}"
+                    break
+            else:
+                window, wscale = st["window"], st.get("wscale")
+                if len(window) != 5 or any(type(w) is not int for w in window):
+                    bad = "tcp_repair.window"
+                elif wscale is not None and not (
+                    isinstance(wscale, list) and len(wscale) == 2
+                    and all(type(w) is int for w in wscale)
+                ):  # fmt: skip
+                    bad = "tcp_repair.wscale"
+    if bad:
+        raise RestoreError(f"{where}: malformed socket record ({bad} missing or mistyped)")
 
 
 def _check_free(where: str, record: dict) -> None:
