@@ -273,3 +273,30 @@ def test_a_pid_held_by_a_zombie_its_parent_does_not_reap_names_the_parent(tmp_pa
     finally:
         p.kill()
         p.wait()
+
+
+def _zombies_none(images, lc) -> None:
+    def change(records):
+        records[0]["zombies"] = None
+
+    rewrite_records(images / "pstree", change)
+
+
+def _sched_as_text(images, lc) -> None:
+    def change(records):
+        for rec in records:
+            if "sched" in rec:
+                rec["sched"] = "zz"
+
+    rewrite_records(images / f"core-{lc.pid}", change)
+
+
+@pytest.mark.parametrize("damage", [_zombies_none, _sched_as_text])
+def test_a_record_of_the_wrong_shape_is_refused_in_one_line(dumped, damage):
+    """Found by mutating the fields of a dump's records: a field the schemas do not
+    reach, of the wrong type, ended the restore in a traceback."""
+    lc, images = dumped
+    damage(images, lc)
+    r = cli("restore", "-D", str(images), "-d")
+    assert_one_line_error(r, "a record restore cannot read", "nothing was restored")
+    assert_nothing_restored(lc)

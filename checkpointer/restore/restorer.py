@@ -15,16 +15,20 @@ was created and raises one line.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from checkpointer.errors import ImageError
 from checkpointer.kernel import ptrace
 from checkpointer.restore import creds, files, memory, pty, signals, threads, tree
 from checkpointer.restore.images import RestoreImages, load, preflight
 from checkpointer.restore.task import Task
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,8 +50,26 @@ class RestoreResult:
     restore_ms: float = 0.0
 
 
+# What a record of the wrong shape raises where restore reads it. The schemas check
+# every record's common fields and the preflight what each object needs; whatever a
+# damaged or hostile image still gets past them ends in one line, not a traceback
+# (logged in full with -vv, for a bug).
+MALFORMED = (KeyError, TypeError, ValueError, IndexError, AttributeError)
+
+
 def restore(req: RestoreRequest) -> RestoreResult:
     """Bring the dump at req.images_dir back to life; the tree runs (or is stopped)."""
+    try:
+        return _restore(req)
+    except MALFORMED as exc:
+        log.debug("restore met a record it cannot read", exc_info=True)
+        raise ImageError(
+            f"a record restore cannot read ({type(exc).__name__}: {exc}); nothing was restored",
+            str(req.images_dir),
+        ) from None
+
+
+def _restore(req: RestoreRequest) -> RestoreResult:
     started = time.monotonic()
     images = load(str(req.images_dir))
     preflight(images, req.shell_job)
