@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +55,8 @@ class RestoreResult:
 # every record's common fields and the preflight what each object needs; whatever a
 # damaged or hostile image still gets past them ends in one line, not a traceback
 # (logged in full with -vv, for a bug).
-MALFORMED = (KeyError, TypeError, ValueError, IndexError, AttributeError)
+MALFORMED = (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError,
+             struct.error)  # fmt: skip
 
 
 def restore(req: RestoreRequest) -> RestoreResult:
