@@ -423,6 +423,75 @@ def test_posix_timers_come_back(tmp_path):
         subprocess.run(["pkill", "-9", "-s", str(p.pid)], check=False)
 
 
+def test_a_posix_timer_aimed_at_a_thread_comes_back(tmp_path):
+    """A timer that signals one thread (SIGEV_THREAD_ID; glibc's SIGEV_THREAD timers
+    are such, aimed at its helper thread: vim has one) was created before the
+    threads existed, and the restore failed with EINVAL from timer_create."""
+    with program_starter(tmp_path) as start:
+        prog = start(
+            """
+            import ctypes, signal, threading
+            libc = ctypes.CDLL(None, use_errno=True)
+            signal.signal(signal.SIGUSR1, lambda *a: report("fired", 1))
+            def worker():
+                # struct sigevent: sigval, signo, notify, tid (SIGEV_THREAD_ID = 4)
+                ev = (ctypes.c_int * 16)(7, 0, signal.SIGUSR1, 4, threading.get_native_id())
+                timer = ctypes.c_int()
+                assert libc.timer_create(1, ev, ctypes.byref(timer)) == 0
+                spec = (ctypes.c_long * 4)(0, 0, 3, 0)  # once, in 3 s
+                assert libc.timer_settime(timer, 0, spec, None) == 0
+                report("worker", threading.get_native_id())
+                while True:
+                    time.sleep(0.05)
+            threading.Thread(target=worker, daemon=True).start()
+            while not (D / "worker").exists():
+                time.sleep(0.01)
+            ready()
+            while True:
+                time.sleep(0.05)
+            """
+        )
+        worker = int(prog.result("worker"))
+        timers = open(f"/proc/{prog.pid}/timers").read()
+        assert f"notify: signal/tid.{worker}\n" in timers
+        dump_process_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+        restore(tmp_path / "images")
+        assert open(f"/proc/{prog.pid}/timers").read() == timers
+        assert prog.result("fired") == b"1"  # delivered when due
+
+
+def test_a_posix_timer_aimed_at_a_thread_that_exited_comes_back_silent(tmp_path):
+    """Its thread is gone, so it signals nobody; timer_create refuses such a thread,
+    so it comes back as SIGEV_NONE with its id and time left, not as a failed
+    restore."""
+    with program_starter(tmp_path) as start:
+        prog = start(
+            """
+            import ctypes, signal, threading
+            libc = ctypes.CDLL(None, use_errno=True)
+            def worker():
+                ev = (ctypes.c_int * 16)(7, 0, signal.SIGUSR1, 4, threading.get_native_id())
+                timer = ctypes.c_int()
+                assert libc.timer_create(1, ev, ctypes.byref(timer)) == 0
+                spec = (ctypes.c_long * 4)(0, 0, 100, 0)
+                assert libc.timer_settime(timer, 0, spec, None) == 0
+            t = threading.Thread(target=worker)
+            t.start()
+            t.join()
+            ready()
+            go()
+            report("alive", 1)
+            """
+        )
+        assert "notify: signal/tid." in open(f"/proc/{prog.pid}/timers").read()
+        dump_process_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+        restore(tmp_path / "images")
+        assert open(f"/proc/{prog.pid}/timers").read().startswith("ID: 0\nsignal: 10/")
+        assert "notify: none" in open(f"/proc/{prog.pid}/timers").read()
+        prog.go()
+        assert prog.result("alive") == b"1"
+
+
 def test_a_session_whose_leader_exited_but_lives_on_outside_the_tree(tmp_path):
     """Its leader exited, but another process outside the tree is still in the
     session: the id is in use, so no helper can take it (clone3 gave EEXIST, as for

@@ -20,7 +20,7 @@ ITIMERVAL = struct.Struct("<qqqq")
 ITIMERSPEC = struct.Struct("<qqqq")  # it_interval {sec, nsec}, it_value {sec, nsec}
 # struct sigevent: sigval, signo, notify, then (SIGEV_THREAD_ID) the thread id; 64 bytes
 SIGEVENT = struct.Struct("<qiii44x")
-SIGEV_THREAD_ID = 4
+SIGEV_NONE, SIGEV_THREAD_ID = 1, 4
 ITIMER_NAMES = ("real", "virtual", "prof")  # ITIMER_REAL 0, VIRTUAL 1, PROF 2
 
 # stack_t: ss_sp, ss_flags (int, padded), ss_size.

@@ -130,6 +130,7 @@ def _rebuild(task: Task, images: RestoreImages, shared, open_files, created) -> 
     files.restore_dirs_and_limits(task, shared.ghosts)
     signals.restore_process_signals(task)
     threads.create_threads(task, created)
+    signals.restore_posix_timers(task)
     threads.restore_thread_state(task)
     tree.restore_prctl(task)
 

@@ -1,5 +1,9 @@
 """Step 6a: signal handlers, interval timers, POSIX timers and pending signals.
 
+POSIX timers come after the threads (restore_posix_timers): one may signal a
+single thread (SIGEV_THREAD_ID, as glibc's SIGEV_THREAD timers do, aimed at its
+helper thread), and timer_create refuses a thread that does not exist yet.
+
 Handlers come back with their flags, mask and restorer (x86_64 has no sigreturn
 trampoline in the vdso: SA_RESTORER's address is glibc's). Pending signals are
 queued again from inside the task, whose signals stay blocked until its final
@@ -23,14 +27,25 @@ def restore_process_signals(task: Task) -> None:
             # value 0 with an interval: it expired just as it was read and is
             # being re-armed; arm it for one interval.
             taskctl.setitimer(s, which, interval, value or interval)
-    for timer in sorted(process.get("posix_timers", []), key=lambda t: t["id"]):
+    for info in process.get("shared_siginfo", []):
+        taskctl.queue_signal(s, task.pid, None, info)
+
+
+def restore_posix_timers(task: Task) -> None:
+    """timer_create with each dumped id, armed with the time it had left; once
+    every thread exists."""
+    s = task.session
+    for timer in sorted(task.image.process.get("posix_timers", []), key=lambda t: t["id"]):
+        if timer["notify"] & abi.SIGEV_THREAD_ID and timer["target"] not in task.threads:
+            # Its thread had exited: the kernel signals nobody when it fires.
+            # timer_create refuses a thread outside the process, so it comes back
+            # signalling nobody too, with its id and time left.
+            timer = {**timer, "notify": abi.SIGEV_NONE}
         taskctl.create_posix_timer(s, timer)
         value, interval = timer["value"], timer["interval"]
         if any(value) or any(interval):
             # (no time left but an interval: it expired as it was read, re-arming)
             taskctl.set_posix_timer(s, timer["id"], value if any(value) else interval, interval)
-    for info in process.get("shared_siginfo", []):
-        taskctl.queue_signal(s, task.pid, None, info)
 
 
 def restore_thread_signals(task: Task, s: SyscallSession, thread: dict) -> None:
