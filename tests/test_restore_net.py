@@ -875,7 +875,8 @@ def test_unix_datagram_server_messages(program, tmp_path, named_sender):
 @pytest.mark.parametrize(
     "make, words",
     [
-        ("socket.AF_NETLINK, socket.SOCK_RAW, 0", "netlink socket cannot be dumped"),
+        ("socket.AF_PACKET, socket.SOCK_RAW, 0", "packet socket cannot be dumped"),
+        ("socket.AF_INET, socket.SOCK_DGRAM, 136", "inet UDP-Lite socket cannot be dumped"),
         (
             "socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP",
             "inet raw socket cannot be dumped",
@@ -892,6 +893,143 @@ def test_other_sockets_are_refused(program, tmp_path, make, words):
         """
     )
     refused_at_dump(prog, tmp_path, words)
+
+
+@pytest.fixture
+def ping_sockets():
+    """Unprivileged ICMP echo sockets (as ping uses them) for root's group, as the
+    net.ipv4.ping_group_range of most distributions allows; put back after."""
+    path = "/proc/sys/net/ipv4/ping_group_range"
+    old = open(path).read()
+    with open(path, "w") as f:
+        f.write("0 0")
+    yield
+    with open(path, "w") as f:
+        f.write(old)
+
+
+def test_ping_socket_stays_a_ping_socket(program, tmp_path, ping_sockets):
+    """An ICMP echo socket (SOCK_DGRAM, IPPROTO_ICMP) came back as a UDP socket
+    and its echo requests went nowhere."""
+    prog = program(
+        """
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+        s.settimeout(5)
+        def ping(seq):
+            s.sendto(bytes([8, 0, 0, 0, 0, 0, 0, seq]) + b"payload", ("127.0.0.1", 0))
+            return s.recv(100)[7]
+        report("before", ping(1))
+        ready()
+        go()
+        report("after", (s.proto, ping(2)))
+        """
+    )
+    assert prog.result("before") == b"1"
+    dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+    restore(tmp_path / "images")
+    prog.go()
+    assert prog.result("after") == repr((socket.IPPROTO_ICMP, 2)).encode()
+
+
+# -- netlink --------------------------------------------------------------------------------
+
+ADDRESS = "127.0.0.77"  # put on lo and taken off again: an event for address monitors
+
+
+@pytest.fixture
+def address_event():
+    """add(): puts ADDRESS on lo (RTM_NEWADDR to every listener of the group)."""
+    added = []
+
+    def add():
+        subprocess.run(["ip", "addr", "add", f"{ADDRESS}/32", "dev", "lo"], check=True)
+        added.append(1)
+
+    yield add
+    if added:
+        subprocess.run(["ip", "addr", "del", f"{ADDRESS}/32", "dev", "lo"], check=False)
+
+
+NETLINK_PROGRAM = """
+    import struct
+    RTNLGRP_IPV4_IFADDR, SOL_NETLINK, LIST, NO_ENOBUFS = 5, 270, 9, 5
+    def state(s):
+        bits = int.from_bytes(s.getsockopt(SOL_NETLINK, LIST, 64), "little")
+        return (s.getsockname(), [n + 1 for n in range(512) if bits >> n & 1],
+                s.getsockopt(SOL_NETLINK, NO_ENOBUFS),
+                s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+    monitor = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    monitor.setsockopt(SOL_NETLINK, NO_ENOBUFS, 1)
+    monitor.setsockopt(socket.SOL_SOCKET, 33, 1 << 20)  # SO_RCVBUFFORCE
+    monitor.bind((0, 1 << (RTNLGRP_IPV4_IFADDR - 1)))
+    monitor.setsockopt(SOL_NETLINK, 1, 33)  # a group past the 32 bind() takes
+    query = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, socket.NETLINK_ROUTE)
+    report("before", (state(monitor), state(query)))
+    ready()
+    go()
+    report("after", (state(monitor), state(query)))
+    # RTM_GETADDR (22), a dump of every IPv4 address, from the socket never bound
+    query.send(struct.pack("=LHHLLBxxxL", 24, 22, 0x301, 1, 0, socket.AF_INET, 0))
+    answer, done = b"", False
+    while not done:
+        part = query.recv(1 << 16)
+        answer += part
+        off = 0
+        while off < len(part):
+            length, kind = struct.unpack_from("=LH", part, off)
+            done = done or kind == 3  # NLMSG_DONE
+            off += (length + 3) & ~3
+    report("dumped", socket.inet_aton("127.0.0.1") in answer)
+    report("event", monitor.recv(1 << 16))
+"""
+
+
+def test_netlink_sockets_keep_port_groups_flags_and_work(program, tmp_path, address_event):
+    """A route monitor (groups, one past 32; NO_ENOBUFS; a forced receive buffer)
+    and a query socket: both come back as they were, the monitor gets the next
+    address event and the query socket answers a dump. They were refused before."""
+    prog = program(NETLINK_PROGRAM)
+    before = prog.result("before")
+    dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+    restore(tmp_path / "images")
+    address_event()
+    prog.go()
+    assert prog.result("after") == before
+    assert prog.result("dumped") == b"True"
+    assert socket.inet_aton(ADDRESS) in prog.result("event")
+
+
+def test_netlink_messages_queued_unread_are_refused(program, tmp_path, address_event):
+    """The kernel's messages cannot be queued again: the dump refuses and names
+    it, and the program keeps them."""
+    prog = program(
+        """
+        monitor = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        monitor.bind((0, 1 << 4))
+        ready()
+        go()
+        report("alive", 1)
+        """
+    )
+    address_event()
+    refused_at_dump(prog, tmp_path, "netlink messages are queued")
+
+
+def test_ip_monitor_sees_events_after_restore(tmp_path, address_event):
+    """`ip monitor address`, a real netlink listener, reports an address added
+    after its restore."""
+    out = tmp_path / "monitor.out"
+    with open(out, "wb") as f:
+        p = subprocess.Popen(["ip", "-o", "monitor", "address"], stdout=f,
+                             stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        time.sleep(0.5)
+        dump_and_kill(p.pid, tmp_path / "images", reap=p.wait)
+        restore(tmp_path / "images")
+        address_event()
+        wait_until(lambda: ADDRESS in out.read_text(), "the event in ip monitor's output")
+    finally:
+        subprocess.run(["kill", "-9", str(p.pid)], check=False)
 
 
 def test_tcp_closed_by_the_program_on_its_side_is_refused(program, tmp_path):

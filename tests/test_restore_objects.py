@@ -694,10 +694,10 @@ os.dup2(m, 40); os.dup2(s, 41); os.close(m); os.close(s)
 INPUT = {input!r}
 if {packet!r}:
     fcntl.ioctl(40, termios.TIOCPKT, (1).to_bytes(4, "little"))
-if {netlink!r}:  # fd 50: refused at dump, after every fd was read
-    nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
-    os.dup2(nl.fileno(), 50)
-    nl.close()
+if {refused!r}:  # fd 50: refused at dump, after every fd was read
+    bad = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    os.dup2(bad.fileno(), 50)
+    bad.close()
 os.write(41, b"out one\\nout two")       # output the master has not read
 if INPUT:
     os.write(40, INPUT)                  # input the slave has not read
@@ -750,7 +750,7 @@ def test_pty_queued_bytes_come_back_exactly_once(tmp_path, mode):
 
     packet = mode == "packet"
     head = b"\0" if packet else b""
-    code = QUEUED_PTY.format(input=b"in one\npartial", packet=packet, netlink=mode == "failed")
+    code = QUEUED_PTY.format(input=b"in one\npartial", packet=packet, refused=mode == "failed")
     prog = start_program(tmp_path, code)
     try:
         extra = ["--leave-running"] if mode == "leave-running" else []
@@ -782,7 +782,7 @@ def test_pty_input_over_the_limit_is_refused_and_kept(tmp_path):
     from objectslib import start_program
 
     code = (
-        QUEUED_PTY.split("ready()")[0].format(input=b"x" * 99 + b"\n", packet=False, netlink=False)
+        QUEUED_PTY.split("ready()")[0].format(input=b"x" * 99 + b"\n", packet=False, refused=False)
         + """
 os.write(40, b"y" * 99 * 50)
 ready()

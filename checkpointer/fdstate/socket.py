@@ -57,7 +57,11 @@ def describe(pid: int, record: dict) -> dict:
             if in_flight and int(in_flight):
                 fields["sock_scm_fds"] = int(in_flight)
         elif sock.family in (socket.AF_INET, socket.AF_INET6):
+            fields["sock_protocol"] = sock.proto
             fields.update(_inet(sock, fields["sock_inode"]))
+        elif sock.family == socket.AF_NETLINK:
+            fields["sock_protocol"] = sock.proto
+            fields.update(_netlink(sock))
         return fields
 
 
@@ -103,6 +107,23 @@ def _unix(sock: socket.socket, inode: int) -> dict:
     return fields
 
 
+def _netlink(sock: socket.socket) -> dict:
+    """Port id (0 if never bound: the kernel binds one at the first send), every
+    multicast group joined, where it is connected (port id, group mask), flags and
+    buffer sizes. Messages queued unread are only noted: the dump refuses them."""
+    portid, _ = sock.getsockname()
+    dst_portid, dst_groups = sock.getpeername()
+    rcvbuf, sndbuf = sockets.buffer_sizes(sock)
+    return {
+        "nl_portid": portid,
+        "nl_groups": sockets.netlink_groups(sock),
+        "nl_dst": [dst_portid, dst_groups],
+        "nl_flags": sockets.netlink_flags(sock),
+        "sock_buffers": [rcvbuf, sndbuf],
+        "nl_unread": sockets.has_data(sock),
+    }
+
+
 def _inet(sock: socket.socket, inode: int) -> dict:
     fields: dict = {"sock_local": list(sock.getsockname()[:2])}
     options = {k: sock.getsockopt(*opt) for k, opt in INET_OPTIONS.items()}
@@ -112,7 +133,7 @@ def _inet(sock: socket.socket, inode: int) -> dict:
         fields["sock_peer_addr"] = list(sock.getpeername()[:2])
     except OSError:
         fields["sock_peer_addr"] = None
-    if sock.type == socket.SOCK_STREAM:
+    if sock.type == socket.SOCK_STREAM and sock.proto == socket.IPPROTO_TCP:
         options.update({k: sock.getsockopt(*opt) for k, opt in TCP_OPTIONS.items()})
         state = sockets.tcp_state(sock)
         fields["tcp_state"] = TCP_STATES.get(state, str(state))

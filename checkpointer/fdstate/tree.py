@@ -48,6 +48,8 @@ def check(records: dict[int, list[dict]], tcp_established: bool) -> None:
                 _check_unix(where, rec, inodes, listeners)
             elif family in FAMILY_NUMBERS:
                 _check_inet(where, rec, tcp_established)
+            elif family == "netlink":
+                _check_netlink(where, rec)
             else:
                 raise CheckpointError(f"{where}: a {family} socket cannot be dumped")
 
@@ -105,13 +107,36 @@ def _check_unix(where: str, rec: dict, inodes: set[int], listeners: set[bytes]) 
 REPAIRED = ("established", "close-wait")
 
 
+def _check_netlink(where: str, rec: dict) -> None:
+    # The kernel's messages cannot be queued again from user space (their sender
+    # would be us, not port 0), and a reply half read (a dump answered in parts)
+    # would never end: refused, as CRIU does. The tree runs on; dump again.
+    if rec["nl_unread"]:
+        raise CheckpointError(
+            f"{where}: netlink messages are queued on it, unread: they cannot be dumped (try again)"
+        )
+
+
+# Protocols of the inet sockets restore makes: TCP streams; UDP and ping (ICMP)
+# datagrams. (The number is absent from images written before it was kept: UDP
+# or TCP.)
+INET_PROTOCOLS = {
+    "stream": {socket.IPPROTO_TCP},
+    "dgram": {socket.IPPROTO_UDP, socket.IPPROTO_ICMP, socket.IPPROTO_ICMPV6},
+}
+
+
 def _check_inet(where: str, rec: dict, tcp_established: bool) -> None:
-    if rec["sock_type"] == "dgram":
-        return
-    if rec["sock_type"] != "stream":
+    if rec["sock_type"] not in INET_PROTOCOLS:
         raise CheckpointError(
             f"{where}: a {rec['sock_family']} {rec['sock_type']} socket cannot be dumped"
         )
+    protocol = rec.get("sock_protocol")
+    if protocol is not None and protocol not in INET_PROTOCOLS[rec["sock_type"]]:
+        name = {132: "SCTP", 136: "UDP-Lite", 262: "MPTCP"}.get(protocol, f"protocol {protocol}")
+        raise CheckpointError(f"{where}: a {rec['sock_family']} {name} socket cannot be dumped")
+    if rec["sock_type"] == "dgram":
+        return
     state = rec["tcp_state"]
     if state in REPAIRED:
         if not tcp_established:

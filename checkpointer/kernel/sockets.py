@@ -12,6 +12,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import select
 import socket
 import struct
 from dataclasses import dataclass
@@ -171,6 +172,74 @@ def socket_of(fd: int) -> socket.socket:
     """A socket object over our fd `fd` (family, type and protocol asked from the
     kernel); closing it closes fd."""
     return socket.socket(fileno=fd)
+
+
+# -- netlink ----------------------------------------------------------------------------
+
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP, NETLINK_LIST_MEMBERSHIPS = 1, 9
+# Per-socket flags, each an int option of SOL_NETLINK, by record key.
+NETLINK_FLAGS = {
+    "pktinfo": 3, "broadcast_error": 4, "no_enobufs": 5, "listen_all_nsid": 8,
+    "cap_ack": 10, "ext_ack": 11, "get_strict_chk": 12,
+}  # fmt: skip
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+
+
+def netlink_groups(sock: socket.socket) -> list[int]:
+    """The multicast groups (numbers from 1) a netlink socket has joined, all of
+    them: getsockname() shows only the first 32."""
+    raw = sock.getsockopt(SOL_NETLINK, NETLINK_LIST_MEMBERSHIPS, 1024)
+    bits = int.from_bytes(raw, "little")
+    return [n + 1 for n in range(len(raw) * 8) if bits >> n & 1]
+
+
+def join_netlink_group(sock: socket.socket, group: int) -> None:
+    sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
+
+
+def netlink_flags(sock: socket.socket) -> dict[str, int]:
+    """The netlink flags this kernel knows (an older one lacks the newer)."""
+    flags = {}
+    for name, opt in NETLINK_FLAGS.items():
+        try:
+            flags[name] = sock.getsockopt(SOL_NETLINK, opt)
+        except OSError:
+            continue
+    return flags
+
+
+def set_netlink_flag(sock: socket.socket, name: str, value: int) -> None:
+    sock.setsockopt(SOL_NETLINK, NETLINK_FLAGS[name], value)
+
+
+def buffer_sizes(sock: socket.socket) -> tuple[int, int]:
+    """(receive, send) buffer sizes as the kernel holds them (twice what was asked)."""
+    return (
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
+    )
+
+
+def set_buffer_sizes(sock: socket.socket, rcvbuf: int, sndbuf: int) -> None:
+    """Give the socket these (kernel-held) buffer sizes: the kernel doubles what is
+    asked. The FORCE options pass net.core.[rw]mem_max, as a program that raised
+    its buffer past it with privilege had; without CAP_NET_ADMIN, the capped ones."""
+    for force, plain, size in (
+        (SO_RCVBUFFORCE, socket.SO_RCVBUF, rcvbuf),
+        (SO_SNDBUFFORCE, socket.SO_SNDBUF, sndbuf),
+    ):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, size // 2)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, plain, size // 2)
+
+
+def has_data(sock: socket.socket) -> bool:
+    """Something is waiting to be read (poll)."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
 
 
 NETLINK_SOCK_DIAG = 4

@@ -4,6 +4,7 @@ unix: a connected pair inside the tree is a socketpair, the bytes each end had
 waiting written back from the other end; a listener is bound to its path again
 (a stale socket file left by the dumped process is replaced) with its mode and
 backlog; a datagram socket is bound and connected to its names again.
+netlink: bound to its port id and multicast groups, connected, flags set.
 inet: listening and unconnected sockets are bound again with their options
 (SO_REUSEADDR... before the bind, IPV6_V6ONLY) and backlog; an established TCP
 connection (dumped with --tcp-established) is rebuilt in repair mode with its
@@ -22,11 +23,24 @@ from checkpointer.fdstate.tree import REPAIRED, connection, peer_closed, reusead
 from checkpointer.kernel import netlock, sockets
 from checkpointer.restore.images import ProcessImage, RestoreError
 
-FAMILIES = {"unix": socket.AF_UNIX, "inet": socket.AF_INET, "inet6": socket.AF_INET6}
+FAMILIES = {
+    "unix": socket.AF_UNIX,
+    "inet": socket.AF_INET,
+    "inet6": socket.AF_INET6,
+    "netlink": socket.AF_NETLINK,
+}
 TYPES = {
     "stream": socket.SOCK_STREAM,
     "dgram": socket.SOCK_DGRAM,
     "seqpacket": socket.SOCK_SEQPACKET,
+    "raw": socket.SOCK_RAW,
+}
+# The types restore makes of each family.
+KINDS = {
+    "unix": ("stream", "dgram", "seqpacket"),
+    "inet": ("stream", "dgram"),
+    "inet6": ("stream", "dgram"),
+    "netlink": ("raw", "dgram"),
 }
 OPTIONS = {
     "reuseaddr": (socket.SOL_SOCKET, socket.SO_REUSEADDR),
@@ -79,8 +93,11 @@ def _make(files, record: dict) -> int:
                 if other.get("sock_name") == record["sock_peer_name"] and other is not record:
                     files.shared(f"sock-{other['sock_inode']}", lambda o=other: _make(files, o))
             sock.connect(record["sock_peer_name"])
+    elif family == socket.AF_NETLINK:
+        sock = socket.socket(family, type_, record["sock_protocol"])
+        _netlink(sock, record)
     else:
-        sock = socket.socket(family, type_)
+        sock = socket.socket(family, type_, record.get("sock_protocol", 0))
         _inet(sock, record)
     return sock.detach()
 
@@ -158,6 +175,23 @@ def _set_options(sock: socket.socket, record: dict) -> None:
         sock.setsockopt(level, opt, value)
 
 
+def _netlink(sock: socket.socket, record: dict) -> None:
+    for name, value in record["nl_flags"].items():
+        if value:
+            sockets.set_netlink_flag(sock, name, value)
+    sockets.set_buffer_sizes(sock, *record["sock_buffers"])
+    groups = record["nl_groups"]
+    if record["nl_portid"]:
+        # bind() takes the first 32 groups as a mask; the rest are joined one by one.
+        mask = sum(1 << (g - 1) for g in groups if g <= 32)
+        sock.bind((record["nl_portid"], mask))
+    for group in groups:
+        if group > 32 or not record["nl_portid"]:
+            sockets.join_netlink_group(sock, group)
+    if any(record["nl_dst"]):
+        sock.connect(tuple(record["nl_dst"]))
+
+
 def _inet(sock: socket.socket, record: dict) -> None:
     local = tuple(record["sock_local"])
     state = record.get("tcp_state")
@@ -205,8 +239,12 @@ def check(p: ProcessImage, record: dict, source_alive: bool = False) -> None:
     of the tree exists. (A source still alive holds its own addresses: see
     images.preflight.)"""
     where = _where(p.pid, record)
-    if record.get("sock_family") not in FAMILIES or record.get("sock_type") not in TYPES:
-        raise RestoreError(f"{where}: a {record.get('sock_family')} socket cannot be restored")
+    family, type_ = record.get("sock_family"), record.get("sock_type")
+    if type_ not in KINDS.get(family, ()):
+        raise RestoreError(f"{where}: a {family} {type_} socket cannot be restored")
+    if family == "netlink":
+        _check_netlink(where, record, source_alive)
+        return
     if record["sock_family"] == "unix":
         name = record.get("sock_name")
         if name and not name.startswith(b"\0") and os.path.lexists(name):
@@ -262,6 +300,34 @@ def _check_inet_fields(where: str, record: dict) -> None:
                     bad = "tcp_repair.wscale"
     if bad:
         raise RestoreError(f"{where}: malformed socket record ({bad} missing or mistyped)")
+
+
+def _check_netlink(where: str, record: dict, source_alive: bool) -> None:
+    """Its fields, of the types restore reads; and its port id free (the dumped
+    process's own, which a killed original released, or one the kernel picked)."""
+    fields = {"sock_protocol": int, "nl_portid": int, "nl_groups": list, "nl_dst": list,
+              "nl_flags": dict, "sock_buffers": list}  # fmt: skip
+    for key, kind in fields.items():
+        if type(record.get(key)) is not kind:
+            raise RestoreError(f"{where}: malformed socket record ({key} missing or mistyped)")
+    ints = [*record["nl_groups"], *record["nl_dst"], *record["sock_buffers"],
+            *record["nl_flags"].values()]  # fmt: skip
+    if (
+        any(type(v) is not int for v in ints)
+        or len(record["nl_dst"]) != 2
+        or len(record["sock_buffers"]) != 2
+        or not set(record["nl_flags"]) <= set(sockets.NETLINK_FLAGS)
+    ):
+        raise RestoreError(f"{where}: malformed socket record (a netlink field out of shape)")
+    if source_alive or not record["nl_portid"]:
+        return
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, record["sock_protocol"]) as probe:
+            probe.bind((record["nl_portid"], 0))
+    except OSError as exc:
+        raise RestoreError(
+            f"{where}: cannot bind netlink port id {record['nl_portid']}: {exc.strerror}"
+        ) from None
 
 
 def _check_free(where: str, record: dict) -> None:
