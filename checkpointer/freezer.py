@@ -24,6 +24,7 @@ from checkpointer.errors import TargetError
 from checkpointer.kernel import proc, ptrace
 
 MAX_ROUNDS = 5
+RELEASE_TIMEOUT = 5.0  # seconds for the tracees a thaw could not detach at once
 # A task may report signal-delivery-stops before the interrupt lands; each one is
 # delivered and we wait again, a bounded number of times.
 MAX_SIGNAL_STOPS = 16
@@ -181,11 +182,8 @@ class Freezer:
             for pid in pids:
                 if pid not in self.tree.was_stopped:
                     _signal(pid, signal.SIGSTOP)
-        stuck: list[int] = []
         with _signals_deferred():
-            for tid in self._seized:
-                if not self._release(tid):
-                    stuck.append(tid)
+            stuck = self._release(self._seized)
             self._seized.clear()
         if self._cgroup_frozen:
             self._thaw_cgroup()
@@ -200,26 +198,42 @@ class Freezer:
                 "they stay traced by this process until it exits"
             )
 
-    def _release(self, tid: int) -> bool:
-        """Detach tid. PTRACE_DETACH needs a ptrace-stop: a tracee that runs again
-        (continued to take a signal) refuses with ESRCH, which is not "gone"; stop it
-        and detach again. False if it stays traced."""
-        pid = self._pid_of(tid)
-        try:
-            ptrace.detach(tid)
-            return True
-        except TargetError:
-            if proc.wait_exited(pid, tid, timeout=0):
-                return True  # gone already
-        try:
-            ptrace.interrupt(tid)
-            stop = ptrace.wait_stop(tid)
-            if stop.kind in ("exited", "killed"):
-                return True
-            ptrace.detach(tid, stop.sig if stop.kind == "signal-stop" else 0)
-            return True
-        except TargetError:
-            return proc.wait_exited(pid, tid, timeout=0.2)
+    def _release(self, tids: list[int]) -> list[int]:
+        """Detach every tid; the ones still traced are returned. PTRACE_DETACH needs
+        a ptrace-stop: a tracee that runs again (continued to take a signal, or
+        woken by the SIGKILL of a kill-mode thaw before it shows as exiting)
+        refuses with ESRCH, which is not "gone". Those are interrupted and then
+        polled all together until each stops (detached then) or exits: a dying
+        group leader reports its exit only after its other threads were reaped,
+        by us, their tracer, so waiting on one tid at a time could sit out the
+        whole timeout on a leader whose thread came after it."""
+        pending = []
+        for tid in tids:
+            try:
+                ptrace.detach(tid)
+            except TargetError:
+                if not proc.wait_exited(self._pid_of(tid), tid, timeout=0):
+                    pending.append(tid)
+        for tid in pending:
+            try:
+                ptrace.interrupt(tid)
+            except TargetError:
+                pass  # exiting meanwhile: its exit is polled below
+        deadline = time.monotonic() + RELEASE_TIMEOUT
+        while pending and time.monotonic() < deadline:
+            for tid in list(pending):
+                try:
+                    stop = ptrace.poll_stop(tid)
+                    if stop is None:
+                        continue
+                    if stop.kind not in ("exited", "killed"):
+                        ptrace.detach(tid, stop.sig if stop.kind == "signal-stop" else 0)
+                except TargetError:
+                    if not proc.wait_exited(self._pid_of(tid), tid, timeout=0):
+                        continue  # neither stopped nor gone: poll again
+                pending.remove(tid)
+            time.sleep(0.001)
+        return [t for t in pending if not proc.wait_exited(self._pid_of(t), t, timeout=0.2)]
 
     def _pid_of(self, tid: int) -> int:
         for pid, tids in self.tree.threads.items():
