@@ -441,7 +441,7 @@ class _Pass:
         collect.mark_shared_descriptions(fds)
         # With every fd of the tree known: refusals (a peer outside the tree, a
         # connection without --tcp-established), then TCP repair and locks.
-        fdtree.check(fds, self.req.tcp_established)
+        fdtree.check(fds, self.req.tcp_established, set(tree.pids) | set(tree.zombies))
         fdtree.repair_established(fds, self.connections)
         for pid, fd_recs in fds.items():
             writer.write_fds(pid, fd_recs)

@@ -111,6 +111,10 @@ class Target:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        try:  # and what it forked (`forker`'s children, stopped by a final dump)
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         if self.proc.poll() is None:
             self.proc.wait(timeout=10)
         for stream in (self.proc.stdin, self.proc.stdout):

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from objectslib import dump_and_kill, program_starter, restore, sigkill
+from objectslib import dump_and_kill, program_starter, refused_at_dump, restore, sigkill
 from targetlib import cli, target_binary
 
 from checkpointer.kernel import kcmp
@@ -157,6 +157,62 @@ def test_signalfd_keeps_its_mask(events_restored):
     assert f"sigmask:\t{1 << (signal.SIGUSR2 - 1):016x}" in fdinfo(w.pid, 13)
     os.kill(w.pid, signal.SIGUSR2)
     w.wait_for(lambda st: st["usr2"] == 1, "SIGUSR2 read through the signalfd")
+
+
+PIDFD_PROGRAM = """
+    import select, signal, subprocess
+    child = subprocess.Popen(["sleep", "1000"])
+    zombie = subprocess.Popen(["true"])
+    while open(f"/proc/{zombie.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+        time.sleep(0.01)
+    gone = subprocess.Popen(["true"])
+    dead = os.pidfd_open(gone.pid)
+    gone.wait()  # reaped: a pidfd of no process
+    live, zfd = os.pidfd_open(child.pid), os.pidfd_open(zombie.pid)
+    ep = select.epoll()
+    ep.register(live, select.EPOLLIN)  # as asyncio (Python 3.12+) watches its children
+    report("child", child.pid)
+    ready()
+    go()
+    try:
+        os.waitid(os.P_PIDFD, dead, os.WEXITED)
+        dead_wait = "a status"
+    except ChildProcessError:
+        dead_wait = "ECHILD"
+    report("dead", (select.select([dead], [], [], 0)[0] == [dead], dead_wait))
+    report("zombie", os.waitid(os.P_PIDFD, zfd, os.WEXITED).si_pid == zombie.pid)
+    report("events", [fd for fd, _ in ep.poll(30)] == [live])
+    report("status", os.waitid(os.P_PIDFD, live, os.WEXITED).si_status)
+"""
+
+
+def test_pidfds_of_the_tree_come_back(tmp_path):
+    """Pidfds of a live child (watched by epoll, as asyncio does since Python 3.12),
+    of a zombie child and of a child reaped already: the dump refused them all."""
+    with program_starter(tmp_path) as start:
+        prog = start(PIDFD_PROGRAM)
+        child = int(prog.result("child"))
+        dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+        restore(tmp_path / "images")
+        os.kill(child, signal.SIGTERM)
+        prog.go()
+        assert prog.result("dead") == b"(True, 'ECHILD')"
+        assert prog.result("zombie") == b"True"
+        assert prog.result("events") == b"True"  # the restored child's exit woke it
+        assert prog.result("status") == str(int(signal.SIGTERM)).encode()
+
+
+def test_a_pidfd_of_a_process_outside_the_tree_is_refused(tmp_path):
+    with program_starter(tmp_path) as start:
+        prog = start(
+            """
+            fd = os.pidfd_open(os.getppid())
+            ready()
+            go()
+            report("alive", 1)
+            """
+        )
+        refused_at_dump(prog, tmp_path, "a pidfd of process", "outside the dumped tree")
 
 
 # -- files ---------------------------------------------------------------------------

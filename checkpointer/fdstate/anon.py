@@ -1,6 +1,7 @@
-"""Event fds (anon_inode:[eventfd], [timerfd], [signalfd], [eventpoll], inotify):
-what the kernel shows of each in fdinfo, under a field named after its kind. An
-anon_inode fd of another kind gets no field: fdstate.tree refuses it at dump."""
+"""Event fds (anon_inode:[eventfd], [timerfd], [signalfd], [eventpoll], inotify)
+and pidfds: what the kernel shows of each in fdinfo, under a field named after
+its kind. An anon_inode fd of another kind gets no field: fdstate.tree refuses it
+at dump."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ EVENT_KINDS = {
     "anon_inode:[signalfd]": ("signalfd", eventfds.read_signalfd),
     "anon_inode:[eventpoll]": ("epoll", None),
     "anon_inode:inotify": ("inotify", None),
+    "anon_inode:[pidfd]": ("pidfd", eventfds.read_pidfd),
 }
 FIELDS = tuple(field for field, _ in EVENT_KINDS.values())
 

@@ -24,8 +24,9 @@ def _endpoint(addr) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def check(records: dict[int, list[dict]], tcp_established: bool) -> None:
-    """Refuse, naming the object, what a restore could not bring back."""
+def check(records: dict[int, list[dict]], tcp_established: bool, pids: set[int]) -> None:
+    """Refuse, naming the object, what a restore could not bring back. `pids`: the
+    tree's processes, zombies too."""
     inodes = {r["sock_inode"] for recs in records.values() for r in recs if "sock_inode" in r}
     listeners = {
         r["sock_name"] for recs in records.values() for r in recs if r.get("sock_listening")
@@ -41,6 +42,8 @@ def check(records: dict[int, list[dict]], tcp_established: bool) -> None:
                     )
             if rec["type"] in ("anon", "other") and not anon.restorable(rec):
                 raise CheckpointError(f"{where}: this kind of file cannot be dumped")
+            if "pidfd" in rec:
+                _check_pidfd(where, rec, pids)
             if rec["type"] != "socket":
                 continue
             family = rec["sock_family"]
@@ -52,6 +55,18 @@ def check(records: dict[int, list[dict]], tcp_established: bool) -> None:
                 _check_netlink(where, rec)
             else:
                 raise CheckpointError(f"{where}: a {family} socket cannot be dumped")
+
+
+def _check_pidfd(where: str, rec: dict, pids: set[int]) -> None:
+    """A pidfd of a process of the tree comes back with it (same PID), and one whose
+    process was reaped (-1) as such. Another process's would name whichever process
+    has that PID on the restoring machine, if any."""
+    target = rec["pidfd"]["pid"]
+    if target != -1 and target not in pids:
+        raise CheckpointError(
+            f"{where}: a pidfd of process {target}, outside the dumped tree "
+            "(or a thread of it): dump that process with it"
+        )
 
 
 def peer_closed(rec: dict) -> bool:

@@ -1,4 +1,4 @@
-"""Event fds: eventfd, timerfd, signalfd, epoll.
+"""Event fds: eventfd, timerfd, signalfd, epoll; and pidfds.
 
 Readers parse what /proc/PID/fdinfo/N shows of each (the kernel prints eventfd
 counts, epoll events and data in hex); makers create a new one in this process
@@ -18,7 +18,7 @@ import time
 
 from checkpointer.kernel import proc
 from checkpointer.kernel.inject import SyscallSession
-from checkpointer.kernel.syscalls import syscall
+from checkpointer.kernel.syscalls import NR_pidfd_open, syscall
 
 NR_timerfd_create = 283
 NR_timerfd_settime = 286
@@ -71,6 +71,12 @@ def read_timerfd(pid: int, fd: int) -> dict:
 def read_signalfd(pid: int, fd: int) -> dict[str, int]:
     """{mask}: the signals the signalfd reads."""
     return {"mask": int(proc.read_fdinfo(pid, fd)["sigmask"], 16)}
+
+
+def read_pidfd(pid: int, fd: int) -> dict[str, int]:
+    """{pid}: the process a pidfd refers to, as our PID namespace numbers it: -1
+    once it was reaped (0 if this namespace cannot see it)."""
+    return {"pid": int(proc.read_fdinfo(pid, fd)["Pid"])}
 
 
 def read_epoll_watches(pid: int, fd: int) -> list[dict[str, int]]:
@@ -132,6 +138,30 @@ def new_signalfd(mask: int, flags: int) -> int:
 def new_epoll(flags: int) -> int:
     """An empty epoll instance; its watches are added in the task."""
     return syscall(NR_epoll_create1, os.O_CLOEXEC)
+
+
+PIDFD_THREAD = os.O_EXCL  # pidfd_open: a thread, not a process (Linux 6.9)
+
+
+def new_pidfd(pid: int, flags: int) -> int:
+    """A pidfd of process `pid`; flags: O_NONBLOCK and PIDFD_THREAD (O_EXCL) of
+    the dumped fd."""
+    fd = syscall(NR_pidfd_open, pid, flags & (os.O_NONBLOCK | PIDFD_THREAD))
+    os.set_inheritable(fd, False)
+    return fd
+
+
+def new_dead_pidfd(flags: int) -> int:
+    """A pidfd of a process that exited and was reaped, as one whose process is
+    gone: readable at once, and waitid() on it fails with ECHILD."""
+    child = os.fork()
+    if child == 0:
+        os._exit(0)
+    try:
+        fd = new_pidfd(child, flags & os.O_NONBLOCK)
+    finally:
+        os.waitpid(child, 0)
+    return fd
 
 
 # -- in the task (injected) ----------------------------------------------------------

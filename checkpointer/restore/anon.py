@@ -1,7 +1,8 @@
 """Restore event fds: eventfd (its count), timerfd (clock, time left, interval,
 unread expirations), signalfd (its mask), inotify (its watches, each under its
 old watch descriptor), epoll (its watches, added inside the task once every fd
-of every process exists)."""
+of every process exists); and pidfds, of the restored process with the same PID
+(every process exists by then), or of a process reaped already."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from checkpointer.restore.task import Task
 if TYPE_CHECKING:
     from checkpointer.restore.files import OpenFiles
 
-EVENT_FIELDS = ("eventfd", "timerfd", "signalfd", "epoll", "inotify")
+EVENT_FIELDS = ("eventfd", "timerfd", "signalfd", "epoll", "inotify", "pidfd")
 
 
 def _field(record: dict) -> str | None:
@@ -28,6 +29,8 @@ def check(process: ProcessImage, record: dict, source_alive: bool = False) -> No
             f"fd {record['fd']} of process {process.pid} ({record['target']}) "
             "cannot be restored yet"
         )
+    if "pidfd" in record and type(record["pidfd"].get("pid")) is not int:
+        raise RestoreError(f"fd {record['fd']} of process {process.pid}: malformed pidfd record")
     for w in record.get("inotify", []):
         if not os.path.lexists(w["path"]):
             raise RestoreError(
@@ -54,6 +57,17 @@ def open(files: OpenFiles, task: Task, record: dict) -> int:  # noqa: A001
         )
     if "signalfd" in record:
         return eventfds.new_signalfd(record["signalfd"]["mask"], flags)
+    if "pidfd" in record:
+        target = record["pidfd"]["pid"]
+        try:
+            if target == -1:
+                return eventfds.new_dead_pidfd(flags)
+            return eventfds.new_pidfd(target, flags)
+        except OSError as exc:
+            raise RestoreError(
+                f"fd {record['fd']} of process {task.pid} (pidfd of {target}): "
+                f"{exc.strerror or exc}"
+            ) from None
     if "inotify" in record:
         try:
             return inotify.new_inotify(flags, record["inotify"])
