@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -367,18 +368,20 @@ def test_a_process_in_another_namespace_is_refused_at_dump(tmp_path, kind, flag)
 
 
 def test_scheduling_and_oom_adjustment_come_back(tmp_path):
-    """nice, policy, affinity per thread and oom_score_adj per process were left at
-    the restorer's (nice 0, SCHED_OTHER, every CPU, 0)."""
+    """nice, policy, affinity, I/O priority per thread and oom_score_adj per process
+    were left at the restorer's (nice 0, SCHED_OTHER, every CPU, no I/O class, 0)."""
     with program_starter(tmp_path) as start:
         prog = start(
             """
-            import threading
+            import subprocess, threading
             os.setpriority(os.PRIO_PROCESS, 0, 7)  # this thread's
+            subprocess.run(["ionice", "-c", "2", "-n", "1", "-p", str(os.getpid())])
             open("/proc/self/oom_score_adj", "w").write("345")
             def worker():
                 os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
                 os.sched_setaffinity(0, {0})
                 os.setpriority(os.PRIO_PROCESS, 0, 3)
+                subprocess.run(["ionice", "-c", "3", "-p", str(threading.get_native_id())])
                 report("worker", threading.get_native_id())
                 go()
             threading.Thread(target=worker).start()
@@ -398,6 +401,12 @@ def test_scheduling_and_oom_adjustment_come_back(tmp_path):
         assert os.sched_getaffinity(worker) == {0}
         assert os.sched_getaffinity(prog.pid) == os.sched_getaffinity(0)
         assert open(f"/proc/{prog.pid}/oom_score_adj").read() == "345\n"
+        assert _ionice(prog.pid) == "best-effort: prio 1"  # it was 'none: prio 0'
+        assert _ionice(worker) == "idle"
+
+
+def _ionice(tid: int) -> str:
+    return subprocess.run(["ionice", "-p", str(tid)], capture_output=True, text=True).stdout.strip()
 
 
 def test_posix_timers_come_back(tmp_path):

@@ -69,6 +69,8 @@ NR_clock_nanosleep = 230
 NR_process_vm_readv = 310
 NR_process_vm_writev = 311
 NR_userfaultfd = 323
+NR_ioprio_set = 251
+NR_ioprio_get = 252
 NR_pidfd_open = 434
 NR_pidfd_getfd = 438
 
