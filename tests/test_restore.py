@@ -632,3 +632,34 @@ def test_a_chain_whose_pages_interleave_is_restored_decompressing_each_frame_onc
         (prog.dir / "again").touch()
         assert prog.result("after") == before
         assert 0 < len(unpacked) <= frames
+
+
+def test_more_shared_objects_than_the_restorer_may_hold_open(tmp_path):
+    """The restorer held every shared object's fd (and its pages file) to the end,
+    and failed with EMFILE past its open-file limit (20,000 Python mmaps, each
+    MAP_SHARED, on a machine whose hard limit was 20,000). Here: 300 objects and a
+    restorer limited to 200 fds."""
+    import resource
+
+    with program_starter(tmp_path) as start:
+        prog = start(
+            """
+            import mmap, resource
+            resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))  # as the restorer's
+            maps = [mmap.mmap(-1, 4096) for _ in range(300)]  # MAP_SHARED by default
+            for i, m in enumerate(maps):
+                m[:4] = i.to_bytes(4, "little")
+            ready()
+            go()
+            report("values", all(int.from_bytes(m[:4], "little") == i for i, m in enumerate(maps)))
+            """
+        )
+        dump_process_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+
+        def limited() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))
+
+        r = cli("restore", "-D", str(tmp_path / "images"), "-d", preexec_fn=limited)
+        assert r.returncode == 0, r.stderr
+        prog.go()
+        assert prog.result("values") == b"True"

@@ -132,7 +132,7 @@ class PageMap:
         if counts != [head["pages_here"], head["pages_parent"], head["pages_zero"]]:
             raise ImageError("page counts in the head do not match the runs", where)
         self._file = None
-        self._dctx = fmt.decompressor()
+        self._dctx = None  # made at the first frame(): most pagemaps are read by pagefeed
         self._cache: dict[int, bytes] = {}
 
     def runs(self):
@@ -182,6 +182,8 @@ class PageMap:
         data = self._cache.get(i)
         if data is None:
             f = self._pages_file()
+            if self._dctx is None:
+                self._dctx = fmt.decompressor()
             data = fmt.read_frame(
                 f, self.pages_path, self.f_off[i], self.f_clen[i], self.f_rlen[i], self._dctx
             )

@@ -76,6 +76,7 @@ class DumpWriter:
         workers = workers or min(4, os.cpu_count() or 1)
         self._max_in_flight = max_in_flight or 2 * workers
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="zstd")
+        self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="write")
 
     # ---- setup checks ----
 
@@ -142,6 +143,7 @@ class DumpWriter:
         for pw in self._pages.values():
             pw._abort()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._write_thread.shutdown(wait=True, cancel_futures=True)
         if self.tmp_dir and os.path.isdir(self.tmp_dir):
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
@@ -192,8 +194,8 @@ class DumpWriter:
         if owner in self._pages:
             raise ValueError(f"pages of {owner} opened twice")
         pw = PageWriter(
-            self.tmp_dir, owner, self.page_size, self.frame_size, self._pool, self.level,
-            self._max_in_flight,
+            self.tmp_dir, owner, self.page_size, self.frame_size, self._pool,
+            self._write_thread, self.level, self._max_in_flight,
         )  # fmt: skip
         self._pages[owner] = pw
         return pw
@@ -233,6 +235,7 @@ class DumpWriter:
         schema.check("inventory", inv, self.final_dir)
         self._write_records("inventory", "inventory", [inv])
         self._pool.shutdown(wait=True)
+        self._write_thread.shutdown(wait=True)
         fsync_files(self.tmp_dir)
         fsync_dir(self.tmp_dir)
         os.chmod(self.tmp_dir, self._final_mode)

@@ -167,6 +167,8 @@ def _open(task: Task, f: dict, files: OpenFiles) -> int:
         fd = os.open(path, flags)
     except OSError as exc:
         raise RestoreError(f"fd {f['fd']} of process {task.pid}: {path}: {exc.strerror}") from None
+    if "memfd" in f and files.shared_memory is not None:
+        files.shared_memory.used(f["memfd"]["owner"])
     if f["type"] == "file" and not f["flags"] & os.O_APPEND:  # ghosts and memfds too
         os.lseek(fd, f["pos"], os.SEEK_SET)
     return fd

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import resource
 
 from checkpointer.errors import ImageError
 from checkpointer.images.resolve import Piece
@@ -47,6 +48,27 @@ def prot_of(vma: dict) -> int:
     return sum(bit for ch, bit in PROT_BITS.items() if ch in vma["prot"][:3])
 
 
+FDS_BESIDE_OBJECTS = 1024  # the restorer's other fds: images, sockets, pidfds...
+
+
+def _room_for_our_fds(objects: int) -> None:
+    """The restorer may hold an fd per shared object until every process has
+    mapped it: raise its own open-file limit to fit, as far as it may (the hard
+    one too, with CAP_SYS_RESOURCE). Restored processes get their own limits back
+    at the end."""
+    need = objects + FDS_BESIDE_OBJECTS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    if hard == resource.RLIM_INFINITY or hard >= need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, need))
+    except (OSError, ValueError):  # unprivileged: as far as the hard limit goes
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 class SharedObjects:
     """Each shared memory object of the dump (shared anonymous memory, a memfd),
     made once in the restorer, filled from the images, and mapped into (or, for a
@@ -58,20 +80,42 @@ class SharedObjects:
         self.fds: dict[str, int] = {}
         self.ghosts = GhostFiles(images)
         self.sysv = SysvSegments(images)
+        # Every object's mappings and memfd fds, found in one pass (a tree may hold
+        # tens of thousands of objects: a pass per object was quadratic).
+        self._vmas: dict[str, list[dict]] = {}
+        self._memfds: dict[str, list[dict]] = {}
+        for p in images.processes:
+            for v in p.vmas:
+                if v["shmem"]:
+                    self._vmas.setdefault(v["shmem"], []).append(v)
+            for f in p.fds:
+                if "memfd" in f:
+                    self._memfds.setdefault(f["memfd"]["owner"], []).append(f["memfd"])
+        # Uses left of each object: its fd is closed after the last (the restorer
+        # may not have an fd to spare for each of tens of thousands at once).
+        self._uses_left = {
+            owner: len(self._vmas.get(owner, [])) + len(self._memfds.get(owner, []))
+            for owner in {*self._vmas, *self._memfds}
+        }
+        _room_for_our_fds(len(self._uses_left))
 
     def fd(self, owner: str) -> int:
+        """The object's fd, made (and filled) at its first use; say used() after."""
         if owner not in self.fds:
             self.fds[owner] = self._create(owner)
         return self.fds[owner]
 
+    def used(self, owner: str) -> None:
+        """One mapping or memfd fd of the object was made: after the last, its fd
+        goes (a forked child's fd shares its parent's, so some are never counted
+        down: those stay open until close())."""
+        self._uses_left[owner] -= 1
+        if self._uses_left[owner] == 0 and owner in self.fds:
+            os.close(self.fds.pop(owner))
+
     def _create(self, owner: str) -> int:
-        vmas = [v for p in self.images.processes for v in p.vmas if v["shmem"] == owner]
-        memfds = [
-            f["memfd"]
-            for p in self.images.processes
-            for f in p.fds
-            if f.get("memfd", {}).get("owner") == owner
-        ]
+        vmas = self._vmas.get(owner, [])
+        memfds = self._memfds.get(owner, [])
         if memfds:  # an fd tells its size, name and seals
             m = memfds[0]
             fd = memfd.new_memfd(m["name"], m["size"], m["seals"])
@@ -200,6 +244,7 @@ def _map(task: Task, vma: dict, shared: SharedObjects, files: dict[str, int]) ->
                          vma["offset"])  # fmt: skip
         finally:
             taskctl.close(s, fd)
+        shared.used(vma["shmem"])
     elif kind == "shm" and "sysv" in vma:
         shared.sysv.attach(task, vma)
     elif kind in ("file", "file-private"):

@@ -64,14 +64,20 @@ def write_pieces(sink, pieces: list[Piece], delta: int = 0, workers: int = 2) ->
     rank = {key: n for n, key in enumerate(sources)}
     data_pieces.sort(key=lambda p: (rank[id(p.source)], p.off))
     written = 0
-    with ThreadPoolExecutor(workers, thread_name_prefix="pagefeed") as pool:
-        pending: collections.deque = collections.deque()
-        for job in _frame_jobs(data_pieces, delta):
-            pending.append(pool.submit(_decompress_and_write, sink, *job))
-            if len(pending) >= AHEAD:
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="pagefeed") as pool:
+            pending: collections.deque = collections.deque()
+            for job in _frame_jobs(data_pieces, delta):
+                pending.append(pool.submit(_decompress_and_write, sink, *job))
+                if len(pending) >= AHEAD:
+                    written += pending.popleft().result()
+            while pending:
                 written += pending.popleft().result()
-        while pending:
-            written += pending.popleft().result()
+    finally:
+        # Each pages file serves one owner, written once: a tree with tens of
+        # thousands of shared objects would otherwise hold as many files open.
+        for pm in sources.values():
+            pm.close()
     return written
 
 
