@@ -457,22 +457,27 @@ def check_terminals(
 def mark_shared_descriptions(fds: dict[int, list[dict]]) -> None:
     """Give every fd record an "ofd" id, equal for fds that share one open file
     description (dup'ed, or inherited through fork: they share offset and flags),
-    as kcmp(KCMP_FILE) tells. Only fds on the same file are compared."""
-    seen: dict[tuple, list[tuple[int, int, int]]] = {}  # file -> [(tid, fd, ofd)]
-    next_id = 0
+    as kcmp(KCMP_FILE) tells. Only fds on the same file are compared. Ids follow
+    the records' order."""
+    same_file: dict[tuple, list[tuple[int, int, dict]]] = {}  # file -> [(tid, fd, record)]
     for pid, records in fds.items():
         tid = proc.live_tid(pid)  # a zombie main thread has no files to compare
         for rec in records:
             st = rec.get("stat") or {}
-            same_file = seen.setdefault((rec["target"], st.get("dev"), st.get("ino")), [])
-            for other_pid, other_fd, ofd in same_file:
-                if kcmp.same_open_file(tid, rec["fd"], other_pid, other_fd):
-                    rec["ofd"] = ofd
-                    break
-            else:
-                rec["ofd"] = next_id
-                same_file.append((tid, rec["fd"], next_id))
-                next_id += 1
+            key = (rec["target"], st.get("dev"), st.get("ino"))
+            same_file.setdefault(key, []).append((tid, rec["fd"], rec))
+    groups = []
+    for entries in same_file.values():
+        if len(entries) == 1:
+            groups.append([entries[0][2]])
+            continue
+        indexes = kcmp.open_file_groups([(tid, fd) for tid, fd, _ in entries])
+        groups += [[entries[i][2] for i in group] for group in indexes]
+    position = {id(rec): n for n, rec in enumerate(r for recs in fds.values() for r in recs)}
+    groups.sort(key=lambda group: min(position[id(rec)] for rec in group))
+    for ofd, group in enumerate(groups):
+        for rec in group:
+            rec["ofd"] = ofd
 
 
 def file_identity(st: os.stat_result | None) -> dict | None:
