@@ -122,16 +122,18 @@ def test_a_watched_file_gone_at_restore_is_refused(program, tmp_path):
 
 
 def test_an_fd_of_an_unknown_kind_is_refused_at_dump(program, tmp_path):
-    """A pidfd (anon_inode:[pidfd]) has no restore: the dump names it instead of
-    writing images that a restore would refuse."""
+    """A userfaultfd of the program (anon_inode:[userfaultfd]) has no restore: the
+    dump names it instead of writing images that a restore would refuse."""
     prog = program(
         """
-        pidfd = os.pidfd_open(os.getpid())
-        report("fd", pidfd)
+        import ctypes
+        uffd = ctypes.CDLL(None, use_errno=True).syscall(323, os.O_CLOEXEC | os.O_NONBLOCK)
+        assert uffd >= 0, ctypes.get_errno()
+        report("fd", uffd)
         ready()
         go()
         report("alive", 1)
         """
     )
     fd = int(prog.result("fd"))
-    refused_at_dump(prog, tmp_path, f"fd {fd} of", "(anon_inode:[pidfd])", "cannot be dumped")
+    refused_at_dump(prog, tmp_path, f"fd {fd} of", "(anon_inode:[userfaultfd])", "cannot be dumped")

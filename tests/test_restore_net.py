@@ -8,6 +8,7 @@ import socket
 import stat
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import urllib.request
@@ -1032,24 +1033,141 @@ def test_ip_monitor_sees_events_after_restore(tmp_path, address_event):
         subprocess.run(["kill", "-9", str(p.pid)], check=False)
 
 
-def test_tcp_closed_by_the_program_on_its_side_is_refused(program, tmp_path):
-    """shutdown(SHUT_WR) by the program (FIN_WAIT2) is refused by name, even with the
-    flag; the peer's close (CLOSE_WAIT) is dumped (test above)."""
+def test_tcp_shut_for_writing_by_the_program_goes_on(program, tmp_path):
+    """shutdown(SHUT_WR) by the program, its FIN acked (FIN_WAIT2): it was refused
+    at dump even with the flag. Restored, the peer still answers and the program
+    reads the answer, then end of file."""
     with socket.create_server(("127.0.0.1", 0)) as server:
         prog = program(
             f"""
             c = socket.create_connection(("127.0.0.1", {server.getsockname()[1]}))
+            c.sendall(b"question")
             c.shutdown(socket.SHUT_WR)
             ready()
             go()
-            report("alive", 1)
+            got = b""
+            while chunk := c.recv(100):
+                got += chunk
+            report("got", got)
             """
         )
         peer, _ = server.accept()
-        assert peer.recv(10) == b""  # its FIN came, and was acked
-        time.sleep(0.1)
-        refused_at_dump(prog, tmp_path, "fin-wait2", extra=("--tcp-established",))
+        peer.settimeout(10)
+        assert peer.recv(100) == b"question" and peer.recv(10) == b""  # then its FIN
+        wait_until(lambda: _tcp_state_of(prog.pid) == "fin-wait2", "FIN_WAIT2")
+        dump_and_kill(prog.pid, tmp_path / "images", "--tcp-established", reap=prog.reap)
+        restore(tmp_path / "images")
+        prog.go()
+        peer.sendall(b"answer")
         peer.close()
+        assert prog.result("got") == b"answer"
+
+
+# A client that, with `fill`, writes until the peer (not reading) takes no more.
+CONNECT_AND_FILL = """
+    c = socket.create_connection(("127.0.0.1", {port}))
+    c.setblocking(False)
+    sent = 0
+    try:
+        while {fill}:
+            sent += c.send(bytes([sent % 251]) * 65536)
+    except BlockingIOError:
+        pass
+"""
+
+
+def _filling_client(port: int, fill: bool) -> str:
+    return textwrap.dedent(CONNECT_AND_FILL.format(port=port, fill=fill))
+
+
+def _filled_with(sent: int) -> bytes:
+    """What CONNECT_AND_FILL wrote (only its last write can be short)."""
+    return b"".join(bytes([n % 251]) * 65536 for n in range(0, sent, 65536))[:sent]
+
+
+def test_tcp_fin_waiting_behind_unsent_bytes_goes_out_after_them(program, tmp_path):
+    """The program wrote more than the peer would take, then shut down writing:
+    its FIN waits behind the unsent bytes (FIN_WAIT1). Restored, the peer reads
+    every byte, then end of file."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        prog = program(
+            _filling_client(server.getsockname()[1], True)
+            + textwrap.dedent("""
+            c.shutdown(socket.SHUT_WR)
+            report("sent", sent)
+            ready()
+            go()
+            """)
+        )
+        peer, _ = server.accept()
+        sent = int(prog.result("sent"))
+        assert _tcp_state_of(prog.pid) == "fin-wait1"
+        dump_and_kill(prog.pid, tmp_path / "images", "--tcp-established", reap=prog.reap)
+        restore(tmp_path / "images")
+        peer.settimeout(10)
+        got = bytearray()
+        while chunk := peer.recv(1 << 20):
+            got += chunk
+        assert got == _filled_with(sent)  # then end of file
+        prog.go()
+        peer.close()
+
+
+@pytest.mark.parametrize("direction", ["to-peer", "from-peer"])
+def test_tcp_connection_with_megabytes_queued(program, tmp_path, direction):
+    """Megabytes queued on an established connection (a slow reader of a big
+    reply, or a program that has not read yet): the dumped socket's buffers had
+    grown to hold them, the new one's had not, and the restore waited forever
+    writing the queue back."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        prog = program(
+            _filling_client(server.getsockname()[1], direction == "to-peer")
+            + textwrap.dedent("""
+            report("sent", sent)
+            ready()
+            go()
+            c.setblocking(True)
+            got = bytearray()
+            while chunk := c.recv(1 << 20):
+                got += chunk
+            report("got", (len(got), got == bytes(i % 199 for i in range(len(got)))))
+            """)
+        )
+        peer, _ = server.accept()
+        peer.setblocking(False)
+        pushed = 0
+        if direction == "from-peer":
+            pattern = bytes(i % 199 for i in range(1 << 24))
+            try:
+                while True:
+                    pushed += peer.send(pattern[pushed : pushed + 65536])
+            except BlockingIOError:
+                pass
+            time.sleep(0.2)
+        sent = int(prog.result("sent"))
+        assert max(sent, pushed) > 1 << 20
+        dump_and_kill(prog.pid, tmp_path / "images", "--tcp-established", reap=prog.reap)
+        restore(tmp_path / "images")
+        prog.go()
+        peer.settimeout(10)
+        got = bytearray()
+        while len(got) < sent:
+            got += peer.recv(1 << 20)
+        assert got == _filled_with(sent)
+        peer.close()
+        assert prog.result("got") == repr((pushed, True)).encode()
+
+
+def _tcp_state_of(pid: int) -> str:
+    """The state of the one TCP socket of process pid (in the dump's names)."""
+    from checkpointer.fdstate.socket import TCP_STATES
+
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+            with socket.socket(fileno=sockets.copy_fd(pid, int(fd))) as s:
+                if s.family == socket.AF_INET and s.type == socket.SOCK_STREAM:
+                    return TCP_STATES[sockets.tcp_state(s)]
+    raise AssertionError("no TCP socket")
 
 
 def test_fifo_gone_at_restore_is_refused(program, tmp_path):

@@ -116,10 +116,16 @@ def _check_unix(where: str, rec: dict, inodes: set[int], listeners: set[bytes]) 
         )
 
 
-# TCP states dumped through repair mode: established, and established with the
-# peer's FIN received (CLOSE_WAIT: the peer closed, the program has not yet; an idle
-# pooled client connection whose server timed out), whose FIN restore delivers again.
-REPAIRED = ("established", "close-wait")
+# TCP states dumped through repair mode: established, and established with a FIN
+# or two behind it. Repair mode rebuilds only an established connection, so restore
+# makes it as it was before them and sends them again: the peer's (received: the
+# peer closed, as an idle pooled connection whose server timed out) from the peer's
+# address on a raw socket, the program's own (it called shutdown(SHUT_WR), or
+# closed after the peer did) by shutdown(SHUT_WR) once out of repair mode. The peer
+# takes a FIN it had as a retransmission, and acks it again.
+PEER_FIN = ("close-wait", "closing", "last-ack")
+OWN_FIN = ("fin-wait1", "fin-wait2", "closing", "last-ack")
+REPAIRED = ("established", *PEER_FIN, "fin-wait1", "fin-wait2")
 
 
 def _check_netlink(where: str, rec: dict) -> None:

@@ -334,6 +334,7 @@ TCP_REPAIR_ON, TCP_REPAIR_OFF, TCP_REPAIR_OFF_NO_WP = 1, 0, -1
 TCPOPT_MSS, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
 TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE = 1, 2, 4
 TCP_ESTABLISHED, TCP_LISTEN = 1, 10
+TCP_FIN_WAIT1, TCP_LAST_ACK, TCP_CLOSING = 4, 9, 11
 SIOCOUTQ = 0x5411
 
 
@@ -372,10 +373,12 @@ def read_tcp_repair_state(sock: socket.socket) -> dict:
     in_queue = bytes_queued(sock.fileno())
     out = ctypes.c_int()
     fcntl.ioctl(sock.fileno(), SIOCOUTQ, out)
+    # SIOCOUTQ counts a sent FIN not yet acked as a byte (it takes a sequence number).
+    unacked_fin = info[0] in (TCP_FIN_WAIT1, TCP_CLOSING, TCP_LAST_ACK) and out.value > 0
     state = {
         "recv_queue": _peek_queue(sock, TCP_RECV_QUEUE, in_queue),
         "recv_seq": sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ),
-        "send_queue": _peek_queue(sock, TCP_SEND_QUEUE, out.value),
+        "send_queue": _peek_queue(sock, TCP_SEND_QUEUE, out.value - unacked_fin),
         "send_seq": sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ),
         "mss": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG),
         "timestamps": bool(options & TCPI_OPT_TIMESTAMPS),
@@ -390,20 +393,21 @@ def read_tcp_repair_state(sock: socket.socket) -> dict:
     return state
 
 
-def before_fin(st: dict) -> dict:
-    """The repair state of a connection whose peer's FIN was received (CLOSE_WAIT),
-    as it was just before that FIN: repair mode can only rebuild an established
-    connection, and the FIN (one sequence number) is then delivered again with
-    inject_fin."""
-    recv_seq = (st["recv_seq"] - 1) & 0xFFFFFFFF
+def before_fins(st: dict, peer_fin: bool, own_fin: bool) -> dict:
+    """The repair state of a connection as it was before the FINs it had received
+    (`peer_fin`) and sent (`own_fin`), each one sequence number: repair mode can
+    only rebuild an established connection; inject_fin and shutdown(SHUT_WR) then
+    send them again."""
+    recv_seq = (st["recv_seq"] - peer_fin) & 0xFFFFFFFF
+    send_seq = (st["send_seq"] - own_fin) & 0xFFFFFFFF
     window = list(st["window"])
     if window[4] == st["recv_seq"]:  # rcv_wup may not lie beyond rcv_nxt
         window[4] = recv_seq
-    return {**st, "recv_seq": recv_seq, "window": window}
+    return {**st, "recv_seq": recv_seq, "send_seq": send_seq, "window": window}
 
 
 def inject_fin(local: tuple, peer: tuple, st: dict) -> None:
-    """Deliver to the rebuilt connection `local` <-> `peer` (st: before_fin's state)
+    """Deliver to the rebuilt connection `local` <-> `peer` (st: before_fins' state)
     the FIN its peer sent before the dump, as a segment from the peer on a raw
     socket: the kernel then moves it to CLOSE_WAIT and its reader gets end of file.
     The peer, in FIN_WAIT2, takes the ACK this draws as a duplicate."""
@@ -470,13 +474,31 @@ def rebuild_tcp(sock: socket.socket, local: tuple, peer: tuple, st: dict) -> Non
     sock.setsockopt(tcp, TCP_REPAIR_OPTIONS, b"".join(struct.pack("=LL", *o) for o in opts))
     if st["timestamps"]:
         sock.setsockopt(tcp, TCP_TIMESTAMP, _signed32(st["timestamp"]))
+    # Queued bytes stay in the new socket's buffers (repair mode sends nothing):
+    # room is made for them first. The dumped connection's buffers had grown (up
+    # to net.ipv4.tcp_wmem's 4 MiB) where a new socket starts at 16 KiB, and a
+    # write beyond that waited forever.
+    _room_for(sock, socket.SO_RCVBUF, SO_RCVBUFFORCE, len(st["recv_queue"]))
+    _room_for(sock, socket.SO_SNDBUF, SO_SNDBUFFORCE, len(st["send_queue"]))
+    sock.settimeout(QUEUE_WRITE_TIMEOUT)  # a full buffer fails, never hangs
     for queue, data in ((TCP_RECV_QUEUE, st["recv_queue"]), (TCP_SEND_QUEUE, st["send_queue"])):
         sock.setsockopt(tcp, TCP_REPAIR_QUEUE, queue)
         view = memoryview(data)
         while view:
             view = view[sock.send(view) :]
+    sock.settimeout(None)
     # After the queues: the kernel checks the window against rcv_nxt.
     sock.setsockopt(tcp, TCP_REPAIR_WINDOW, struct.pack("=5L", *st["window"]))
+
+
+QUEUE_WRITE_TIMEOUT = 10.0  # seconds
+
+
+def _room_for(sock: socket.socket, size_opt: int, force_opt: int, queued: int) -> None:
+    """A buffer that holds `queued` bytes with their packets' overhead (the kernel
+    keeps twice the size asked for); left as it is if it does already."""
+    if queued and sock.getsockopt(socket.SOL_SOCKET, size_opt) < 2 * queued + (1 << 17):
+        sock.setsockopt(socket.SOL_SOCKET, force_opt, queued + (1 << 16))
 
 
 def _signed32(v: int) -> int:

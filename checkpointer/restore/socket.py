@@ -19,7 +19,14 @@ import os
 import socket
 import stat
 
-from checkpointer.fdstate.tree import REPAIRED, connection, peer_closed, reuseaddr_of
+from checkpointer.fdstate.tree import (
+    OWN_FIN,
+    PEER_FIN,
+    REPAIRED,
+    connection,
+    peer_closed,
+    reuseaddr_of,
+)
 from checkpointer.kernel import netlock, sockets
 from checkpointer.restore.images import ProcessImage, RestoreError
 
@@ -196,11 +203,8 @@ def _inet(sock: socket.socket, record: dict) -> None:
     local = tuple(record["sock_local"])
     state = record.get("tcp_state")
     _set_options(sock, record)  # before the bind: IPV6_V6ONLY cannot change after it
-    if state in REPAIRED:
-        st = record["tcp_repair"]
-        if state == "close-wait":  # rebuilt established; finish() delivers the FIN
-            st = sockets.before_fin(st)
-        sockets.rebuild_tcp(sock, local, tuple(record["sock_peer_addr"]), st)
+    if state in REPAIRED:  # rebuilt established; finish() sends the FINs again
+        sockets.rebuild_tcp(sock, local, tuple(record["sock_peer_addr"]), _before_fins(record))
         return
     if local[1] != 0:
         sock.bind(local)
@@ -210,10 +214,16 @@ def _inet(sock: socket.socket, record: dict) -> None:
         sock.connect(tuple(record["sock_peer_addr"]))
 
 
+def _before_fins(record: dict) -> dict:
+    state = record["tcp_state"]
+    return sockets.before_fins(record["tcp_repair"], state in PEER_FIN, state in OWN_FIN)
+
+
 def finish(files, task, record: dict) -> None:
     """An established connection runs again: out of repair mode; then, once for
     the whole tree, the netfilter rules that locked them since the dump go. A
-    connection whose peer had closed gets its FIN again, once unlocked."""
+    connection whose peer had closed gets the peer's FIN again, once unlocked;
+    one the program had shut for writing sends its own FIN again, after it."""
     if record.get("tcp_state") not in REPAIRED:
         return
     key = f"sock-{record['sock_inode']}"
@@ -229,9 +239,14 @@ def finish(files, task, record: dict) -> None:
                 if r.get("tcp_state") in REPAIRED
             ]
         )
-    if record["tcp_state"] == "close-wait" and files.first_time(f"fin-{key}"):
-        st = sockets.before_fin(record["tcp_repair"])
-        sockets.inject_fin(tuple(record["sock_local"]), tuple(record["sock_peer_addr"]), st)
+    if not files.first_time(f"fin-{key}"):
+        return
+    if record["tcp_state"] in PEER_FIN:
+        local, peer = tuple(record["sock_local"]), tuple(record["sock_peer_addr"])
+        sockets.inject_fin(local, peer, _before_fins(record))
+    if record["tcp_state"] in OWN_FIN and key in files.objects:
+        with socket.socket(fileno=os.dup(files.objects[key])) as sock:
+            sock.shutdown(socket.SHUT_WR)
 
 
 def check(p: ProcessImage, record: dict, source_alive: bool = False) -> None:
