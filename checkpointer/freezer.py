@@ -203,10 +203,10 @@ class Freezer:
         a ptrace-stop: a tracee that runs again (continued to take a signal, or
         woken by the SIGKILL of a kill-mode thaw before it shows as exiting)
         refuses with ESRCH, which is not "gone". Those are interrupted and then
-        polled all together until each stops (detached then) or exits: a dying
-        group leader reports its exit only after its other threads were reaped,
-        by us, their tracer, so waiting on one tid at a time could sit out the
-        whole timeout on a leader whose thread came after it."""
+        polled all together until each stops (detached then) or shows as dying: a
+        dying group leader reports its exit only after its other threads were
+        reaped (by us, if we still trace them), so waiting on one tid at a time,
+        or for its exit report, sat out the whole timeout."""
         pending = []
         for tid in tids:
             try:
@@ -224,13 +224,12 @@ class Freezer:
             for tid in list(pending):
                 try:
                     stop = ptrace.poll_stop(tid)
-                    if stop is None:
-                        continue
-                    if stop.kind not in ("exited", "killed"):
+                    if stop is not None and stop.kind not in ("exited", "killed"):
                         ptrace.detach(tid, stop.sig if stop.kind == "signal-stop" else 0)
                 except TargetError:
-                    if not proc.wait_exited(self._pid_of(tid), tid, timeout=0):
-                        continue  # neither stopped nor gone: poll again
+                    stop = None
+                if stop is None and not proc.wait_exited(self._pid_of(tid), tid, timeout=0):
+                    continue  # neither stopped nor dying: poll again
                 pending.remove(tid)
             time.sleep(0.001)
         return [t for t in pending if not proc.wait_exited(self._pid_of(t), t, timeout=0.2)]

@@ -295,17 +295,21 @@ def test_thaw_releases_a_thread_that_left_its_stop(spawn):
 
 def test_kill_mode_dump_does_not_wait_on_a_dying_group_leader(tmp_path):
     """A killed child with threads: its leader reports its exit only once its other
-    threads are reaped by us, their tracer. The thaw waited for one thread at a
-    time, leader first, and sat out the 5 s stop timeout in 2 dumps of 3 (vim
-    under `script`, any threaded child of a shell)."""
-    code = "import threading, time; threading.Thread(target=time.sleep, args=(1000,)).start()"
-    for attempt in range(3):
+    threads are reaped (by us, if we still trace them). The thaw waited for one
+    thread at a time, leader first, or for the leader's exit report, and sat out
+    the 5 s stop timeout in 2 dumps of 3 (vim under `script`, zstd -T2 in a
+    shell: any threaded child of a shell)."""
+    code = (
+        "import threading, time\n"
+        "for _ in range(4): threading.Thread(target=time.sleep, args=(1000,)).start()"
+    )
+    for attempt in range(5):
         p = subprocess.Popen(
             ["bash", "-c", f"{sys.executable} -c '{code}'; :"], start_new_session=True
         )
         try:
             deadline = time.monotonic() + 10
-            while not any(len(os.listdir(f"/proc/{c}/task")) == 2 for c in _children(p.pid)):
+            while not any(len(os.listdir(f"/proc/{c}/task")) == 5 for c in _children(p.pid)):
                 assert time.monotonic() < deadline, "the threaded child did not start"
                 time.sleep(0.02)
             started = time.monotonic()
