@@ -1158,6 +1158,46 @@ def test_tcp_connection_with_megabytes_queued(program, tmp_path, direction):
         assert prog.result("got") == repr((pushed, True)).encode()
 
 
+@pytest.mark.parametrize("blocking", [True, False])
+def test_tcp_connect_in_progress_completes_after_restore(program, tmp_path, blocking):
+    """A connect whose SYN is unanswered (a backend down, a lost packet: SYN_SENT)
+    was refused at dump. Restored, it starts again from its port, and completes
+    once the peer answers: in a connect() the program was blocked in, issued
+    again, or one it polls for."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        rule = ["INPUT", "-i", "lo", "-p", "tcp", "--syn", "--dport", str(port), "-j", "DROP"]
+        subprocess.run(["iptables", "-I", *rule], check=True)
+        try:
+            prog = program(
+                f"""
+                import select
+                c = socket.socket()
+                ready()
+                if {blocking!r}:
+                    c.connect(("127.0.0.1", {port}))
+                else:
+                    c.setblocking(False)
+                    c.connect_ex(("127.0.0.1", {port}))
+                    select.select([], [c], [])
+                    c.setblocking(True)
+                c.sendall(b"through")
+                report("done", c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+                """
+            )
+            wait_until(lambda: _tcp_state_of(prog.pid) == "syn-sent", "SYN_SENT")
+            dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+            restore(tmp_path / "images")
+        finally:
+            subprocess.run(["iptables", "-D", *rule], check=True)
+        server.settimeout(20)  # the next SYN goes after the kernel's backoff (1 s, 2 s)
+        peer, _ = server.accept()
+        peer.settimeout(10)
+        assert peer.recv(100) == b"through"
+        assert prog.result("done", timeout=20) == b"0"
+        peer.close()
+
+
 def _tcp_state_of(pid: int) -> str:
     """The state of the one TCP socket of process pid (in the dump's names)."""
     from checkpointer.fdstate.socket import TCP_STATES

@@ -139,5 +139,8 @@ def _inet(sock: socket.socket, inode: int) -> dict:
         fields["tcp_state"] = TCP_STATES.get(state, str(state))
         if state == sockets.TCP_LISTEN:
             fields["sock_backlog"] = sockets.tcp_listen_backlog(sock.family, inode) or 128
+        elif state == sockets.TCP_SYN_SENT:
+            dst = sockets.tcp_destination(sock.family, inode)
+            fields["sock_peer_addr"] = list(dst) if dst else None
     fields["sock_options"] = options
     return fields

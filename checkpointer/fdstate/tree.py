@@ -167,7 +167,9 @@ def _check_inet(where: str, rec: dict, tcp_established: bool) -> None:
                 f"{_endpoint(rec['sock_peer_addr'])}: "
                 "dumped only with --tcp-established (dump, converge, migrate)"
             )
-    elif state not in ("listen", "close"):
+    elif state == "syn-sent" and not rec.get("sock_peer_addr"):
+        raise CheckpointError(f"{where}: a TCP connect in progress to an unknown address")
+    elif state not in ("listen", "close", "syn-sent"):
         raise CheckpointError(f"{where}: TCP connection in state {state} cannot be dumped")
 
 

@@ -325,6 +325,20 @@ def tcp_listen_backlog(family: int, inode: int) -> int | None:
     return None
 
 
+def tcp_destination(family: int, inode: int) -> tuple[str, int] | None:
+    """Where a connecting TCP socket (SYN_SENT) is connecting to: getpeername
+    refuses until it is connected; inet_diag tells. None if not found."""
+    req = struct.pack("=BBBBL", family, socket.IPPROTO_TCP, 0, 0, 1 << 2)  # TCP_SYN_SENT
+    req += b"\0" * 48  # inet_diag_sockid: any
+    for body in _diag_query(req):
+        if struct.unpack_from("=L", body, 4 + 48 + 16)[0] != inode:
+            continue
+        port = struct.unpack_from("!H", body, 6)[0]
+        raw = body[24:40] if family == socket.AF_INET6 else body[24:28]
+        return socket.inet_ntop(family, raw), port
+    return None
+
+
 # -- TCP repair -------------------------------------------------------------------------
 
 TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ, TCP_REPAIR_OPTIONS = 19, 20, 21, 22
@@ -333,7 +347,7 @@ TCP_RECV_QUEUE, TCP_SEND_QUEUE = 1, 2
 TCP_REPAIR_ON, TCP_REPAIR_OFF, TCP_REPAIR_OFF_NO_WP = 1, 0, -1
 TCPOPT_MSS, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
 TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE = 1, 2, 4
-TCP_ESTABLISHED, TCP_LISTEN = 1, 10
+TCP_ESTABLISHED, TCP_SYN_SENT, TCP_LISTEN = 1, 2, 10
 TCP_FIN_WAIT1, TCP_LAST_ACK, TCP_CLOSING = 4, 9, 11
 SIOCOUTQ = 0x5411
 

@@ -210,6 +210,12 @@ def _inet(sock: socket.socket, record: dict) -> None:
         sock.bind(local)
     if state == "listen":
         sock.listen(record.get("sock_backlog", 128))
+    elif state == "syn-sent":
+        # A connect in progress (its SYN unanswered) starts again from its port:
+        # a connect() the program was blocked in, issued again, waits for it; one
+        # polled for (non-blocking) sees it complete.
+        sock.setblocking(False)
+        sock.connect_ex(tuple(record["sock_peer_addr"]))
     elif record.get("sock_peer_addr") and sock.type == socket.SOCK_DGRAM:
         sock.connect(tuple(record["sock_peer_addr"]))
 
@@ -293,6 +299,8 @@ def _check_inet_fields(where: str, record: dict) -> None:
     bad = None
     if not address(record.get("sock_local")):
         bad = "sock_local"
+    elif record.get("tcp_state") == "syn-sent" and not address(record.get("sock_peer_addr")):
+        bad = "sock_peer_addr"
     elif record.get("tcp_state") in REPAIRED:
         st = record.get("tcp_repair")
         if not address(record.get("sock_peer_addr")):
