@@ -17,7 +17,7 @@ from checkpointer import fdstate
 from checkpointer.errors import TargetError, UnsupportedObject
 from checkpointer.fdstate import files as fdfiles
 from checkpointer.freezer import FrozenTree
-from checkpointer.kernel import abi, kcmp, proc, ptrace, pty, sched, sysvshm, taskstate
+from checkpointer.kernel import abi, cgroup, kcmp, proc, ptrace, pty, sched, sysvshm, taskstate
 from checkpointer.kernel.inject import SyscallSession
 from checkpointer.kernel.syscalls import O_CLOEXEC
 from checkpointer.vmas import Vma, vma_record
@@ -218,6 +218,7 @@ def core_records(
         "umask": proc.read_umask(pid, live),
         "seccomp": proc.read_seccomp_mode(pid, live),
         "oom_score_adj": sched.read_oom_score_adj(pid),
+        "cgroup2": cgroup.cgroup2_of(pid),
         "ctty": {
             "dev": stat.tty_nr,
             "index": pty.pts_index(stat.tty_nr),

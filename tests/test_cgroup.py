@@ -88,3 +88,67 @@ def test_freeze_cgroup_that_is_not_one_is_a_clear_error(spawn, tmp_path):
     )
     assert r.returncode == 1 and "cgroup" in r.stderr and "Traceback" not in r.stderr
     assert t.alive() and proc_status(t.pid)["State"][0] in "RS"
+
+
+def test_restore_puts_each_process_back_in_its_cgroup(cgroup, tmp_path):
+    """A service in its unit's cgroup came back in the restorer's ("0::/"), out of
+    its unit, its limits and its accounting."""
+    import subprocess
+
+    p = subprocess.Popen(["sleep", "1000"], stdin=subprocess.DEVNULL)
+    try:
+        (cgroup / "cgroup.procs").write_text(str(p.pid))
+        path = "/" + str(cgroup.relative_to(cgroup2_root()))
+        assert f"0::{path}\n" in Path(f"/proc/{p.pid}/cgroup").read_text()
+        r = cli("dump", "-t", str(p.pid), "-D", str(tmp_path / "images"))
+        assert r.returncode == 0, r.stderr
+        p.wait(timeout=10)
+        r = cli("restore", "-D", str(tmp_path / "images"), "-d")
+        assert r.returncode == 0, r.stderr
+        assert f"0::{path}\n" in Path(f"/proc/{p.pid}/cgroup").read_text()
+    finally:
+        subprocess.run(["kill", "-9", str(p.pid)], check=False)
+
+
+def test_a_cgroup_gone_at_restore_leaves_the_process_in_the_restorers(cgroup, tmp_path):
+    import subprocess
+
+    p = subprocess.Popen(["sleep", "1000"], stdin=subprocess.DEVNULL)
+    try:
+        (cgroup / "cgroup.procs").write_text(str(p.pid))
+        r = cli("dump", "-t", str(p.pid), "-D", str(tmp_path / "images"))
+        assert r.returncode == 0, r.stderr
+        p.wait(timeout=10)
+        for _ in range(100):  # the killed process leaves the group as it is reaped
+            try:
+                cgroup.rmdir()
+                break
+            except OSError:
+                time.sleep(0.05)
+        r = cli("restore", "-D", str(tmp_path / "images"), "-d")
+        assert r.returncode == 0, r.stderr
+        assert "stays in the restorer's cgroup" in r.stderr
+        assert _unified_cgroup(p.pid) == _unified_cgroup(os.getpid())
+    finally:
+        subprocess.run(["kill", "-9", str(p.pid)], check=False)
+        cgroup.mkdir(exist_ok=True)  # for the fixture's clean-up
+
+
+def _unified_cgroup(pid: int) -> list[str]:
+    return [x for x in Path(f"/proc/{pid}/cgroup").read_text().splitlines() if x.startswith("0::")]
+
+
+def test_a_cgroup_path_leading_outside_the_hierarchy_is_not_followed(tmp_path):
+    """An image's cgroup path is a word from outside: "/../../x" must not make the
+    restorer write (or create) a file outside the cgroup hierarchy."""
+    from checkpointer.kernel import cgroup
+
+    mount = tmp_path / "mnt"
+    (mount / "g").mkdir(parents=True)
+    for bad in ("/../../x", "/../x"):
+        with pytest.raises(OSError):
+            cgroup.move_to_cgroup2(str(mount), bad, os.getpid())
+    assert not (tmp_path / "x").exists() and not (tmp_path / "cgroup.procs").exists()
+    with pytest.raises(FileNotFoundError):  # a group without cgroup.procs: none made
+        cgroup.move_to_cgroup2(str(mount), "/g", os.getpid())
+    assert not (mount / "g" / "cgroup.procs").exists()

@@ -102,6 +102,7 @@ def _restore(req: RestoreRequest) -> RestoreResult:
             creds.restore_creds(task)
         for task in tasks.values():
             memory.unmap_scratch(task)
+            tree.restore_cgroup(task)
             threads.restore_scheduling(task)
             threads.set_registers(task)
         _release(tasks, req.leave_stopped)

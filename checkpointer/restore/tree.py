@@ -7,21 +7,24 @@ the root becomes the restorer's child, which `restore` waits for); every other
 process is cloned from its restored parent before that parent's memory is
 replaced. The tracer options are inherited, so each new process is traced from
 its first instruction, and PTRACE_O_EXITKILL kills the whole half-built tree if
-the restorer dies.
+the restorer dies. Last, each process joins its cgroup (v2) again.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import signal
 import time
 
-from checkpointer.kernel import abi, proc, ptrace, taskctl
+from checkpointer.kernel import abi, cgroup, proc, ptrace, taskctl
 from checkpointer.kernel.inject import SyscallSession
 from checkpointer.kernel.syscalls import NR_exit_group, libc
 from checkpointer.restore.images import RestoreError, RestoreImages, leaders_outside
 from checkpointer.restore.task import Task, clone_task
+
+log = logging.getLogger("checkpointer")
 
 TRACE_OPTIONS = ptrace.PTRACE_O_TRACEFORK | ptrace.PTRACE_O_TRACECLONE | ptrace.PTRACE_O_EXITKILL
 PR_SET_PDEATHSIG = 1
@@ -202,3 +205,21 @@ def restore_prctl(task: Task) -> None:
         taskctl.prctl(s, taskctl.PR_SET_CHILD_SUBREAPER, 1)
     if state.get("thp_disable"):
         taskctl.prctl(s, taskctl.PR_SET_THP_DISABLE, 1)
+
+
+def restore_cgroup(task: Task) -> None:
+    """Back into its cgroup of the unified (v2) hierarchy, if it was not the
+    restorer's own: a service stays in its unit's group, a job in its container's.
+    A group that is gone, or refuses it, leaves it in the restorer's, and the
+    log says so (another machine need not have the group)."""
+    path = task.image.process.get("cgroup2")
+    mount = cgroup.cgroup2_mount()
+    if path is None or mount is None or path == cgroup.cgroup2_of(os.getpid()):
+        return
+    try:
+        cgroup.move_to_cgroup2(mount, path, task.pid)
+    except OSError as exc:
+        log.warning(
+            "process %d stays in the restorer's cgroup: cannot join %s (%s)",
+            task.pid, path, exc.strerror or exc,
+        )  # fmt: skip
