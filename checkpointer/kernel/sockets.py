@@ -314,29 +314,37 @@ def unix_socket(inode: int) -> UnixDiag:
     raise OSError(errno.ENOENT, f"no unix socket with inode {inode}")
 
 
-def tcp_listen_backlog(family: int, inode: int) -> int | None:
-    """The backlog a TCP listener was given (inet_diag's wqueue), None if not found."""
-    req = struct.pack("=BBBBL", family, socket.IPPROTO_TCP, 0, 0, 1 << 10)  # TCP_LISTEN
+# inet_diag_msg: family, state, timer, retrans (4 bytes), inet_diag_sockid (48),
+# then expires, rqueue, wqueue, uid, inode.
+_IDIAG_WQUEUE, _IDIAG_INODE = 4 + 48 + 8, 4 + 48 + 16
+
+
+def _tcp_diag_msg(family: int, state: int, inode: int) -> bytes | None:
+    """inet_diag's record of the TCP socket with this inode, asked among those in
+    `state` only; None if not found."""
+    req = struct.pack("=BBBBL", family, socket.IPPROTO_TCP, 0, 0, 1 << state)
     req += b"\0" * 48  # inet_diag_sockid: any
     for body in _diag_query(req):
-        _, _, wqueue, _, ino = struct.unpack_from("=LLLLL", body, 4 + 48)
-        if ino == inode:
-            return wqueue
+        if struct.unpack_from("=L", body, _IDIAG_INODE)[0] == inode:
+            return body
     return None
+
+
+def tcp_listen_backlog(family: int, inode: int) -> int | None:
+    """The backlog a TCP listener was given (inet_diag's wqueue), None if not found."""
+    body = _tcp_diag_msg(family, TCP_LISTEN, inode)
+    return None if body is None else struct.unpack_from("=L", body, _IDIAG_WQUEUE)[0]
 
 
 def tcp_destination(family: int, inode: int) -> tuple[str, int] | None:
     """Where a connecting TCP socket (SYN_SENT) is connecting to: getpeername
     refuses until it is connected; inet_diag tells. None if not found."""
-    req = struct.pack("=BBBBL", family, socket.IPPROTO_TCP, 0, 0, 1 << 2)  # TCP_SYN_SENT
-    req += b"\0" * 48  # inet_diag_sockid: any
-    for body in _diag_query(req):
-        if struct.unpack_from("=L", body, 4 + 48 + 16)[0] != inode:
-            continue
-        port = struct.unpack_from("!H", body, 6)[0]
-        raw = body[24:40] if family == socket.AF_INET6 else body[24:28]
-        return socket.inet_ntop(family, raw), port
-    return None
+    body = _tcp_diag_msg(family, TCP_SYN_SENT, inode)
+    if body is None:
+        return None
+    port = struct.unpack_from("!H", body, 6)[0]  # idiag_dport
+    raw = body[24:40] if family == socket.AF_INET6 else body[24:28]  # idiag_dst
+    return socket.inet_ntop(family, raw), port
 
 
 # -- TCP repair -------------------------------------------------------------------------
