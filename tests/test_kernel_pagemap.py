@@ -307,3 +307,22 @@ def test_data_runs_by_scan_equal_data_runs_by_read(spawn_no_thp, mapped_file):
                 assert pmap.data_runs(vma.start, vma.end, anon=True) == by_read, vma
             if vma.path == str(mapped_file):
                 assert not vma.anonymous
+
+
+def test_union_of_scan_rounds_drops_nothing():
+    """Logic only: a later round's region overlapping an earlier one is kept (its
+    pages were written again), touching ones join, categories are united."""
+    W, S = pm.PAGE_IS_WRITTEN, pm.PAGE_IS_SWAPPED
+    assert pm.union_regions([]) == []
+    assert pm.union_regions([(0, P, W), (P, 2 * P, W), (3 * P, 4 * P, W)]) == [
+        (0, 2 * P, W),
+        (3 * P, 4 * P, W),
+    ]
+    # Round two starts inside round one and reports a page round one had not.
+    rounds = [(0, P, W), (4 * P, 5 * P, W), (2 * P, 3 * P, W), (4 * P, 6 * P, W)]
+    assert pm.union_regions(rounds) == [(0, P, W), (2 * P, 3 * P, W), (4 * P, 6 * P, W)]
+    assert pm.union_regions([(0, 2 * P, W), (P, 3 * P, S)]) == [
+        (0, P, W),
+        (P, 2 * P, W | S),
+        (2 * P, 3 * P, S),
+    ]

@@ -422,27 +422,53 @@ class Pagemap:
                 flat = self._words[: 3 * n].tolist()
                 if max_pages:
                     pages += (sum(flat[1::3]) - sum(flat[0::3])) >> PAGE_SHIFT
-                got = list(zip(flat[0::3], flat[1::3], flat[2::3], strict=True))
-                # A later round starts at walk_end, and the kernel (6.18) can set
-                # walk_end to the START of the last region it already returned (its
-                # 512-entry bounce buffer filled): clip what was reported before,
-                # then merge a region split across rounds.
-                while got and out and got[0][0] < out[-1][1]:
-                    lo, hi, cat = got[0]
-                    if hi <= out[-1][1]:
-                        got.pop(0)
-                    else:
-                        got[0] = (out[-1][1], hi, cat)
-                if got and out and out[-1][1] == got[0][0] and out[-1][2] == got[0][2]:
-                    out[-1] = (out[-1][0], got[0][1], got[0][2])
-                    got = got[1:]
-                out.extend(got)
-            if max_pages and pages >= max_pages:
+                out.extend(zip(flat[0::3], flat[1::3], flat[2::3], strict=True))
+            if n < len(vec) or (max_pages and pages >= max_pages):
+                # The vector had room, so the walk ended. Never go on from walk_end
+                # here: after a walk longer than the kernel's 512-entry bounce buffer
+                # it still names where the first bounce ended (6.12, 6.18), and with
+                # WP_MATCHING a second call would protect pages it reports again.
                 break
             if arg.walk_end <= pos:  # no progress: should not happen, do not spin
                 break
             pos = arg.walk_end
+        return union_regions(out)
         return out
+
+
+def union_regions(regions: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Regions of several PAGEMAP_SCAN calls as one sorted, disjoint list, touching
+    ones with the same categories joined. A call that goes on from walk_end can report
+    pages again (6.18 may put walk_end at the start of a region it returned). None is
+    dropped: with WP_MATCHING a page reported twice was written again in between, and
+    the second call has protected it. A page in several regions gets all their
+    categories."""
+    if all(a[1] <= b[0] for a, b in zip(regions, regions[1:], strict=False)):  # disjoint
+        out: list[tuple[int, int, int]] = []
+        for lo, hi, cat in regions:
+            if out and out[-1][1] == lo and out[-1][2] == cat:
+                out[-1] = (out[-1][0], hi, cat)
+            else:
+                out.append((lo, hi, cat))
+        return out
+    # Sweep the region edges; between two edges, the categories of all open regions.
+    edges = sorted(
+        [(lo, 1, cat) for lo, _, cat in regions] + [(hi, -1, cat) for _, hi, cat in regions]
+    )
+    pieces: list[tuple[int, int, int]] = []
+    open_cats: dict[int, int] = {}
+    prev = None
+    for at, step, cat in edges:
+        if prev is not None and at > prev and open_cats:
+            cats = 0
+            for c in open_cats:
+                cats |= c
+            pieces.append((prev, at, cats))
+        open_cats[cat] = open_cats.get(cat, 0) + step
+        if not open_cats[cat]:
+            del open_cats[cat]
+        prev = at
+    return union_regions(pieces)
 
 
 def read_pagemap(pid: int, start: int, end: int) -> bytes:
