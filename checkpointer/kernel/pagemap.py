@@ -433,7 +433,6 @@ class Pagemap:
                 break
             pos = arg.walk_end
         return union_regions(out)
-        return out
 
 
 def union_regions(regions: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
