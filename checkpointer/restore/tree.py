@@ -213,8 +213,10 @@ def restore_cgroup(task: Task) -> None:
     A group that is gone, or refuses it, leaves it in the restorer's, and the
     log says so (another machine need not have the group)."""
     path = task.image.process.get("cgroup2")
+    if path is None or path == cgroup.cgroup2_of(os.getpid()):
+        return
     mount = cgroup.cgroup2_mount()
-    if path is None or mount is None or path == cgroup.cgroup2_of(os.getpid()):
+    if mount is None:
         return
     try:
         cgroup.move_to_cgroup2(mount, path, task.pid)
