@@ -253,7 +253,16 @@ def test_written_and_protect(tracked):
     assert int(proc.read_status(t.pid)["VmPTE"].split()[0]) <= vm_pte + 8  # no markers
 
 
-def test_a_page_written_between_scan_rounds_is_never_lost(monkeypatch):
+def _written(pmap, start, end):
+    return pmap.written_and_protect(start, end)
+
+
+def _written_of_one_walk(pmap, start, end):
+    return pmap.data_and_written_protect(start, end, anon=True)[1]
+
+
+@pytest.mark.parametrize("read_written", [_written, _written_of_one_walk])
+def test_a_page_written_between_scan_rounds_is_never_lost(monkeypatch, read_written):
     """Over 512 written regions, the kernel walks in rounds of its 512-entry bounce
     buffer and, even when the walk reached the end, reports walk_end at the first
     round's stop (6.12 and 6.18). The scan took that for a partial answer and asked
@@ -284,10 +293,10 @@ def test_a_page_written_between_scan_rounds_is_never_lost(monkeypatch):
 
         with pm.Pagemap(os.getpid()) as pmap:
             monkeypatch.setattr(pm, "ioctl_ptr", ioctl_then_write)
-            first = pmap.written_and_protect(addr, end)
+            first = read_written(pmap, addr, end)
             monkeypatch.undo()
             assert (addr, addr + P) in first and len(first) >= 700
-            second = pmap.written_and_protect(addr, end)
+            second = read_written(pmap, addr, end)
         assert _covers(first, hole) or _covers(second, hole), "a written page was lost"
     finally:
         os.close(fd)
@@ -296,3 +305,24 @@ def test_a_page_written_between_scan_rounds_is_never_lost(monkeypatch):
 
 def _covers(ranges: list[tuple[int, int]], addr: int) -> bool:
     return any(lo <= addr < hi for lo, hi in ranges)
+
+
+def test_data_and_written_protect_is_both_reads_in_one_walk(tracked):
+    """The tracker's one-walk read: the same present runs as data_runs, the same
+    written runs as written_and_protect, and the written pages protected again."""
+    t, _, local, _ = tracked
+    uffd.uffd_api(local)
+    start, size = t.regions["anon"]
+    end = start + size
+    vma = vma_of(t.pid, start)
+    assert uffd.register_wp(local, vma.start, vma.end - vma.start)
+    with pm.Pagemap(t.pid) as pmap:
+        present = pmap.data_runs(start, end, anon=True)
+        assert pmap.data_and_written_protect(start, end, anon=True) == (present, present)
+        assert pmap.data_and_written_protect(start, end, anon=True) == (present, [])
+        t.command("write 64 3")  # page 64 was a hole, 65 and 66 populated
+        now = pmap.data_runs(start, end, anon=True)
+        assert now != present
+        got = pmap.data_and_written_protect(start, end, anon=True)
+        assert got == (now, [(start + 64 * P, start + 67 * P)])
+        assert pmap.written_and_protect(start, end) == []  # protected again

@@ -317,16 +317,8 @@ class Pagemap:
         """
         if not Pagemap._scan_works:
             return None
-        excluded = PAGE_IS_PFNZERO if anon else PAGE_IS_FILE | PAGE_IS_PFNZERO
         try:
-            regions = self.scan(
-                start,
-                end,
-                category_inverted=excluded,
-                category_mask=excluded,
-                anyof_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-                return_mask=PAGE_IS_SWAPPED | categories,
-            )
+            regions = self._data_regions(start, end, categories, anon)
         except OSError as err:
             if err.errno not in (errno.ENOTTY, errno.EINVAL):
                 raise
@@ -335,6 +327,22 @@ class Pagemap:
         if any(cat & PAGE_IS_SWAPPED for _, _, cat in regions):
             return None
         return regions
+
+    def _data_regions(
+        self, start: int, end: int, categories: int, anon: bool, flags: int = 0
+    ) -> list[tuple[int, int, int]]:
+        """PAGEMAP_SCAN regions of data pages (present or swapped, not the zero
+        page, not a file's unless `anon`), with SWAPPED and `categories` returned."""
+        excluded = PAGE_IS_PFNZERO if anon else PAGE_IS_FILE | PAGE_IS_PFNZERO
+        return self.scan(
+            start,
+            end,
+            category_inverted=excluded,
+            category_mask=excluded,
+            anyof_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            return_mask=PAGE_IS_SWAPPED | categories,
+            flags=flags,
+        )
 
     def written_and_protect(self, start: int, end: int) -> list[tuple[int, int]]:
         """uffd-wp read-and-reset: [(start, end)] written since the last reset, and
@@ -355,6 +363,23 @@ class Pagemap:
             flags=PM_SCAN_WP_MATCHING,
         )
         return [(lo, hi) for lo, hi, _ in regions]
+
+    def data_and_written_protect(
+        self, start: int, end: int, anon: bool = False
+    ) -> tuple[list[tuple[int, int]] | None, list[tuple[int, int]]]:
+        """(data_runs, written) of [start, end), write-protecting the written pages
+        again: one walk of the page tables instead of two (data_runs, then
+        written_and_protect). Each page is read and reset at one instant, so a page
+        populated behind the walk is still unprotected next time. The zero page is
+        left out of the walk: it is never written, so nothing a write reaches is
+        left unprotected. data_runs is None where _scan_data would answer None
+        (swapped pages: data_runs() then reads it the slow way; `written` is
+        right either way, and must be used: those pages are protected now)."""
+        regions = self._data_regions(start, end, PAGE_IS_WRITTEN, anon, PM_SCAN_WP_MATCHING)
+        written = _merge([(lo, hi) for lo, hi, cat in regions if cat & PAGE_IS_WRITTEN])
+        if any(cat & PAGE_IS_SWAPPED for _, _, cat in regions):
+            return None, written
+        return _merge([(lo, hi) for lo, hi, _ in regions]), written
 
     def is_wp_async(self, start: int, end: int) -> bool:
         """Is all of [start, end) registered for async uffd write-protect?

@@ -20,7 +20,7 @@ import os
 
 from checkpointer.errors import TargetError
 from checkpointer.kernel import kcmp, pagemap, proc, uffd
-from checkpointer.pageruns import Range, clip
+from checkpointer.pageruns import Range, clip, normalize
 from checkpointer.trackers.base import StopThread, Tracker, VmaPages
 from checkpointer.vmas import Vma
 
@@ -91,22 +91,27 @@ class UffdWpTracker(Tracker):
         result = {}
         with pagemap.Pagemap(pid) as pm:
             for vma in vmas:
-                # Present pages first, then the reset: a page populated in between
-                # is reported written and copied, never wrongly taken from the parent.
-                present = pm.data_runs(vma.start, vma.end, vma.anonymous)
                 registered = uffd.vma_is_wp_registered(vma.vmflags)
                 if registered and not self._ours(fd, pm, pid, vma):
+                    present = pm.data_runs(vma.start, vma.end, vma.anonymous)
                     result[vma.start] = VmaPages(present, None)  # copied whole
                     continue
                 if not registered:
                     if uffd.register_wp(fd, vma.start, vma.end - vma.start):
                         pm.written_and_protect(vma.start, vma.end)  # start clean
-                        # Read again: a page first touched between the read above
-                        # and the protect is reported by nothing else, ever.
-                        present = pm.data_runs(vma.start, vma.end, vma.anonymous)
+                    # Read after the protect: a page first touched before it is
+                    # reported by nothing else, ever.
+                    present = pm.data_runs(vma.start, vma.end, vma.anonymous)
                     result[vma.start] = VmaPages(present, None)
                     continue
-                written = pm.written_and_protect(vma.start, vma.end)
+                # Present and written pages read, and the written ones reset, in
+                # one walk: each page at one instant.
+                present, written = pm.data_and_written_protect(vma.start, vma.end, vma.anonymous)
+                if present is None:  # swapped pages: read the slow way
+                    # (after the reset: a page populated in between is reported
+                    # by the next pass, as written, and copied then too)
+                    present = pm.data_runs(vma.start, vma.end, vma.anonymous)
+                    present = normalize(present + written)
                 dirty: list[Range] | None = clip(written, vma.start, vma.end)
                 result[vma.start] = VmaPages(present, dirty if incremental else None)
         return result
