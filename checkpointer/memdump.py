@@ -66,7 +66,7 @@ def copy_memory(
         for owner, plan in plans.items():
             page_writer = writer.open_pages(owner)
             parent_reader = (
-                ParentPages(parent, owner, owned[owner])
+                ParentPages(parent, owner, owned[owner], PAGE_SIZE)
                 if (compare or owner.startswith("shm-")) and owned.get(owner)
                 else None
             )

@@ -94,15 +94,43 @@ def shared_plans(
 
 class ParentPages:
     """What the parent chain holds for one owner (a process or a shared object),
-    for content comparison: `held` ranges, and their bytes."""
+    for content comparison: `held` ranges, and which pages still equal them."""
 
-    def __init__(self, parent: Dump, owner: str, held: list[Range]) -> None:
+    def __init__(self, parent: Dump, owner: str, held: list[Range], page_size: int) -> None:
         self.parent = parent
         self.owner = owner
         self.held = held  # what the chain holds for this same owner
+        self.page_size = page_size
+        self._zeros = b""
 
-    def read(self, addr: int, size: int) -> bytes:
-        out = bytearray()
-        for lo, hi, kind, data in self.parent.segments(self.owner, addr, addr + size):
-            out += data if kind == "data" else bytes(hi - lo)  # held: never "missing"
-        return bytes(out)
+    def unchanged(self, start: int, data: memoryview) -> list[Range]:
+        """The ranges of [start, start + len(data)) whose bytes equal what the chain
+        holds there. Compared in place (bytes.startswith at an offset is a memcmp
+        between the decompressed frame and `data`): a shared object is compared
+        whole on every pass, and copying both sides cost more than the compare."""
+        end = start + len(data)
+        same: list[Range] = []
+        # Only the held ranges near this chunk: intersecting the whole list for every
+        # chunk is quadratic when memory is fragmented into thousands of runs.
+        for hs, he in intersect(window(self.held, start, end), [(start, end)]):
+            for lo, hi, kind, view in self.parent.segment_views(self.owner, hs, he):
+                if kind == "data":
+                    frame, off = view
+                elif kind == "zero":
+                    frame, off = self._zero_bytes(hi - lo), 0
+                else:
+                    continue  # held, so never "missing"; if it were: copied
+                new = data[lo - start : hi - start]
+                if frame.startswith(new, off):  # the common case: nothing changed
+                    same.append((lo, hi))
+                    continue
+                ps = self.page_size
+                for p in range(0, hi - lo, ps):
+                    if frame.startswith(new[p : p + ps], off + p):
+                        same.append((lo + p, lo + p + ps))
+        return normalize(same)
+
+    def _zero_bytes(self, size: int) -> bytes:
+        if len(self._zeros) < size:
+            self._zeros = bytes(size)
+        return self._zeros

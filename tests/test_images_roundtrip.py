@@ -215,3 +215,63 @@ def test_closed_page_writers_keep_no_buffers(tmp_path):
         assert (after - before) / 300 < 16 * 1024, f"{(after - before) / 300:.0f} bytes each"
         assert threading.active_count() <= threads + 5  # the compress pool, one writer
         w.abort()
+
+
+def _chain_of_two(tmp_path, data: bytes, zero_pages: int) -> Dump:
+    """Dump 1 holds `data` then zero pages at 0x100000 (frames of two pages); dump
+    2 refers to all of it as its parent's."""
+    nr = len(data) // PS + zero_pages
+    for name, parent in (("1", None), ("2", "../1")):
+        with DumpWriter(str(tmp_path / name), "pre-dump", parent, frame_size=2 * PS) as w:
+            w.write_pstree([s.pstree_rec(5)])
+            w.write_core(5, s.process_rec(5), [s.thread_rec(5)])
+            w.write_mm(5, s.mm_rec(), [s.vma_rec(0x100000, 0x100000 + nr * PS)])
+            pw = w.open_pages("pid-5")
+            if parent is None:
+                pw.add_data(0x100000, data)
+                pw.add_zero(0x100000 + len(data), zero_pages)
+            else:
+                pw.add_parent(0x100000, nr)
+            pw.close()
+            w.commit({"start_times": {"5": 1}})
+    return Dump.open(str(tmp_path / "2"))
+
+
+def test_segment_views_are_the_segments_in_place(tmp_path):
+    """segment_views() gives what segments() does, as pieces of the decompressed
+    frames (one per frame a run spans) instead of copies."""
+    data = pg(1, 6)
+    d = _chain_of_two(tmp_path, data, 2)
+    start, end = 0x100000 + PS, 0x100000 + 8 * PS
+    pieces = []
+    for lo, hi, kind, view in d.segment_views("pid-5", start, end):
+        if kind == "data":
+            frame, off = view
+            assert isinstance(frame, bytes) and len(frame) <= 2 * PS
+            pieces.append(frame[off : off + hi - lo])
+        else:
+            assert kind == "zero"
+            pieces.append(bytes(hi - lo))
+    assert len(pieces) == 4  # data from frames 0, 1 and 2, then the zero run
+    segments = d.segments("pid-5", start, end)
+    copied = b"".join(got if k == "data" else bytes(hi - lo) for lo, hi, k, got in segments)
+    assert b"".join(pieces) == copied == data[PS:] + bytes(2 * PS)
+
+
+def test_unchanged_pages_are_found_across_frames(tmp_path):
+    """The content comparison of a pass against its parent chain (shared memory,
+    the full tracker): exactly the pages whose bytes differ are left out, whether
+    they sit at a frame boundary or in a zero run."""
+    from checkpointer.plan import ParentPages
+
+    data = pg(1, 6)
+    d = _chain_of_two(tmp_path, data, 2)
+    now = bytearray(data + bytes(2 * PS))
+    now[3 * PS] ^= 1  # first byte of page 3, the second of frame 1
+    now[8 * PS - 1] = 7  # last byte of page 7, in the zero run
+    held = [(0x100000, 0x100000 + 8 * PS)]
+    same = ParentPages(d, "pid-5", held, PS).unchanged(0x100000, memoryview(now))
+    assert same == [(0x100000, 0x100000 + 3 * PS), (0x100000 + 4 * PS, 0x100000 + 7 * PS)]
+    # only what the chain holds is compared; an unchanged chunk is one range
+    same = ParentPages(d, "pid-5", held, PS).unchanged(0x100000, memoryview(data))
+    assert same == [(0x100000, 0x100000 + 6 * PS)]

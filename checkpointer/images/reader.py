@@ -205,16 +205,19 @@ class PageMap:
         )
 
     def read_stream(self, off: int, length: int) -> bytes:
-        parts = []
+        return b"".join(data[o : o + n] for data, o, n in self.stream_views(off, length))
+
+    def stream_views(self, off: int, length: int):
+        """(frame, offset, length) pieces of the page stream [off, off + length),
+        one per frame it spans, into the decompressed frames themselves: no copy."""
         fs = self.frame_size
         while length > 0:
             i, o = divmod(off, fs)
             data = self.frame(i)
             take = min(length, len(data) - o)
-            parts.append(data[o : o + take])
+            yield data, o, take
             off += take
             length -= take
-        return b"".join(parts)
 
     def close(self):
         if self._file is not None:
@@ -407,21 +410,39 @@ class Dump:
         Parent runs are resolved through the chain; a page flagged parent that no
         ancestor holds raises ImageError.
         """
+        for lo, hi, kind, pm, off in self._resolved(owner, start, end):
+            yield lo, hi, kind, pm.read_stream(off, hi - lo) if kind == "data" else None
+
+    def segment_views(self, owner: str, start: int, end: int):
+        """segments() without copying page data: a "data" segment comes as
+        (lo, hi, "data", (frame, offset)), `frame` being the decompressed frame's
+        bytes, so a data run that spans frames comes in one piece per frame."""
+        for lo, hi, kind, pm, off in self._resolved(owner, start, end):
+            if kind != "data":
+                yield lo, hi, kind, None
+                continue
+            for frame, o, n in pm.stream_views(off, hi - lo):
+                yield lo, lo + n, kind, (frame, o)
+                lo += n
+
+    def _resolved(self, owner: str, start: int, end: int):
+        """(lo, hi, kind, pagemap, stream offset) of [start, end), parent runs
+        resolved through the chain (pagemap and offset only for "data")."""
         pm = self.pagemap(owner)
         cur = start
         if pm is not None:
             for lo, hi, w, off in pm.runs_in(start, end):
                 if lo > cur:
-                    yield cur, lo, "missing", None
+                    yield cur, lo, "missing", None, 0
                 if w == 0:
-                    yield lo, hi, "data", pm.read_stream(off, hi - lo)
+                    yield lo, hi, "data", pm, off
                 elif w == 2:
-                    yield lo, hi, "zero", None
+                    yield lo, hi, "zero", None, 0
                 else:
                     yield from self._from_parent(owner, lo, hi)
                 cur = hi
         if cur < end:
-            yield cur, end, "missing", None
+            yield cur, end, "missing", None, 0
 
     def held_ranges(self, owner: str) -> list[Range]:
         """The address ranges [start, end) whose pages this dump holds for `owner`:
@@ -458,14 +479,14 @@ class Dump:
                 "but the dump has no parent",
                 os.path.join(self.path, f"pagemap-{owner}"),
             )
-        for a, b, kind, data in p.segments(owner, lo, hi):
+        for a, b, kind, pm, off in p._resolved(owner, lo, hi):
             if kind == "missing":
                 raise ImageError(
                     f"{owner} pages {a:#x}-{b:#x} are flagged as in a parent, "
                     "but no ancestor holds them",
                     os.path.join(self.path, f"pagemap-{owner}"),
                 )
-            yield a, b, kind, data
+            yield a, b, kind, pm, off
 
     def read_memory(self, pid: int, addr: int, size: int) -> bytes:
         """The bytes process `pid` held at [addr, addr+size) at this dump."""
