@@ -514,17 +514,18 @@ def vma_records(
     vmas: list[Vma],
     final: bool = False,
     hide_flags: set[str] | frozenset[str] = frozenset(),
+    seen: dict | None = None,
 ) -> list[dict]:
     """vma records with the identity of each mapped file (map_files/ reaches
     deleted files too), without the VmFlags in `hide_flags` (set by the tool); in a
     final dump, a mapped deleted file is a ghost whose contents the images hold
-    (fdstate/files.py)."""
+    (fdstate/files.py). `seen`: what this pass already found out about a file
+    (device and inode as maps shows them): a tree of forked processes maps the
+    same libraries hundreds of times, and each stat costs while the tree is frozen."""
+    seen = {} if seen is None else seen
     records = []
     for v in vmas:
-        rec = {
-            **vma_record(v),
-            "stat": file_identity(proc.stat_mapped_file(pid, v.start, v.end)) if v.inode else None,
-        }
+        rec = {**vma_record(v), "stat": _mapped_identity(pid, v, seen) if v.inode else None}
         if final and v.kind == "shm":
             rec["sysv"] = sysvshm.read_segment(v.inode)
             if rec["sysv"] is None:
@@ -536,7 +537,7 @@ def vma_records(
             what = f"process {pid} maps {v.path} at {v.start:#x}"
             if v.deleted:
                 rec["ghost"] = fdfiles.ghost(rec["stat"], what)
-            elif rec["stat"] is not None and not _leads_back(v.path, rec["stat"]):
+            elif rec["stat"] is not None and not _leads_back_once(v.path, rec["stat"], seen):
                 raise UnsupportedObject(
                     f"{what}: its path does not lead back to the mapped file from here "
                     "(another mount, or the file was moved over), so restore could not "
@@ -546,6 +547,20 @@ def vma_records(
             rec["vmflags"] = [f for f in rec["vmflags"] if f not in hide_flags]
         records.append(rec)
     return records
+
+
+def _mapped_identity(pid: int, v: Vma, seen: dict) -> dict | None:
+    key = ("identity", v.dev, v.inode)
+    if key not in seen:
+        seen[key] = file_identity(proc.stat_mapped_file(pid, v.start, v.end))
+    return seen[key]
+
+
+def _leads_back_once(path: str, identity: dict, seen: dict) -> bool:
+    key = ("leads back", path, identity["dev"], identity["ino"])
+    if key not in seen:
+        seen[key] = _leads_back(path, identity)
+    return seen[key]
 
 
 def content_sources(fds: dict[int, list[dict]], vmas: dict[int, list[dict]]) -> dict[str, tuple]:

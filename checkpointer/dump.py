@@ -138,6 +138,8 @@ class _Pass:
         self.full_pids: dict[int, str] = {}  # pid -> why it gets a full pass
         self.frozen = False
         self.contents: dict[str, tuple] = {}  # owner -> where to read a whole file
+        self.mapped_files: dict = {}  # what this pass found out about mapped files
+        self.parent_auxv: dict[int, bytes | None] = {}
         self.connections = fdtree.RepairedConnections()
         self.inherited: dict[int, set[int]] = {}  # pid -> tracker fds it got by fork
 
@@ -167,6 +169,7 @@ class _Pass:
                 # never change: before the freeze, not inside it.
                 for pid in known if self.parent else ():
                     self.parent.held_ranges(f"pid-{pid}")
+                    self._parent_auxv(pid)
                 if watchdog:
                     watchdog.wait_ready()  # its start-up would share the CPU with the window
                 tree = self._freeze(freezer) if freeze else live_tree(req.pid)
@@ -333,11 +336,21 @@ class _Pass:
     def _exec_since_parent(self, pid: int) -> bool:
         """exec keeps the PID and start time but replaces the memory, and with it
         the auxiliary vector (new stack, new AT_RANDOM bytes)."""
+        theirs = self._parent_auxv(pid)
         try:
-            theirs = self.parent.mm(pid).mm["auxv"] if self.parent else None
-            return proc.read_auxv(pid) != theirs
-        except (TargetError, ImageError, OSError):
+            return theirs is None or proc.read_auxv(pid) != theirs
+        except (TargetError, OSError):
             return True
+
+    def _parent_auxv(self, pid: int) -> bytes | None:
+        """The auxiliary vector the parent recorded for pid (None: unreadable). Read
+        once, before the freeze if the pid is known then."""
+        if pid not in self.parent_auxv:
+            try:
+                self.parent_auxv[pid] = self.parent.mm(pid).mm["auxv"] if self.parent else None
+            except (ImageError, OSError):
+                self.parent_auxv[pid] = None
+        return self.parent_auxv[pid]
 
     def _incremental_for(self, pid: int) -> bool:
         return self.incremental and pid not in self.full_pids
@@ -421,7 +434,11 @@ class _Pass:
             try:
                 mm = collect.mm_record(pid, injected)
                 vma_records[pid] = collect.vma_records(
-                    pid, vmas[pid], final=injected is not None, hide_flags=own_flags
+                    pid,
+                    vmas[pid],
+                    final=injected is not None,
+                    hide_flags=own_flags,
+                    seen=self.mapped_files,
                 )
             except TargetError:
                 if not self._vanished(pid):

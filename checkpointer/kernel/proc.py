@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import time
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -362,17 +363,20 @@ def read_smaps_vmflags(pid: int) -> dict[int, list[str]]:
 
 def read_smaps_vmas(pid: int) -> list[tuple[int, int, list[str]]]:
     """[(start, end, VmFlags list)] of every VMA, in address order, from smaps."""
-    out: list[tuple[int, int, list[str]]] = []
-    span = None
-    for line in _read_bytes(pid, f"{task_dir(pid)}/smaps").split(b"\n"):
-        if line.startswith(b"VmFlags:"):
-            if span is not None:
-                out.append((*span, line[8:].decode().split()))
-        elif line and line[:1] in b"0123456789abcdef":
-            dash, space = line.find(b"-"), line.find(b" ")
-            if 0 < dash < space:
-                span = (int(line[:dash], 16), int(line[dash + 1 : space], 16))
-    return out
+    data = _read_bytes(pid, f"{task_dir(pid)}/smaps")
+    return [
+        (int(start, 16), int(end, 16), flags.decode().split())
+        for start, end, flags in _SMAPS_FLAGS.findall(data)
+    ]
+
+
+# A VMA's header line (it starts with its hex range), then its field lines (none
+# starts like a range) up to VmFlags. Matched in C: the final dump checks these
+# flags while the tree is frozen, and a Python loop over every line of smaps cost
+# more than the kernel's walk behind it.
+_SMAPS_FLAGS = re.compile(
+    rb"^([0-9a-f]+)-([0-9a-f]+) [^\n]*\n(?:(?![0-9a-f]+-)[^\n]*\n)*?VmFlags:([^\n]*)", re.M
+)
 
 
 # --- misc -------------------------------------------------------------------------------
