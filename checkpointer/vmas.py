@@ -119,6 +119,11 @@ def unsupported(vma: Vma) -> str | None:
         return "hugetlb mappings are not supported (their pages are not read page by page)"
     if "io" in vma.vmflags or "pf" in vma.vmflags:
         return "device memory (VM_IO/VM_PFNMAP) is not supported: reading it may have effects"
+    if vma.path.startswith("anon_inode:"):
+        what = vma.path.removeprefix("anon_inode:").strip("[]")
+        return f"memory the kernel shares with the program ({what}) is not supported"
+    if vma.path == "/[aio]" and vma.deleted:
+        return "the ring of an AIO context (io_setup) is not supported"
     return None
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import textwrap
 import time
 
 import pytest
@@ -137,3 +138,46 @@ def test_an_fd_of_an_unknown_kind_is_refused_at_dump(program, tmp_path):
     )
     fd = int(prog.result("fd"))
     refused_at_dump(prog, tmp_path, f"fd {fd} of", "(anon_inode:[userfaultfd])", "cannot be dumped")
+
+
+@pytest.mark.parametrize(
+    "setup, words",
+    [
+        (
+            # io_uring_setup(8 entries), its submission ring mapped, the fd closed:
+            # the mapping alone keeps the ring (MariaDB's InnoDB holds one).
+            """
+            params = ctypes.create_string_buffer(120)
+            fd = libc.syscall(425, 8, params)
+            assert fd >= 0, ctypes.get_errno()
+            libc.mmap.restype = ctypes.c_void_p
+            libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                  ctypes.c_int, ctypes.c_int, ctypes.c_long]
+            assert libc.mmap(None, 4096, 3, 0x8001, fd, 0) not in (None, 2**64 - 1)
+            os.close(fd)
+            """,
+            ("anon_inode:[io_uring]", "io_uring", "not supported"),
+        ),
+        (
+            # io_setup(8, &ctx): a Linux AIO context, whose ring the kernel maps
+            # as "/[aio] (deleted)" (libaio; MySQL's InnoDB)
+            """
+            ctx = ctypes.c_ulong(0)
+            assert libc.syscall(206, 8, ctypes.byref(ctx)) == 0, ctypes.get_errno()
+            """,
+            ("/[aio]", "AIO", "not supported"),
+        ),
+    ],
+    ids=["io_uring", "aio"],
+)
+def test_a_kernel_ring_mapping_is_refused_at_dump(program, tmp_path, setup, words):
+    """Memory the kernel shares with a program for an I/O interface (io_uring's
+    rings, an AIO context's ring) has no restore: a deleted file or a page of
+    anonymous memory in its place would not be the kernel's ring. The dump names it
+    instead of writing images that restore would get wrong."""
+    prog = program(
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        + textwrap.dedent(setup)
+        + "ready()\ngo()\nreport('alive', 1)\n"
+    )
+    refused_at_dump(prog, tmp_path, "maps", *words)
