@@ -560,6 +560,72 @@ def test_tcp_close_wait_gets_its_bytes_then_end_of_file(program, tmp_path, famil
         peer.close()
 
 
+LINGER_ZERO = (
+    'client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)); '
+    "client.close()"
+)
+ENDED_CONNECTION = """
+import errno, struct
+listener = socket.create_server(("127.0.0.1", 0), reuse_port=False)
+port = listener.getsockname()[1]
+client = socket.create_connection(("127.0.0.1", port))
+conn, _ = listener.accept()
+conn.shutdown(socket.SHUT_WR)  # a lingering close, as Apache's
+assert client.recv(10) == b""
+{client_close}
+while conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != 7:  # TCP_CLOSE
+    time.sleep(0.01)
+report("port", port)
+ready()
+go()
+try:
+    report("read", conn.recv(10) or b"end of file")
+except OSError as exc:
+    report("read", errno.errorcode[exc.errno].encode())
+try:
+    conn.send(b"x")
+except OSError as exc:
+    report("send", errno.errorcode[exc.errno].encode())
+again = socket.create_connection(("127.0.0.1", port))
+listener.accept()[0].sendall(b"served")
+report("again", again.recv(10))
+"""
+
+
+@pytest.mark.parametrize(
+    "client_close, read",
+    [("client.close()", b"end of file"), (LINGER_ZERO, b"end of file")],
+    ids=["fin", "reset"],
+)
+def test_tcp_connection_that_ended_reads_end_of_file(program, tmp_path, client_close, read):
+    """A server's accepted connection that is over while its fd is still open: the
+    server shut it for writing, the client closed (FIN) or reset it. Its socket
+    holds the listener's port in state CLOSE. Restore bound it to that port again,
+    which the restored listener holds: "Address already in use" (Apache, under
+    load). It is restored unbound, shut both ways: reads see end of file, writes
+    EPIPE, and the listener serves on."""
+    prog = program(ENDED_CONNECTION.format(client_close=client_close))
+    dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+    restore(tmp_path / "images")
+    prog.go()
+    assert prog.result("read") == read
+    assert prog.result("send") == b"EPIPE"
+    assert prog.result("again") == b"served"
+
+
+def test_tcp_connection_that_ended_with_bytes_unread_is_refused(program, tmp_path):
+    """The client's last bytes arrived with its FIN after the program shut its side:
+    the connection is over, its bytes unread. A fresh socket cannot be given bytes
+    to read, so the dump says so instead of dropping them."""
+    prog = program(
+        ENDED_CONNECTION.split("report(")[0].format(
+            client_close='client.sendall(b"late"); client.close()'
+        )
+        + "ready()\ngo()\nreport('alive', 1)\n"
+    )
+    refused_at_dump(prog, tmp_path, "TCP connection that ended", "4 bytes not yet read")
+
+
 @pytest.mark.parametrize("damage", ["drop-window", "queue-as-text", "no-peer", "negative-window"])
 def test_tcp_record_of_a_damaged_image_is_refused_in_one_line(program, tmp_path, damage):
     """A hostile or damaged connection record (the fd schema leaves socket fields to

@@ -142,5 +142,11 @@ def _inet(sock: socket.socket, inode: int) -> dict:
         elif state == sockets.TCP_SYN_SENT:
             dst = sockets.tcp_destination(sock.family, inode)
             fields["sock_peer_addr"] = list(dst) if dst else None
+        elif state == sockets.TCP_CLOSE and sockets.tcp_segments(sock):
+            # A connection that is over (closed both ways, or reset) while the
+            # program still holds its fd: it keeps the port it had (an accepted
+            # one's is its listener's), which a restore must not bind again.
+            fields["tcp_state"] = "ended"
+            fields["sock_queued"] = sockets.bytes_queued(sock.fileno())
     fields["sock_options"] = options
     return fields

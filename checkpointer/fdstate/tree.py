@@ -169,7 +169,13 @@ def _check_inet(where: str, rec: dict, tcp_established: bool) -> None:
             )
     elif state == "syn-sent" and not rec.get("sock_peer_addr"):
         raise CheckpointError(f"{where}: a TCP connect in progress to an unknown address")
-    elif state not in ("listen", "close", "syn-sent"):
+    elif state == "ended" and rec.get("sock_queued"):
+        raise CheckpointError(
+            f"{where}: a TCP connection that ended ({_endpoint(rec['sock_local'])}) holds "
+            f"{rec['sock_queued']} bytes not yet read, which a restore cannot queue again; "
+            "dump again once the program has read them"
+        )
+    elif state not in ("listen", "close", "syn-sent", "ended"):
         raise CheckpointError(f"{where}: TCP connection in state {state} cannot be dumped")
 
 

@@ -355,13 +355,28 @@ TCP_RECV_QUEUE, TCP_SEND_QUEUE = 1, 2
 TCP_REPAIR_ON, TCP_REPAIR_OFF, TCP_REPAIR_OFF_NO_WP = 1, 0, -1
 TCPOPT_MSS, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
 TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE = 1, 2, 4
-TCP_ESTABLISHED, TCP_SYN_SENT, TCP_LISTEN = 1, 2, 10
+TCP_ESTABLISHED, TCP_SYN_SENT, TCP_CLOSE, TCP_LISTEN = 1, 2, 7, 10
 TCP_FIN_WAIT1, TCP_LAST_ACK, TCP_CLOSING = 4, 9, 11
 SIOCOUTQ = 0x5411
 
 
 def tcp_state(sock: socket.socket) -> int:
     return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+
+
+# struct tcp_info: u32 tcpi_segs_out, tcpi_segs_in after the u64 bytes_received.
+_TCPI_SEGS = 136
+
+
+def tcp_segments(sock: socket.socket) -> int:
+    """Segments the socket has sent and received (TCP_INFO): none for one that was
+    never connected, which is how a bound socket in CLOSE is told from one whose
+    connection ended."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_SEGS + 8)
+    if len(info) < _TCPI_SEGS + 8:
+        return 0  # a kernel before 4.2: no counters (a closed socket reads as unbound)
+    out, in_ = struct.unpack_from("=II", info, _TCPI_SEGS)
+    return out + in_
 
 
 def set_repair(sock: socket.socket, mode: int) -> None:

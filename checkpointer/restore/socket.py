@@ -14,6 +14,7 @@ finish(), where the netfilter rule that locked it since the dump is removed.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import socket
@@ -205,6 +206,14 @@ def _inet(sock: socket.socket, record: dict) -> None:
     _set_options(sock, record)  # before the bind: IPV6_V6ONLY cannot change after it
     if state in REPAIRED:  # rebuilt established; finish() sends the FINs again
         sockets.rebuild_tcp(sock, local, tuple(record["sock_peer_addr"]), _before_fins(record))
+        return
+    if state == "ended":
+        # Over before the dump: unbound (its port is a listener's, or free), shut
+        # both ways. Reads see end of file and writes EPIPE, as the original's did
+        # (a reset's error, which only a destructive SO_ERROR could read, is lost).
+        # shutdown() answers ENOTCONN for a socket never connected, but shuts it.
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
         return
     if local[1] != 0:
         sock.bind(local)
