@@ -157,17 +157,20 @@ class Freezer:
     # -- thawing ---------------------------------------------------------------
 
     def thaw(self, mode: Thaw) -> None:
-        """Let every seized task go; safe to call twice."""
+        """Let every seized task go; safe to call twice.
+
+        A tree to kill is let go stopped, then killed. Killed while still traced,
+        its threads would leave their ptrace stops for their exit, refuse the
+        detach (ESRCH), and end as zombies that only this process may reap: the
+        process could not be reaped by its parent, nor its PIDs reused, while the
+        tool lives on (a migration that restores on the same host)."""
         if not self._seized and not self._cgroup_frozen:
             return  # thawed already: a second call must not signal anyone
         pids = list(self.tree.threads) or [self.root]
         if mode is Thaw.STOPPED:
             self._stopped_by_us = [p for p in pids if p not in self.tree.was_stopped]
-        if mode is Thaw.KILL:
-            for pid in pids:
-                _signal(pid, signal.SIGKILL)
         masks: dict[int, int] = {}
-        if mode is Thaw.STOPPED:
+        if mode in (Thaw.STOPPED, Thaw.KILL):
             # A pending SIGSTOP is delivered as soon as the task runs again, which
             # puts the whole thread group into an ordinary group-stop. Every other
             # signal is held meanwhile (ptrace.give_back_masks_in_group_stop): a
@@ -187,11 +190,13 @@ class Freezer:
             self._seized.clear()
         if self._cgroup_frozen:
             self._thaw_cgroup()
-        if masks:
-            ptrace.give_back_masks_in_group_stop(masks)
         if mode is Thaw.KILL:
             for pid in pids:
+                _signal(pid, signal.SIGKILL)  # stopped, untraced: it never runs again
+            for pid in pids:
                 _reap_if_child(pid)
+        elif masks:
+            ptrace.give_back_masks_in_group_stop(masks)
         if stuck:
             raise TargetError(
                 f"could not release thread(s) {', '.join(map(str, stuck))} of {self.root}: "

@@ -327,3 +327,34 @@ def _children(pid: int) -> list[int]:
         return [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
     except OSError:
         return []
+
+
+def _traced_by_us(pid: int) -> list[int]:
+    """Threads of pid (a zombie's too) whose tracer is this process."""
+    traced = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return []
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                tracer = next(ln for ln in f if ln.startswith("TracerPid:")).split()[1]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if tracer == str(os.getpid()):
+            traced.append(int(tid))
+    return traced
+
+
+def test_a_killed_tree_is_not_left_traced(spawn, tmp_path):
+    """A dump that kills its tree lets go of every thread before it returns. Its
+    threads used to stay zombies traced by the dumper when the SIGKILL won the race
+    with the detach (ESRCH: not in a ptrace stop any more): nobody could reap the
+    process (its parent's wait hung) and its PIDs stayed taken while the dumping
+    process lived on (a migration restoring on the same host waits for them)."""
+    for i in range(8):
+        t = spawn("--threads", "16")
+        dump(DumpRequest(pid=t.pid, images_dir=tmp_path / str(i), thaw=Thaw.KILL))
+        assert _traced_by_us(t.pid) == []
+        assert t.proc.wait(timeout=10) == -9
