@@ -56,10 +56,14 @@ class PageCopier:
     def copy(self, pages, plan: list[Segment], parent_reader=None) -> None:
         """Feed `plan` into `pages` (a PageWriter). parent_reader(start, end) returns
         (held ranges, bytes reader) for content comparison, or None."""
+        parents: list[tuple[int, int]] = []  # recorded together: thousands per GiB
         for seg in plan:
             if seg.where == "parent":
-                pages.add_parent(seg.start, (seg.end - seg.start) // self.page_size)
+                parents.append((seg.start, seg.end))
                 continue
+            if parents:
+                pages.add_parent_runs(parents)
+                parents = []
             if seg.where == "zero":  # known to hold nothing (a hole of shared memory)
                 pages.add_zero(seg.start, (seg.end - seg.start) // self.page_size)
                 continue
@@ -87,6 +91,8 @@ class PageCopier:
                     self._write(pages, start, self.view[:got], parent_reader)
                 if self.progress:
                     self.progress.advance((end - start) // self.page_size)
+        if parents:
+            pages.add_parent_runs(parents)
 
     def _copy_into_frames(self, pages, seg: Segment) -> None:
         """Read straight into the writer's compression frames: no copy in between."""

@@ -214,14 +214,28 @@ class PageWriter:
         self._last = None
 
     def add_parent(self, addr: int, nr_pages: int) -> None:
-        self._check(addr, nr_pages * self.page_size)
-        if nr_pages:
-            end = addr + nr_pages * self.page_size
-            if self.parent_ranges and self.parent_ranges[-1][1] == addr:
-                self.parent_ranges[-1] = (self.parent_ranges[-1][0], end)
+        self.add_parent_runs([(addr, addr + nr_pages * self.page_size)])
+
+    def add_parent_runs(self, runs: list[tuple[int, int]]) -> None:
+        """add_parent() for each [start, end) of `runs` (in address order) in one
+        call: a final dump records thousands, one per run of present pages that its
+        parent holds, while its tree is frozen."""
+        if self.closed:
+            raise ValueError(f"pages-{self.owner} is closed")
+        ps = self.page_size
+        held = self.parent_ranges
+        for start, end in runs:
+            if start < self._next_addr or start % ps or end % ps or end <= start:
+                self._check(start, end - start)  # raises, saying why
+                if end <= start:
+                    continue  # an empty run: nothing to record
+            if end > 1 << 64:
+                raise ValueError(f"page run {start:#x}-{end:#x} beyond 64-bit addresses")
+            if held and held[-1][1] == start:
+                held[-1] = (held[-1][0], end)
             else:
-                self.parent_ranges.append((addr, end))
-        self._add_run(addr, nr_pages, "parent", None)
+                held.append((start, end))
+            self._add_run(start, (end - start) // ps, "parent", None)
 
     def add_zero(self, addr: int, nr_pages: int) -> None:
         self._check(addr, nr_pages * self.page_size)
