@@ -54,8 +54,9 @@ class PageCopier:
         self._readers: dict[int, MemReader] = dict(readers or {})
 
     def copy(self, pages, plan: list[Segment], parent_reader=None) -> None:
-        """Feed `plan` into `pages` (a PageWriter). parent_reader(start, end) returns
-        (held ranges, bytes reader) for content comparison, or None."""
+        """Feed `plan` into `pages` (a PageWriter). parent_reader: for content
+        comparison, a plan.ParentPages whose unchanged() pages are referenced
+        rather than written; None copies every data segment."""
         parents: list[tuple[int, int]] = []  # recorded together: thousands per GiB
         for seg in plan:
             if seg.where == "parent":
