@@ -326,3 +326,28 @@ def test_data_and_written_protect_is_both_reads_in_one_walk(tracked):
         got = pmap.data_and_written_protect(start, end, anon=True)
         assert got == (now, [(start + 64 * P, start + 67 * P)])
         assert pmap.written_and_protect(start, end) == []  # protected again
+
+
+def test_one_walk_refuses_a_synchronous_registration_before_protecting():
+    """The one-walk read trusts only an async write-protect registration: a
+    synchronous one's wp bits are its owner's (unprotect, write, protect), not a
+    record of writes. PM_SCAN_CHECK_WPASYNC refuses it, and nothing is protected."""
+    n = 8
+    addr = mmap_anon(n * P)
+    fd = uffd.open_own_uffd()
+    try:
+        uffd.uffd_api(fd, 0)  # no UFFD_FEATURE_WP_ASYNC: a synchronous registration
+        assert uffd.register_wp(fd, addr, n * P)
+        ctypes.c_char.from_address(addr).value = b"x"  # populated, not protected
+        with pm.Pagemap(os.getpid()) as pmap:
+            with pytest.raises(PermissionError):
+                pmap.data_and_written_protect(addr, addr + n * P, anon=True)
+            # the written page is still unprotected (reported WRITTEN by a plain scan)
+            written = pmap.scan(
+                addr, addr + n * P, category_mask=pm.PAGE_IS_WRITTEN,
+                return_mask=pm.PAGE_IS_WRITTEN,
+            )  # fmt: skip
+            assert any(lo <= addr < hi for lo, hi, _ in written)
+    finally:
+        os.close(fd)
+        munmap(addr, n * P)

@@ -374,28 +374,18 @@ class Pagemap:
         left out of the walk: it is never written, so nothing a write reaches is
         left unprotected. data_runs is None where _scan_data would answer None
         (swapped pages: data_runs() then reads it the slow way; `written` is
-        right either way, and must be used: those pages are protected now)."""
-        regions = self._data_regions(start, end, PAGE_IS_WRITTEN, anon, PM_SCAN_WP_MATCHING)
+        right either way, and must be used: those pages are protected now).
+
+        Raises PermissionError, before anything is protected, unless all of
+        [start, end) is registered for async write-protect (PM_SCAN_CHECK_WPASYNC:
+        a synchronous registration's wp bits say nothing of writes)."""
+        regions = self._data_regions(
+            start, end, PAGE_IS_WRITTEN, anon, PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC
+        )
         written = _merge([(lo, hi) for lo, hi, cat in regions if cat & PAGE_IS_WRITTEN])
         if any(cat & PAGE_IS_SWAPPED for _, _, cat in regions):
             return None, written
         return _merge([(lo, hi) for lo, hi, _ in regions]), written
-
-    def is_wp_async(self, start: int, end: int) -> bool:
-        """Is all of [start, end) registered for async uffd write-protect?
-        (PM_SCAN_CHECK_WPASYNC: EPERM otherwise, e.g. a synchronous registration.)"""
-        try:
-            self.scan(
-                start,
-                end,
-                category_mask=PAGE_IS_WRITTEN,
-                return_mask=PAGE_IS_WRITTEN,
-                flags=PM_SCAN_CHECK_WPASYNC,
-                max_pages=1,
-            )
-        except PermissionError:
-            return False
-        return True
 
     def scan(
         self,

@@ -91,12 +91,7 @@ class UffdWpTracker(Tracker):
         result = {}
         with pagemap.Pagemap(pid) as pm:
             for vma in vmas:
-                registered = uffd.vma_is_wp_registered(vma.vmflags)
-                if registered and not self._ours(fd, pm, pid, vma):
-                    present = pm.data_runs(vma.start, vma.end, vma.anonymous)
-                    result[vma.start] = VmaPages(present, None)  # copied whole
-                    continue
-                if not registered:
+                if not uffd.vma_is_wp_registered(vma.vmflags):
                     if uffd.register_wp(fd, vma.start, vma.end - vma.start):
                         pm.written_and_protect(vma.start, vma.end)  # start clean
                     # Read after the protect: a page first touched before it is
@@ -104,9 +99,19 @@ class UffdWpTracker(Tracker):
                     present = pm.data_runs(vma.start, vma.end, vma.anonymous)
                     result[vma.start] = VmaPages(present, None)
                     continue
-                # Present and written pages read, and the written ones reset, in
-                # one walk: each page at one instant.
-                present, written = pm.data_and_written_protect(vma.start, vma.end, vma.anonymous)
+                read = self._read_and_reset(fd, pm, vma)
+                if read is None:
+                    log.info(
+                        "process %d: %x-%x is write-protected by its own userfaultfd: "
+                        "copied whole on every pass",
+                        pid,
+                        vma.start,
+                        vma.end,
+                    )
+                    present = pm.data_runs(vma.start, vma.end, vma.anonymous)
+                    result[vma.start] = VmaPages(present, None)  # copied whole
+                    continue
+                present, written = read
                 if present is None:  # swapped pages: read the slow way
                     # (after the reset: a page populated in between is reported
                     # by the next pass, as written, and copied then too)
@@ -116,24 +121,21 @@ class UffdWpTracker(Tracker):
                 result[vma.start] = VmaPages(present, dirty if incremental else None)
         return result
 
-    def _ours(self, fd: int, pm: pagemap.Pagemap, pid: int, vma: Vma) -> bool:
-        """Is this VMA's write-protect registration the tool's? The "uw" flag and
-        the wp bits look the same when the target uses userfaultfd itself, but its
-        own (un)protecting says nothing about writes since our last pass. Ours
-        accepts our fd again (another uffd's gives EBUSY) and is asynchronous
-        (PM_SCAN_CHECK_WPASYNC); anything else is never trusted."""
-        if uffd.register_wp(fd, vma.start, vma.end - vma.start) and pm.is_wp_async(
-            vma.start, vma.end
-        ):
-            return True
-        log.info(
-            "process %d: %x-%x is write-protected by its own userfaultfd: copied whole "
-            "on every pass",
-            pid,
-            vma.start,
-            vma.end,
-        )
-        return False
+    def _read_and_reset(self, fd: int, pm: pagemap.Pagemap, vma: Vma):
+        """(present, written) of a VMA write-protected by the tool, read and its
+        written pages protected again in one walk (each page at one instant); None
+        if the registration is not the tool's. The "uw" flag and the wp bits look
+        the same when the target uses userfaultfd itself, but its own (un)protecting
+        says nothing about writes since our last pass. Ours accepts our fd again
+        (another uffd's gives EBUSY) and is asynchronous (the walk checks that
+        first, and refuses before protecting anything); anything else is never
+        trusted."""
+        if not uffd.register_wp(fd, vma.start, vma.end - vma.start):
+            return None
+        try:
+            return pm.data_and_written_protect(vma.start, vma.end, vma.anonymous)
+        except PermissionError:
+            return None
 
     def untrack(self, pid: int, state: dict, stop: StopThread) -> None:
         target_fd = state.get("uffd_fd")
