@@ -988,3 +988,47 @@ def test_a_mapping_of_a_file_under_a_hidden_mount_is_refused_at_dump(tmp_path):
             refused_at_dump(prog, tmp_path, f"maps {hidden / 'data'}", "does not lead back")
         finally:
             subprocess.run(["umount", str(hidden)], check=True)
+
+
+def test_procfs_files_of_the_tree_read_the_restored_processes(tmp_path):
+    """redis reads its RSS from /proc/PID/stat (open, read, close, ten times a
+    second). A dump that caught it open made images whose restore refused them
+    ("/proc/PID/stat: No such file or directory": checked before the process was
+    back). A procfs file of a process or thread of the tree is opened again once
+    that process or thread exists again, and reads the restored one."""
+    with program_starter(tmp_path) as start:
+        prog = start(
+            """
+            import threading
+            stat = open(f"/proc/{os.getpid()}/stat")
+            status = open("/proc/self/status")
+            fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
+            held = {}
+
+            def thread():
+                held["stat"] = open("/proc/thread-self/stat")
+                held["tid"] = threading.get_native_id()
+                time.sleep(1000)
+
+            threading.Thread(target=thread, daemon=True).start()
+            while "stat" not in held:
+                time.sleep(0.01)
+            report("tid", held["tid"])
+            ready()
+            go()
+            report("stat", int(stat.read().split()[0]))
+            report("status", status.read().splitlines()[0].encode())
+            report("fds", os.readlink(f"/proc/self/fd/{fds}").encode())
+            report("listed", int(str(fds) in os.listdir(fds)))
+            report("thread", int(held["stat"].read().split()[0]))
+            """
+        )
+        pid, tid = prog.pid, int(prog.result("tid"))
+        dump_and_kill(pid, tmp_path / "images", reap=prog.reap)
+        restore(tmp_path / "images")
+        prog.go()
+        assert int(prog.result("stat")) == pid
+        assert prog.result("status").startswith(b"Name:")
+        assert prog.result("fds") == f"/proc/{pid}/fd".encode()
+        assert prog.result("listed") == b"1"
+        assert int(prog.result("thread")) == tid

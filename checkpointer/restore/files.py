@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from checkpointer.kernel import proc, taskctl
 from checkpointer.restore import pty
-from checkpointer.restore.images import DELETED, RestoreError, RestoreImages
+from checkpointer.restore.images import DELETED, RestoreError, RestoreImages, procfs_task
 from checkpointer.restore.task import Task
 
 if TYPE_CHECKING:
@@ -46,6 +46,15 @@ class OpenFiles:
         self._done: set[str] = set()
         # pid -> fd records of every process restored: who holds the other end.
         self.tree_fds = tree_fds or {}
+        self._tids = {t for p in images.processes for t in p.tids}
+        self._leaders = {p.pid for p in images.processes}
+
+    def opens_later(self, record: dict) -> bool:
+        """Is this fd a procfs file of a thread (not a process) of the tree? Threads
+        are made after the fds of their process (threads.py): it is opened in
+        finish_fds, once every thread is back."""
+        tid = procfs_task(record["target"], self._tids)
+        return tid is not None and tid not in self._leaders
 
     def shared(self, key: str, create) -> int:
         """Our fd for the object `key`, made by create() the first time."""
@@ -97,16 +106,25 @@ KINDS: dict[str, object] = {}
 
 def restore_fds(task: Task, files: OpenFiles) -> None:
     for f in task.image.fds:
-        ours = files.open_description(task, f)
-        try:
-            cloexec = f.get("cloexec", bool(f["flags"] & os.O_CLOEXEC))
-            task.install_fd(ours, at=f["fd"], cloexec=cloexec)
-        finally:
-            os.close(ours)
+        if not files.opens_later(f):
+            _install(task, files, f)
+
+
+def _install(task: Task, files: OpenFiles, f: dict) -> None:
+    ours = files.open_description(task, f)
+    try:
+        cloexec = f.get("cloexec", bool(f["flags"] & os.O_CLOEXEC))
+        task.install_fd(ours, at=f["fd"], cloexec=cloexec)
+    finally:
+        os.close(ours)
 
 
 def finish_fds(task: Task, files: OpenFiles) -> None:
-    """The second pass of kinds that link fds together; then the file locks."""
+    """The fds restore_fds left for later; the second pass of kinds that link fds
+    together; then the file locks."""
+    for f in task.image.fds:
+        if files.opens_later(f):
+            _install(task, files, f)
     for f in task.image.fds:
         kind = KINDS.get(f["type"])
         if kind is not None and hasattr(kind, "finish"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -159,7 +160,7 @@ def preflight(images: RestoreImages, shell_job: bool = False, source_alive: bool
             _check_vma(p, v)
         for f in p.fds:
             ours = shell_job or f.get("pty", {}).get("index", -1) in own_ptys
-            _check_fd(p, f, ours, source_alive)
+            _check_fd(p, f, ours, source_alive, pids)
         for name in ("exe", "cwd"):
             path = p.mm.get(name)
             if name == "exe" and path and path.endswith(DELETED):
@@ -336,8 +337,27 @@ def _check_ghost(ghost: dict | None, where: str) -> None:
 FD_TYPES = ("file", "dir", "tty")
 
 
-def _check_fd(p: ProcessImage, f: dict, shell_job: bool, source_alive: bool) -> None:
+_PROC_TASK = re.compile(r"/proc/(\d+)(?:/task/(\d+))?(?:/|$)")
+
+
+def procfs_task(path: str, tids: set[int]) -> int | None:
+    """The thread of the tree (`tids`) whose /proc directory holds `path`
+    (/proc/P/..., /proc/P/task/T/...; /proc/self and thread-self read as such), or
+    None. Such a file is one of the restored process's own once it exists again
+    with its PID: nothing to check before, opened after (files.py)."""
+    m = _PROC_TASK.match(path)
+    if m is None:
+        return None
+    tid = int(m.group(2) or m.group(1))
+    return tid if tid in tids and int(m.group(1)) in tids else None
+
+
+def _check_fd(
+    p: ProcessImage, f: dict, shell_job: bool, source_alive: bool, tids: set[int]
+) -> None:
     where = f"fd {f['fd']} of process {p.pid} ({f['target']})"
+    if procfs_task(f["target"], tids) is not None:
+        return
     from checkpointer.restore.files import KINDS
 
     kind = KINDS.get(f["type"])
@@ -360,7 +380,9 @@ def _check_fd(p: ProcessImage, f: dict, shell_job: bool, source_alive: bool) -> 
                 "which needs CAP_SYS_ADMIN"
             )
         return
-    if f["type"] == "file" and f.get("stat") is not None:
+    if f["type"] == "file" and f.get("stat") is not None and not f["target"].startswith("/proc/"):
+        # (a procfs file's inode number is made up when it is looked up: only
+        # whether it exists tells)
         check_identity(f["target"], f["stat"], None, None, where, contents=False)
     elif f["type"] in ("file", "dir") and not os.path.exists(f["target"]):
         raise RestoreError(f"{where}: missing")
