@@ -121,7 +121,9 @@ class UffdWpTracker(Tracker):
                 result[vma.start] = VmaPages(present, dirty if incremental else None)
         return result
 
-    def _read_and_reset(self, fd: int, pm: pagemap.Pagemap, vma: Vma):
+    def _read_and_reset(
+        self, fd: int, pm: pagemap.Pagemap, vma: Vma
+    ) -> tuple[list[Range] | None, list[Range]] | None:
         """(present, written) of a VMA write-protected by the tool, read and its
         written pages protected again in one walk (each page at one instant); None
         if the registration is not the tool's. The "uw" flag and the wp bits look
