@@ -7,7 +7,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from targetlib import free_port
 
 SSHD = "/usr/sbin/sshd"
 WORKTREE = Path(__file__).resolve().parent.parent
@@ -58,12 +58,6 @@ def remote_command(*wrapper: str) -> str:
     return " ".join(parts + ["-m", "checkpointer"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_sshd(tmp: Path) -> Sshd:
     if not (os.path.exists(SSHD) and shutil.which("ssh") and shutil.which("ssh-keygen")):
         pytest.skip("needs openssh-server and openssh-client")
@@ -74,7 +68,7 @@ def start_sshd(tmp: Path) -> Sshd:
     (tmp / "authorized_keys").write_text((tmp / "user_key.pub").read_text())
     os.chmod(tmp / "authorized_keys", 0o600)
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     config = tmp / "sshd_config"
     config.write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {tmp / 'host_key'}\n"

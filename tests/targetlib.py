@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -244,3 +245,10 @@ def final_dump(pid: int, path, parent: str | None, tracker: str, thaw=None):
             progress=False,
         )
     )
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing holds now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 from objectslib import dump_and_kill, program_starter, refused_at_dump, restore
 from redislib import HAVE_REDIS, Resp, commands_processed, start_benchmark, start_redis
-from targetlib import CLI, assert_one_line_error, cli
+from targetlib import CLI, assert_one_line_error, cli, free_port
 
 from checkpointer.images import Dump
 from checkpointer.kernel import sockets
@@ -709,12 +709,6 @@ def _lock_rules() -> str:
 
 
 # -- real programs -------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fetch(url: str, timeout: float = 10.0) -> bytes:

@@ -18,8 +18,7 @@ import tempfile
 import time
 
 import pytest
-from targetlib import cli
-from test_restore_net import free_port
+from targetlib import cli, free_port
 
 BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
 
