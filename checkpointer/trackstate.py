@@ -61,13 +61,14 @@ def load(pid: int, start_time: int) -> TrackState | None:
 
 
 def save(state: TrackState) -> None:
+    """Replace the state file atomically. Not fsynced: it describes kernel state of
+    a live process, which a crash of the machine ends too; against a crash of the
+    tool the rename is enough. (A pass saves it twice inside its frozen window.)"""
     path = _path(state.pid)
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(asdict(state), f)
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
