@@ -10,6 +10,7 @@ import bisect
 import logging
 import os
 import stat
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -81,6 +82,35 @@ def vmflags_changed(
         elif set(now) - ignore != set(v.vmflags) - ignore:
             changed.append((v, now))
     return changed
+
+
+class SmapsReader:
+    """The smaps flags of some processes, read on a thread while the dump goes on.
+
+    The read is the kernel's walk of every page table (~10 ms per resident GiB),
+    with the GIL released. It holds the mmap lock for reading: start it only where
+    nothing in the window takes that lock for writing any more (uffd registration,
+    an injected mmap, the snapshot's clone), or they would wait for the walk."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self._smaps: dict[int, list[tuple[int, int, list[str]]]] = {}
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._read, args=(pids,), daemon=True)
+        self._thread.start()
+
+    def _read(self, pids: list[int]) -> None:
+        try:
+            for pid in pids:
+                self._smaps[pid] = proc.read_smaps_vmas(pid)
+        except BaseException as err:  # given to the dump's thread by smaps()
+            self._error = err
+
+    def smaps(self, pid: int) -> list[tuple[int, int, list[str]]]:
+        """proc.read_smaps_vmas(pid), as read on the thread."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._smaps[pid]
 
 
 def _key(m) -> tuple:

@@ -183,9 +183,15 @@ class _Pass:
                 later = watchdog is not None and self.tracker is None
                 pages = None if later else self._track(tree, vmas, frozen=freeze)
                 log.debug("tracking read and reset at %d us", _us_since(frozen_at))
-                snap = snapshot.take(tree, vmas, pages, watchdog) if watchdog else None
+                # (kill mode: after the frozen time, beside the images' fsync)
+                smaps = None if req.thaw is Thaw.KILL else self._smaps_reader(pages, watchdog)
+                snap = (
+                    snapshot.take(tree, vmas, pages, watchdog, self._parents_held(tree))
+                    if watchdog
+                    else None
+                )
                 if snap and snap.whole:  # no child holds their flags: checked frozen
-                    self._check_vmflags({pid: vmas[pid] for pid in snap.whole})
+                    self._check_vmflags({pid: vmas[pid] for pid in snap.whole}, smaps=smaps)
                 if snap or (req.kind == "pre-dump" and freeze):
                     self._thaw(freezer, Thaw.RUNNING)  # dirty state is read and reset
                     self.times["frozen_time"] = _us_since(frozen_at)
@@ -203,7 +209,7 @@ class _Pass:
                 log.debug("pages copied at %d us", _us_since(frozen_at))
                 if req.kind == "dump" and not snap:
                     if req.thaw is not Thaw.KILL:
-                        self._check_vmflags(vmas)  # before the tree runs again
+                        self._check_vmflags(vmas, smaps=smaps)  # before the tree runs again
                         # Every byte is read; fsync and rename need not keep the
                         # target waiting. (A tree to kill stays frozen until the
                         # images are safe.)
@@ -211,7 +217,10 @@ class _Pass:
                     self.times["frozen_time"] = _us_since(frozen_at)
                     if req.thaw is Thaw.KILL:
                         # Every byte is read; still frozen until killed after commit.
-                        self._check_vmflags(vmas)
+                        # The check's smaps walk (CPU) runs beside the fsync (I/O).
+                        smaps = self._smaps_reader(pages, watchdog)
+                        writer.sync()
+                        self._check_vmflags(vmas, smaps=smaps)
                 stats.update(self.times)
                 writer.write_stats(stats)
                 # A pre-dump tolerates short reads of a running tree (a VMA unmapped
@@ -472,18 +481,36 @@ class _Pass:
         state = self.state.extra.get(str(pid), {})
         return state if state.get("start_time") == self.start_times.get(pid) else {}
 
-    def _check_vmflags(self, vmas: dict[int, list[Vma]], children: dict | None = None) -> None:
+    def _smaps_reader(self, pages: dict | None, watchdog) -> collect.SmapsReader | None:
+        """The smaps walk of the flags check (below), started on a thread as soon as
+        nothing left in the window takes the mmap lock for writing: after tracking,
+        when no snapshot's children are cloned (they are checked instead). It then
+        runs on the other core beside the capture or copy."""
+        if self.req.kind != "dump" or not self.frozen or not self.reused_flags:
+            return None
+        if watchdog is not None and (pages is None or not snapshot.few_to_copy(pages)):
+            return None
+        return collect.SmapsReader(sorted(self.reused_flags))
+
+    def _check_vmflags(
+        self,
+        vmas: dict[int, list[Vma]],
+        children: dict | None = None,
+        smaps: collect.SmapsReader | None = None,
+    ) -> None:
         """Flags read before the freeze (a final dump's) must be those of the instant:
-        read again from the frozen process, or from its copy-on-write child (`children`:
-        pid -> child pid). The walk of smaps costs about as much as a pagemap scan, so
-        it runs where it is cheapest: after the thaw for a snapshot, after the copy
-        otherwise."""
+        read again from the frozen process (`smaps`: already being read), or from its
+        copy-on-write child (`children`: pid -> child pid). The walk of smaps costs
+        about as much as a pagemap scan, so it runs where it is cheapest: after the
+        thaw for a snapshot, beside the capture or copy otherwise."""
         if self.req.kind != "dump":
             return
         for pid in sorted(self.reused_flags & set(vmas)):
-            source = children[pid] if children else pid
-            smaps = proc.read_smaps_vmas(source)
-            if changed := collect.vmflags_changed(vmas[pid], smaps, forked=bool(children)):
+            if children:
+                now = proc.read_smaps_vmas(children[pid])
+            else:
+                now = smaps.smaps(pid) if smaps else proc.read_smaps_vmas(pid)
+            if changed := collect.vmflags_changed(vmas[pid], now, forked=bool(children)):
                 v, now = changed[0]
                 raise VmFlagsChanged(
                     f"process {pid} changed the flags of {len(changed)} memory mapping(s) "
@@ -568,7 +595,7 @@ class _Pass:
             writer,
             vmas,
             pages,
-            {pid: self._parent_held(pid) for pid in tree.pids},
+            self._parents_held(tree),
             self.parent,
             compare=compare,
             whole_files=self.contents,
@@ -580,9 +607,12 @@ class _Pass:
             **stats,
             "tracker": self._tracker_name(),
             "iteration": self.req.iteration,
-            "snapshot": "copy-on-write" if snap else "none",
+            "snapshot": snap.kind if snap else "none",
             "snapshot_time": snap.take_us if snap else 0,
         }
+
+    def _parents_held(self, tree: FrozenTree) -> dict[int, list[Range]]:
+        return {pid: self._parent_held(pid) for pid in tree.pids}
 
     def _parent_held(self, pid: int) -> list[Range]:
         """What the parent chain holds for this very process (nothing for a new one)."""

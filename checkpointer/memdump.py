@@ -13,7 +13,6 @@ from checkpointer import contents
 from checkpointer.copier import PageCopier
 from checkpointer.errors import CheckpointError
 from checkpointer.images import Dump, DumpWriter
-from checkpointer.kernel import proc
 from checkpointer.kernel.pagemap import PAGE_SIZE
 from checkpointer.pageruns import Range, subtract
 from checkpointer.plan import ParentPages, private_plan, shared_plans
@@ -45,7 +44,7 @@ def copy_memory(
         f"pid-{pid}": private_plan(pid, vmas[pid], pages[pid], ranges)
         for pid, ranges in held.items()
     }
-    plans.update(shared_plans(vmas, _shared_data))
+    plans.update(shared_plans(vmas))
     for owner in whole_files:
         plans.pop(owner, None)
     segments = [seg for plan in plans.values() for seg in plan]
@@ -104,10 +103,6 @@ def _check_parent_runs(
             f"in the parent, which does not hold them ({len(missing)} such ranges); "
             "nothing was committed and the next pass is a full one"
         )
-
-
-def _shared_data(pid: int, vma: Vma) -> list[Range] | None:
-    return proc.mapped_file_data(pid, vma.start, vma.end, vma.offset, vma.offset + vma.size)
 
 
 def _count(counts: dict[str, int], ps) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from checkpointer.copier import Segment
 from checkpointer.images import Dump
+from checkpointer.kernel import proc
 from checkpointer.pageruns import Range, intersect, normalize, subtract, window
 from checkpointer.trackers import VmaPages
 from checkpointer.vmas import Policy, Vma
@@ -34,17 +35,37 @@ def private_plan(
         if vma.policy is not Policy.PRIVATE:
             continue
         vp = pages[vma.start]
-        if vp.dirty is None:
-            data, held = vp.present, []
-        else:
-            # Dirty pages are copied even if they were not present a moment ago;
-            # present pages that were not written are the parent's if it has them.
-            dirty = normalize(vp.dirty)
-            clean = subtract(vp.present, dirty)
-            held = intersect(clean, window(parent_held, vma.start, vma.end))
-            data = normalize(dirty + subtract(clean, held))
+        theirs = window(parent_held, vma.start, vma.end)
+        data = _to_copy(vp, theirs)
+        # Present pages that were not written are the parent's if it has them.
+        held = [] if vp.dirty is None else subtract(intersect(vp.present, theirs), data)
         plan.extend(_merged(pid, data, held))
     return plan
+
+
+def data_segments(
+    pid: int, vmas: list[Vma], pages: dict[int, VmaPages], parent_held: list[Range]
+) -> list[Segment]:
+    """The "data" segments of private_plan (the same ones), without working out the
+    parent's: those are one per run of present pages, most of its time (a capture
+    of the pages to copy in the frozen window needs only these)."""
+    segs: list[Segment] = []
+    for vma in vmas:
+        if vma.policy is Policy.WHOLE:
+            segs.append(Segment(vma.start, vma.end, "data", pid, vma.start))
+        elif vma.policy is Policy.PRIVATE:
+            theirs = window(parent_held, vma.start, vma.end)
+            segs += [Segment(s, e, "data", pid, s) for s, e in _to_copy(pages[vma.start], theirs)]
+    return segs
+
+
+def _to_copy(vp: VmaPages, theirs: list[Range]) -> list[Range]:
+    """A VMA's pages to copy: all present ones, or, with dirty information, the
+    dirty ones (even if they were not present a moment ago) and the present ones
+    the parent does not hold (`theirs`: what it holds around the VMA)."""
+    if vp.dirty is None:
+        return vp.present
+    return normalize(vp.dirty + subtract(vp.present, theirs))
 
 
 def _merged(pid: int, data: list[Range], held: list[Range]) -> list[Segment]:
@@ -64,15 +85,21 @@ def _merged(pid: int, data: list[Range], held: list[Range]) -> list[Segment]:
     return out
 
 
+def mapped_data(pid: int, vma: Vma) -> list[Range] | None:
+    """The offsets of the object mapped by a shared VMA of pid that hold data (None:
+    unknown)."""
+    return proc.mapped_file_data(pid, vma.start, vma.end, vma.offset, vma.offset + vma.size)
+
+
 def shared_plans(
     vmas: dict[int, list[Vma]],
-    data_ranges: Callable[[int, Vma], list[Range] | None] = lambda pid, vma: None,
+    data_ranges: Callable[[int, Vma], list[Range] | None] = mapped_data,
 ) -> dict[str, list[Segment]]:
     """Each shared object once, read through whichever process maps each part.
 
     `data_ranges(pid, vma)`: the object's offsets that hold data (None: unknown,
     copy all); the holes are recorded as zero pages, never read (reading a hole
-    of shmem through /proc/PID/mem allocates it)."""
+    of shmem through /proc/PID/mem allocates it in the target)."""
     plans: dict[str, list[Segment]] = {}
     covered: dict[str, list[Range]] = {}
     for pid, pid_vmas in vmas.items():

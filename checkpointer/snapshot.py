@@ -17,7 +17,12 @@ A small process (under SMALL_PROCESS bytes of anonymous memory resident) gets no
 child: all its memory is read in the window. That costs about what its clone
 would, and its child would die with it (PR_SET_PDEATHSIG) should it exit right
 after the thaw, as the short commands a shell or build runs do.
-Above PREFETCH_LIMIT bytes of such memory, or when the clone fails (strict
+A tree with few pages to copy (a tracker says under 1/COPY_VS_CLONE of the present
+bytes: the final dump of a converged chain) gets no child either: the pages to copy
+are read in the window into memory (at most CAPTURE_LIMIT bytes), and compressed and
+written after the thaw. Reading them costs a fraction of the copy they would
+otherwise need frozen.
+Above PREFETCH_LIMIT bytes of memory to hold, or when the clone fails (strict
 overcommit: ENOMEM; a pids limit: EAGAIN), there is no snapshot: the dump copies
 with the tree frozen, as without this module, and says so.
 
@@ -41,7 +46,8 @@ from checkpointer.freezer import FrozenTree, stopped_thread
 from checkpointer.kernel import cowchild, proc
 from checkpointer.kernel.inject import SyscallSession
 from checkpointer.kernel.memory import MemReader
-from checkpointer.plan import private_plan, shared_plans
+from checkpointer.pageruns import Range
+from checkpointer.plan import data_segments, private_plan, shared_plans
 from checkpointer.trackers import FullTracker, VmaPages
 from checkpointer.vmas import Policy, Vma
 
@@ -51,6 +57,9 @@ log = logging.getLogger("checkpointer")
 PREFETCH_LIMIT = 256 << 20
 # A frozen copy of fewer than 1/COPY_VS_CLONE of the present bytes beats the clone.
 COPY_VS_CLONE = 16
+# Pages to copy read into memory in the window, instead of compressed and written
+# there, up to this many bytes (the tool's memory: it stays under 100 MiB).
+CAPTURE_LIMIT = 32 << 20
 # How long the dump waits for its watchdog to start before freezing anyway.
 READY_TIMEOUT = 2.0
 # Anonymous memory resident under which a process is read whole in the window.
@@ -124,6 +133,8 @@ class Snapshot:
         self.window_pages: dict[int, dict[int, VmaPages]] = {}
         self.take_us = 0
         self.watchdog = watchdog
+        # "copy-on-write" (children), or "captured" (every page to copy held)
+        self.kind = "copy-on-write"
 
     def _spawn(self, pid: int, tid: int) -> None:
         child = cowchild.spawn(tid, pid)
@@ -165,12 +176,14 @@ def take(
     vmas: dict[int, list[Vma]],
     pages: dict[int, dict[int, VmaPages]] | None,
     watchdog: Watchdog,
+    parent_held: dict[int, list[Range]] | None = None,
 ) -> Snapshot | None:
     """A Snapshot of the frozen tree, or None (logged) when the dump must copy frozen.
 
     `pages`: what the tracker read in the window; None for a dump with nothing to
     reset, whose scan can wait for the children (Snapshot.scan) but for the memory
-    read here."""
+    read here. `parent_held`: per pid, what the parent chain holds (as the copy
+    will plan with it), for a capture of only the pages the copy will read."""
     started = time.monotonic()
     held = sum(v.size for pid in tree.pids for v in vmas[pid] if _held(v))
     if held > PREFETCH_LIMIT:
@@ -181,9 +194,15 @@ def take(
             held >> 20,
         )
         return None
-    if pages is not None and _worth_copying_frozen(pages):
-        watchdog.close()
-        return None
+    if pages is not None and few_to_copy(pages):
+        log.debug("no copy-on-write children: few pages to copy")
+        snap = _capture(tree, vmas, pages, watchdog, parent_held or {})
+        if snap is None:
+            watchdog.close()
+        else:
+            snap.take_us = _us_since(started)
+            log.debug("snapshot: pages to copy captured in %d us", snap.take_us)
+        return snap
     snap = Snapshot(watchdog)
     try:
         snap.whole = {pid for pid in tree.pids if _small(pid)}
@@ -201,7 +220,8 @@ def take(
             _hold(snap, pid, unforked, pages[pid] if pages else None)
         for plan in shared_plans({pid: vmas[pid] for pid in tree.pids}).values():
             for seg in plan:
-                snap.held.setdefault(seg.pid, _HeldMemory()).read(seg.pid, [seg])
+                if seg.where == "data":
+                    snap.held.setdefault(seg.pid, _HeldMemory()).read(seg.pid, [seg])
     except OSError as err:
         snap.release(frozen=True)
         log.warning(
@@ -213,6 +233,39 @@ def take(
         raise
     snap.take_us = _us_since(started)
     log.debug("snapshot: taken in %d us", snap.take_us)
+    return snap
+
+
+def _capture(
+    tree: FrozenTree,
+    vmas: dict[int, list[Vma]],
+    pages: dict[int, dict[int, VmaPages]],
+    watchdog: Watchdog,
+    parent_held: dict[int, list[Range]],
+) -> Snapshot | None:
+    """A Snapshot without children: every page the copy will read (its plans, made
+    from the same pages and parent holdings) read now and held; None above
+    CAPTURE_LIMIT bytes."""
+    plans = {
+        pid: data_segments(pid, vmas[pid], pages[pid], parent_held.get(pid, []))
+        for pid in tree.pids
+    }
+    plans[0] = [s for plan in shared_plans(vmas).values() for s in plan if s.where == "data"]
+    size = sum(s.end - s.start for segs in plans.values() for s in segs)
+    if size > CAPTURE_LIMIT:
+        log.debug("no capture: %d MiB to copy", size >> 20)
+        return None
+    snap = Snapshot(watchdog)
+    snap.kind = "captured"
+    snap.whole = set(tree.pids)
+    for pid in tree.pids:
+        snap.held[pid] = _HeldMemory()
+    try:
+        for seg in [s for pid in tree.pids for s in plans[pid]] + plans[0]:
+            snap.held[seg.pid].read(seg.pid, [seg])
+    except BaseException:
+        snap.release(frozen=True)
+        raise
     return snap
 
 
@@ -235,8 +288,8 @@ def _hold(snap: Snapshot, pid: int, unforked: list[Vma], pages) -> None:
     snap.held.setdefault(pid, _HeldMemory()).read(pid, [s for s in segs if s.where == "data"])
 
 
-def _worth_copying_frozen(pages: dict[int, dict[int, VmaPages]]) -> bool:
-    """Whether the pages to copy are so few that copying them frozen is quicker than
+def few_to_copy(pages: dict[int, dict[int, VmaPages]]) -> bool:
+    """Whether the pages to copy are so few that reading them frozen is quicker than
     the clone, which costs about as much as copying 1/16 of the present pages
     (page tables: ~30-100 ms per GiB here; the copy: ~2 GB/s). The final dump of a
     converged chain, which copies only the last hot set, is the case."""
@@ -245,10 +298,7 @@ def _worth_copying_frozen(pages: dict[int, dict[int, VmaPages]]) -> bool:
         for vp in by_vma.values():
             present += sum(e - s for s, e in vp.present)
             copy += sum(e - s for s, e in (vp.present if vp.dirty is None else vp.dirty))
-    if copy * COPY_VS_CLONE < present:
-        log.debug("no snapshot: %d of %d present bytes to copy", copy, present)
-        return True
-    return False
+    return copy * COPY_VS_CLONE < present
 
 
 def _us_since(t: float) -> int:

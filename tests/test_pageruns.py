@@ -48,3 +48,27 @@ def test_a_private_plan_lists_every_segment_once_in_address_order(a, b):
     assert [(s.start, s.end) for s in plan] == sorted(data + held)
     assert all(s.where == ("parent" if (s.start, s.end) in held else "data") for s in plan)
     assert all(s.pid == 7 and s.vaddr == s.start for s in plan)
+
+
+@given(ranges, st.one_of(st.none(), ranges), ranges)
+def test_a_plan_copies_dirty_and_unheld_pages_and_refers_the_rest(present, dirty, held):
+    """private_plan against the page-set model; data_segments (a capture's) gives
+    exactly its data segments."""
+    from checkpointer.plan import data_segments, private_plan
+    from checkpointer.trackers import VmaPages
+    from checkpointer.vmas import Policy, Vma
+
+    vma = Vma(0, 300, "rw-p", 0, "00:00", 0, "", ("rd", "wr"))
+    assert vma.policy is Policy.PRIVATE
+    present, held = normalize(present), normalize(held)
+    pages = {0: VmaPages(present, None if dirty is None else normalize(dirty))}
+    plan = private_plan(7, [vma], pages, held)
+    data = as_set((s.start, s.end) for s in plan if s.where == "data")
+    parent = as_set((s.start, s.end) for s in plan if s.where == "parent")
+    if dirty is None:
+        assert data == as_set(present) and not parent
+    else:
+        assert data == as_set(dirty) | (as_set(present) - as_set(held))
+        assert parent == (as_set(present) & as_set(held)) - as_set(dirty)
+    assert [s.start for s in plan] == sorted(s.start for s in plan)
+    assert [s for s in plan if s.where == "data"] == data_segments(7, [vma], pages, held)

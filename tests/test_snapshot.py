@@ -6,11 +6,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from targetlib import CLI, Target, target_binary
+from targetlib import CLI, Target, proc_status, start_target, target_binary
 
 from checkpointer.dump import DumpRequest, dump, pre_dump
 from checkpointer.freezer import Thaw
@@ -123,6 +124,82 @@ def test_snapshot_dump_is_the_memory_at_the_freeze(writer, tmp_path):
     assert max(now) > g
     assert children(t.pid) == kids and fd_state(t.pid) == fds
     assert t.proc.poll() is None
+
+
+SPARSE_SHARED = """
+import mmap, sys, time
+m = mmap.mmap(-1, 64 << 20)  # MAP_SHARED anonymous: shmem, one page of it touched
+m[4096:4101] = b"hello"
+print("READY", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.parametrize("kind", ["copy-on-write", "captured"])
+def test_a_sparse_shared_mapping_is_not_filled_by_the_snapshot(tmp_path, kind):
+    """The snapshot reads MAP_SHARED memory in the window. Reading a hole of shmem
+    through /proc/PID/mem allocates it in the target: only the pages holding data
+    may be read (failed before the fix: RssShmem went from 8 kB to 64 MiB)."""
+    proc = subprocess.Popen([sys.executable, "-c", SPARSE_SHARED], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout and proc.stdout.readline().strip() == b"READY"
+        before = proc_status(proc.pid)["RssShmem"]
+        parent = None
+        if kind == "captured":  # a parent, and nothing written since: nothing to copy
+            pre_dump(DumpRequest(proc.pid, tmp_path / "p", progress=False))
+            parent = "../p"
+        res = dump(
+            DumpRequest(
+                proc.pid, tmp_path / "d", thaw=Thaw.RUNNING, prev_images_dir=parent, progress=False
+            )
+        )
+        assert res.stats["snapshot"] == kind
+        assert proc_status(proc.pid)["RssShmem"] == before
+        dumped = Dump.open(tmp_path / "d")
+        vmas = dumped.mm(proc.pid).vmas
+        addr = next(v["start"] for v in vmas if v["end"] - v["start"] == 64 << 20)
+        assert dumped.read_memory(proc.pid, addr + 4096, 5) == b"hello"
+        assert dumped.read_memory(proc.pid, addr + (32 << 20), 4096) == bytes(4096)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_few_pages_to_copy_are_captured_in_the_window(tmp_path, monkeypatch):
+    """A leave-running dump with few pages to copy (a converged chain's final dump)
+    reads them into memory in the window, and compresses and writes them after the
+    thaw: no copy-on-write children, and the dump holds the bytes of the instant,
+    not those the target writes once it runs again."""
+    from checkpointer import memdump
+
+    t = start_target("--anon-mb", "64")
+    try:
+        anon, _ = t.regions["anon"]
+        pre_dump(DumpRequest(t.pid, tmp_path / "p", progress=False))
+        t.command("write 0 8")
+        at_the_freeze = t.read_mem(anon, 8 * PAGE)
+        kids = children(t.pid)
+        copy = memdump.copy_memory
+
+        def write_again_then_copy(*args, **kwargs):
+            assert tracer(t.pid) == 0  # thawed: the copy comes after the window
+            t.command("write 0 8")  # the live pages change again
+            return copy(*args, **kwargs)
+
+        monkeypatch.setattr(memdump, "copy_memory", write_again_then_copy)
+        res = dump(
+            DumpRequest(
+                t.pid, tmp_path / "d", thaw=Thaw.RUNNING, prev_images_dir="../p", progress=False
+            )
+        )
+        assert res.stats["snapshot"] == "captured" and res.incremental
+        assert t.read_mem(anon, 8 * PAGE) != at_the_freeze
+        assert Dump.open(tmp_path / "d").read_memory(t.pid, anon, 8 * PAGE) == at_the_freeze
+        assert verify_dump(str(tmp_path / "d"))["pages"] > 0
+        assert children(t.pid) == kids and t.proc.poll() is None
+    finally:
+        t.kill()
 
 
 def test_snapshot_dump_on_a_content_compared_parent(writer, tmp_path):

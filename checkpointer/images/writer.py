@@ -202,6 +202,15 @@ class DumpWriter:
 
     # ---- commit ----
 
+    def sync(self) -> None:
+        """Put what is written so far on disk. commit() syncs too; a caller may sync
+        earlier, beside other work, so that commit's own sync finds little left."""
+        if self._done:
+            raise ValueError("dump writer already committed or aborted")
+        for pw in self._pages.values():
+            pw.close()
+        fsync_files(self.tmp_dir)
+
     def commit(self, inventory_fields: dict | None = None) -> str:
         """Write the inventory, fsync, rename the temp dir to final_dir. Returns final_dir."""
         if self._done:
