@@ -8,6 +8,7 @@ import fcntl
 import os
 import select
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -200,6 +201,70 @@ def test_pidfds_of_the_tree_come_back(tmp_path):
         assert prog.result("zombie") == b"True"
         assert prog.result("events") == b"True"  # the restored child's exit woke it
         assert prog.result("status") == str(int(signal.SIGTERM)).encode()
+
+
+FORKED_EPOLL_PROGRAM = """
+    import select, socket
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    ep = select.epoll()
+    ep.register(listener.fileno(), select.EPOLLIN)
+    done_r, done_w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        # As a redis BGSAVE child does: close the inherited listener. The epoll,
+        # one instance with the parent's, still watches it under its fd number.
+        listener.close()
+        os.read(done_r, 1)
+        os._exit(7)
+    report("port", listener.getsockname()[1])
+    ready()
+    go()
+    report("events", [fd for fd, _ in ep.poll(30)] == [listener.fileno()])
+    conn, _ = listener.accept()
+    conn.sendall(b"served")
+    os.write(done_w, b"x")
+    report("child", os.waitpid(child, 0)[1] >> 8)
+"""
+
+
+def test_an_epoll_shared_with_a_child_that_closed_a_watched_fd(tmp_path):
+    """A forked child shares its parent's epoll; the child closed a watched fd that the
+    parent still holds (redis's BGSAVE child closes its listeners). The dump refused
+    the child's epoll ("watches fd N, which was closed or reused since"), so a redis
+    saving in the background could not be dumped; the watch is the parent's to
+    restore."""
+    with program_starter(tmp_path) as start:
+        prog = start(FORKED_EPOLL_PROGRAM)
+        port = int(prog.result("port"))
+        dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+        restore(tmp_path / "images")
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        prog.go()
+        assert prog.result("events") == b"True"
+        assert client.recv(16) == b"served"
+        assert prog.result("child") == b"7"
+
+
+def test_an_epoll_watching_a_closed_fd_number_is_refused(tmp_path):
+    """The file stays open through another fd, so the watch lives on under a number
+    nothing holds: it cannot be added again."""
+    with program_starter(tmp_path) as start:
+        prog = start(
+            """
+            import select
+            r, w = os.pipe()
+            ep = select.epoll()
+            ep.register(r, select.EPOLLIN)
+            kept = os.dup(r)
+            os.close(r)
+            ready()
+            go()
+            report("alive", 1)
+            """
+        )
+        refused_at_dump(prog, tmp_path, "(epoll) watches fd", "closed or reused")
 
 
 def test_a_pidfd_of_a_process_outside_the_tree_is_refused(tmp_path):

@@ -67,17 +67,17 @@ def _inotify_watches(pid: int, fd: int) -> list[dict]:
 
 
 def _epoll_watches(pid: int, fd: int) -> list[dict]:
-    """The watch list; each watched fd must still be open on the watched file (an
-    epoll watch outlives the fd number it was added by when the file stays open
-    through another fd: that cannot be added again)."""
+    """The watch list. An epoll watch outlives the fd number it was added by when
+    the file stays open through another fd, and a watch can only be added again
+    by an fd open on the watched file. A watched fd that this process closed (or
+    reused) is marked `closed_here`: a process sharing the epoll (a forked child
+    shares its parent's) may hold it, and then restores the watch list
+    (fdstate.tree refuses an epoll that no holder can restore)."""
     watches = eventfds.read_epoll_watches(pid, fd)
     for w in watches:
         st = proc.stat_fd(pid, w["tfd"])
         if st is None or st.st_ino != w["ino"]:
-            raise UnsupportedObject(
-                f"fd {fd} of process {pid} (epoll) watches fd {w['tfd']}, which was "
-                "closed or reused since: not supported"
-            )
+            w["closed_here"] = True
         del w["ino"]
     return watches
 

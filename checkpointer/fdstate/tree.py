@@ -31,6 +31,7 @@ def check(records: dict[int, list[dict]], tcp_established: bool, pids: set[int])
     listeners = {
         r["sock_name"] for recs in records.values() for r in recs if r.get("sock_listening")
     }
+    _check_epolls(records)
     for pid, recs in records.items():
         for rec in recs:
             where = _where(pid, rec)
@@ -55,6 +56,26 @@ def check(records: dict[int, list[dict]], tcp_established: bool, pids: set[int])
                 _check_netlink(where, rec)
             else:
                 raise CheckpointError(f"{where}: a {family} socket cannot be dumped")
+
+
+def _check_epolls(records: dict[int, list[dict]]) -> None:
+    """Each epoll's watch list is restored by one process holding it whose fd
+    numbers are open on every watched file (anon._epoll_watches). Records of one
+    epoll share an "ofd" id (a forked child holds its parent's)."""
+    holders: dict[object, list[tuple[int, dict]]] = {}
+    for pid, recs in records.items():
+        for rec in recs:
+            if "epoll" in rec:
+                key = rec.get("ofd", (pid, rec["fd"]))
+                holders.setdefault(key, []).append((pid, rec))
+    for group in holders.values():
+        if all(any(w.get("closed_here") for w in rec["epoll"]) for _, rec in group):
+            pid, rec = group[0]
+            tfd = next(w["tfd"] for w in rec["epoll"] if w.get("closed_here"))
+            raise CheckpointError(
+                f"{_where(pid, rec)} (epoll) watches fd {tfd}, which was closed or reused "
+                "since, and no process sharing the epoll holds it: not supported"
+            )
 
 
 def _check_pidfd(where: str, rec: dict, pids: set[int]) -> None:

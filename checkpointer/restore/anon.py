@@ -80,8 +80,12 @@ def open(files: OpenFiles, task: Task, record: dict) -> int:  # noqa: A001
 
 def finish(files: OpenFiles, task: Task, record: dict) -> None:
     """An epoll's watches, by fd number in the task; once per open file description
-    (a forked child shares its parent's epoll and watch list)."""
-    if "epoll" not in record or not files.first_time(f"epoll {files.description(task, record)}"):
+    (a forked child shares its parent's epoll and watch list), by a holder whose fd
+    numbers are open on every watched file (not one that closed a watched fd since:
+    the dump made sure another holder has them all)."""
+    if "epoll" not in record or any(w.get("closed_here") for w in record["epoll"]):
+        return
+    if not files.first_time(f"epoll {files.description(task, record)}"):
         return
     for w in record["epoll"]:
         try:

@@ -27,6 +27,7 @@ from bench_lib.core import (
     start_target,
     start_writer,
 )
+from bench_lib.native import settle_memory
 
 INTERVAL_S = 1.0  # between the passes of a chain
 
@@ -178,11 +179,13 @@ def _converge_mode(mode: str, size_mb: int, hot: int, base: str | None) -> dict:
     with TempDir("bench-cv-", base) as tmp:
         w = start_target(tmp, size_mb, *args)
         try:
+            settle_memory()  # the balloon's refill, out of both windows alike
             plain = cp("dump", "-t", str(w.pid), "-D", str(tmp / "plain"), *leave,
                        "--no-snapshot")  # fmt: skip
             if not leave:  # the plain dump killed it: converge a fresh one
                 w.kill()
                 w = start_target(tmp, size_mb, *args, name="target2")
+            settle_memory()
             conv = cp("converge", "-t", str(w.pid), "-D", str(tmp / "conv"), *leave)
         finally:
             w.kill()
