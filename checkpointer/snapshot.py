@@ -246,23 +246,25 @@ def _capture(
     """A Snapshot without children: every page the copy will read (its plans, made
     from the same pages and parent holdings) read now and held; None above
     CAPTURE_LIMIT bytes."""
-    plans = {
+    segs = {
         pid: data_segments(pid, vmas[pid], pages[pid], parent_held.get(pid, []))
         for pid in tree.pids
     }
-    plans[0] = [s for plan in shared_plans(vmas).values() for s in plan if s.where == "data"]
-    size = sum(s.end - s.start for segs in plans.values() for s in segs)
+    for plan in shared_plans(vmas).values():  # each read through the process planned
+        for seg in plan:
+            if seg.where == "data":
+                segs[seg.pid].append(seg)
+    size = sum(s.end - s.start for pid_segs in segs.values() for s in pid_segs)
     if size > CAPTURE_LIMIT:
         log.debug("no capture: %d MiB to copy", size >> 20)
         return None
     snap = Snapshot(watchdog)
     snap.kind = "captured"
     snap.whole = set(tree.pids)
-    for pid in tree.pids:
-        snap.held[pid] = _HeldMemory()
     try:
-        for seg in [s for pid in tree.pids for s in plans[pid]] + plans[0]:
-            snap.held[seg.pid].read(seg.pid, [seg])
+        for pid, pid_segs in segs.items():
+            snap.held[pid] = _HeldMemory()
+            snap.held[pid].read(pid, pid_segs)
     except BaseException:
         snap.release(frozen=True)
         raise
