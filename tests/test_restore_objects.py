@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from objectslib import dump_and_kill, program_starter, refused_at_dump, restore, sigkill
-from targetlib import cli, target_binary
+from targetlib import assert_one_line_error, cli, target_binary
 
 from checkpointer.kernel import kcmp
 from checkpointer.kernel.uffd import get_fd
@@ -245,6 +245,28 @@ def test_an_epoll_shared_with_a_child_that_closed_a_watched_fd(tmp_path):
         assert prog.result("events") == b"True"
         assert client.recv(16) == b"served"
         assert prog.result("child") == b"7"
+
+
+def test_an_epoll_no_holder_can_restore_is_refused_at_restore(tmp_path):
+    """Images that say every holder of an epoll closed a watched fd (altered: the
+    dump refuses that) would restore it without its watches: refused instead."""
+    from checkpointer.images import format as fmt
+
+    with program_starter(tmp_path) as start:
+        prog = start(FORKED_EPOLL_PROGRAM)
+        prog.result("port")
+        dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+    for path in (tmp_path / "images").glob("fds-*"):
+        records = fmt.read_records(str(path))
+        for rec in records:
+            for w in rec.get("epoll", []):
+                w["closed_here"] = True
+        data = fmt.encode_records("fds", records)
+        version = fmt.read_header(str(path))[1]
+        path.write_bytes(data[:8] + version.to_bytes(2, "little") + data[10:])
+    r = cli("restore", "-D", str(tmp_path / "images"), "-d")
+    assert_one_line_error(r, "(epoll)", "its watches cannot be restored")
+    assert not os.path.exists(f"/proc/{prog.pid}")
 
 
 def test_an_epoll_watching_a_closed_fd_number_is_refused(tmp_path):

@@ -59,9 +59,19 @@ def check(records: dict[int, list[dict]], tcp_established: bool, pids: set[int])
 
 
 def _check_epolls(records: dict[int, list[dict]]) -> None:
-    """Each epoll's watch list is restored by one process holding it whose fd
-    numbers are open on every watched file (anon._epoll_watches). Records of one
-    epoll share an "ofd" id (a forked child holds its parent's)."""
+    if found := epoll_without_restorer(records):
+        pid, rec, tfd = found
+        raise CheckpointError(
+            f"{_where(pid, rec)} (epoll) watches fd {tfd}, which was closed or reused "
+            "since, and no process sharing the epoll holds it: not supported"
+        )
+
+
+def epoll_without_restorer(records: dict[int, list[dict]]) -> tuple[int, dict, int] | None:
+    """An epoll whose watch list no holder can restore, as (pid, fd record, a watched
+    fd closed there), or None. The list is restored by one process holding the epoll
+    whose fd numbers are open on every watched file (anon._epoll_watches); records of
+    one epoll share an "ofd" id (a forked child holds its parent's)."""
     holders: dict[object, list[tuple[int, dict]]] = {}
     for pid, recs in records.items():
         for rec in recs:
@@ -71,11 +81,8 @@ def _check_epolls(records: dict[int, list[dict]]) -> None:
     for group in holders.values():
         if all(any(w.get("closed_here") for w in rec["epoll"]) for _, rec in group):
             pid, rec = group[0]
-            tfd = next(w["tfd"] for w in rec["epoll"] if w.get("closed_here"))
-            raise CheckpointError(
-                f"{_where(pid, rec)} (epoll) watches fd {tfd}, which was closed or reused "
-                "since, and no process sharing the epoll holds it: not supported"
-            )
+            return pid, rec, next(w["tfd"] for w in rec["epoll"] if w.get("closed_here"))
+    return None
 
 
 def _check_pidfd(where: str, rec: dict, pids: set[int]) -> None:

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from checkpointer.errors import CheckpointError, ImageError
+from checkpointer.fdstate.tree import epoll_without_restorer
 from checkpointer.images import Dump
 from checkpointer.images.resolve import Piece, resolve
 from checkpointer.kernel import proc, sysvshm
@@ -153,6 +154,12 @@ def preflight(images: RestoreImages, shell_job: bool = False, source_alive: bool
             raise RestoreError(f"PID {tid} is taken ({_holder(tid)}); it must be free")
     if not source_alive:
         _check_ids_released(pids)
+    if found := epoll_without_restorer({p.pid: p.fds for p in images.processes}):
+        pid, rec, tfd = found
+        raise RestoreError(
+            f"fd {rec['fd']} of process {pid} (epoll): no process holding it has every "
+            f"watched fd open (fd {tfd} is closed there): its watches cannot be restored"
+        )
     for p in images.processes:
         _check_seccomp(p)
         _check_vdso(images, p)
