@@ -216,6 +216,7 @@ FORKED_EPOLL_PROGRAM = """
         # As a redis BGSAVE child does: close the inherited listener. The epoll,
         # one instance with the parent's, still watches it under its fd number.
         listener.close()
+        os.close(done_w)  # (so that it ends with its parent, whatever happens)
         os.read(done_r, 1)
         os._exit(7)
     report("port", listener.getsockname()[1])
