@@ -47,7 +47,7 @@ from checkpointer.kernel import cowchild, proc
 from checkpointer.kernel.inject import SyscallSession
 from checkpointer.kernel.memory import MemReader
 from checkpointer.pageruns import Range
-from checkpointer.plan import data_segments, private_plan, shared_plans
+from checkpointer.plan import data_segments, shared_plans
 from checkpointer.trackers import FullTracker, VmaPages
 from checkpointer.vmas import Policy, Vma
 
@@ -218,10 +218,8 @@ def take(
             else:  # a small process: all its own memory
                 unforked = [v for v in vmas[pid] if v.policy in (Policy.PRIVATE, Policy.WHOLE)]
             _hold(snap, pid, unforked, pages[pid] if pages else None)
-        for plan in shared_plans({pid: vmas[pid] for pid in tree.pids}).values():
-            for seg in plan:
-                if seg.where == "data":
-                    snap.held.setdefault(seg.pid, _HeldMemory()).read(seg.pid, [seg])
+        for pid, segs in _shared_data(tree, vmas).items():
+            snap.held.setdefault(pid, _HeldMemory()).read(pid, segs)
     except OSError as err:
         snap.release(frozen=True)
         log.warning(
@@ -250,10 +248,8 @@ def _capture(
         pid: data_segments(pid, vmas[pid], pages[pid], parent_held.get(pid, []))
         for pid in tree.pids
     }
-    for plan in shared_plans(vmas).values():  # each read through the process planned
-        for seg in plan:
-            if seg.where == "data":
-                segs[seg.pid].append(seg)
+    for pid, shared in _shared_data(tree, vmas).items():
+        segs[pid] += shared
     size = sum(s.end - s.start for pid_segs in segs.values() for s in pid_segs)
     if size > CAPTURE_LIMIT:
         log.debug("no capture: %d MiB to copy", size >> 20)
@@ -271,6 +267,17 @@ def _capture(
     return snap
 
 
+def _shared_data(tree: FrozenTree, vmas: dict[int, list[Vma]]) -> dict[int, list[Segment]]:
+    """The data segments of the shared objects' plans (MAP_SHARED memory is the same
+    in a child, so it is read in the window), by the process each is read through."""
+    by_pid: dict[int, list[Segment]] = {}
+    for plan in shared_plans({pid: vmas[pid] for pid in tree.pids}).values():
+        for seg in plan:
+            if seg.where == "data":
+                by_pid.setdefault(seg.pid, []).append(seg)
+    return by_pid
+
+
 def _small(pid: int) -> bool:
     try:
         rss_anon = int(proc.read_status(pid)["RssAnon"].split()[0]) << 10
@@ -286,8 +293,8 @@ def _hold(snap: Snapshot, pid: int, unforked: list[Vma], pages) -> None:
         private = [v for v in unforked if v.policy is Policy.PRIVATE]
         pages = snap.window_pages[pid] = FullTracker().scan(pid, private, False)
     # No parent holdings: hold every page the later plan could copy (a superset).
-    segs = private_plan(pid, unforked, pages, [])
-    snap.held.setdefault(pid, _HeldMemory()).read(pid, [s for s in segs if s.where == "data"])
+    segs = data_segments(pid, unforked, pages, [])
+    snap.held.setdefault(pid, _HeldMemory()).read(pid, segs)
 
 
 def few_to_copy(pages: dict[int, dict[int, VmaPages]]) -> bool:
