@@ -10,7 +10,8 @@ import pytest
 from checkpointer.errors import ImageError
 from checkpointer.images import DumpWriter
 from checkpointer.images.reader import Dump
-from checkpointer.images.resolve import resolve
+from checkpointer.images.resolve import Piece, resolve
+from checkpointer.restore.inherit import kept_mappings, pages_to_drop
 from checkpointer.restore.memory import _gap
 from checkpointer.restore.threads import restart_fixup
 
@@ -124,3 +125,48 @@ def test_a_malformed_seccomp_filter_is_an_image_error(filters):
     p = SimpleNamespace(pid=1, process={"seccomp": 2}, threads=[thread])
     with pytest.raises(ImageError, match="malformed seccomp filter"):
         _check_seccomp(p)
+
+
+def _vma(start: int, end: int, kind: str = "anon", vmflags: str = "rd wr mr mw me ac", **kw):
+    return {"start": start, "end": end, "prot": "rw-p", "kind": kind, "path": "",
+            "offset": 0, "vmflags": vmflags, "shmem": None, **kw}  # fmt: skip
+
+
+class _Image:
+    def __init__(self, vmas):
+        self.vmas = vmas
+
+
+def test_a_child_keeps_only_the_private_mappings_its_parent_has_alike():
+    parent = _Image([
+        _vma(0x1000, 0x5000),
+        _vma(0x5000, 0x9000),
+        _vma(0x9000, 0xA000, vmflags="rd wr mr mw me dc"),  # MADV_DONTFORK: not inherited
+        _vma(0xA000, 0xB000, vmflags="rd wr mr mw me wf"),  # MADV_WIPEONFORK: zeros
+        _vma(0xB000, 0xC000, kind="shared-anon", shmem="shmem-1"),
+        _vma(0xC000, 0xD000, kind="file-private", path="/lib/x.so"),
+    ])  # fmt: skip
+    child = _Image([
+        _vma(0x1000, 0x5000),  # the same: kept
+        _vma(0x5000, 0x8000),  # shorter since the fork (munmap): not the same mapping
+        _vma(0x9000, 0xA000, vmflags="rd wr mr mw me dc"),
+        _vma(0xA000, 0xB000, vmflags="rd wr mr mw me wf"),
+        _vma(0xB000, 0xC000, kind="shared-anon", shmem="shmem-1"),  # mapped again
+        _vma(0xC000, 0xD000, kind="file-private", path="/lib/y.so"),  # another file
+        _vma(0xD000, 0xE000),  # its own
+    ])  # fmt: skip
+    assert [v["start"] for v in kept_mappings(child, parent)] == [0x1000]
+    child.vmas[5]["path"] = "/lib/x.so"
+    assert [v["start"] for v in kept_mappings(child, parent)] == [0x1000, 0xC000]
+    assert kept_mappings(child, None) == []  # cloned from the seed: nothing to keep
+
+
+def test_a_child_drops_the_pages_only_its_parent_holds_as_data():
+    data, zero = object(), None
+    parent = [Piece(0x1000, 0x4000, data, 0), Piece(0x6000, 0x8000, zero, 0)]
+    child = [Piece(0x2000, 0x3000, data, 0), Piece(0x3000, 0x4000, zero, 0)]
+    # The parent's zero pages and its data the child holds as zeros go too; the
+    # kept mappings bound it all.
+    kept = [(0x1000, 0x7000)]
+    assert pages_to_drop(kept, child, parent) == [(0x1000, 0x2000), (0x3000, 0x4000),
+                                                  (0x6000, 0x7000)]  # fmt: skip

@@ -1,12 +1,17 @@
-"""Step 3: replace the seed's address space with the dumped one.
+"""Step 3: replace the address space a process was cloned with by its dumped one.
 
-In order: drop the seed's rseq registration (unmapping a registered area makes
-every return to user space fault), close its fds, unmap everything but the vdso
-and vvar areas, move those to their dumped addresses (all together: the vdso
-finds its data at a fixed offset), map every VMA at its address with its flags,
-write the pages resolved through the parent chain into /proc/PID/mem (which
-writes through read-only protections), apply madvise flags, and set the mm
-fields and the exe with PR_SET_MM_MAP.
+A process is cloned from its parent once the parent's memory is rebuilt (the
+root from the seed, a fork of ours), so it starts with a copy-on-write image of
+that memory; the private mappings it shared with its parent are kept
+(inherit.py). In order: drop the inherited rseq registration (unmapping a
+registered area makes every return to user space fault), close the fds, unmap
+everything but the kept mappings and the vdso and vvar areas, move those to
+their dumped addresses (all together: the vdso finds its data at a fixed
+offset), map every other VMA at its address with its flags, drop the kept pages
+it does not hold, write the pages resolved through the parent chain into
+/proc/PID/mem (which writes through read-only protections; in kept mappings only
+the pages that differ), apply madvise flags, and set the mm fields and the exe
+with PR_SET_MM_MAP.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ import resource
 from checkpointer.errors import ImageError
 from checkpointer.images.resolve import Piece
 from checkpointer.kernel import memfd, ptrace, taskctl
-from checkpointer.kernel.memory import MemWriter
+from checkpointer.kernel.memory import MemReader, MemWriter
 from checkpointer.kernel.syscalls import NR_mmap, NR_munmap, syscall
-from checkpointer.restore import pagefeed
+from checkpointer.pageruns import normalize, subtract
+from checkpointer.restore import inherit, pagefeed
 from checkpointer.restore.ghosts import GhostFiles
 from checkpointer.restore.images import (
     CHUNK,
@@ -40,6 +46,7 @@ SCRATCH_SIZE = 4 * PAGE
 ANON_KINDS = ("anon", "heap", "stack")
 SKIPPED_KINDS = ("vdso", "vvar", "vsyscall", "special")
 PROT_BITS = {"r": 1, "w": 2, "x": 4}
+MADV_DONTNEED = 4
 # smaps VmFlags that a madvise() (or mlock) sets again.
 MADVISE = {"rr": 1, "sr": 2, "mg": 12, "hg": 14, "nh": 15, "dd": 16, "dc": 10, "wf": 18}
 
@@ -160,11 +167,15 @@ def rebuild(task: Task, images: RestoreImages, shared: SharedObjects) -> None:
     if cfg["ptr"]:
         taskctl.rseq_unregister(s, cfg["ptr"], cfg["size"], cfg["sig"])
     taskctl.close_all_fds(s)
-    current = own_vdso_layout()  # a fork of ours: the same layout
+    source = task.cloned_from
+    # A clone of the seed has our layout; a clone of a rebuilt task has its.
+    current = source.vdso if source else own_vdso_layout()
     lo = min(a for a, _ in current.values())
     hi = max(b for _, b in current.values())
-    taskctl.munmap(s, 0, lo)
-    taskctl.munmap(s, hi, TASK_SIZE - hi)
+    kept = inherit.kept_mappings(image, source.image if source else None)
+    kept_ranges = [(v["start"], v["end"]) for v in kept]
+    for start, end in subtract([(0, TASK_SIZE)], normalize(kept_ranges + [(lo, hi)])):
+        taskctl.munmap(s, start, end - start)
     dumped = dumped_vdso_layout(image)
     busy = [(v["start"], v["end"]) for v in image.vmas] + [(lo, hi)]
     scratch = _gap(busy, SCRATCH_SIZE)
@@ -175,12 +186,19 @@ def rebuild(task: Task, images: RestoreImages, shared: SharedObjects) -> None:
     task.scratch = (scratch, SCRATCH_SIZE)
     if dumped:
         _move_vdso(task, current, dumped, busy + [(scratch, scratch + SCRATCH_SIZE)])
+    task.vdso = dumped or current
     files: dict[str, int] = {}
+    pieces = images.pieces.get(f"pid-{task.pid}", [])
     try:
+        kept_ids = {id(v) for v in kept}
         for vma in image.vmas:
-            if vma["kind"] not in SKIPPED_KINDS:
+            if vma["kind"] not in SKIPPED_KINDS and id(vma) not in kept_ids:
                 _map(task, vma, shared, files)
-        _write_pages(task, images.pieces.get(f"pid-{task.pid}", []))
+        if kept:
+            theirs = images.pieces.get(f"pid-{source.pid}", [])
+            for start, end in inherit.pages_to_drop(kept_ranges, pieces, theirs):
+                taskctl.madvise(s, start, end - start, MADV_DONTNEED)
+        _write_pages(task, pieces, kept_ids)
         for vma in image.vmas:
             _advise(task, vma)
         _set_mm(task, shared)
@@ -267,24 +285,33 @@ def _map(task: Task, vma: dict, shared: SharedObjects, files: dict[str, int]) ->
         )
 
 
-def _write_pages(task: Task, pieces: list[Piece]) -> None:
-    """Every page the images hold for the process, through /proc/PID/mem."""
+def _write_pages(task: Task, pieces: list[Piece], kept: set[int]) -> None:
+    """Every page the images hold for the process, through /proc/PID/mem; in the
+    mappings it kept from the task it was cloned from (ids in `kept`), only those
+    that differ from what it holds already."""
     vmas = task.image.vmas
     starts = [v["start"] for v in vmas]
     data: list[Piece] = []
+    inherited: list[Piece] = []
     with MemWriter(task.pid) as writer:
         for piece in pieces:
             for lo, hi, vma in _split_by_vma(piece.start, piece.end, vmas, starts, task.pid):
                 if vma["kind"] in SKIPPED_KINDS:
                     continue  # the vdso is this kernel's own (checked equal)
                 if piece.source is not None:
-                    data.append(Piece(lo, hi, piece.source, piece.off + (lo - piece.start)))
+                    part = Piece(lo, hi, piece.source, piece.off + (lo - piece.start))
+                    (inherited if id(vma) in kept else data).append(part)
                 elif vma["kind"] not in ANON_KINDS:
-                    # Fresh anonymous memory reads as zeros already; a zero page of
+                    # Fresh anonymous memory reads as zeros already (and a kept
+                    # mapping's pages that are not were dropped); a zero page of
                     # a file mapping is a private copy the file does not hold.
                     for addr in range(lo, hi, CHUNK):
                         writer.write(addr, bytes(min(CHUNK, hi - addr)))
         pagefeed.write_pieces(writer.write, data)
+        if inherited:
+            with MemReader(task.pid) as reader:
+                sink = pagefeed.changed_pages_sink(reader, writer.write)
+                pagefeed.write_pieces(sink, inherited)
 
 
 def _split_by_vma(lo: int, hi: int, vmas: list, starts: list, pid: int):
@@ -312,9 +339,10 @@ def _set_mm(task: Task, shared: SharedObjects) -> None:
     mm = task.image.mm
     exe_fd = (1 << 32) - 1
     exe = _exe_path(task, shared)
-    # The exe is inherited from the seed, i.e. ours; changing it is refused (EBUSY)
-    # while the old one is mapped, which it is when the process ran our interpreter.
-    if exe and not _same_file(exe, "/proc/self/exe"):
+    # The exe is inherited from the task it was cloned from (the seed's is ours);
+    # changing it is refused (EBUSY) while the old one is mapped, which it is when
+    # the process runs the same program.
+    if exe and not _same_file(exe, f"/proc/{task.pid}/exe"):
         ours = os.open(exe, os.O_RDONLY | os.O_CLOEXEC)
         try:
             exe_fd = task.install_fd(ours)

@@ -10,6 +10,7 @@ without another copy.
 from __future__ import annotations
 
 import collections
+import ctypes
 import os
 import threading
 from collections.abc import Iterable
@@ -17,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from checkpointer.images import format as fmt
 from checkpointer.images.resolve import Piece
+from checkpointer.kernel.syscalls import libc
 
 AHEAD = 8  # frames decompressed ahead of the writes (bounded memory: ~8 MiB)
 _tls = threading.local()
@@ -101,3 +103,44 @@ def file_sink(fd: int):
             raise OSError(f"short write at {addr:#x}")
 
     return write
+
+
+_memcmp = libc.memcmp  # through ctypes: without the GIL, so both workers compare
+_memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+_memcmp.restype = ctypes.c_int
+
+
+def changed_pages_sink(reader, write, page: int = os.sysconf("SC_PAGE_SIZE")):
+    """A sink that writes only the pages that differ from what the process holds
+    already (read with reader.read_into(addr, view)): for memory it shares
+    copy-on-write with another process, where writing an equal page would only
+    make a private copy. Each worker reads into a buffer of its own."""
+
+    def sink(addr: int, frame: bytes, inner: int, n: int) -> None:
+        buf, here = _read_buffer(n)
+        got = reader.read_into(addr, memoryview(buf)[:n])
+        there = ctypes.cast(ctypes.c_char_p(frame), ctypes.c_void_p).value + inner
+        if got == n and _memcmp(here, there, n) == 0:
+            return
+        run = None  # offset where the current run of changed pages began
+        for off in range(0, n, page):
+            size = min(page, n - off)
+            if off + size > got or _memcmp(here + off, there + off, size):
+                if run is None:
+                    run = off
+            elif run is not None:
+                write(addr + run, frame, inner + run, off - run)
+                run = None
+        if run is not None:
+            write(addr + run, frame, inner + run, n - run)
+
+    return sink
+
+
+def _read_buffer(n: int) -> tuple[bytearray, int]:
+    """This thread's buffer of at least n bytes, and its address."""
+    held = getattr(_tls, "read_buffer", None)
+    if held is None or len(held[0]) < n:
+        buf = bytearray(n)
+        held = _tls.read_buffer = (buf, ctypes.addressof((ctypes.c_char * n).from_buffer(buf)))
+    return held

@@ -26,7 +26,7 @@ from pathlib import Path
 from checkpointer.errors import ImageError
 from checkpointer.kernel import ptrace
 from checkpointer.restore import creds, files, memory, pty, signals, threads, tree
-from checkpointer.restore.images import RestoreImages, load, preflight
+from checkpointer.restore.images import load, preflight
 from checkpointer.restore.task import Task
 
 log = logging.getLogger(__name__)
@@ -87,14 +87,18 @@ def _restore(req: RestoreRequest) -> RestoreResult:
             for thread in p.threads:
                 threads.check_xstate(seed.pid, thread)
         tasks = tree.create_tree(
-            images, seed, created, lambda task: pty.take_terminal(open_files, task)
+            images,
+            seed,
+            created,
+            build=lambda task: memory.rebuild(task, images, shared),
+            on_setsid=lambda task: pty.take_terminal(open_files, task),
         )
         pty.set_foreground(open_files, tasks)
         tree.create_zombies(images, tasks, created)
         seed.kill()
         seed = None
         for task in tasks.values():
-            _rebuild(task, images, shared, open_files, created)
+            _rebuild(task, shared, open_files, created)
         shared.every_process_has_them()
         for task in tasks.values():
             files.finish_fds(task, open_files)
@@ -123,10 +127,9 @@ def _restore(req: RestoreRequest) -> RestoreResult:
     )
 
 
-def _rebuild(task: Task, images: RestoreImages, shared, open_files, created) -> None:
-    """Everything of one process but links between fds, credentials and
-    registers, in dependency order."""
-    memory.rebuild(task, images, shared)
+def _rebuild(task: Task, shared, open_files, created) -> None:
+    """Everything of one process but its memory (rebuilt as the tree is made),
+    links between fds, credentials and registers, in dependency order."""
     files.restore_fds(task, open_files)
     files.restore_dirs_and_limits(task, shared.ghosts)
     signals.restore_process_signals(task)

@@ -20,6 +20,9 @@ class Task:
     threads: dict[int, SyscallSession] = field(default_factory=dict)
     scratch: tuple[int, int] | None = None  # (addr, size) of the scratch area in a gap
     pidfd: int | None = None  # fd number, inside the task, of a pidfd for the restorer
+    # The task it was cloned from, whose rebuilt memory it starts with (None: the seed).
+    cloned_from: Task | None = None
+    vdso: dict[str, tuple[int, int]] | None = None  # where its vdso areas are, once rebuilt
 
     def __post_init__(self) -> None:
         self.threads.setdefault(self.pid, self.session)

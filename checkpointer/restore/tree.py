@@ -4,10 +4,11 @@ and process group.
 A seed, forked from the restorer and seized, is the only process not built from
 the images. clone3 with set_tid injected into it creates the root (CLONE_PARENT:
 the root becomes the restorer's child, which `restore` waits for); every other
-process is cloned from its restored parent before that parent's memory is
-replaced. The tracer options are inherited, so each new process is traced from
-its first instruction, and PTRACE_O_EXITKILL kills the whole half-built tree if
-the restorer dies. Last, each process joins its cgroup (v2) again.
+process is cloned from its parent once the parent's memory is rebuilt, so the
+two share it copy-on-write as they did (restore/inherit.py). The tracer options
+are inherited, so each new process is traced from its first instruction, and
+PTRACE_O_EXITKILL kills the whole half-built tree if the restorer dies. Last,
+each process joins its cgroup (v2) again.
 """
 
 from __future__ import annotations
@@ -61,11 +62,17 @@ class Seed:
 
 
 def create_tree(
-    images: RestoreImages, seed: Seed, created: list[int], on_setsid=lambda task: None
+    images: RestoreImages,
+    seed: Seed,
+    created: list[int],
+    build=lambda task: None,
+    on_setsid=lambda task: None,
 ) -> dict[int, Task]:
-    """Every process, each stopped in its first ptrace stop, in tree order;
-    on_setsid(task) runs in each new session leader before its session's other
-    processes exist (a controlling terminal they inherit)."""
+    """Every process, each stopped in its first ptrace stop, in tree order.
+    build(task) runs in each process before any other is cloned from it (its
+    memory: the processes cloned from it share it copy-on-write); on_setsid(task)
+    in each new session leader before its session's other processes exist (a
+    controlling terminal they inherit)."""
     procs = images.by_pid()
     gone = _gone_leaders(images)
     tasks: dict[int, Task] = {}
@@ -75,7 +82,12 @@ def create_tree(
     else:
         tasks[root.pid] = Task(root, _clone(seed.session, root.pid, True, created))
     for image in images.processes:
+        if image.pid not in tasks:  # an orphan: its parent is not in the tree
+            root_task = tasks[root.pid]
+            orphan = _clone(root_task.session, image.pid, True, created)
+            tasks[image.pid] = Task(image, orphan, cloned_from=root_task)
         task = tasks[image.pid]
+        build(task)
         kids = [procs[c] for c in image.children]
         # A child in another session than its parent's was forked before the parent
         # became a session leader: create it first, then setsid.
@@ -83,7 +95,8 @@ def create_tree(
         for kid in early:
             if image.sid != image.pid:
                 raise RestoreError(f"process {kid.pid}: its session {kid.sid} cannot be rebuilt")
-            tasks[kid.pid] = Task(kid, _clone(task.session, kid.pid, False, created))
+            clone = _clone(task.session, kid.pid, False, created)
+            tasks[kid.pid] = Task(kid, clone, cloned_from=task)
         if image.sid == image.pid:
             taskctl.setsid(task.session)
             on_setsid(task)
@@ -94,11 +107,7 @@ def create_tree(
                 clone = _clone_through_leader(task.session, kid, gone, created, task)
             else:
                 clone = _clone(task.session, kid.pid, False, created)
-            tasks[kid.pid] = Task(kid, clone)
-    for image in images.processes:
-        if image.pid not in tasks:  # an orphan: its parent is not in the tree
-            orphan = _clone(tasks[root.pid].session, image.pid, True, created)
-            tasks[image.pid] = Task(image, orphan)
+            tasks[kid.pid] = Task(kid, clone, cloned_from=task)
     _join_groups(images, tasks)
     return tasks
 

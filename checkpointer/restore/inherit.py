@@ -1,0 +1,53 @@
+"""What a process keeps of the memory it was cloned with (part of step 3).
+
+Each process is cloned from its parent once the parent's memory is rebuilt, so
+it starts with a copy-on-write image of it, as it did when it was forked. Every
+process is dumped whole, so rebuilding a child from its own pages alone would
+give it a private copy of each page it shared with its parent: a server with
+four workers sharing 100 MB would need 400 MB after restore. Instead, as CRIU
+does, a child keeps each private mapping that its parent's image has too, with
+the same range, protection, backing and flags; then only the pages that differ
+from its parent's are written, and those its parent holds and it does not are
+dropped (MADV_DONTNEED: zeros again for anonymous memory, the file's bytes for
+a private file mapping).
+
+Both processes' memory equals their images, so comparing images is enough:
+a page neither image holds is zeros, or the file, in both.
+"""
+
+from __future__ import annotations
+
+from checkpointer.images.resolve import Piece
+from checkpointer.pageruns import Range, intersect, normalize, subtract
+from checkpointer.restore.images import ProcessImage
+
+PRIVATE_KINDS = ("anon", "heap", "stack", "file-private")
+# Fields that must be equal for a mapping to be the same one in both processes.
+SAME = ("start", "end", "prot", "kind", "path", "offset", "vmflags", "ghost", "shmem")
+# A fork does not copy a MADV_DONTFORK mapping ("dc"), and gives a
+# MADV_WIPEONFORK one ("wf") fresh zeros: nothing of either is shared.
+NOT_INHERITED = ("dc", "wf")
+
+
+def kept_mappings(image: ProcessImage, source: ProcessImage | None) -> list[dict]:
+    """The mappings of `image` it keeps from the process it was cloned from
+    (whose image is `source`; None: the seed, whose memory is nobody's)."""
+    if source is None:
+        return []
+    theirs = {v["start"]: v for v in source.vmas}
+    kept = []
+    for vma in image.vmas:
+        if vma["kind"] not in PRIVATE_KINDS or any(f in vma["vmflags"] for f in NOT_INHERITED):
+            continue
+        other = theirs.get(vma["start"])
+        if other is not None and all(vma.get(k) == other.get(k) for k in SAME):
+            kept.append(vma)
+    return kept
+
+
+def pages_to_drop(kept: list[Range], own: list[Piece], source: list[Piece]) -> list[Range]:
+    """The pages of the kept mappings that the source holds and the process
+    does not hold as data: its image says they are zeros (or the file's)."""
+    theirs = normalize([(p.start, p.end) for p in source])
+    ours = normalize([(p.start, p.end) for p in own if p.source is not None])
+    return subtract(intersect(theirs, kept), ours)
