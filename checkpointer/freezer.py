@@ -14,6 +14,7 @@ because the tool failed; if the tool itself is killed, the kernel detaches.
 from __future__ import annotations
 
 import enum
+import logging
 import os
 import signal
 import time
@@ -21,9 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from checkpointer.errors import TargetError
-from checkpointer.kernel import proc, ptrace
+from checkpointer.kernel import proc, ptrace, taskctl
+from checkpointer.kernel.inject import SyscallSession
+
+log = logging.getLogger(__name__)
 
 MAX_ROUNDS = 5
+SIG_IGN = 1
 RELEASE_TIMEOUT = 5.0  # seconds for the tracees a thaw could not detach at once
 # A task may report signal-delivery-stops before the interrupt lands; each one is
 # delivered and we wait again, a bounded number of times.
@@ -167,6 +172,9 @@ class Freezer:
         if not self._seized and not self._cgroup_frozen:
             return  # thawed already: a second call must not signal anyone
         pids = list(self.tree.threads) or [self.root]
+        parents = parents_in(pids + self.tree.zombies) if mode is Thaw.KILL else {}
+        if parents and self._seized:
+            self._let_parents_reap(parents)
         if mode is Thaw.STOPPED:
             self._stopped_by_us = [p for p in pids if p not in self.tree.was_stopped]
         masks: dict[int, int] = {}
@@ -191,8 +199,7 @@ class Freezer:
         if self._cgroup_frozen:
             self._thaw_cgroup()
         if mode is Thaw.KILL:
-            for pid in pids:
-                _signal(pid, signal.SIGKILL)  # stopped, untraced: it never runs again
+            kill_children_first(pids, parents)  # stopped, untraced: none runs again
             for pid in pids:
                 _reap_if_child(pid)
         elif masks:
@@ -202,6 +209,17 @@ class Freezer:
                 f"could not release thread(s) {', '.join(map(str, stuck))} of {self.root}: "
                 "they stay traced by this process until it exits"
             )
+
+    def _let_parents_reap(self, parents: dict[int, int]) -> None:
+        """Before a kill, each parent in the tree (seized) is made to reap its
+        children as they die (see reap_as_they_die)."""
+        for parent in sorted(set(parents.values())):
+            zombies = [z for z in self.tree.zombies if parents.get(z) == parent]
+            try:
+                with SyscallSession(proc.live_tid(parent)) as s:
+                    reap_as_they_die(s, zombies)
+            except (TargetError, OSError) as exc:
+                log.debug("process %d keeps its SIGCHLD action: %s", parent, exc)
 
     def _release(self, tids: list[int]) -> list[int]:
         """Detach every tid; the ones still traced are returned. PTRACE_DETACH needs
@@ -308,6 +326,73 @@ def live_tree(root: int) -> FrozenTree:
             if pid == root:
                 raise
     return tree
+
+
+def parents_in(pids: list[int]) -> dict[int, int]:
+    """pid -> its parent, for each process whose parent is one of pids."""
+    inside = set(pids)
+    parents = {}
+    for pid in pids:
+        try:
+            ppid = proc.read_stat(pid).ppid
+        except TargetError:
+            continue
+        if ppid in inside:
+            parents[pid] = ppid
+    return parents
+
+
+def reap_as_they_die(s: SyscallSession, zombies: list[int]) -> None:
+    """In a parent about to be killed, with its tree: ignore SIGCHLD, so the kernel
+    reaps its children as they die (killed before it: kill_children_first), and
+    reap its zombies now. Otherwise they outlive it as zombies of init, and a
+    restore on this host waits for their PIDs: a container's init can take
+    seconds to reap them. Best effort: the tree dies either way."""
+    taskctl.sigaction(s, signal.SIGCHLD, SIG_IGN, 0, 0, 0)
+    for zombie in zombies:
+        taskctl.reap(s, zombie)
+
+
+def kill_children_first(pids: list[int], parents: dict[int, int], wait: float = 1.0) -> None:
+    """SIGKILL every process, the deepest first, each level once the one below it
+    is gone: a child that dies before its parent is reaped by it (if it ignores
+    SIGCHLD), one that dies after is left to init."""
+    depth: dict[int, int] = {}
+    for pid in pids:
+        d, up = 0, pid
+        while up in parents and d <= len(pids):
+            d, up = d + 1, parents[up]
+        depth[pid] = d
+    for level in sorted(set(depth.values()), reverse=True):
+        killed = [pid for pid in pids if depth[pid] == level]
+        for pid in killed:
+            _signal(pid, signal.SIGKILL)
+        deadline = time.monotonic() + wait
+        while level and any(map(_dying, killed)) and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+
+def kill_stopped_tree(pids: list[int]) -> None:
+    """Kill a tree that a dump left stopped (a migration's source, once the
+    destination has its images), none of it left to init: each parent in it is
+    stopped for an injected reap_as_they_die, then kill_children_first."""
+    parents = parents_in(pids)
+    for parent in sorted(set(parents.values())):
+        try:
+            with stopped_thread(parent) as tid, SyscallSession(tid) as s:
+                reap_as_they_die(s, [])
+        except (TargetError, OSError) as exc:
+            log.debug("process %d keeps its SIGCHLD action: %s", parent, exc)
+    kill_children_first(pids, parents)
+
+
+def _dying(pid: int) -> bool:
+    """Killed and not gone yet; a zombie is not waited for (its parent does not
+    ignore SIGCHLD after all: it is left to init)."""
+    try:
+        return proc.read_state(pid) != "Z"
+    except TargetError:
+        return False
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -40,7 +40,7 @@ from pathlib import Path
 from checkpointer.converge import ConvergeOptions, Iteration, converge
 from checkpointer.errors import CheckpointError
 from checkpointer.fdstate.tree import RepairedConnections
-from checkpointer.freezer import Thaw
+from checkpointer.freezer import Thaw, kill_stopped_tree
 from checkpointer.kernel import proc
 from checkpointer.receive import can_restore, host_identity
 from checkpointer.transport import Destination, Link, SshLink, TcpLink, parse_page_server
@@ -257,11 +257,7 @@ class _Migration:
                 pass
 
     def _kill_source(self) -> None:
-        for pid in self.tree:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_stopped_tree(self.tree)
         deadline = time.monotonic() + 5
         for pid in self.tree:
             while proc.exists(pid) and time.monotonic() < deadline:
