@@ -261,6 +261,18 @@ def restore(r: dict, title: str) -> str:
     return f"### {title}\n\n" + _t(header, rows)
 
 
+def restore_tree(r: dict, title: str) -> str:
+    rows = [
+        [tool, f"{t['pss_before_mb']:.0f}", f"{t['pss_after_mb']:.0f}", f"{t['pss_ratio']:.2f}",
+         f"{t['wall_s']:.2f}"]
+        for tool, t in r.items() if tool in ("checkpointer", "criu")
+    ]  # fmt: skip
+    header = ["tool", "PSS before MiB", "PSS after MiB", "after / before", "restore wall s"]
+    return f"### {title} ({r['target_mb']} MiB shared by a parent and 4 children)\n\n" + _t(
+        header, rows
+    )
+
+
 def redis_gap(r: dict, title: str) -> str:
     rows = []
     for run in r["runs"]:
@@ -318,6 +330,8 @@ def render(res: dict) -> str:
         out += [workloads(res["workloads"], "4a. Workloads natively (uffd-wp, full)"), ""]
     if "restore" in res:
         out += [restore(res["restore"], "5a. Restore natively (dump, kill, restore -d)"), ""]
+    if "restore_tree" in res:
+        out += [restore_tree(res["restore_tree"], "5b. A forked tree's memory after restore"), ""]
     if "redis_gap" in res:
         out += [
             redis_gap(res["redis_gap"], "6. redis service gap across a checkpoint and restore"),
