@@ -19,11 +19,14 @@ from objectslib import dump_and_kill, program_starter, sigkill
 from restorelib import wait_stopped
 from targetlib import cli
 
+from checkpointer.images import Dump
+
 MIB = 1 << 20
 
 # A parent with 48 MiB of random data in the heap and 8 MiB in an anonymous
 # mapping forks three children: one writes a page of each, one changes nothing,
-# one drops half of the mapping (MADV_DONTNEED) and maps memory of its own.
+# one drops half of the mapping (MADV_DONTNEED) and maps memory of its own; a
+# fourth runs another program (sleep).
 FORKING_PROGRAM = """
     import mmap
     heap = bytearray(os.urandom(48 << 20))
@@ -45,6 +48,8 @@ FORKING_PROGRAM = """
             os.read(r, 1)  # until killed
             os._exit(0)
         kids.append(pid)
+    import subprocess
+    kids.append(subprocess.Popen(["sleep", "1000"]).pid)  # exec'd: shares nothing
     report("kids", " ".join(map(str, kids)).encode())
     ready()
     go()
@@ -60,6 +65,17 @@ def pss_kib(pid: int) -> int:
         if line.startswith("Pss:"):
             return int(line.split()[1])
     raise AssertionError(f"no Pss for {pid}")
+
+
+def vmflags(pid: int) -> dict[int, list[str]]:
+    """start address -> VmFlags of each mapping."""
+    out, start = {}, None
+    for line in open(f"/proc/{pid}/smaps"):
+        if line[0] in "0123456789abcdef" and "-" in line.split()[0]:
+            start = int(line.split("-")[0], 16)
+        elif line.startswith("VmFlags:"):
+            out[start] = line.split(":", 1)[1].split()
+    return out
 
 
 def private_kib(pid: int) -> int:
@@ -90,6 +106,13 @@ def test_a_forked_tree_keeps_sharing_its_memory_after_restore(tmp_path):
             assert pss_after < pss_before * 1.25 + 8 * 1024, (pss_before, pss_after)
             # The child that changed nothing shares all but a few MiB of it.
             assert private_kib(kids[1]) < 16 * 1024, private_kib(kids[1])
+            # The parent's mappings were marked MADV_DONTFORK while the exec'd child
+            # was cloned (it keeps none of them), and are not any more.
+            dumped = {v["start"]: v["vmflags"] for v in Dump.open(images).mm(parent).vmas}
+            now = vmflags(parent)  # (adjacent mappings alike may have merged)
+            both = sorted(set(now) & set(dumped))
+            assert len(both) > 10
+            assert [s for s in both if "dc" in now[s]] == [s for s in both if "dc" in dumped[s]]
             for pid in tree:
                 os.kill(pid, signal.SIGCONT)
             prog.go()

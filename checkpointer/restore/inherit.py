@@ -12,14 +12,20 @@ dropped (MADV_DONTNEED: zeros again for anonymous memory, the file's bytes for
 a private file mapping).
 
 Both processes' memory equals their images, so comparing images is enough:
-a page neither image holds is zeros, or the file, in both.
+a page neither image holds is zeros, or the file, in both. A child that keeps
+little (one that ran another program) is cloned with its parent's other large
+mappings marked MADV_DONTFORK meanwhile (cloning()).
 """
 
 from __future__ import annotations
 
+import contextlib
+
 from checkpointer.images.resolve import Piece
+from checkpointer.kernel import taskctl
 from checkpointer.pageruns import Range, intersect, normalize, subtract
 from checkpointer.restore.images import ProcessImage
+from checkpointer.restore.task import Task
 
 PRIVATE_KINDS = ("anon", "heap", "stack", "file-private")
 # Fields that must be equal for a mapping to be the same one in both processes.
@@ -27,6 +33,9 @@ SAME = ("start", "end", "prot", "kind", "path", "offset", "vmflags", "ghost", "s
 # A fork does not copy a MADV_DONTFORK mapping ("dc"), and gives a
 # MADV_WIPEONFORK one ("wf") fresh zeros: nothing of either is shared.
 NOT_INHERITED = ("dc", "wf")
+MADV_DONTFORK, MADV_DOFORK = 10, 11
+# Smaller mappings cost less to copy at a clone than two injected madvise calls.
+DONTFORK_AT_LEAST = 1 << 20
 
 
 def kept_mappings(image: ProcessImage, source: ProcessImage | None) -> list[dict]:
@@ -51,3 +60,31 @@ def pages_to_drop(kept: list[Range], own: list[Piece], source: list[Piece]) -> l
     theirs = normalize([(p.start, p.end) for p in source])
     ours = normalize([(p.start, p.end) for p in own if p.source is not None])
     return subtract(intersect(theirs, kept), ours)
+
+
+@contextlib.contextmanager
+def cloning(parent: Task, kid: ProcessImage | None):
+    """While `kid` (None: a zombie) is cloned from `parent`: the parent's large
+    private mappings that the kid will not keep are marked MADV_DONTFORK, so that
+    the clone does not copy their page tables only for the kid to unmap them
+    (30-50 ms per GiB of the parent, for each child that exec'd)."""
+    if parent.vdso is None:  # not rebuilt: the seed's memory
+        yield
+        return
+    kept = {v["start"] for v in kept_mappings(kid, parent.image)} if kid else set()
+    skipped = [
+        v for v in parent.image.vmas
+        if v["kind"] in PRIVATE_KINDS and v["start"] not in kept
+        and v["end"] - v["start"] >= DONTFORK_AT_LEAST
+        and not any(f in v["vmflags"] for f in NOT_INHERITED)
+    ]  # fmt: skip
+    s = parent.session
+    done = []
+    try:
+        for v in skipped:
+            taskctl.madvise(s, v["start"], v["end"] - v["start"], MADV_DONTFORK)
+            done.append(v)
+        yield
+    finally:
+        for v in done:
+            taskctl.madvise(s, v["start"], v["end"] - v["start"], MADV_DOFORK)

@@ -22,6 +22,7 @@ import time
 from checkpointer.kernel import abi, cgroup, proc, ptrace, taskctl
 from checkpointer.kernel.inject import SyscallSession
 from checkpointer.kernel.syscalls import NR_exit_group, libc
+from checkpointer.restore import inherit
 from checkpointer.restore.images import RestoreError, RestoreImages, leaders_outside
 from checkpointer.restore.task import Task, clone_task
 
@@ -84,7 +85,8 @@ def create_tree(
     for image in images.processes:
         if image.pid not in tasks:  # an orphan: its parent is not in the tree
             root_task = tasks[root.pid]
-            orphan = _clone(root_task.session, image.pid, True, created)
+            with inherit.cloning(root_task, image):
+                orphan = _clone(root_task.session, image.pid, True, created)
             tasks[image.pid] = Task(image, orphan, cloned_from=root_task)
         task = tasks[image.pid]
         build(task)
@@ -95,7 +97,8 @@ def create_tree(
         for kid in early:
             if image.sid != image.pid:
                 raise RestoreError(f"process {kid.pid}: its session {kid.sid} cannot be rebuilt")
-            clone = _clone(task.session, kid.pid, False, created)
+            with inherit.cloning(task, kid):
+                clone = _clone(task.session, kid.pid, False, created)
             tasks[kid.pid] = Task(kid, clone, cloned_from=task)
         if image.sid == image.pid:
             taskctl.setsid(task.session)
@@ -103,10 +106,11 @@ def create_tree(
         for kid in kids:
             if kid.pid in tasks:
                 continue
-            if kid.sid in gone or kid.pgid in gone:
-                clone = _clone_through_leader(task.session, kid, gone, created, task)
-            else:
-                clone = _clone(task.session, kid.pid, False, created)
+            with inherit.cloning(task, kid):
+                if kid.sid in gone or kid.pgid in gone:
+                    clone = _clone_through_leader(task.session, kid, gone, created, task)
+                else:
+                    clone = _clone(task.session, kid.pid, False, created)
             tasks[kid.pid] = Task(kid, clone, cloned_from=task)
     _join_groups(images, tasks)
     return tasks
@@ -152,7 +156,8 @@ def create_zombies(images: RestoreImages, tasks: dict[int, Task], created: list[
     zombie until its parent reaps it."""
     for image in images.processes:
         for zombie in image.zombies:
-            s = _clone(tasks[image.pid].session, zombie["pid"], False, created)
+            with inherit.cloning(tasks[image.pid], None):
+                s = _clone(tasks[image.pid].session, zombie["pid"], False, created)
             if zombie["sid"] == zombie["pid"]:
                 taskctl.setsid(s)
             elif zombie["pgid"] != image.pgid and zombie["pgid"] in (zombie["pid"], *tasks):
