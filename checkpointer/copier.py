@@ -1,7 +1,8 @@
 """Copy planned page runs from /proc/PID/mem into an image's page writer.
 
 A plan is a sorted list of Segments for one memory owner: ranges to copy
-("data") and ranges the parent dump already holds ("parent"). Data is read with
+("data"), ranges the parent dump already holds ("parent"), and ranges whose page
+frames a forked child still shares with its parent process ("same"). Data is read with
 preadv into one reused buffer in large contiguous chunks and handed to the
 writer, which compresses and streams it out; the dump is never held in memory.
 
@@ -26,7 +27,7 @@ CHUNK = 8 << 20  # bytes read per preadv: large enough to amortize syscalls
 class Segment(NamedTuple):
     start: int  # address (or offset into a shared object)
     end: int
-    where: str  # "data", "parent" or "zero"
+    where: str  # "data", "parent", "zero" or "same" (as the parent process's pages)
     pid: int = 0  # process to read data from
     vaddr: int = 0  # its address of `start` (differs from start for shared objects)
 
@@ -67,6 +68,9 @@ class PageCopier:
                 parents = []
             if seg.where == "zero":  # known to hold nothing (a hole of shared memory)
                 pages.add_zero(seg.start, (seg.end - seg.start) // self.page_size)
+                continue
+            if seg.where == "same":  # the page frames of the parent process's
+                pages.add_same(seg.start, (seg.end - seg.start) // self.page_size)
                 continue
             if parent_reader is None and not self.partial_ok and hasattr(pages, "reserve"):
                 # A complete read (a frozen tree, or a snapshot of it): straight

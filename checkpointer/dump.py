@@ -21,7 +21,14 @@ from pathlib import Path
 from checkpointer import collect, memdump, snapshot, trackstate
 from checkpointer.errors import CheckpointError, ImageError, TargetError
 from checkpointer.fdstate import tree as fdtree
-from checkpointer.freezer import Freezer, FrozenTree, Thaw, live_tree, stopped_thread
+from checkpointer.freezer import (
+    Freezer,
+    FrozenTree,
+    Thaw,
+    live_tree,
+    parents_in,
+    stopped_thread,
+)
 from checkpointer.images import FROZEN_LEVEL, PAGE_LEVEL, Dump, DumpWriter
 from checkpointer.kernel import proc
 from checkpointer.pageruns import Range
@@ -604,6 +611,7 @@ class _Pass:
             progress=self.req.progress,
             partial_ok=self.req.kind == "pre-dump",
             readers=snap.readers() if snap else None,
+            same_as=self._same_as(tree, snap),
         )
         return {
             **stats,
@@ -612,6 +620,14 @@ class _Pass:
             "snapshot": snap.kind if snap else "none",
             "snapshot_time": snap.take_us if snap else 0,
         }
+
+    def _same_as(self, tree: FrozenTree, snap) -> dict[int, int]:
+        """pid -> its parent in the tree, when the copy reads the tree frozen (a
+        final dump without a snapshot): then the page frames a child shares with
+        its parent are the same bytes at the instant the copy reads."""
+        if snap is not None or not self.frozen or self.req.kind != "dump":
+            return {}
+        return parents_in(tree.pids)
 
     def _parents_held(self, tree: FrozenTree) -> dict[int, list[Range]]:
         return {pid: self._parent_held(pid) for pid in tree.pids}

@@ -13,9 +13,9 @@ from checkpointer import contents
 from checkpointer.copier import PageCopier
 from checkpointer.errors import CheckpointError
 from checkpointer.images import Dump, DumpWriter
-from checkpointer.kernel.pagemap import PAGE_SIZE
-from checkpointer.pageruns import Range, subtract
-from checkpointer.plan import ParentPages, private_plan, shared_plans
+from checkpointer.kernel.pagemap import PAGE_SIZE, Pagemap, same_frames
+from checkpointer.pageruns import Range, intersect, normalize, subtract
+from checkpointer.plan import ParentPages, private_plan, shared_plans, split_same
 from checkpointer.progress import Progress
 from checkpointer.trackers import VmaPages
 from checkpointer.vmas import Vma
@@ -33,17 +33,21 @@ def copy_memory(
     progress: bool,
     partial_ok: bool,
     readers: dict | None = None,
+    same_as: dict[int, int] | None = None,
 ) -> dict[str, int]:
     """Copy the pages of every process (`pages`: present and dirty, per VMA) and
     shared object, leaving out what `held` says the parent chain holds for each
     process. `compare`: compare pages with the parent's content (the full tracker).
     `whole_files`: owner -> where to read a whole file instead. Returns the copy's
-    counts and times for the stats record."""
+    counts and times for the stats record. `same_as`: pid -> its parent in the
+    tree, for a tree frozen until the copy ends: the pages a child still shares
+    with its parent (one page frame) are recorded as the parent's, not copied."""
     owned = {f"pid-{pid}": ranges for pid, ranges in held.items()}
     plans = {
         f"pid-{pid}": private_plan(pid, vmas[pid], pages[pid], ranges)
         for pid, ranges in held.items()
     }
+    same_owner = _share_with_parents(plans, same_as or {})
     plans.update(shared_plans(vmas))
     for owner in whole_files:
         plans.pop(owner, None)
@@ -53,7 +57,14 @@ def copy_memory(
     meter = Progress(to_read // PAGE_SIZE, PAGE_SIZE, progress)
     copier = PageCopier(PAGE_SIZE, meter, partial_ok=partial_ok, readers=readers)
     counts = dict.fromkeys(
-        ("pages_written", "pages_skipped_parent", "pages_zero", "bytes_raw", "bytes_compressed"),
+        (
+            "pages_written",
+            "pages_skipped_parent",
+            "pages_zero",
+            "pages_same",
+            "bytes_raw",
+            "bytes_compressed",
+        ),  # fmt: skip
         0,
     )
     # Shared objects are compared with the parent whatever the tracker: writes
@@ -63,7 +74,7 @@ def copy_memory(
             owned[owner] = parent.held_ranges(owner)
     try:
         for owner, plan in plans.items():
-            page_writer = writer.open_pages(owner)
+            page_writer = writer.open_pages(owner, same_owner.get(owner))
             parent_reader = (
                 ParentPages(parent, owner, owned[owner], PAGE_SIZE)
                 if (compare or owner.startswith("shm-")) and owned.get(owner)
@@ -84,6 +95,30 @@ def copy_memory(
         "pages_scanned": scanned // PAGE_SIZE,
         **counts,
     }
+
+
+def _share_with_parents(plans: dict[str, list], same_as: dict[int, int]) -> dict[str, str]:
+    """Split each child's plan where it maps the page frames its parent maps at the
+    same addresses (a fork's memory neither has written since): those pages are
+    recorded as the parent's, whose plan covers them. Returns owner -> the owner
+    its "same" runs name. Page tables are compared only where the parent has
+    pages too (a child that ran another program shares next to nothing)."""
+    named: dict[str, str] = {}
+    for pid, parent in same_as.items():
+        owner, theirs = f"pid-{pid}", f"pid-{parent}"
+        if owner not in plans or theirs not in plans:
+            continue
+        covered = normalize([(seg.start, seg.end) for seg in plans[theirs]])
+        data = intersect([(seg.start, seg.end) for seg in plans[owner] if seg.where == "data"],
+                         covered)  # fmt: skip
+        if not data:
+            continue
+        with Pagemap(pid) as mine, Pagemap(parent) as its:
+            same = same_frames(mine, its, data)
+        if same:
+            plans[owner] = split_same(plans[owner], same)
+            named[owner] = theirs
+    return named
 
 
 def _check_parent_runs(
@@ -109,5 +144,6 @@ def _count(counts: dict[str, int], ps) -> None:
     counts["pages_written"] += ps.written
     counts["pages_skipped_parent"] += ps.parent
     counts["pages_zero"] += ps.zero
+    counts["pages_same"] += ps.same
     counts["bytes_raw"] += ps.bytes_raw
     counts["bytes_compressed"] += ps.bytes_compressed

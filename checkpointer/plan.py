@@ -1,4 +1,5 @@
-"""Where each page of a dump goes: copied ("data") or held by the parent.
+"""Where each page of a dump goes: copied ("data"), held by the parent dump, or
+the parent process's (a forked child's memory it still shares).
 
 The trackers say which pages are present and which are dirty; these functions turn
 that into Segments, in address order per memory owner, for the page copier.
@@ -82,6 +83,26 @@ def _merged(pid: int, data: list[Range], held: list[Range]) -> list[Segment]:
         append(Segment(hs, he, "parent", pid, hs))
     for ds, de in data[i:]:
         append(Segment(ds, de, "data", pid, ds))
+    return out
+
+
+def split_same(plan: list[Segment], same: list[Range]) -> list[Segment]:
+    """`plan` with its data in `same` (sorted ranges) recorded as the parent
+    process's pages ("same") instead of copied."""
+    out: list[Segment] = []
+    for seg in plan:
+        inside = intersect(window(same, seg.start, seg.end), [(seg.start, seg.end)])
+        if seg.where != "data" or not inside:
+            out.append(seg)
+            continue
+        pos = seg.start
+        for s, e in inside:
+            if s > pos:
+                out.append(Segment(pos, s, "data", seg.pid, seg.vaddr + pos - seg.start))
+            out.append(Segment(s, e, "same", seg.pid, seg.vaddr + s - seg.start))
+            pos = e
+        if pos < seg.end:
+            out.append(Segment(pos, seg.end, "data", seg.pid, seg.vaddr + pos - seg.start))
     return out
 
 

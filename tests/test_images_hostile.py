@@ -17,6 +17,7 @@ from checkpointer.images import Dump
 from checkpointer.images import format as fmt
 from checkpointer.images.fuzzing import exercise_dir, exercise_file
 from checkpointer.images.inspect import decode, info, show, verify
+from checkpointer.images.resolve import resolve
 
 # Every test here damages images on purpose.
 pytestmark = pytest.mark.damages_images
@@ -222,6 +223,47 @@ def test_parent_flagged_page_missing_from_ancestors(chain):
         os.unlink(chain / n / "pages-pid-101")
     with pytest.raises(ImageError, match=r"pid-101 pages 0x10000-0x11000 .* no ancestor holds"):
         verify(str(chain / "3"))
+
+
+def _make_same(path, same_as, addr):
+    """Turn the parent run at `addr` of a pagemap into a same run naming `same_as`."""
+    recs = fmt.read_records(str(path))
+    head, runs = recs[0], recs[1 + recs[0]["nr_frames"] :]
+    run = next(r for r in runs if r["addr"] == addr and r["where"] == "parent")
+    run["where"] = "same"
+    head["pages_parent"] -= run["nr"]
+    head["pages_same"] = head.get("pages_same", 0) + run["nr"]
+    if same_as is not None:
+        head["same_as"] = same_as
+    os.chmod(path.parent, 0o700)
+    path.write_bytes(fmt.encode_records("pagemap", recs))
+
+
+@pytest.mark.parametrize(
+    "same_as, words",
+    [
+        (None, "same runs name no other owner"),
+        ("pid-101", "same runs name no other owner"),  # itself
+        ("pid-7", r"pid-101 pages 0x10000-0x11000 are flagged as the same as pid-7's"),
+    ],
+)
+def test_same_runs_must_name_an_owner_that_holds_them(chain, same_as, words):
+    _make_same(chain / "3" / "pagemap-pid-101", same_as, 0x10000)
+    with pytest.raises(ImageError, match=words):
+        verify(str(chain / "3"))
+
+
+def test_same_runs_in_a_circle(chain):
+    _make_same(chain / "3" / "pagemap-pid-101", "pid-100", 0x10000)
+    _make_same(chain / "3" / "pagemap-pid-100", "pid-101", 0x10000)
+    with pytest.raises(ImageError, match="circle"):
+        verify(str(chain / "3"))
+    with pytest.raises(ImageError, match="circle"):
+        Dump.open(str(chain / "3")).read_memory(101, 0x10000, 4096)
+    dump = Dump.open(str(chain / "3"))
+    with pytest.raises(ImageError, match="circle"):
+        resolve(dump, "pid-101")
+    assert (0x10000, 0x11000) not in dump.held_ranges("pid-101")  # held by nobody
 
 
 def test_show_and_verify_refuse_garbage_dirs(tmp_path):

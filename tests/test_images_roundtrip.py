@@ -91,7 +91,7 @@ def test_page_runs_zero_detection_merge_and_frames(tmp_path):
         with pytest.raises(ValueError, match="page aligned"):
             pw.add_zero(0x120001, 1)
         st = pw.close()
-        assert st == (11, 11, 4, 11 * PS, st.bytes_compressed)
+        assert st == (11, 11, 4, 11 * PS, st.bytes_compressed, 0)
         w.commit()
     d = Dump.open(path)
     assert list(d.page_runs("pid-5")) == [

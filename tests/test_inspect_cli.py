@@ -63,7 +63,7 @@ def test_every_command_reads_a_version_1_chain(tmp_path):
 def test_show_json_and_file():
     code, out, _ = run("show", D3, "--json")
     data = json.loads(out)
-    assert code == 0 and data["pages"] == {"here": 3, "parent": 12, "zero": 2}
+    assert code == 0 and data["pages"] == {"here": 3, "parent": 12, "zero": 2, "same": 0}
     assert [c["kind"] for c in data["chain"]] == ["dump", "pre-dump", "pre-dump"]
     code, out, _ = run("show", os.path.join(D3, "pstree"))
     assert code == 0 and out.startswith("pstree: pstree file, format version 2\nrecords:\n")

@@ -1,4 +1,4 @@
-"""Restore keeps the copy-on-write sharing of a forked tree.
+"""A forked tree's copy-on-write sharing: dumped once, and kept by restore.
 
 A server that forks workers (gunicorn, redis's BGSAVE child, a prefork
 daemon) shares its memory with them until either side writes. Each process is
@@ -6,7 +6,8 @@ dumped whole, so a restore that rebuilt each from its own pages would give every
 worker a private copy: a tree of 4 sharing 100 MB would need 400 MB after
 restore. As CRIU does, a child inherits its parent's restored private memory and
 gets only the pages that differ written again; pages its parent has and it had
-not are dropped.
+not are dropped. A dump that reads the tree frozen stores the pages a child maps
+to its parent's page frames once, as the parent's ("same" runs).
 """
 
 from __future__ import annotations
@@ -60,6 +61,14 @@ FORKING_PROGRAM = """
 """
 
 
+def carries_on(prog, tree: list[int]) -> None:
+    """The stopped tree resumes and the parent answers."""
+    for pid in tree:
+        os.kill(pid, signal.SIGCONT)
+    prog.go()
+    assert prog.result("alive") == b"1"
+
+
 def pss_kib(pid: int) -> int:
     for line in open(f"/proc/{pid}/smaps_rollup"):
         if line.startswith("Pss:"):
@@ -96,6 +105,8 @@ def test_a_forked_tree_keeps_sharing_its_memory_after_restore(tmp_path):
             pss_before = sum(pss_kib(p) for p in tree)
             images = tmp_path / "images"
             dump_and_kill(parent, images, reap=prog.reap)
+            # (its shared pages are the parent's in the images: restored from those)
+            assert Dump.open(images).pagemap(f"pid-{kids[1]}").head.get("pages_same", 0) > 0
             r = cli("restore", "-D", str(images), "-d", "--leave-stopped")
             assert r.returncode == 0, r.stderr
             for pid in tree:
@@ -113,9 +124,37 @@ def test_a_forked_tree_keeps_sharing_its_memory_after_restore(tmp_path):
             both = sorted(set(now) & set(dumped))
             assert len(both) > 10
             assert [s for s in both if "dc" in now[s]] == [s for s in both if "dc" in dumped[s]]
+            carries_on(prog, tree)
+        finally:
+            sigkill(*kids)
+
+
+def test_a_forked_childs_shared_pages_are_dumped_once(tmp_path):
+    """Dumped with the tree frozen (--leave-stopped), each child's pages that are
+    still its parent's page frames are recorded as the parent's, not copied again,
+    and every process's memory reads back from the images as it is."""
+    with program_starter(tmp_path) as start:
+        prog = start(FORKING_PROGRAM)
+        parent = prog.pid
+        kids = [int(k) for k in prog.result("kids").split()]
+        tree = [parent, *kids]
+        images = tmp_path / "images"
+        try:
+            r = cli("dump", "-t", str(parent), "-D", str(images), "--leave-stopped")
+            assert r.returncode == 0, r.stderr
             for pid in tree:
-                os.kill(pid, signal.SIGCONT)
-            prog.go()
-            assert prog.result("alive") == b"1"
+                wait_stopped(pid)
+                compare_dump_with_process(images, pid)
+            dump = Dump.open(images)
+            same = {pid: (dump.pagemap(f"pid-{pid}").head.get("pages_same", 0)) for pid in tree}
+            # The idle forked child: its 48 + 8 MiB are its parent's, and so is most
+            # of the others'; the exec'd child (sleep) shares nothing.
+            assert same[kids[1]] * 4096 > 50 * MIB, same
+            assert same[kids[0]] * 4096 > 50 * MIB and same[kids[2]] * 4096 > 48 * MIB, same
+            assert same[parent] == 0 and same[kids[3]] == 0, same
+            assert f"as the parent process's {sum(same.values())}" in r.stdout
+            held = sum(os.path.getsize(images / f"pages-pid-{k}") for k in kids[:3])
+            assert held < 8 * MIB, held  # not 3 x 56 MiB of random bytes
+            carries_on(prog, tree)
         finally:
             sigkill(*kids)

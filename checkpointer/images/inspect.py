@@ -96,12 +96,14 @@ def show(path: str) -> dict:
 def _owner_counts(d: Dump, owner: str) -> dict:
     pm = d.pagemap(owner)
     if pm is None:
-        return {"here": 0, "parent": 0, "zero": 0, "bytes_raw": 0, "bytes_compressed": 0}
+        return {"here": 0, "parent": 0, "zero": 0, "same": 0, "bytes_raw": 0,
+                "bytes_compressed": 0}  # fmt: skip
     h = pm.head
     return {
         "here": h["pages_here"],
         "parent": h["pages_parent"],
         "zero": h["pages_zero"],
+        "same": h.get("pages_same", 0),
         "bytes_raw": h["bytes_raw"],
         "bytes_compressed": h["bytes_compressed"],
     }
@@ -165,7 +167,7 @@ def show_dump(path: str) -> dict:
             "parent": inv["parent"],
             "processes": procs,
             "shared": shared,
-            "pages": {k: total.get(k, 0) for k in ("here", "parent", "zero")},
+            "pages": {k: total.get(k, 0) for k in ("here", "parent", "zero", "same")},
             "bytes_raw": total.get("bytes_raw", 0),
             "bytes_compressed": total.get("bytes_compressed", 0),
             "chain": chain,

@@ -33,6 +33,7 @@ class PageStats(NamedTuple):
     parent: int
     bytes_raw: int
     bytes_compressed: int
+    same: int = 0  # pages recorded as the same as `same_as`'s
 
 
 def write_file(path: str, data: bytes) -> None:
@@ -136,8 +137,12 @@ class PageWriter:
     bounded (~ (max_in_flight + 2) * frame_size).
     """
 
-    def __init__(self, dirpath, owner, page_size, frame_size, pool, writer, level, max_in_flight):
+    def __init__(
+        self, dirpath, owner, page_size, frame_size, pool, writer, level, max_in_flight,
+        same_as=None,
+    ):  # fmt: skip
         self.owner = owner
+        self.same_as = same_as  # the owner whose pages "same" runs are
         self.page_size = page_size
         self.frame_size = frame_size
         self._dir = dirpath
@@ -159,7 +164,7 @@ class PageWriter:
         self._pos = 0  # uncompressed stream position
         self._file_off = fmt.HEADER_SIZE
         self._next_addr = 0
-        self._counts = {"here": 0, "parent": 0, "zero": 0}
+        self._counts = {"here": 0, "parent": 0, "zero": 0, "same": 0}
         # Ranges recorded as the parent's, for the dumper's check before commit.
         self.parent_ranges: list[tuple[int, int]] = []
         self.closed = False
@@ -236,6 +241,14 @@ class PageWriter:
             else:
                 held.append((start, end))
             self._add_run(start, (end - start) // ps, "parent", None)
+
+    def add_same(self, addr: int, nr_pages: int) -> None:
+        """Pages that hold what `same_as`'s pages at the same addresses hold in this
+        dump (memory a forked child still shares with its parent)."""
+        if self.same_as is None:
+            raise ValueError(f"pages-{self.owner} has no owner to be the same as")
+        self._check(addr, nr_pages * self.page_size)
+        self._add_run(addr, nr_pages, "same", None)
 
     def add_zero(self, addr: int, nr_pages: int) -> None:
         self._check(addr, nr_pages * self.page_size)
@@ -364,6 +377,8 @@ class PageWriter:
             "bytes_raw": self._counts["here"] * ps,
             "bytes_compressed": compressed,
         }
+        if self._counts["same"]:
+            head.update(same_as=self.same_as, pages_same=self._counts["same"])
         packer = self._packer
         parts = [packer.pack(head)]
         parts += [packer.pack({"off": o, "clen": c, "rlen": r}) for o, c, r in self._frames]
@@ -374,7 +389,7 @@ class PageWriter:
         write_file(os.path.join(self._dir, f"pagemap-{self.owner}"), data)
         self.stats = PageStats(
             self._counts["here"], self._counts["zero"], self._counts["parent"],
-            self._counts["here"] * ps, compressed,
+            self._counts["here"] * ps, compressed, self._counts["same"],
         )  # fmt: skip
         # A closed writer stays in its DumpWriter until the commit: keep nothing big
         # (a tree may hold tens of thousands of shared objects, one writer each).

@@ -16,8 +16,8 @@ from checkpointer.images import schema
 from checkpointer.images.format import OWNER_RE
 from checkpointer.pageruns import Range, intersect, normalize
 
-WHERE_CODE = {"here": 0, "parent": 1, "zero": 2}
-WHERE_NAME = ("here", "parent", "zero")
+WHERE_CODE = {"here": 0, "parent": 1, "zero": 2, "same": 3}
+WHERE_NAME = ("here", "parent", "zero", "same")
 PRIVATE_ANON = ("anon", "heap", "stack")
 MAX_U64 = 1 << 64
 
@@ -25,7 +25,7 @@ MAX_U64 = 1 << 64
 class PageRun(NamedTuple):
     addr: int
     nr: int
-    where: str  # "here" | "parent" | "zero"
+    where: str  # "here" | "parent" | "zero" | "same"
     off: int | None  # byte offset in the uncompressed page stream (here only)
 
 
@@ -102,7 +102,7 @@ class PageMap:
         self.r_nr = array("Q")
         self.r_where = array("B")
         self.r_off = array("q")
-        counts = [0, 0, 0]
+        counts = [0, 0, 0, 0]
         next_addr = 0
         next_off = 0
         for i in range(nr_runs):
@@ -129,8 +129,15 @@ class PageMap:
             raise ImageError("records after the last run", where)
         if next_off != stream:
             raise ImageError("page data not covered exactly by runs", where)
-        if counts != [head["pages_here"], head["pages_parent"], head["pages_zero"]]:
+        same = head.get("pages_same", 0)
+        if counts != [head["pages_here"], head["pages_parent"], head["pages_zero"], same]:
             raise ImageError("page counts in the head do not match the runs", where)
+        # Whose pages the "same" runs are: another owner of this dump.
+        self.same_as = head.get("same_as") if same else None
+        if same and not (
+            isinstance(self.same_as, str) and OWNER_RE.match(self.same_as) and self.same_as != owner
+        ):
+            raise ImageError(f"same runs name no other owner ({self.same_as!r})", where)
         self._file = None
         self._dctx = None  # made at the first frame(): most pagemaps are read by pagefeed
         self._cache: dict[int, bytes] = {}
@@ -425,9 +432,10 @@ class Dump:
                 yield lo, lo + n, kind, (frame, o)
                 lo += n
 
-    def _resolved(self, owner: str, start: int, end: int):
+    def _resolved(self, owner: str, start: int, end: int, seen: frozenset = frozenset()):
         """(lo, hi, kind, pagemap, stream offset) of [start, end), parent runs
-        resolved through the chain (pagemap and offset only for "data")."""
+        resolved through the chain, and same runs through the owner they name
+        (`seen`: the owners that led here; pagemap and offset only for "data")."""
         pm = self.pagemap(owner)
         cur = start
         if pm is not None:
@@ -438,6 +446,8 @@ class Dump:
                     yield lo, hi, "data", pm, off
                 elif w == 2:
                     yield lo, hi, "zero", None, 0
+                elif w == 3:
+                    yield from self._from_same(owner, pm.same_as, lo, hi, seen)
                 else:
                     yield from self._from_parent(owner, lo, hi)
                 cur = hi
@@ -462,14 +472,33 @@ class Dump:
         ps = self.page_size
         own: list[Range] = []
         wanted: list[Range] = []
+        same: list[Range] = []
         for i in range(len(pm.r_addr)):
             run = (pm.r_addr[i], pm.r_addr[i] + pm.r_nr[i] * ps)
-            (wanted if pm.r_where[i] == 1 else own).append(run)
+            (own, wanted, own, same)[pm.r_where[i]].append(run)
         if wanted:
             parent = self.parent()
             if parent is not None and _same_incarnation(owner, self, parent):
                 own += intersect(wanted, parent.held_ranges(owner))
+        if same:
+            self._held[owner] = []  # a circle of same runs holds nothing
+            own += intersect(same, self.held_ranges(pm.same_as))
         return normalize(own)
+
+    def _from_same(self, owner: str, other: str, lo: int, hi: int, seen: frozenset):
+        """A same run of `owner`: what `other` holds there in this dump."""
+        where = os.path.join(self.path, f"pagemap-{owner}")
+        seen = seen | {owner}
+        if other in seen:
+            raise ImageError(f"{owner} pages {lo:#x}-{hi:#x}: same runs in a circle", where)
+        for a, b, kind, pm, off in self._resolved(other, lo, hi, seen):
+            if kind == "missing":
+                raise ImageError(
+                    f"{owner} pages {a:#x}-{b:#x} are flagged as the same as {other}'s, "
+                    "which does not hold them",
+                    where,
+                )
+            yield a, b, kind, pm, off
 
     def _from_parent(self, owner: str, lo: int, hi: int):
         p = self.parent()

@@ -51,7 +51,8 @@ def _ts(t: float) -> str:
 
 
 def _pages(p: dict) -> str:
-    return f"{p['here']} here, {p['parent']} in parents, {p['zero']} zero"
+    same = f", {p['same']} as the parent process's" if p.get("same") else ""
+    return f"{p['here']} here, {p['parent']} in parents, {p['zero']} zero{same}"
 
 
 def show_dump(s: dict) -> str:

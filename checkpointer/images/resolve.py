@@ -13,7 +13,7 @@ from typing import NamedTuple
 from checkpointer.errors import ImageError
 from checkpointer.images.reader import Dump, PageMap
 
-_HERE, _PARENT, _ZERO = 0, 1, 2
+_HERE, _PARENT, _ZERO, _SAME = 0, 1, 2, 3
 
 
 class Piece(NamedTuple):
@@ -37,13 +37,39 @@ def resolve(dump: Dump, owner: str) -> list[Piece]:
     return out
 
 
-def _add(out: list, dump: Dump, owner: str, pm: PageMap, lo: int, hi: int, where: int, off: int):
+def _add(
+    out: list, dump: Dump, owner: str, pm: PageMap, lo: int, hi: int, where: int, off: int,
+    seen: frozenset = frozenset(),
+) -> None:  # fmt: skip
     if where == _HERE:
         out.append(Piece(lo, hi, pm, off))
     elif where == _ZERO:
         out.append(Piece(lo, hi, None, 0))
+    elif where == _SAME:
+        _from_same(out, dump, owner, pm.same_as, lo, hi, seen | {owner})
     else:
         _from_parent(out, dump, owner, lo, hi)
+
+
+def _from_same(
+    out: list, dump: Dump, owner: str, other: str, lo: int, hi: int, seen: frozenset
+) -> None:
+    """A same run: the pages `other` holds there in the same dump (a forked child's
+    memory its parent still shared)."""
+    where = os.path.join(dump.path, f"pagemap-{owner}")
+    pm = dump.pagemap(other) if other not in seen else None
+    cur = lo
+    for a, b, w, off in pm.runs_in(lo, hi) if pm is not None else ():
+        if a > cur:
+            break
+        _add(out, dump, other, pm, a, b, w, off, seen)
+        cur = b
+    if cur < hi:
+        raise ImageError(
+            f"{owner} pages {cur:#x}-{hi:#x} are flagged as the same as {other}'s, "
+            + ("in a circle" if other in seen else "which does not hold them"),
+            where,
+        )
 
 
 def _from_parent(out: list, dump: Dump, owner: str, lo: int, hi: int) -> None:

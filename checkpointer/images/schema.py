@@ -38,7 +38,7 @@ def bytes_of(n):
     return ("bytes", n)
 
 
-WHERE = ("here", "parent", "zero")
+WHERE = ("here", "parent", "zero", "same")
 VMA_KINDS = (
     "anon", "heap", "stack", "file", "file-private", "shared-anon", "shm",
     "memfd", "vdso", "vvar", "vsyscall", "special",

@@ -91,11 +91,14 @@ def _verify_one(d: Dump, totals: dict) -> None:
         pm._cache.clear()
         totals["pages"] += pm.head["pages_here"]
         for r in pm.runs():
+            end = r.addr + r.nr * d.page_size
             if r.where == "parent":
-                end = r.addr + r.nr * d.page_size
                 for _ in d._from_parent(owner, r.addr, end):
                     pass
                 totals["parent_pages"] += r.nr
+            elif r.where == "same":
+                for _ in d._from_same(owner, pm.same_as, r.addr, end, frozenset()):
+                    pass
     for name in names:
         if name.startswith("pages-") and f"pagemap-{name[6:]}" not in names:
             raise ImageError("pages file without a pagemap", os.path.join(d.path, name))

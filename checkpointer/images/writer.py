@@ -186,16 +186,19 @@ class DumpWriter:
     def write_stats(self, stats: dict) -> None:
         self._write_records("stats", "stats", [self._checked("stats", stats, "stats")])
 
-    def open_pages(self, owner: str) -> PageWriter:
+    def open_pages(self, owner: str, same_as: str | None = None) -> PageWriter:
+        """A writer of owner's pages; `same_as`: the owner its "same" runs refer to."""
         if self._done:
             raise ValueError("dump writer already committed or aborted")
         if not isinstance(owner, str) or not OWNER_RE.match(owner):
             raise ValueError(f"bad page owner {owner!r} (want pid-N or shm-DEV-INODE)")
         if owner in self._pages:
             raise ValueError(f"pages of {owner} opened twice")
+        if same_as is not None and (not OWNER_RE.match(same_as) or same_as == owner):
+            raise ValueError(f"bad owner {same_as!r} for the pages of {owner} to be the same as")
         pw = PageWriter(
             self.tmp_dir, owner, self.page_size, self.frame_size, self._pool,
-            self._write_thread, self.level, self._max_in_flight,
+            self._write_thread, self.level, self._max_in_flight, same_as,
         )  # fmt: skip
         self._pages[owner] = pw
         return pw

@@ -549,6 +549,37 @@ def clear_soft_dirty(pid: int) -> None:
 _zero_pfn: int | None = -1
 
 
+_SAME_FRAME = PM_PRESENT | PM_PFN_MASK  # the bits two entries of one frame share
+_NONZERO = bytes([0] + [1] * 255)
+
+
+def same_frames(a: Pagemap, b: Pagemap, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The pages of `ranges` that processes a and b both map, present, to the same
+    page frame: a forked child's memory that it still shares, copy-on-write, with
+    its parent (the same bytes). Empty where PFNs are hidden (no CAP_SYS_ADMIN:
+    every PFN reads as 0)."""
+    if zero_page_pfn() is None:
+        return []
+    out: list[tuple[int, int]] = []
+    for start, end in ranges:
+        ea, eb = a.read(start, end), b.read(start, end)
+        if len(ea) != len(eb):
+            continue  # one side shorter: an unmapped end
+        n = len(ea) // ENTRY_SIZE
+        # Per entry, the present bit and the PFN field XORed (the other bits, soft-
+        # dirty, exclusive, uffd-wp, belong to each process's page table), then its
+        # eight bytes ORed into its lowest: zero where the frames are the same.
+        diff = int.from_bytes(ea, "little") ^ int.from_bytes(eb, "little")
+        diff &= int.from_bytes(_SAME_FRAME.to_bytes(8, "little") * n, "little")
+        diff |= diff >> 32
+        diff |= diff >> 16
+        diff |= diff >> 8
+        differs = diff.to_bytes(len(ea), "little")[0::8].translate(_NONZERO)
+        mask = _andnot(ea[7::8].translate(_T_PRESENT), differs)
+        out += _ranges(mask, start)
+    return out
+
+
 def zero_page_pfn() -> int | None:
     """PFN of the kernel's shared zero page, learned once from a read-faulted page of ours.
 

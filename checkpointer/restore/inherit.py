@@ -19,6 +19,7 @@ mappings marked MADV_DONTFORK meanwhile (cloning()).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 
 from checkpointer.images.resolve import Piece
@@ -60,6 +61,32 @@ def pages_to_drop(kept: list[Range], own: list[Piece], source: list[Piece]) -> l
     theirs = normalize([(p.start, p.end) for p in source])
     ours = normalize([(p.start, p.end) for p in own if p.source is not None])
     return subtract(intersect(theirs, kept), ours)
+
+
+def differing(own: list[Piece], source: list[Piece]) -> list[Piece]:
+    """The parts of the data pieces `own` (in address order) that do not come from
+    the very bytes `source`'s pieces come from at the same addresses (same pages
+    file, same offset: a child's pages dumped as its parent's). Those are in
+    the child already; only the rest needs comparing."""
+    starts = [p.start for p in source]
+    out: list[Piece] = []
+    for piece in own:
+        pos = piece.start
+        i = max(bisect.bisect_right(starts, piece.start) - 1, 0)
+        while pos < piece.end and i < len(source):
+            theirs = source[i]
+            i += 1
+            lo, hi = max(pos, theirs.start), min(piece.end, theirs.end)
+            if lo >= hi:
+                continue
+            same_bytes = theirs.off - theirs.start == piece.off - piece.start
+            if theirs.source is piece.source and same_bytes:
+                if lo > pos:
+                    out.append(Piece(pos, lo, piece.source, piece.off + pos - piece.start))
+                pos = hi
+        if pos < piece.end:
+            out.append(Piece(pos, piece.end, piece.source, piece.off + pos - piece.start))
+    return out
 
 
 @contextlib.contextmanager

@@ -198,7 +198,7 @@ def rebuild(task: Task, images: RestoreImages, shared: SharedObjects) -> None:
             theirs = images.pieces.get(f"pid-{source.pid}", [])
             for start, end in inherit.pages_to_drop(kept_ranges, pieces, theirs):
                 taskctl.madvise(s, start, end - start, MADV_DONTNEED)
-        _write_pages(task, pieces, kept_ids)
+        _write_pages(task, pieces, kept_ids, theirs if kept else [])
         for vma in image.vmas:
             _advise(task, vma)
         _set_mm(task, shared)
@@ -285,10 +285,10 @@ def _map(task: Task, vma: dict, shared: SharedObjects, files: dict[str, int]) ->
         )
 
 
-def _write_pages(task: Task, pieces: list[Piece], kept: set[int]) -> None:
+def _write_pages(task: Task, pieces: list[Piece], kept: set[int], theirs: list[Piece]) -> None:
     """Every page the images hold for the process, through /proc/PID/mem; in the
-    mappings it kept from the task it was cloned from (ids in `kept`), only those
-    that differ from what it holds already."""
+    mappings it kept from the task it was cloned from (ids in `kept`; `theirs`: that
+    task's pieces), only those that differ from what it holds already."""
     vmas = task.image.vmas
     starts = [v["start"] for v in vmas]
     data: list[Piece] = []
@@ -308,6 +308,7 @@ def _write_pages(task: Task, pieces: list[Piece], kept: set[int]) -> None:
                     for addr in range(lo, hi, CHUNK):
                         writer.write(addr, bytes(min(CHUNK, hi - addr)))
         pagefeed.write_pieces(writer.write, data)
+        inherited = inherit.differing(inherited, theirs)
         if inherited:
             with MemReader(task.pid) as reader:
                 sink = pagefeed.changed_pages_sink(reader, writer.write)

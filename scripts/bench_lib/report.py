@@ -264,10 +264,11 @@ def restore(r: dict, title: str) -> str:
 def restore_tree(r: dict, title: str) -> str:
     rows = [
         [tool, f"{t['pss_before_mb']:.0f}", f"{t['pss_after_mb']:.0f}", f"{t['pss_ratio']:.2f}",
-         f"{t['wall_s']:.2f}"]
+         f"{t['wall_s']:.2f}", f"{t['dump_wall_s']:.2f}", f"{t['image_mb']:.0f}"]
         for tool, t in r.items() if tool in ("checkpointer", "criu")
     ]  # fmt: skip
-    header = ["tool", "PSS before MiB", "PSS after MiB", "after / before", "restore wall s"]
+    header = ["tool", "PSS before MiB", "PSS after MiB", "after / before", "restore wall s",
+              "dump wall s", "image MiB"]  # fmt: skip
     return f"### {title} ({r['target_mb']} MiB shared by a parent and 4 children)\n\n" + _t(
         header, rows
     )

@@ -109,7 +109,8 @@ def _tree_pss_mb(root: int) -> float:
 def restore_tree(mb: int, criu: str | None, base: str | None) -> dict:
     """Section `restore-tree`: the memory a forked tree needs after a restore
     against before its dump (PSS summed over the tree: 1.0 = as shared as it was),
-    and the restore's wall time; with the native CRIU on the same workload."""
+    the restore's wall time, the dump's (kill) and its images' size; with the
+    native CRIU on the same workload."""
     out: dict = {"target_mb": mb}
     for tool in ["checkpointer"] + (["criu"] if criu else []):
         say(f"restore-tree: {mb} MiB and 4 children, {tool}")
@@ -129,10 +130,10 @@ def restore_tree(mb: int, criu: str | None, base: str | None) -> dict:
                 tree = _tree_pids(prog.pid)
                 if tool == "criu":
                     images.mkdir()
-                    run_timed([criu, "dump", "-t", str(prog.pid), "-D", str(images),
-                               "-o", "dump.log"]).check()  # fmt: skip
+                    dumped = run_timed([criu, "dump", "-t", str(prog.pid), "-D", str(images),
+                                        "-o", "dump.log"]).check()  # fmt: skip
                 else:
-                    cp("dump", "-t", str(prog.pid), "-D", str(images))
+                    dumped = cp("dump", "-t", str(prog.pid), "-D", str(images))
                 prog.wait(timeout=60)
                 for pid in tree:  # CRIU's killed children are init's to reap
                     _gone(pid)
@@ -144,7 +145,9 @@ def restore_tree(mb: int, criu: str | None, base: str | None) -> dict:
                     run = cp("restore", "-D", str(images), "-d")
                 after = _tree_pss_mb(prog.pid)
                 out[tool] = {"pss_before_mb": before, "pss_after_mb": after,
-                             "pss_ratio": after / before, "wall_s": run.wall_s}  # fmt: skip
+                             "pss_ratio": after / before, "wall_s": run.wall_s,
+                             "dump_wall_s": dumped.wall_s,
+                             "image_mb": dir_bytes(images) / MiB}  # fmt: skip
             finally:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(prog.pid, signal.SIGKILL)
