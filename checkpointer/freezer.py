@@ -387,12 +387,15 @@ def kill_stopped_tree(pids: list[int]) -> None:
 
 
 def _dying(pid: int) -> bool:
-    """Killed and not gone yet; a zombie is not waited for (its parent does not
-    ignore SIGCHLD after all: it is left to init)."""
+    """Killed and not gone yet. A zombie is not waited for once its threads are
+    gone (its parent does not ignore SIGCHLD after all: it is left to init); the
+    main thread of a process whose other threads are still exiting already reads
+    as one, and its parent reaps it only when the last has gone."""
     try:
-        return proc.read_state(pid) != "Z"
+        status = proc.read_status(pid)
     except TargetError:
         return False
+    return not status.get("State", "Z").startswith("Z") or status.get("Threads", "1") != "1"
 
 
 def _signal(pid: int, sig: int) -> None:
