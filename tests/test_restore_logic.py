@@ -11,7 +11,7 @@ from checkpointer.errors import ImageError
 from checkpointer.images import DumpWriter
 from checkpointer.images.reader import Dump
 from checkpointer.images.resolve import Piece, resolve
-from checkpointer.restore.inherit import kept_mappings, pages_to_drop
+from checkpointer.restore.inherit import differing, kept_mappings, pages_to_drop
 from checkpointer.restore.memory import _gap
 from checkpointer.restore.threads import restart_fixup
 
@@ -170,3 +170,20 @@ def test_a_child_drops_the_pages_only_its_parent_holds_as_data():
     kept = [(0x1000, 0x7000)]
     assert pages_to_drop(kept, child, parent) == [(0x1000, 0x2000), (0x3000, 0x4000),
                                                   (0x6000, 0x7000)]  # fmt: skip
+
+
+def test_only_pieces_from_other_bytes_than_the_parents_are_compared():
+    ours_file, theirs_file = object(), object()
+    parent = [Piece(0x1000, 0x5000, theirs_file, 0), Piece(0x8000, 0x9000, theirs_file, 0x4000)]
+    child = [
+        Piece(0x0000, 0x3000, theirs_file, -0x1000),  # the parent's bytes from 0x1000 on
+        Piece(0x3000, 0x4000, ours_file, 0),  # its own
+        Piece(0x4000, 0x6000, theirs_file, 0x3000),  # the parent's up to its piece's end
+        Piece(0x8000, 0x9000, theirs_file, 0x5000),  # same file, other bytes
+    ]
+    assert differing(child, parent) == [
+        Piece(0x0000, 0x1000, theirs_file, -0x1000),
+        Piece(0x3000, 0x4000, ours_file, 0),
+        Piece(0x5000, 0x6000, theirs_file, 0x4000),
+        Piece(0x8000, 0x9000, theirs_file, 0x5000),
+    ]

@@ -76,6 +76,8 @@ def differing(own: list[Piece], source: list[Piece]) -> list[Piece]:
         while pos < piece.end and i < len(source):
             theirs = source[i]
             i += 1
+            if theirs.start >= piece.end:
+                break
             lo, hi = max(pos, theirs.start), min(piece.end, theirs.end)
             if lo >= hi:
                 continue
