@@ -53,13 +53,17 @@ class PageCopier:
         self.times = CopyTimes()
         # pid -> reader; `readers` replaces some (a copy-on-write snapshot's).
         self._readers: dict[int, MemReader] = dict(readers or {})
+        # Touching data segments are read as one only straight from a frozen target:
+        # a snapshot's reader holds some VMAs apart (read in the window) from the
+        # rest (its child), and a running target's VMA may vanish under a read.
+        self._coalesce = not readers and not partial_ok
 
     def copy(self, pages, plan: list[Segment], parent_reader=None) -> None:
         """Feed `plan` into `pages` (a PageWriter). parent_reader: for content
         comparison, a plan.ParentPages whose unchanged() pages are referenced
         rather than written; None copies every data segment."""
         parents: list[tuple[int, int]] = []  # recorded together: thousands per GiB
-        for seg in plan:
+        for seg in _coalesced(plan) if self._coalesce else plan:
             if seg.where == "parent":
                 parents.append((seg.start, seg.end))
                 continue
@@ -167,3 +171,27 @@ class PageCopier:
         for reader in self._readers.values():
             reader.close()
         self._readers.clear()
+
+
+def _coalesced(plan: list[Segment]):
+    """The plan with each stretch of touching data segments (of one process, at
+    consecutive addresses) as one: neighbouring VMAs that differ only in their
+    protection are one read, not one each (a process may have 30,000 of them)."""
+    run: Segment | None = None
+    for seg in plan:
+        if (
+            run is not None
+            and seg.where == "data"
+            and run.end == seg.start
+            and run.pid == seg.pid
+            and run.vaddr + (run.end - run.start) == seg.vaddr
+        ):
+            run = run._replace(end=seg.end)
+            continue
+        if run is not None:
+            yield run
+        run = seg if seg.where == "data" else None
+        if run is None:
+            yield seg
+    if run is not None:
+        yield run

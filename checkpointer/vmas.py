@@ -10,6 +10,7 @@ file mappings not at all (their contents live in the file).
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 
 
@@ -44,11 +45,13 @@ class Vma:
     def writable(self) -> bool:
         return self.prot[1] == "w"
 
-    @property
+    # Computed once per VMA (each is asked a dozen times per pass, and a process
+    # may have tens of thousands); cached_property writes past the frozen __setattr__.
+    @functools.cached_property
     def kind(self) -> str:
         return classify(self)
 
-    @property
+    @functools.cached_property
     def policy(self) -> Policy:
         return dump_policy(self)
 
@@ -94,7 +97,7 @@ def classify(vma: Vma) -> str:
 
 
 def dump_policy(vma: Vma) -> Policy:
-    kind = classify(vma)
+    kind = vma.kind
     if kind in ("vvar", "vsyscall", "special"):
         return Policy.SKIP
     if kind == "vdso":
@@ -113,7 +116,7 @@ def dump_policy(vma: Vma) -> Policy:
 def unsupported(vma: Vma) -> str | None:
     """Why this mapping cannot be dumped, or None. The dump is refused rather than
     written without it: a restore would silently lack that memory."""
-    if classify(vma) in ("vdso", "vvar", "vsyscall", "special"):
+    if vma.kind in ("vdso", "vvar", "vsyscall", "special"):
         return None  # the kernel's own areas ([vvar] is VM_IO|VM_PFNMAP): never data
     if "ht" in vma.vmflags:
         return "hugetlb mappings are not supported (their pages are not read page by page)"

@@ -243,9 +243,10 @@ class Dump:
         self._parent: Dump | None | bool = False
         self._pagemaps: dict[str, PageMap | None] = {}
         self._held: dict[str, list[Range]] = {}
-        # pid -> its checked vma records: read_memory is called once per page run
-        # when comparing with a parent, and re-reading mm-PID each time is quadratic.
-        self._vmas: dict[int, list[dict]] = {}
+        # pid -> its checked mm and vma records: read_memory is called once per page
+        # run when comparing with a parent, and re-reading mm-PID each time is
+        # quadratic; a restore reads them once for the process, once for its vdso.
+        self._mms: dict[int, Mm] = {}
         inv_path = os.path.join(path, "inventory")
         if not os.path.isdir(path):
             raise ImageError(
@@ -314,6 +315,8 @@ class Dump:
         return Core(recs[0], recs[1:])
 
     def mm(self, pid: int) -> Mm:
+        if pid in self._mms:
+            return self._mms[pid]
         path = self._pid_file("mm", pid)
         recs = fmt.read_records(path, "mm", version=self.version)
         if not recs:
@@ -332,7 +335,8 @@ class Dump:
             if v["offset"] < 0:
                 raise ImageError(f"vma[{i}] has a negative offset", path)
             prev_end = e
-        return Mm(recs[0], recs[1:])
+        mm = self._mms[pid] = Mm(recs[0], recs[1:])
+        return mm
 
     def fds(self, pid: int) -> list:
         path = self._pid_file("fds", pid)
@@ -530,9 +534,7 @@ class Dump:
         if size < 0 or addr < 0 or addr + size > MAX_U64:
             raise ImageError(f"bad range {addr:#x}+{size:#x}", self.path)
         end = addr + size
-        if pid not in self._vmas:
-            self._vmas[pid] = self.mm(pid).vmas
-        vmas = self._vmas[pid]
+        vmas = self.mm(pid).vmas
         starts = [v["start"] for v in vmas]
         cur = addr
         while cur < end:

@@ -211,6 +211,9 @@ SCHEMAS_BY_VERSION: dict[int, dict[str, dict]] = {1: SCHEMAS_V1, 2: SCHEMAS_V2}
 SCHEMAS = SCHEMAS_BY_VERSION[FORMAT_VERSION]  # the version this checkpointer writes
 
 
+_STR_LIST = list_of(STR)
+
+
 def check(
     kind: str, record, where: str | None, what: str | None = None, version: int = FORMAT_VERSION
 ) -> dict:
@@ -230,7 +233,25 @@ def _check(spec, value, where, path):
         for key, sub in spec.items():
             if key not in value:
                 _fail(where, path, f"missing field {key!r}")
-            _check(sub, value[key], where, f"{path}.{key}")
+            v = value[key]
+            # The common fields pass here, without a call or a path string (a
+            # process may have tens of thousands of VMA records); the rest, and
+            # every failure, go through _check, which names the field.
+            if type(sub) is str:
+                if sub == INT:
+                    ok = type(v) is int and -(1 << 63) <= v < (1 << 64)
+                else:
+                    ok = (sub == STR and type(v) is str) or (sub == BOOL and type(v) is bool)
+            elif type(sub) is not tuple:  # a nested map
+                ok = False
+            elif sub[0] == "opt":
+                ok = v is None
+            elif sub[0] == "enum":
+                ok = type(v) is str and v in sub[1]
+            else:
+                ok = sub == _STR_LIST and type(v) is list and all(type(x) is str for x in v)
+            if not ok:
+                _check(sub, v, where, f"{path}.{key}")
         return
     if spec == INT:
         if type(value) is not int:

@@ -71,6 +71,7 @@ RSEQ_CS_OFFSET = 8
 RSEQ_CS = struct.Struct("<IIQQQ")
 _HEAD = 128  # code (64 bytes), then the done flag (8), padded
 MIN_BATCH = 2  # a single call runs faster alone (two stops, no code to write)
+MAX_BATCH = 1024  # calls per batch in a scratch area of the session's own (64 KiB)
 
 
 class SyscallSession:
@@ -316,11 +317,14 @@ class SyscallSession:
         self._scratch_owned = unmap_on_close
         self._scratch_exec = executable
 
-    def call_many(self, calls: list[tuple], buf_size: int = 0) -> tuple[list[int], bytes]:
+    def call_many(
+        self, calls: list[tuple], buf_size: int = 0, *, check: bool = True
+    ) -> tuple[list[int], bytes]:
         """Run syscalls (nr, *args) in order; return their results and the contents
         of a buffer of buf_size bytes after the last one. Arguments At(offset) stand
         for addresses in that buffer (zero-filled before the first call). A failing
-        call raises OSError, after all of them ran.
+        call raises OSError, after all of them ran (check=False: the raw results,
+        errors as unsigned -errno, for the caller to tell which call failed).
 
         Two or more calls run as one batch: code in the scratch area makes them all
         while the task runs free, and one interrupt stops it afterwards (one stop
@@ -331,11 +335,20 @@ class SyscallSession:
             results, data = self._one_by_one(calls, buf_size)
         else:
             results, data = self._batch(calls, buf_size)
+        if not check:
+            return results, data
         for c, r in zip(calls, results, strict=True):
             if r >= (1 << 64) - 4095:
                 err = (1 << 64) - r
                 raise OSError(err, f"syscall {c[0]} in task {self.tid}: {os.strerror(err)}")
         return results, data
+
+    def batch_room(self) -> int:
+        """How many calls without a buffer one call_many batch can hold: an adopted
+        scratch area has a fixed size; the session's own grows on demand."""
+        if self._scratch and not self._scratch_owned:
+            return max(1, (self._scratch_size - _HEAD) // _CALL.size)
+        return MAX_BATCH
 
     def _one_by_one(self, calls: list[tuple], buf_size: int) -> tuple[list[int], bytes]:
         buf = self.scratch(buf_size) if buf_size else 0

@@ -181,8 +181,13 @@ def rebuild(task: Task, images: RestoreImages, shared: SharedObjects) -> None:
     scratch = _gap(busy, SCRATCH_SIZE)
     # Shared: it cannot merge with a neighbouring private VMA of the image.
     flags = taskctl.MAP_SHARED | taskctl.MAP_ANONYMOUS | taskctl.MAP_FIXED_NOREPLACE
-    taskctl.mmap(s, scratch, SCRATCH_SIZE, 3, flags)
-    s.adopt_scratch(scratch, SCRATCH_SIZE)
+    try:  # executable, for call_many's batches (refused under memory-deny-write-execute)
+        taskctl.mmap(s, scratch, SCRATCH_SIZE, taskctl.PROT_RWX, flags)
+        executable = True
+    except OSError:
+        taskctl.mmap(s, scratch, SCRATCH_SIZE, 3, flags)
+        executable = False
+    s.adopt_scratch(scratch, SCRATCH_SIZE, executable=executable)
     task.scratch = (scratch, SCRATCH_SIZE)
     if dumped:
         _move_vdso(task, current, dumped, busy + [(scratch, scratch + SCRATCH_SIZE)])
@@ -191,9 +196,18 @@ def rebuild(task: Task, images: RestoreImages, shared: SharedObjects) -> None:
     pieces = images.pieces.get(f"pid-{task.pid}", [])
     try:
         kept_ids = {id(v) for v in kept}
+        batch: list[tuple[dict, tuple]] = []  # mmap alone makes these: a batch at a time
         for vma in image.vmas:
-            if vma["kind"] not in SKIPPED_KINDS and id(vma) not in kept_ids:
-                _map(task, vma, shared, files)
+            if vma["kind"] in SKIPPED_KINDS or id(vma) in kept_ids:
+                continue
+            args = _mmap_args(task, vma, shared, files)
+            if args is not None:
+                batch.append((vma, args))
+                continue
+            _map_batch(task, batch)
+            batch = []
+            _map_shared(task, vma, shared)
+        _map_batch(task, batch)
         if kept:
             theirs = images.pieces.get(f"pid-{source.pid}", [])
             for start, end in inherit.pages_to_drop(kept_ranges, pieces, theirs):
@@ -244,8 +258,11 @@ def _shift(s, layout: dict, delta: int) -> None:
                 s.insn += delta  # the syscall instruction moved with it
 
 
-def _map(task: Task, vma: dict, shared: SharedObjects, files: dict[str, int]) -> None:
-    s = task.session
+def _mmap_args(
+    task: Task, vma: dict, shared: SharedObjects, files: dict[str, int]
+) -> tuple[int, int, int, int, int, int] | None:
+    """mmap's arguments for an anonymous or file mapping of the image (its file
+    opened in the task first, once per file); None for the other kinds."""
     start, length, prot = vma["start"], vma["end"] - vma["start"], prot_of(vma)
     kind = vma["kind"]
     if kind in ANON_KINDS:
@@ -254,8 +271,44 @@ def _map(task: Task, vma: dict, shared: SharedObjects, files: dict[str, int]) ->
             flags |= taskctl.MAP_GROWSDOWN
         if "nr" in vma["vmflags"]:
             flags |= taskctl.MAP_NORESERVE
-        taskctl.mmap(s, start, length, prot, flags)
-    elif vma["shmem"] is not None and kind in ("shared-anon", "memfd"):
+        return (start, length, prot, flags, -1, 0)
+    if kind not in ("file", "file-private"):
+        return None
+    shared_map = vma["prot"][3] == "s"
+    writable = shared_map and "w" in vma["prot"]
+    ghosts = shared.ghosts
+    path = ghosts.path(vma["ghost"], vma["path"]) if "ghost" in vma else vma["path"]
+    key = f"{'w' if writable else 'r'}:{path}"
+    if key not in files:
+        ours = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        try:
+            files[key] = task.install_fd(ours)
+        finally:
+            os.close(ours)
+    flags = (taskctl.MAP_SHARED if shared_map else taskctl.MAP_PRIVATE) | taskctl.MAP_FIXED
+    return (start, length, prot, flags, files[key], vma["offset"])
+
+
+def _map_batch(task: Task, batch: list[tuple[dict, tuple]]) -> None:
+    """Make the mappings of `batch` ((vma, mmap arguments) pairs) in a few stops."""
+    if not batch:
+        return
+    results = taskctl.mmap_many(task.session, [args for _, args in batch])
+    for (vma, args), result in zip(batch, results, strict=True):
+        if result != args[0]:
+            why = os.strerror(-result) if result < 0 else f"mapped at {result:#x} instead"
+            raise RestoreError(
+                f"process {task.pid}: cannot map {vma['start']:#x}-{vma['end']:#x} "
+                f"({vma['path'] or vma['kind']}): {why}"
+            )
+
+
+def _map_shared(task: Task, vma: dict, shared: SharedObjects) -> None:
+    """Map a shared anonymous, memfd or SysV mapping: its object is the tree's."""
+    s = task.session
+    start, length, prot = vma["start"], vma["end"] - vma["start"], prot_of(vma)
+    kind = vma["kind"]
+    if vma["shmem"] is not None and kind in ("shared-anon", "memfd"):
         fd = task.install_fd(shared.fd(vma["shmem"]))
         try:
             taskctl.mmap(s, start, length, prot, taskctl.MAP_SHARED | taskctl.MAP_FIXED, fd,
@@ -265,20 +318,6 @@ def _map(task: Task, vma: dict, shared: SharedObjects, files: dict[str, int]) ->
         shared.used(vma["shmem"])
     elif kind == "shm" and "sysv" in vma:
         shared.sysv.attach(task, vma)
-    elif kind in ("file", "file-private"):
-        shared_map = vma["prot"][3] == "s"
-        writable = shared_map and "w" in vma["prot"]
-        ghosts = shared.ghosts
-        path = ghosts.path(vma["ghost"], vma["path"]) if "ghost" in vma else vma["path"]
-        key = f"{'w' if writable else 'r'}:{path}"
-        if key not in files:
-            ours = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
-            try:
-                files[key] = task.install_fd(ours)
-            finally:
-                os.close(ours)
-        flags = (taskctl.MAP_SHARED if shared_map else taskctl.MAP_PRIVATE) | taskctl.MAP_FIXED
-        taskctl.mmap(s, start, length, prot, flags, files[key], vma["offset"])
     else:
         raise RestoreError(
             f"process {task.pid}: cannot restore a {kind} mapping at {start:#x} ({vma['path']})"
