@@ -208,8 +208,12 @@ def read_stat(pid: int, tid: int | None = None, *, brk: bool = False) -> ProcSta
 
 
 def read_state(pid: int, tid: int | None = None) -> str:
-    """Just the one-letter state from stat (R, S, D, T, t, Z, X...)."""
-    return read_stat(pid, tid).state
+    """Just the one-letter state from stat (R, S, D, T, t, Z, X...), without parsing
+    the rest: task_dir asks it before every per-fd /proc path."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    data = _read_bytes(pid, path)
+    at = data.rindex(b")") + 2  # comm may hold ")": the last one ends it
+    return data[at : at + 1].decode()
 
 
 PF_EXITING = 0x4  # task flag (stat field 9): in do_exit

@@ -46,6 +46,7 @@ class OpenFiles:
         self._done: set[str] = set()
         # pid -> fd records of every process restored: who holds the other end.
         self.tree_fds = tree_fds or {}
+        self._indexes: dict[str, dict] = {}
         self._tids = {t for p in images.processes for t in p.tids}
         self._leaders = {p.pid for p in images.processes}
 
@@ -55,6 +56,24 @@ class OpenFiles:
         finish_fds, once every thread is back."""
         tid = procfs_task(record["target"], self._tids)
         return tid is not None and tid not in self._leaders
+
+    def records_by(self, field: str) -> dict:
+        """The tree's fd records that have `field`, by its value (a list each), built
+        once: asked once per pipe or socket, a scan of every record each time made
+        a restore of 1,000 pipes and 8,000 fds take 2 s (and grows as the square)."""
+        index = self._indexes.get(field)
+        if index is None:
+            index = self._indexes[field] = {}
+            for pid, recs in self.tree_fds.items():
+                for r in recs:
+                    if field in r:
+                        try:
+                            index.setdefault(r[field], []).append(r)
+                        except TypeError:  # a list or map where a name or id belongs
+                            raise RestoreError(
+                                f"fd {r.get('fd')} of process {pid}: bad {field} in the image"
+                            ) from None
+        return index
 
     def shared(self, key: str, create) -> int:
         """Our fd for the object `key`, made by create() the first time."""

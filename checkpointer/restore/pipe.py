@@ -24,17 +24,13 @@ _OPEN = os.O_ACCMODE | os.O_NONBLOCK
 
 
 def _ends_in_tree(files, pipe_id) -> set[str]:
-    return {
-        r["pipe_end"] for recs in files.tree_fds.values() for r in recs
-        if r.get("pipe_id") == pipe_id
-    }  # fmt: skip
+    return {r["pipe_end"] for r in files.records_by("pipe_id").get(pipe_id, [])}
 
 
 def _data(files, pipe_id) -> bytes:
-    for recs in files.tree_fds.values():
-        for r in recs:
-            if r.get("pipe_id") == pipe_id and r.get("pipe_data"):
-                return r["pipe_data"]
+    for r in files.records_by("pipe_id").get(pipe_id, []):
+        if r.get("pipe_data"):
+            return r["pipe_data"]
     return b""
 
 

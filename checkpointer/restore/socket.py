@@ -64,10 +64,10 @@ def _where(pid: int, record: dict) -> str:
     return f"fd {record['fd']} of process {pid} ({record['target']})"
 
 
-def _records_by_inode(files) -> dict[int, dict]:
-    return {
-        r["sock_inode"]: r for recs in files.tree_fds.values() for r in recs if "sock_inode" in r
-    }
+def _record_of(files, inode: int) -> dict | None:
+    """An fd record of the tree's socket `inode` (fds that share it agree)."""
+    recs = files.records_by("sock_inode").get(inode)
+    return recs[-1] if recs else None
 
 
 def open(files, task, record: dict) -> int:  # noqa: A001 (the kind interface)
@@ -86,8 +86,7 @@ def open(files, task, record: dict) -> int:  # noqa: A001 (the kind interface)
 def _make(files, record: dict) -> int:
     family, type_ = FAMILIES[record["sock_family"]], TYPES[record["sock_type"]]
     if family == socket.AF_UNIX:
-        by_inode = _records_by_inode(files)
-        peer = by_inode.get(record.get("sock_peer", 0))
+        peer = _record_of(files, record.get("sock_peer", 0))
         if peer is not None and peer.get("sock_peer") == record["sock_inode"]:
             return _make_pair(files, record, peer, type_)
         if peer_closed(record):
@@ -97,8 +96,8 @@ def _make(files, record: dict) -> int:
         if record.get("sock_peer_name") and not record["sock_listening"]:
             # Connected to a named socket: to one of the tree's, made first if need
             # be (a listener that had not accepted us yet), or to one outside (dgram).
-            for other in by_inode.values():
-                if other.get("sock_name") == record["sock_peer_name"] and other is not record:
+            for other in files.records_by("sock_name").get(record["sock_peer_name"], []):
+                if other is not record:
                     files.shared(f"sock-{other['sock_inode']}", lambda o=other: _make(files, o))
             sock.connect(record["sock_peer_name"])
     elif family == socket.AF_NETLINK:
