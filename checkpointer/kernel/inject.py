@@ -318,30 +318,32 @@ class SyscallSession:
         self._scratch_exec = executable
 
     def call_many(
-        self, calls: list[tuple], buf_size: int = 0, *, check: bool = True
+        self, calls: list[tuple], buf_size: int = 0, *, check: bool = True, data: bytes = b""
     ) -> tuple[list[int], bytes]:
         """Run syscalls (nr, *args) in order; return their results and the contents
         of a buffer of buf_size bytes after the last one. Arguments At(offset) stand
-        for addresses in that buffer (zero-filled before the first call). A failing
-        call raises OSError, after all of them ran (check=False: the raw results,
-        errors as unsigned -errno, for the caller to tell which call failed).
+        for addresses in that buffer, which holds `data` (the calls' input: structs
+        they read), zero-filled to buf_size, before the first call. A failing call
+        raises OSError, after all of them ran (check=False: the raw results, errors
+        as unsigned -errno, for the caller to tell which call failed).
 
         Two or more calls run as one batch: code in the scratch area makes them all
         while the task runs free, and one interrupt stops it afterwards (one stop
         instead of two per call). Without an executable scratch, one by one."""
         if not calls:
             return [], b""
+        init = data.ljust(buf_size, b"\0")
         if len(calls) < MIN_BATCH:
-            results, data = self._one_by_one(calls, buf_size)
+            results, out = self._one_by_one(calls, init)
         else:
-            results, data = self._batch(calls, buf_size)
+            results, out = self._batch(calls, init)
         if not check:
-            return results, data
+            return results, out
         for c, r in zip(calls, results, strict=True):
             if r >= (1 << 64) - 4095:
                 err = (1 << 64) - r
                 raise OSError(err, f"syscall {c[0]} in task {self.tid}: {os.strerror(err)}")
-        return results, data
+        return results, out
 
     def batch_room(self) -> int:
         """How many calls without a buffer one call_many batch can hold: an adopted
@@ -350,28 +352,30 @@ class SyscallSession:
             return max(1, (self._scratch_size - _HEAD) // _CALL.size)
         return MAX_BATCH
 
-    def _one_by_one(self, calls: list[tuple], buf_size: int) -> tuple[list[int], bytes]:
+    def _one_by_one(self, calls: list[tuple], init: bytes) -> tuple[list[int], bytes]:
+        buf_size = len(init)
         buf = self.scratch(buf_size) if buf_size else 0
         if buf_size:
-            self.write(buf, bytes(buf_size))
+            self.write(buf, init)
         results = [self.call_raw(*_resolve(c, buf)) for c in calls]
         return results, self.read(buf, buf_size) if buf_size else b""
 
-    def _batch(self, calls: list[tuple], buf_size: int) -> tuple[list[int], bytes]:
+    def _batch(self, calls: list[tuple], init: bytes) -> tuple[list[int], bytes]:
         assert self._saved is not None, "session not open"
         if not self._interruptible:
-            return self._one_by_one(calls, buf_size)
+            return self._one_by_one(calls, init)
+        buf_size = len(init)
         table_size = _CALL.size * len(calls)
         base = self.scratch(_HEAD + table_size + buf_size)
         if not self._scratch_exec:
-            return self._one_by_one(calls, buf_size)
+            return self._one_by_one(calls, init)
         table, buf = base + _HEAD, base + _HEAD + table_size
         entries = b"".join(
             _CALL.pack(*(a & _U64 for a in _resolve(c, buf)), *(0,) * (7 - len(c)), 0)
             for c in calls
         )
         head = BATCH_CODE.ljust(64, b"\xcc") + bytes(_HEAD - 64)  # flag cleared
-        self.write(base, head + entries + bytes(buf_size))
+        self.write(base, head + entries + init)
         regs = dict(self._saved)
         regs.update(rip=base, rbx=table, r12=len(calls), r13=base + 64, orig_rax=_U64)
         ptrace.set_regs(self.tid, regs)

@@ -12,7 +12,7 @@ import os
 import struct
 
 from checkpointer.kernel import abi
-from checkpointer.kernel.inject import SyscallSession
+from checkpointer.kernel.inject import At, SyscallSession
 from checkpointer.kernel.syscalls import (
     NR_capset,
     NR_chroot,
@@ -198,6 +198,49 @@ def take_fd(s: SyscallSession, pidfd: int, their_fd: int, at: int | None, cloexe
     return at
 
 
+def take_fds(
+    s: SyscallSession, pidfd: int, fds: list[tuple[int, int, bool]], in_use: set[int]
+) -> None:
+    """take_fd(their_fd, at, cloexec) for each of `fds`, a batch at a time instead of
+    one to three stops each. pidfd_getfd takes the lowest free number, which the
+    calls after it must name before they run: `in_use`, the task's open fds now
+    (nothing else changes its table meanwhile: its threads come later), tells it,
+    and is kept up to date. Raises OSError naming the fd that failed."""
+    room = max(3, s.batch_room())
+    calls: list[tuple] = []
+    expect: list[tuple[int, int]] = []  # (result the call must give, fd it is for)
+
+    def run() -> None:
+        results, _ = s.call_many(calls, check=False)
+        for (want, at), got in zip(expect, results, strict=True):
+            if got != want:
+                err = (1 << 64) - got if got >= (1 << 64) - 4095 else 0
+                why = os.strerror(err) if err else f"got fd {got}, not {want}"
+                raise OSError(err or errno.EBADF, f"fd {at}: {why}")
+        calls.clear()
+        expect.clear()
+
+    low = 0  # the lowest free number: only ever taken where it is asked for
+    for their_fd, at, cloexec in fds:
+        if len(calls) + 3 > room:
+            run()
+        while low in in_use:
+            low += 1
+        calls.append((NR_pidfd_getfd, pidfd, their_fd, 0))
+        expect.append((low, at))
+        if low == at:
+            if not cloexec:  # pidfd_getfd always sets FD_CLOEXEC
+                calls.append((NR_fcntl, at, F_SETFD, 0))
+                expect.append((0, at))
+        else:
+            calls.append((NR_dup3, low, at, O_CLOEXEC if cloexec else 0))
+            calls.append((NR_close, low))
+            expect += [(at, at), (0, at)]
+        in_use.add(at)
+    if calls:
+        run()
+
+
 def dup_above(s: SyscallSession, fd: int, lowest: int) -> int:
     """Move fd to the lowest free number >= lowest (close-on-exec); the new number."""
     if fd >= lowest:
@@ -346,6 +389,17 @@ def sigaction(s: SyscallSession, sig: int, handler: int, flags: int, restorer: i
     addr = s.scratch()
     s.write(addr, abi.pack_sigaction(handler, flags, restorer, mask))
     s.call(NR_rt_sigaction, sig, addr, 0, abi.SIGSET_SIZE)
+
+
+def sigactions(s: SyscallSession, acts: list[tuple[int, int, int, int, int]]) -> None:
+    """sigaction() for each (sig, handler, flags, restorer, mask), in one batch: a
+    process has 62 of them, two stops each one by one."""
+    size = len(abi.pack_sigaction(0, 0, 0, 0))
+    data = b"".join(abi.pack_sigaction(h, f, r, m) for _, h, f, r, m in acts)
+    calls = [
+        (NR_rt_sigaction, sig, At(i * size), 0, abi.SIGSET_SIZE) for i, (sig, *_) in enumerate(acts)
+    ]
+    s.call_many(calls, data=data)
 
 
 def setitimer(s: SyscallSession, which: int, interval_us: int, value_us: int) -> None:

@@ -19,8 +19,13 @@ from checkpointer.restore.task import Task
 
 def restore_process_signals(task: Task) -> None:
     s, process = task.session, task.image.process
-    for act in process.get("sigactions", []):
-        taskctl.sigaction(s, act["sig"], act["handler"], act["flags"], act["restorer"], act["mask"])
+    taskctl.sigactions(
+        s,
+        [
+            (act["sig"], act["handler"], act["flags"], act["restorer"], act["mask"])
+            for act in process.get("sigactions", [])
+        ],
+    )
     for which, name in enumerate(abi.ITIMER_NAMES):
         interval, value = process.get("itimers", {}).get(name, [0, 0])
         if value or interval:

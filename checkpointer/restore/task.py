@@ -35,13 +35,22 @@ class Task:
         """Copy one of the restorer's fds into the task (pidfd_getfd from inside it);
         returns its number there. The open file description is shared, so its
         offset and flags are the ones set here."""
+        return taskctl.take_fd(self.session, self._restorer_pidfd(), our_fd, at, cloexec)
+
+    def install_fds(self, fds: list[tuple[int, int, bool]]) -> None:
+        """install_fd(our_fd, at, cloexec) for each of `fds`, in a few stops."""
+        pidfd = self._restorer_pidfd()
+        in_use = {int(n) for n in os.listdir(f"/proc/{self.pid}/fd")}
+        taskctl.take_fds(self.session, pidfd, fds, in_use)
+
+    def _restorer_pidfd(self) -> int:
         if self.pidfd is None:
             # Above every fd of the image, so restoring those never closes it.
             low = taskctl.pidfd_open(self.session, os.getpid())
             high = max([f["fd"] for f in self.image.fds], default=0) + 1
             _room_for_fds(self.pid, high + 1)
             self.pidfd = taskctl.dup_above(self.session, low, high)
-        return taskctl.take_fd(self.session, self.pidfd, our_fd, at, cloexec)
+        return self.pidfd
 
     def close_restorer_pidfd(self) -> None:
         if self.pidfd is not None:
