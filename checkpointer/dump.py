@@ -15,6 +15,7 @@ import os
 import platform
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,13 @@ from checkpointer.freezer import (
     parents_in,
     stopped_thread,
 )
-from checkpointer.images import FROZEN_LEVEL, PAGE_LEVEL, Dump, DumpWriter
+from checkpointer.images import (
+    FROZEN_INCREMENTAL_LEVEL,
+    FROZEN_LEVEL,
+    PAGE_LEVEL,
+    Dump,
+    DumpWriter,
+)
 from checkpointer.kernel import proc
 from checkpointer.pageruns import Range
 from checkpointer.trackers import FullTracker, Tracker, VmaPages, make_tracker
@@ -69,7 +76,9 @@ class DumpRequest:
     def page_level(self) -> int:
         if self.compress_level is not None:
             return self.compress_level
-        return FROZEN_LEVEL if self.kind == "dump" else PAGE_LEVEL
+        if self.kind != "dump":
+            return PAGE_LEVEL
+        return FROZEN_LEVEL if self.prev_images_dir is None else FROZEN_INCREMENTAL_LEVEL
 
 
 @dataclass
@@ -149,6 +158,7 @@ class _Pass:
         self.parent_auxv: dict[int, bytes | None] = {}
         self.connections = fdtree.RepairedConnections()
         self.inherited: dict[int, set[int]] = {}  # pid -> tracker fds it got by fork
+        self._capture_likely = False  # (_predict_capture)
 
     # The order of this method is the algorithm.
     def run(self) -> DumpResult:
@@ -156,6 +166,7 @@ class _Pass:
         start_time = collect.start_time(req.pid)
         self._open_parent(start_time)
         self._choose_tracker(start_time)
+        self._capture_likely = self._predict_capture()
         freeze = req.kind == "dump" or (self.tracker is not None and self.tracker.freezes_pre_dump)
         freezer = Freezer(req.pid, thaw=req.thaw, cgroup=req.cgroup)
         watchdog = snapshot.Watchdog() if self._snapshots(freeze) else None
@@ -188,12 +199,18 @@ class _Pass:
                 log.debug("state collected in %d us", _us_since(frozen_at))
                 # Nothing to reset: the copy-on-write children can be scanned later.
                 later = watchdog is not None and self.tracker is None
-                pages = None if later else self._track(tree, vmas, frozen=freeze)
-                log.debug("tracking read and reset at %d us", _us_since(frozen_at))
                 # The flags check's smaps walk, beside a capture (a frozen copy's
-                # Python would keep it from the GIL; kill mode: beside the fsync).
+                # Python would keep it from the GIL; kill mode: beside the fsync);
+                # where a capture is likely, beside the tracker's scan already.
+                early: list[collect.SmapsReader | None] = []
+                if watchdog is not None and self._capture_likely:
+                    start_walk = lambda: early.append(self._smaps_reader())  # noqa: E731
+                    pages = self._track(tree, vmas, frozen=freeze, prepared=start_walk)
+                else:
+                    pages = None if later else self._track(tree, vmas, frozen=freeze)
+                log.debug("tracking read and reset at %d us", _us_since(frozen_at))
                 capture = watchdog is not None and pages is not None and snapshot.few_to_copy(pages)
-                smaps = self._smaps_reader() if capture else None
+                smaps = (early[0] if early else self._smaps_reader()) if capture else None
                 snap = (
                     snapshot.take(tree, vmas, pages, watchdog, self._parents_held(tree))
                     if watchdog
@@ -293,6 +310,22 @@ class _Pass:
                 f"parent {path} was taken from another process with pid {self.req.pid} "
                 f"(start time {theirs}, now {start_time})"
             )
+
+    def _predict_capture(self) -> bool:
+        """Will this final dump copy few pages (snapshot.few_to_copy), so that its
+        flags check's smaps walk runs beside a capture? Likely if its parent pass
+        copied few and the tracker tells which: then the walk starts beside the
+        tracker's scan already. A wrong guess costs a copy-on-write clone a wait
+        for the walk (the clone takes the mmap lock for writing)."""
+        tracker = self.tracker
+        if self.req.kind != "dump" or not (tracker and tracker.scan_only_reads and self.parent):
+            return False
+        try:
+            stats = self.parent.stats or {}
+        except ImageError:
+            return False
+        written, scanned = stats.get("pages_written", 0), stats.get("pages_scanned", 0)
+        return written * snapshot.COPY_VS_CLONE < scanned
 
     def _choose_tracker(self, start_time: int) -> None:
         req = self.req
@@ -545,9 +578,15 @@ class _Pass:
         return self.inherited[pid]
 
     def _track(
-        self, tree: FrozenTree, vmas: dict[int, list[Vma]], frozen: bool
+        self,
+        tree: FrozenTree,
+        vmas: dict[int, list[Vma]],
+        frozen: bool,
+        prepared: Callable[[], None] | None = None,
     ) -> dict[int, dict[int, VmaPages]]:
-        """Present and dirty pages of every private VMA; resets tracking."""
+        """Present and dirty pages of every private VMA; resets tracking.
+        `prepared`: called once what takes the targets' mmap locks for writing is
+        done, before the scans, which only read (if the tracker's do)."""
         tracker = self.tracker or FullTracker()
         if self.tracker and self.state:
             # From here on, dirty information is being thrown away: until this
@@ -576,17 +615,28 @@ class _Pass:
                 # (still pending: the next pass is full), or the next pass would put
                 # a second one beside it.
                 trackstate.save(self.state)
-        pages = {}
+        private = {pid: [v for v in vmas[pid] if v.policy is Policy.PRIVATE] for pid in tree.pids}
+        pages: dict[int, dict[int, VmaPages]] = {}
         for pid in tree.pids:
-            private = [v for v in vmas[pid] if v.policy is Policy.PRIVATE]
             try:
-                pages[pid] = tracker.scan(pid, private, self._incremental_for(pid))
+                tracker.prepare(pid, private[pid])
+            except (TargetError, OSError, KeyError):
+                if not self._vanished(pid):
+                    raise
+                pages[pid] = {v.start: VmaPages([], None) for v in private[pid]}
+        if prepared and tracker.scan_only_reads:
+            prepared()
+        for pid in tree.pids:
+            if pid in pages:
+                continue  # vanished
+            try:
+                pages[pid] = tracker.scan(pid, private[pid], self._incremental_for(pid))
             except (TargetError, OSError, KeyError):
                 # KeyError: no tracking was attached to a process that vanished
                 if not self._vanished(pid):
                     raise
-                pages[pid] = {v.start: VmaPages([], None) for v in private}
-        return pages
+                pages[pid] = {v.start: VmaPages([], None) for v in private[pid]}
+        return {pid: pages[pid] for pid in tree.pids}
 
     def _snapshots(self, freeze: bool) -> bool:
         """A copy-on-write snapshot shortens the window of a dump that lets the tree

@@ -36,12 +36,27 @@ def private_plan(
         if vma.policy is not Policy.PRIVATE:
             continue
         vp = pages[vma.start]
-        theirs = window(parent_held, vma.start, vma.end)
-        data = _to_copy(vp, theirs)
-        # Present pages that were not written are the parent's if it has them.
-        held = [] if vp.dirty is None else subtract(intersect(vp.present, theirs), data)
+        theirs = _clipped(window(parent_held, vma.start, vma.end), vma.start, vma.end)
+        if vp.dirty is not None and vp.present == theirs:
+            # The common case of a chain: the parent holds just the present pages.
+            # (One C-level comparison spares two walks of thousands of runs.)
+            data = normalize(vp.dirty)
+            held = subtract(vp.present, data)
+        else:
+            data = _to_copy(vp, theirs)
+            # Present pages that were not written are the parent's if it has them.
+            held = [] if vp.dirty is None else subtract(intersect(vp.present, theirs), data)
         plan.extend(_merged(pid, data, held))
     return plan
+
+
+def _clipped(ranges: list[Range], lo: int, hi: int) -> list[Range]:
+    """`ranges` (a window: each overlaps [lo, hi)) cut to [lo, hi) at both ends."""
+    if ranges and ranges[0][0] < lo:
+        ranges[0] = (lo, ranges[0][1])
+    if ranges and ranges[-1][1] > hi:
+        ranges[-1] = (ranges[-1][0], hi)
+    return ranges
 
 
 def data_segments(

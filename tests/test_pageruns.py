@@ -72,3 +72,26 @@ def test_a_plan_copies_dirty_and_unheld_pages_and_refers_the_rest(present, dirty
         assert parent == (as_set(present) & as_set(held)) - as_set(dirty)
     assert [s.start for s in plan] == sorted(s.start for s in plan)
     assert [s for s in plan if s.where == "data"] == data_segments(7, [vma], pages, held)
+
+
+@given(ranges, ranges, st.booleans())
+def test_a_plan_where_the_parent_holds_just_the_present_pages(present, dirty, neighbours):
+    """The common case of a chain, planned without walking the runs twice: the
+    parent holds exactly the present pages (and, with `neighbours`, pages of the
+    VMAs around, which its held ranges join to the VMA's own)."""
+    from checkpointer.pageruns import clip
+    from checkpointer.plan import data_segments, private_plan
+    from checkpointer.trackers import VmaPages
+    from checkpointer.vmas import Vma
+
+    vma = Vma(50, 250, "rw-p", 0, "00:00", 0, "", ("rd", "wr"))
+    present, dirty = clip(normalize(present), 50, 250), normalize(dirty)
+    held = normalize(present + ([(0, 50), (250, 300)] if neighbours else []))
+    pages = {50: VmaPages(present, dirty)}
+    plan = private_plan(7, [vma], pages, held)
+    data = as_set((s.start, s.end) for s in plan if s.where == "data")
+    parent = as_set((s.start, s.end) for s in plan if s.where == "parent")
+    assert data == as_set(dirty)
+    assert parent == as_set(present) - as_set(dirty)
+    assert [s.start for s in plan] == sorted(s.start for s in plan)
+    assert [s for s in plan if s.where == "data"] == data_segments(7, [vma], pages, held)

@@ -36,7 +36,8 @@ level_option = click.option(
     "--compress-level",
     type=click.IntRange(-131072, 22),
     default=None,
-    help="zstd level of page data [default: -50 for a frozen dump, -1 for a pre-dump].",
+    help="zstd level of page data [default: -50 for a frozen dump, -500 for one with a "
+    "parent (few pages, copied frozen), -1 for a pre-dump].",
 )
 log_option = click.option("-o", "--log-file", type=click.Path(), help="Write the log here.")
 tcp_option = click.option(

@@ -15,6 +15,7 @@ from checkpointer.images.format import OWNER_RE
 from checkpointer.images.pagewriter import (
     PAGE_LEVEL,
     RECORD_LEVEL,
+    FramePool,
     PageStats,
     PageWriter,
     fsync_dir,
@@ -75,6 +76,8 @@ class DumpWriter:
         os.chmod(self.tmp_dir, 0o700)
         workers = workers or min(4, os.cpu_count() or 1)
         self._max_in_flight = max_in_flight or 2 * workers
+        # Every frame a writer can hold at once: in flight, filling, and one spare.
+        self._frames = FramePool(frame_size, self._max_in_flight + 2)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="zstd")
         self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="write")
 
@@ -198,7 +201,7 @@ class DumpWriter:
             raise ValueError(f"bad owner {same_as!r} for the pages of {owner} to be the same as")
         pw = PageWriter(
             self.tmp_dir, owner, self.page_size, self.frame_size, self._pool,
-            self._write_thread, self.level, self._max_in_flight, same_as,
+            self._write_thread, self.level, self._max_in_flight, same_as, self._frames,
         )  # fmt: skip
         self._pages[owner] = pw
         return pw

@@ -35,6 +35,13 @@ class Tracker(ABC):
     freezes_pre_dump: bool = True
     # Does the copier have to compare page contents with the parent chain?
     compares_content: bool = False
+    # Does scan() take the target's mmap lock only for reading once prepare() ran?
+    # Then a walk of smaps (which holds it for reading) can run beside the scan.
+    scan_only_reads: bool = False
+
+    def prepare(self, pid: int, vmas: list[Vma]) -> None:  # noqa: B027 (optional hook)
+        """The part of the next scan() of these vmas that takes the target's mmap
+        lock for writing (registrations), done first; scan() does it if not."""
 
     @abstractmethod
     def scan(self, pid: int, vmas: list[Vma], incremental: bool) -> dict[int, VmaPages]:

@@ -13,6 +13,7 @@ class FullTracker(Tracker):
     name = "full"
     freezes_pre_dump = False
     compares_content = True
+    scan_only_reads = True
 
     def scan(self, pid: int, vmas: list[Vma], incremental: bool) -> dict[int, VmaPages]:
         with pagemap.Pagemap(pid) as pm:

@@ -30,9 +30,12 @@ log = logging.getLogger("checkpointer")
 class UffdWpTracker(Tracker):
     name = "uffd-wp"
     freezes_pre_dump = False
+    scan_only_reads = True
 
     def __init__(self) -> None:
         self._fds: dict[int, int] = {}  # pid -> our copy of the target's uffd
+        # pid -> vma start -> (it was not registered yet, our registration holds it)
+        self._registered: dict[int, dict[int, tuple[bool, bool]]] = {}
 
     def attach(self, pid: int, state: dict, stop: StopThread) -> dict:
         target_fd = state.get("uffd_fd")
@@ -86,20 +89,30 @@ class UffdWpTracker(Tracker):
             return f"the target closed its userfaultfd (fd {target_fd})"
         return None
 
+    def prepare(self, pid: int, vmas: list[Vma]) -> None:
+        """Register every VMA: a new one for the first time, a registered one again,
+        which our uffd accepts and another's refuses (EBUSY)."""
+        self._registered[pid] = {vma.start: self._register(pid, vma) for vma in vmas}
+
+    def _register(self, pid: int, vma: Vma) -> tuple[bool, bool]:
+        new = not uffd.vma_is_wp_registered(vma.vmflags)
+        return new, uffd.register_wp(self._fds[pid], vma.start, vma.end - vma.start)
+
     def scan(self, pid: int, vmas: list[Vma], incremental: bool) -> dict[int, VmaPages]:
-        fd = self._fds[pid]
+        registered = self._registered.pop(pid, {})
         result = {}
         with pagemap.Pagemap(pid) as pm:
             for vma in vmas:
-                if not uffd.vma_is_wp_registered(vma.vmflags):
-                    if uffd.register_wp(fd, vma.start, vma.end - vma.start):
+                new, ours = registered.get(vma.start) or self._register(pid, vma)
+                if new:
+                    if ours:
                         pm.written_and_protect(vma.start, vma.end)  # start clean
                     # Read after the protect: a page first touched before it is
                     # reported by nothing else, ever.
                     present = pm.data_runs(vma.start, vma.end, vma.anonymous)
                     result[vma.start] = VmaPages(present, None)
                     continue
-                read = self._read_and_reset(fd, pm, vma)
+                read = self._read_and_reset(pm, vma) if ours else None
                 if read is None:
                     log.info(
                         "process %d: %x-%x is write-protected by its own userfaultfd: "
@@ -122,18 +135,16 @@ class UffdWpTracker(Tracker):
         return result
 
     def _read_and_reset(
-        self, fd: int, pm: pagemap.Pagemap, vma: Vma
+        self, pm: pagemap.Pagemap, vma: Vma
     ) -> tuple[list[Range] | None, list[Range]] | None:
         """(present, written) of a VMA write-protected by the tool, read and its
         written pages protected again in one walk (each page at one instant); None
         if the registration is not the tool's. The "uw" flag and the wp bits look
         the same when the target uses userfaultfd itself, but its own (un)protecting
         says nothing about writes since our last pass. Ours accepts our fd again
-        (another uffd's gives EBUSY) and is asynchronous (the walk checks that
-        first, and refuses before protecting anything); anything else is never
+        (prepare: another uffd's gives EBUSY) and is asynchronous (the walk checks
+        that first, and refuses before protecting anything); anything else is never
         trusted."""
-        if not uffd.register_wp(fd, vma.start, vma.end - vma.start):
-            return None
         try:
             return pm.data_and_written_protect(vma.start, vma.end, vma.anonymous)
         except PermissionError:
