@@ -320,6 +320,8 @@ class _Pass:
         tracker = self.tracker
         if self.req.kind != "dump" or not (tracker and tracker.scan_only_reads and self.parent):
             return False
+        if tracker.compares_content:  # (the full tracker: every present page is copied)
+            return False
         try:
             stats = self.parent.stats or {}
         except ImageError:
