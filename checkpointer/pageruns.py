@@ -83,6 +83,17 @@ def window(ranges: list[Range], lo: int, hi: int) -> list[Range]:
     return ranges[first:last]
 
 
+def within(ranges: list[Range], lo: int, hi: int) -> list[Range]:
+    """The parts of `ranges` inside [lo, hi): a window, cut at both ends (only its
+    first and last range can stick out, so no walk of the rest)."""
+    out = window(ranges, lo, hi)
+    if out and out[0][0] < lo:
+        out[0] = (lo, out[0][1])
+    if out and out[-1][1] > hi:
+        out[-1] = (out[-1][0], hi)
+    return out
+
+
 def clip(ranges: list[Range], lo: int, hi: int) -> list[Range]:
     return intersect(ranges, [(lo, hi)])
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from checkpointer.copier import Segment
 from checkpointer.images import Dump
 from checkpointer.kernel import proc
-from checkpointer.pageruns import Range, intersect, normalize, subtract, window
+from checkpointer.pageruns import Range, intersect, normalize, subtract, window, within
 from checkpointer.trackers import VmaPages
 from checkpointer.vmas import Policy, Vma
 
@@ -36,7 +36,7 @@ def private_plan(
         if vma.policy is not Policy.PRIVATE:
             continue
         vp = pages[vma.start]
-        theirs = _clipped(window(parent_held, vma.start, vma.end), vma.start, vma.end)
+        theirs = within(parent_held, vma.start, vma.end)
         if vp.dirty is not None and vp.present == theirs:
             # The common case of a chain: the parent holds just the present pages.
             # (One C-level comparison spares two walks of thousands of runs.)
@@ -48,15 +48,6 @@ def private_plan(
             held = [] if vp.dirty is None else subtract(intersect(vp.present, theirs), data)
         plan.extend(_merged(pid, data, held))
     return plan
-
-
-def _clipped(ranges: list[Range], lo: int, hi: int) -> list[Range]:
-    """`ranges` (a window: each overlaps [lo, hi)) cut to [lo, hi) at both ends."""
-    if ranges and ranges[0][0] < lo:
-        ranges[0] = (lo, ranges[0][1])
-    if ranges and ranges[-1][1] > hi:
-        ranges[-1] = (ranges[-1][0], hi)
-    return ranges
 
 
 def data_segments(
@@ -106,7 +97,7 @@ def split_same(plan: list[Segment], same: list[Range]) -> list[Segment]:
     process's pages ("same") instead of copied."""
     out: list[Segment] = []
     for seg in plan:
-        inside = intersect(window(same, seg.start, seg.end), [(seg.start, seg.end)])
+        inside = within(same, seg.start, seg.end)
         if seg.where != "data" or not inside:
             out.append(seg)
             continue
@@ -175,7 +166,7 @@ class ParentPages:
         same: list[Range] = []
         # Only the held ranges near this chunk: intersecting the whole list for every
         # chunk is quadratic when memory is fragmented into thousands of runs.
-        for hs, he in intersect(window(self.held, start, end), [(start, end)]):
+        for hs, he in within(self.held, start, end):
             for lo, hi, kind, view in self.parent.segment_views(self.owner, hs, he):
                 if kind == "data":
                     frame, off = view

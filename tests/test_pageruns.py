@@ -95,3 +95,13 @@ def test_a_plan_where_the_parent_holds_just_the_present_pages(present, dirty, ne
     assert parent == as_set(present) - as_set(dirty)
     assert [s.start for s in plan] == sorted(s.start for s in plan)
     assert [s for s in plan if s.where == "data"] == data_segments(7, [vma], pages, held)
+
+
+@given(ranges, st.integers(0, 240), st.integers(0, 60))
+def test_within_is_the_part_inside_a_window(rs, lo, size):
+    from checkpointer.pageruns import within
+
+    rs, hi = normalize(rs), lo + size
+    out = within(rs, lo, hi)
+    assert as_set(out) == as_set(rs) & set(range(lo, hi))
+    assert out == normalize(out) and all(lo <= s < e <= hi for s, e in out)

@@ -183,29 +183,22 @@ def pidfd_open(s: SyscallSession, pid: int) -> int:
     return s.call(NR_pidfd_open, pid, 0)
 
 
-def take_fd(s: SyscallSession, pidfd: int, their_fd: int, at: int | None, cloexec: bool) -> int:
-    """Copy fd `their_fd` of the process behind `pidfd` into the task, at fd `at`
-    (or wherever it lands); pidfd_getfd gives it close-on-exec, dup3 sets the flag
-    as asked."""
-    fd = s.call(NR_pidfd_getfd, pidfd, their_fd, 0)
-    if at is None or fd == at:
-        if not cloexec:
-            # pidfd_getfd always sets FD_CLOEXEC; F_SETFD 0 clears it.
-            s.call(NR_fcntl, fd, F_SETFD, 0)
-        return fd
-    s.call(NR_dup3, fd, at, O_CLOEXEC if cloexec else 0)
-    s.call(NR_close, fd)
-    return at
+def take_fd(s: SyscallSession, pidfd: int, their_fd: int) -> int:
+    """Copy fd `their_fd` of the process behind `pidfd` into the task, close-on-exec,
+    wherever it lands (take_fds puts fds at given numbers); its number there."""
+    return s.call(NR_pidfd_getfd, pidfd, their_fd, 0)
 
 
 def take_fds(
     s: SyscallSession, pidfd: int, fds: list[tuple[int, int, bool]], in_use: set[int]
 ) -> None:
-    """take_fd(their_fd, at, cloexec) for each of `fds`, a batch at a time instead of
-    one to three stops each. pidfd_getfd takes the lowest free number, which the
-    calls after it must name before they run: `in_use`, the task's open fds now
-    (nothing else changes its table meanwhile: its threads come later), tells it,
-    and is kept up to date. Raises OSError naming the fd that failed."""
+    """Copy fd `their_fd` of the process behind `pidfd` into the task at fd `at`,
+    close-on-exec or not, for each (their_fd, at, cloexec) of `fds`: a batch at a
+    time instead of one to three stops each. pidfd_getfd takes the lowest free
+    number (and sets FD_CLOEXEC), which the calls after it must name before they
+    run: `in_use`, the task's open fds now (nothing else changes its table
+    meanwhile: its threads are stopped), tells it, and is kept up to date. Raises
+    OSError naming the fd that failed."""
     room = max(3, s.batch_room())
     calls: list[tuple] = []
     expect: list[tuple[int, int]] = []  # (result the call must give, fd it is for)

@@ -159,11 +159,12 @@ def _cloexec(f: dict) -> bool:
 
 
 def _install(task: Task, files: OpenFiles, f: dict) -> None:
-    ours = files.open_description(task, f)
+    pending = [(files.open_description(task, f), f["fd"], _cloexec(f))]
     try:
-        task.install_fd(ours, at=f["fd"], cloexec=_cloexec(f))
+        _install_all(task, pending)
     finally:
-        os.close(ours)
+        for ours, _, _ in pending:
+            os.close(ours)
 
 
 def finish_fds(task: Task, files: OpenFiles) -> None:

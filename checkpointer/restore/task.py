@@ -31,14 +31,15 @@ class Task:
     def pid(self) -> int:
         return self.image.pid
 
-    def install_fd(self, our_fd: int, at: int | None = None, cloexec: bool = True) -> int:
-        """Copy one of the restorer's fds into the task (pidfd_getfd from inside it);
-        returns its number there. The open file description is shared, so its
-        offset and flags are the ones set here."""
-        return taskctl.take_fd(self.session, self._restorer_pidfd(), our_fd, at, cloexec)
+    def install_fd(self, our_fd: int) -> int:
+        """Copy one of the restorer's fds into the task (pidfd_getfd from inside it),
+        close-on-exec, at the lowest free number; returns that number. The open file
+        description is shared, so its offset and flags are the ones set here."""
+        return taskctl.take_fd(self.session, self._restorer_pidfd(), our_fd)
 
     def install_fds(self, fds: list[tuple[int, int, bool]]) -> None:
-        """install_fd(our_fd, at, cloexec) for each of `fds`, in a few stops."""
+        """Copy each (our_fd, at, cloexec) of `fds` into the task at fd `at`, with
+        close-on-exec as asked, in a few stops."""
         pidfd = self._restorer_pidfd()
         in_use = {int(n) for n in os.listdir(f"/proc/{self.pid}/fd")}
         taskctl.take_fds(self.session, pidfd, fds, in_use)
