@@ -86,6 +86,8 @@ def window(ranges: list[Range], lo: int, hi: int) -> list[Range]:
 def within(ranges: list[Range], lo: int, hi: int) -> list[Range]:
     """The parts of `ranges` inside [lo, hi): a window, cut at both ends (only its
     first and last range can stick out, so no walk of the rest)."""
+    if hi <= lo:
+        return []
     out = window(ranges, lo, hi)
     if out and out[0][0] < lo:
         out[0] = (lo, out[0][1])
