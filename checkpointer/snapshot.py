@@ -158,6 +158,12 @@ class Snapshot:
             readers[pid] = SnapshotReader(pid, child.pid, self.held.get(pid, _HeldMemory()))
         return readers
 
+    def kill(self) -> None:
+        """SIGKILL every child once its memory is read; `release` then reaps them.
+        Their teardown runs beside the images' fsync instead of before it."""
+        for child in self.children.values():
+            cowchild.send_kill(child)
+
     def release(self, frozen: bool = False) -> None:
         """Kill every child and reap it in its parent, leaving no trace. `frozen`: the
         parents are still in our ptrace stop (no need to stop them again)."""

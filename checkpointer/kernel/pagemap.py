@@ -123,11 +123,14 @@ def _pfn_tables(pfn: int) -> tuple[bytes, ...]:
 
 
 def _pfn_mask(entries: bytes, pfn: int) -> bytes:
-    """0/1 per entry: its PFN field (bits 0-54) equals `pfn`."""
+    """0/1 per entry: its PFN field (bits 0-54) equals `pfn`. Low bytes first: once
+    no entry matches so far (usual after two bytes), the other five are not read."""
     acc = None
     for k, table in enumerate(_pfn_tables(pfn)):
         m = entries[k::8].translate(table)
         acc = m if acc is None else _and(acc, m)
+        if _ONE not in acc:
+            break
     assert acc is not None
     return acc
 
