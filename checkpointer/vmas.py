@@ -105,9 +105,11 @@ def dump_policy(vma: Vma) -> Policy:
     if unsupported(vma):
         return Policy.SKIP  # the dumper refuses the whole dump first (dump.py)
     if vma.shared:
-        # Shared memory that this process can write is dumped whole; read-only
-        # shared file mappings hold nothing the file does not.
-        if kind in ("shared-anon", "shm", "memfd") or vma.writable:
+        # Shared memory objects that live only while mapped or open are dumped
+        # whole. A shared file mapping, writable or not, is the file's page cache:
+        # the file holds it, and restore maps the file again (as CRIU does; a
+        # deleted file's contents are stored whole: a ghost).
+        if kind in ("shared-anon", "shm", "memfd"):
             return Policy.SHARED
         return Policy.SKIP
     return Policy.PRIVATE

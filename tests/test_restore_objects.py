@@ -5,6 +5,7 @@ workload (which kills it), restores it, and checks the object still works."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import select
 import signal
@@ -492,6 +493,38 @@ def test_a_shared_file_mapping_written_after_the_dump_is_mapped_again(tmp_path):
         assert prog.result("mapped")[8:] == b"restored"
         assert (prog.dir / "data").read_bytes()[8:16] == b"restored"  # the same file
         assert os.path.getsize(prog.dir / "data") == 8192
+
+
+def test_a_shared_file_mapping_is_not_copied_into_the_images(tmp_path):
+    """A writable MAP_SHARED file mapping (LMDB's map, a Java MappedByteBuffer) is
+    the file's page cache: restore maps the file again and never writes pages into
+    it. Its pages were copied into every dump all the same (and, for a snapshot,
+    read while the tree was frozen): 32 MiB here, in each pass."""
+    from checkpointer.images import Dump
+
+    code = """
+        import mmap
+        f = open(D / "data", "w+b")
+        f.truncate(32 << 20)
+        m = mmap.mmap(f.fileno(), 32 << 20, mmap.MAP_SHARED)
+        for off in range(0, 32 << 20, 4096):
+            m[off : off + 8] = off.to_bytes(8, "little")
+        ready()
+        while True:
+            time.sleep(0.01)
+    """
+    with program_starter(tmp_path) as start:
+        prog = start(code)
+        images = tmp_path / "images"
+        r = cli("dump", "-t", str(prog.pid), "-D", str(images), "--leave-running", "--json")
+        assert r.returncode == 0, r.stderr
+        ino = os.stat(prog.dir / "data").st_ino
+        with Dump.open(images) as d:
+            mapped = [v for v in d.mm(prog.pid).vmas if v["stat"] and v["inode"] == ino]
+            assert len(mapped) == 1 and mapped[0]["shmem"] is None
+            assert not [o for o in d.owners() if o.endswith(f"-{ino}")]
+        stats = json.loads(r.stdout.strip().splitlines()[-1])["stats"]
+        assert stats["bytes_raw"] < 16 << 20  # the interpreter's own memory, not the map
 
 
 def test_a_file_replaced_since_the_dump_is_refused(tmp_path):
