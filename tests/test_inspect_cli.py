@@ -163,3 +163,18 @@ def test_subprocess_exit_code_and_stderr(tmp_path):
         f"checkpointer: {tmp_path}/inventory: unsupported image format version 9 "
         "(this checkpointer reads 1 and 2)\n"
     )
+
+
+def test_every_command_is_found_by_its_name():
+    """The CLI imports a command's module only when that command runs, looked up by
+    the command's name: the table must name every command of every module, each
+    with the module that defines it, and nothing else."""
+    import importlib
+
+    from checkpointer import cli
+
+    for module in set(cli.COMMAND_MODULES.values()):
+        importlib.import_module(f"checkpointer.cli.{module}")
+    assert set(cli.main.commands) == set(cli.COMMAND_MODULES)
+    for name, command in cli.main.commands.items():
+        assert command.callback.__module__ == f"checkpointer.cli.{cli.COMMAND_MODULES[name]}"
