@@ -146,11 +146,11 @@ def _criu_migration(
     try:
         settle_memory()
         for n in range(1, pre_dumps + 1):
-            _criu_pass(criu, w.pid, tmp, n, "pre-dump")
+            _criu_pass(criu, w.pid, tmp, n, "pre-dump", track=True)
             time.sleep(PRE_DUMP_INTERVAL_S)
         started = time.monotonic()
         final = pre_dumps + 1
-        src, dst = _criu_pass(criu, w.pid, tmp, final, "dump")
+        src, dst = _criu_pass(criu, w.pid, tmp, final, "dump", track=pre_dumps > 0)
         dumped = time.monotonic()
         for f in src.iterdir():  # the rest of the images: what scp would carry
             if f.name != "dump.log" and not os.path.lexists(dst / f.name):
@@ -189,10 +189,12 @@ def _criu_migration(
 PRE_DUMP_INTERVAL_S = 1.0
 
 
-def _criu_pass(criu: str, pid: int, tmp: Path, n: int, kind: str) -> tuple[Path, Path]:
+def _criu_pass(criu: str, pid: int, tmp: Path, n: int, kind: str, track: bool) -> tuple[Path, Path]:
     """One CRIU pass (`pre-dump` or `dump`) sending its pages to a fresh page server;
     pass n > 1 builds on n - 1, on both sides (a `parent` link in each directory).
-    Returns (source dir, destination dir)."""
+    `track`: --track-mem (soft-dirty), on every pass of a pre-copy chain, the final
+    dump too: without it CRIU takes no page from the parent (mem.c, page_in_parent)
+    and sends them all again. Returns (source dir, destination dir)."""
     src, dst = tmp / f"criu-src-{n}", tmp / f"criu-dst-{n}"
     src.mkdir()
     dst.mkdir()
@@ -206,11 +208,10 @@ def _criu_pass(criu: str, pid: int, tmp: Path, n: int, kind: str) -> tuple[Path,
         _wait_listening(port)
         argv = [criu, kind, "-t", str(pid), "-D", str(src), "--page-server", "--address",
                 "127.0.0.1", "--port", str(port), *parent, "-o", f"{kind}.log",
-                # also on the final dump: without it CRIU takes no page from the
-                # parent (mem.c, page_in_parent) and sends them all again
-                "--track-mem"]  # fmt: skip
+                *(["--track-mem"] if track else [])]  # fmt: skip
         run = subprocess.run(argv, capture_output=True, text=True, timeout=600)
-        server.wait(timeout=60)
+        if run.returncode == 0:
+            server.wait(timeout=60)  # done once the dump closed its connection
     finally:
         if server.poll() is None:
             server.kill()
