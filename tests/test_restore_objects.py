@@ -527,6 +527,40 @@ def test_a_shared_file_mapping_is_not_copied_into_the_images(tmp_path):
         assert stats["bytes_raw"] < 16 << 20  # the interpreter's own memory, not the map
 
 
+def test_a_read_only_shared_file_mapping_can_be_made_writable_after_restore(tmp_path):
+    """A file opened read-write and mapped shared PROT_READ may be made writable
+    later (VM_MAYWRITE, "mw"): a program that maps read-only and mprotects before it
+    writes. Restore opened the file read-only because the mapping was not writable
+    at the dump, so the mprotect then failed with EACCES."""
+    code = """
+        import ctypes, mmap
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_long]
+        libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        (D / "data").write_bytes(bytes(4096))
+        fd = os.open(D / "data", os.O_RDWR)
+        addr = libc.mmap(None, 4096, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        os.close(fd)
+        ready()
+        go()
+        rc = libc.mprotect(addr, 4096, mmap.PROT_READ | mmap.PROT_WRITE)
+        if rc == 0:
+            ctypes.memmove(addr, b"written", 7)
+        report("mprotect", rc and ctypes.get_errno())
+        while True:
+            time.sleep(1)
+    """
+    with program_starter(tmp_path) as start:
+        prog = start(code)
+        dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+        restore(tmp_path / "images")
+        (prog.dir / "go").touch()
+        assert prog.result("mprotect") == b"0"  # (an errno otherwise: 13, EACCES)
+        assert (prog.dir / "data").read_bytes()[:7] == b"written"  # through the file
+
+
 def test_a_file_replaced_since_the_dump_is_refused(tmp_path):
     """Another file at the path (log rotation: renamed, then created anew) is not
     the one the process had open."""

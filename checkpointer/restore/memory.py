@@ -275,7 +275,9 @@ def _mmap_args(
     if kind not in ("file", "file-private"):
         return None
     shared_map = vma["prot"][3] == "s"
-    writable = shared_map and "w" in vma["prot"]
+    # A shared mapping of a file opened for writing may be made writable later
+    # (VM_MAYWRITE, "mw"), though it is not now: it needs the file open read-write.
+    writable = shared_map and ("w" in vma["prot"] or "mw" in vma["vmflags"])
     ghosts = shared.ghosts
     path = ghosts.path(vma["ghost"], vma["path"]) if "ghost" in vma else vma["path"]
     key = f"{'w' if writable else 'r'}:{path}"
