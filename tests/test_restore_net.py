@@ -339,6 +339,66 @@ def test_unix_listener_keeps_its_path_mode_and_backlog(program, tmp_path):
         assert c.recv(100) == b"served"
 
 
+def test_unix_listener_renamed_after_bind_is_found_where_its_file_is(program, tmp_path):
+    """The JVM's attach listener binds a temporary name, then renames the file to the
+    one clients connect to. Restore bound the socket at the old name again: a new
+    file there, and nothing listening at the name the clients use ("Connection
+    refused" from jcmd). It binds the old name (what getsockname says) and moves
+    the file where it was."""
+    tmp, final = tmp_path / "attach.tmp", tmp_path / "attach"
+    prog = program(
+        f"""
+        u = socket.socket(socket.AF_UNIX)
+        u.bind({str(tmp)!r})
+        os.chmod({str(tmp)!r}, 0o600)
+        os.rename({str(tmp)!r}, {str(final)!r})
+        u.listen(4)
+        ready()
+        go()
+        report("name", u.getsockname().encode())
+        while True:
+            c, _ = u.accept()
+            c.send(b"attached")
+            c.close()
+        """
+    )
+    dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+    restore(tmp_path / "images")
+    assert not tmp.exists()
+    assert stat.S_IMODE(final.stat().st_mode) == 0o600
+    prog.go()
+    assert prog.result("name") == str(tmp).encode()
+    with socket.socket(socket.AF_UNIX) as c:
+        c.connect(str(final))
+        assert c.recv(100) == b"attached"
+
+
+def test_unix_socket_whose_file_was_removed_comes_back_without_it(program, tmp_path):
+    """A socket whose file the program removed after binding (reachable only by the
+    connections it has) comes back without a file at its name."""
+    path = tmp_path / "gone.sock"
+    prog = program(
+        f"""
+        u = socket.socket(socket.AF_UNIX)
+        u.bind({str(path)!r})
+        u.listen(1)
+        c = socket.socket(socket.AF_UNIX)
+        c.connect({str(path)!r})
+        s, _ = u.accept()
+        os.unlink({str(path)!r})
+        ready()
+        go()
+        c.send(b"still")
+        report("got", s.recv(100))
+        """
+    )
+    dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+    restore(tmp_path / "images")
+    assert not path.exists()
+    prog.go()
+    assert prog.result("got") == b"still"
+
+
 def test_unix_stream_to_outside_is_refused(program, tmp_path):
     path = str(tmp_path / "outside.sock")
     server = socket.socket(socket.AF_UNIX)

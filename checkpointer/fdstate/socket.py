@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 
 from checkpointer.errors import TargetError
 from checkpointer.kernel import proc, sockets
@@ -99,12 +100,44 @@ def _unix(sock: socket.socket, inode: int) -> dict:
             fields["sock_senders"] = [_name(sender) for _, sender in messages]
     name = fields["sock_name"]
     if name and not name.startswith(b"\0"):
-        try:
-            st = os.stat(name)
-            fields["sock_path_mode"] = st.st_mode & 0o7777
-        except OSError:
-            pass
+        fields.update(_socket_file(name, diag.file))
     return fields
+
+
+def _socket_file(name: bytes, file: tuple[int, int] | None) -> dict:
+    """Where the file a socket bound to `name` made is now, and its mode. A program
+    may rename it (the JVM's attach listener binds a temporary name, then renames
+    it in its directory) or remove it (only its connections reach it then):
+    `sock_path_now` or `sock_path_unlinked`. getsockname keeps the bound name."""
+    here = _socket_file_at(name, file)
+    if here is not None:
+        return {"sock_path_mode": here}
+    if file is None:  # a kernel that does not say which file is the socket's
+        return {}
+    # The directory's entries carry their inode: no stat but of a match (a dump runs
+    # frozen, and /tmp may hold thousands).
+    try:
+        with os.scandir(os.path.dirname(name) or b".") as entries:
+            for entry in entries:
+                if entry.inode() == file[0]:
+                    mode = _socket_file_at(entry.path, file)
+                    if mode is not None:
+                        return {"sock_path_mode": mode, "sock_path_now": entry.path}
+    except OSError:
+        pass
+    return {"sock_path_unlinked": True}
+
+
+def _socket_file_at(path: bytes, file: tuple[int, int] | None) -> int | None:
+    """The mode of the socket file at path if it is that socket's (`file`: its inode
+    and device; None where the kernel does not tell: any socket file at the name)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISSOCK(st.st_mode) or (file is not None and (st.st_ino, st.st_dev) != file):
+        return None
+    return st.st_mode & 0o7777
 
 
 def _netlink(sock: socket.socket) -> dict:

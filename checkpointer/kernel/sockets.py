@@ -246,8 +246,9 @@ NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
 NLM_F_REQUEST, NLM_F_DUMP = 1, 0x300
 NLMSG_DONE, NLMSG_ERROR = 3, 2
-UDIAG_SHOW_NAME, UDIAG_SHOW_PEER, UDIAG_SHOW_RQLEN = 1, 4, 0x10
-UNIX_DIAG_NAME, UNIX_DIAG_PEER, UNIX_DIAG_RQLEN, UNIX_DIAG_SHUTDOWN = 0, 2, 4, 6
+UDIAG_SHOW_NAME, UDIAG_SHOW_VFS, UDIAG_SHOW_PEER, UDIAG_SHOW_RQLEN = 1, 2, 4, 0x10
+UNIX_DIAG_NAME, UNIX_DIAG_VFS, UNIX_DIAG_PEER, UNIX_DIAG_RQLEN = 0, 1, 2, 4
+UNIX_DIAG_SHUTDOWN = 6
 # sk_shutdown bits: shut for reading, for writing. A unix stream or seqpacket socket
 # whose peer closed has both.
 RCV_SHUTDOWN, SEND_SHUTDOWN = 1, 2
@@ -263,6 +264,9 @@ class UnixDiag:
     queued: int  # bytes (stream) waiting to be read; a listener: connections waiting
     backlog: int  # a listener's maximum backlog
     shutdown: int  # RCV_SHUTDOWN | SEND_SHUTDOWN bits
+    # (inode, device) of the file a socket bound to a path made, wherever that file
+    # is now (renamed, or removed); None for a socket not bound to a path
+    file: tuple[int, int] | None = None
 
 
 def _diag_query(payload: bytes, dump: bool = True) -> list[bytes]:
@@ -302,15 +306,20 @@ def _attrs(body: bytes, start: int) -> dict[int, bytes]:
 
 def unix_socket(inode: int) -> UnixDiag:
     """The unix socket with this inode: its peer and queues (sock_diag)."""
-    req = struct.pack("=BBHLLLLL", socket.AF_UNIX, 0, 0, 0xFFFFFFFF, inode,
-                      UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN, 0xFFFFFFFF, 0xFFFFFFFF)  # fmt: skip
+    show = UDIAG_SHOW_VFS | UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN
+    req = struct.pack("=BBHLLLLL", socket.AF_UNIX, 0, 0, 0xFFFFFFFF, inode, show,
+                      0xFFFFFFFF, 0xFFFFFFFF)  # fmt: skip
     for body in _diag_query(req, dump=False):
         _, type_, state, _, ino = struct.unpack_from("=BBBBL", body)
         attrs = _attrs(body, 16)
         peer = struct.unpack("=L", attrs[UNIX_DIAG_PEER])[0] if UNIX_DIAG_PEER in attrs else 0
         rq, wq = struct.unpack("=LL", attrs.get(UNIX_DIAG_RQLEN, b"\0" * 8))
         shutdown = attrs.get(UNIX_DIAG_SHUTDOWN, b"\0")[0]
-        return UnixDiag(ino, type_, state, peer, rq, wq, shutdown)
+        file = None
+        if UNIX_DIAG_VFS in attrs:  # the socket file's inode, and device as the kernel's
+            vfs_ino, kdev = struct.unpack("=LL", attrs[UNIX_DIAG_VFS])  # dev_t: MAJ<<20|MIN
+            file = (vfs_ino, os.makedev(kdev >> 20, kdev & 0xFFFFF))
+        return UnixDiag(ino, type_, state, peer, rq, wq, shutdown, file)
     raise OSError(errno.ENOENT, f"no unix socket with inode {inode}")
 
 

@@ -152,18 +152,33 @@ def _send_queued(sender: socket.socket, record: dict) -> None:
 
 def _unix(sock: socket.socket, record: dict) -> None:
     name = record.get("sock_name")
+    on_path = name and not name.startswith(b"\0")
+    if on_path and not record.get("sock_path_unlinked"):
+        _remove_stale_socket_file(name)
     if name:
-        if not name.startswith(b"\0"):
-            _remove_stale_socket_file(name)
         sock.bind(name)
-        if "sock_path_mode" in record and not name.startswith(b"\0"):
-            os.chmod(name, record["sock_path_mode"])
     if record["sock_listening"]:
         sock.listen(record.get("sock_backlog", 128))
     elif record.get("sock_messages"):  # unnamed senders (checked at dump)
         with socket.socket(socket.AF_UNIX, sock.type) as sender:
             sender.connect(name)
             _send_queued(sender, record)
+    if on_path:
+        _place_socket_file(name, record)
+
+
+def _place_socket_file(name: bytes, record: dict) -> None:
+    """The file of a socket bound at `name` (what getsockname says), put where the
+    program had put it (renamed or removed: fdstate/socket.py), with its mode."""
+    if record.get("sock_path_unlinked"):
+        os.unlink(name)
+        return
+    path = record.get("sock_path_now") or name
+    if path != name:
+        _remove_stale_socket_file(path)
+        os.rename(name, path)
+    if "sock_path_mode" in record:
+        os.chmod(path, record["sock_path_mode"])
 
 
 def _remove_stale_socket_file(path: bytes) -> None:
@@ -276,9 +291,16 @@ def check(p: ProcessImage, record: dict, source_alive: bool = False) -> None:
         return
     if record["sock_family"] == "unix":
         name = record.get("sock_name")
-        if name and not name.startswith(b"\0") and os.path.lexists(name):
-            if not stat.S_ISSOCK(os.lstat(name).st_mode):
-                raise RestoreError(f"{where}: {name.decode()} exists and is not a socket")
+        if not name or name.startswith(b"\0"):
+            return
+        if record.get("sock_path_unlinked") and os.path.lexists(name):
+            raise RestoreError(
+                f"{where}: {name.decode()} exists: the socket was bound there, its file "
+                "removed since, and binding there again would take that file's place"
+            )
+        for path in {name, record.get("sock_path_now") or name}:
+            if os.path.lexists(path) and not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise RestoreError(f"{where}: {path.decode()} exists and is not a socket")
         return
     _check_inet_fields(where, record)
     if source_alive:
