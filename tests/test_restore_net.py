@@ -399,6 +399,36 @@ def test_unix_socket_whose_file_was_removed_comes_back_without_it(program, tmp_p
     assert prog.result("got") == b"still"
 
 
+def test_unix_listener_bound_by_a_relative_name_comes_back_in_its_directory(program, tmp_path):
+    """A relative name is resolved in the binding process's working directory, and
+    getsockname says it as given. Restore bound it in the restorer's directory."""
+    work = tmp_path / "run"
+    work.mkdir()
+    prog = program(
+        f"""
+        os.chdir({str(work)!r})
+        u = socket.socket(socket.AF_UNIX)
+        u.bind("app.sock")
+        u.listen(2)
+        ready()
+        go()
+        report("name", u.getsockname().encode())
+        while True:
+            c, _ = u.accept()
+            c.send(b"relative")
+            c.close()
+        """
+    )
+    dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+    (work / "app.sock").unlink()  # as a restore on another host would find it
+    restore(tmp_path / "images")
+    prog.go()
+    assert prog.result("name") == b"app.sock"
+    with socket.socket(socket.AF_UNIX) as c:
+        c.connect(str(work / "app.sock"))
+        assert c.recv(100) == b"relative"
+
+
 def test_unix_stream_to_outside_is_refused(program, tmp_path):
     path = str(tmp_path / "outside.sock")
     server = socket.socket(socket.AF_UNIX)

@@ -52,7 +52,7 @@ def describe(pid: int, record: dict) -> dict:
             "sock_type": TYPES.get(sock.type, str(int(sock.type))),
         }
         if sock.family == socket.AF_UNIX:
-            fields.update(_unix(sock, fields["sock_inode"]))
+            fields.update(_unix(pid, sock, fields["sock_inode"]))
             # File descriptors sent over it and not received yet, where fdinfo shows them.
             in_flight = proc.read_fdinfo(pid, record["fd"]).get("scm_fds")
             if in_flight and int(in_flight):
@@ -73,7 +73,7 @@ def _name(raw) -> bytes | None:
     return raw.encode() if isinstance(raw, str) else bytes(raw)
 
 
-def _unix(sock: socket.socket, inode: int) -> dict:
+def _unix(pid: int, sock: socket.socket, inode: int) -> dict:
     diag = sockets.unix_socket(inode)
     listening = diag.state == sockets.TCP_LISTEN
     fields = {
@@ -100,7 +100,13 @@ def _unix(sock: socket.socket, inode: int) -> dict:
             fields["sock_senders"] = [_name(sender) for _, sender in messages]
     name = fields["sock_name"]
     if name and not name.startswith(b"\0"):
-        fields.update(_socket_file(name, diag.file))
+        cwd = proc.read_link(pid, "cwd") if not name.startswith(b"/") else None
+        if cwd and not cwd.endswith(" (deleted)"):
+            # A relative name was resolved in the process's working directory (at
+            # its bind: taken to be the one it has now); restore binds it there.
+            fields["sock_bind_dir"] = os.fsencode(cwd)
+        at = os.path.join(fields.get("sock_bind_dir", b""), name)
+        fields.update(_socket_file(at, diag.file))
     return fields
 
 

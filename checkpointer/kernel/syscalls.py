@@ -11,6 +11,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import threading
+from collections.abc import Callable
 
 # x86_64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl).
 NR_read = 0
@@ -121,6 +123,32 @@ def mmap_anon(length: int, prot: int = 3) -> int:
 
 def munmap(addr: int, length: int) -> None:
     syscall(NR_munmap, addr, length)
+
+
+NR_unshare = 272
+CLONE_FS = 0x200
+
+
+def in_directory(directory: bytes, action: Callable[[], None]) -> None:
+    """Run `action` with `directory` as the working directory of the thread that
+    runs it, and of no other: a thread of its own that unshares its filesystem
+    context (unshare CLONE_FS) first. A relative path is then resolved there, as
+    it was for the process that used it (a unix socket bound to "app.sock")."""
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            syscall(NR_unshare, CLONE_FS)
+            os.chdir(directory)
+            action()
+        except BaseException as err:  # handed to the caller's thread
+            failure.append(err)
+
+    thread = threading.Thread(target=run, name="in-directory")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
 
 
 def get_robust_list(tid: int) -> tuple[int, int]:

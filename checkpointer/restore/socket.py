@@ -28,7 +28,7 @@ from checkpointer.fdstate.tree import (
     peer_closed,
     reuseaddr_of,
 )
-from checkpointer.kernel import netlock, sockets
+from checkpointer.kernel import netlock, sockets, syscalls
 from checkpointer.restore.images import ProcessImage, RestoreError
 
 FAMILIES = {
@@ -154,29 +154,38 @@ def _unix(sock: socket.socket, record: dict) -> None:
     name = record.get("sock_name")
     on_path = name and not name.startswith(b"\0")
     if on_path and not record.get("sock_path_unlinked"):
-        _remove_stale_socket_file(name)
-    if name:
+        _remove_stale_socket_file(_socket_path(record))
+    if on_path and record.get("sock_bind_dir"):
+        # Bound by a relative name (what getsockname says) in the process's directory.
+        syscalls.in_directory(record["sock_bind_dir"], lambda: sock.bind(name))
+    elif name:
         sock.bind(name)
     if record["sock_listening"]:
         sock.listen(record.get("sock_backlog", 128))
     elif record.get("sock_messages"):  # unnamed senders (checked at dump)
         with socket.socket(socket.AF_UNIX, sock.type) as sender:
-            sender.connect(name)
+            sender.connect(_socket_path(record))
             _send_queued(sender, record)
     if on_path:
-        _place_socket_file(name, record)
+        _place_socket_file(_socket_path(record), record)
 
 
-def _place_socket_file(name: bytes, record: dict) -> None:
-    """The file of a socket bound at `name` (what getsockname says), put where the
-    program had put it (renamed or removed: fdstate/socket.py), with its mode."""
+def _socket_path(record: dict) -> bytes:
+    """Where binding the record's path name made its file (a relative name: in the
+    directory it was bound in)."""
+    return os.path.join(record.get("sock_bind_dir") or b"", record["sock_name"])
+
+
+def _place_socket_file(bound: bytes, record: dict) -> None:
+    """The file a bind made at `bound`, put where the program had put it (renamed
+    or removed: fdstate/socket.py), with its mode."""
     if record.get("sock_path_unlinked"):
-        os.unlink(name)
+        os.unlink(bound)
         return
-    path = record.get("sock_path_now") or name
-    if path != name:
+    path = record.get("sock_path_now") or bound
+    if path != bound:
         _remove_stale_socket_file(path)
-        os.rename(name, path)
+        os.rename(bound, path)
     if "sock_path_mode" in record:
         os.chmod(path, record["sock_path_mode"])
 
@@ -293,6 +302,7 @@ def check(p: ProcessImage, record: dict, source_alive: bool = False) -> None:
         name = record.get("sock_name")
         if not name or name.startswith(b"\0"):
             return
+        name = _socket_path(record)
         if record.get("sock_path_unlinked") and os.path.lexists(name):
             raise RestoreError(
                 f"{where}: {name.decode()} exists: the socket was bound there, its file "
