@@ -373,6 +373,31 @@ def test_unix_listener_renamed_after_bind_is_found_where_its_file_is(program, tm
         assert c.recv(100) == b"attached"
 
 
+def test_a_connection_not_yet_accepted_by_a_renamed_listener(program, tmp_path):
+    """A client of the tree waiting in the accept queue of a listener whose file was
+    renamed (its peer name is the old name) connects again where the file is now."""
+    tmp, final = tmp_path / "l.tmp", tmp_path / "l"
+    prog = program(
+        f"""
+        u = socket.socket(socket.AF_UNIX)
+        u.bind({str(tmp)!r})
+        os.rename({str(tmp)!r}, {str(final)!r})
+        u.listen(4)
+        c = socket.socket(socket.AF_UNIX)
+        c.connect({str(final)!r})
+        ready()
+        go()
+        s, _ = u.accept()
+        c.send(b"queued")
+        report("got", s.recv(100))
+        """
+    )
+    dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+    restore(tmp_path / "images")
+    prog.go()
+    assert prog.result("got") == b"queued"
+
+
 def test_unix_socket_whose_file_was_removed_comes_back_without_it(program, tmp_path):
     """A socket whose file the program removed after binding (reachable only by the
     connections it has) comes back without a file at its name."""

@@ -95,11 +95,14 @@ def _make(files, record: dict) -> int:
         _unix(sock, record)
         if record.get("sock_peer_name") and not record["sock_listening"]:
             # Connected to a named socket: to one of the tree's, made first if need
-            # be (a listener that had not accepted us yet), or to one outside (dgram).
+            # be (a listener that had not accepted us yet), where its file is now
+            # (renamed, or bound by a relative name); or to one outside (dgram).
+            target = record["sock_peer_name"]
             for other in files.records_by("sock_name").get(record["sock_peer_name"], []):
                 if other is not record:
                     files.shared(f"sock-{other['sock_inode']}", lambda o=other: _make(files, o))
-            sock.connect(record["sock_peer_name"])
+                    target = other.get("sock_path_now") or _socket_path(other)
+            sock.connect(target)
     elif family == socket.AF_NETLINK:
         sock = socket.socket(family, type_, record["sock_protocol"])
         _netlink(sock, record)
