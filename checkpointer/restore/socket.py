@@ -101,7 +101,7 @@ def _make(files, record: dict) -> int:
             for other in files.records_by("sock_name").get(record["sock_peer_name"], []):
                 if other is not record:
                     files.shared(f"sock-{other['sock_inode']}", lambda o=other: _make(files, o))
-                    target = other.get("sock_path_now") or _socket_path(other)
+                    target = _file_now(other)
             sock.connect(target)
     elif family == socket.AF_NETLINK:
         sock = socket.socket(family, type_, record["sock_protocol"])
@@ -170,7 +170,7 @@ def _unix(sock: socket.socket, record: dict) -> None:
             sender.connect(_socket_path(record))
             _send_queued(sender, record)
     if on_path:
-        _place_socket_file(_socket_path(record), record)
+        _place_socket_file(record)
 
 
 def _socket_path(record: dict) -> bytes:
@@ -179,13 +179,19 @@ def _socket_path(record: dict) -> bytes:
     return os.path.join(record.get("sock_bind_dir") or b"", record["sock_name"])
 
 
-def _place_socket_file(bound: bytes, record: dict) -> None:
-    """The file a bind made at `bound`, put where the program had put it (renamed
+def _file_now(record: dict) -> bytes:
+    """Where the program had put that file: renamed since its bind, or still there."""
+    return record.get("sock_path_now") or _socket_path(record)
+
+
+def _place_socket_file(record: dict) -> None:
+    """The file the record's bind made, put where the program had put it (renamed
     or removed: fdstate/socket.py), with its mode."""
+    bound = _socket_path(record)
     if record.get("sock_path_unlinked"):
         os.unlink(bound)
         return
-    path = record.get("sock_path_now") or bound
+    path = _file_now(record)
     if path != bound:
         _remove_stale_socket_file(path)
         os.rename(bound, path)
@@ -311,7 +317,7 @@ def check(p: ProcessImage, record: dict, source_alive: bool = False) -> None:
                 f"{where}: {name.decode()} exists: the socket was bound there, its file "
                 "removed since, and binding there again would take that file's place"
             )
-        for path in {name, record.get("sock_path_now") or name}:
+        for path in {name, _file_now(record)}:
             if os.path.lexists(path) and not stat.S_ISSOCK(os.lstat(path).st_mode):
                 raise RestoreError(f"{where}: {path.decode()} exists and is not a socket")
         return
