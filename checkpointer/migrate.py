@@ -4,10 +4,12 @@ The flow (the converge loop of converge.py, with every dump streamed as soon as
 it is committed):
 
 1. each pre-dump is written to a local staging chain and streamed to the
-   destination, which commits it there;
+   destination, which commits it there and rebuilds its memory in a template
+   process (restore/template.py), while the tree still runs;
 2. when a stop rule holds, the final dump freezes the tree and leaves it stopped
    (SIGSTOP) on the source; it is streamed like the others;
-3. the destination restores it and answers once the tree runs;
+3. the destination restores it, from the template: only the pages written since
+   the last pre-dump are written in the downtime; it answers once the tree runs;
 4. only then the source is killed (after the destination confirmed COMMIT).
 
 Any failure before that lets the source go (SIGCONT: it keeps running) and the
@@ -61,6 +63,7 @@ class MigrateOptions:
     leave_stopped: bool = False  # the restored tree waits for SIGCONT at the destination
     tcp_established: bool = False  # established TCP connections move along (repair mode)
     tracker: str = "auto"
+    prepare: bool = True  # rebuild each pre-dump's memory at the destination (a template)
     max_iterations: int = 8
     min_pages: int = 64
     max_grow: float = 10.0
@@ -79,6 +82,7 @@ class StreamedIteration:
     rate_mb_s: float  # bytes_streamed / send_ms
     frozen_ms: float
     duration_ms: float
+    prepare_ms: float = 0.0  # the destination's template of this pre-dump (0: none)
 
 
 @dataclass
@@ -90,6 +94,7 @@ class MigrateResult:
     frozen_ms: float = 0.0  # the final dump's freeze
     downtime_ms: float = 0.0  # from the final dump's start to running at the destination
     restore_ms: float = 0.0
+    restore_bytes_written: int = 0  # page data the restore wrote (less from a template)
     root_pid: int = 0
     pids: list[int] = field(default_factory=list)
     same_pid_space: bool = False
@@ -201,6 +206,7 @@ class _Migration:
                 self.connections.release()
         res.downtime_ms = (running_at - self.final_started) * 1000
         res.restore_ms = restored.get("seconds", 0.0) * 1000
+        res.restore_bytes_written = restored.get("bytes_written", 0)
         res.root_pid, res.pids = restored["root_pid"], restored["pids"]
         try:
             self.dest.end()
@@ -216,6 +222,14 @@ class _Migration:
             with Dump.open(str(self.staging / it.directory)) as d:
                 self.tree = list(d.pids)
         answer = self.dest.send_dump(str(self.staging / it.directory))
+        prepare_ms = 0.0
+        if it.kind == "pre-dump" and self.opts.prepare and self.dest.hello.get("prepare"):
+            # While the tree runs: the final restore then writes only newer pages.
+            prepared = self.dest.prepare(answer["name"])
+            if prepared.get("ok"):
+                prepare_ms = prepared.get("seconds", 0.0) * 1000
+            else:
+                log.warning("the destination made no template: %s", prepared.get("message"))
         send_s = answer["send_seconds"]
         streamed = StreamedIteration(
             number=it.number,
@@ -227,6 +241,7 @@ class _Migration:
             rate_mb_s=answer["bytes_streamed"] / send_s / 1e6 if send_s > 0 else 0.0,
             frozen_ms=it.frozen_ms,
             duration_ms=it.duration_ms,
+            prepare_ms=prepare_ms,
         )
         self.result.iterations.append(streamed)
         self.result.bytes_streamed += streamed.bytes_streamed

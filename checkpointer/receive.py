@@ -3,12 +3,18 @@
 
 A session reads one image stream and answers one JSON line per event:
 
-    hello      {version, boot_id, pid_ns, images_dir}       at once
+    hello      {version, boot_id, pid_ns, images_dir, prepare} at once
     committed  {name, path, bytes}                         after each DUMP_END
+    prepared   {name, ok, seconds, message?}               PREPARE done (or not)
     restored   {name, root_pid, pids}                      RESTORE done, tree running
     migrated   {}                                          COMMIT: we keep the tree
     end        {}                                          END
     error      {message}                                   then the session ends
+
+PREPARE (a migration, after each pre-dump) rebuilds the dump's memory in a
+template process (restore/template.py), so that the final RESTORE writes only
+what changed since. A template that cannot be made is no error: the restore
+then writes every page, as without it.
 
 A session that ends any other way than END (an error, end of input, a signal)
 undoes itself: it kills a tree it restored unless COMMIT arrived, and removes the
@@ -33,6 +39,7 @@ from checkpointer.errors import CheckpointError, ImageError
 from checkpointer.images.stream import (
     COMMIT,
     END,
+    PREPARE,
     RESTORE,
     DumpReceiver,
     decode_control,
@@ -78,6 +85,7 @@ class Session:
     restored_pids: list[int] = field(default_factory=list)
     restore_asked: bool = False  # a migration: its dumps go if it fails, page server too
     migrated: bool = False
+    template: object = None  # restore.template.Template of the newest prepared dump
 
     def __post_init__(self) -> None:
         self.receiver = DumpReceiver(self.images_dir)
@@ -103,12 +111,15 @@ class Session:
                     "event": "hello",
                     "version": 1,
                     "images_dir": self.receiver.root,
+                    "prepare": can_restore(),
                     **host_identity(),
                 }
             )
             for kind, payload in read_messages(read):
                 if kind == RESTORE:
                     self._restore(decode_control(payload))
+                elif kind == PREPARE:
+                    self._prepare(decode_control(payload))
                 elif kind == COMMIT:
                     self.migrated = True
                     self.reply({"event": "migrated"})
@@ -131,13 +142,41 @@ class Session:
             if isinstance(err, (CheckpointError, OSError)):
                 self._try_reply({"event": "error", "message": _one_line(err)})
             raise
+        finally:
+            self._drop_template()
+
+    def _committed_path(self, name, what: str) -> str:
+        path = next((p for p in self.receiver.committed if os.path.basename(p) == name), None)
+        if path is None:
+            raise ImageError(f"{what} of {name!r}, which this session did not receive")
+        return path
+
+    def _prepare(self, fields: dict) -> None:
+        name = fields.get("name")
+        path = self._committed_path(name, "prepare")
+        started = time.monotonic()
+        answer = {"event": "prepared", "name": name, "ok": True}
+        try:
+            from checkpointer.restore import template
+            from checkpointer.restore.restorer import MALFORMED
+
+            self.template = template.build(path, self.template)
+        except (ImportError, CheckpointError, OSError, *MALFORMED) as err:
+            log.debug("no template of %s", name, exc_info=True)
+            why = _one_line(err)
+            log.warning("no template of %s (the restore will write every page): %s", name, why)
+            answer.update(ok=False, message=why)
+        self.reply({**answer, "seconds": time.monotonic() - started})
+
+    def _drop_template(self) -> None:
+        if self.template is not None:
+            self.template.kill()
+            self.template = None
 
     def _restore(self, fields: dict) -> None:
         self.restore_asked = True
         name = fields.get("name")
-        path = next((p for p in self.receiver.committed if os.path.basename(p) == name), None)
-        if path is None:
-            raise ImageError(f"restore of {name!r}, which this session did not receive")
+        path = self._committed_path(name, "restore")
         try:
             from checkpointer.restore import RestoreRequest, restore
         except ImportError:
@@ -146,9 +185,20 @@ class Session:
 
         started = time.monotonic()
         leave_stopped = bool(fields.get("leave_stopped", False))
-        res = restore(
-            RestoreRequest(images_dir=Path(path), detach=True, leave_stopped=leave_stopped)
-        )
+        template, self.template = self.template, None  # the restore consumes it
+        try:
+            res = restore(
+                RestoreRequest(
+                    images_dir=Path(path),
+                    detach=True,
+                    leave_stopped=leave_stopped,
+                    template=template,
+                )
+            )
+        except BaseException:
+            if template is not None:
+                template.kill()
+            raise
         self.restored_pids = list(res.pids)
         self.reply(
             {
@@ -157,8 +207,11 @@ class Session:
                 "root_pid": res.root_pid,
                 "pids": list(res.pids),
                 "seconds": time.monotonic() - started,
+                "bytes_written": res.bytes_written,
             }
         )
+        if template is not None:
+            template.kill()  # reaped once the tree runs and the source knows it
 
     def _undo(self) -> None:
         if self.migrated:

@@ -2,7 +2,7 @@
 
 The image stream (checkpointer/images/stream.py) flows to the destination; the
 destination answers with one JSON object per line (receive.py):
-hello, committed, restored, migrated, end, error.
+hello, committed, prepared, restored, migrated, end, error.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 
 from checkpointer.errors import CheckpointError
-from checkpointer.images.stream import COMMIT, END, RESTORE, StreamSender
+from checkpointer.images.stream import COMMIT, END, PREPARE, RESTORE, StreamSender
 
 REPLY_TIMEOUT = 600.0  # seconds to wait for an answer (a commit fsyncs a whole dump)
 MAX_REPLY_LINE = 1 << 20
@@ -235,6 +235,13 @@ class Destination:
         event["send_seconds"] = sent - started  # the link's part
         event["seconds"] = time.monotonic() - started  # and the destination's fsync
         return event
+
+    def prepare(self, name: str) -> dict:
+        """Ask the destination to rebuild dump `name`'s memory in a template, so that
+        the final restore writes only what changed since; its answer (`ok` False:
+        no template, which is no error)."""
+        self.stream.control(PREPARE, {"name": name})
+        return self._expect("prepared")
 
     def restore(self, name: str, leave_stopped: bool = False) -> dict:
         """Ask the destination to restore dump `name`; its answer once it runs

@@ -11,7 +11,7 @@ from checkpointer.errors import ImageError
 from checkpointer.images import DumpWriter
 from checkpointer.images.reader import Dump
 from checkpointer.images.resolve import Piece, resolve
-from checkpointer.restore.inherit import differing, kept_mappings, pages_to_drop
+from checkpointer.restore.inherit import differing, kept_ranges, pages_to_drop
 from checkpointer.restore.memory import _gap
 from checkpointer.restore.threads import restart_fixup
 
@@ -137,7 +137,7 @@ class _Image:
         self.vmas = vmas
 
 
-def test_a_child_keeps_only_the_private_mappings_its_parent_has_alike():
+def test_a_child_keeps_the_private_memory_its_parent_has_alike():
     parent = _Image([
         _vma(0x1000, 0x5000),
         _vma(0x5000, 0x9000),
@@ -145,20 +145,28 @@ def test_a_child_keeps_only_the_private_mappings_its_parent_has_alike():
         _vma(0xA000, 0xB000, vmflags="rd wr mr mw me wf"),  # MADV_WIPEONFORK: zeros
         _vma(0xB000, 0xC000, kind="shared-anon", shmem="shmem-1"),
         _vma(0xC000, 0xD000, kind="file-private", path="/lib/x.so"),
+        _vma(0xE000, 0x10000, prot="r--p"),
+        _vma(0x10000, 0x12000, vmflags="rd wr mr mw me ac hg"),
     ])  # fmt: skip
     child = _Image([
         _vma(0x1000, 0x5000),  # the same: kept
-        _vma(0x5000, 0x8000),  # shorter since the fork (munmap): not the same mapping
+        _vma(0x5000, 0x8000),  # shorter since the fork (munmap): what is left is kept
         _vma(0x9000, 0xA000, vmflags="rd wr mr mw me dc"),
         _vma(0xA000, 0xB000, vmflags="rd wr mr mw me wf"),
         _vma(0xB000, 0xC000, kind="shared-anon", shmem="shmem-1"),  # mapped again
         _vma(0xC000, 0xD000, kind="file-private", path="/lib/y.so"),  # another file
-        _vma(0xD000, 0xE000),  # its own
+        _vma(0xD000, 0xF000),  # grown down into its parent's: the common page kept
+        _vma(0xF000, 0x10000),  # mprotect split it: kept, its protection set again
+        _vma(0x10000, 0x12000),  # no MADV_HUGEPAGE: restore would never clear it
     ])  # fmt: skip
-    assert [v["start"] for v in kept_mappings(child, parent)] == [0x1000]
+    spans = [(r.start, r.end, r.prot) for r in kept_ranges(child, parent)]
+    assert spans == [(0x1000, 0x5000, "rw-p"), (0x5000, 0x8000, "rw-p"),
+                     (0xE000, 0xF000, "r--p"), (0xF000, 0x10000, "r--p")]  # fmt: skip
     child.vmas[5]["path"] = "/lib/x.so"
-    assert [v["start"] for v in kept_mappings(child, parent)] == [0x1000, 0xC000]
-    assert kept_mappings(child, None) == []  # cloned from the seed: nothing to keep
+    assert (0xC000, 0xD000, "rw-p") in [tuple(r) for r in kept_ranges(child, parent)]
+    child.vmas[5]["offset"] = 0x1000  # the same file, other offsets: other pages
+    assert (0xC000, 0xD000, "rw-p") not in [tuple(r) for r in kept_ranges(child, parent)]
+    assert kept_ranges(child, None) == []  # cloned from the seed: nothing to keep
 
 
 def test_a_child_drops_the_pages_only_its_parent_holds_as_data():

@@ -124,6 +124,14 @@ def page_server(address, port, images_dir, once, verbose):
     is_flag=True,
     help="Leave the restored tree stopped at the destination; `kill -CONT` resumes it.",
 )
+@click.option(
+    "--prepare/--no-prepare",
+    default=True,
+    show_default=True,
+    help="Rebuild each pre-dump's memory at the destination while the tree runs, so "
+    "that the restore writes only the pages written since (--no-prepare: all of them, "
+    "in the downtime).",
+)
 @tcp_option
 @tracker_option
 @stop_rule_options
@@ -139,6 +147,7 @@ def migrate(
     images_dir,
     same_pid_space,
     leave_stopped,
+    prepare,
     tcp_established,
     tracker,
     max_iterations,
@@ -172,6 +181,7 @@ def migrate(
         leave_stopped=leave_stopped,
         tcp_established=tcp_established,
         tracker=tracker,
+        prepare=prepare,
         max_iterations=max_iterations,
         min_pages=min_pages,
         max_grow=max_grow,
@@ -180,7 +190,7 @@ def migrate(
     if not as_json:
         click.echo(
             f"{'iter':>4} {'kind':<8} {'pages':>9} {'MB sent':>8} {'ms':>8} "
-            f"{'MB/s':>8} {'frozen ms':>9}"
+            f"{'MB/s':>8} {'frozen ms':>9} {'prepared ms':>11}"
         )
     res = do_migrate(opts, None if as_json else _print_iteration)
     if as_json:
@@ -192,7 +202,8 @@ def migrate(
         f"pre-dump loop stopped by rule {res.stop_rule}\n"
         f"frozen (final dump): {res.frozen_ms:.1f} ms\n"
         f"downtime (freeze to running at the destination): {res.downtime_ms:.1f} ms, "
-        f"of which the restore {res.restore_ms:.1f} ms\n"
+        f"of which the restore {res.restore_ms:.1f} ms "
+        f"(writing {res.restore_bytes_written / 1e6:.1f} MB of pages)\n"
         f"streamed {res.bytes_streamed / 1e6:.1f} MB"
     )
 
@@ -200,5 +211,6 @@ def migrate(
 def _print_iteration(it) -> None:
     click.echo(
         f"{it.number:>4} {it.kind:<8} {it.pages_written:>9} {it.bytes_streamed / 1e6:>8.1f} "
-        f"{it.stream_ms:>8.1f} {it.rate_mb_s:>8.1f} {it.frozen_ms:>9.2f}"
+        f"{it.stream_ms:>8.1f} {it.rate_mb_s:>8.1f} {it.frozen_ms:>9.2f} "
+        f"{f'{it.prepare_ms:.1f}' if it.prepare_ms else '-':>11}"
     )

@@ -236,10 +236,12 @@ class PageMap:
 class Dump:
     """One complete dump directory (and, lazily, its parent chain)."""
 
-    def __init__(self, path: str, root: str, seen: frozenset):
+    def __init__(self, path: str, root: str, seen: frozenset, reuse: tuple = ()):
         self.path = path
+        self.real = os.path.realpath(path)  # its identity in a chain
         self._root = root
         self._seen = seen
+        self._reuse: tuple[Dump, ...] = reuse  # opened chains a parent link may land in
         self._parent: Dump | None | bool = False
         self._pagemaps: dict[str, PageMap | None] = {}
         self._held: dict[str, list[Range]] = {}
@@ -292,10 +294,13 @@ class Dump:
         self.pids = [p["pid"] for p in pstree]
 
     @classmethod
-    def open(cls, path: str) -> Dump:
-        """Open the dump at path (kept as given, for messages); ImageError if unusable."""
+    def open(cls, path: str, reuse: tuple[Dump, ...] = ()) -> Dump:
+        """Open the dump at path (kept as given, for messages); ImageError if unusable.
+        `reuse`: dumps opened before whose whole chain was read (chain()); a parent
+        link to one of them takes it as it is, its page maps already parsed (a
+        migration's final dump, whose parents the destination read for a template)."""
         real = os.path.realpath(path)
-        return cls(path, os.path.dirname(real), frozenset([real]))
+        return cls(path, os.path.dirname(real), frozenset([real]), reuse)
 
     # ---- records ----
 
@@ -398,13 +403,34 @@ class Dump:
             raise ImageError(f"parent link {link!r} forms a cycle", where)
         if len(self._seen) >= fmt.MAX_CHAIN:
             raise ImageError(f"parent chain longer than {fmt.MAX_CHAIN}", where)
-        p = Dump(target, self._root, self._seen | {target})
+        p = self._reused(target) or Dump(target, self._root, self._seen | {target}, self._reuse)
         if not p.inventory["usable_as_parent"]:
             raise ImageError("marked as not usable as a parent", target)
         if p.page_size != self.page_size:
             raise ImageError("parent has a different page size", target)
         self._parent = p
         return p
+
+    def _reused(self, target: str) -> Dump | None:
+        """The reused dump at `target`, if its chain is read to its end and neither
+        passes through this chain nor makes it too long (no cycle can form)."""
+        for known in self._reuse:
+            if known.real != target:
+                continue
+            chain = known.chain_if_read()
+            reals = {d.real for d in chain} if chain else set()
+            if chain and not reals & self._seen and len(self._seen) + len(chain) <= fmt.MAX_CHAIN:
+                return known
+        return None
+
+    def chain_if_read(self) -> list[Dump] | None:
+        """chain(), if every parent link of it was followed already."""
+        out = [self]
+        while out[-1]._parent is not None:
+            if out[-1]._parent is False:
+                return None
+            out.append(out[-1]._parent)
+        return out
 
     def chain(self) -> list[Dump]:
         """This dump and its ancestors, newest first."""

@@ -40,7 +40,7 @@ MSG_HEAD = struct.Struct("<BI")
 MSG_CRC = struct.Struct("<I")
 
 DUMP_BEGIN, FILE_BEGIN, FILE_DATA, FILE_END, DUMP_END = 1, 2, 3, 4, 5
-RESTORE, COMMIT, END, ABORT = 6, 7, 8, 9
+RESTORE, COMMIT, END, ABORT, PREPARE = 6, 7, 8, 9, 10
 MESSAGE_NAMES = {
     DUMP_BEGIN: "dump-begin",
     FILE_BEGIN: "file-begin",
@@ -51,6 +51,7 @@ MESSAGE_NAMES = {
     COMMIT: "commit",
     END: "end",
     ABORT: "abort",
+    PREPARE: "prepare",
 }
 DATA_CHUNK = 1 << 20  # what a sender puts in one FILE_DATA
 MAX_DATA = 4 << 20  # the most a receiver accepts in one FILE_DATA

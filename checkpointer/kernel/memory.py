@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import threading
 
 from checkpointer.errors import TargetError
 from checkpointer.kernel import proc
@@ -98,6 +99,8 @@ class MemWriter:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.fd = _open_mem(pid, os.O_RDWR)
+        self.written = 0  # bytes, over every write
+        self._count = threading.Lock()
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -130,3 +133,5 @@ class MemWriter:
             rest = memoryview(data)[off + done : off + size]
             if os.pwrite(self.fd, rest, addr + done) != len(rest):
                 raise OSError(errno.EIO, f"process {self.pid}: short write at {addr + done:#x}")
+        with self._count:
+            self.written += size

@@ -78,7 +78,8 @@ _NO_FD = (1 << 64) - 1
 
 
 def clone3(s: SyscallSession, flags: int, set_tid: int, exit_signal: int = 0) -> int:
-    """clone3 with set_tid = [set_tid]: the new task gets exactly that id (or EEXIST).
+    """clone3 with set_tid = [set_tid]: the new task gets exactly that id (or EEXIST);
+    set_tid 0: whatever id the kernel gives.
 
     With stack 0 the child resumes at the same instruction as the caller, with
     rax 0: in a traced caller it is auto-attached (PTRACE_O_TRACEFORK/CLONE) and
@@ -86,7 +87,10 @@ def clone3(s: SyscallSession, flags: int, set_tid: int, exit_signal: int = 0) ->
     """
     addr = s.scratch()
     tid_array = addr + abi.CLONE_ARGS.size
-    args = abi.CLONE_ARGS.pack(flags, 0, 0, 0, exit_signal, 0, 0, 0, tid_array, 1, 0)
+    wanted = 1 if set_tid else 0
+    args = abi.CLONE_ARGS.pack(
+        flags, 0, 0, 0, exit_signal, 0, 0, 0, tid_array if wanted else 0, wanted, 0
+    )
     s.write(addr, args + struct.pack("<i", set_tid))
     return s.call(NR_clone3, addr, abi.CLONE_ARGS.size)
 

@@ -17,7 +17,9 @@ from checkpointer.errors import CheckpointError, ImageError
 from checkpointer.fdstate.tree import epoll_without_restorer
 from checkpointer.images import Dump
 from checkpointer.images.resolve import Piece, resolve
+from checkpointer.images.resolve import known as resolve_known
 from checkpointer.kernel import proc, sysvshm
+from checkpointer.pageruns import within
 
 VDSO_NAMES = ("[vvar]", "[vvar_vclock]", "[vdso]")
 UFFD_LINK = "anon_inode:[userfaultfd]"
@@ -64,9 +66,20 @@ class RestoreImages:
         return {p.pid: p for p in self.processes}
 
 
-def load(path: str) -> RestoreImages:
+@dataclass
+class ReadChain:
+    """A dump opened with its whole chain, and what resolve() gave for some owners:
+    a later dump of the chain reuses both (a migration's final restore, the
+    template's pre-dump)."""
+
+    dump: Dump
+    pieces: dict[str, list[Piece]]
+
+
+def load(path: str, reuse: ReadChain | None = None) -> RestoreImages:
     """Open a final dump and its chain; every page reference must resolve."""
-    dump = Dump.open(path)
+    dump = Dump.open(path, reuse=(reuse.dump,) if reuse else ())
+    known = resolve_known(reuse.dump, reuse.pieces) if reuse else None
     if dump.inventory["kind"] != "dump":
         raise ImageError("is a pre-dump (memory only): restore a final dump", path)
     version = dump.inventory["format_version"]
@@ -104,8 +117,54 @@ def load(path: str) -> RestoreImages:
     owners |= {
         f[k]["owner"] for p in procs.values() for f in p.fds for k in ("ghost", "memfd") if k in f
     }
-    pieces = {owner: resolve(dump, owner) for owner in sorted(owners)}
+    pieces = {owner: resolve(dump, owner, known) for owner in sorted(owners)}
     return RestoreImages(dump, order, pieces)
+
+
+# What a template may hold of a process (restore/template.py): the private
+# mappings a clone of it keeps (restore/inherit.py), of files that are here.
+TEMPLATE_KINDS = ("anon", "heap", "stack", "file-private")
+
+
+def template_image(path: str, reuse: ReadChain | None = None):
+    """The root process of the dump at `path` (a pre-dump will do) with only its
+    private mappings that a template can rebuild, where their pages come from, and
+    the chain as read (-> ProcessImage, [Piece], ReadChain)."""
+    dump = Dump.open(path, reuse=(reuse.dump,) if reuse else ())
+    known = resolve_known(reuse.dump, reuse.pieces) if reuse else None
+    root = dump.inventory["root_pid"]
+    entry = next((e for e in dump.pstree if e["pid"] == root), None)
+    if entry is None:
+        raise ImageError(f"root pid {root} is not in the pstree", path)
+    mm = dump.mm(root)
+    vmas = [
+        v for v in mm.vmas
+        if v["kind"] in TEMPLATE_KINDS and not v["shmem"] and "ghost" not in v
+        and "dc" not in v["vmflags"] and "wf" not in v["vmflags"]
+        and (v["kind"] != "file-private" or _still_there(v))
+    ]  # fmt: skip
+    ranges = [(v["start"], v["end"]) for v in vmas]
+    resolved = resolve(dump, f"pid-{root}", known)
+    pieces = [
+        Piece(lo, hi, p.source, p.off + lo - p.start if p.source else 0)
+        for p in resolved
+        for lo, hi in within(ranges, p.start, p.end)
+    ]
+    image = ProcessImage(
+        root, entry["ppid"], entry["pgid"], entry["sid"], list(entry["threads"]),
+        {}, [], mm.mm, vmas, [],
+    )  # fmt: skip
+    dump.chain()  # read to its end: what a later dump reuses (Dump.open)
+    return image, pieces, ReadChain(dump, {f"pid-{root}": resolved})
+
+
+def _still_there(vma: dict) -> bool:
+    """The file a private mapping was dumped from is at its path, unchanged."""
+    try:
+        check_identity(vma["path"], vma.get("stat"), vma.get("dev"), vma.get("inode"), "")
+    except RestoreError:
+        return False
+    return True
 
 
 def _tree_order(procs: dict[int, ProcessImage], root: int, path: str) -> list[ProcessImage]:

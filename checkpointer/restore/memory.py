@@ -1,17 +1,18 @@
 """Step 3: replace the address space a process was cloned with by its dumped one.
 
 A process is cloned from its parent once the parent's memory is rebuilt (the
-root from the seed, a fork of ours), so it starts with a copy-on-write image of
-that memory; the private mappings it shared with its parent are kept
-(inherit.py). In order: drop the inherited rseq registration (unmapping a
-registered area makes every return to user space fault), close the fds, unmap
-everything but the kept mappings and the vdso and vvar areas, move those to
-their dumped addresses (all together: the vdso finds its data at a fixed
-offset), map every other VMA at its address with its flags, drop the kept pages
-it does not hold, write the pages resolved through the parent chain into
-/proc/PID/mem (which writes through read-only protections; in kept mappings only
-the pages that differ), apply madvise flags, and set the mm fields and the exe
-with PR_SET_MM_MAP.
+root from the seed, a fork of ours, or from a template: template.py), so it
+starts with a copy-on-write image of that memory; the private memory it shared
+with its parent is kept (inherit.py). In order: drop the inherited rseq
+registration (unmapping a registered area makes every return to user space
+fault), close the fds, unmap everything but the kept ranges and the vdso and
+vvar areas, move those to their dumped addresses (all together: the vdso finds
+its data at a fixed offset), map the rest of every VMA at its address with its
+flags, give kept ranges their protection, drop the kept pages it does not hold,
+write the pages resolved through the parent chain into /proc/PID/mem (which
+writes through read-only protections; in kept ranges only the pages that
+differ), apply madvise flags, and set the mm fields and the exe with
+PR_SET_MM_MAP.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from checkpointer.images.resolve import Piece
 from checkpointer.kernel import memfd, ptrace, taskctl
 from checkpointer.kernel.memory import MemReader, MemWriter
 from checkpointer.kernel.syscalls import NR_mmap, NR_munmap, syscall
-from checkpointer.pageruns import normalize, subtract
+from checkpointer.pageruns import normalize, subtract, within
 from checkpointer.restore import inherit, pagefeed
 from checkpointer.restore.ghosts import GhostFiles
 from checkpointer.restore.images import (
@@ -160,7 +161,11 @@ def _new_shared_anon(size: int) -> int:
         syscall(NR_munmap, addr, size)
 
 
-def rebuild(task: Task, images: RestoreImages, shared: SharedObjects) -> None:
+def rebuild(
+    task: Task, pieces: list[Piece], shared: SharedObjects | None, set_mm: bool = True
+) -> None:
+    """The task's memory as its image describes it, its pages from `pieces`; shared
+    None: the image has no shared mappings and no deleted files (a template's)."""
     s = task.session
     image = task.image
     cfg = ptrace.get_rseq_config(task.pid)
@@ -172,9 +177,9 @@ def rebuild(task: Task, images: RestoreImages, shared: SharedObjects) -> None:
     current = source.vdso if source else own_vdso_layout()
     lo = min(a for a, _ in current.values())
     hi = max(b for _, b in current.values())
-    kept = inherit.kept_mappings(image, source.image if source else None)
-    kept_ranges = [(v["start"], v["end"]) for v in kept]
-    for start, end in subtract([(0, TASK_SIZE)], normalize(kept_ranges + [(lo, hi)])):
+    kept = inherit.kept_ranges(image, source.image if source else None)
+    kept_spans = [(r.start, r.end) for r in kept]
+    for start, end in subtract([(0, TASK_SIZE)], normalize(kept_spans + [(lo, hi)])):
         taskctl.munmap(s, start, end - start)
     dumped = dumped_vdso_layout(image)
     busy = [(v["start"], v["end"]) for v in image.vmas] + [(lo, hi)]
@@ -193,29 +198,34 @@ def rebuild(task: Task, images: RestoreImages, shared: SharedObjects) -> None:
         _move_vdso(task, current, dumped, busy + [(scratch, scratch + SCRATCH_SIZE)])
     task.vdso = dumped or current
     files: dict[str, int] = {}
-    pieces = images.pieces.get(f"pid-{task.pid}", [])
+    task.pieces = pieces
     try:
-        kept_ids = {id(v) for v in kept}
         batch: list[tuple[dict, tuple]] = []  # mmap alone makes these: a batch at a time
         for vma in image.vmas:
-            if vma["kind"] in SKIPPED_KINDS or id(vma) in kept_ids:
+            if vma["kind"] in SKIPPED_KINDS:
                 continue
+            ours = within(kept_spans, vma["start"], vma["end"])
+            if ours == [(vma["start"], vma["end"])]:
+                continue  # kept whole
             args = _mmap_args(task, vma, shared, files)
-            if args is not None:
-                batch.append((vma, args))
+            if args is not None:  # what it does not keep of it
+                whole = [(vma["start"], vma["end"])]
+                batch += [(vma, _part(args, a, b)) for a, b in subtract(whole, ours)]
                 continue
             _map_batch(task, batch)
             batch = []
             _map_shared(task, vma, shared)
         _map_batch(task, batch)
+        for r, vma in _kept_with_other_protection(kept, image.vmas):
+            taskctl.mprotect(s, r.start, r.end - r.start, prot_of(vma))
         if kept:
-            theirs = images.pieces.get(f"pid-{source.pid}", [])
-            for start, end in inherit.pages_to_drop(kept_ranges, pieces, theirs):
+            for start, end in inherit.pages_to_drop(kept_spans, pieces, source.pieces):
                 taskctl.madvise(s, start, end - start, MADV_DONTNEED)
-        _write_pages(task, pieces, kept_ids, theirs if kept else [])
+        _write_pages(task, pieces, kept_spans, source.pieces if kept else [])
         for vma in image.vmas:
             _advise(task, vma)
-        _set_mm(task, shared)
+        if set_mm:
+            _set_mm(task, shared)
     finally:
         for fd in files.values():
             taskctl.close(s, fd)
@@ -278,8 +288,7 @@ def _mmap_args(
     # A shared mapping of a file opened for writing may be made writable later
     # (VM_MAYWRITE, "mw"), though it is not now: it needs the file open read-write.
     writable = shared_map and ("w" in vma["prot"] or "mw" in vma["vmflags"])
-    ghosts = shared.ghosts
-    path = ghosts.path(vma["ghost"], vma["path"]) if "ghost" in vma else vma["path"]
+    path = shared.ghosts.path(vma["ghost"], vma["path"]) if "ghost" in vma else vma["path"]
     key = f"{'w' if writable else 'r'}:{path}"
     if key not in files:
         ours = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
@@ -289,6 +298,21 @@ def _mmap_args(
             os.close(ours)
     flags = (taskctl.MAP_SHARED if shared_map else taskctl.MAP_PRIVATE) | taskctl.MAP_FIXED
     return (start, length, prot, flags, files[key], vma["offset"])
+
+
+def _part(args: tuple, lo: int, hi: int) -> tuple:
+    """mmap's arguments for [lo, hi) of the mapping `args` make (its file offset moved)."""
+    start, _, prot, flags, fd, offset = args
+    return (lo, hi - lo, prot, flags, fd, offset + lo - start if fd >= 0 else 0)
+
+
+def _kept_with_other_protection(kept: list, vmas: list[dict]):
+    """(kept range, its mapping) where the source had another protection."""
+    starts = [v["start"] for v in vmas]
+    for r in kept:
+        vma = vmas[bisect.bisect_right(starts, r.start) - 1]
+        if r.prot[:3] != vma["prot"][:3]:
+            yield r, vma
 
 
 def _map_batch(task: Task, batch: list[tuple[dict, tuple]]) -> None:
@@ -326,12 +350,13 @@ def _map_shared(task: Task, vma: dict, shared: SharedObjects) -> None:
         )
 
 
-def _write_pages(task: Task, pieces: list[Piece], kept: set[int], theirs: list[Piece]) -> None:
+def _write_pages(task: Task, pieces: list[Piece], kept: list, theirs: list[Piece]) -> None:
     """Every page the images hold for the process, through /proc/PID/mem; in the
-    mappings it kept from the task it was cloned from (ids in `kept`; `theirs`: that
-    task's pieces), only those that differ from what it holds already."""
+    ranges it kept from the task it was cloned from (`kept`; `theirs`: that task's
+    pieces), only those that differ from what it holds already."""
     vmas = task.image.vmas
     starts = [v["start"] for v in vmas]
+    kept_ends = [hi for _, hi in kept]
     data: list[Piece] = []
     inherited: list[Piece] = []
     with MemWriter(task.pid) as writer:
@@ -340,8 +365,9 @@ def _write_pages(task: Task, pieces: list[Piece], kept: set[int], theirs: list[P
                 if vma["kind"] in SKIPPED_KINDS:
                     continue  # the vdso is this kernel's own (checked equal)
                 if piece.source is not None:
-                    part = Piece(lo, hi, piece.source, piece.off + (lo - piece.start))
-                    (inherited if id(vma) in kept else data).append(part)
+                    for a, b, in_kept in _split_by_ranges(lo, hi, kept, kept_ends):
+                        part = Piece(a, b, piece.source, piece.off + (a - piece.start))
+                        (inherited if in_kept else data).append(part)
                 elif vma["kind"] not in ANON_KINDS:
                     # Fresh anonymous memory reads as zeros already (and a kept
                     # mapping's pages that are not were dropped); a zero page of
@@ -354,6 +380,22 @@ def _write_pages(task: Task, pieces: list[Piece], kept: set[int], theirs: list[P
             with MemReader(task.pid) as reader:
                 sink = pagefeed.changed_pages_sink(reader, writer.write)
                 pagefeed.write_pieces(sink, inherited)
+        task.bytes_written = writer.written
+
+
+def _split_by_ranges(lo: int, hi: int, ranges: list[tuple[int, int]], ends: list[int]):
+    """[lo, hi) in parts, each (start, end, inside one of `ranges`: sorted, apart;
+    `ends`: theirs)."""
+    i = bisect.bisect_right(ends, lo)
+    while lo < hi and i < len(ranges) and ranges[i][0] < hi:
+        a, b = ranges[i]
+        if a > lo:
+            yield lo, a, False
+        yield max(a, lo), min(b, hi), True
+        lo = min(b, hi)
+        i += 1
+    if lo < hi:
+        yield lo, hi, False
 
 
 def _split_by_vma(lo: int, hi: int, vmas: list, starts: list, pid: int):

@@ -28,6 +28,7 @@ from checkpointer.kernel import ptrace
 from checkpointer.restore import creds, files, memory, pty, signals, threads, tree
 from checkpointer.restore.images import load, preflight
 from checkpointer.restore.task import Task
+from checkpointer.restore.template import Template
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,10 @@ class RestoreRequest:
     leave_stopped: bool = False  # every task stopped (SIGSTOP): `kill -CONT` resumes
     shell_job: bool = False  # terminals of the dump become the restorer's terminal
     pidfile: Path | None = None  # the root's PID is written here
+    # A template holding an earlier dump's memory (restore/template.py): the root is
+    # cloned from it and writes only what differs. The restore consumes it: killed,
+    # but reaped by the caller's template.kill() (its exit need not delay the answer).
+    template: Template | None = None
 
     def __post_init__(self) -> None:
         self.images_dir = Path(self.images_dir)
@@ -49,6 +54,7 @@ class RestoreResult:
     root_pid: int
     pids: list[int] = field(default_factory=list)
     restore_ms: float = 0.0
+    bytes_written: int = 0  # page data written into the tree's private memory
 
 
 # What a record of the wrong shape raises where restore reads it. The schemas check
@@ -73,30 +79,45 @@ def restore(req: RestoreRequest) -> RestoreResult:
 
 def _restore(req: RestoreRequest) -> RestoreResult:
     started = time.monotonic()
-    images = load(str(req.images_dir))
-    preflight(images, req.shell_job)
-    created: list[int] = []
-    seed = tree.Seed()
-    tasks: dict[int, Task] = {}
-    shared = memory.SharedObjects(images)
-    open_files = files.OpenFiles(
-        req.shell_job, images, shared, {p.pid: p.fds for p in images.processes}
-    )
+    template, req.template = req.template, None
     try:
+        images = load(str(req.images_dir), template.chain if template else None)
+        if template is not None and template.pid in _ids_of(images):
+            template.kill()  # it holds a PID the tree needs (another host's numbering)
+            template = None
+        preflight(images, req.shell_job)
+    except BaseException:
+        if template is not None:
+            template.kill()
+        raise
+    created: list[int] = []
+    origin = template or tree.Seed()  # the root is cloned from it
+    tasks: dict[int, Task] = {}
+    shared = open_files = None
+    try:
+        shared = memory.SharedObjects(images)
+        open_files = files.OpenFiles(
+            req.shell_job, images, shared, {p.pid: p.fds for p in images.processes}
+        )
+
+        def build(task: Task) -> None:
+            memory.rebuild(task, images.pieces.get(f"pid-{task.pid}", []), shared)
+
         for p in images.processes:
             for thread in p.threads:
-                threads.check_xstate(seed.pid, thread)
+                threads.check_xstate(origin.pid, thread)
         tasks = tree.create_tree(
             images,
-            seed,
+            origin,
             created,
-            build=lambda task: memory.rebuild(task, images, shared),
+            build=build,
             on_setsid=lambda task: pty.take_terminal(open_files, task),
         )
         pty.set_foreground(open_files, tasks)
         tree.create_zombies(images, tasks, created)
-        seed.kill()
-        seed = None
+        if template is None:  # a template goes once the tree runs: its exit takes time
+            origin.kill()
+            origin = None
         for task in tasks.values():
             _rebuild(task, shared, open_files, created)
         shared.every_process_has_them()
@@ -110,21 +131,37 @@ def _restore(req: RestoreRequest) -> RestoreResult:
             threads.restore_scheduling(task)
             threads.set_registers(task)
         _release(tasks, req.leave_stopped)
+        if template is not None:
+            template.send_kill()
+            origin = None
     except BaseException:
         for task in tasks.values():
             task.close_sessions()
         tree.kill_and_reap(created)
         raise
     finally:
-        if seed is not None:
-            seed.kill()
-        shared.close()
-        open_files.close()
+        if origin is not None:
+            origin.kill()
+        if shared is not None:
+            shared.close()
+        if open_files is not None:
+            open_files.close()
     if req.pidfile:
         _write_pidfile(req.pidfile, images.root.pid)
     return RestoreResult(
-        images.root.pid, [p.pid for p in images.processes], (time.monotonic() - started) * 1e3
+        images.root.pid,
+        [p.pid for p in images.processes],
+        (time.monotonic() - started) * 1e3,
+        sum(t.bytes_written for t in tasks.values()),
     )
+
+
+def _ids_of(images) -> set[int]:
+    """Every PID and thread id the restored tree takes."""
+    ids = set()
+    for p in images.processes:
+        ids.update((p.pid, *p.tids, p.sid, p.pgid, *(z["pid"] for z in p.zombies)))
+    return ids
 
 
 def _rebuild(task: Task, shared, open_files, created) -> None:

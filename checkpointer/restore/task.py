@@ -8,6 +8,7 @@ import resource
 from dataclasses import dataclass, field
 
 from checkpointer.errors import TargetError
+from checkpointer.images.resolve import Piece
 from checkpointer.kernel import ptrace, taskctl
 from checkpointer.kernel.inject import SyscallSession
 from checkpointer.restore.images import ProcessImage, RestoreError
@@ -23,13 +24,16 @@ class Task:
     # The task it was cloned from, whose rebuilt memory it starts with (None: the seed).
     cloned_from: Task | None = None
     vdso: dict[str, tuple[int, int]] | None = None  # where its vdso areas are, once rebuilt
+    pieces: list[Piece] = field(default_factory=list)  # where its rebuilt pages came from
+    bytes_written: int = 0  # of page data, into its memory (what it kept was not)
 
     def __post_init__(self) -> None:
         self.threads.setdefault(self.pid, self.session)
 
     @property
     def pid(self) -> int:
-        return self.image.pid
+        """Its PID: the image's, but for a template's (restore/template.py)."""
+        return self.session.tid
 
     def install_fd(self, our_fd: int) -> int:
         """Copy one of the restorer's fds into the task (pidfd_getfd from inside it),
@@ -84,9 +88,9 @@ def _room_for_fds(pid: int, count: int) -> None:
 def clone_task(
     creator: SyscallSession, flags: int, tid: int, exit_signal: int, created: list[int]
 ) -> SyscallSession:
-    """clone3 a process or thread with id `tid` from `creator` (set_tid); once it
-    reports its first stop (it is traced from birth), a session on it. `created`
-    gets the id at once, so a failure after this point kills it too."""
+    """clone3 a process or thread with id `tid` (0: any) from `creator` (set_tid);
+    once it reports its first stop (it is traced from birth), a session on it.
+    `created` gets the id at once, so a failure after this point kills it too."""
     try:
         got = taskctl.clone3(creator, flags, tid, exit_signal)
     except OSError as exc:

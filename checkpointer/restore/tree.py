@@ -36,6 +36,8 @@ __WALL = 0x40000000
 class Seed:
     """A forked, seized child of ours that only ever runs injected syscalls."""
 
+    task = None  # its memory is nobody's: what is cloned from it keeps nothing
+
     def __init__(self) -> None:
         read_end, write_end = os.pipe()
         pid = os.fork()
@@ -64,12 +66,14 @@ class Seed:
 
 def create_tree(
     images: RestoreImages,
-    seed: Seed,
+    origin,
     created: list[int],
     build=lambda task: None,
     on_setsid=lambda task: None,
 ) -> dict[int, Task]:
-    """Every process, each stopped in its first ptrace stop, in tree order.
+    """Every process, each stopped in its first ptrace stop, in tree order. The
+    root is cloned from `origin`: the Seed, or a template holding memory the root
+    may keep (restore/template.py; `origin.task` is then its Task).
     build(task) runs in each process before any other is cloned from it (its
     memory: the processes cloned from it share it copy-on-write); on_setsid(task)
     in each new session leader before its session's other processes exist (a
@@ -78,10 +82,12 @@ def create_tree(
     gone = _gone_leaders(images)
     tasks: dict[int, Task] = {}
     root = images.root
-    if root.sid in gone or root.pgid in gone:  # a daemon: its session's leader exited
-        tasks[root.pid] = Task(root, _clone_through_leader(seed.session, root, gone, created))
-    else:
-        tasks[root.pid] = Task(root, _clone(seed.session, root.pid, True, created))
+    with inherit.cloning(origin.task, root):
+        if root.sid in gone or root.pgid in gone:  # a daemon: its session's leader exited
+            clone = _clone_through_leader(origin.session, root, gone, created)
+        else:
+            clone = _clone(origin.session, root.pid, True, created)
+    tasks[root.pid] = Task(root, clone, cloned_from=origin.task)
     for image in images.processes:
         if image.pid not in tasks:  # an orphan: its parent is not in the tree
             root_task = tasks[root.pid]
