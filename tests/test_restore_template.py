@@ -7,16 +7,18 @@ the template and the final dump in the ways programs change them.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 from memcheck import compare_dump_with_process
-from restorelib import wait_stopped
-from targetlib import final_dump, predump
+from restorelib import start_lifecycle, wait_stopped
+from targetlib import CLI, assert_one_line_error, cli, final_dump, predump
 
 from checkpointer.errors import ImageError
 from checkpointer.freezer import Thaw
@@ -172,4 +174,59 @@ def test_a_restore_that_fails_kills_the_template_too(spawn, tmp_path):
     finally:
         os.kill(t.pid, signal.SIGCONT)
     time.sleep(0.05)
+    assert t.alive()
+
+
+# ---- restore --wait: the same, on one host, for a converge chain ----
+
+
+def _start_waiting_restore(final: Path, *extra: str) -> subprocess.Popen:
+    """`restore --wait` on `final`, returned once it is looking for the dump."""
+    p = subprocess.Popen([*CLI, "restore", "-D", str(final), "-v", *extra],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    line = p.stderr.readline()
+    assert "waiting for a dump" in line, line + p.stderr.read()
+    return p
+
+
+def test_a_restore_started_before_converge_restores_the_chain_from_a_template(tmp_path):
+    chain = tmp_path / "c"
+    waiting = _start_waiting_restore(
+        chain / "final", "--wait", "120", "-d", "--json", "--leave-stopped"
+    )
+    lc = start_lifecycle(tmp_path, 32)
+    try:
+        r = cli("converge", "-t", str(lc.pid), "-D", str(chain))
+        assert r.returncode == 0, r.stderr
+        lc.reap_original()  # the restore waits for the PIDs to be free
+        out, err = waiting.communicate(timeout=120)
+        assert waiting.returncode == 0, err
+        assert "template of" in err, err  # a pre-dump was rebuilt while the tree ran
+        res = json.loads(out)
+        assert res["root_pid"] == lc.pid
+        for pid in res["pids"]:
+            wait_stopped(pid)
+            compare_dump_with_process(chain / "final", pid)
+        assert res["bytes_written"] < 16 << 20, res  # of 64 MiB in two processes
+        for pid in res["pids"]:
+            os.kill(pid, signal.SIGCONT)
+        lc.carries_on()
+    finally:
+        waiting.kill()
+        lc.kill()
+
+
+def test_a_waiting_restore_gives_up_in_one_line(tmp_path):
+    before = children_of_ours()
+    r = cli("restore", "-D", str(tmp_path / "never"), "--wait", "0.3")
+    assert_one_line_error(r, "gave up waiting", "no dump appeared")
+    assert children_of_ours() == before
+
+
+def test_a_waiting_restore_waits_for_the_pids_then_gives_up(spawn, tmp_path):
+    t = spawn("--anon-mb", "4")
+    r = cli("dump", "-t", str(t.pid), "-D", str(tmp_path / "d"), "--leave-running")
+    assert r.returncode == 0, r.stderr
+    r = cli("restore", "-D", str(tmp_path / "d"), "--wait", "0.5")
+    assert_one_line_error(r, "gave up waiting", f"PID {t.pid} of the dump is still taken")
     assert t.alive()

@@ -34,9 +34,19 @@ from checkpointer.cli.common import CheckedCommand, setup_logging
 @click.option(
     "--shell-job", is_flag=True, help="Give the dump's terminal fds this shell's terminal."
 )
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="Start before the dump: wait up to SECONDS for it to be complete and for its "
+    "PIDs to be free, then restore at once. Meanwhile each pre-dump beside it (a "
+    "converge chain) is rebuilt in a template, so the restore writes only the pages "
+    "written since the last one.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("-v", "--verbose", count=True, help="Log more (-vv: debug).")
-def restore(images_dir, detached, leave_stopped, pidfile, shell_job, as_json, verbose):
+def restore(images_dir, detached, leave_stopped, pidfile, shell_job, wait_s, as_json, verbose):
     """Restore the process tree of a final dump, each process with its PID.
 
     Every process, thread, mapping, page, fd, signal handler and register comes
@@ -49,10 +59,16 @@ def restore(images_dir, detached, leave_stopped, pidfile, shell_job, as_json, ve
 
     setup_logging(verbose, None)
     req = RestoreRequest(images_dir, True, leave_stopped, shell_job, pidfile)
-    res = do_restore(req)
+    if wait_s is None:
+        res = do_restore(req)
+    else:
+        from checkpointer.restore.standby import wait_and_restore
+
+        res = wait_and_restore(req, wait_s)
     if as_json:
         click.echo(json.dumps({"root_pid": res.root_pid, "pids": res.pids,
-                               "restore_ms": res.restore_ms}))  # fmt: skip
+                               "restore_ms": res.restore_ms,
+                               "bytes_written": res.bytes_written}))  # fmt: skip
     else:
         click.echo(
             f"restored {len(res.pids)} process(es), root {res.root_pid}, "

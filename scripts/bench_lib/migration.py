@@ -27,7 +27,17 @@ import time
 from pathlib import Path
 
 from bench_lib import criustats
-from bench_lib.core import PAGE, ROOT, MiB, TempDir, dir_bytes, median, say, start_writer
+from bench_lib.core import (
+    PAGE,
+    ROOT,
+    MiB,
+    TempDir,
+    dir_bytes,
+    median,
+    say,
+    start_redis,
+    start_writer,
+)
 from bench_lib.native import settle_memory
 from bench_lib.nativecriu import native_criu
 
@@ -105,13 +115,21 @@ def _migrate(server, size_mb: int, rate_pct: float, tracker: str, tmp: Path) -> 
     """One `checkpointer migrate` of a fresh writer to the local sshd."""
     w = start_writer(tmp / "w", size_mb, rate_pct)
     threading.Thread(target=w.proc.wait, daemon=True).start()  # frees its PID
+    return _migrate_workload(server, w, tracker, tmp)
+
+
+def _migrate_workload(
+    server, w, tracker: str, tmp: Path, *extra: str, cleanup: bool = True
+) -> dict:
+    """One `checkpointer migrate` of the running workload `w` to the local sshd; w
+    and what was restored are killed at the end, unless not `cleanup`."""
     res: dict = {}
     try:
         settle_memory()
         argv = [sys.executable, "-m", "checkpointer", "migrate", "-t", str(w.pid),
                 "--to", server.host, *[f"--ssh-option={o}" for o in server.ssh_options],
                 "--remote-command", remote_command(), "--remote-dir", str(tmp / "remote"),
-                "--tracker", tracker, "--json"]  # fmt: skip
+                "--tracker", tracker, "--json", *extra]  # fmt: skip
         started = time.monotonic()
         p = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
         wall = time.monotonic() - started
@@ -124,16 +142,19 @@ def _migrate(server, size_mb: int, rate_pct: float, tracker: str, tmp: Path) -> 
             "frozen_ms": res["frozen_ms"],
             "downtime_ms": res["downtime_ms"],
             "restore_ms": res["restore_ms"],
+            "restore_bytes_written": res.get("restore_bytes_written", 0),
             "iterations": res["iterations"],
             "bytes_streamed": res["bytes_streamed"],
+            "pids": res["pids"],
         }
     finally:
-        for pid in res.get("pids", []):
+        for pid in res.get("pids", []) if cleanup else ():
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        w.kill()
+        if cleanup:
+            w.kill()
 
 
 def _criu_migration(
@@ -142,6 +163,15 @@ def _criu_migration(
     """CRIU's migration of the same writer (see the module's doc)."""
     w = start_writer(tmp / "cw", size_mb, rate_pct, name="criu-writer")
     threading.Thread(target=w.proc.wait, daemon=True).start()  # frees its PID
+    return _criu_migrate_workload(criu, w, tmp, pre_dumps)
+
+
+def _criu_migrate_workload(
+    criu: str, w, tmp: Path, pre_dumps: int = 0, tcp: tuple[str, ...] = (), cleanup: bool = True
+) -> dict:
+    """CRIU's migration of the running workload `w`; `tcp`: the options its final
+    dump and restore need for established connections; `cleanup` as in
+    _migrate_workload."""
     restored = None
     try:
         settle_memory()
@@ -150,14 +180,15 @@ def _criu_migration(
             time.sleep(PRE_DUMP_INTERVAL_S)
         started = time.monotonic()
         final = pre_dumps + 1
-        src, dst = _criu_pass(criu, w.pid, tmp, final, "dump", track=pre_dumps > 0)
+        src, dst = _criu_pass(criu, w.pid, tmp, final, "dump", track=pre_dumps > 0, extra=tcp)
         dumped = time.monotonic()
         for f in src.iterdir():  # the rest of the images: what scp would carry
             if f.name != "dump.log" and not os.path.lexists(dst / f.name):
                 (dst / f.name).write_bytes(f.read_bytes())
         copied = time.monotonic()
         rst = subprocess.run([criu, "restore", "-D", str(dst), "-d", "-o", "rst.log",
-                              "--pidfile", str(dst / "pid")],
+                              "--pidfile", str(dst / "pid"),
+                              *(["--tcp-established"] if tcp else [])],
                              capture_output=True, text=True, timeout=600)  # fmt: skip
         running = time.monotonic()
         if rst.returncode:
@@ -174,22 +205,137 @@ def _criu_migration(
             "page_bytes": pages,
             "image_bytes": dir_bytes(dst) - sum(f.stat().st_size for f in dst.glob("pages-*")),
             "pre_dumps": pre_dumps,
+            "pids": [restored],
         }
     except RuntimeError as err:
         return {"error": str(err)}
     finally:
-        if restored:
+        if restored and cleanup:
             try:
                 os.kill(restored, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        w.kill()
+        if cleanup:
+            w.kill()
 
 
 PRE_DUMP_INTERVAL_S = 1.0
+CRIU_TCP = ("--tcp-established", "--skip-in-flight")  # see netgap.py for the latter
 
 
-def _criu_pass(criu: str, pid: int, tmp: Path, n: int, kind: str, track: bool) -> tuple[Path, Path]:
+def redis_migration(
+    keys: int,
+    base: str | None,
+    tracker: str = "auto",
+    reps: int = 2,
+    criu: str = "criu",
+    criu_pre_dumps: int = 2,
+    settle_s: float = 10.0,
+) -> dict:
+    """redis under a redis-benchmark load migrated with its connections: `migrate
+    --tcp-established` against CRIU pre-copying (CRIU_TCP on its final dump), each
+    run on a fresh redis, alternating. Beside each tool's own downtime, two probes
+    (netgap.py) measure what clients saw: a connection kept across, and clients
+    connecting anew; the ratio is that of the medians of the kept connection's gap."""
+    say(f"migrate-redis: {keys} keys under load, over ssh, {reps} x both tools")
+    with TempDir("bench-migr-", base) as tmp:
+        server = start_sshd(tmp / "sshd")
+        runs: dict[str, list[dict]] = {"checkpointer": [], "criu": []}
+        try:
+            for rep in range(reps):
+                for tool in ("checkpointer", "criu") if rep % 2 == 0 else ("criu", "checkpointer"):
+                    run_dir = tmp / f"{tool}-{rep}"
+                    run_dir.mkdir()
+                    one = _redis_one(tool, server, keys, tracker, criu, criu_pre_dumps,
+                                     settle_s, run_dir)  # fmt: skip
+                    runs[tool].append(one)
+        finally:
+            stop_sshd(server)
+    good = {t: [r for r in rs if "error" not in r] for t, rs in runs.items()}
+    out = {"keys": keys, "runs": runs, "criu_version": _version(criu),
+           "criu_pre_dumps": criu_pre_dumps}  # fmt: skip
+    if good["checkpointer"] and good["criu"]:
+        ours = median([r["kept_gap_ms"] for r in good["checkpointer"]])
+        theirs = median([r["kept_gap_ms"] for r in good["criu"]])
+        out["kept_gap_ratio"] = ours / theirs
+        out["downtime_ratio"] = median([r["downtime_ms"] for r in good["checkpointer"]]) / median(
+            [r["downtime_ms"] for r in good["criu"]]
+        )
+    return out
+
+
+def _redis_one(tool, server, keys, tracker, criu, pre_dumps, settle_s, tmp: Path) -> dict:
+    from bench_lib.netgap import _Probe, _redis, what_probes_saw
+
+    port = _free_port()
+    w = start_redis(tmp / "redis", keys, 64, port=port)
+    threading.Thread(target=w.proc.wait, daemon=True).start()  # frees its PID
+    probes = [_Probe(port, fresh=False), _Probe(port, fresh=True)]
+    for p in probes:
+        p.start()
+    time.sleep(1)
+    keys_before = int(_redis(port, "DBSIZE")[1:])
+    res: dict = {}
+    try:
+        if tool == "criu":
+            res = _criu_migrate_workload(criu, w, tmp, pre_dumps, CRIU_TCP, cleanup=False)
+        else:
+            res = _migrate_workload(server, w, tracker, tmp, "--tcp-established", cleanup=False)
+        done = time.monotonic()
+        if "error" in res:
+            return res
+        seen = what_probes_saw(probes, port, settle_s, done)
+        return {**res, **seen, "tool": tool, "keys_before": keys_before}
+    except (RuntimeError, OSError, ValueError) as err:
+        return {"error": f"{type(err).__name__}: {err}"}
+    finally:
+        for p in probes:
+            p.stop.set()
+        for pid in res.get("pids", []):  # the restored redis
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        w.kill()  # the load, and the source if it is still there
+
+
+def render_redis(r: dict, title: str) -> str:
+    head = f"### {title}"
+    rows = []
+    for tool in ("checkpointer", "criu"):
+        for one in r["runs"][tool]:
+            if "error" in one:
+                rows.append(f"| {tool} | failed: {one['error'][:200]} | | | | | | |")
+                continue
+            rows.append(
+                f"| {tool} | {one['downtime_ms']:.0f} | {one['frozen_ms']:.0f} "
+                f"| {one['restore_ms']:.0f} | {one['kept_gap_ms']:.0f} "
+                f"| {'yes' if one['kept_alive'] else 'NO'} | {one['new_client_gap_ms']:.0f} "
+                f"| {one['keys_before']} / {one['keys_after']} |"
+            )
+    lines = [
+        head, "",
+        f"redis with {r['keys']} keys of 64 bytes under a redis-benchmark load, two probes "
+        f"(a connection kept across, new clients every 10 ms); checkpointer `migrate "
+        f"--tcp-established` over ssh; CRIU ({r['criu_version']}) {r['criu_pre_dumps']} x "
+        f"`pre-dump --track-mem --page-server`, `dump {' '.join(CRIU_TCP)} --page-server`, "
+        f"`restore -d --tcp-established`.", "",
+        "| tool | downtime ms | frozen ms | restore ms | kept connection: gap ms | "
+        "answered after | new clients: gap ms | keys before / after |",
+        "|---|---|---|---|---|---|---|---|", *rows, "",
+    ]  # fmt: skip
+    if "kept_gap_ratio" in r:
+        lines.append(
+            f"- kept connection's gap checkpointer / CRIU (medians): "
+            f"**{r['kept_gap_ratio']:.2f}**; tools' downtime: **{r['downtime_ratio']:.2f}** "
+            f"(goal <= 0.5)"
+        )
+    return "\n".join(lines)
+
+
+def _criu_pass(
+    criu: str, pid: int, tmp: Path, n: int, kind: str, track: bool, extra: tuple = ()
+) -> tuple[Path, Path]:
     """One CRIU pass (`pre-dump` or `dump`) sending its pages to a fresh page server;
     pass n > 1 builds on n - 1, on both sides (a `parent` link in each directory).
     `track`: --track-mem (soft-dirty), on every pass of a pre-copy chain, the final
@@ -208,7 +354,7 @@ def _criu_pass(criu: str, pid: int, tmp: Path, n: int, kind: str, track: bool) -
         _wait_listening(port)
         argv = [criu, kind, "-t", str(pid), "-D", str(src), "--page-server", "--address",
                 "127.0.0.1", "--port", str(port), *parent, "-o", f"{kind}.log",
-                *(["--track-mem"] if track else [])]  # fmt: skip
+                *(["--track-mem"] if track else []), *extra]  # fmt: skip
         run = subprocess.run(argv, capture_output=True, text=True, timeout=600)
         if run.returncode == 0:
             server.wait(timeout=60)  # done once the dump closed its connection

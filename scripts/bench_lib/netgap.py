@@ -23,6 +23,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -147,10 +149,34 @@ def _checkpoint(tool: str, tracker: str, pid: int, images: Path) -> tuple[Run, f
     return run, run.json["downtime_ms"] if run.json else None
 
 
-def _restore(tool: str, images: Path) -> Run:
+def _restore(tool: str, images: Path, waiting: subprocess.Popen | None) -> Run:
     if tool == "criu":
         return _criu(["restore", "-d", "--tcp-established"], images / "2", "restore.log")
+    if waiting is not None:  # started before the checkpoint: it restores by itself
+        started = time.monotonic()
+        out, err = waiting.communicate(timeout=600)
+        run = Run(waiting.args, waiting.returncode, time.monotonic() - started, 0, 0.0, 0.0,
+                  out, err)  # fmt: skip
+        return run.check()
     return cp("restore", "-D", str(images / "final"), "-d")
+
+
+def _start_waiting_restore(images: Path) -> subprocess.Popen:
+    """`restore --wait` on the final dump to come, once it is looking for it."""
+    argv = [sys.executable, "-m", "checkpointer", "restore", "-D", str(images / "final"),
+            "--wait", "3600", "-d", "--json", "-v"]  # fmt: skip
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = p.stderr.readline()
+    if "waiting for a dump" not in line:
+        p.kill()
+        raise RuntimeError(f"restore --wait did not start: {line}{p.stderr.read()[-500:]}")
+    return p
+
+
+def tool_name(tool: str, tracker: str) -> str:
+    if tool == "criu":
+        return tool
+    return f"checkpointer {tracker}" + (", restore --wait" if tool == "checkpointer-wait" else "")
 
 
 def _one(tool: str, tracker: str, keys: int, settle_s: float, tmp: Path) -> dict:
@@ -158,7 +184,10 @@ def _one(tool: str, tracker: str, keys: int, settle_s: float, tmp: Path) -> dict
     w = start_redis(tmp / "redis", keys, 64, port=port)
     pid = w.pid
     probes = [_Probe(port, fresh=False), _Probe(port, fresh=True)]
+    waiting = None
     try:
+        if tool == "checkpointer-wait":
+            waiting = _start_waiting_restore(tmp / "images")
         for p in probes:
             p.start()
         time.sleep(1)
@@ -166,43 +195,57 @@ def _one(tool: str, tracker: str, keys: int, settle_s: float, tmp: Path) -> dict
         conv, frozen_ms = _checkpoint(tool, tracker, pid, tmp / "images")
         checkpointed_at = time.monotonic()
         w.proc.wait(timeout=120)  # reaped: its PID is free for the restore
-        rest = _restore(tool, tmp / "images")
+        rest = _restore(tool, tmp / "images", waiting)
         restored_at = time.monotonic()
-        time.sleep(settle_s)  # the kept connection's retransmission, reconnects
-        now = time.monotonic()
-        for p in probes:
-            p.stop.set()
-            p.join(timeout=10)
-        kept, fresh = probes
-        served = _info_int(port, "total_commands_processed")
-        time.sleep(1)
-        load_alive = _info_int(port, "total_commands_processed") > served + 100
+        seen = what_probes_saw(probes, port, settle_s, restored_at)
+        kept = probes[0]
         return {
-            "tool": tool if tool == "criu" else f"checkpointer {tracker}",
+            **seen,
+            "tool": tool_name(tool, tracker),
             "final_frozen_ms": frozen_ms,
             "checkpoint_wall_s": conv.wall_s,
             "restore_wall_s": rest.wall_s,
-            "kept_gap_ms": kept.gap_s(now) * 1e3,
-            "kept_alive": not kept.broken and kept.last > restored_at,
             # The kept connection's silence, split: until the checkpoint command
             # exited, then until the first answer (the restore command, or most of it).
             "kept_gap_split_ms": [
                 (checkpointed_at - kept.silence[0]) * 1e3,
                 (kept.silence[1] - checkpointed_at) * 1e3,
             ],
-            "new_client_gap_ms": fresh.gap_s(now) * 1e3,
             "keys_before": keys_before,
-            "keys_after": int(_redis(port, "DBSIZE")[1:]),
-            "load_alive": load_alive,
         }
     finally:
         for p in probes:
             p.stop.set()
+        if waiting is not None and waiting.poll() is None:
+            waiting.kill()
+            waiting.communicate()
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         w.kill()
+
+
+def what_probes_saw(probes: list[_Probe], port: int, settle_s: float, back_at: float) -> dict:
+    """After the service is `back_at` (monotonic): let the probes run `settle_s` more
+    (the kept connection's retransmission, reconnects), stop them, and report their
+    longest silences, whether the kept connection answered after, the keys, and
+    whether the load goes on."""
+    time.sleep(settle_s)
+    now = time.monotonic()
+    for p in probes:
+        p.stop.set()
+        p.join(timeout=10)
+    kept, fresh = probes
+    served = _info_int(port, "total_commands_processed")
+    time.sleep(1)
+    return {
+        "kept_gap_ms": kept.gap_s(now) * 1e3,
+        "kept_alive": not kept.broken and kept.last > back_at,
+        "new_client_gap_ms": fresh.gap_s(now) * 1e3,
+        "keys_after": int(_redis(port, "DBSIZE")[1:]),
+        "load_alive": _info_int(port, "total_commands_processed") > served + 100,
+    }
 
 
 SUMMED = ("final_frozen_ms", "restore_wall_s", "kept_gap_ms", "new_client_gap_ms")
@@ -231,7 +274,7 @@ def redis_gap(
                 try:
                     row = _one(tool, tracker, keys, settle_s, tmp)
                 except Exception as err:  # noqa: BLE001 - reported, not raised
-                    name = tool if tool == "criu" else f"checkpointer {tracker}"
+                    name = tool_name(tool, tracker)
                     row = {"tool": name, "error": f"{type(err).__name__}: {str(err)[-600:]}"}
             row["run"] = i + 1
             rows.append(row)
@@ -247,9 +290,14 @@ def redis_gap(
     names = list(medians)
     crius = [n for n in names if n == "criu"]
     ours = [n for n in names if n != "criu"]
-    if crius and ours:
-        a, b = medians[ours[0]], medians["criu"]
+    if crius:
+        b = medians["criu"]
         out["ratio_vs_criu"] = {
-            k: a[k] / b[k] for k in ("kept_gap_ms", "new_client_gap_ms") if k in a and k in b
+            name: {
+                k: medians[name][k] / b[k]
+                for k in ("kept_gap_ms", "new_client_gap_ms")
+                if k in medians[name] and k in b
+            }
+            for name in ours
         }
     return out

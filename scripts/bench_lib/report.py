@@ -297,9 +297,13 @@ def redis_gap(r: dict, title: str) -> str:
               "kept connection answered after", "new clients: gap ms",
               "keys before / after", "load goes on"]  # fmt: skip
     out = f"### {title} ({r['keys']} keys, redis-benchmark load)\n\n" + _t(header, rows)
-    ratio = r.get("ratio_vs_criu")
-    if ratio:
-        out += "\n\nMedian gap, checkpointer / CRIU (goal ≤ 0.5): " + ", ".join(
+    ratios = r.get("ratio_vs_criu") or {}
+    if ratios and not isinstance(next(iter(ratios.values())), dict):
+        ratios = {"checkpointer": ratios}  # one tool: JSON of before 2026-11-28
+    for name, ratio in ratios.items():
+        if not ratio:
+            continue
+        out += f"\n\nMedian gap, {name} / CRIU (goal ≤ 0.5): " + ", ".join(
             f"{k.removesuffix('_gap_ms').replace('_', ' ')} {v:.2f} {_met(v <= 0.5)}"
             for k, v in ratio.items()
         )
