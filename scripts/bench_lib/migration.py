@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -81,6 +82,8 @@ def migration(
                         if "error" in one:
                             return one
                         ours.append(one)
+                    # Images on a guest's /tmp are memory (tmpfs): one run's at a time.
+                    shutil.rmtree(run_dir, ignore_errors=True)
             res = sorted(ours, key=lambda r: r["downtime_ms"])[len(ours) // 2]
             streamed = res["bytes_streamed"]
             stream_s = sum(i["send_ms"] for i in res["iterations"]) / 1000
@@ -249,6 +252,7 @@ def redis_migration(
                     one = _redis_one(tool, server, keys, tracker, criu, criu_pre_dumps,
                                      settle_s, run_dir)  # fmt: skip
                     runs[tool].append(one)
+                    shutil.rmtree(run_dir, ignore_errors=True)
         finally:
             stop_sshd(server)
     good = {t: [r for r in rs if "error" not in r] for t, rs in runs.items()}
