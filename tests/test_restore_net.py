@@ -19,7 +19,7 @@ from redislib import HAVE_REDIS, Resp, commands_processed, start_benchmark, star
 from targetlib import CLI, assert_one_line_error, cli, free_port
 
 from checkpointer.images import Dump
-from checkpointer.kernel import sockets
+from checkpointer.kernel import netlock, sockets
 
 
 @pytest.fixture
@@ -593,10 +593,11 @@ def test_tcp_established_goes_on_with_the_flag(program, tmp_path):
         peer.sendall(b"queued at the dump|")
         time.sleep(0.1)
         dump_and_kill(prog.pid, tmp_path / "images", "--tcp-established", reap=prog.reap)
-        assert f"--dport {port} -j DROP" in _lock_rules()
+        lock = _lock_rule(server.getsockname()[1], port)
+        assert lock in _lock_rules()
         peer.sendall(b"sent while it was down|end")  # retransmitted until it is back
         restore(tmp_path / "images")
-        assert f"--dport {port} -j DROP" not in _lock_rules()
+        assert lock not in _lock_rules()
         prog.go()
         expected = b"queued at the dump|sent while it was down|end"
         assert prog.result("got") == expected
@@ -617,7 +618,7 @@ def test_tcp_established_left_running_goes_on_unlocked(program, tmp_path):
         r = cli("dump", "-t", str(prog.pid), "-D", str(tmp_path / "images"),
                 "--tcp-established", "--leave-running")  # fmt: skip
         assert r.returncode == 0, r.stderr
-        assert f"--dport {port} -j DROP" not in _lock_rules()
+        assert _lock_rule(server.getsockname()[1], port) not in _lock_rules()
         assert "tcp_repair" in str(Dump.open(str(tmp_path / "images")).fds(prog.pid))
         prog.go()
         peer.sendall(b"after a dump|end")
@@ -742,7 +743,7 @@ def test_tcp_connection_that_ended_with_bytes_unread_is_refused(program, tmp_pat
 
 
 @pytest.mark.parametrize("damage", ["drop-window", "queue-as-text", "no-peer", "negative-window"])
-def test_tcp_record_of_a_damaged_image_is_refused_in_one_line(program, tmp_path, damage):
+def test_tcp_record_of_a_damaged_image_is_refused_in_one_line(program, tmp_path, damage, request):
     """A hostile or damaged connection record (the fd schema leaves socket fields to
     their kind) was met halfway, with a KeyError's traceback: refused before any
     process exists now."""
@@ -750,8 +751,12 @@ def test_tcp_record_of_a_damaged_image_is_refused_in_one_line(program, tmp_path,
 
     with socket.create_server(("127.0.0.1", 0)) as server:
         prog = program(CLIENT.format(port=server.getsockname()[1]))
-        peer, _ = server.accept()
+        peer, (_, port) = server.accept()
         dump_and_kill(prog.pid, tmp_path / "images", "--tcp-established", reap=prog.reap)
+        # No restore will lift the connection's lock: lifted here, or a later
+        # connection with the same ports would find its segments dropped.
+        lock = (2, ("127.0.0.1", port), ("127.0.0.1", server.getsockname()[1]))
+        request.addfinalizer(lambda: netlock.unlock_connections([lock]))
         path = tmp_path / "images" / f"fds-{prog.pid}"
         records = fmt.read_records(str(path))
         rec = next(r for r in records if r.get("tcp_state") == "established")
@@ -815,6 +820,11 @@ def test_tcp_connection_keeps_so_reuseaddr_through_repair_mode(program, tmp_path
         with socket.socket() as again:
             again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             again.bind(("127.0.0.1", port))  # a restarted server
+
+
+def _lock_rule(peer_port: int, local_port: int) -> str:
+    """What `iptables -S` shows of the lock of a loopback connection."""
+    return f"--sport {peer_port} --dport {local_port} -j DROP"
 
 
 def _lock_rules() -> str:
