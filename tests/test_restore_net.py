@@ -609,6 +609,20 @@ def test_tcp_established_goes_on_with_the_flag(program, tmp_path):
         peer.close()
 
 
+def test_unlock_lifts_the_locks_of_a_dump_that_will_not_be_restored(program, tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        prog = program(CLIENT.format(port=server.getsockname()[1]))
+        peer, (_, port) = server.accept()
+        dump_and_kill(prog.pid, tmp_path / "images", "--tcp-established", reap=prog.reap)
+        lock = _lock_rule(server.getsockname()[1], port)
+        assert lock in _lock_rules()
+        r = cli("unlock", "-D", str(tmp_path / "images"))
+        assert (r.returncode, r.stdout) == (0, "lifted the locks of 1 connection(s)\n"), r.stderr
+        assert lock not in _lock_rules()
+        peer.close()
+    assert_one_line_error(cli("unlock", "-D", str(tmp_path / "none")), "no such dump directory")
+
+
 def test_tcp_established_left_running_goes_on_unlocked(program, tmp_path):
     """dump --leave-running --tcp-established: the connection leaves repair mode and
     its lock before the program runs again."""

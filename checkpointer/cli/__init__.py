@@ -11,7 +11,7 @@ from checkpointer import __version__
 # command starts sooner for it (under emulation, imports cost seconds).
 COMMAND_MODULES = {
     **dict.fromkeys(("dump", "pre-dump", "converge", "check", "untrack"), "dump_cmds"),
-    "restore": "restore_cmds",
+    **dict.fromkeys(("restore", "unlock"), "restore_cmds"),
     **dict.fromkeys(("migrate", "receive", "page-server"), "migrate_cmds"),
     **dict.fromkeys(("show", "decode", "info", "x", "extract", "verify"), "inspect_cmds"),
 }

@@ -1,4 +1,4 @@
-"""restore: parsing and printing only."""
+"""restore, unlock: parsing and printing only."""
 
 from __future__ import annotations
 
@@ -76,3 +76,31 @@ def restore(images_dir, detached, leave_stopped, pidfile, shell_job, wait_s, as_
         )
     if not detached:
         raise SystemExit(wait_root(res.root_pid))
+
+
+@main.command(cls=CheckedCommand)
+@click.option(
+    "-D",
+    "--images-dir",
+    "images_dir",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="A dump taken with --tcp-established.",
+)
+@click.option("-v", "--verbose", count=True, help="Log more (-vv: debug).")
+def unlock(images_dir, verbose):
+    """Lift the TCP locks of a dump that will not be restored.
+
+    A dump with --tcp-established that killed its tree leaves a netfilter rule per
+    connection (chain CHECKPOINTER) so that the peers see no reset until the
+    restore, which lifts them. If the images will never be restored, this lifts
+    them: otherwise a later connection between the same two ports would have its
+    segments dropped.
+    """
+    from checkpointer.fdstate.tree import lift_locks
+    from checkpointer.images import Dump
+
+    setup_logging(verbose, None)
+    with Dump.open(str(images_dir)) as dump:
+        count = lift_locks({pid: dump.fds(pid) for pid in dump.pids})
+    click.echo(f"lifted the locks of {count} connection(s)")

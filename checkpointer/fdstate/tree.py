@@ -236,6 +236,20 @@ def connection(rec: dict) -> netlock.Connection:
     return FAMILY_NUMBERS[rec["sock_family"]], rec["sock_local"], rec["sock_peer_addr"]
 
 
+def lift_locks(records: dict[int, list[dict]]) -> int:
+    """Remove the netfilter rules that lock the connections of a dump's fd records
+    (`unlock`: images that will not be restored; a restore lifts them itself).
+    Returns how many connections there were."""
+    conns = {
+        rec["sock_inode"]: connection(rec)
+        for recs in records.values()
+        for rec in recs
+        if rec.get("tcp_state") in REPAIRED
+    }
+    netlock.unlock_connections(list(conns.values()))
+    return len(conns)
+
+
 def repair_established(records: dict[int, list[dict]], held: RepairedConnections) -> None:
     """Lock every established connection (one netfilter batch), turn repair mode
     on, and add its state (tcp_repair) to every fd record of it."""
