@@ -53,6 +53,14 @@ def read_vmas_reusing(pid: int, known: list[Vma] | None = None) -> tuple[list[Vm
     return [Vma(*m[:7], tuple(flags.get(m.start, ())), m.deleted) for m in maps], False
 
 
+def read_vmas_listed(pid: int, known: list[Vma]) -> list[Vma]:
+    """The process's VMAs from its maps file alone (cheap enough to read while it
+    is stopped), with the smaps flags of `known` where a mapping is listed alike
+    there, and none where it is not."""
+    by_key = {_key(v): v for v in known}
+    return [by_key.get(_key(m)) or Vma(*m[:7], (), m.deleted) for m in proc.read_maps(pid)]
+
+
 # VmFlags that are tracking state, not the target's: uffd registration (this tool's
 # uffd-wp tracker registers in the window), soft-dirty (cleared by its reset).
 _TRACKING_FLAGS = frozenset({"um", "uw", "ui", "sd"})

@@ -25,6 +25,7 @@ from checkpointer.fdstate import tree as fdtree
 from checkpointer.freezer import (
     Freezer,
     FrozenTree,
+    ProcessFreezer,
     Thaw,
     live_tree,
     parents_in,
@@ -640,7 +641,7 @@ class _Pass:
         pages: dict[int, dict[int, VmaPages]] = {}
         for pid in tree.pids:
             try:
-                tracker.prepare(pid, private[pid])
+                self._prepare(tracker, pid, private[pid], frozen)
             except (TargetError, OSError, KeyError):
                 if not self._vanished(pid):
                     raise
@@ -658,6 +659,24 @@ class _Pass:
                     raise
                 pages[pid] = {v.start: VmaPages([], None) for v in private[pid]}
         return {pid: pages[pid] for pid in tree.pids}
+
+    def _prepare(self, tracker: Tracker, pid: int, private: list[Vma], frozen: bool) -> None:
+        """The tracker's registrations, with the VMAs of the instant: a range read
+        while the process ran may cut into a region it mapped since, and the kernel
+        would split that region in two. A running process is stopped for it, and
+        only when there is something to register."""
+        if frozen:
+            tracker.prepare(pid, private)
+            return
+        if not tracker.needs_stop(pid, private):
+            return
+        started = time.monotonic()
+        with ProcessFreezer(pid):
+            listed = collect.read_vmas_listed(pid, private)
+            tracker.prepare(pid, [v for v in listed if v.policy is Policy.PRIVATE])
+        stopped_us = _us_since(started)
+        self.times["frozen_time"] += stopped_us
+        log.debug("process %d stopped %d us for its tracker's registrations", pid, stopped_us)
 
     def _snapshots(self, freeze: bool) -> bool:
         """A copy-on-write snapshot shortens the window of a dump that lets the tree

@@ -298,6 +298,14 @@ class Freezer:
         return sorted(pids, key=lambda p: (p != self.root, p))
 
 
+class ProcessFreezer(Freezer):
+    """Stops every thread of one process, not its children: long enough to change
+    its memory map's kernel state with nothing of it moving."""
+
+    def _descendants(self) -> list[int]:
+        return [self.root]
+
+
 def descendants(root: int) -> list[int]:
     """root and every process below it, parents first (processes that exit while
     the walk runs are left out)."""

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from checkpointer import collect, trackstate
-from checkpointer.freezer import stopped_thread
+from checkpointer.errors import TargetError
+from checkpointer.freezer import ProcessFreezer
+from checkpointer.kernel import proc
 from checkpointer.trackers.uffdwp import UffdWpTracker
 
 
@@ -17,8 +21,22 @@ def untrack(pid: int) -> str:
         if state.tracker == "uffd-wp":
             tracker = UffdWpTracker()
             for key, extra in state.extra.items():
-                tracker.untrack(int(key), extra, lambda pid=int(key): stopped_thread(pid))
+                member = int(key)
+                if not _same_process(member, extra.get("start_time")):
+                    continue  # exited (its PID may be another process's now)
+                # Unregistering a range splits any VMA it cuts into: the ranges
+                # must be the VMAs of the instant, read with every thread stopped.
+                with ProcessFreezer(member):
+                    stop = lambda m=member: contextlib.nullcontext(proc.live_tid(m))  # noqa: E731
+                    tracker.untrack(member, extra, stop)
             done = f"process {pid}: unregistered userfaultfd write-protection and closed its fd"
         # soft-dirty bits need no undoing: they cost the target nothing.
         trackstate.forget(pid)
         return done
+
+
+def _same_process(pid: int, start_time: int | None) -> bool:
+    try:
+        return start_time is None or collect.start_time(pid) == start_time
+    except TargetError:
+        return False

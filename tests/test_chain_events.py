@@ -104,6 +104,26 @@ def test_mmap_churn_during_pre_dumps(spawn, tmp_path, tracker):
 
 
 @pytest.mark.parametrize("tracker", TRACKERS)
+def test_pre_dumps_never_split_a_region_being_remapped(spawn, tmp_path, tracker):
+    """Threads map a region, touch it and move it whole with mremap, over and over,
+    while pre-dumps run beside them. uffd-wp registered the VMA ranges it had read a
+    moment before; a range cut into a region mapped since splits it into two VMAs,
+    and mremap of a range over two VMAs fails (EFAULT): the program saw its own
+    mremap fail (a C program that did not check crashed with SIGSEGV)."""
+    t = spawn("--anon-mb", "4")
+    t.command("movechurn 3")
+    parent = None
+    for i in range(1, 7):
+        predump(t.pid, tmp_path / str(i), parent, tracker)
+        parent = f"../{i}"
+    _, moved, _, failed, _, _, err = t.command("movecount")[0].split()
+    assert int(moved) > 0
+    assert int(failed) == 0, f"{failed} of the target's mremap calls failed (errno {err})"
+    final_dump(t.pid, tmp_path / "final", parent, tracker)
+    stopped_and_equal(t, tmp_path / "final", t.pid)
+
+
+@pytest.mark.parametrize("tracker", TRACKERS)
 def test_exec_between_passes(spawn, tmp_path, tracker):
     """exec keeps PID and start time but replaces all memory."""
     t = spawn("--anon-mb", "4")

@@ -232,8 +232,9 @@ def pre_dump_cmd(
 
     Without a parent: every present page, and tracking is reset. With
     --prev-images-dir: only pages written since the parent; the rest is recorded as
-    held by the parent. uffd-wp and full need no freeze at all; soft-dirty freezes
-    only to read and reset the dirty bits.
+    held by the parent. full needs no freeze at all; uffd-wp stops a process only
+    to register memory it mapped since the last pass; soft-dirty freezes only to
+    read and reset the dirty bits.
     """
     from checkpointer.dump import DumpRequest, pre_dump
 

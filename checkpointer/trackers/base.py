@@ -39,9 +39,16 @@ class Tracker(ABC):
     # Then a walk of smaps (which holds it for reading) can run beside the scan.
     scan_only_reads: bool = False
 
+    def needs_stop(self, pid: int, vmas: list[Vma]) -> bool:
+        """Must a running process be stopped for prepare()? `vmas`: as read a moment
+        ago, while it ran."""
+        return False
+
     def prepare(self, pid: int, vmas: list[Vma]) -> None:  # noqa: B027 (optional hook)
-        """The part of the next scan() of these vmas that takes the target's mmap
-        lock for writing (registrations), done first; scan() does it if not."""
+        """The part of the next scan() that takes the target's mmap lock for
+        writing (registrations), done first. `vmas` are the process's VMAs of this
+        instant: it is frozen, or stopped for this call (needs_stop). The caller
+        skips it for a running process that needs no stop."""
 
     @abstractmethod
     def scan(self, pid: int, vmas: list[Vma], incremental: bool) -> dict[int, VmaPages]:

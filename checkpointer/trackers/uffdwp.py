@@ -5,12 +5,19 @@ thread is stopped for about a millisecond) and its VMAs are registered in
 async write-protect mode from here through a pidfd_getfd copy. A write then
 only clears the page's protection, which PAGEMAP_SCAN reports as WRITTEN; a
 scan with PM_SCAN_WP_MATCHING reports and re-protects atomically per page, so a
-pre-dump needs no freeze at all. Tracking lives as long as the target keeps its
+pre-dump copies while the target runs (it stops a process only to register VMAs
+it mapped since the last pass, below). Tracking lives as long as the target keeps its
 copy of the fd, across separate runs of the tool.
 
 New VMAs (mmap, brk growth, mremap moves) are not registered: they are found
 on every scan by the missing "uw" VmFlag, registered, and dumped whole. A lost
 registration (the target closed the fd) forces a full pass.
+
+A registration (or unregistration) splits every VMA its range cuts into, and
+mremap refuses to move a range that spans two VMAs (EFAULT). So ranges are only
+ever registered as the process's VMAs are at that instant: read while it is
+frozen, or stopped for just that (needs_stop). A range read while it ran may by
+then cut into a region the program mapped since.
 """
 
 from __future__ import annotations
@@ -34,8 +41,11 @@ class UffdWpTracker(Tracker):
 
     def __init__(self) -> None:
         self._fds: dict[int, int] = {}  # pid -> our copy of the target's uffd
-        # pid -> vma start -> (it was not registered yet, our registration holds it)
-        self._registered: dict[int, dict[int, tuple[bool, bool]]] = {}
+        # pid -> (vma start, end) -> (it was not registered yet, our registration
+        # holds it), as prepare() found them
+        self._registered: dict[int, dict[tuple[int, int], tuple[bool, bool]]] = {}
+        # pid -> does it hold a userfaultfd of its own (inherited_traces)
+        self._foreign: dict[int, bool] = {}
 
     def attach(self, pid: int, state: dict, stop: StopThread) -> dict:
         target_fd = state.get("uffd_fd")
@@ -73,6 +83,8 @@ class UffdWpTracker(Tracker):
                         out.add(fd)
                 except OSError:
                     pass  # that process is gone, or its fd closed
+        # The rest are the program's own: read here, where the fds are listed anyway.
+        self._foreign[pid] = bool(set(candidates) - out)
         return out
 
     def drop_inherited(self, pid: int, fds: set[int], stop: StopThread) -> None:
@@ -89,24 +101,43 @@ class UffdWpTracker(Tracker):
             return f"the target closed its userfaultfd (fd {target_fd})"
         return None
 
-    def prepare(self, pid: int, vmas: list[Vma]) -> None:
-        """Register every VMA: a new one for the first time, a registered one again,
-        which our uffd accepts and another's refuses (EBUSY)."""
-        self._registered[pid] = {vma.start: self._register(pid, vma) for vma in vmas}
+    def needs_stop(self, pid: int, vmas: list[Vma]) -> bool:
+        """A running process is stopped to register the VMAs it mapped since the
+        last pass, and on every pass while it holds a userfaultfd of its own: only
+        registering again tells the tool's registrations from the program's."""
+        if self._foreign.get(pid, True):
+            return True
+        return any(_to_register(vma) for vma in vmas)
 
-    def _register(self, pid: int, vma: Vma) -> tuple[bool, bool]:
-        new = not uffd.vma_is_wp_registered(vma.vmflags)
-        return new, uffd.register_wp(self._fds[pid], vma.start, vma.end - vma.start)
+    def prepare(self, pid: int, vmas: list[Vma]) -> None:
+        """Register the VMAs not registered yet. Without a userfaultfd of the
+        program's own, a registered VMA ("uw") can only be the tool's (the last
+        close of a userfaultfd unregisters its VMAs). With one, every VMA is
+        registered again, which the tool's uffd accepts and another's refuses
+        (EBUSY)."""
+        foreign = self._foreign.get(pid, True)
+        fd = self._fds[pid]
+        registered = self._registered[pid] = {}
+        for vma in vmas:
+            known = uffd.vma_is_wp_registered(vma.vmflags)
+            ours = (known and not foreign) or uffd.register_wp(fd, vma.start, vma.size)
+            registered[(vma.start, vma.end)] = (not known, ours)
 
     def scan(self, pid: int, vmas: list[Vma], incremental: bool) -> dict[int, VmaPages]:
         registered = self._registered.pop(pid, {})
+        foreign = self._foreign.get(pid, True)
         result = {}
         with pagemap.Pagemap(pid) as pm:
             for vma in vmas:
-                new, ours = registered.get(vma.start) or self._register(pid, vma)
-                if new:
-                    if ours:
-                        pm.written_and_protect(vma.start, vma.end)  # start clean
+                new, ours = registered.get((vma.start, vma.end)) or (
+                    # Not registered by this pass: as it was, or changed since the
+                    # list was read (then the walk below refuses a range that is
+                    # not all registered, and it is copied whole).
+                    False,
+                    uffd.vma_is_wp_registered(vma.vmflags) and not foreign,
+                )
+                if new and ours:
+                    pm.written_and_protect(vma.start, vma.end)  # start clean
                     # Read after the protect: a page first touched before it is
                     # reported by nothing else, ever.
                     present = pm.data_runs(vma.start, vma.end, vma.anonymous)
@@ -115,8 +146,8 @@ class UffdWpTracker(Tracker):
                 read = self._read_and_reset(pm, vma) if ours else None
                 if read is None:
                     log.info(
-                        "process %d: %x-%x is write-protected by its own userfaultfd: "
-                        "copied whole on every pass",
+                        "process %d: %x-%x is not tracked by the tool's userfaultfd "
+                        "(the program's own, or it changed during the pass): copied whole",
                         pid,
                         vma.start,
                         vma.end,
@@ -151,15 +182,15 @@ class UffdWpTracker(Tracker):
             return None
 
     def untrack(self, pid: int, state: dict, stop: StopThread) -> None:
+        """(Every thread of pid stopped: the ranges are the VMAs of the instant.)"""
         target_fd = state.get("uffd_fd")
         if target_fd is None or not uffd.is_target_uffd(pid, target_fd):
             return
         fd = uffd.get_fd(pid, target_fd)
         try:
-            flags = proc.read_smaps_vmflags(pid)
-            for m in proc.read_maps(pid):
-                if uffd.vma_is_wp_registered(flags.get(m.start, [])):
-                    uffd.unregister(fd, m.start, m.end - m.start)
+            for start, end, flags in proc.read_smaps_vmas(pid):
+                if uffd.vma_is_wp_registered(flags):
+                    uffd.unregister(fd, start, end - start)
         finally:
             os.close(fd)
         with stop() as tid:
@@ -172,6 +203,11 @@ class UffdWpTracker(Tracker):
             except OSError:
                 pass
         self._fds.clear()
+
+
+def _to_register(vma: Vma) -> bool:
+    """Not registered yet, and registrable: a sealed VMA (mseal) refuses it."""
+    return not uffd.vma_is_wp_registered(vma.vmflags) and "sl" not in vma.vmflags
 
 
 def _high_fd(pid: int) -> int:

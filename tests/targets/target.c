@@ -130,6 +130,40 @@ static void *churn(void *arg)
 	return NULL;
 }
 
+/* Maps a region, touches it, and moves it whole with mremap to a fresh place, over
+ * and over, as realloc of a big block or a moving allocator does. mremap refuses to
+ * move a range that spans more than one VMA (EFAULT): a region the program mapped in
+ * one call must stay one VMA whatever a pre-dump does meanwhile. */
+static volatile uint64_t remap_failures, remap_moves;
+static volatile int remap_errno;
+
+static void *remap_churn(void *arg)
+{
+	uint64_t seed = (uintptr_t)arg * 2654435761u + 1;
+	for (;;) {
+		seed = seed * 6364136223846793005u + 1442695040888963407u;
+		size_t len = (1 + (seed >> 33) % 64) * PAGE;
+		unsigned char *p = mmap(NULL, len, PROT_READ | PROT_WRITE,
+					MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		unsigned char *to = mmap(NULL, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if (p == MAP_FAILED || to == MAP_FAILED)
+			abort();
+		for (size_t i = 0; i < len; i += PAGE)
+			p[i] = (unsigned char)(i / PAGE + 1);
+		unsigned char *got = mremap(p, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, to);
+		if (got == MAP_FAILED) {
+			remap_errno = errno;
+			__atomic_add_fetch(&remap_failures, 1, __ATOMIC_RELAXED);
+			munmap(p, len);
+			got = to;
+		} else {
+			__atomic_add_fetch(&remap_moves, 1, __ATOMIC_RELAXED);
+		}
+		munmap(got, len);
+	}
+	return NULL;
+}
+
 /* Forks children that live a little while with memory of their own. */
 static void *forker(void *arg)
 {
@@ -262,6 +296,15 @@ static void *command_loop(void *arg)
 			execv("/proc/self/exe", saved_argv);
 			perror("execv");
 			_exit(2);
+		} else if (!strncmp(line, "movechurn", 9)) {
+			/* movechurn THREADS: start remap_churn threads */
+			long n = atol(line + 9);
+			for (long i = 0; i < n; i++)
+				pthread_create(&t, NULL, remap_churn, (void *)(i + 1));
+			printf("DONE\n");
+		} else if (!strncmp(line, "movecount", 9)) {
+			printf("REMAPS %lu moved %lu failed errno %d\nDONE\n",
+			       (unsigned long)remap_moves, (unsigned long)remap_failures, remap_errno);
 		} else if (!strncmp(line, "churn", 5)) {
 			pthread_create(&t, NULL, churn, NULL);
 			printf("DONE\n");
