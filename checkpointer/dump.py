@@ -702,6 +702,7 @@ class _Pass:
             partial_ok=self.req.kind == "pre-dump",
             readers=snap.readers() if snap else None,
             same_as=self._same_as(tree, snap),
+            shared=snap.shared_plans if snap else None,
         )
         return {
             **stats,

@@ -10,7 +10,7 @@ which the parent chain already holds; files whose contents are stored whole
 from __future__ import annotations
 
 from checkpointer import contents
-from checkpointer.copier import PageCopier
+from checkpointer.copier import PageCopier, Segment
 from checkpointer.errors import CheckpointError
 from checkpointer.images import Dump, DumpWriter
 from checkpointer.kernel.pagemap import PAGE_SIZE, Pagemap, same_frames
@@ -34,6 +34,7 @@ def copy_memory(
     partial_ok: bool,
     readers: dict | None = None,
     same_as: dict[int, int] | None = None,
+    shared: dict[str, list[Segment]] | None = None,
 ) -> dict[str, int]:
     """Copy the pages of every process (`pages`: present and dirty, per VMA) and
     shared object, leaving out what `held` says the parent chain holds for each
@@ -41,14 +42,16 @@ def copy_memory(
     `whole_files`: owner -> where to read a whole file instead. Returns the copy's
     counts and times for the stats record. `same_as`: pid -> its parent in the
     tree, for a tree frozen until the copy ends: the pages a child still shares
-    with its parent (one page frame) are recorded as the parent's, not copied."""
+    with its parent (one page frame) are recorded as the parent's, not copied.
+    `shared`: the shared objects' plans as made when their memory was read (a
+    snapshot's); planned here from `vmas` if None."""
     owned = {f"pid-{pid}": ranges for pid, ranges in held.items()}
     plans = {
         f"pid-{pid}": private_plan(pid, vmas[pid], pages[pid], ranges)
         for pid, ranges in held.items()
     }
     same_owner = _share_with_parents(plans, same_as or {})
-    plans.update(shared_plans(vmas))
+    plans.update(shared_plans(vmas) if shared is None else shared)
     for owner in whole_files:
         plans.pop(owner, None)
     segments = [seg for plan in plans.values() for seg in plan]

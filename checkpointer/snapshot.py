@@ -128,6 +128,9 @@ class Snapshot:
         self.children: dict[int, cowchild.CowChild] = {}  # target pid -> its child
         self.held: dict[int, _HeldMemory] = {}  # target pid -> memory read in the window
         self.whole: set[int] = set()  # small processes read whole in the window: no child
+        # owner -> plan of each shared object, as made in the window: the copy must
+        # follow it (a plan made later may read pages populated since, not held)
+        self.shared_plans: dict[str, list[Segment]] = {}
         # target pid -> pages of the VMAs read in the window, when the dump left the
         # scan of the rest to the children (scan())
         self.window_pages: dict[int, dict[int, VmaPages]] = {}
@@ -224,7 +227,8 @@ def take(
             else:  # a small process: all its own memory
                 unforked = [v for v in vmas[pid] if v.policy in (Policy.PRIVATE, Policy.WHOLE)]
             _hold(snap, pid, unforked, pages[pid] if pages else None)
-        for pid, segs in _shared_data(tree, vmas).items():
+        snap.shared_plans = shared_plans({pid: vmas[pid] for pid in tree.pids})
+        for pid, segs in _data_by_reader(snap.shared_plans).items():
             snap.held.setdefault(pid, _HeldMemory()).read(pid, segs)
     except OSError as err:
         snap.release(frozen=True)
@@ -254,7 +258,8 @@ def _capture(
         pid: data_segments(pid, vmas[pid], pages[pid], parent_held.get(pid, []))
         for pid in tree.pids
     }
-    for pid, shared in _shared_data(tree, vmas).items():
+    plans = shared_plans({pid: vmas[pid] for pid in tree.pids})
+    for pid, shared in _data_by_reader(plans).items():
         segs[pid] += shared
     size = sum(s.end - s.start for pid_segs in segs.values() for s in pid_segs)
     if size > CAPTURE_LIMIT:
@@ -263,6 +268,7 @@ def _capture(
     snap = Snapshot(watchdog)
     snap.kind = "captured"
     snap.whole = set(tree.pids)
+    snap.shared_plans = plans
     try:
         for pid, pid_segs in segs.items():
             snap.held[pid] = _HeldMemory()
@@ -273,11 +279,11 @@ def _capture(
     return snap
 
 
-def _shared_data(tree: FrozenTree, vmas: dict[int, list[Vma]]) -> dict[int, list[Segment]]:
+def _data_by_reader(plans: dict[str, list[Segment]]) -> dict[int, list[Segment]]:
     """The data segments of the shared objects' plans (MAP_SHARED memory is the same
     in a child, so it is read in the window), by the process each is read through."""
     by_pid: dict[int, list[Segment]] = {}
-    for plan in shared_plans({pid: vmas[pid] for pid in tree.pids}).values():
+    for plan in plans.values():
         for seg in plan:
             if seg.where == "data":
                 by_pid.setdefault(seg.pid, []).append(seg)
