@@ -15,7 +15,7 @@ from memcheck import compare_dump_with_process
 from targetlib import assert_one_line_error, cli, proc_status, wait_for_state
 
 from checkpointer.dump import DumpRequest, dump
-from checkpointer.freezer import Thaw, kill_stopped_tree
+from checkpointer.freezer import RELEASE_TIMEOUT, Thaw, kill_stopped_tree
 from checkpointer.images import Dump
 from checkpointer.kernel import ptrace
 
@@ -319,8 +319,9 @@ def test_kill_mode_dump_does_not_wait_on_a_dying_group_leader(tmp_path):
             started = time.monotonic()
             r = cli("dump", "-t", str(p.pid), "-D", str(tmp_path / str(attempt)))
             assert r.returncode == 0, r.stderr
-            # A hang, not a speed goal: the bug waited out a 5 s timeout.
-            assert time.monotonic() - started < 3.0, f"attempt {attempt}"
+            # A hang, not a speed goal: the bug waited out the 5 s release timeout
+            # on top of the dump (which alone took 3.4 s once, on a loaded machine).
+            assert time.monotonic() - started < RELEASE_TIMEOUT, f"attempt {attempt}"
         finally:
             p.kill()
             p.wait()
