@@ -14,9 +14,8 @@ window and held in memory until the copier asks for it:
   zero there;
 - [vdso] (small, and dumped whole).
 A small process (under SMALL_PROCESS bytes of anonymous memory resident) gets no
-child: all its memory is read in the window. That costs about what its clone
-would, and its child would die with it (PR_SET_PDEATHSIG) should it exit right
-after the thaw, as the short commands a shell or build runs do.
+child: all its memory is read in the window, which costs about what its clone
+would. A child outlives a process that exits right after the thaw (cowchild.py).
 A tree with few pages to copy (a tracker says under 1/COPY_VS_CLONE of the present
 bytes: the final dump of a converged chain) gets no child either: the pages to copy
 are read in the window into memory (at most CAPTURE_LIMIT bytes), and compressed and
@@ -413,8 +412,8 @@ class SnapshotReader:
 
     def _lost(self) -> TargetError:
         return TargetError(
-            f"process {self.pid} exited right after the freeze, and its copy-on-write "
-            "snapshot with it, before its memory was read: dump again, or with --no-snapshot"
+            f"the copy-on-write snapshot of process {self.pid} was killed before its "
+            "memory was read: dump again, or with --no-snapshot"
         )
 
     def read_into(self, addr: int, buf) -> int:
@@ -423,7 +422,7 @@ class SnapshotReader:
             if self.child is None:
                 return 0
             got = self.child.read_into(addr, buf)
-            if not got:  # its mm is gone: the child died (with its parent)
+            if not got:  # its mm is gone: the child was killed
                 raise self._lost()
             return got
         data, off = found
