@@ -40,7 +40,8 @@ from checkpointer.images import (
 )
 from checkpointer.kernel import proc
 from checkpointer.pageruns import Range
-from checkpointer.trackers import FullTracker, Tracker, VmaPages, make_tracker
+from checkpointer.trackers import TRACKERS, FullTracker, Tracker, VmaPages, make_tracker
+from checkpointer.untrack import remove_traces
 from checkpointer.vmas import Policy, Vma, unsupported
 
 log = logging.getLogger("checkpointer")
@@ -150,6 +151,8 @@ class _Pass:
         self.incremental = False
         self.full_pass_reason: str | None = None
         self.state: trackstate.TrackState | None = None
+        # a pass that tracks nothing: what earlier passes recorded (their traces)
+        self.recorded: trackstate.TrackState | None = None
         self.times: dict[str, int] = {"freezing_time": 0, "frozen_time": 0}
         self.start_times: dict[int, int] = {}  # read once the tree is known
         self.full_pids: dict[int, str] = {}  # pid -> why it gets a full pass
@@ -339,12 +342,21 @@ class _Pass:
 
     def _choose_tracker(self, start_time: int) -> None:
         req = self.req
+        recorded = trackstate.load(req.pid, start_time)
         if not (req.track_mem or self.parent):
-            return  # a plain full dump: no tracking read or reset
+            # A plain full dump: no tracking read or reset. What earlier passes'
+            # tracking put into the tree stays, hidden from the records.
+            self.recorded = recorded
+            return
         self.tracker = make_tracker(req.tracker)
-        self.state = trackstate.load(req.pid, start_time)
-        if self.state is None or self.state.tracker != self.tracker.name:
-            self.state = trackstate.TrackState(req.pid, start_time, self.tracker.name)
+        if recorded is not None and recorded.tracker != self.tracker.name:
+            # That tracker's chain ends here. Its traces leave the tree first: the
+            # records would show them, and a later pass of it would add another.
+            if remove_traces(recorded):
+                log.info("removed the %s tracking of earlier passes", recorded.tracker)
+            trackstate.forget(req.pid)
+            recorded = None
+        self.state = recorded or trackstate.TrackState(req.pid, start_time, self.tracker.name)
         if self.parent is None:
             return
         parent_id = self.parent.inventory.get("tracking", {}).get("dump_id")
@@ -537,12 +549,14 @@ class _Pass:
             write(*args)
         self._records_due.clear()
 
-    def _tracking_state(self, pid: int) -> dict:
-        """The tracker's state for pid, if it is this process's: not a former
-        process's with the same PID (a pass of this one that failed after setting
-        tracking up counts: it is what the target holds)."""
-        assert self.state is not None
-        state = self.state.extra.get(str(pid), {})
+    def _tracking_state(self, pid: int, track: trackstate.TrackState | None = None) -> dict:
+        """The tracker's state for pid (in `track`, default this pass's), if it is
+        this process's: not a former process's with the same PID (a pass of this
+        one that failed after setting tracking up counts: it is what the target
+        holds)."""
+        track = track or self.state
+        assert track is not None
+        state = track.extra.get(str(pid), {})
         return state if state.get("start_time") == self.start_times.get(pid) else {}
 
     def _smaps_reader(self) -> collect.SmapsReader | None:
@@ -586,11 +600,16 @@ class _Pass:
     def _own_traces(self, pid: int) -> tuple[set[int], set[str]]:
         """fds and VmFlags an earlier pass's tracker left in pid (not its own),
         and the fds of its parent's tracker it inherited through fork."""
-        if not (self.tracker and self.state):
+        if self.tracker and self.state:
+            state = self._tracking_state(pid)
+            fds, flags = self.tracker.own_traces(state)
+            return fds | self._inherited_traces(pid, state), flags
+        if self.recorded is None or self.recorded.tracker not in TRACKERS:
             return set(), set()
-        state = self._tracking_state(pid)
-        fds, flags = self.tracker.own_traces(state)
-        return fds | self._inherited_traces(pid, state), flags
+        earlier = TRACKERS[self.recorded.tracker]()  # (only reads what it left)
+        state = self._tracking_state(pid, self.recorded)
+        fds, flags = earlier.own_traces(state)
+        return fds | earlier.inherited_traces(pid, state, self.recorded.extra), flags
 
     def _inherited_traces(self, pid: int, state: dict) -> set[int]:
         """Once per pass and process: the records hide them, tracking closes them."""

@@ -17,22 +17,31 @@ def untrack(pid: int) -> str:
         state = trackstate.load(pid, collect.start_time(pid))
         if state is None:
             return f"process {pid}: no tracking state known; nothing to undo"
-        done = f"process {pid}: forgot {state.tracker} tracking state"
-        if state.tracker == "uffd-wp":
-            tracker = UffdWpTracker()
-            for key, extra in state.extra.items():
-                member = int(key)
-                if not _same_process(member, extra.get("start_time")):
-                    continue  # exited (its PID may be another process's now)
-                # Unregistering a range splits any VMA it cuts into: the ranges
-                # must be the VMAs of the instant, read with every thread stopped.
-                with ProcessFreezer(member):
-                    stop = lambda m=member: contextlib.nullcontext(proc.live_tid(m))  # noqa: E731
-                    tracker.untrack(member, extra, stop)
+        if remove_traces(state):
             done = f"process {pid}: unregistered userfaultfd write-protection and closed its fd"
-        # soft-dirty bits need no undoing: they cost the target nothing.
+        else:
+            done = f"process {pid}: forgot {state.tracker} tracking state"
         trackstate.forget(pid)
         return done
+
+
+def remove_traces(state: trackstate.TrackState) -> bool:
+    """Take what tracking put into the processes of `state` out of them (uffd-wp:
+    its registrations and its fd; soft-dirty bits cost a target nothing). False
+    if it put nothing there. The caller holds the target's lock."""
+    if state.tracker != "uffd-wp":
+        return False
+    tracker = UffdWpTracker()
+    for key, extra in state.extra.items():
+        member = int(key)
+        if not _same_process(member, extra.get("start_time")):
+            continue  # exited (its PID may be another process's now)
+        # Unregistering a range splits any VMA it cuts into: the ranges must be
+        # the VMAs of the instant, read with every thread stopped.
+        with ProcessFreezer(member):
+            stop = lambda m=member: contextlib.nullcontext(proc.live_tid(m))  # noqa: E731
+            tracker.untrack(member, extra, stop)
+    return True
 
 
 def _same_process(pid: int, start_time: int | None) -> bool:

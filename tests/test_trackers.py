@@ -13,7 +13,9 @@ import pytest
 from memcheck import compare_dump_with_process
 from targetlib import PAGE, TRACKERS, final_dump, predump, proc_status, wait_for_state
 
+from checkpointer.dump import DumpRequest, dump
 from checkpointer.errors import TargetError
+from checkpointer.freezer import Thaw
 from checkpointer.images import Dump
 
 
@@ -113,6 +115,44 @@ def test_uffd_wp_pre_dump_never_freezes_and_untrack_leaves_no_trace(spawn, tmp_p
     fds = [os.readlink(f"/proc/{t.pid}/fd/{n}") for n in os.listdir(f"/proc/{t.pid}/fd")]
     assert "anon_inode:[userfaultfd]" not in fds
     assert proc_status(t.pid)["TracerPid"] == "0"
+
+
+def _userfaultfds(pid: int) -> list[int]:
+    return [
+        int(n)
+        for n in os.listdir(f"/proc/{pid}/fd")
+        if os.readlink(f"/proc/{pid}/fd/{n}") == "anon_inode:[userfaultfd]"
+    ]
+
+
+@pytest.mark.uffd_wp
+def test_dumps_after_uffd_wp_tracking_see_its_traces_as_the_tools(spawn, tmp_path):
+    """A dump that tracks nothing itself (no parent, no --track-mem), after uffd-wp
+    pre-dumps left their userfaultfd in the target (a converge --leave-running, a
+    migration rolled back), refused it as the program's: "fd N (anon_inode:
+    [userfaultfd]): this kind of file cannot be dumped". A pass with another
+    tracker forgot it, so the next uffd-wp pass made a second one. Now a plain dump
+    hides it and leaves tracking alone; another tracker removes it first."""
+    t = spawn("--anon-mb", "8")
+    predump(t.pid, tmp_path / "1", tracker="uffd-wp")
+    (fd,) = _userfaultfds(t.pid)
+    child = int(t.command("fork")[0].split()[1])  # it holds the same userfaultfd
+    assert _userfaultfds(child) == [fd]
+    plain = dump(DumpRequest(t.pid, tmp_path / "plain", thaw=Thaw.RUNNING, progress=False))
+    assert not plain.incremental
+    with Dump.open(tmp_path / "plain") as d:
+        assert fd not in [r["fd"] for r in d.fds(t.pid)]
+        assert fd not in [r["fd"] for r in d.fds(child)]
+    assert _userfaultfds(t.pid) == [fd]  # tracking goes on: the chain can grow
+    second = predump(t.pid, tmp_path / "2", "../1", "uffd-wp")
+    assert second.incremental, second.full_pass_reason
+    final_dump(t.pid, tmp_path / "full", None, "full", thaw=Thaw.RUNNING)
+    assert _userfaultfds(t.pid) == []
+    assert " uw" not in open(f"/proc/{t.pid}/smaps").read()
+    predump(t.pid, tmp_path / "3", tracker="uffd-wp")
+    assert len(_userfaultfds(t.pid)) == 1
+    final_dump(t.pid, tmp_path / "4", "../3", "uffd-wp")
+    compare_dump_with_process(tmp_path / "4", t.pid)
 
 
 @pytest.mark.uffd_wp

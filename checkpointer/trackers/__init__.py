@@ -11,7 +11,7 @@ from checkpointer.trackers.uffdwp import UffdWpTracker
 TRACKERS = {"soft-dirty": SoftDirtyTracker, "uffd-wp": UffdWpTracker, "full": FullTracker}
 CHOICES = ["auto", *TRACKERS]
 
-__all__ = ["CHOICES", "Tracker", "VmaPages", "make_tracker", "pick_auto"]
+__all__ = ["CHOICES", "TRACKERS", "Tracker", "VmaPages", "make_tracker", "pick_auto"]
 
 
 def pick_auto() -> tuple[str, str]:
