@@ -656,11 +656,11 @@ class _Pass:
                 # (still pending: the next pass is full), or the next pass would put
                 # a second one beside it.
                 trackstate.save(self.state)
-        private = {pid: [v for v in vmas[pid] if v.policy is Policy.PRIVATE] for pid in tree.pids}
+        private = {pid: _private(vmas[pid]) for pid in tree.pids}
         pages: dict[int, dict[int, VmaPages]] = {}
         for pid in tree.pids:
             try:
-                self._prepare(tracker, pid, private[pid], frozen)
+                self._prepare(tracker, pid, vmas[pid], frozen)
             except (TargetError, OSError, KeyError):
                 if not self._vanished(pid):
                     raise
@@ -679,20 +679,19 @@ class _Pass:
                 pages[pid] = {v.start: VmaPages([], None) for v in private[pid]}
         return {pid: pages[pid] for pid in tree.pids}
 
-    def _prepare(self, tracker: Tracker, pid: int, private: list[Vma], frozen: bool) -> None:
+    def _prepare(self, tracker: Tracker, pid: int, vmas: list[Vma], frozen: bool) -> None:
         """The tracker's registrations, with the VMAs of the instant: a range read
         while the process ran may cut into a region it mapped since, and the kernel
         would split that region in two. A running process is stopped for it, and
         only when there is something to register."""
         if frozen:
-            tracker.prepare(pid, private)
+            tracker.prepare(pid, _private(vmas))
             return
-        if not tracker.needs_stop(pid, private):
+        if not tracker.needs_stop(pid, _private(vmas)):
             return
         started = time.monotonic()
         with ProcessFreezer(pid):
-            listed = collect.read_vmas_listed(pid, private)
-            tracker.prepare(pid, [v for v in listed if v.policy is Policy.PRIVATE])
+            tracker.prepare(pid, _private(collect.read_vmas_listed(pid, vmas)))
         stopped_us = _us_since(started)
         self.times["frozen_time"] += stopped_us
         log.debug("process %d stopped %d us for its tracker's registrations", pid, stopped_us)
@@ -781,6 +780,10 @@ class _Pass:
 
     def _tracker_name(self) -> str:
         return self.tracker.name if self.tracker else "none"
+
+
+def _private(vmas: list[Vma]) -> list[Vma]:
+    return [v for v in vmas if v.policy is Policy.PRIVATE]
 
 
 def _stopper(pid: int, frozen: bool):

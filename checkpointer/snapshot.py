@@ -34,6 +34,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import logging
+import os
 import select
 import subprocess
 import sys
@@ -355,6 +356,10 @@ def _live_thread(pid: int, tids: list[int]) -> int:
 
 def _reap(pid: int, child: cowchild.CowChild, frozen: bool) -> bool:
     """Wait for the dead child inside its parent, stopping the parent briefly if it runs."""
+    if not os.path.exists(f"/proc/{child.pid}"):
+        # Re-parented when its parent exited, and reaped by its new parent: the
+        # parent's pid may be another process's by now.
+        return True
     try:
         if frozen:
             with SyscallSession(_live_thread(pid, proc.list_threads(pid))) as session:
