@@ -7,22 +7,22 @@ shows the memory as it was. The child never runs an instruction of the target:
 
 - the parent is traced with PTRACE_O_TRACECLONE while the clone runs, so the
   child is born traced by us and stops before returning to user space;
-- it gets PTRACE_O_EXITKILL (dies with the tool), and, injected, leaves the
-  parent's fd table (unshare CLONE_FILES, then close_range): it holds no file
-  open, so it can outlive a parent that exits right after the thaw (a forking
-  server's short-lived worker) while that parent's files close as they would;
+- it gets PTRACE_O_EXITKILL (dies with the tool), and nothing that would end it
+  with its parent: it outlives a process that exits right after the thaw (a
+  forking server's short-lived worker), whose memory it holds;
 - the clone is issued from a scratch code page whose next instructions are
   `exit(0)`: in the microseconds before EXITKILL is set, a tool that dies
   releases a child that exits at once instead of running the target's code.
 
-CLONE_FILES makes the clone cheap; its own table, copied by the unshare and
-emptied at once, takes nothing from the parent: a close there drops only the
-child's own references (POSIX locks belong to the parent's table, an open file
-is released only by its last close). With exit signal 0 the parent's SIGCHLD
-handling never hears of it, but its zombie stays the parent's until someone
-waits with __WALL: `reap` injects a waitid for exactly that pid. Should the
-parent exit first, the child is re-parented (exit signal SIGCHLD then) and its
-new parent reaps it once it is killed.
+CLONE_FILES shares the fd table, so the child holds no extra reference on any
+pipe or socket and closes nothing itself: a close could block (a FUSE flush to a
+daemon frozen in the same tree) or write back (NFS) inside the window. A parent
+that exits leaves its files open in the shared table until the child is killed
+after the copy: a reader of its pipe sees EOF that much later. With exit signal 0
+the parent's SIGCHLD handling never hears of it, but its zombie stays the
+parent's until someone waits with __WALL: `reap` injects a waitid for exactly
+that pid. Should the parent exit first, the child is re-parented (exit signal
+SIGCHLD then) and its new parent reaps it once it is killed.
 
 Not copied on write, and so to be read from the original while it is frozen:
 MAP_SHARED memory (shared with the child), MADV_DONTFORK regions (absent in the
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from checkpointer.errors import TargetError
 from checkpointer.kernel import proc, ptrace
 from checkpointer.kernel.inject import SyscallSession
-from checkpointer.kernel.syscalls import NR_close_range, NR_mmap, NR_munmap, NR_unshare
+from checkpointer.kernel.syscalls import NR_mmap, NR_munmap
 
 NR_clone = 56
 NR_waitid = 247
@@ -50,7 +50,6 @@ PROT_RWX = 7
 MAP_SHARED_ANON = 0x01 | 0x20
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _U64 = (1 << 64) - 1
-_U32 = (1 << 32) - 1
 _CLONE_EVENTS = (ptrace.PTRACE_EVENT_CLONE, ptrace.PTRACE_EVENT_FORK)
 
 # syscall; mov eax, 60 (exit); xor edi, edi; syscall; ud2
@@ -82,7 +81,7 @@ def spawn(tid: int, pid: int) -> CowChild:
             born = [msg for event, msg in session.events if event in _CLONE_EVENTS]
             child_pid = born[-1] if born else ns_pid
             try:
-                _hold(child_pid, code, seccomp)
+                _hold(child_pid, seccomp)
                 pidfd = os.pidfd_open(child_pid)
             except BaseException:
                 _kill_traced(child_pid, None)
@@ -105,15 +104,12 @@ def _clone(session: SyscallSession, tid: int, code: int, seccomp: int) -> int:
         ptrace.set_options(tid, seccomp)
 
 
-def _hold(child: int, code: int, seccomp: int) -> None:
-    """Wait for the new child's first stop; make it die with us, and hold no file."""
+def _hold(child: int, seccomp: int) -> None:
+    """Wait for the new child's first stop; make it die with us."""
     stop = ptrace.wait_stop(child, 10.0)
     if stop.kind in ("exited", "killed"):
         raise TargetError(f"copy-on-write child {child} {stop.kind} before its first stop")
     ptrace.set_options(child, ptrace.PTRACE_O_EXITKILL | seccomp)
-    with SyscallSession(child, insn=code) as session:
-        session.call(NR_unshare, CLONE_FILES)
-        session.call(NR_close_range, 0, _U32, 0)
 
 
 def send_kill(child: CowChild) -> None:
