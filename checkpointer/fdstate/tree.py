@@ -238,7 +238,8 @@ def connection(rec: dict) -> netlock.Connection:
 
 def lift_locks(records: dict[int, list[dict]]) -> int:
     """Remove the netfilter rules that lock the connections of a dump's fd records
-    (`unlock`: images that will not be restored; a restore lifts them itself).
+    (a restore, once its connections are rebuilt; `unlock`, for images that will
+    not be restored).
     Returns how many connections there were."""
     conns = {
         rec["sock_inode"]: connection(rec)

@@ -24,11 +24,11 @@ from checkpointer.fdstate.tree import (
     OWN_FIN,
     PEER_FIN,
     REPAIRED,
-    connection,
+    lift_locks,
     peer_closed,
     reuseaddr_of,
 )
-from checkpointer.kernel import netlock, sockets, syscalls
+from checkpointer.kernel import sockets, syscalls
 from checkpointer.restore.images import ProcessImage, RestoreError
 
 FAMILIES = {
@@ -278,14 +278,7 @@ def finish(files, task, record: dict) -> None:
         with socket.socket(fileno=os.dup(files.objects[key])) as sock:
             sockets.leave_repair(sock, reuseaddr_of(record))
     if files.first_time("netlock"):
-        netlock.unlock_connections(
-            [
-                connection(r)
-                for recs in files.tree_fds.values()
-                for r in recs
-                if r.get("tcp_state") in REPAIRED
-            ]
-        )
+        lift_locks(files.tree_fds)
     if not files.first_time(f"fin-{key}"):
         return
     if record["tcp_state"] in PEER_FIN:
