@@ -8,7 +8,7 @@ from checkpointer import collect, trackstate
 from checkpointer.errors import TargetError
 from checkpointer.freezer import ProcessFreezer
 from checkpointer.kernel import proc
-from checkpointer.trackers.uffdwp import UffdWpTracker
+from checkpointer.trackers import TRACKERS
 
 
 def untrack(pid: int) -> str:
@@ -29,19 +29,22 @@ def remove_traces(state: trackstate.TrackState) -> bool:
     """Take what tracking put into the processes of `state` out of them (uffd-wp:
     its registrations and its fd; soft-dirty bits cost a target nothing). False
     if it put nothing there. The caller holds the target's lock."""
-    if state.tracker != "uffd-wp":
+    tracker_class = TRACKERS.get(state.tracker)
+    if tracker_class is None:
         return False
-    tracker = UffdWpTracker()
+    tracker = tracker_class()
+    removed = False
     for key, extra in state.extra.items():
         member = int(key)
-        if not _same_process(member, extra.get("start_time")):
-            continue  # exited (its PID may be another process's now)
+        if not tracker.own_traces(extra)[0] or not _same_process(member, extra.get("start_time")):
+            continue  # nothing there, or exited (its PID may be another process's now)
         # Unregistering a range splits any VMA it cuts into: the ranges must be
         # the VMAs of the instant, read with every thread stopped.
         with ProcessFreezer(member):
             stop = lambda m=member: contextlib.nullcontext(proc.live_tid(m))  # noqa: E731
             tracker.untrack(member, extra, stop)
-    return True
+        removed = True
+    return removed
 
 
 def _same_process(pid: int, start_time: int | None) -> bool:
