@@ -167,14 +167,6 @@ class InjectedState:
     brk: int = 0  # exact mm->brk
 
 
-def _posix_timers(pid: int, session) -> list[dict]:
-    """timer_create's timers: what /proc/PID/timers lists, with the time left, the
-    interval and the overrun count read by timer_gettime in the task."""
-    timers = proc.read_posix_timers(pid)
-    times = taskstate.read_posix_timer_times(session, [t["id"] for t in timers])
-    return [{**t, **time_} for t, time_ in zip(timers, times, strict=True)]
-
-
 # The fields of a thread that could not be asked (not a live thread): nothing set.
 _NO_THREAD_STATE = {"tid_address": 0, "sigaltstack": {"sp": 0, "flags": abi.SS_DISABLE, "size": 0}}
 
@@ -190,17 +182,33 @@ def read_injected_state(pid: int, tids: list[int]) -> InjectedState:
     first = pid if pid in live else live[0]
     suspended = _suspend_seccomp(pid, live)
     try:
+        # timer_create's timers: what /proc/PID/timers lists, with the time left,
+        # the interval and the overrun count read by timer_gettime in the task.
+        timers = proc.read_posix_timers(pid)
+        queries = [
+            taskstate.sigactions_query(),
+            taskstate.itimers_query(),
+            taskstate.prctl_query(),
+            taskstate.brk_query(),
+            taskstate.thread_state_query(),
+        ]
+        if timers:
+            queries.append(taskstate.posix_timer_times_query([t["id"] for t in timers]))
         with SyscallSession(first) as session:
+            sigactions, itimers, prctl, brk, thread, *timer_times = taskstate.run_queries(
+                session, queries
+            )
+            times = timer_times[0] if timer_times else []
             state = InjectedState(
                 process={
-                    "sigactions": taskstate.read_sigactions(session),
-                    "itimers": taskstate.read_itimers(session),
-                    "posix_timers": _posix_timers(pid, session),
-                    "prctl": taskstate.read_prctl_state(session),
+                    "sigactions": sigactions,
+                    "itimers": itimers,
+                    "posix_timers": [{**t, **tt} for t, tt in zip(timers, times, strict=True)],
+                    "prctl": prctl,
                 },
-                brk=taskstate.read_brk(session),
+                brk=brk,
             )
-            state.threads[first] = taskstate.read_thread_state(session)
+            state.threads[first] = thread
             scratch, size, executable = session.scratch_area
             for tid in live:
                 if tid == first:
@@ -209,7 +217,9 @@ def read_injected_state(pid: int, tids: list[int]) -> InjectedState:
                     thread_session.adopt_scratch(
                         scratch, size, unmap_on_close=False, executable=executable
                     )
-                    state.threads[tid] = taskstate.read_thread_state(thread_session)
+                    state.threads[tid] = taskstate.run_queries(
+                        thread_session, [taskstate.thread_state_query()]
+                    )[0]
     finally:
         for tid in suspended:
             try:
