@@ -67,6 +67,7 @@ class Freezer:
         self._seized: list[int] = []
         self._cgroup_frozen = False
         self._stopped_by_us: list[int] = []
+        self._pinned: list[int] = []  # processes whose proc.task_dir is pinned
 
     def __enter__(self) -> FrozenTree:
         try:
@@ -110,6 +111,8 @@ class Freezer:
         if self._cgroup_frozen:
             # Every task is in a ptrace stop now; the cgroup freeze has done its job.
             self._thaw_cgroup()
+        self._pinned = list(self.tree.threads)  # unpinned by thaw, even if this fails
+        proc.pin_task_dirs(self._pinned)
         self.tree.freezing_time_us = int((time.monotonic() - started) * 1e6)
         return self.tree
 
@@ -169,6 +172,8 @@ class Freezer:
         detach (ESRCH), and end as zombies that only this process may reap: the
         process could not be reaped by its parent, nor its PIDs reused, while the
         tool lives on (a migration that restores on the same host)."""
+        proc.unpin_task_dirs(self._pinned)
+        self._pinned = []
         if not self._seized and not self._cgroup_frozen:
             return  # thawed already: a second call must not signal anyone
         pids = list(self.tree.threads) or [self.root]

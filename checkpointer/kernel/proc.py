@@ -11,7 +11,7 @@ import errno
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 from checkpointer.errors import TargetError
@@ -45,8 +45,30 @@ def task_dir(pid: int) -> str:
     thread-group leader has exited while other threads run (pthread_exit in
     main), a live thread's task directory: the zombie leader's own maps are
     empty and its mem, auxv and pagemap have no mm behind them."""
+    pinned = _pinned_task_dirs.get(pid)
+    if pinned is not None:
+        return pinned
     tid = live_tid(pid)
     return f"/proc/{pid}" if tid == pid else f"/proc/{pid}/task/{tid}"
+
+
+# task_dir of the processes of a frozen tree. Asking costs a read of the leader's
+# stat before every /proc path, a millisecond each under emulation; a frozen task
+# cannot exit (only SIGKILL ends it, and then every path fails alike), so the
+# answer holds until the thaw. Pinned and unpinned by the freezer.
+_pinned_task_dirs: dict[int, str] = {}
+
+
+def pin_task_dirs(pids: Iterable[int]) -> None:
+    """Remember task_dir of each pid until unpin_task_dirs (a frozen tree)."""
+    pids = list(pids)
+    unpin_task_dirs(pids)
+    _pinned_task_dirs.update({pid: task_dir(pid) for pid in pids})
+
+
+def unpin_task_dirs(pids: Iterable[int]) -> None:
+    for pid in pids:
+        _pinned_task_dirs.pop(pid, None)
 
 
 def live_tid(pid: int) -> int:
