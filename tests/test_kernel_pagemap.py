@@ -227,6 +227,27 @@ def test_soft_dirty_runs_after_clear_refs(spawn_no_thp):
         assert runs == [(start + 100 * P, 1), (start + 200 * P, 3)]
 
 
+@pytest.mark.softdirty
+def test_soft_dirty_read_now_worked_out_later_answers_for_the_read(spawn_no_thp):
+    """data_and_soft_dirty_later reads the kernel's entries at once and turns them
+    into ranges only when called (a soft-dirty pre-dump does that after its
+    thaw): writes and unmaps between the two must not show."""
+    t = spawn_no_thp()
+    start, size = t.regions["anon"]
+    pm.clear_soft_dirty(t.pid)
+    t.command("write 10 20")
+    with pm.Pagemap(t.pid) as pmap:
+        later = pmap.data_and_soft_dirty_later(start, start + size)
+        present_then = pmap.data_runs(start, start + size)  # the target is idle
+        pm.clear_soft_dirty(t.pid)
+        t.command("write 100 5")
+        t.command("dontneed 0 64")
+        assert pmap.data_runs(start, start + size) != present_then
+        present, dirty = later()
+    assert dirty == [(start + 10 * P, start + 30 * P)]
+    assert present == present_then
+
+
 def test_data_runs_skip_clean_file_pages_and_holes(spawn_no_thp, mapped_file):
     t = spawn_no_thp("--file", str(mapped_file))
     start, size = t.regions["anon"]

@@ -13,6 +13,7 @@ import errno
 import functools
 import os
 import re
+from collections.abc import Callable
 
 from checkpointer.errors import TargetError
 from checkpointer.kernel import proc
@@ -224,6 +225,15 @@ def data_runs(entries: bytes, start: int, *, skip_zero_page: bool = True) -> lis
     return _ranges(present_mask(entries, exclude_file=True, exclude_pfn=zero), start)
 
 
+def data_and_soft_dirty_runs(
+    entries: bytes, start: int
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(data_runs, the soft-dirty ones among them) of raw entries from `start`."""
+    mask = present_mask(entries, exclude_file=True, exclude_pfn=zero_page_pfn())
+    dirty_mask = _and(mask, entries[6::8].translate(_T_SOFT_DIRTY))
+    return _ranges(mask, start), _ranges(dirty_mask, start)
+
+
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Join touching (start, end) ranges of a sorted list (scan regions split on
     category changes)."""
@@ -292,15 +302,21 @@ class Pagemap:
         self, start: int, end: int, anon: bool = False
     ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """(data_runs, the soft-dirty ones among them) of [start, end), in one walk."""
+        return self.data_and_soft_dirty_later(start, end, anon)()
+
+    def data_and_soft_dirty_later(
+        self, start: int, end: int, anon: bool = False
+    ) -> Callable[[], tuple[list[tuple[int, int]], list[tuple[int, int]]]]:
+        """data_and_soft_dirty of [start, end) as the kernel reports it now, worked
+        out when called: the bulk read's entries are read here, and turned into
+        ranges (the costly part, in Python) whenever the caller likes."""
         regions = self._scan_data(start, end, PAGE_IS_SOFT_DIRTY, anon)
         if regions is not None:
             data = _merge([(lo, hi) for lo, hi, _ in regions])
             dirty = _merge([(lo, hi) for lo, hi, cat in regions if cat & PAGE_IS_SOFT_DIRTY])
-            return data, dirty
+            return lambda: (data, dirty)
         entries = self.read(start, end)
-        mask = present_mask(entries, exclude_file=True, exclude_pfn=zero_page_pfn())
-        dirty_mask = _and(mask, entries[6::8].translate(_T_SOFT_DIRTY))
-        return _ranges(mask, start), _ranges(dirty_mask, start)
+        return lambda: data_and_soft_dirty_runs(entries, start)
 
     def _scan_data(
         self, start: int, end: int, categories: int, anon: bool = False

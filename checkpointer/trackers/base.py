@@ -11,7 +11,7 @@ the parent dump.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -27,6 +27,29 @@ StopThread = Callable[[], AbstractContextManager[int]]
 class VmaPages:
     present: list[Range]
     dirty: list[Range] | None  # None: every present page counts as dirty
+
+
+class ParsedOnDemand(Mapping[int, VmaPages]):
+    """A scan's VmaPages by VMA start, each made from what the scan read when it is
+    first looked at. What the kernel reports must be read at the instant (inside a
+    frozen window); turning its raw entries into ranges need not: a freezing
+    pre-dump has thawed the tree by the time its copy looks."""
+
+    def __init__(self, makers: dict[int, Callable[[], VmaPages]]) -> None:
+        self._makers = makers
+        self._made: dict[int, VmaPages] = {}
+
+    def __getitem__(self, start: int) -> VmaPages:
+        pages = self._made.get(start)
+        if pages is None:
+            pages = self._made[start] = self._makers[start]()
+        return pages
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._makers)
+
+    def __len__(self) -> int:
+        return len(self._makers)
 
 
 class Tracker(ABC):
@@ -51,7 +74,7 @@ class Tracker(ABC):
         skips it for a running process that needs no stop."""
 
     @abstractmethod
-    def scan(self, pid: int, vmas: list[Vma], incremental: bool) -> dict[int, VmaPages]:
+    def scan(self, pid: int, vmas: list[Vma], incremental: bool) -> Mapping[int, VmaPages]:
         """Pages of each PRIVATE vma (keyed by vma.start); resets tracking for pid."""
 
     def attach(self, pid: int, state: dict, stop: StopThread) -> dict:

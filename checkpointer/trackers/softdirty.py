@@ -5,13 +5,16 @@ Reset: write "4" to /proc/PID/clear_refs. Query: bit 55 of each
 where the kernel has it. New and expanded VMAs read as soft-dirty, so memory
 unmapped and mapped again at the same address is caught. Query and reset run
 while the tree is frozen, as in CRIU; the pages themselves may be copied after
-the thaw, because a page written after the reset is dirty again next time.
+the thaw, because a page written after the reset is dirty again next time. So
+may the query's raw entries be worked out into ranges (ParsedOnDemand).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from checkpointer.kernel import pagemap
-from checkpointer.trackers.base import Tracker, VmaPages
+from checkpointer.trackers.base import ParsedOnDemand, Tracker, VmaPages
 from checkpointer.vmas import Vma
 
 
@@ -19,13 +22,22 @@ class SoftDirtyTracker(Tracker):
     name = "soft-dirty"
     freezes_pre_dump = True
 
-    def scan(self, pid: int, vmas: list[Vma], incremental: bool) -> dict[int, VmaPages]:
-        result = {}
+    def scan(self, pid: int, vmas: list[Vma], incremental: bool) -> ParsedOnDemand:
         with pagemap.Pagemap(pid) as pm:
-            for vma in vmas:
-                # Dirty pages among the data pages (a clean file page of a new,
-                # soft-dirty VMA is in its file, not a page to copy).
-                present, dirty = pm.data_and_soft_dirty(vma.start, vma.end, vma.anonymous)
-                result[vma.start] = VmaPages(present, dirty if incremental else None)
+            # Dirty pages among the data pages (a clean file page of a new,
+            # soft-dirty VMA is in its file, not a page to copy).
+            found = {
+                v.start: pm.data_and_soft_dirty_later(v.start, v.end, v.anonymous) for v in vmas
+            }
         pagemap.clear_soft_dirty(pid)
-        return result
+        # The pagemap entries were read before the reset; working them out into
+        # ranges is left for the first look, after the thaw in a pre-dump.
+        return ParsedOnDemand({start: _pages(later, incremental) for start, later in found.items()})
+
+
+def _pages(later: Callable[[], tuple[list, list]], incremental: bool) -> Callable[[], VmaPages]:
+    def make() -> VmaPages:
+        present, dirty = later()
+        return VmaPages(present, dirty if incremental else None)
+
+    return make
