@@ -330,6 +330,61 @@ def test_data_runs_by_scan_equal_data_runs_by_read(spawn_no_thp, mapped_file):
                 assert not vma.anonymous
 
 
+class _bulk_read_only:
+    """Within: Pagemap answers from the bulk read of raw entries, as on a kernel
+    without PAGEMAP_SCAN (before 6.7: the 6.1 guest)."""
+
+    def __enter__(self) -> None:
+        self.was = pm.Pagemap._scan_works
+        pm.Pagemap._scan_works = False
+
+    def __exit__(self, *exc: object) -> None:
+        pm.Pagemap._scan_works = self.was
+
+
+def test_bulk_read_in_chunks_gives_the_runs_of_one_read(spawn_no_thp, monkeypatch):
+    """The bulk read goes through a VMA a chunk at a time: the runs, joined across
+    chunk ends, must be those of one read of the whole VMA (chunks of 173 pages
+    here, so their ends fall inside runs of target.c's mixed memory)."""
+    t = spawn_no_thp()
+    start, size = t.regions["anon"]
+    os.kill(t.pid, signal.SIGSTOP)
+    assert wait_for_state(t.pid, "T").startswith("T")
+    with pm.Pagemap(t.pid) as pmap, _bulk_read_only():
+        entries = pmap.read(start, start + size)
+        whole = pm.data_runs(entries, start)
+        whole_dirty = pm.data_and_soft_dirty_runs(entries, start)
+        monkeypatch.setattr(pm, "BULK_PAGES", 173)
+        assert size // P > 10 * 173 and len(whole) > 10
+        assert pmap.data_runs(start, start + size) == whole
+        for keep in (True, False):
+            later = pmap.data_and_soft_dirty_later(start, start + size, keep_entries=keep)
+            assert later() == whole_dirty == (whole, whole_dirty[1])
+
+
+def test_bulk_read_of_a_huge_reservation_stays_small(monkeypatch):
+    """An 8 GiB PROT_NONE reservation (as JVMs and Go make) is read a chunk at a
+    time: no read of more than BULK_PAGES entries, where one read used to take
+    16 MiB (a 512 GiB one: 1 GiB)."""
+    size = 8 << 30
+    addr = _mmap_anon(size, prot=0)
+    sizes = []
+    real_read = pm.Pagemap.read
+
+    def read(self, start, end):
+        sizes.append(end - start)
+        return real_read(self, start, end)
+
+    monkeypatch.setattr(pm.Pagemap, "read", read)
+    try:
+        with pm.Pagemap(os.getpid()) as pmap, _bulk_read_only():
+            assert pmap.data_runs(addr, addr + size) == []
+            assert pmap.data_and_soft_dirty_later(addr, addr + size)() == ([], [])
+    finally:
+        munmap(addr, size)
+    assert sizes and max(sizes) <= pm.BULK_PAGES * P < size
+
+
 def test_union_of_scan_rounds_drops_nothing():
     """Logic only: a later round's region overlapping an earlier one is kept (its
     pages were written again), touching ones join, categories are united."""

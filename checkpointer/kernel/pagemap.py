@@ -234,6 +234,30 @@ def data_and_soft_dirty_runs(
     return _ranges(mask, start), _ranges(dirty_mask, start)
 
 
+def _joined(
+    parts: list[tuple[list[tuple[int, int]], list[tuple[int, int]]]],
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(data, dirty) of consecutive chunks of one range as one: runs touching
+    across a chunk's end join."""
+    if len(parts) == 1:
+        return parts[0]
+    return (
+        _merge([r for data, _ in parts for r in data]),
+        _merge([r for _, dirty in parts for r in dirty]),
+    )
+
+
+# The bulk read goes through a range this many pages at a time, so its entries (8
+# bytes a page) and masks stay bounded for a VMA of any size: a 512 GiB sparse
+# reservation would otherwise be read into one 1 GiB buffer.
+BULK_PAGES = 1 << 18  # 1 GiB of address space: 2 MiB of entries
+
+
+def _chunks(start: int, end: int) -> list[tuple[int, int]]:
+    step = BULK_PAGES << PAGE_SHIFT
+    return [(lo, min(lo + step, end)) for lo in range(start, end, step)]
+
+
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Join touching (start, end) ranges of a sorted list (scan regions split on
     category changes)."""
@@ -296,7 +320,8 @@ class Pagemap:
         regions = self._scan_data(start, end, 0, anon)
         if regions is not None:
             return _merge([(lo, hi) for lo, hi, _ in regions])
-        return data_runs(self.read(start, end), start)
+        parts = [data_runs(self.read(lo, hi), lo) for lo, hi in _chunks(start, end)]
+        return parts[0] if len(parts) == 1 else _merge([r for part in parts for r in part])
 
     def data_and_soft_dirty(
         self, start: int, end: int, anon: bool = False
@@ -305,18 +330,23 @@ class Pagemap:
         return self.data_and_soft_dirty_later(start, end, anon)()
 
     def data_and_soft_dirty_later(
-        self, start: int, end: int, anon: bool = False
+        self, start: int, end: int, anon: bool = False, *, keep_entries: bool = True
     ) -> Callable[[], tuple[list[tuple[int, int]], list[tuple[int, int]]]]:
         """data_and_soft_dirty of [start, end) as the kernel reports it now, worked
-        out when called: the bulk read's entries are read here, and turned into
-        ranges (the costly part, in Python) whenever the caller likes."""
+        out when called. keep_entries: the bulk read's raw entries (8 bytes a page of
+        the range) are kept until then, and turned into ranges (the costly part, in
+        Python) whenever the caller likes; else that happens here."""
         regions = self._scan_data(start, end, PAGE_IS_SOFT_DIRTY, anon)
         if regions is not None:
             data = _merge([(lo, hi) for lo, hi, _ in regions])
             dirty = _merge([(lo, hi) for lo, hi, cat in regions if cat & PAGE_IS_SOFT_DIRTY])
             return lambda: (data, dirty)
-        entries = self.read(start, end)
-        return lambda: data_and_soft_dirty_runs(entries, start)
+        if not keep_entries:
+            answer = _joined([data_and_soft_dirty_runs(self.read(lo, hi), lo)
+                              for lo, hi in _chunks(start, end)])  # fmt: skip
+            return lambda: answer
+        read = [(lo, self.read(lo, hi)) for lo, hi in _chunks(start, end)]
+        return lambda: _joined([data_and_soft_dirty_runs(entries, lo) for lo, entries in read])
 
     def _scan_data(
         self, start: int, end: int, categories: int, anon: bool = False

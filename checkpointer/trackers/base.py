@@ -36,20 +36,21 @@ class ParsedOnDemand(Mapping[int, VmaPages]):
     pre-dump has thawed the tree by the time its copy looks."""
 
     def __init__(self, makers: dict[int, Callable[[], VmaPages]]) -> None:
-        self._makers = makers
+        self._starts = list(makers)
+        self._makers = dict(makers)  # each dropped once used: it holds raw entries
         self._made: dict[int, VmaPages] = {}
 
     def __getitem__(self, start: int) -> VmaPages:
         pages = self._made.get(start)
         if pages is None:
-            pages = self._made[start] = self._makers[start]()
+            pages = self._made[start] = self._makers.pop(start)()
         return pages
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self._makers)
+        return iter(self._starts)
 
     def __len__(self) -> int:
-        return len(self._makers)
+        return len(self._starts)
 
 
 class Tracker(ABC):

@@ -17,18 +17,31 @@ from checkpointer.kernel import pagemap
 from checkpointer.trackers.base import ParsedOnDemand, Tracker, VmaPages
 from checkpointer.vmas import Vma
 
+# Raw pagemap entries (8 bytes a page of address space) a pass keeps to work out
+# after the thaw; past this, a VMA's are worked out at once, inside the window,
+# so the tool's memory stays bounded whatever the target reserves.
+KEEP_ENTRIES_BYTES = 64 << 20
+
 
 class SoftDirtyTracker(Tracker):
     name = "soft-dirty"
     freezes_pre_dump = True
 
+    def __init__(self) -> None:
+        self._kept = 0  # bytes of raw entries kept by this pass's scans
+
     def scan(self, pid: int, vmas: list[Vma], incremental: bool) -> ParsedOnDemand:
+        found = {}
         with pagemap.Pagemap(pid) as pm:
-            # Dirty pages among the data pages (a clean file page of a new,
-            # soft-dirty VMA is in its file, not a page to copy).
-            found = {
-                v.start: pm.data_and_soft_dirty_later(v.start, v.end, v.anonymous) for v in vmas
-            }
+            for v in vmas:
+                size = (v.end - v.start) // pagemap.PAGE_SIZE * pagemap.ENTRY_SIZE
+                keep = self._kept + size <= KEEP_ENTRIES_BYTES
+                self._kept += size if keep else 0
+                # Dirty pages among the data pages (a clean file page of a new,
+                # soft-dirty VMA is in its file, not a page to copy).
+                found[v.start] = pm.data_and_soft_dirty_later(
+                    v.start, v.end, v.anonymous, keep_entries=keep
+                )
         pagemap.clear_soft_dirty(pid)
         # The pagemap entries were read before the reset; working them out into
         # ranges is left for the first look, after the thaw in a pre-dump.
