@@ -259,3 +259,22 @@ def test_shared_descriptions_are_grouped_in_n_log_n_kcmp_calls(tmp_path, monkeyp
     finally:
         for fd in opened + dups:
             os.close(fd)
+
+
+def test_a_frozen_tree_pins_each_process_task_dir(spawn, monkeypatch):
+    """While the freezer holds a tree, task_dir answers without reading the
+    leader's stat (the answer cannot change), and the thaw lets go of it. A
+    process gone before the pin is left unpinned, without failing the pin."""
+    from checkpointer.freezer import Freezer
+
+    t = spawn()
+    reads = []
+    real = proc.read_state
+    with Freezer(t.pid):
+        monkeypatch.setattr(proc, "read_state", lambda *a: reads.append(a) or real(*a))
+        assert proc.task_dir(t.pid) == f"/proc/{t.pid}"
+        assert reads == []
+        monkeypatch.undo()
+    assert t.pid not in proc._pinned_task_dirs
+    proc.pin_task_dirs([2**22 + 77])  # no such process
+    assert 2**22 + 77 not in proc._pinned_task_dirs

@@ -60,10 +60,15 @@ _pinned_task_dirs: dict[int, str] = {}
 
 
 def pin_task_dirs(pids: Iterable[int]) -> None:
-    """Remember task_dir of each pid until unpin_task_dirs (a frozen tree)."""
+    """Remember task_dir of each pid until unpin_task_dirs (a frozen tree). One
+    killed meanwhile is left unpinned: its paths fail as they would have."""
     pids = list(pids)
     unpin_task_dirs(pids)
-    _pinned_task_dirs.update({pid: task_dir(pid) for pid in pids})
+    for pid in pids:
+        try:
+            _pinned_task_dirs[pid] = task_dir(pid)
+        except TargetError:
+            continue
 
 
 def unpin_task_dirs(pids: Iterable[int]) -> None:
