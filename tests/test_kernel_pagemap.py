@@ -330,19 +330,14 @@ def test_data_runs_by_scan_equal_data_runs_by_read(spawn_no_thp, mapped_file):
                 assert not vma.anonymous
 
 
-class _bulk_read_only:
-    """Within: Pagemap answers from the bulk read of raw entries, as on a kernel
-    without PAGEMAP_SCAN (before 6.7: the 6.1 guest)."""
-
-    def __enter__(self) -> None:
-        self.was = pm.Pagemap._scan_works
-        pm.Pagemap._scan_works = False
-
-    def __exit__(self, *exc: object) -> None:
-        pm.Pagemap._scan_works = self.was
+@pytest.fixture
+def bulk_read_only(monkeypatch):
+    """Pagemap answers from the bulk read of raw entries, as on a kernel without
+    PAGEMAP_SCAN (before 6.7: the 6.1 guest)."""
+    monkeypatch.setattr(pm.Pagemap, "_scan_works", False)
 
 
-def test_bulk_read_in_chunks_gives_the_runs_of_one_read(spawn_no_thp, monkeypatch):
+def test_bulk_read_in_chunks_gives_the_runs_of_one_read(spawn_no_thp, monkeypatch, bulk_read_only):
     """The bulk read goes through a VMA a chunk at a time: the runs, joined across
     chunk ends, must be those of one read of the whole VMA (chunks of 173 pages
     here, so their ends fall inside runs of target.c's mixed memory)."""
@@ -350,7 +345,7 @@ def test_bulk_read_in_chunks_gives_the_runs_of_one_read(spawn_no_thp, monkeypatc
     start, size = t.regions["anon"]
     os.kill(t.pid, signal.SIGSTOP)
     assert wait_for_state(t.pid, "T").startswith("T")
-    with pm.Pagemap(t.pid) as pmap, _bulk_read_only():
+    with pm.Pagemap(t.pid) as pmap:
         entries = pmap.read(start, start + size)
         whole = pm.data_runs(entries, start)
         whole_dirty = pm.data_and_soft_dirty_runs(entries, start)
@@ -362,7 +357,7 @@ def test_bulk_read_in_chunks_gives_the_runs_of_one_read(spawn_no_thp, monkeypatc
             assert later() == whole_dirty == (whole, whole_dirty[1])
 
 
-def test_bulk_read_of_a_huge_reservation_stays_small(monkeypatch):
+def test_bulk_read_of_a_huge_reservation_stays_small(monkeypatch, bulk_read_only):
     """An 8 GiB PROT_NONE reservation (as JVMs and Go make) is read a chunk at a
     time: no read of more than BULK_PAGES entries, where one read used to take
     16 MiB (a 512 GiB one: 1 GiB)."""
@@ -377,7 +372,7 @@ def test_bulk_read_of_a_huge_reservation_stays_small(monkeypatch):
 
     monkeypatch.setattr(pm.Pagemap, "read", read)
     try:
-        with pm.Pagemap(os.getpid()) as pmap, _bulk_read_only():
+        with pm.Pagemap(os.getpid()) as pmap:
             assert pmap.data_runs(addr, addr + size) == []
             assert pmap.data_and_soft_dirty_later(addr, addr + size)() == ([], [])
     finally:
