@@ -323,19 +323,14 @@ class Pagemap:
         parts = [data_runs(self.read(lo, hi), lo) for lo, hi in _chunks(start, end)]
         return parts[0] if len(parts) == 1 else _merge([r for part in parts for r in part])
 
-    def data_and_soft_dirty(
-        self, start: int, end: int, anon: bool = False
-    ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-        """(data_runs, the soft-dirty ones among them) of [start, end), in one walk."""
-        return self.data_and_soft_dirty_later(start, end, anon)()
-
     def data_and_soft_dirty_later(
         self, start: int, end: int, anon: bool = False, *, keep_entries: bool = True
     ) -> Callable[[], tuple[list[tuple[int, int]], list[tuple[int, int]]]]:
-        """data_and_soft_dirty of [start, end) as the kernel reports it now, worked
-        out when called. keep_entries: the bulk read's raw entries (8 bytes a page of
-        the range) are kept until then, and turned into ranges (the costly part, in
-        Python) whenever the caller likes; else that happens here."""
+        """(data_runs, the soft-dirty ones among them) of [start, end) as the kernel
+        reports them now, worked out when called. keep_entries: the bulk read's raw
+        entries (8 bytes a page of the range) are kept until then, and turned into
+        ranges (the costly part, in Python) whenever the caller likes; else that
+        happens here."""
         regions = self._scan_data(start, end, PAGE_IS_SOFT_DIRTY, anon)
         if regions is not None:
             data = _merge([(lo, hi) for lo, hi, _ in regions])
