@@ -158,6 +158,23 @@ def pstree_records(tree: FrozenTree) -> list[dict]:
     return list(records.values())
 
 
+class FrozenStatus:
+    """Each frozen thread's status file, read once per window on first use. What the
+    dump takes from it (state, signal masks, credentials, umask, seccomp mode) holds
+    still while the thread is in a ptrace stop; under TCG every /proc read costs about
+    a millisecond of the window, and the checks and records of a process asked
+    5 + 6 per thread of them."""
+
+    def __init__(self) -> None:
+        self._read: dict[tuple[int, int], proc.TaskStatus] = {}
+
+    def __call__(self, pid: int, tid: int) -> proc.TaskStatus:
+        status = self._read.get((pid, tid))
+        if status is None:
+            status = self._read[pid, tid] = proc.read_task_status(pid, tid)
+        return status
+
+
 @dataclass
 class InjectedState:
     """What syscalls injected into a frozen process read (final dumps only)."""
@@ -171,16 +188,19 @@ class InjectedState:
 _NO_THREAD_STATE = {"tid_address": 0, "sigaltstack": {"sp": 0, "flags": abi.SS_DISABLE, "size": 0}}
 
 
-def read_injected_state(pid: int, tids: list[int]) -> InjectedState:
+def read_injected_state(
+    pid: int, tids: list[int], status: FrozenStatus | None = None
+) -> InjectedState:
     """Process-wide state from one live thread (the main one unless it is a zombie:
     a main thread that called pthread_exit cannot run a syscall), then each live
     thread's own. One scratch area serves every thread: they share the memory."""
     started = time.monotonic()
-    live = [tid for tid in tids if proc.read_state(pid, tid) not in ("Z", "X")]
+    status = status or FrozenStatus()
+    live = [tid for tid in tids if status(pid, tid).state not in ("Z", "X")]
     if not live:
         raise TargetError(f"process {pid} has no live thread to read its state from")
     first = pid if pid in live else live[0]
-    suspended = _suspend_seccomp(pid, live)
+    suspended = _suspend_seccomp(pid, live, status)
     try:
         # timer_create's timers: what /proc/PID/timers lists, with the time left,
         # the interval and the overrun count read by timer_gettime in the task.
@@ -233,24 +253,30 @@ def read_injected_state(pid: int, tids: list[int]) -> InjectedState:
     return state
 
 
-def _suspend_seccomp(pid: int, tids: list[int]) -> list[int]:
+def _suspend_seccomp(pid: int, tids: list[int], status: FrozenStatus) -> list[int]:
     """Let injected syscalls past the threads' seccomp filters (a strict or filtering
     thread would otherwise be killed or refused); returns the threads changed."""
     changed = []
     for tid in tids:
-        if proc.read_seccomp_mode(pid, tid):
+        if status(pid, tid).seccomp_mode:
             ptrace.set_options(tid, ptrace.PTRACE_O_SUSPEND_SECCOMP)
             changed.append(tid)
     return changed
 
 
 def core_records(
-    pid: int, tids: list[int], was_stopped: bool, injected: InjectedState | None = None
+    pid: int,
+    tids: list[int],
+    was_stopped: bool,
+    injected: InjectedState | None = None,
+    status: FrozenStatus | None = None,
 ) -> tuple[dict, list[dict]]:
     """The process record and one record per (frozen) thread. `injected`: the state
     read_injected_state read (required for a version 2 image)."""
+    status = status or FrozenStatus()
     stat = proc.read_stat(pid)
-    masks = proc.read_signal_masks(pid, pid)
+    main = status(pid, pid)
+    masks = main.signal_masks
     # A live thread for what a zombie main thread no longer has (its fs, its queue).
     live = next(iter(injected.threads), pid) if injected is not None else pid
     process = {
@@ -259,12 +285,12 @@ def core_records(
         # The state the task had before we froze it: "T" if it was group-stopped.
         "state": "T" if was_stopped else "R",
         "personality": proc.read_personality(pid),
-        "creds": proc.read_creds(pid),
+        "creds": main.creds,
         "rlimits": proc.read_rlimits(pid),
         "sigignore": masks["sigignore"],
         "sigcatch": masks["sigcatch"],
-        "umask": proc.read_umask(pid, live),
-        "seccomp": proc.read_seccomp_mode(pid, live),
+        "umask": status(pid, live).umask,
+        "seccomp": status(pid, live).seccomp_mode,
         "oom_score_adj": sched.read_oom_score_adj(pid),
         "cgroup2": cgroup.cgroup2_of(pid),
         "ctty": {
@@ -278,7 +304,8 @@ def core_records(
         process["shared_siginfo"] = ptrace.peek_siginfo(live, shared=True)
     threads = []
     for tid in tids:
-        masks = proc.read_signal_masks(pid, tid)
+        thread = status(pid, tid)
+        masks = thread.signal_masks
         record = {
             "tid": tid,
             "regs": ptrace.get_regs(tid),
@@ -286,14 +313,14 @@ def core_records(
             "blocked": ptrace.get_sigmask(tid),
             "pending": masks["pending"],
             "shared_pending": masks["shared_pending"],
-            "state": proc.read_state(pid, tid),
+            "state": thread.state,
             "comm": proc.read_task_comm(pid, tid),
             "robust_list": taskstate.read_robust_list(tid),
             "rseq": ptrace.get_rseq_config(tid),
             "siginfo": ptrace.peek_siginfo(tid, shared=False),
             "sched": sched.read_thread_sched(tid),
         }
-        if proc.read_seccomp_mode(pid, tid) == proc.SECCOMP_MODE_FILTER:
+        if thread.seccomp_mode == proc.SECCOMP_MODE_FILTER:
             record["seccomp_filters"] = [
                 {"prog": prog, "flags": flags} for prog, flags in ptrace.seccomp_filters(tid)
             ]
@@ -446,15 +473,18 @@ def check_sharing(pids: list[int]) -> None:
             )
 
 
-def check_seccomp(threads: dict[int, list[int]], killing: bool) -> None:
+def check_seccomp(
+    threads: dict[int, list[int]], killing: bool, status: FrozenStatus | None = None
+) -> None:
     """Seccomp filters are dumped (each thread's, core_records) and attached again
     by restore; strict mode cannot be (it allows nothing but read, write and exit,
     and restore cannot issue its calls under it). A dump that kills such a process
     is refused, or it would be lost; one that leaves it running still serves
     inspection, with a warning."""
+    status = status or FrozenStatus()
     for pid, tids in threads.items():
         for tid in tids:
-            if _seccomp_mode(pid, tid) == proc.SECCOMP_MODE_STRICT:
+            if _seccomp_mode(status, pid, tid) == proc.SECCOMP_MODE_STRICT:
                 if killing:
                     raise UnsupportedObject(
                         f"process {pid} runs in seccomp strict mode (thread {tid}), which "
@@ -468,9 +498,9 @@ def check_seccomp(threads: dict[int, list[int]], killing: bool) -> None:
                 return
 
 
-def _seccomp_mode(pid: int, tid: int) -> int:
+def _seccomp_mode(status: FrozenStatus, pid: int, tid: int) -> int:
     try:
-        return proc.read_seccomp_mode(pid, tid)
+        return status(pid, tid).seccomp_mode
     except TargetError:
         return 0  # a thread that exited since the freeze
 

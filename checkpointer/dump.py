@@ -16,7 +16,7 @@ import platform
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from checkpointer import collect, memdump, snapshot, trackstate
@@ -488,10 +488,11 @@ class _Pass:
                     del tree.threads[pid]
                     del vmas[pid]
         self._write_later(writer.write_pstree, records)
+        status = collect.FrozenStatus()
         if self.req.kind == "dump":  # refusals of the whole process first
             collect.check_namespaces(tree.pids)
             collect.check_sharing(tree.pids)
-            collect.check_seccomp(tree.threads, killing=self.req.thaw is Thaw.KILL)
+            collect.check_seccomp(tree.threads, killing=self.req.thaw is Thaw.KILL, status=status)
         processes: dict[int, dict] = {}
         fds: dict[int, list[dict]] = {}
         vma_records: dict[int, list[dict]] = {}
@@ -500,7 +501,7 @@ class _Pass:
             # Registers and injected syscalls need every thread in a ptrace stop (a
             # dump). The sessions' scratch page is gone before pages are tracked.
             injected = (
-                collect.read_injected_state(pid, tree.threads[pid])
+                collect.read_injected_state(pid, tree.threads[pid], status)
                 if self.req.kind == "dump"
                 else None
             )
@@ -521,7 +522,7 @@ class _Pass:
                 self._write_later(writer.write_mm, pid, mm, vma_records[pid])
             if injected is not None:
                 process, threads = collect.core_records(
-                    pid, tree.threads[pid], pid in tree.was_stopped, injected
+                    pid, tree.threads[pid], pid in tree.was_stopped, injected, status
                 )
                 self._write_later(writer.write_core, pid, process, threads)
                 processes[pid] = process
@@ -634,6 +635,7 @@ class _Pass:
             # dump commits, nothing may build on the parent's tracking state.
             self.state.pending = self.dump_id
             trackstate.save(self.state)
+            saved = asdict(self.state)
             per_pid = self.state.extra
             try:
                 for pid in tree.pids:
@@ -654,8 +656,10 @@ class _Pass:
             finally:
                 # What attach put into the targets is kept even if this pass fails
                 # (still pending: the next pass is full), or the next pass would put
-                # a second one beside it.
-                trackstate.save(self.state)
+                # a second one beside it. (Only if attach changed anything: soft-dirty
+                # puts nothing there, and a write costs the window a file replace.)
+                if asdict(self.state) != saved:
+                    trackstate.save(self.state)
         private = {pid: _private(vmas[pid]) for pid in tree.pids}
         pages: dict[int, dict[int, VmaPages]] = {}
         for pid in tree.pids:

@@ -316,6 +316,61 @@ def read_status(pid: int, tid: int | None = None) -> dict[str, str]:
     return out
 
 
+class TaskStatus:
+    """One read of a task's status file, with the fields the dump takes from it."""
+
+    __slots__ = ("fields",)
+
+    def __init__(self, fields: dict[str, str]) -> None:
+        self.fields = fields
+
+    @property
+    def state(self) -> str:
+        """The one-letter state (as in stat: R, S, D, T, t, Z, X...)."""
+        return self.fields.get("State", "X")[:1]
+
+    @property
+    def creds(self) -> dict:
+        """uid/gid [real, effective, saved, fs], groups, cap_* bitmasks (ints)."""
+        st = self.fields
+        return {
+            "uid": [int(x) for x in st["Uid"].split()],
+            "gid": [int(x) for x in st["Gid"].split()],
+            "groups": [int(x) for x in st.get("Groups", "").split()],
+            "cap_inh": int(st["CapInh"], 16),
+            "cap_prm": int(st["CapPrm"], 16),
+            "cap_eff": int(st["CapEff"], 16),
+            "cap_bnd": int(st["CapBnd"], 16),
+            "cap_amb": int(st.get("CapAmb", "0"), 16),
+        }
+
+    @property
+    def signal_masks(self) -> dict[str, int]:
+        """Per-thread blocked/pending, process-wide shared_pending/sigignore/sigcatch."""
+        st = self.fields
+        return {
+            "blocked": int(st["SigBlk"], 16),
+            "pending": int(st["SigPnd"], 16),
+            "shared_pending": int(st["ShdPnd"], 16),
+            "sigignore": int(st["SigIgn"], 16),
+            "sigcatch": int(st["SigCgt"], 16),
+        }
+
+    @property
+    def umask(self) -> int:
+        """The file mode creation mask (a zombie main thread has none: KeyError)."""
+        return int(self.fields["Umask"], 8)
+
+    @property
+    def seccomp_mode(self) -> int:
+        """0 none, 1 strict, 2 filter."""
+        return int(self.fields.get("Seccomp", "0"))
+
+
+def read_task_status(pid: int, tid: int | None = None) -> TaskStatus:
+    return TaskStatus(read_status(pid, tid))
+
+
 def tracer_pid(pid: int) -> int:
     """TracerPid from status: 0 when nobody ptraces pid."""
     return int(read_status(pid).get("TracerPid", "0"))
@@ -323,29 +378,12 @@ def tracer_pid(pid: int) -> int:
 
 def read_creds(pid: int) -> dict:
     """uid/gid [real, effective, saved, fs], groups, cap_* bitmasks (ints)."""
-    st = read_status(pid)
-    return {
-        "uid": [int(x) for x in st["Uid"].split()],
-        "gid": [int(x) for x in st["Gid"].split()],
-        "groups": [int(x) for x in st.get("Groups", "").split()],
-        "cap_inh": int(st["CapInh"], 16),
-        "cap_prm": int(st["CapPrm"], 16),
-        "cap_eff": int(st["CapEff"], 16),
-        "cap_bnd": int(st["CapBnd"], 16),
-        "cap_amb": int(st.get("CapAmb", "0"), 16),
-    }
+    return read_task_status(pid).creds
 
 
 def read_signal_masks(pid: int, tid: int) -> dict[str, int]:
     """Per-thread blocked/pending, process-wide shared_pending/sigignore/sigcatch."""
-    st = read_status(pid, tid)
-    return {
-        "blocked": int(st["SigBlk"], 16),
-        "pending": int(st["SigPnd"], 16),
-        "shared_pending": int(st["ShdPnd"], 16),
-        "sigignore": int(st["SigIgn"], 16),
-        "sigcatch": int(st["SigCgt"], 16),
-    }
+    return read_task_status(pid, tid).signal_masks
 
 
 # --- maps and smaps -----------------------------------------------------------------
@@ -623,7 +661,7 @@ def read_task_comm(pid: int, tid: int) -> str:
 def read_umask(pid: int, tid: int | None = None) -> int:
     """The file mode creation mask (status Umask, octal; a zombie main thread has
     none: ask a live thread)."""
-    return int(read_status(pid, tid)["Umask"], 8)
+    return read_task_status(pid, tid).umask
 
 
 SECCOMP_MODE_STRICT, SECCOMP_MODE_FILTER = 1, 2
@@ -631,7 +669,7 @@ SECCOMP_MODE_STRICT, SECCOMP_MODE_FILTER = 1, 2
 
 def read_seccomp_mode(pid: int, tid: int | None = None) -> int:
     """Seccomp mode from status: 0 none, 1 strict, 2 filter."""
-    return int(read_status(pid, tid).get("Seccomp", "0"))
+    return read_task_status(pid, tid).seccomp_mode
 
 
 # --- file identities ---------------------------------------------------------------
