@@ -369,6 +369,11 @@ def fd_records(pid: int, hide: set[int] | frozenset[int] = frozenset()) -> list[
             _check_device(pid, fd, st.st_rdev)
         elif st is not None and fd.target.startswith("/"):
             _check_reachable(pid, fd, st)
+            if fd.target.endswith(_DELETED):  # under another name still?
+                what = f"fd {fd.fd} of process {pid} ({fd.target})"
+                fd = fd._replace(
+                    target=fdfiles.linked_name(fd.target[: -len(_DELETED)], st, what) or fd.target
+                )
         records.append({
             "fd": fd.fd,
             "target": fd.target,
@@ -613,7 +618,10 @@ def vma_records(
                 )
         if final and v.kind in ("file", "file-private"):
             what = f"process {pid} maps {v.path} at {v.start:#x}"
-            if v.deleted:
+            linked = _linked_name_once(pid, v, what, seen) if v.deleted else None
+            if linked:  # the mapping is of a file that has another name
+                rec.update(path=linked, deleted=False)
+            elif v.deleted:
                 rec["ghost"] = fdfiles.ghost(rec["stat"], what)
             elif rec["stat"] is not None and not _leads_back_once(v.path, rec["stat"], seen):
                 raise UnsupportedObject(
@@ -631,6 +639,14 @@ def _mapped_identity(pid: int, v: Vma, seen: dict) -> dict | None:
     key = ("identity", v.dev, v.inode)
     if key not in seen:
         seen[key] = file_identity(proc.stat_mapped_file(pid, v.start, v.end))
+    return seen[key]
+
+
+def _linked_name_once(pid: int, v: Vma, what: str, seen: dict) -> str | None:
+    key = ("linked", v.dev, v.inode)
+    if key not in seen:
+        st = proc.stat_mapped_file(pid, v.start, v.end)
+        seen[key] = fdfiles.linked_name(v.path, st, what)
     return seen[key]
 
 

@@ -4,6 +4,7 @@ workload (which kills it), restores it, and checks the object still works."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -202,6 +203,84 @@ def test_pidfds_of_the_tree_come_back(tmp_path):
         assert prog.result("zombie") == b"True"
         assert prog.result("events") == b"True"  # the restored child's exit woke it
         assert prog.result("status") == str(int(signal.SIGTERM)).encode()
+
+
+RELINKED_PROGRAM = """
+    import ctypes, mmap
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.sem_open.restype = ctypes.c_void_p
+    libc.sem_open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_uint]
+    name = ("/ckpt-test-%d" % os.getpid()).encode()
+    # glibc's sem_open(O_CREAT) makes /dev/shm/sem.XXXXXX, maps it, link()s it to
+    # /dev/shm/sem.NAME and unlinks the temporary name: the creator's mapping reads
+    # "(deleted)" while the file lives on under its name.
+    sem = ctypes.c_void_p(libc.sem_open(name, os.O_CREAT | os.O_EXCL, 0o600, 0))
+    # An open file made the same way: written under a temporary name, linked into
+    # place, the temporary name removed, and written on through the fd.
+    log = os.open(D / "log.tmp", os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600)
+    os.link(D / "log.tmp", D / "log")
+    os.unlink(D / "log.tmp")
+    child = os.fork()
+    if child == 0:  # opens both by name, and counts what the parent posts
+        theirs = ctypes.c_void_p(libc.sem_open(name, 0, 0, 0))
+        n = 0
+        while True:
+            libc.sem_wait(theirs)
+            n += 1
+            report("taken", n)
+    report("child", child)
+    report("name", name)
+    ready()
+    posted = 0
+    while True:
+        go()
+        libc.sem_post(sem)
+        posted += 1
+        os.write(log, b"%d\\n" % posted)
+        report("posted", posted)
+        time.sleep(0.02)
+"""
+
+
+def test_a_file_linked_again_under_another_name_stays_one_file(tmp_path):
+    """A file the program opened or mapped by a name it then unlinked, after linking
+    the file under another (glibc's sem_open makes every POSIX named semaphore so:
+    Python's multiprocessing locks and queues with the spawn and forkserver start
+    methods; a log moved into place with link()). /proc shows it "(deleted)", but it
+    is not: the dump made it a ghost, and the restore a new file apart from the one
+    the name leads to. Found with Python 3.12's forkserver: after a restore the
+    processes of a multiprocessing queue no longer shared its semaphore, and its
+    feeder thread failed ("semaphore or lock released too many times"). Here the
+    restored mapping was not the named file, and the fd wrote into the copy."""
+    with program_starter(tmp_path) as start:
+        prog = start(RELINKED_PROGRAM)
+        child = int(prog.result("child"))
+        name = prog.result("name").decode()
+        try:
+            prog.go()
+            deadline = time.monotonic() + 10
+            while int(prog.result("taken")) < 5:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            (prog.dir / "go").unlink()
+            dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+            posted = int(prog.result("posted"))
+            restore(tmp_path / "images")
+            assert any(name[1:] in line for line in open(f"/proc/{prog.pid}/maps"))
+            prog.go()
+            deadline = time.monotonic() + 10
+            while int(prog.result("posted")) < posted + 10:
+                assert time.monotonic() < deadline, "the restored program does not post"
+                time.sleep(0.02)
+            while int(prog.result("taken")) < posted + 5:
+                assert time.monotonic() < deadline, "the child does not see the posts"
+                time.sleep(0.02)
+            lines = (prog.dir / "log").read_text().split()
+            assert lines[: posted + 5] == [str(n) for n in range(1, posted + 6)]
+        finally:
+            sigkill(child)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"/dev/shm/sem.{name[1:]}")
 
 
 FORKED_EPOLL_PROGRAM = """

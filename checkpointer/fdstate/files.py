@@ -29,6 +29,42 @@ def object_owner(dev: int, ino: int) -> str:
     return f"shm-{os.major(dev):02x}{os.minor(dev):02x}-{ino}"
 
 
+def linked_name(shown: str, st: os.stat_result | None, what: str) -> str | None:
+    """Where a file /proc shows as deleted (`shown`, without " (deleted)") is still
+    linked, or None: it is a ghost. /proc says "(deleted)" when the name the file
+    was opened or mapped by is gone, even if the file has other links: glibc's
+    sem_open makes each POSIX named semaphore under a temporary name, link()s it to
+    its real name and unlinks the temporary one, so the creator maps
+    "/dev/shm/sem.XXXXXX (deleted)" while the processes it shares the semaphore
+    with map /dev/shm/sem.NAME. Restored as a ghost, it would be a copy of its own.
+    The other name is looked for beside the old one (CRIU instead links the file
+    back, with --link-remap, changing the file system until the restore)."""
+    if st is None or st.st_nlink == 0 or shown.startswith("/memfd:"):
+        return None
+    try:
+        # The entries carry their inode: no stat but of a match (/dev/shm or /tmp may
+        # hold thousands).
+        with os.scandir(os.path.dirname(shown) or "/") as entries:
+            for entry in entries:
+                if entry.inode() != st.st_ino:
+                    continue
+                try:
+                    there = os.stat(entry.path, follow_symlinks=False)
+                except OSError:
+                    continue
+                if (there.st_dev, there.st_ino) == (st.st_dev, st.st_ino):
+                    return entry.path
+    except OSError:
+        pass
+    log.warning(
+        "%s: the file is linked elsewhere (%d links), not beside its old name: "
+        "restore gives the process a copy of its own",
+        what,
+        st.st_nlink,
+    )
+    return None
+
+
 def ghost(identity: dict | None, what: str) -> dict:
     """The "ghost" field of a deleted regular file; refuses other deleted files."""
     if identity is None:
