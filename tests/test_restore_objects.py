@@ -874,6 +874,98 @@ def test_shell_job_needs_shell_job_and_gets_the_restorers_terminal(tmp_path):
             os.close(fd)
 
 
+# An interactive shell, as far as job control goes: it runs each command in the
+# foreground of its terminal (a group of its own, made the terminal's foreground)
+# and takes the terminal back when the command ends. First the job, until the dump
+# kills it, then `checkpointer restore --shell-job` (not detached).
+JOB_CONTROL_SHELL = r"""
+import fcntl, os, signal, sys, termios
+fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+
+def foreground(argv):
+    pid = os.fork()
+    if pid == 0:
+        os.setpgid(0, 0)
+        os.tcsetpgrp(0, os.getpid())
+        signal.signal(signal.SIGTTOU, signal.SIG_DFL)
+        os.execvp(argv[0], argv)
+    os.setpgid(pid, pid)
+    os.tcsetpgrp(0, pid)
+    while os.WIFSTOPPED(status := os.waitpid(pid, os.WUNTRACED)[1]):
+        pass  # (the kill-mode dump stops the job before its SIGKILL)
+    os.tcsetpgrp(0, os.getpgrp())
+    return status
+
+job, restore = sys.argv[1], sys.argv[2:]
+open(job, "w").write("%d" % os.getpid())
+foreground(["bash", "-c", "while read line; do echo got:$line; done"])
+os.write(2, b"restoring\n")
+os.write(2, b"restore ended %d\n" % foreground(restore))
+"""
+
+
+def test_a_shell_job_restored_in_the_foreground_reads_its_terminal(tmp_path):
+    """An interactive job (it reads its terminal) dumped with --shell-job and restored
+    by `restore --shell-job` run in the foreground of a shell: it came back in a
+    process group of its own, which was not the terminal's foreground (the
+    restorer's is), so its first read stopped it (SIGTTIN) and the restore waited
+    for ever. As CRIU did, the job's group is now the restorer's: the job reads the
+    terminal, and ^C reaches both."""
+    master, slave = os.openpty()
+    attrs = termios.tcgetattr(slave)
+    attrs[3] &= ~termios.ECHO  # (only the job's lines on the master)
+    termios.tcsetattr(slave, termios.TCSANOW, attrs)
+    images = tmp_path / "images"
+    shell = subprocess.Popen(
+        [sys.executable, "-c", JOB_CONTROL_SHELL, str(tmp_path / "shell"),
+         sys.executable, "-m", "checkpointer", "restore", "-D", str(images), "--shell-job"],
+        stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+    )  # fmt: skip
+    job = 0
+    try:
+        os.write(master, b"one\n")
+        read_pty(master, b"got:one")
+        shell_pid = int((tmp_path / "shell").read_text())
+        job = next(
+            int(p) for p in os.listdir("/proc")
+            if p.isdigit() and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1]
+            == str(shell_pid)
+        )  # fmt: skip
+        r = cli("dump", "-t", str(job), "-D", str(images), "--shell-job")
+        assert r.returncode == 0, r.stderr
+        read_pty(master, b"restoring")
+        deadline = time.monotonic() + 30
+        while not os.path.exists(f"/proc/{job}"):
+            assert time.monotonic() < deadline, "the job was not restored"
+            time.sleep(0.05)
+        os.write(master, b"two\n")
+        read_pty(master, b"got:two")
+        stat = open(f"/proc/{job}/stat").read().rsplit(")", 1)[1].split()
+        assert int(stat[5]) == int(stat[2])  # its group is the terminal's foreground
+        os.write(master, b"\x03")  # ^C
+        read_pty(master, b"restore ended")
+        assert shell.wait(timeout=10) == 0
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{job}") and _state(job) not in ("Z", ""):
+            assert time.monotonic() < deadline, "^C did not reach the job"
+            time.sleep(0.05)
+    finally:
+        for pid in (job, shell.pid):
+            if pid:
+                sigkill(pid)
+        shell.wait(timeout=10)
+        os.close(master)
+        os.close(slave)
+
+
+def _state(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return ""
+
+
 def test_daemon_keeps_the_session_of_its_exited_leader(tmp_path):
     """The root of the tree is a daemon: its parent started a session, forked it and
     exited. Restore brings it back in that session (a helper with the leader's PID)."""

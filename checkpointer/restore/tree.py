@@ -79,7 +79,8 @@ def create_tree(
     in each new session leader before its session's other processes exist (a
     controlling terminal they inherit)."""
     procs = images.by_pid()
-    gone = _gone_leaders(images)
+    job = shell_job_group(images)
+    gone = _gone_leaders(images) - {job}
     tasks: dict[int, Task] = {}
     root = images.root
     with inherit.cloning(origin.task, root):
@@ -118,8 +119,22 @@ def create_tree(
                 else:
                     clone = _clone(task.session, kid.pid, False, created)
             tasks[kid.pid] = Task(kid, clone, cloned_from=task)
-    _join_groups(images, tasks)
+    _join_groups(images, tasks, job)
     return tasks
+
+
+def shell_job_group(images: RestoreImages) -> int | None:
+    """The process group of a shell job (dumped with --shell-job, its root in the
+    shell's session), which the tree joins the restorer's instead: as CRIU did, so
+    that a job restored in the foreground of a shell (restore not detached) is in
+    the terminal's foreground group, reads the terminal without being stopped
+    (SIGTTIN), gets ^C and ^Z with the restorer, and the shell's job control sees
+    them both through the restorer. In a group of its own it would be in the
+    background of a terminal it may read."""
+    root = images.root
+    if not images.dump.inventory.get("shell_job") or root.sid == root.pid:
+        return None
+    return root.pgid
 
 
 def _gone_leaders(images: RestoreImages) -> set[int]:
@@ -186,13 +201,18 @@ def _clone(creator: SyscallSession, pid: int, clone_parent: bool, created: list[
     return clone_task(creator, flags, pid, exit_signal, created)
 
 
-def _join_groups(images: RestoreImages, tasks: dict[int, Task]) -> None:
-    """Process groups: leaders first, then members (same session required)."""
+def _join_groups(images: RestoreImages, tasks: dict[int, Task], job: int | None) -> None:
+    """Process groups: leaders first, then members (same session required). The
+    shell job's group (`job`) is the restorer's, which the root has from its clone."""
+    root_group = os.getpgid(images.root.pid) if job is not None else None
     for image in images.processes:
-        if image.pgid == image.pid and image.sid != image.pid:
+        if image.pgid == job:
+            if os.getpgid(image.pid) != root_group:
+                taskctl.setpgid(tasks[image.pid].session, root_group)
+        elif image.pgid == image.pid and image.sid != image.pid:
             taskctl.setpgid(tasks[image.pid].session, 0)
     for image in images.processes:
-        if image.pgid != image.pid and image.pgid in tasks:
+        if image.pgid not in (image.pid, job) and image.pgid in tasks:
             taskctl.setpgid(tasks[image.pid].session, image.pgid)
 
 
