@@ -195,6 +195,8 @@ def take(
     will plan with it), for a capture of only the pages the copy will read."""
     started = time.monotonic()
     held = sum(v.size for pid in tree.pids for v in vmas[pid] if _held(v))
+    if held > PREFETCH_LIMIT:  # reservations count their pages, not their size
+        held = _held_bytes(tree, vmas, pages or _scan_not_forked(tree, vmas))
     if held > PREFETCH_LIMIT:
         watchdog.close()
         log.warning(
@@ -242,6 +244,34 @@ def take(
     snap.take_us = _us_since(started)
     log.debug("snapshot: taken in %d us", snap.take_us)
     return snap
+
+
+def _scan_not_forked(
+    tree: FrozenTree, vmas: dict[int, list[Vma]]
+) -> dict[int, dict[int, VmaPages]]:
+    """The present pages of each private VMA no child gets as it is (DONTFORK,
+    WIPEONFORK): what the window holds of them."""
+    return {
+        pid: FullTracker().scan(pid, [v for v in vmas[pid] if _not_forked(v)], False)
+        for pid in tree.pids
+    }
+
+
+def _held_bytes(
+    tree: FrozenTree, vmas: dict[int, list[Vma]], pages: dict[int, dict[int, VmaPages]]
+) -> int:
+    """What the window would read and hold: shared memory and [vdso] at their size
+    (an upper bound), the private VMAs no child gets at their present pages. V8
+    (Node.js) reserves ~1.5 GiB of PROT_NONE, DONTFORK address space and uses a
+    few MiB of it."""
+    total = 0
+    for pid in tree.pids:
+        for v in vmas[pid]:
+            if _not_forked(v):
+                total += sum(e - s for s, e in pages[pid][v.start].present)
+            elif _held(v):
+                total += v.size
+    return total
 
 
 def _capture(
