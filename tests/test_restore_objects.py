@@ -876,12 +876,14 @@ def test_shell_job_needs_shell_job_and_gets_the_restorers_terminal(tmp_path):
 
 # An interactive shell, as far as job control goes: it runs each command in the
 # foreground of its terminal (a group of its own, made the terminal's foreground)
-# and takes the terminal back when the command ends. First the job, until the dump
-# kills it, then `checkpointer restore --shell-job` (not detached).
+# and takes the terminal back, with its own settings, when the command ends. First
+# the job (argv[2], a bash command), until the dump kills it, then `checkpointer
+# restore --shell-job` (not detached).
 JOB_CONTROL_SHELL = r"""
 import fcntl, os, signal, sys, termios
 fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+ours = termios.tcgetattr(0)
 
 def foreground(argv):
     pid = os.fork()
@@ -895,14 +897,79 @@ def foreground(argv):
     while os.WIFSTOPPED(status := os.waitpid(pid, os.WUNTRACED)[1]):
         pass  # (the kill-mode dump stops the job before its SIGKILL)
     os.tcsetpgrp(0, os.getpgrp())
+    termios.tcsetattr(0, termios.TCSANOW, ours)
     return status
 
-job, restore = sys.argv[1], sys.argv[2:]
-open(job, "w").write("%d" % os.getpid())
-foreground(["bash", "-c", "while read line; do echo got:$line; done"])
+open(sys.argv[1], "w").write("%d" % os.getpid())
+foreground(["bash", "-c", sys.argv[2]])
 os.write(2, b"restoring\n")
-os.write(2, b"restore ended %d\n" % foreground(restore))
+os.write(2, b"restore ended %d\n" % foreground(sys.argv[3:]))
 """
+
+
+class ShellJob:
+    """A job of JOB_CONTROL_SHELL on a new pty (no echo, to see only the job's
+    output on the master): dumped with --shell-job, then restored by the shell."""
+
+    def __init__(self, base: Path, command: str) -> None:
+        self.master, self.slave = os.openpty()
+        attrs = termios.tcgetattr(self.slave)
+        attrs[3] &= ~termios.ECHO
+        termios.tcsetattr(self.slave, termios.TCSANOW, attrs)
+        self.base = base
+        self.shell = subprocess.Popen(
+            [sys.executable, "-c", JOB_CONTROL_SHELL, str(base / "shell"), command,
+             sys.executable, "-m", "checkpointer", "restore", "-D", str(base / "images"),
+             "--shell-job"],
+            stdin=self.slave, stdout=self.slave, stderr=self.slave, start_new_session=True,
+        )  # fmt: skip
+        self.pid = 0
+
+    def started(self) -> None:
+        """The job's pid, once it runs."""
+        deadline = time.monotonic() + 10
+        while not self.pid:
+            assert time.monotonic() < deadline, "the shell did not start the job"
+            try:
+                shell = int((self.base / "shell").read_text())
+                self.pid = next(
+                    int(p) for p in os.listdir("/proc")
+                    if p.isdigit() and _stat(int(p))[1] == str(shell)
+                )  # fmt: skip
+            except (ValueError, FileNotFoundError, StopIteration):
+                time.sleep(0.02)
+
+    def dump_and_restore(self, between=lambda: None) -> None:
+        """Dump; between() while the shell starts the restore (its interpreter's
+        start-up alone takes longer)."""
+        r = cli("dump", "-t", str(self.pid), "-D", str(self.base / "images"), "--shell-job")
+        assert r.returncode == 0, r.stderr
+        between()
+        read_pty(self.master, b"restoring")
+        deadline = time.monotonic() + 30
+        while not os.path.exists(f"/proc/{self.pid}"):
+            assert time.monotonic() < deadline, "the job was not restored"
+            time.sleep(0.05)
+
+    def type(self, keys: bytes, want: bytes) -> bytes:
+        os.write(self.master, keys)
+        return read_pty(self.master, want)
+
+    def close(self) -> None:
+        for pid in (self.pid, self.shell.pid):
+            if pid:
+                sigkill(pid)
+        self.shell.wait(timeout=10)
+        os.close(self.master)
+        os.close(self.slave)
+
+
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the name (state first); [] if gone."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return []
 
 
 def test_a_shell_job_restored_in_the_foreground_reads_its_terminal(tmp_path):
@@ -911,59 +978,52 @@ def test_a_shell_job_restored_in_the_foreground_reads_its_terminal(tmp_path):
     process group of its own, which was not the terminal's foreground (the
     restorer's is), so its first read stopped it (SIGTTIN) and the restore waited
     for ever. As CRIU did, the job's group is now the restorer's: the job reads the
-    terminal, and ^C reaches both."""
-    master, slave = os.openpty()
-    attrs = termios.tcgetattr(slave)
-    attrs[3] &= ~termios.ECHO  # (only the job's lines on the master)
-    termios.tcsetattr(slave, termios.TCSANOW, attrs)
-    images = tmp_path / "images"
-    shell = subprocess.Popen(
-        [sys.executable, "-c", JOB_CONTROL_SHELL, str(tmp_path / "shell"),
-         sys.executable, "-m", "checkpointer", "restore", "-D", str(images), "--shell-job"],
-        stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
-    )  # fmt: skip
-    job = 0
+    terminal, and ^C reaches it, but not the restorer, which waits on (it died of
+    ^C, leaving the job without its parent, and the terminal to the shell)."""
+    job = ShellJob(
+        tmp_path,
+        'trap "echo caught" INT; while :; do '
+        "if read line; then echo got:$line; elif [ $? = 1 ]; then exit 0; fi; done",
+    )
     try:
-        os.write(master, b"one\n")
-        read_pty(master, b"got:one")
-        shell_pid = int((tmp_path / "shell").read_text())
-        job = next(
-            int(p) for p in os.listdir("/proc")
-            if p.isdigit() and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1]
-            == str(shell_pid)
-        )  # fmt: skip
-        r = cli("dump", "-t", str(job), "-D", str(images), "--shell-job")
-        assert r.returncode == 0, r.stderr
-        read_pty(master, b"restoring")
-        deadline = time.monotonic() + 30
-        while not os.path.exists(f"/proc/{job}"):
-            assert time.monotonic() < deadline, "the job was not restored"
-            time.sleep(0.05)
-        os.write(master, b"two\n")
-        read_pty(master, b"got:two")
-        stat = open(f"/proc/{job}/stat").read().rsplit(")", 1)[1].split()
-        assert int(stat[5]) == int(stat[2])  # its group is the terminal's foreground
-        os.write(master, b"\x03")  # ^C
-        read_pty(master, b"restore ended")
-        assert shell.wait(timeout=10) == 0
-        deadline = time.monotonic() + 10
-        while os.path.exists(f"/proc/{job}") and _state(job) not in ("Z", ""):
-            assert time.monotonic() < deadline, "^C did not reach the job"
-            time.sleep(0.05)
+        job.started()
+        job.type(b"one\n", b"got:one")
+        job.dump_and_restore()
+        job.type(b"two\n", b"got:two")
+        stat = _stat(job.pid)
+        assert stat[5] == stat[2]  # its group is the terminal's foreground
+        job.type(b"\x03", b"caught")  # ^C
+        job.type(b"three\n", b"got:three")  # the restorer still waits for it
+        job.type(b"\x04", b"restore ended 0")  # ^D: it exits 0, and so does the restore
+        assert job.shell.wait(timeout=10) == 0
     finally:
-        for pid in (job, shell.pid):
-            if pid:
-                sigkill(pid)
-        shell.wait(timeout=10)
-        os.close(master)
-        os.close(slave)
+        job.close()
 
 
-def _state(pid: int) -> str:
+def test_a_shell_job_gets_its_terminal_settings_and_window_size(tmp_path):
+    """A job that made its terminal raw (an editor, a pager, a REPL: here no
+    canonical mode, no echo) came back on the restoring shell's terminal as the
+    shell keeps it, cooked: its keys arrived a line at a time, echoed. The dump
+    now keeps the settings of a terminal outside the tree, and the restore gives
+    them to its own; a window of another size is told (SIGWINCH). When the job is
+    killed, the restore dies of the same signal, for the shell to see."""
+    job = ShellJob(
+        tmp_path,
+        'stty -icanon -echo min 1; trap "echo winch" WINCH; '
+        'while :; do c=$(dd bs=1 count=1 2>/dev/null); echo "got:$c"; done',
+    )
     try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return ""
+        job.started()
+        job.type(b"a", b"got:a")
+        size = struct.pack("HHHH", 40, 100, 0, 0)  # the restoring shell's window
+        job.dump_and_restore(lambda: fcntl.ioctl(job.master, termios.TIOCSWINSZ, size))
+        seen = job.type(b"b", b"got:b")  # one key, no Enter
+        assert b"winch" in seen
+        assert not termios.tcgetattr(job.slave)[3] & (termios.ICANON | termios.ECHO)
+        os.kill(job.pid, signal.SIGTERM)
+        read_pty(job.master, b"restore ended %d" % signal.SIGTERM)  # died of it
+    finally:
+        job.close()
 
 
 def test_daemon_keeps_the_session_of_its_exited_leader(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import termios
 
 from checkpointer import fdstate
 from checkpointer.errors import UnsupportedObject
@@ -138,9 +139,25 @@ def _can_inject() -> bool:
 
 def describe_tty(pid: int, record: dict) -> dict:
     """A terminal fd: the pts number of a pseudo-terminal slave (whether its master
-    is in the tree is decided once every fd is known: collect.check_terminals)."""
+    is in the tree is decided once every fd is known: collect.check_terminals), and
+    its settings: a terminal outside the tree (a shell job's) is the restoring
+    shell's at restore, which takes them (the job may have made it raw, without
+    echo: an editor, a pager, a REPL)."""
     number = record["target"].removeprefix("/dev/pts/")
-    return {"pty": {"index": int(number)}} if number.isdigit() else {}
+    if not number.isdigit():
+        return {}
+    described: dict = {"index": int(number)}
+    try:
+        ours = get_fd(pid, record["fd"])
+    except OSError:
+        return {"pty": described}
+    try:
+        described.update(pty.read_settings(ours))
+    except (OSError, termios.error):
+        pass  # (a terminal hung up: EIO) nothing to give back
+    finally:
+        os.close(ours)
+    return {"pty": described}
 
 
 fdstate.DESCRIBERS["file"] = describe

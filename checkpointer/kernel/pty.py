@@ -40,19 +40,35 @@ def pts_index(dev: int) -> int | None:
     return (major - 136) * 256 + minor if major in PTS_MAJORS else None
 
 
-def read_master(fd: int) -> dict:
-    """{index, termios, winsize, locked} of the pair behind a master fd (ours);
-    termios and window size are the slave side's (the master's ioctls reach it)."""
-    index = _INT.unpack(fcntl.ioctl(fd, TIOCGPTN, bytes(4)))[0]
-    locked = _INT.unpack(fcntl.ioctl(fd, TIOCGPTLCK, bytes(4)))[0]
+def read_settings(fd: int) -> dict:
+    """{termios, winsize} of the terminal behind fd (ours): a slave, or a master
+    (whose ioctls reach its slave's settings)."""
     attrs = termios.tcgetattr(fd)
     cc = bytes(c[0] if isinstance(c, bytes) else c for c in attrs[6])
-    winsize = list(_WINSIZE.unpack(fcntl.ioctl(fd, termios.TIOCGWINSZ, bytes(8))))
     return {
-        "index": index,
         "termios": {**dict(zip(TERMIOS_FIELDS, attrs[:6], strict=True)), "cc": cc},
-        "winsize": winsize,
-        "locked": locked,
+        "winsize": window_size(fd),
+    }
+
+
+def window_size(fd: int) -> list[int]:
+    """[rows, cols, xpixel, ypixel] of the terminal behind fd."""
+    return list(_WINSIZE.unpack(fcntl.ioctl(fd, termios.TIOCGWINSZ, bytes(8))))
+
+
+def set_termios(fd: int, t: dict) -> None:
+    """The terminal settings of a read_settings()["termios"]."""
+    attrs = [t[k] for k in TERMIOS_FIELDS] + [[bytes([c]) for c in t["cc"]]]
+    termios.tcsetattr(fd, termios.TCSANOW, attrs)
+
+
+def read_master(fd: int) -> dict:
+    """{index, termios, winsize, locked, packet} of the pair behind a master fd
+    (ours)."""
+    return {
+        "index": _INT.unpack(fcntl.ioctl(fd, TIOCGPTN, bytes(4)))[0],
+        **read_settings(fd),
+        "locked": _INT.unpack(fcntl.ioctl(fd, TIOCGPTLCK, bytes(4)))[0],
         "packet": _INT.unpack(fcntl.ioctl(fd, TIOCGPKT, bytes(4)))[0],
     }
 
@@ -209,9 +225,7 @@ def new_pair(state: dict) -> tuple[int, str]:
     master, slave = os.openpty()
     try:
         path = os.ttyname(slave)
-        t = state["termios"]
-        attrs = [t[k] for k in TERMIOS_FIELDS] + [[bytes([c]) for c in t["cc"]]]
-        termios.tcsetattr(master, termios.TCSANOW, attrs)
+        set_termios(master, state["termios"])
         fcntl.ioctl(master, termios.TIOCSWINSZ, _WINSIZE.pack(*state["winsize"]))
         os.set_blocking(slave, False)
         _queue(slave, termios.tcgetattr(slave), state.get("output", b""), state.get("input", b""))

@@ -227,7 +227,7 @@ def _open(task: Task, f: dict, files: OpenFiles) -> int:
             return pty.open_slave(files, index, flags)
         if not files.shell_job:
             raise RestoreError(f"fd {f['fd']} of process {task.pid} is a terminal: use --shell-job")
-        path = _our_terminal()
+        path = pty.shell_terminal()
         flags |= os.O_NOCTTY
     try:
         fd = os.open(path, flags)
@@ -238,13 +238,6 @@ def _open(task: Task, f: dict, files: OpenFiles) -> int:
     if f["type"] == "file" and not f["flags"] & os.O_APPEND:  # ghosts and memfds too
         os.lseek(fd, f["pos"], os.SEEK_SET)
     return fd
-
-
-def _our_terminal() -> str:
-    for fd in (0, 1, 2):
-        if os.isatty(fd):
-            return os.ttyname(fd)
-    raise RestoreError("--shell-job: the restorer has no terminal to give")
 
 
 def restore_dirs_and_limits(task: Task, ghosts: GhostFiles) -> None:

@@ -3,19 +3,74 @@ new pair with the dumped termios, window size, lock, packet mode and queued byte
 (output for the master to read, input for the slave's readers); a slave fd opens the new
 slave, a master fd shares the new master. A session leader whose controlling
 terminal was such a slave takes the new one before its session's other processes
-are created (they inherit it), and the terminal gets its foreground group back."""
+are created (they inherit it), and the terminal gets its foreground group back.
+
+A shell job's terminal (outside the tree) is the restorer's: it takes the settings
+the job's had at the dump, and the job is told if its window size changed."""
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import termios
 from typing import TYPE_CHECKING
 
 from checkpointer.kernel import pty, taskctl
-from checkpointer.restore.images import RestoreImages
+from checkpointer.restore.images import RestoreError, RestoreImages
 from checkpointer.restore.task import Task
 
 if TYPE_CHECKING:
     from checkpointer.restore.files import OpenFiles
+
+
+log = logging.getLogger("checkpointer")
+
+
+def shell_terminal() -> str:
+    """The restorer's terminal, which --shell-job gives the job's terminal fds."""
+    for fd in (0, 1, 2):
+        if os.isatty(fd):
+            return os.ttyname(fd)
+    raise RestoreError("--shell-job: the restorer has no terminal to give")
+
+
+def give_shell_terminal(images: RestoreImages) -> bool:
+    """--shell-job: our terminal takes the settings the job's had at the dump (a
+    vim, less or REPL made it raw, without echo; the restoring shell has set it
+    back to its own), if we are in its foreground: the job then is too (it joins
+    our group, tree.shell_job_group), and a background process may not change it.
+    True if its window size is not the dumped one (tell_resized, once the tree
+    runs)."""
+    dumped = next(
+        (f["pty"] for p in images.processes for f in p.fds
+         if f["type"] == "tty" and "termios" in f.get("pty", {})
+         and not is_own(images, f["pty"]["index"])),
+        None,
+    )  # fmt: skip
+    if dumped is None:
+        return False
+    fd = os.open(shell_terminal(), os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        try:
+            foreground = os.tcgetpgrp(fd) == os.getpgrp()
+        except OSError:  # ENOTTY: not our controlling terminal
+            foreground = False
+        if not foreground:
+            log.info("--shell-job: not in the foreground of our terminal; its settings kept")
+            return False
+        pty.set_termios(fd, dumped["termios"])
+        return pty.window_size(fd) != dumped["winsize"]
+    except (OSError, termios.error) as exc:
+        raise RestoreError(f"--shell-job: cannot set our terminal as the job's: {exc}") from None
+    finally:
+        os.close(fd)
+
+
+def tell_resized() -> None:
+    """SIGWINCH to our process group, which the shell job joined: its window is not
+    the size it was at the dump."""
+    os.killpg(os.getpgrp(), signal.SIGWINCH)
 
 
 def masters(images: RestoreImages) -> dict[int, dict]:

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import struct
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,7 +132,10 @@ def _restore(req: RestoreRequest) -> RestoreResult:
             tree.restore_cgroup(task)
             threads.restore_scheduling(task)
             threads.set_registers(task)
+        resized = req.shell_job and pty.give_shell_terminal(images)
         _release(tasks, req.leave_stopped)
+        if resized:
+            pty.tell_resized()
         if template is not None:
             template.send_kill()
             origin = None
@@ -218,8 +223,32 @@ def _write_pidfile(path: Path, pid: int) -> None:
 
 
 def wait_root(pid: int) -> int:
-    """Wait for the restored root (our child) to end; its exit status, shell style."""
+    """Wait for the restored root (our child) to end; its exit status, shell style.
+
+    A shell job restored into our process group (tree.shell_job_group) gets the
+    terminal's ^C and ^\\ with us: as a shell does for its foreground job, we ignore
+    them while it runs (or the job would lose its parent and, to the shell, end
+    there), and die of the signal that ended it, so that the shell sees how it
+    ended."""
+    try:
+        joined = os.getpgid(pid) == os.getpgrp()
+    except ProcessLookupError:
+        joined = False
+    if joined:
+        for sig in (signal.SIGINT, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_IGN)
     _, status = os.waitpid(pid, 0)
     if os.WIFSIGNALED(status):
+        if joined:
+            _die_of(os.WTERMSIG(status))
         return 128 + os.WTERMSIG(status)
     return os.WEXITSTATUS(status)
+
+
+def _die_of(sig: int) -> None:
+    """End this process by `sig`, without a core file."""
+    sys.stdout.flush()
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
+    os.kill(os.getpid(), sig)
