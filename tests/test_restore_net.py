@@ -515,6 +515,51 @@ def test_tcp_listener_keeps_address_options_and_backlog(program, tmp_path, famil
     assert sockets.tcp_listen_backlog(getattr(socket, family), inode) == 33
 
 
+def test_socket_options_servers_rely_on_come_back(program, tmp_path):
+    """Only six options were kept. dnsmasq's wildcard UDP socket asks IP_PKTINFO
+    for the interface of each query, and drops a query without it: after a restore
+    it answered none. rsyslog and journald take senders' credentials (SO_PASSCRED);
+    a TCP listener's fast open queue and keepalive times went back to defaults."""
+    prog = program(
+        """
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.setsockopt(socket.IPPROTO_IP, 8, 1)  # IP_PKTINFO
+        u.bind(("0.0.0.0", 0))
+        x = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        x.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        x.bind(str(D / "log"))
+        t = socket.socket()
+        t.setsockopt(socket.IPPROTO_TCP, 23, 5)  # TCP_FASTOPEN
+        t.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 77)
+        t.bind(("127.0.0.1", 0))
+        t.listen()
+        report("fds", [u.fileno(), x.fileno(), t.fileno()])
+        report("port", u.getsockname()[1])
+        ready()
+        while True:
+            data, anc, _, addr = u.recvmsg(100, 100)
+            u.sendto(bytes([len(anc)]), addr)  # how many control messages it got
+        """
+    )
+    fds, port = eval(prog.result("fds")), int(prog.result("port"))
+    dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+    restore(tmp_path / "images")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+        c.settimeout(5)
+        c.sendto(b"query", ("127.0.0.1", port))
+        assert c.recv(10) == b"\x01"  # the IP_PKTINFO message came with it
+    wanted = [
+        (socket.IPPROTO_IP, 8, 1),
+        (socket.SOL_SOCKET, socket.SO_PASSCRED, 1),
+        (socket.IPPROTO_TCP, 23, 5),
+    ]
+    for fd, (level, name, value) in zip(fds, wanted, strict=True):
+        with socket.socket(fileno=sockets.copy_fd(prog.pid, fd)) as s:
+            assert s.getsockopt(level, name) == value
+            if name == 23:
+                assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 77
+
+
 def test_tcp_listener_port_taken_is_refused_before_anything_is_made(program, tmp_path):
     prog = program(
         """

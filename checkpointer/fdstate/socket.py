@@ -29,14 +29,6 @@ TCP_STATES = dict(enumerate(
     ("?", "established", "syn-sent", "syn-recv", "fin-wait1", "fin-wait2", "time-wait",
      "close", "close-wait", "last-ack", "listen", "closing", "new-syn-recv"),
 ))  # fmt: skip
-# Options kept on inet sockets: (level, name) by record key.
-INET_OPTIONS = {
-    "reuseaddr": (socket.SOL_SOCKET, socket.SO_REUSEADDR),
-    "reuseport": (socket.SOL_SOCKET, socket.SO_REUSEPORT),
-    "keepalive": (socket.SOL_SOCKET, socket.SO_KEEPALIVE),
-    "broadcast": (socket.SOL_SOCKET, socket.SO_BROADCAST),
-}
-TCP_OPTIONS = {"nodelay": (socket.IPPROTO_TCP, socket.TCP_NODELAY)}
 
 
 def describe(pid: int, record: dict) -> dict:
@@ -53,6 +45,9 @@ def describe(pid: int, record: dict) -> dict:
         }
         if sock.family == socket.AF_UNIX:
             fields.update(_unix(pid, sock, fields["sock_inode"]))
+            fields["sock_options"] = sockets.read_options(
+                sock, sockets.options_of(sock.family, sock.type, 0)
+            )
             # File descriptors sent over it and not received yet, where fdinfo shows them.
             in_flight = proc.read_fdinfo(pid, record["fd"]).get("scm_fds")
             if in_flight and int(in_flight):
@@ -165,15 +160,12 @@ def _netlink(sock: socket.socket) -> dict:
 
 def _inet(sock: socket.socket, inode: int) -> dict:
     fields: dict = {"sock_local": list(sock.getsockname()[:2])}
-    options = {k: sock.getsockopt(*opt) for k, opt in INET_OPTIONS.items()}
-    if sock.family == socket.AF_INET6:
-        options["v6only"] = sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+    options = sockets.read_options(sock, sockets.options_of(sock.family, sock.type, sock.proto))
     try:
         fields["sock_peer_addr"] = list(sock.getpeername()[:2])
     except OSError:
         fields["sock_peer_addr"] = None
     if sock.type == socket.SOCK_STREAM and sock.proto == socket.IPPROTO_TCP:
-        options.update({k: sock.getsockopt(*opt) for k, opt in TCP_OPTIONS.items()})
         state = sockets.tcp_state(sock)
         fields["tcp_state"] = TCP_STATES.get(state, str(state))
         if state == sockets.TCP_LISTEN:

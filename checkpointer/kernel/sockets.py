@@ -135,6 +135,72 @@ def peek_pipe(pid: int, fd: int, with_data: bool) -> tuple[int, bytes]:
 
 SO_PEEK_OFF = 42
 
+# Socket options a dump reads and a restore sets again (when not the new socket's
+# own value): record key -> (level, option), by the sockets they apply to. Numbers
+# from the kernel's uapi headers (the socket module lacks some).
+SOL_IP, SOL_IPV6, SOL_TCP = socket.IPPROTO_IP, socket.IPPROTO_IPV6, socket.IPPROTO_TCP
+COMMON_OPTIONS = {
+    "timestamp": (socket.SOL_SOCKET, 29),  # SO_TIMESTAMP
+    "priority": (socket.SOL_SOCKET, 12),  # SO_PRIORITY
+}
+UNIX_OPTIONS = {
+    **COMMON_OPTIONS,
+    "passcred": (socket.SOL_SOCKET, 16),  # SO_PASSCRED: rsyslog, journald, dbus
+}
+INET_OPTIONS = {
+    **COMMON_OPTIONS,
+    "reuseaddr": (socket.SOL_SOCKET, socket.SO_REUSEADDR),
+    "reuseport": (socket.SOL_SOCKET, socket.SO_REUSEPORT),
+    "keepalive": (socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+    "broadcast": (socket.SOL_SOCKET, socket.SO_BROADCAST),
+    "oobinline": (socket.SOL_SOCKET, 10),  # SO_OOBINLINE
+    # IP_PKTINFO: a wildcard UDP server (dnsmasq) learns each query's interface
+    "pktinfo": (SOL_IP, 8),
+    "recverr": (SOL_IP, 11),  # IP_RECVERR
+    "freebind": (SOL_IP, 15),  # IP_FREEBIND
+    "tos": (SOL_IP, 1),  # IP_TOS
+}
+INET6_OPTIONS = {
+    "v6only": (SOL_IPV6, socket.IPV6_V6ONLY),
+    "recvpktinfo": (SOL_IPV6, 49),  # IPV6_RECVPKTINFO
+    "recverr6": (SOL_IPV6, 25),  # IPV6_RECVERR
+    "tclass": (SOL_IPV6, 67),  # IPV6_TCLASS
+}
+TCP_OPTIONS = {
+    "nodelay": (SOL_TCP, socket.TCP_NODELAY),
+    "keepidle": (SOL_TCP, 4),
+    "keepintvl": (SOL_TCP, 5),
+    "keepcnt": (SOL_TCP, 6),
+    "defer_accept": (SOL_TCP, 9),
+    "user_timeout": (SOL_TCP, 18),
+    "fastopen": (SOL_TCP, 23),  # a listener's queue length
+    "notsent_lowat": (SOL_TCP, 25),
+}
+ALL_OPTIONS = {**UNIX_OPTIONS, **INET_OPTIONS, **INET6_OPTIONS, **TCP_OPTIONS}
+
+
+def read_options(sock: socket.socket, options: dict[str, tuple[int, int]]) -> dict[str, int]:
+    """The options of `options` that this socket answers for."""
+    values = {}
+    for key, (level, name) in options.items():
+        try:
+            values[key] = sock.getsockopt(level, name)
+        except OSError:
+            pass  # not this kind of socket's (an IP option of a v6-only socket)
+    return values
+
+
+def options_of(family: int, type_: int, proto: int) -> dict[str, tuple[int, int]]:
+    """The options a dump keeps for a socket of this family, type and protocol."""
+    if family == socket.AF_UNIX:
+        return UNIX_OPTIONS
+    options = dict(INET_OPTIONS)
+    if family == socket.AF_INET6:
+        options.update(INET6_OPTIONS)
+    if type_ == socket.SOCK_STREAM and proto == socket.IPPROTO_TCP:
+        options.update(TCP_OPTIONS)
+    return options
+
 
 MAX_PEEKED_MESSAGES = 1 << 16  # far above any unix receive queue (net.unix.max_dgram_qlen)
 

@@ -50,14 +50,6 @@ KINDS = {
     "inet6": ("stream", "dgram"),
     "netlink": ("raw", "dgram"),
 }
-OPTIONS = {
-    "reuseaddr": (socket.SOL_SOCKET, socket.SO_REUSEADDR),
-    "reuseport": (socket.SOL_SOCKET, socket.SO_REUSEPORT),
-    "keepalive": (socket.SOL_SOCKET, socket.SO_KEEPALIVE),
-    "broadcast": (socket.SOL_SOCKET, socket.SO_BROADCAST),
-    "nodelay": (socket.IPPROTO_TCP, socket.TCP_NODELAY),
-    "v6only": (socket.IPPROTO_IPV6, socket.IPV6_V6ONLY),
-}
 
 
 def _where(pid: int, record: dict) -> str:
@@ -92,6 +84,7 @@ def _make(files, record: dict) -> int:
         if peer_closed(record):
             return _make_orphaned(record, type_)
         sock = socket.socket(family, type_)
+        _set_options(sock, record)
         _unix(sock, record)
         if record.get("sock_peer_name") and not record["sock_listening"]:
             # Connected to a named socket: to one of the tree's, made first if need
@@ -115,6 +108,8 @@ def _make(files, record: dict) -> int:
 def _make_pair(files, record: dict, peer: dict, type_: int) -> int:
     """Both ends of a connected pair at once (the peer's fd is kept for its own turn)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, type_)
+    for rec, sock in ((record, ours), (peer, theirs)):
+        _set_options(sock, rec)
     for rec, other in ((record, theirs), (peer, ours)):
         _send_queued(other, rec)  # what `rec`'s end had to read comes from the other end
     for rec, sock in ((record, ours), (peer, theirs)):
@@ -127,6 +122,7 @@ def _make_orphaned(record: dict, type_: int) -> int:
     """A socket whose peer closed: one end of a new pair, given its unread bytes by
     the other end, which is then closed (shutting ours both ways, as before)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, type_)
+    _set_options(ours, record)
     with theirs:
         _send_queued(theirs, record)
     return ours.detach()
@@ -208,10 +204,17 @@ def _remove_stale_socket_file(path: bytes) -> None:
 
 
 def _set_options(sock: socket.socket, record: dict) -> None:
+    """The dumped options that are not the new socket's own value already (a
+    default left alone stays a default: TCP keepalive times follow the sysctls)."""
     for name, value in record.get("sock_options", {}).items():
-        level, opt = OPTIONS[name]
+        level, opt = sockets.ALL_OPTIONS[name]
         if level == socket.IPPROTO_TCP and sock.type != socket.SOCK_STREAM:
             continue
+        try:
+            if sock.getsockopt(level, opt) == value:
+                continue
+        except OSError:
+            pass
         sock.setsockopt(level, opt, value)
 
 
