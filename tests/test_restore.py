@@ -736,3 +736,45 @@ def _merged_maps(lines: list[str]) -> list[tuple]:
         else:
             out.append((start, end, perms, offset, path))
     return out
+
+
+def _huge_kb(pid: int, start: int) -> int:
+    """AnonHugePages (kB) of the VMA at `start`."""
+    inside = False
+    for line in open(f"/proc/{pid}/smaps"):
+        if "-" in line.split(" ", 1)[0] and not line.startswith(("Anon", "Size")):
+            inside = int(line.split("-", 1)[0], 16) == start
+        elif inside and line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.skipif(
+    "[never]" in open("/sys/kernel/mm/transparent_hugepage/enabled").read(),
+    reason="transparent huge pages are off on this kernel",
+)
+def test_memory_advised_huge_comes_back_in_huge_pages(tmp_path):
+    """MADV_HUGEPAGE memory backed by transparent huge pages came back in 4 KiB
+    pages: the pages were written before the advice was given again, so the
+    system's THP setting chose their size (and a MADV_NOHUGEPAGE region came back
+    in huge pages under THP "always")."""
+    code = """
+        import mmap
+        m = mmap.mmap(-1, 64 << 20, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        m.madvise(mmap.MADV_HUGEPAGE)
+        for off in range(0, 64 << 20, 4096):
+            m[off] = 1
+        import ctypes
+        report("start", ctypes.addressof(ctypes.c_char.from_buffer(m)))
+        ready()
+        while True:
+            time.sleep(1)
+    """
+    with program_starter(tmp_path) as start:
+        prog = start(code)
+        region = int(prog.result("start"))
+        if _huge_kb(prog.pid, region) < 32 << 10:
+            pytest.skip("no transparent huge pages to be had for the region here")
+        dump_process_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+        restore(tmp_path / "images")
+        assert _huge_kb(prog.pid, region) >= 32 << 10

@@ -49,7 +49,12 @@ SKIPPED_KINDS = ("vdso", "vvar", "vsyscall", "special")
 PROT_BITS = {"r": 1, "w": 2, "x": 4}
 MADV_DONTNEED = 4
 # smaps VmFlags that a madvise() (or mlock) sets again.
-MADVISE = {"rr": 1, "sr": 2, "mg": 12, "hg": 14, "nh": 15, "dd": 16, "dc": 10, "wf": 18}
+# VmFlags -> madvise advice. The huge-page advice goes before the pages are written:
+# the page size is chosen as each page is first faulted in (a region that was backed
+# by transparent huge pages came back in 4 KiB pages, and a MADV_NOHUGEPAGE one in
+# huge pages under THP "always"); the rest after.
+PAGE_SIZE_ADVICE = {"hg": 14, "nh": 15}
+MADVISE = {"rr": 1, "sr": 2, "mg": 12, "dd": 16, "dc": 10, "wf": 18}
 
 
 def prot_of(vma: dict) -> int:
@@ -221,9 +226,12 @@ def rebuild(
         if kept:
             for start, end in inherit.pages_to_drop(kept_spans, pieces, source.pieces):
                 taskctl.madvise(s, start, end - start, MADV_DONTNEED)
+        for vma in image.vmas:
+            _advise(task, vma, PAGE_SIZE_ADVICE)
         _write_pages(task, pieces, kept_spans, source.pieces if kept else [])
         for vma in image.vmas:
-            _advise(task, vma)
+            _advise(task, vma, MADVISE)
+            _lock(task, vma)
         if set_mm:
             _set_mm(task, shared)
     finally:
@@ -408,15 +416,18 @@ def _split_by_vma(lo: int, hi: int, vmas: list, starts: list, pid: int):
         lo = end
 
 
-def _advise(task: Task, vma: dict) -> None:
+def _advise(task: Task, vma: dict, advice_of: dict[str, int]) -> None:
     if vma["kind"] in SKIPPED_KINDS:
         return
     start, length = vma["start"], vma["end"] - vma["start"]
-    for flag, advice in MADVISE.items():
+    for flag, advice in advice_of.items():
         if flag in vma["vmflags"]:
             taskctl.madvise(task.session, start, length, advice)
-    if "lo" in vma["vmflags"]:
-        taskctl.mlock(task.session, start, length)
+
+
+def _lock(task: Task, vma: dict) -> None:
+    if vma["kind"] not in SKIPPED_KINDS and "lo" in vma["vmflags"]:
+        taskctl.mlock(task.session, vma["start"], vma["end"] - vma["start"])
 
 
 def _set_mm(task: Task, shared: SharedObjects) -> None:
