@@ -4,10 +4,12 @@ the program killed and restored, then the object is used."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -513,6 +515,42 @@ def test_tcp_listener_keeps_address_options_and_backlog(program, tmp_path, famil
         assert s.getsockopt(level, name) == 1
         inode = os.fstat(s.fileno()).st_ino
     assert sockets.tcp_listen_backlog(getattr(socket, family), inode) == 33
+
+
+def test_a_unix_socket_file_keeps_its_owner(program, tmp_path):
+    """The restorer binds a listener again, so its file was root's: a user's 0600
+    socket (an ssh agent's, sshd's forwarded agent) then refused its own user
+    ("Permission denied"). The file's owner is now dumped and given back."""
+    where = tempfile.mkdtemp(dir="/tmp")  # (pytest's is root's alone)
+    os.chmod(where, 0o755)
+    path = os.path.join(where, "agent.sock")
+    prog = program(
+        f"""
+        s = socket.socket(socket.AF_UNIX)
+        s.bind({path!r})
+        os.chown({path!r}, 65534, 65534)
+        os.chmod({path!r}, 0o600)
+        s.listen()
+        ready()
+        while True:
+            c, _ = s.accept()
+            c.send(b"served")
+            c.close()
+        """
+    )
+    try:
+        dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+        restore(tmp_path / "images")
+        st = os.stat(path)
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (65534, 65534, 0o600)
+        as_nobody = subprocess.run(
+            ["/usr/bin/python3", "-c", "import socket; s = socket.socket(socket.AF_UNIX); "
+             f"s.connect({path!r}); print(s.recv(10).decode())"],
+            user=65534, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert as_nobody.stdout.strip() == "served", as_nobody.stderr
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
 
 
 def test_socket_options_servers_rely_on_come_back(program, tmp_path):

@@ -112,7 +112,7 @@ def _socket_file(name: bytes, file: tuple[int, int] | None) -> dict:
     `sock_path_now` or `sock_path_unlinked`. getsockname keeps the bound name."""
     here = _socket_file_at(name, file)
     if here is not None:
-        return {"sock_path_mode": here}
+        return _mode_and_owner(here)
     if file is None:  # a kernel that does not say which file is the socket's
         return {}
     # The directory's entries carry their inode: no stat but of a match (a dump runs
@@ -121,24 +121,30 @@ def _socket_file(name: bytes, file: tuple[int, int] | None) -> dict:
         with os.scandir(os.path.dirname(name) or b".") as entries:
             for entry in entries:
                 if entry.inode() == file[0]:
-                    mode = _socket_file_at(entry.path, file)
-                    if mode is not None:
-                        return {"sock_path_mode": mode, "sock_path_now": entry.path}
+                    there = _socket_file_at(entry.path, file)
+                    if there is not None:
+                        return {**_mode_and_owner(there), "sock_path_now": entry.path}
     except OSError:
         pass
     return {"sock_path_unlinked": True}
 
 
-def _socket_file_at(path: bytes, file: tuple[int, int] | None) -> int | None:
-    """The mode of the socket file at path if it is that socket's (`file`: its inode
-    and device; None where the kernel does not tell: any socket file at the name)."""
+def _socket_file_at(path: bytes, file: tuple[int, int] | None) -> os.stat_result | None:
+    """The socket file at path if it is that socket's (`file`: its inode and device;
+    None where the kernel does not tell: any socket file at the name)."""
     try:
         st = os.lstat(path)
     except OSError:
         return None
     if not stat.S_ISSOCK(st.st_mode) or (file is not None and (st.st_ino, st.st_dev) != file):
         return None
-    return st.st_mode & 0o7777
+    return st
+
+
+def _mode_and_owner(st: os.stat_result) -> dict:
+    """A socket file's permission bits and owner: connecting needs write permission
+    on it (an ssh agent's socket is its user's, mode 0600)."""
+    return {"sock_path_mode": st.st_mode & 0o7777, "sock_path_owner": [st.st_uid, st.st_gid]}
 
 
 def _netlink(sock: socket.socket) -> dict:

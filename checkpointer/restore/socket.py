@@ -182,7 +182,7 @@ def _file_now(record: dict) -> bytes:
 
 def _place_socket_file(record: dict) -> None:
     """The file the record's bind made, put where the program had put it (renamed
-    or removed: fdstate/socket.py), with its mode."""
+    or removed: fdstate/socket.py), with its owner and mode."""
     bound = _socket_path(record)
     if record.get("sock_path_unlinked"):
         os.unlink(bound)
@@ -191,6 +191,8 @@ def _place_socket_file(record: dict) -> None:
     if path != bound:
         _remove_stale_socket_file(path)
         os.rename(bound, path)
+    if "sock_path_owner" in record:  # the restorer made it: root's otherwise
+        os.chown(path, *record["sock_path_owner"])
     if "sock_path_mode" in record:
         os.chmod(path, record["sock_path_mode"])
 
