@@ -128,9 +128,9 @@ def shell_job_group(images: RestoreImages) -> int | None:
     shell's session), which the tree joins the restorer's instead: as CRIU did, so
     that a job restored in the foreground of a shell (restore not detached) is in
     the terminal's foreground group, reads the terminal without being stopped
-    (SIGTTIN), gets ^C and ^Z with the restorer, and the shell's job control sees
-    them both through the restorer. In a group of its own it would be in the
-    background of a terminal it may read."""
+    (SIGTTIN), gets ^C (which the waiting restorer ignores: wait_root) and ^Z with
+    the restorer, and the shell's job control sees both through the restorer. In a
+    group of its own it would be in the background of a terminal it may read."""
     root = images.root
     if not images.dump.inventory.get("shell_job") or root.sid == root.pid:
         return None
