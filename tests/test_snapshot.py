@@ -167,23 +167,18 @@ def test_a_sparse_shared_mapping_is_not_filled_by_the_snapshot(tmp_path, kind):
 
 
 DONTFORK_RESERVATION = """
-import ctypes, mmap
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mmap.restype = ctypes.c_void_p
-libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                      ctypes.c_int, ctypes.c_long]
-libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-MADV_DONTFORK, MAP_NORESERVE = 10, 0x4000
+import mmap, time
+MAP_NORESERVE = 0x4000
 # As V8 does: a big address-space reservation, PROT_NONE and MADV_DONTFORK, of
 # which little is ever used; and 32 MiB of ordinary memory.
-size = 1 << 30
-addr = libc.mmap(None, size, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
-assert libc.madvise(addr, size, MADV_DONTFORK) == 0
+reservation = mmap.mmap(
+    -1, 1 << 30, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE, prot=0
+)
+reservation.madvise(mmap.MADV_DONTFORK)
 data = bytearray(32 << 20)
 for page in range(0, len(data), 4096):
     data[page] = 1
 print("READY", flush=True)
-import time
 time.sleep(600)
 """
 
