@@ -195,8 +195,11 @@ def take(
     will plan with it), for a capture of only the pages the copy will read."""
     started = time.monotonic()
     held = sum(v.size for pid in tree.pids for v in vmas[pid] if _held(v))
+    scanned: dict[int, dict[int, VmaPages]] = {}  # the not-forked VMAs, for _hold
     if held > PREFETCH_LIMIT:  # reservations count their pages, not their size
-        held = _held_bytes(tree, vmas, pages or _scan_not_forked(tree, vmas))
+        if pages is None:
+            scanned = _scan_not_forked(tree, vmas)
+        held = _held_bytes(tree, vmas, pages or scanned)
     if held > PREFETCH_LIMIT:
         watchdog.close()
         log.warning(
@@ -228,7 +231,7 @@ def take(
                 unforked += _missing_in_child(child.pid, vmas[pid])
             else:  # a small process: all its own memory
                 unforked = [v for v in vmas[pid] if v.policy in (Policy.PRIVATE, Policy.WHOLE)]
-            _hold(snap, pid, unforked, pages[pid] if pages else None)
+            _hold(snap, pid, unforked, pages[pid] if pages else None, scanned.get(pid, {}))
         snap.shared_plans = shared_plans({pid: vmas[pid] for pid in tree.pids})
         for pid, segs in _data_by_reader(snap.shared_plans).items():
             snap.held.setdefault(pid, _HeldMemory()).read(pid, segs)
@@ -328,12 +331,19 @@ def _small(pid: int) -> bool:
     return rss_anon < SMALL_PROCESS
 
 
-def _hold(snap: Snapshot, pid: int, unforked: list[Vma], pages) -> None:
+def _hold(
+    snap: Snapshot, pid: int, unforked: list[Vma], pages, scanned: dict[int, VmaPages]
+) -> None:
     """Read the private memory no child has as it was (and [vdso]): what its child
-    lacks, or all of a small process's."""
+    lacks, or all of a small process's. `scanned`: VMAs of it the window has
+    scanned already (take's limit check), not scanned again."""
     if pages is None:
         private = [v for v in unforked if v.policy is Policy.PRIVATE]
-        pages = snap.window_pages[pid] = FullTracker().scan(pid, private, False)
+        rest = [v for v in private if v.start not in scanned]
+        pages = snap.window_pages[pid] = {
+            **{v.start: scanned[v.start] for v in private if v.start in scanned},
+            **FullTracker().scan(pid, rest, False),
+        }
     # No parent holdings: hold every page the later plan could copy (a superset).
     segs = data_segments(pid, unforked, pages, [])
     snap.held.setdefault(pid, _HeldMemory()).read(pid, segs)
