@@ -8,11 +8,14 @@ for MAX_ROUNDS rounds is an error, as in CRIU.
 
 Thawing restores the state found: a task that was stopped by SIGSTOP before we
 came stays stopped. Every path out detaches, so the target is never left stopped
-because the tool failed; if the tool itself is killed, the kernel detaches.
+because the tool failed; if the tool itself is killed, the kernel detaches. A tree
+to kill is killed while still traced and reaped by its tracer, as in CRIU, so its
+parent sees nothing but the kill.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
@@ -165,25 +168,21 @@ class Freezer:
     # -- thawing ---------------------------------------------------------------
 
     def thaw(self, mode: Thaw) -> None:
-        """Let every seized task go; safe to call twice.
-
-        A tree to kill is let go stopped, then killed. Killed while still traced,
-        its threads would leave their ptrace stops for their exit, refuse the
-        detach (ESRCH), and end as zombies that only this process may reap: the
-        process could not be reaped by its parent, nor its PIDs reused, while the
-        tool lives on (a migration that restores on the same host)."""
+        """Let every seized task go; safe to call twice. A tree to kill is killed
+        while still traced (_kill_traced)."""
         proc.unpin_task_dirs(self._pinned)
         self._pinned = []
         if not self._seized and not self._cgroup_frozen:
             return  # thawed already: a second call must not signal anyone
         pids = list(self.tree.threads) or [self.root]
-        parents = parents_in(pids + self.tree.zombies) if mode is Thaw.KILL else {}
-        if parents and self._seized:
-            self._let_parents_reap(parents)
+        if self._cgroup_frozen:
+            self._thaw_cgroup()  # only on a failed freeze: the tasks are traced, or gone
+        if mode is Thaw.KILL:
+            self._kill_traced(pids)
+            return
+        masks: dict[int, int] = {}
         if mode is Thaw.STOPPED:
             self._stopped_by_us = [p for p in pids if p not in self.tree.was_stopped]
-        masks: dict[int, int] = {}
-        if mode in (Thaw.STOPPED, Thaw.KILL):
             # A pending SIGSTOP is delivered as soon as the task runs again, which
             # puts the whole thread group into an ordinary group-stop. Every other
             # signal is held meanwhile (ptrace.give_back_masks_in_group_stop): a
@@ -201,18 +200,39 @@ class Freezer:
         with _signals_deferred():
             stuck = self._release(self._seized)
             self._seized.clear()
-        if self._cgroup_frozen:
-            self._thaw_cgroup()
-        if mode is Thaw.KILL:
-            kill_children_first(pids, parents)  # stopped, untraced: none runs again
-            for pid in pids:
-                _reap_if_child(pid)
-        elif masks:
+        if masks:
             ptrace.give_back_masks_in_group_stop(masks)
         if stuck:
             raise TargetError(
                 f"could not release thread(s) {', '.join(map(str, stuck))} of {self.root}: "
                 "they stay traced by this process until it exits"
+            )
+
+    def _kill_traced(self, pids: list[int]) -> None:
+        """SIGKILL the tree while every thread is still in its ptrace stop, and reap
+        each thread as its tracer, as CRIU does: its parent then sees one change,
+        the kill. (Stopping the tree to kill it after the detach showed the parent
+        a stop first: su, sudo and runuser copy it onto themselves and never reap.)
+        The deepest processes go first, each level once the one below is reaped, so
+        that parents in the tree, made to reap as their children die
+        (_let_parents_reap), are still there to do it: none is left to init."""
+        parents = parents_in(pids + self.tree.zombies)
+        if parents and self._seized:
+            self._let_parents_reap(parents)
+        stuck: list[int] = []
+        with _signals_deferred():
+            for level in deepest_first(pids, parents):
+                for pid in level:
+                    _signal(pid, signal.SIGKILL)
+                stuck += _reap_traced([t for t in self._seized if self._pid_of(t) in level])
+            self._seized.clear()
+        for pid in pids:
+            _reap_if_child(pid)  # a zombie leader we did not trace, if it is ours
+        if stuck:
+            raise TargetError(
+                f"thread(s) {', '.join(map(str, stuck))} of {self.root} did not die within "
+                f"{RELEASE_TIMEOUT:g} s of SIGKILL: they stay traced by this process until "
+                "it exits"
             )
 
     def _let_parents_reap(self, parents: dict[int, int]) -> None:
@@ -229,12 +249,12 @@ class Freezer:
     def _release(self, tids: list[int]) -> list[int]:
         """Detach every tid; the ones still traced are returned. PTRACE_DETACH needs
         a ptrace-stop: a tracee that runs again (continued to take a signal, or
-        woken by the SIGKILL of a kill-mode thaw before it shows as exiting)
-        refuses with ESRCH, which is not "gone". Those are interrupted and then
-        polled all together until each stops (detached then) or shows as dying: a
-        dying group leader reports its exit only after its other threads were
-        reaped (by us, if we still trace them), so waiting on one tid at a time,
-        or for its exit report, sat out the whole timeout."""
+        woken by a SIGKILL from elsewhere before it shows as exiting) refuses with
+        ESRCH, which is not "gone". Those are interrupted and then polled all
+        together until each stops (detached then) or shows as dying: a dying group
+        leader reports its exit only after its other threads were reaped (by us,
+        if we still trace them), so waiting on one tid at a time, or for its exit
+        report, sat out the whole timeout."""
         pending = []
         for tid in tids:
             try:
@@ -357,7 +377,7 @@ def parents_in(pids: list[int]) -> dict[int, int]:
 
 def reap_as_they_die(s: SyscallSession, zombies: list[int]) -> None:
     """In a parent about to be killed, with its tree: ignore SIGCHLD, so the kernel
-    reaps its children as they die (killed before it: kill_children_first), and
+    reaps its children as they die (killed before it: deepest_first), and
     reap its zombies now. Otherwise they outlive it as zombies of init, and a
     restore on this host waits for their PIDs: a container's init can take
     seconds to reap them. Best effort: the tree dies either way."""
@@ -366,23 +386,59 @@ def reap_as_they_die(s: SyscallSession, zombies: list[int]) -> None:
         taskctl.reap(s, zombie)
 
 
-def kill_children_first(pids: list[int], parents: dict[int, int], wait: float = 1.0) -> None:
-    """SIGKILL every process, the deepest first, each level once the one below it
-    is gone: a child that dies before its parent is reaped by it (if it ignores
-    SIGCHLD), one that dies after is left to init."""
+def deepest_first(pids: list[int], parents: dict[int, int]) -> list[list[int]]:
+    """pids grouped by their depth below the tree's top, the deepest group first."""
     depth: dict[int, int] = {}
     for pid in pids:
         d, up = 0, pid
         while up in parents and d <= len(pids):
             d, up = d + 1, parents[up]
         depth[pid] = d
-    for level in sorted(set(depth.values()), reverse=True):
-        killed = [pid for pid in pids if depth[pid] == level]
+    return [
+        [pid for pid in pids if depth[pid] == level]
+        for level in sorted(set(depth.values()), reverse=True)
+    ]
+
+
+def kill_children_first(pids: list[int], parents: dict[int, int], wait: float = 1.0) -> None:
+    """SIGKILL every untraced process, the deepest first, each level once the one
+    below it is gone: a child that dies before its parent is reaped by it (if it
+    ignores SIGCHLD), one that dies after is left to init."""
+    levels = deepest_first(pids, parents)
+    for killed in levels:
         for pid in killed:
             _signal(pid, signal.SIGKILL)
         deadline = time.monotonic() + wait
-        while level and any(map(_dying, killed)) and time.monotonic() < deadline:
+        while killed is not levels[-1] and any(map(_dying, killed)) and time.monotonic() < deadline:
             time.sleep(0.001)
+
+
+def _reap_traced(tids: list[int]) -> list[int]:
+    """Wait, as their tracer, for killed threads to exit; the ones that did not
+    within RELEASE_TIMEOUT are returned. A dying group leader reports its exit only
+    once its other threads are reaped, so all are polled together. The tracer's
+    wait hands a process's exit on to its parent."""
+    pending = list(tids)
+    deadline = time.monotonic() + RELEASE_TIMEOUT
+    while pending:
+        for tid in list(pending):
+            try:
+                stop = ptrace.poll_stop(tid)
+            except TargetError:
+                pending.remove(tid)  # not ours to wait for any more: gone
+                continue
+            if stop is None:
+                continue
+            if stop.kind in ("exited", "killed"):
+                pending.remove(tid)
+            else:  # a stop reported before the kill: let it go on to its death
+                with contextlib.suppress(TargetError):
+                    ptrace.cont(tid)
+        if pending:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.0005)
+    return pending
 
 
 def kill_stopped_tree(pids: list[int]) -> None:

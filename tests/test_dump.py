@@ -103,6 +103,54 @@ def test_default_kills_the_tree(spawn, tmp_path):
     assert wait_for_state(t.child, "Zg") in ("gone",) or wait_for_state(t.child, "Z")[0] == "Z"
 
 
+# A parent outside the dumped tree that reports every change of its child's state
+# it can see (waitpid with WUNTRACED, as a shell or su does), until the child is gone.
+WATCHING_PARENT = r"""
+import os, sys, threading, time
+child = os.fork()
+if child == 0:
+    for _ in range(3):
+        threading.Thread(target=time.sleep, args=(1000,), daemon=True).start()
+    time.sleep(1000)
+    os._exit(0)
+print(child, flush=True)
+while True:
+    _, status = os.waitpid(child, os.WUNTRACED | os.WCONTINUED)
+    if os.WIFSTOPPED(status):
+        print("stopped", os.WSTOPSIG(status), flush=True)
+    elif os.WIFCONTINUED(status):
+        print("continued", flush=True)
+    else:
+        print("killed", os.WTERMSIG(status) if os.WIFSIGNALED(status) else "-", flush=True)
+        break
+"""
+
+
+def test_a_killed_tree_is_not_seen_stopping_by_its_parent(tmp_path):
+    """A kill-mode dump kills its tree while it still traces it, and reaps it as the
+    tracer: the parent outside the tree sees one change, the kill. The thaw used to
+    stop the tree with SIGSTOP, detach, then kill it: the parent saw a stop first.
+    bash printed "Stopped"; su, sudo and runuser copy a child's stop onto themselves
+    and never reaped it, so a restore on this host refused its PID as taken."""
+    for attempt in range(3):
+        parent = subprocess.Popen(
+            [sys.executable, "-c", WATCHING_PARENT], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            child = int(parent.stdout.readline())
+            deadline = time.monotonic() + 10
+            while len(os.listdir(f"/proc/{child}/task")) < 4:
+                assert time.monotonic() < deadline, "the child's threads did not start"
+                time.sleep(0.01)
+            r = cli("dump", "-t", str(child), "-D", str(tmp_path / str(attempt)))
+            assert r.returncode == 0, r.stderr
+            assert parent.stdout.read().splitlines() == ["killed 9"], attempt
+            assert parent.wait(timeout=10) == 0
+        finally:
+            parent.kill()
+            parent.wait()
+
+
 def test_already_stopped_target_stays_stopped(spawn, tmp_path):
     t = spawn()
     os.kill(t.pid, signal.SIGSTOP)
