@@ -1217,6 +1217,63 @@ def test_pty_queued_bytes_come_back_exactly_once(tmp_path, mode):
         prog.kill()
 
 
+# A program whose terminal output nobody reads: it writes numbered lines to the
+# slave (fd 41) until the pair's queue is full, as a program printing faster than
+# its terminal (an ssh session over a slow link) blocks. On go() it reads the
+# master (fd 40) dry and reports what it got.
+FULL_PTY = """
+import os, select
+m, s = os.openpty()
+os.dup2(m, 40); os.dup2(s, 41); os.close(m); os.close(s)
+os.set_blocking(41, False)
+stream = b"".join(b"line %06d\\n" % i for i in range(100000))
+written = 0
+while True:
+    try:
+        written += os.write(41, stream[written:written + 12])
+    except BlockingIOError:
+        if not select.select([], [41], [], 0.2)[1]:
+            break  # no room came back: full
+report("written", written)
+ready()
+go()
+os.set_blocking(40, False)
+got = b""
+while select.select([40], [], [], 0.5)[0]:
+    got += os.read(40, 65536)
+report("got", got)
+while True:
+    time.sleep(1)
+"""
+
+
+@pytest.mark.parametrize("mode", ["leave-running", "kill"])
+def test_a_full_pty_queue_is_kept_whole(tmp_path, mode):
+    """A pair whose output queue is full (its writer blocked) is dumped, and every
+    queued byte is still in it afterwards, in order: in the pair left running, and
+    in the restored one. The dump failed with "the pty master's queue is full"
+    after it had read the queue: the kernel takes back fewer bytes in large writes
+    than small writes had queued, so the running tree lost output."""
+    from objectslib import start_program
+
+    prog = start_program(tmp_path, FULL_PTY)
+    try:
+        written = int(prog.result("written"))
+        assert written > 4096
+        extra = ["--leave-running"] if mode == "leave-running" else []
+        r = cli("dump", "-t", str(prog.pid), "-D", str(tmp_path / "images"), *extra)
+        assert r.returncode == 0, r.stderr
+        if mode == "kill":
+            prog.reap()
+            r = cli("restore", "-D", str(tmp_path / "images"), "-d")
+            assert r.returncode == 0, r.stderr
+        prog.go()
+        stream = b"".join(b"line %06d\n" % i for i in range(100000))[:written]
+        assert prog.result("got") == stream.replace(b"\n", b"\r\n")
+    finally:
+        prog.kill()
+
+
 def test_pty_input_over_the_limit_is_refused_and_kept(tmp_path):
     """More input queued than a restore can queue again (the line discipline's
     4095 bytes) is refused by name at dump, and the tree, left running, still

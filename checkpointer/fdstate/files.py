@@ -117,20 +117,28 @@ def _pty_master(pid: int, fd: int) -> dict:
     try:
         state = pty.read_master(ours)
         try:
-            output, inqueue, statuses = pty.read_queues(ours, _can_inject())
+            queues = pty.read_queues(ours, _can_inject())
         except pty.InputRefused as why:
             raise UnsupportedObject(
                 f"fd {fd} of process {pid} (/dev/ptmx, pts {state['index']}): {why}"
             ) from None
     finally:
         os.close(ours)
-    if statuses:
+    if queues.statuses:
         log.warning(
             "fd %d of process %d (/dev/ptmx, pts %d): packet-mode status %#x was pending: "
             "a restore cannot report it again",
-            fd, pid, state["index"], statuses,
+            fd, pid, state["index"], queues.statuses,
         )  # fmt: skip
-    return {**state, "output": output, "input": inqueue}
+    if queues.not_put_back:
+        # Rare (the kernel let the writes that filled it past its limit); the
+        # images have every byte, the tree has lost the last ones.
+        log.warning(
+            "fd %d of process %d (/dev/ptmx, pts %d): the last %d bytes of its full output "
+            "queue did not fit back in it: the images have them, the running tree does not",
+            fd, pid, state["index"], queues.not_put_back,
+        )  # fmt: skip
+    return {**state, "output": queues.output, "input": queues.input}
 
 
 def _can_inject() -> bool:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import select
 import struct
 import termios
+import time
+from typing import NamedTuple
 
 from checkpointer.kernel.inject import SyscallSession
 from checkpointer.kernel.syscalls import NR_ioctl
@@ -27,6 +28,13 @@ TIOCGPTPEER = 0x5441
 # The line discipline's input buffer holds 4096 bytes, one kept free: TIOCSTI
 # queues at most this many (more waits in the port's buffers, out of its reach).
 INPUT_LIMIT = 4095
+# The kernel queues a pty's output in buffers it allocates per write, charged
+# against a limit of the pair: a large write is refused while room for small ones
+# is left. A full queue that a program filled line by line did not fit back in
+# 64 KiB writes (13824 of 19784 bytes); in writes of 256 bytes, the smallest
+# buffer the kernel allocates, it fit back whole whatever the writes that filled it.
+PUT_BACK_CHUNK = 256
+PUT_BACK_WAIT = 0.5  # seconds without progress before output is left out
 PTS_MAJORS = range(136, 144)  # UNIX98_PTY_SLAVE_MAJOR .. + UNIX98_PTY_MAJOR_COUNT
 _INT = struct.Struct("<i")
 _WINSIZE = struct.Struct("<HHHH")
@@ -77,13 +85,18 @@ class InputRefused(Exception):
     """The slave's queued input cannot be read and put back (the reason)."""
 
 
-def read_queues(fd: int, can_inject: bool) -> tuple[bytes, bytes, int]:
-    """(output, input, statuses) queued in the pair behind master fd `fd` (ours):
-    the bytes written to the slave that the master has not read (after output
-    processing, as the master reads them), the input written to the master that
-    the slave's readers have not read (after input processing), and in packet mode
-    the status bits a read reported. Both are read, then put back as new_pair
-    queues them (same queues, line boundaries, no second echo). The input needs
+class Queues(NamedTuple):
+    output: bytes  # written to the slave, not read by the master (as it reads it)
+    input: bytes  # written to the master, not read by the slave's readers
+    statuses: int  # packet mode: the status bits a read reported
+    not_put_back: int  # bytes at the end of output the pair did not take back
+
+
+def read_queues(fd: int, can_inject: bool) -> Queues:
+    """The bytes queued in the pair behind master fd `fd` (ours): the output after
+    output processing, the input after input processing, and in packet mode the
+    status bits a read reported. Both are read, then put back as new_pair queues
+    them (same queues, line boundaries, no second echo). The input needs
     `can_inject` (TIOCSTI: CAP_SYS_ADMIN); without it, or over INPUT_LIMIT bytes,
     InputRefused is raised and nothing was taken.
 
@@ -103,10 +116,10 @@ def read_queues(fd: int, can_inject: bool) -> tuple[bytes, bytes, int]:
         finally:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags)
             termios.tcsetattr(slave, termios.TCSANOW, attrs)
-        _queue(slave, attrs, output, inqueue)
+        left = _queue(slave, attrs, output, inqueue)
     finally:
         os.close(slave)
-    return output, inqueue, statuses
+    return Queues(output, inqueue, statuses, left)
 
 
 def _open_peer(master: int) -> int:
@@ -197,38 +210,55 @@ def _neutral(attrs: list) -> list:
     return neutral
 
 
-def _queue(slave: int, attrs: list, output: bytes, inqueue: bytes) -> None:
+def _queue(slave: int, attrs: list, output: bytes, inqueue: bytes) -> int:
     """Queue output (written to the slave: the master reads it) and input (each
     byte through TIOCSTI, processed at once) under _neutral settings, then set
-    `attrs` again."""
+    `attrs` again. Returns how many bytes at the end of output did not fit."""
     if not (output or inqueue):
-        return
+        return 0
     termios.tcsetattr(slave, termios.TCSANOW, _neutral(attrs))
     try:
-        view = memoryview(output)
-        while view:
-            if not select.select([], [slave], [], 5.0)[1]:
-                raise OSError(errno.EAGAIN, "the pty master's queue is full")
-            try:
-                view = view[os.write(slave, view) :]
-            except BlockingIOError:
-                pass
+        left = _put_back(slave, output)
         for byte in inqueue:
             fcntl.ioctl(slave, termios.TIOCSTI, bytes([byte]))
     finally:
         termios.tcsetattr(slave, termios.TCSANOW, attrs)
+    return left
 
 
-def new_pair(state: dict) -> tuple[int, str]:
+def _put_back(slave: int, output: bytes) -> int:
+    """Write output to a non-blocking slave in PUT_BACK_CHUNK pieces, waiting for
+    room while the kernel moves queued bytes on to the master's side (a worker
+    does it), until all is in or PUT_BACK_WAIT passes without progress; how many
+    bytes are left out."""
+    view = memoryview(output)
+    deadline = time.monotonic() + PUT_BACK_WAIT
+    while view and time.monotonic() < deadline:
+        try:
+            written = os.write(slave, view[:PUT_BACK_CHUNK])
+        except BlockingIOError:
+            written = 0
+        if written:
+            view = view[written:]
+            deadline = time.monotonic() + PUT_BACK_WAIT
+        else:
+            time.sleep(0.001)
+    return len(view)
+
+
+def new_pair(state: dict) -> tuple[int, str, int]:
     """A new pty pair set as `state` (read_master's, with read_queues' `output`
-    and `input` if any); (our master fd, slave path)."""
+    and `input` if any); (our master fd, slave path, bytes of output that did not
+    fit)."""
     master, slave = os.openpty()
     try:
         path = os.ttyname(slave)
         set_termios(master, state["termios"])
         fcntl.ioctl(master, termios.TIOCSWINSZ, _WINSIZE.pack(*state["winsize"]))
         os.set_blocking(slave, False)
-        _queue(slave, termios.tcgetattr(slave), state.get("output", b""), state.get("input", b""))
+        left = _queue(
+            slave, termios.tcgetattr(slave), state.get("output", b""), state.get("input", b"")
+        )
         if state.get("packet"):  # last: turning it on clears pending status reports
             fcntl.ioctl(master, TIOCPKT, _INT.pack(1))
         if state["locked"]:
@@ -236,7 +266,7 @@ def new_pair(state: dict) -> tuple[int, str]:
     finally:
         os.close(slave)
     os.set_inheritable(master, False)
-    return master, path
+    return master, path, left
 
 
 def set_foreground_in(s: SyscallSession, fd: int, pgid: int) -> None:
