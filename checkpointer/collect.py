@@ -564,6 +564,34 @@ def mark_shared_descriptions(fds: dict[int, list[dict]]) -> None:
             rec["ofd"] = ofd
 
 
+def mark_mapping_locks(fds: dict[int, list[dict]], vmas: dict[int, list[dict]]) -> None:
+    """A flock lock lives on while anything holds its open file description: a
+    mapping of the file too, once every fd of it is closed (the JVM flocks its
+    hsperfdata file, maps it MAP_SHARED and closes the fd). No fdinfo lists it;
+    /proc/locks names the file and the process that took it. It is recorded on
+    that process's first mapping of the file (vma "locks"), unless an fd of the
+    tree on the file lists a flock (the fd's record has it). An OFD lock held so
+    is not found: /proc/locks names no process for it."""
+    by_fds = {
+        (st["dev"], st["ino"])
+        for records in fds.values()
+        for rec in records
+        if (st := rec.get("stat")) and any(lk["kind"] == "flock" for lk in rec.get("locks", ()))
+    }
+    for held in proc.read_locks():
+        if held.lock.kind != "flock" or held.pid not in vmas:
+            continue
+        vma = next((v for v in vmas[held.pid] if _maps_file(v, held.dev, held.inode)), None)
+        if vma is None or not vma["stat"] or (vma["stat"]["dev"], vma["stat"]["ino"]) in by_fds:
+            continue
+        if held.lock._asdict() not in vma.setdefault("locks", []):
+            vma["locks"].append(held.lock._asdict())
+
+
+def _maps_file(vma: dict, dev: str, inode: int) -> bool:
+    return vma["inode"] == inode and vma["dev"] == dev and vma["kind"] in ("file", "file-private")
+
+
 def file_identity(st: os.stat_result | None) -> dict | None:
     """What tells one file from another at restore: device, inode, type and mode,
     size, modification time."""

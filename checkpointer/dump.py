@@ -530,6 +530,8 @@ class _Pass:
         if self.req.kind == "dump":
             collect.check_terminals(records, processes, fds, self.req.shell_job)
         collect.mark_shared_descriptions(fds)
+        if fds:
+            collect.mark_mapping_locks(fds, vma_records)
         # With every fd of the tree known: refusals (a peer outside the tree, a
         # connection without --tcp-established), then TCP repair and locks.
         fdtree.check(fds, self.req.tcp_established, set(tree.pids) | set(tree.zombies))

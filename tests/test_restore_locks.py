@@ -119,3 +119,48 @@ def test_a_lease_is_refused_at_dump(program, tmp_path):
     )
     fd = int(prog.result("fd"))
     refused_at_dump(prog, tmp_path, f"fd {fd} of", "lease")
+
+
+def test_a_flock_held_only_through_a_mapping_comes_back(program, tmp_path):
+    """A flock lock whose fd was closed lives on in a mapping of the file, which
+    holds the open file description: the JVM flocks its hsperfdata file, maps it
+    MAP_SHARED and closes the fd; other JVMs take a file they can lock for a dead
+    one's and delete it. Such a lock was dropped at restore without a word (only
+    locks listed in an fd's fdinfo were dumped). It comes back held by the same
+    process, through its mapping, and goes when the program unmaps the file."""
+    locked, shared, free = (tmp_path / n for n in ("locked", "shared", "free"))
+    for path in (locked, shared, free):
+        path.write_bytes(bytes(8192))
+    prog = program(
+        f"""
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_long]
+        def mapped(path, how):  # Python's mmap would keep a dup of the fd
+            fd = os.open(path, os.O_RDWR)
+            if how:
+                fcntl.flock(fd, how | fcntl.LOCK_NB)
+            addr = libc.mmap(None, 8192, 3, 1, fd, 0)  # PROT_READ|WRITE, MAP_SHARED
+            os.close(fd)
+            return addr
+        a = mapped("{locked}", fcntl.LOCK_EX)
+        b = mapped("{shared}", fcntl.LOCK_SH)
+        c = mapped("{free}", 0)
+        ready()
+        go()
+        libc.munmap(ctypes.c_void_p(a), 8192)  # the description's last holder: the lock goes
+        report("unmapped", 1)
+        time.sleep(1000)
+        """
+    )
+    dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+    restore(tmp_path / "images")
+    assert _conflicts(locked, "flock")
+    assert _conflicts(shared, "flock")  # a shared lock refuses an exclusive one
+    assert not _conflicts(free, "flock")
+    assert f" FLOCK  ADVISORY  WRITE {prog.pid} " in open("/proc/locks").read()
+    prog.go()
+    prog.result("unmapped")
+    assert not _conflicts(locked, "flock")

@@ -550,12 +550,39 @@ _LOCK_KINDS = {b"FLOCK": "flock", b"POSIX": "posix", b"OFDLCK": "ofd"}
 def _parse_lock(line: bytes) -> FileLock | None:
     """One fdinfo "lock:" line, e.g. `lock:\t1: POSIX  ADVISORY  WRITE 123
     fe:00:456 5 14`; None for a waiter (`1: -> ...`), which holds nothing."""
+    held = _parse_locks_line(line.removeprefix(b"lock:"))
+    return held[0] if held else None
+
+
+class HeldLock(NamedTuple):
+    lock: FileLock
+    pid: int  # who took it (a flock's, a POSIX lock's owner); -1 for an OFD lock
+    dev: str  # "fe:00", as in /proc/PID/maps
+    inode: int
+
+
+def read_locks() -> list[HeldLock]:
+    """Every lock held on the system (/proc/locks), waiters left out."""
+    locks = []
+    with open("/proc/locks", "rb") as f:
+        lines = f.read().splitlines()
+    for line in lines:
+        if held := _parse_locks_line(line):
+            locks.append(HeldLock(*held))
+    return locks
+
+
+def _parse_locks_line(line: bytes) -> tuple[FileLock, int, str, int] | None:
+    """`1: FLOCK  ADVISORY  WRITE 123 fe:00:456 0 EOF`: the lock, its pid, the
+    file's device and inode; None for a waiter (`1: -> ...`)."""
     words = line.split()
-    if len(words) < 8 or words[2] == b"->":
+    if len(words) < 7 or words[1] == b"->":
         return None
-    kind = _LOCK_KINDS.get(words[2], words[2].decode(errors="replace"))
+    kind = _LOCK_KINDS.get(words[1], words[1].decode(errors="replace"))
     end = None if words[-1] == b"EOF" else int(words[-1])
-    return FileLock(kind, words[4] == b"WRITE", int(words[-2]), end)
+    major, minor, inode = words[-3].decode().split(":")
+    lock = FileLock(kind, words[3] == b"WRITE", int(words[-2]), end)
+    return lock, int(words[4]), f"{major}:{minor}", int(inode)
 
 
 def read_fdinfo(pid: int, fd: int) -> dict[str, str]:

@@ -18,6 +18,8 @@ PR_SET_MM_MAP.
 from __future__ import annotations
 
 import bisect
+import errno
+import logging
 import os
 import resource
 
@@ -41,6 +43,7 @@ from checkpointer.restore.images import (
 from checkpointer.restore.sysvshm import SysvSegments
 from checkpointer.restore.task import Task
 
+log = logging.getLogger("checkpointer")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TASK_SIZE = 0x7FFFFFFFF000
 SCRATCH_SIZE = 4 * PAGE
@@ -221,6 +224,8 @@ def rebuild(
             batch = []
             _map_shared(task, vma, shared)
         _map_batch(task, batch)
+        if shared is not None:
+            _take_mapping_locks(task, shared, files)
         for r, vma in _kept_with_other_protection(kept, image.vmas):
             taskctl.mprotect(s, r.start, r.end - r.start, prot_of(vma))
         if kept:
@@ -292,11 +297,7 @@ def _mmap_args(
         return (start, length, prot, flags, -1, 0)
     if kind not in ("file", "file-private"):
         return None
-    shared_map = vma["prot"][3] == "s"
-    # A shared mapping of a file opened for writing may be made writable later
-    # (VM_MAYWRITE, "mw"), though it is not now: it needs the file open read-write.
-    writable = shared_map and ("w" in vma["prot"] or "mw" in vma["vmflags"])
-    path = shared.ghosts.path(vma["ghost"], vma["path"]) if "ghost" in vma else vma["path"]
+    writable, path = _file_of(vma, shared)
     key = f"{'w' if writable else 'r'}:{path}"
     if key not in files:
         ours = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
@@ -304,8 +305,45 @@ def _mmap_args(
             files[key] = task.install_fd(ours)
         finally:
             os.close(ours)
+    shared_map = vma["prot"][3] == "s"
     flags = (taskctl.MAP_SHARED if shared_map else taskctl.MAP_PRIVATE) | taskctl.MAP_FIXED
     return (start, length, prot, flags, files[key], vma["offset"])
+
+
+def _file_of(vma: dict, shared: SharedObjects) -> tuple[bool, str]:
+    """(opened for writing, path) of the file a file mapping maps: one fd of the
+    task per pair makes all its mappings of that file."""
+    # A shared mapping of a file opened for writing may be made writable later
+    # (VM_MAYWRITE, "mw"), though it is not now: it needs the file open read-write.
+    writable = vma["prot"][3] == "s" and ("w" in vma["prot"] or "mw" in vma["vmflags"])
+    path = shared.ghosts.path(vma["ghost"], vma["path"]) if "ghost" in vma else vma["path"]
+    return writable, path
+
+
+def _take_mapping_locks(task: Task, shared: SharedObjects, files: dict[str, int]) -> None:
+    """The flock locks the process held through nothing but a mapping (vma
+    "locks"), taken on the fd its mappings of the file were made with: the same
+    open file description, which holds the lock once the fd is closed."""
+    for vma in task.image.vmas:
+        locks = [lk for lk in vma.get("locks") or () if lk.get("kind") == "flock"]
+        if not locks:
+            continue
+        writable, path = _file_of(vma, shared)
+        fd = files.get(f"{'w' if writable else 'r'}:{path}")
+        if fd is None:  # kept from the process it was cloned from: not its own file
+            log.warning(
+                "process %d: its flock lock on %s, held through a mapping inherited at "
+                "restore, is not taken again", task.pid, path,
+            )  # fmt: skip
+            continue
+        try:
+            taskctl.flock(task.session, fd, bool(locks[0].get("write")))
+        except OSError as exc:
+            held = exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK)
+            raise RestoreError(
+                f"process {task.pid}: the flock lock it held through its mapping of {path} "
+                + ("is held by another process now" if held else f"failed: {exc.strerror}")
+            ) from None
 
 
 def _part(args: tuple, lo: int, hi: int) -> tuple:
