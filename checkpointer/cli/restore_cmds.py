@@ -58,7 +58,7 @@ def restore(images_dir, detached, leave_stopped, pidfile, shell_job, wait_s, as_
     from checkpointer.restore import restore as do_restore
 
     setup_logging(verbose, None)
-    req = RestoreRequest(images_dir, True, leave_stopped, shell_job, pidfile)
+    req = RestoreRequest(images_dir, detached, leave_stopped, shell_job, pidfile)
     if wait_s is None:
         res = do_restore(req)
     else:

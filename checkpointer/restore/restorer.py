@@ -33,12 +33,15 @@ from checkpointer.restore.task import Task
 from checkpointer.restore.template import Template
 
 log = logging.getLogger(__name__)
+JOB_SIGNALS = {signal.SIGINT, signal.SIGQUIT}  # from a terminal to its foreground group
 
 
 @dataclass
 class RestoreRequest:
     images_dir: Path
-    detach: bool = True  # False: `restore` waits for the root task (the CLI does)
+    # False: the caller then waits for the root with wait_root (the CLI does), and a
+    # shell job's ^C and ^\ are held for it from the moment the tree runs.
+    detach: bool = True
     leave_stopped: bool = False  # every task stopped (SIGSTOP): `kill -CONT` resumes
     shell_job: bool = False  # terminals of the dump become the restorer's terminal
     pidfile: Path | None = None  # the root's PID is written here
@@ -133,6 +136,11 @@ def _restore(req: RestoreRequest) -> RestoreResult:
             threads.restore_scheduling(task)
             threads.set_registers(task)
         resized = req.shell_job and pty.give_shell_terminal(images)
+        if not req.detach and tree.shell_job_group(images) is not None:
+            # The job, in our group, gets the terminal's ^C and ^\ with us as soon
+            # as it runs: held until wait_root ignores them (else one before then
+            # killed us, orphaning the job).
+            signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)
         _release(tasks, req.leave_stopped)
         if resized:
             pty.tell_resized()
@@ -143,6 +151,7 @@ def _restore(req: RestoreRequest) -> RestoreResult:
         for task in tasks.values():
             task.close_sessions()
         tree.kill_and_reap(created)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, JOB_SIGNALS)
         raise
     finally:
         if origin is not None:
@@ -235,8 +244,9 @@ def wait_root(pid: int) -> int:
     except ProcessLookupError:
         joined = False
     if joined:
-        for sig in (signal.SIGINT, signal.SIGQUIT):
-            signal.signal(sig, signal.SIG_IGN)
+        for sig in JOB_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)  # also drops one pending since the release
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, JOB_SIGNALS)
     _, status = os.waitpid(pid, 0)
     if os.WIFSIGNALED(status):
         if joined:
