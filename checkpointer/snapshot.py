@@ -46,7 +46,7 @@ from checkpointer.freezer import FrozenTree, stopped_thread
 from checkpointer.kernel import cowchild, proc
 from checkpointer.kernel.inject import SyscallSession
 from checkpointer.kernel.memory import MemReader
-from checkpointer.pageruns import Range
+from checkpointer.pageruns import Range, normalize
 from checkpointer.plan import data_segments, shared_plans
 from checkpointer.trackers import FullTracker, VmaPages
 from checkpointer.vmas import Policy, Vma
@@ -194,7 +194,9 @@ def take(
     read here. `parent_held`: per pid, what the parent chain holds (as the copy
     will plan with it), for a capture of only the pages the copy will read."""
     started = time.monotonic()
-    held = sum(v.size for pid in tree.pids for v in vmas[pid] if _held(v))
+    held = _shared_bytes(tree, vmas) + sum(
+        v.size for pid in tree.pids for v in vmas[pid] if _held(v) and not v.shmem_owner
+    )
     scanned: dict[int, dict[int, VmaPages]] = {}  # the not-forked VMAs, for _hold
     if held > PREFETCH_LIMIT:  # reservations count their pages, not their size
         if pages is None:
@@ -263,18 +265,31 @@ def _scan_not_forked(
 def _held_bytes(
     tree: FrozenTree, vmas: dict[int, list[Vma]], pages: dict[int, dict[int, VmaPages]]
 ) -> int:
-    """What the window would read and hold: shared memory and [vdso] at their size
-    (an upper bound), the private VMAs no child gets at their present pages. V8
+    """What the window would read and hold: shared objects at their mapped extents
+    and [vdso] at its size (upper bounds), the private VMAs no child gets at their
+    present pages. V8
     (Node.js) reserves ~1.5 GiB of PROT_NONE, DONTFORK address space and uses a
     few MiB of it."""
-    total = 0
+    total = _shared_bytes(tree, vmas)
     for pid in tree.pids:
         for v in vmas[pid]:
             if _not_forked(v):
                 total += sum(e - s for s, e in pages[pid][v.start].present)
-            elif _held(v):
+            elif _held(v) and not v.shmem_owner:
                 total += v.size
     return total
+
+
+def _shared_bytes(tree: FrozenTree, vmas: dict[int, list[Vma]]) -> int:
+    """The shared objects' mapped extents, each counted once however many times
+    the tree maps it (ZGC maps its heap, one memfd, at three addresses), as the
+    copy plans them (plan.shared_plans)."""
+    extents: dict[str, list[Range]] = {}
+    for pid in tree.pids:
+        for v in vmas[pid]:
+            if v.shmem_owner:
+                extents.setdefault(v.shmem_owner, []).append((v.offset, v.offset + v.size))
+    return sum(e - s for ranges in extents.values() for s, e in normalize(ranges))
 
 
 def _capture(

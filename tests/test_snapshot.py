@@ -200,6 +200,35 @@ def test_an_empty_dontfork_reservation_does_not_prevent_the_snapshot(tmp_path):
         proc.wait()
 
 
+THRICE_MAPPED = """
+import mmap, os, time
+# As the JVM's ZGC does: one memfd heap mapped at three addresses.
+fd = os.memfd_create("heap")
+os.ftruncate(fd, 100 << 20)
+views = [mmap.mmap(fd, 100 << 20) for _ in range(3)]
+for page in range(0, 8 << 20, 4096):
+    views[0][page] = 1
+print("READY", flush=True)
+time.sleep(600)
+"""
+
+
+def test_shared_memory_mapped_thrice_counts_once_toward_the_limit(tmp_path):
+    """Shared memory is read in the window and held, once per object (as the copy
+    plans it): a 100 MiB memfd mapped three times is 100 MiB to hold, under
+    PREFETCH_LIMIT. The limit added up its mappings (300 MiB), so a ZGC JVM's
+    leave-running dumps were copied frozen (failed before the fix: "snapshot"
+    was "none")."""
+    proc = subprocess.Popen([sys.executable, "-c", THRICE_MAPPED], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout and proc.stdout.readline().strip() == b"READY"
+        res = dump(DumpRequest(proc.pid, tmp_path / "d", thaw=Thaw.RUNNING, progress=False))
+        assert res.stats["snapshot"] == "copy-on-write"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 FILLING_SHARED = """
 import mmap, time
 print("READY", flush=True)
