@@ -876,7 +876,8 @@ def test_shell_job_needs_shell_job_and_gets_the_restorers_terminal(tmp_path):
 
 # An interactive shell, as far as job control goes: it runs each command in the
 # foreground of its terminal (a group of its own, made the terminal's foreground)
-# and takes the terminal back, with its own settings, when the command ends. First
+# and takes the terminal back, with its own settings, when the command ends; a
+# command stopped (^Z) is said and continued in the foreground at once. First
 # the job (argv[2], a bash command), until the dump kills it, then `checkpointer
 # restore --shell-job` (not detached).
 JOB_CONTROL_SHELL = r"""
@@ -895,7 +896,9 @@ def foreground(argv):
     os.setpgid(pid, pid)
     os.tcsetpgrp(0, pid)
     while os.WIFSTOPPED(status := os.waitpid(pid, os.WUNTRACED)[1]):
-        pass  # (the kill-mode dump stops the job before its SIGKILL)
+        os.write(2, b"stopped\n")  # ^Z; then at once `fg`:
+        os.tcsetpgrp(0, pid)
+        os.killpg(pid, signal.SIGCONT)
     os.tcsetpgrp(0, os.getpgrp())
     termios.tcsetattr(0, termios.TCSANOW, ours)
     return status
@@ -1032,6 +1035,48 @@ def test_a_shell_job_may_get_ctrl_c_as_soon_as_it_runs(tmp_path):
         while not got.endswith(b"\n"):  # the status, to the end of its line
             got += read_pty(job.master, b"", timeout=0) + os.read(job.master, 64)
         assert b"caught" in got and b"sent" in got and b"restore ended 0" in got, got
+    finally:
+        job.close()
+
+
+def test_an_interactive_shell_restored_as_a_shell_job_goes_on_reading_commands(tmp_path):
+    """bash (as zsh) restored with --shell-job in the foreground: it remembers its own
+    process group and gives the terminal back to it after each command. The job
+    came back in the restorer's group instead, its own group gone: bash could not
+    take the terminal back and exited after the first command line (zsh: "error on
+    TTY read"). The job's own group comes back, in the terminal's foreground while
+    the restorer waits."""
+    job = ShellJob(tmp_path, "exec bash --norc --noprofile -i")
+    try:
+        job.started()
+        job.type(b"echo before-$((1+1))\n", b"before-2")
+        job.dump_and_restore()
+        job.type(b"sleep 0.1; echo one-$((2+1))\n", b"one-3")
+        job.type(b"echo two-$((3+1))\n", b"two-4")
+        stat = _stat(job.pid)
+        assert stat[2] == str(job.pid) and stat[5] == stat[2]  # its group, in front
+        job.type(b"exit 3\n", b"restore ended 768")
+    finally:
+        job.close()
+
+
+def test_a_shell_job_stopped_by_ctrl_z_stops_the_restorer_and_comes_back_with_fg(tmp_path):
+    """^Z reaches the job in its own group, which has the terminal; the waiting
+    restorer takes the terminal back and stops too, so that the shell sees its
+    job stopped; `fg` continues the restorer, which gives the terminal to the job
+    again and continues it."""
+    job = ShellJob(
+        tmp_path,
+        "while :; do if read line; then echo got:$line; elif [ $? = 1 ]; then exit 0; fi; done",
+    )
+    try:
+        job.started()
+        job.type(b"one\n", b"got:one")
+        job.dump_and_restore()
+        job.type(b"two\n", b"got:two")
+        job.type(b"\x1a", b"stopped")  # ^Z
+        job.type(b"three\n", b"got:three")  # after the shell's fg
+        job.type(b"\x04", b"restore ended 0")
     finally:
         job.close()
 

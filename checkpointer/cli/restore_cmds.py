@@ -75,7 +75,7 @@ def restore(images_dir, detached, leave_stopped, pidfile, shell_job, wait_s, as_
             f"in {res.restore_ms:.1f} ms" + ("; stopped" if leave_stopped else "")
         )
     if not detached:
-        raise SystemExit(wait_root(res.root_pid))
+        raise SystemExit(wait_root(res.root_pid, res.job_group))
 
 
 @main.command(cls=CheckedCommand)

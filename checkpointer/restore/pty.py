@@ -35,11 +35,31 @@ def shell_terminal() -> str:
     raise RestoreError("--shell-job: the restorer has no terminal to give")
 
 
+def hand_terminal(pgid: int) -> bool:
+    """--shell-job: make process group `pgid` (the job's own) our terminal's
+    foreground, if we are in it; whether it was done."""
+    try:
+        fd = os.open(shell_terminal(), os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except (OSError, RestoreError):
+        return False
+    try:
+        if os.tcgetpgrp(fd) != os.getpgrp():
+            return False
+        os.tcsetpgrp(fd, pgid)
+        return True
+    except OSError as exc:
+        log.info("--shell-job: the terminal stays ours: %s", exc)
+        return False
+    finally:
+        os.close(fd)
+
+
 def give_shell_terminal(images: RestoreImages) -> bool:
     """--shell-job: our terminal takes the settings the job's had at the dump (a
     vim, less or REPL made it raw, without echo; the restoring shell has set it
     back to its own), if we are in its foreground: the job then is too (it joins
-    our group, tree.shell_job_group), and a background process may not change it.
+    our group, tree.shell_job_group, or is given it, hand_terminal), and a
+    background process may not change it.
     True if its window size is not the dumped one (tell_resized, once the tree
     runs)."""
     dumped = next(
@@ -67,10 +87,10 @@ def give_shell_terminal(images: RestoreImages) -> bool:
         os.close(fd)
 
 
-def tell_resized() -> None:
-    """SIGWINCH to our process group, which the shell job joined: its window is not
+def tell_resized(job_group: int | None) -> None:
+    """SIGWINCH to the shell job's group (ours, if it joined it): its window is not
     the size it was at the dump."""
-    os.killpg(os.getpgrp(), signal.SIGWINCH)
+    os.killpg(job_group or os.getpgrp(), signal.SIGWINCH)
 
 
 def masters(images: RestoreImages) -> dict[int, dict]:

@@ -60,6 +60,7 @@ class RestoreResult:
     pids: list[int] = field(default_factory=list)
     restore_ms: float = 0.0
     bytes_written: int = 0  # page data written into the tree's private memory
+    job_group: int | None = None  # a shell job's own group, given our terminal
 
 
 # What a record of the wrong shape raises where restore reads it. The schemas check
@@ -136,14 +137,17 @@ def _restore(req: RestoreRequest) -> RestoreResult:
             threads.restore_scheduling(task)
             threads.set_registers(task)
         resized = req.shell_job and pty.give_shell_terminal(images)
+        job_group = None
         if not req.detach and tree.shell_job_group(images) is not None:
             # The job, in our group, gets the terminal's ^C and ^\ with us as soon
             # as it runs: held until wait_root ignores them (else one before then
             # killed us, orphaning the job).
             signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)
+        elif not req.detach and (own := tree.own_job_group(images)) is not None:
+            job_group = own if pty.hand_terminal(own) else None
         _release(tasks, req.leave_stopped)
         if resized:
-            pty.tell_resized()
+            pty.tell_resized(job_group)
         if template is not None:
             template.send_kill()
             origin = None
@@ -167,6 +171,7 @@ def _restore(req: RestoreRequest) -> RestoreResult:
         [p.pid for p in images.processes],
         (time.monotonic() - started) * 1e3,
         sum(t.bytes_written for t in tasks.values()),
+        job_group,
     )
 
 
@@ -231,14 +236,16 @@ def _write_pidfile(path: Path, pid: int) -> None:
     tmp.replace(path)
 
 
-def wait_root(pid: int) -> int:
+def wait_root(pid: int, job_group: int | None = None) -> int:
     """Wait for the restored root (our child) to end; its exit status, shell style.
 
     A shell job restored into our process group (tree.shell_job_group) gets the
     terminal's ^C and ^\\ with us: as a shell does for its foreground job, we ignore
     them while it runs (or the job would lose its parent and, to the shell, end
     there), and die of the signal that ended it, so that the shell sees how it
-    ended."""
+    ended. A job given the terminal in its own group (`job_group`,
+    pty.hand_terminal) gets them alone; we stand for it to the shell's job
+    control (_wait_job_in_front)."""
     try:
         joined = os.getpgid(pid) == os.getpgrp()
     except ProcessLookupError:
@@ -247,12 +254,45 @@ def wait_root(pid: int) -> int:
         for sig in JOB_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)  # also drops one pending since the release
     signal.pthread_sigmask(signal.SIG_UNBLOCK, JOB_SIGNALS)
-    _, status = os.waitpid(pid, 0)
+    if job_group is not None:
+        status = _wait_job_in_front(pid, job_group)
+    else:
+        _, status = os.waitpid(pid, 0)
     if os.WIFSIGNALED(status):
-        if joined:
+        if joined or job_group is not None:
             _die_of(os.WTERMSIG(status))
         return 128 + os.WTERMSIG(status)
     return os.WEXITSTATUS(status)
+
+
+def _wait_job_in_front(pid: int, job_group: int) -> int:
+    """Wait for the root of a job whose group has our terminal, as its shell would:
+    when it stops (^Z), take the terminal back and stop too, so that the shell
+    sees it; continued in the foreground (`fg`: the terminal is ours again), give
+    the terminal back to the job, and continue it; in the background (`bg`),
+    continue it there. When it ends, the terminal is ours again."""
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # terminal changes from behind
+    tty = os.open(pty.shell_terminal(), os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        while True:
+            _, status = os.waitpid(pid, os.WUNTRACED)
+            if not os.WIFSTOPPED(status):
+                return status
+            _set_foreground(tty, os.getpgrp())
+            os.kill(os.getpid(), signal.SIGSTOP)
+            if os.tcgetpgrp(tty) == os.getpgrp():
+                _set_foreground(tty, job_group)
+            os.killpg(job_group, signal.SIGCONT)
+    finally:
+        _set_foreground(tty, os.getpgrp())
+        os.close(tty)
+
+
+def _set_foreground(tty: int, pgid: int) -> None:
+    try:
+        os.tcsetpgrp(tty, pgid)
+    except OSError as exc:  # the group is gone, or the terminal is not ours any more
+        log.debug("terminal foreground not set to %d: %s", pgid, exc)
 
 
 def _die_of(sig: int) -> None:

@@ -125,16 +125,30 @@ def create_tree(
 
 def shell_job_group(images: RestoreImages) -> int | None:
     """The process group of a shell job (dumped with --shell-job, its root in the
-    shell's session), which the tree joins the restorer's instead: as CRIU did, so
-    that a job restored in the foreground of a shell (restore not detached) is in
-    the terminal's foreground group, reads the terminal without being stopped
-    (SIGTTIN), gets ^C (which the waiting restorer ignores: wait_root) and ^Z with
-    the restorer, and the shell's job control sees both through the restorer. In a
-    group of its own it would be in the background of a terminal it may read."""
+    shell's session) that its root does not lead (a pipeline's later command, a
+    job of a shell without job control), which the tree joins the restorer's
+    instead, as CRIU does: a job restored in the foreground of a shell (restore
+    not detached) is then in the terminal's foreground group, reads the terminal
+    without being stopped (SIGTTIN), gets ^C (which the waiting restorer ignores:
+    wait_root) and ^Z with the restorer, and the shell's job control sees both
+    through the restorer. A root that leads its group keeps it: own_job_group."""
     root = images.root
     if not images.dump.inventory.get("shell_job") or root.sid == root.pid:
         return None
-    return root.pgid
+    return None if root.pgid == root.pid else root.pgid
+
+
+def own_job_group(images: RestoreImages) -> int | None:
+    """The process group of a shell job that led its own (what a job-control shell
+    makes of every job), in the shell's session: it comes back, and the restorer,
+    waiting in the foreground, gives it the terminal as the shell had
+    (restorer.wait_root). A shell (bash, zsh) remembers its group and takes the
+    terminal back for it after each command: in the restorer's group instead,
+    it exited after its first command line."""
+    root = images.root
+    if not images.dump.inventory.get("shell_job") or root.sid == root.pid:
+        return None
+    return root.pid if root.pgid == root.pid else None
 
 
 def _gone_leaders(images: RestoreImages) -> set[int]:
