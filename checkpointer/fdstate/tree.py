@@ -55,7 +55,7 @@ def check(records: dict[int, list[dict]], tcp_established: bool, pids: set[int])
             elif family == "netlink":
                 _check_netlink(where, rec)
             else:
-                raise CheckpointError(f"{where}: a {family} socket cannot be dumped")
+                raise CheckpointError(f"{where}: {_a(family)} socket cannot be dumped")
 
 
 def _check_epolls(records: dict[int, list[dict]]) -> None:
@@ -178,12 +178,12 @@ INET_PROTOCOLS = {
 def _check_inet(where: str, rec: dict, tcp_established: bool) -> None:
     if rec["sock_type"] not in INET_PROTOCOLS:
         raise CheckpointError(
-            f"{where}: a {rec['sock_family']} {rec['sock_type']} socket cannot be dumped"
+            f"{where}: {_a(rec['sock_family'])} {rec['sock_type']} socket cannot be dumped"
         )
     protocol = rec.get("sock_protocol")
     if protocol is not None and protocol not in INET_PROTOCOLS[rec["sock_type"]]:
         name = {132: "SCTP", 136: "UDP-Lite", 262: "MPTCP"}.get(protocol, f"protocol {protocol}")
-        raise CheckpointError(f"{where}: a {rec['sock_family']} {name} socket cannot be dumped")
+        raise CheckpointError(f"{where}: {_a(rec['sock_family'])} {name} socket cannot be dumped")
     if rec["sock_type"] == "dgram":
         return
     state = rec["tcp_state"]
@@ -290,3 +290,8 @@ def _repair_one(pid: int, rec: dict) -> dict:
             f"{_where(pid, rec)}: TCP repair: {exc.strerror or exc}"
             + (" (needs CAP_NET_ADMIN)" if getattr(exc, "errno", 0) == 1 else "")
         ) from None
+
+
+def _a(word: str) -> str:
+    """`word` with its indefinite article: "an inet", "a unix"."""
+    return f"{'an' if word[:1] in 'aeio' else 'a'} {word}"
