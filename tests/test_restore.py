@@ -778,3 +778,27 @@ def test_memory_advised_huge_comes_back_in_huge_pages(tmp_path):
         dump_process_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
         restore(tmp_path / "images")
         assert _huge_kb(prog.pid, region) >= 32 << 10
+
+
+def test_interrupting_a_restore_that_waits_says_the_tree_runs_on(tmp_path):
+    """A restore that is not detached waits for its root; ^C (or SIGTERM) then ends
+    the wait, not the tree: the line says so. It said "interrupted; nothing was
+    left stopped or half-written", as if the restore had been undone."""
+    from targetlib import CLI
+
+    p = subprocess.Popen(["sleep", "1000"], stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        r = cli("dump", "-t", str(p.pid), "-D", str(tmp_path / "i"))
+        assert r.returncode == 0, r.stderr
+        p.wait(timeout=10)
+        restorer = subprocess.Popen(
+            [*CLI, "restore", "-D", str(tmp_path / "i")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        )  # fmt: skip
+        assert restorer.stdout.readline().startswith("restored 1 process(es)")
+        restorer.send_signal(signal.SIGINT)
+        assert restorer.wait(timeout=10) == 1
+        assert restorer.stderr.read() == (f"checkpointer: interrupted; process {p.pid} runs on\n")
+        assert proc_status(p.pid)["State"].startswith("S")
+    finally:
+        sigkill(p.pid)

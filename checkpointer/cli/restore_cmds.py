@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from checkpointer.cli import main
-from checkpointer.cli.common import CheckedCommand, setup_logging
+from checkpointer.cli.common import CheckedCommand, Terminated, setup_logging
 
 
 @main.command(cls=CheckedCommand)
@@ -65,17 +65,22 @@ def restore(images_dir, detached, leave_stopped, pidfile, shell_job, wait_s, as_
         from checkpointer.restore.standby import wait_and_restore
 
         res = wait_and_restore(req, wait_s)
-    if as_json:
-        click.echo(json.dumps({"root_pid": res.root_pid, "pids": res.pids,
-                               "restore_ms": res.restore_ms,
-                               "bytes_written": res.bytes_written}))  # fmt: skip
-    else:
-        click.echo(
-            f"restored {len(res.pids)} process(es), root {res.root_pid}, "
-            f"in {res.restore_ms:.1f} ms" + ("; stopped" if leave_stopped else "")
-        )
-    if not detached:
-        raise SystemExit(wait_root(res.root_pid, res.job_group))
+    try:
+        if as_json:
+            click.echo(json.dumps({"root_pid": res.root_pid, "pids": res.pids,
+                                   "restore_ms": res.restore_ms,
+                                   "bytes_written": res.bytes_written}))  # fmt: skip
+        else:
+            click.echo(
+                f"restored {len(res.pids)} process(es), root {res.root_pid}, "
+                f"in {res.restore_ms:.1f} ms" + ("; stopped" if leave_stopped else "")
+            )
+        status = None if detached else wait_root(res.root_pid, res.job_group)
+    except (KeyboardInterrupt, Terminated):  # the restore is done: the tree runs on
+        click.echo(f"checkpointer: interrupted; process {res.root_pid} runs on", err=True)
+        raise SystemExit(1) from None
+    if status is not None:
+        raise SystemExit(status)
 
 
 @main.command(cls=CheckedCommand)
