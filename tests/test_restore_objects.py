@@ -893,7 +893,10 @@ def foreground(argv):
         os.tcsetpgrp(0, os.getpid())
         signal.signal(signal.SIGTTOU, signal.SIG_DFL)
         os.execvp(argv[0], argv)
-    os.setpgid(pid, pid)
+    try:
+        os.setpgid(pid, pid)
+    except PermissionError:
+        pass  # EACCES: the child ran first, did it, and has exec'd
     os.tcsetpgrp(0, pid)
     while os.WIFSTOPPED(status := os.waitpid(pid, os.WUNTRACED)[1]):
         os.write(2, b"stopped\n")  # ^Z; then at once `fg`:
@@ -951,7 +954,21 @@ class ShellJob:
         read_pty(self.master, b"restoring")
         deadline = time.monotonic() + 30
         while not os.path.exists(f"/proc/{self.pid}"):
-            assert time.monotonic() < deadline, "the job was not restored"
+            if time.monotonic() > deadline:
+                said = (
+                    os.read(self.master, 4096)
+                    if select.select([self.master], [], [], 0)[0]
+                    else b""
+                )
+                shell = self.shell.pid
+                kids = [
+                    (p, _stat(int(p))[:6]) for p in os.listdir("/proc")
+                    if p.isdigit() and _stat(int(p))[1:2] == [str(shell)]
+                ]  # fmt: skip
+                raise AssertionError(
+                    f"the job was not restored; the terminal says {said!r}; shell {shell} "
+                    f"{_stat(shell)[:6]}, its children {kids}"
+                )
             time.sleep(0.05)
 
     def type(self, keys: bytes, want: bytes) -> bytes:
