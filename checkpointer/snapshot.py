@@ -194,9 +194,7 @@ def take(
     read here. `parent_held`: per pid, what the parent chain holds (as the copy
     will plan with it), for a capture of only the pages the copy will read."""
     started = time.monotonic()
-    held = _shared_bytes(tree, vmas) + sum(
-        v.size for pid in tree.pids for v in vmas[pid] if _held(v) and not v.shmem_owner
-    )
+    held = _held_bytes(tree, vmas)
     scanned: dict[int, dict[int, VmaPages]] = {}  # the not-forked VMAs, for _hold
     if held > PREFETCH_LIMIT:  # reservations count their pages, not their size
         if pages is None:
@@ -263,17 +261,18 @@ def _scan_not_forked(
 
 
 def _held_bytes(
-    tree: FrozenTree, vmas: dict[int, list[Vma]], pages: dict[int, dict[int, VmaPages]]
+    tree: FrozenTree,
+    vmas: dict[int, list[Vma]],
+    pages: dict[int, dict[int, VmaPages]] | None = None,
 ) -> int:
     """What the window would read and hold: shared objects at their mapped extents
     and [vdso] at its size (upper bounds), the private VMAs no child gets at their
-    present pages. V8
-    (Node.js) reserves ~1.5 GiB of PROT_NONE, DONTFORK address space and uses a
-    few MiB of it."""
+    present pages (`pages`), or, without them, at their size. V8 (Node.js) reserves
+    ~1.5 GiB of PROT_NONE, DONTFORK address space and uses a few MiB of it."""
     total = _shared_bytes(tree, vmas)
     for pid in tree.pids:
         for v in vmas[pid]:
-            if _not_forked(v):
+            if pages is not None and _not_forked(v):
                 total += sum(e - s for s, e in pages[pid][v.start].present)
             elif _held(v) and not v.shmem_owner:
                 total += v.size
