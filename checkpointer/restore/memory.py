@@ -297,8 +297,7 @@ def _mmap_args(
         return (start, length, prot, flags, -1, 0)
     if kind not in ("file", "file-private"):
         return None
-    writable, path = _file_of(vma, shared)
-    key = f"{'w' if writable else 'r'}:{path}"
+    key, writable, path = _file_of(vma, shared)
     if key not in files:
         ours = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
         try:
@@ -310,14 +309,14 @@ def _mmap_args(
     return (start, length, prot, flags, files[key], vma["offset"])
 
 
-def _file_of(vma: dict, shared: SharedObjects) -> tuple[bool, str]:
-    """(opened for writing, path) of the file a file mapping maps: one fd of the
-    task per pair makes all its mappings of that file."""
+def _file_of(vma: dict, shared: SharedObjects) -> tuple[str, bool, str]:
+    """(key, opened for writing, path) of the file a file mapping maps: one fd of
+    the task per key makes all its mappings of that file."""
     # A shared mapping of a file opened for writing may be made writable later
     # (VM_MAYWRITE, "mw"), though it is not now: it needs the file open read-write.
     writable = vma["prot"][3] == "s" and ("w" in vma["prot"] or "mw" in vma["vmflags"])
     path = shared.ghosts.path(vma["ghost"], vma["path"]) if "ghost" in vma else vma["path"]
-    return writable, path
+    return f"{'w' if writable else 'r'}:{path}", writable, path
 
 
 def _take_mapping_locks(task: Task, shared: SharedObjects, files: dict[str, int]) -> None:
@@ -328,8 +327,8 @@ def _take_mapping_locks(task: Task, shared: SharedObjects, files: dict[str, int]
         locks = [lk for lk in vma.get("locks") or () if lk.get("kind") == "flock"]
         if not locks:
             continue
-        writable, path = _file_of(vma, shared)
-        fd = files.get(f"{'w' if writable else 'r'}:{path}")
+        key, _, path = _file_of(vma, shared)
+        fd = files.get(key)
         if fd is None:  # kept from the process it was cloned from: not its own file
             log.warning(
                 "process %d: its flock lock on %s, held through a mapping inherited at "
