@@ -139,7 +139,7 @@ def print_dump_result(res, as_json: bool = False) -> None:
         f"pages written {s['pages_written']}, from parent {s['pages_skipped_parent']}, "
         f"zero {s['pages_zero']}"
         + (f", as the parent process's {s['pages_same']}" if s.get("pages_same") else "")
-        + f"; {s['bytes_compressed'] / 1e6:.1f} MB on disk "
+        + f"; {s['bytes_compressed'] / 1e6:.1f} MB of pages on disk "
         f"(x{ratio:.1f}); frozen {s['frozen_time'] / 1000:.1f} ms"
     )
 
