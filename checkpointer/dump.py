@@ -224,6 +224,9 @@ class _Pass:
                 )
                 if snap and snap.whole:  # no child holds their flags: checked frozen
                     self._check_vmflags({pid: vmas[pid] for pid in snap.whole}, smaps=smaps)
+                # A child holds memory still, not a file: memfds and deleted files
+                # are read whole (contents.py) before the tree runs on.
+                files = memdump.copy_whole_files(writer, self.contents) if snap else None
                 if snap or (req.kind == "pre-dump" and freeze):
                     self._thaw(freezer, Thaw.RUNNING)  # dirty state is read and reset
                     self.times["frozen_time"] = _us_since(frozen_at)
@@ -235,7 +238,7 @@ class _Pass:
                         # The children hold the flags of the instant (not the locks).
                         children = {p: c.pid for p, c in snap.children.items()}
                         self._check_vmflags({p: vmas[p] for p in children}, children)
-                    stats = self._copy(writer, tree, vmas, pages, snap)
+                    stats = self._copy(writer, tree, vmas, pages, snap, files)
                 finally:
                     if snap:  # their memory is torn down beside the fsync
                         snap.kill()
@@ -710,8 +713,9 @@ class _Pass:
         return freeze and req.snapshot and req.kind == "dump" and req.thaw is Thaw.RUNNING
 
     def _copy(
-        self, writer: DumpWriter, tree: FrozenTree, vmas: dict, pages: dict, snap=None
-    ) -> dict:
+        self, writer: DumpWriter, tree: FrozenTree, vmas: dict, pages: dict, snap=None,
+        files: list | None = None,
+    ) -> dict:  # fmt: skip
         # The full tracker compares pages with the parent's content.
         compare = self.parent is not None and bool(self.tracker and self.tracker.compares_content)
         stats = memdump.copy_memory(
@@ -727,6 +731,7 @@ class _Pass:
             readers=snap.readers() if snap else None,
             same_as=self._same_as(tree, snap),
             shared=snap.shared_plans if snap else None,
+            files_copied=files,
         )
         return {
             **stats,

@@ -13,6 +13,7 @@ from checkpointer import contents
 from checkpointer.copier import PageCopier, Segment
 from checkpointer.errors import CheckpointError
 from checkpointer.images import Dump, DumpWriter
+from checkpointer.images.pagewriter import PageStats
 from checkpointer.kernel.pagemap import PAGE_SIZE, Pagemap, same_frames
 from checkpointer.pageruns import Range, intersect, normalize, subtract
 from checkpointer.plan import ParentPages, private_plan, shared_plans, split_same
@@ -35,6 +36,7 @@ def copy_memory(
     readers: dict | None = None,
     same_as: dict[int, int] | None = None,
     shared: dict[str, list[Segment]] | None = None,
+    files_copied: list[PageStats] | None = None,
 ) -> dict[str, int]:
     """Copy the pages of every process (`pages`: present and dirty, per VMA) and
     shared object, leaving out what `held` says the parent chain holds for each
@@ -44,7 +46,8 @@ def copy_memory(
     tree, for a tree frozen until the copy ends: the pages a child still shares
     with its parent (one page frame) are recorded as the parent's, not copied.
     `shared`: the shared objects' plans as made when their memory was read (a
-    snapshot's); planned here from `vmas` if None."""
+    snapshot's); planned here from `vmas` if None. `files_copied`: the stats of
+    `whole_files` copied already (copy_whole_files, in a snapshot's window)."""
     owned = {f"pid-{pid}": ranges for pid, ranges in held.items()}
     plans = {
         f"pid-{pid}": private_plan(pid, vmas[pid], pages[pid], ranges)
@@ -87,8 +90,10 @@ def copy_memory(
             ps = page_writer.close()
             _check_parent_runs(owner, page_writer.parent_ranges, owned, parent)
             _count(counts, ps)
-        for owner, source in whole_files.items():
-            _count(counts, contents.copy_contents(writer, owner, source))
+        if files_copied is None:
+            files_copied = copy_whole_files(writer, whole_files)
+        for ps in files_copied:
+            _count(counts, ps)
     finally:
         copier.close()
         meter.finish()
@@ -98,6 +103,12 @@ def copy_memory(
         "pages_scanned": scanned // PAGE_SIZE,
         **counts,
     }
+
+
+def copy_whole_files(writer: DumpWriter, whole_files: dict[str, tuple]) -> list[PageStats]:
+    """Copy the whole contents of each memfd and deleted file, read through the
+    tree's fds and mappings: only while it is frozen are they those of the dump."""
+    return [contents.copy_contents(writer, owner, source) for owner, source in whole_files.items()]
 
 
 def _share_with_parents(plans: dict[str, list], same_as: dict[int, int]) -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -587,3 +588,48 @@ def test_a_tree_whose_children_come_and_go_dumps_every_time(tmp_path):
     finally:
         loop.kill()
         loop.wait()
+
+
+MEMFD_GENERATIONS = """
+import ctypes, mmap, os, struct, time
+private = mmap.mmap(-1, 8 << 20, flags=mmap.MAP_PRIVATE)  # over 4 MiB: a snapshot
+private[::4096] = b"\\1" * (8 << 8)
+fd = os.memfd_create("generations")
+os.ftruncate(fd, 1 << 20)
+shared = mmap.mmap(fd, 1 << 20)
+print(ctypes.addressof(ctypes.c_char.from_buffer(private)),
+      ctypes.addressof(ctypes.c_char.from_buffer(shared)), flush=True)
+generation = 0
+while True:  # every memfd page holds generation + 1 before the private copy says so
+    stamp = struct.pack("q", generation + 1)
+    for page in range(0, 1 << 20, 4096):
+        shared[page : page + 8] = stamp
+    private[0:8] = stamp
+    generation += 1
+    time.sleep(0.0001)
+"""
+
+
+def test_a_memfd_is_read_as_it_was_at_the_freeze(tmp_path):
+    """A memfd is stored whole (contents.py), read through the original's fd: with a
+    snapshot it was read after the thaw, generations ahead of the private memory
+    dumped at the freeze (failed before the fix: the memfd's pages held a later
+    generation than the private counter). Found by a sweep."""
+    proc = subprocess.Popen([sys.executable, "-c", MEMFD_GENERATIONS], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout
+        private, shared = map(int, proc.stdout.readline().split())
+        time.sleep(0.3)
+        for i in range(3):
+            req = DumpRequest(proc.pid, tmp_path / str(i), thaw=Thaw.RUNNING, progress=False)
+            assert dump(req).stats["snapshot"] != "none"
+            dumped = Dump.open(tmp_path / str(i))
+            (generation,) = struct.unpack("q", dumped.read_memory(proc.pid, private, 8))
+            data = dumped.read_memory(proc.pid, shared, 1 << 20)
+            stamps = {struct.unpack("q", data[p : p + 8])[0] for p in range(0, 1 << 20, 4096)}
+            # Frozen mid-round: the memfd holds this generation, or the next in part.
+            assert stamps <= {generation, generation + 1}, (generation, sorted(stamps)[-3:])
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
