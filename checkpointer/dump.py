@@ -115,8 +115,7 @@ class VmFlagsChanged(CheckpointError):
 
 
 def run(req: DumpRequest) -> DumpResult:
-    if not proc.exists(req.pid):
-        raise TargetError(f"no process {req.pid}")
+    proc.require_process(req.pid)
     with trackstate.target_lock(req.pid):
         try:
             try:

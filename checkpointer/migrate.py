@@ -111,8 +111,7 @@ class MigrationFailed(CheckpointError):
 def migrate(
     opts: MigrateOptions, on_iteration: Callable[[StreamedIteration], None] | None = None
 ) -> MigrateResult:
-    if not proc.exists(opts.pid):
-        raise CheckpointError(f"no process {opts.pid}")  # before any connection
+    proc.require_process(opts.pid)  # before any connection
     link = _open_link(opts)
     staging = opts.images_dir or Path(
         tempfile.mkdtemp(prefix="checkpointer-migrate-", dir="/var/tmp")

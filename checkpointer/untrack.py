@@ -13,6 +13,7 @@ from checkpointer.trackers import TRACKERS
 
 def untrack(pid: int) -> str:
     """Undo tracking on pid; returns a sentence saying what was done."""
+    proc.require_process(pid)
     with trackstate.target_lock(pid):
         state = trackstate.load(pid, collect.start_time(pid))
         if state is None:

@@ -17,7 +17,7 @@ from targetlib import assert_one_line_error, cli, proc_status, wait_for_state
 from checkpointer.dump import DumpRequest, dump
 from checkpointer.freezer import RELEASE_TIMEOUT, Thaw, kill_stopped_tree
 from checkpointer.images import Dump
-from checkpointer.kernel import ptrace
+from checkpointer.kernel import proc, ptrace
 
 
 def thread_regs(pid: int) -> dict[int, dict[str, int]]:
@@ -177,6 +177,28 @@ def test_missing_pid_is_one_line_error(tmp_path, command):
         assert r.returncode == 1
         assert r.stderr == f"checkpointer: no process {pid}\n"
         assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("command", ["dump", "pre-dump", "converge", "untrack"])
+def test_a_thread_id_or_kernel_thread_is_refused_before_anything(spawn, tmp_path, command):
+    """A TID of a thread other than the main one names its process and is refused
+    before the tree is touched (a dump of it recorded the thread as a process, and
+    killed the process; its restore found its own PID "taken"). A kernel thread is
+    named as one (it was "does not exist (exited)")."""
+    t = spawn("--threads", "2")
+    tid = next(int(n) for n in os.listdir(f"/proc/{t.pid}/task") if int(n) != t.pid)
+    images = ["-D", str(tmp_path / "d")] if command != "untrack" else []
+    r = cli(command, "-t", str(tid), *images)
+    assert (r.returncode, r.stderr) == (
+        1,
+        f"checkpointer: {tid} is a thread of process {t.pid}; give the process's PID\n",
+    )
+    assert not (tmp_path / "d").exists()
+    assert proc_status(t.pid)["TracerPid"] == "0"
+    t.assert_carries_on()
+    if proc.read_comm(2) == "kthreadd":
+        r = cli(command, "-t", "2", *images)
+        assert (r.returncode, r.stderr) == (1, "checkpointer: process 2 is a kernel thread\n")
 
 
 def test_already_traced_target_names_the_tracer(spawn, tmp_path):

@@ -106,6 +106,26 @@ def exists(pid: int) -> bool:
     return os.path.exists(f"/proc/{pid}")
 
 
+PF_KTHREAD = 0x00200000  # task flag (stat field 9): a kernel thread
+
+
+def require_process(pid: int) -> None:
+    """Refuse, with the line a user needs, a PID that names no process a dump can
+    take: none at all, a thread other than a process's main one (/proc lists every
+    TID too, unlisted), or a kernel thread."""
+    if pid <= 0 or not exists(pid):
+        raise TargetError(f"no process {pid}")
+    try:
+        tgid = int(read_status(pid)["Tgid"])
+        kernel = bool(read_stat(pid).flags & PF_KTHREAD)
+    except TargetError:
+        raise TargetError(f"no process {pid}") from None
+    if tgid != pid:
+        raise TargetError(f"{pid} is a thread of process {tgid}; give the process's PID")
+    if kernel:
+        raise TargetError(f"process {pid} is a kernel thread")
+
+
 def _every_stat() -> Iterator[ProcStat]:
     for name in os.listdir("/proc"):
         if name.isdigit():
