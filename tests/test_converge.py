@@ -11,7 +11,7 @@ import time
 
 import pytest
 from memcheck import compare_dump_with_process
-from targetlib import TRACKERS, proc_status, wait_for_state
+from targetlib import TRACKERS, cli, proc_status, wait_for_state
 
 from checkpointer.converge import ConvergeOptions, converge
 from checkpointer.freezer import Thaw
@@ -166,3 +166,25 @@ def test_an_interrupt_python_dropped_still_stops_converge_before_its_final_dump(
         interrupt.clear()
     assert t.alive() and proc_status(t.pid)["TracerPid"] == "0"
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["pre-1"]
+
+
+@pytest.mark.parametrize(
+    "command, where",
+    [("converge", "."), ("pre-dump", "sub"), ("dump", "sub"), ("dump", "a/b")],
+)
+def test_a_dump_is_not_written_inside_another(spawn, tmp_path, command, where):
+    """A directory holding a dump is no place for another one: `converge -D X`
+    wrote X/1 and X/final into the dump X, which then failed to verify
+    ("unexpected non-regular file"), and a pre-dump into X/sub was accepted."""
+    t = spawn()
+    outer = tmp_path / "x"
+    assert cli("dump", "-t", str(t.pid), "-D", str(outer), "--leave-running").returncode == 0
+    before = sorted(os.listdir(outer))
+    extra = ["--leave-running"] if command != "pre-dump" else []
+    r = cli(command, "-t", str(t.pid), "-D", str(outer / where), *extra)
+    assert (r.returncode, r.stderr.count("\n")) == (1, 1), r.stderr
+    assert f"{outer}: holds a dump" in r.stderr
+    assert sorted(os.listdir(outer)) == before
+    assert cli("verify", str(outer)).returncode == 0
+    assert proc_status(t.pid)["TracerPid"] == "0"
+    t.assert_carries_on()

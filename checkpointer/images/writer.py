@@ -67,6 +67,7 @@ class DumpWriter:
         if not name or name in (".", ".."):
             raise ImageError("not a usable dump directory name", where)
         container = os.path.dirname(self.final_dir)
+        self._check_not_inside_a_dump(container)
         self._make_container(container)
         self._check_final()
         if parent is not None:
@@ -82,6 +83,21 @@ class DumpWriter:
         self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="write")
 
     # ---- setup checks ----
+
+    @staticmethod
+    def _check_not_inside_a_dump(container: str) -> None:
+        """A dump's directory holds its files only: another dump inside it (a
+        converge's X/1, X/final, or X/sub) would make it fail to verify."""
+        from checkpointer.images.reader import is_complete_dump
+
+        d = os.path.abspath(container)
+        while True:
+            if os.path.isdir(d) and is_complete_dump(d):
+                raise ImageError("holds a dump; choose a directory of its own", d)
+            up = os.path.dirname(d)
+            if up == d:
+                return
+            d = up
 
     @staticmethod
     def _make_container(container: str) -> None:
