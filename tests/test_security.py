@@ -428,3 +428,19 @@ def test_msgpack_extension_types_are_refused(tmp_path):
     assert_one_line_error(r, "corrupt record stream")
     assert "compressed" not in r.stderr  # the checksum held: the ext type was reached
     assert not list(tmp_path.rglob("PWNED"))
+
+
+def test_extract_and_decode_outputs_are_private_whatever_the_umask(tmp_path):
+    """What extract and decode write holds memory, registers and credentials, as
+    the images do: 0600 like them. They followed the umask (0666 under umask 0)."""
+    d = GOLDEN / "1"
+    old = os.umask(0)
+    try:
+        args = ["--pid", "100", "--addr", "0x10000", "--size", "4096"]
+        r1 = cli("extract", str(d), *args, "-o", str(tmp_path / "mem.bin"))
+        r2 = cli("decode", str(d / "core-100"), "-o", str(tmp_path / "core.json"))
+    finally:
+        os.umask(old)
+    assert (r1.returncode, r2.returncode) == (0, 0), r1.stderr + r2.stderr
+    assert mode(tmp_path / "mem.bin") == 0o600
+    assert mode(tmp_path / "core.json") == 0o600

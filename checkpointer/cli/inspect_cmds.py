@@ -22,9 +22,12 @@ from checkpointer.images import render
 
 @contextlib.contextmanager
 def _output_file(path: str, mode: str) -> Iterator[IO]:
-    """Open path for writing; on any failure remove it: no partial output."""
+    """Open path for writing, 0600 like the images whose memory and credentials
+    it receives; on any failure remove it: no partial output."""
     try:
-        with open(path, mode) as f:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with open(fd, mode) as f:
+            os.fchmod(fd, 0o600)  # an existing file too
             yield f
     except BaseException:
         with contextlib.suppress(OSError):
