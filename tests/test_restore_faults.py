@@ -315,3 +315,18 @@ def test_a_record_of_the_wrong_shape_is_refused_in_one_line(dumped, damage):
     r = cli("restore", "-D", str(images), "-d")
     assert_one_line_error(r, "a record restore cannot read", "nothing was restored")
     assert_nothing_restored(lc)
+
+
+def test_an_unwritable_pidfile_is_refused_before_anything_is_restored(dumped, tmp_path):
+    """It was written after the tree was let go: the command failed with exit 1
+    while the restored tree ran on (and, without -d, was not waited for)."""
+    lc, images = dumped
+    r = cli("restore", "-D", str(images), "-d", "--pidfile", str(tmp_path / "no" / "root.pid"))
+    assert_one_line_error(r, "root.pid")
+    assert_nothing_restored(lc)
+    pidfile = tmp_path / "root.pid"
+    r = cli("restore", "-D", str(images), "-d", "--pidfile", str(pidfile))
+    assert r.returncode == 0, r.stderr
+    assert pidfile.read_text() == f"{lc.pid}\n"
+    assert os.listdir(tmp_path).count(".root.pid.tmp") == 0
+    lc.carries_on()

@@ -92,6 +92,9 @@ def _restore(req: RestoreRequest) -> RestoreResult:
             template.kill()  # it holds a PID the tree needs (another host's numbering)
             template = None
         preflight(images, req.shell_job)
+        # Written now and renamed into place once the tree runs: a path that
+        # cannot take it fails the restore before anything exists.
+        pidfile = _PidFile(req.pidfile, images.root.pid) if req.pidfile else None
     except BaseException:
         if template is not None:
             template.kill()
@@ -146,12 +149,16 @@ def _restore(req: RestoreRequest) -> RestoreResult:
         elif not req.detach and (own := tree.own_job_group(images)) is not None:
             job_group = own if pty.hand_terminal(own) else None
         _release(tasks, req.leave_stopped)
+        if pidfile is not None:
+            pidfile.commit()
         if resized:
             pty.tell_resized(job_group)
         if template is not None:
             template.send_kill()
             origin = None
     except BaseException:
+        if pidfile is not None:
+            pidfile.discard()
         for task in tasks.values():
             task.close_sessions()
         tree.kill_and_reap(created)
@@ -164,8 +171,6 @@ def _restore(req: RestoreRequest) -> RestoreResult:
             shared.close()
         if open_files is not None:
             open_files.close()
-    if req.pidfile:
-        _write_pidfile(req.pidfile, images.root.pid)
     return RestoreResult(
         images.root.pid,
         [p.pid for p in images.processes],
@@ -230,10 +235,20 @@ def _stop_before_running(tasks: dict[int, Task]) -> None:
     ptrace.give_back_masks_in_group_stop(masks)
 
 
-def _write_pidfile(path: Path, pid: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(f"{pid}\n")
-    tmp.replace(path)
+class _PidFile:
+    """The root's PID, written beside `path` before the restore and renamed into
+    place once the tree runs (a rename needs no space), or removed."""
+
+    def __init__(self, path: Path, pid: int) -> None:
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.tmp")
+        self.tmp.write_text(f"{pid}\n")
+
+    def commit(self) -> None:
+        self.tmp.replace(self.path)
+
+    def discard(self) -> None:
+        self.tmp.unlink(missing_ok=True)
 
 
 def wait_root(pid: int, job_group: int | None = None) -> int:
