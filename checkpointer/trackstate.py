@@ -14,7 +14,7 @@ import fcntl
 import json
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,9 +22,23 @@ from checkpointer.errors import TargetError
 
 
 def state_dir() -> Path:
-    path = Path(os.environ.get("CHECKPOINTER_STATE_DIR", "/run/checkpointer"))
+    """Where tracking state and per-target locks live: /run/checkpointer for root;
+    for another user (who may dump its own processes) its runtime directory, or
+    its XDG state directory where it has none."""
+    path = Path(os.environ.get("CHECKPOINTER_STATE_DIR") or _default_state_dir())
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return path
+
+
+def _default_state_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/run/checkpointer")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    with suppress(OSError):
+        if runtime and os.path.isabs(runtime) and os.stat(runtime).st_uid == os.geteuid():
+            return Path(runtime) / "checkpointer"
+    state_home = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(state_home) / "checkpointer"
 
 
 @dataclass

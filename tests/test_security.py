@@ -53,8 +53,14 @@ main()
 """
 
 
-def cli_as_nobody(home: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CHECKPOINTER_STATE_DIR": str(home / "state"), "HOME": str(home)}
+def cli_as_nobody(home: Path, *args: str, state_dir: bool = True) -> subprocess.CompletedProcess:
+    """As user nobody with HOME=home; with its own state directory unless
+    `state_dir` is False (then the tool's default, as for a user who sets none)."""
+    env = {**os.environ, "HOME": str(home)}
+    env.pop("XDG_RUNTIME_DIR", None)
+    env.pop("CHECKPOINTER_STATE_DIR", None)
+    if state_dir:
+        env["CHECKPOINTER_STATE_DIR"] = str(home / "state")
     return subprocess.run(
         [sys.executable, "-c", AS_NOBODY, *args],
         capture_output=True,
@@ -251,8 +257,11 @@ def test_unprivileged_user_dumps_its_own_process(nobody_dir):
         while not own.stdout.readline().startswith("READY"):
             pass
         final = nobody_dir / "d"
+        # With no state directory of its own set: /run/checkpointer is root's.
         r = cli_as_nobody(
-            nobody_dir, "dump", "-t", str(own.pid), "-D", str(final), "--leave-running"
+            nobody_dir,
+            *("dump", "-t", str(own.pid), "-D", str(final), "--leave-running"),
+            state_dir=False,
         )
         assert r.returncode == 0, r.stderr
         assert final.stat().st_uid == NOBODY
