@@ -73,6 +73,18 @@ def test_refuses_complete_and_nonempty_dirs(tmp_path):
         DumpWriter(str(tmp_path / "file"))
 
 
+def test_a_symlink_as_the_dump_directory_is_named_as_one(tmp_path):
+    """A dump replaces its directory by a rename, which a link cannot take: the
+    line said "exists and is not a directory" of a link to an empty directory."""
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    for name in ("link", "dangling"):
+        with pytest.raises(ImageError, match="is a symbolic link; give the directory itself"):
+            DumpWriter(str(tmp_path / name))
+    assert os.listdir(tmp_path / "real") == []
+
+
 @pytest.mark.parametrize("mode, expect", [(0o755, 0o700), (0o500, 0o500), (0o711, 0o700)])
 def test_empty_dir_replaced_never_loosened(tmp_path, mode, expect):
     d = tmp_path / "d"

@@ -118,7 +118,9 @@ class DumpWriter:
         where = self.final_dir
         if not os.path.lexists(where):
             return
-        if os.path.islink(where) or not os.path.isdir(where):
+        if os.path.islink(where):
+            raise ImageError("is a symbolic link; give the directory itself", where)
+        if not os.path.isdir(where):
             raise ImageError("exists and is not a directory", where)
         if os.listdir(where):
             if is_complete_dump(where):
