@@ -664,6 +664,7 @@ def test_interrupt_while_the_child_is_cloned_leaves_no_trace(
     its CLI, whose handlers are the tool's."""
     from click.testing import CliRunner
 
+    from checkpointer import interrupt
     from checkpointer.cli import main
     from checkpointer.kernel import cowchild, ptrace
 
@@ -718,5 +719,6 @@ def test_interrupt_while_the_child_is_cloned_leaves_no_trace(
         assert tracer(t.pid) == 0 and t.proc.poll() is None
         assert not (tmp_path / "d").exists()
     finally:
+        interrupt.clear()  # what the CLI's handlers recorded, not to end a later test
         for pid in children(t.pid) - kids:
             os.kill(pid, signal.SIGKILL)
