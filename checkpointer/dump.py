@@ -16,7 +16,7 @@ import platform
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from checkpointer import collect, memdump, snapshot, trackstate
@@ -27,6 +27,7 @@ from checkpointer.freezer import (
     FrozenTree,
     ProcessFreezer,
     Thaw,
+    descendants,
     live_tree,
     parents_in,
     stopped_thread,
@@ -38,7 +39,7 @@ from checkpointer.images import (
     Dump,
     DumpWriter,
 )
-from checkpointer.kernel import proc
+from checkpointer.kernel import proc, ptrace
 from checkpointer.pageruns import Range
 from checkpointer.trackers import TRACKERS, FullTracker, Tracker, VmaPages, make_tracker
 from checkpointer.untrack import remove_traces
@@ -167,6 +168,7 @@ class _Pass:
     # The order of this method is the algorithm.
     def run(self) -> DumpResult:
         req = self.req
+        _refuse_own_tree(req.pid)
         start_time = collect.start_time(req.pid)
         self._open_parent(start_time)
         self._choose_tracker(start_time)
@@ -196,6 +198,11 @@ class _Pass:
                 if watchdog:
                     watchdog.wait_ready()  # its start-up would share the CPU with the window
                 tree = self._freeze(freezer) if freeze else live_tree(req.pid)
+                if not freeze and self.tracker is not None and self.tracker.stops_running:
+                    # The tree runs: the tracker stops and injects into one process
+                    # after another, and a member it found it cannot seize only then
+                    # would leave those before it tracked by a refused pass.
+                    _check_seizable(tree)
                 frozen_at = time.monotonic()
                 self._identify(tree, start_time)
                 self.frozen = freeze
@@ -634,6 +641,39 @@ class _Pass:
         `prepared`: called once what takes the targets' mmap locks for writing is
         done, before the scans, which only read (if the tracker's do)."""
         tracker = self.tracker or FullTracker()
+        fresh: dict[str, dict] = {}  # the processes this pass gave tracking to
+        try:
+            pages = self._attach(tracker, tree, vmas, frozen, fresh)
+        except BaseException:
+            if fresh and not frozen:
+                self._untrack_fresh(fresh)
+            raise
+        private = {pid: _private(vmas[pid]) for pid in tree.pids}
+        if prepared and tracker.scan_only_reads:
+            prepared()
+        for pid in tree.pids:
+            if pid in pages:
+                continue  # vanished
+            try:
+                pages[pid] = tracker.scan(pid, private[pid], self._incremental_for(pid))
+            except (TargetError, OSError, KeyError):
+                # KeyError: no tracking was attached to a process that vanished
+                if not self._vanished(pid):
+                    raise
+                pages[pid] = {v.start: VmaPages([], None) for v in private[pid]}
+        return {pid: pages[pid] for pid in tree.pids}
+
+    def _attach(
+        self,
+        tracker: Tracker,
+        tree: FrozenTree,
+        vmas: dict[int, list[Vma]],
+        frozen: bool,
+        fresh: dict[str, dict],
+    ) -> dict[int, dict[int, VmaPages]]:
+        """Tracking set up (attach) and registered (prepare) in every process; the
+        pages of those that vanished meanwhile. `fresh` gets the state of each
+        process this pass gave tracking to for the first time."""
         if self.tracker and self.state:
             # From here on, dirty information is being thrown away: until this
             # dump commits, nothing may build on the parent's tracking state.
@@ -649,8 +689,11 @@ class _Pass:
                             self.full_pids[pid] = f"tracking was lost ({why})"
                         stopper = _stopper(pid, frozen)
                         inherited = self._inherited_traces(pid, state)
+                        before = state
                         state = tracker.attach(pid, state, stopper)
                         per_pid[str(pid)] = {**state, "start_time": self.start_times.get(pid)}
+                        if tracker.own_traces(state)[0] - tracker.own_traces(before)[0]:
+                            fresh[str(pid)] = per_pid[str(pid)]
                         tracker.drop_inherited(pid, inherited, stopper)
                     except (TargetError, OSError):
                         # (an exiting process's mm answers ioctls and injected
@@ -673,19 +716,25 @@ class _Pass:
                 if not self._vanished(pid):
                     raise
                 pages[pid] = {v.start: VmaPages([], None) for v in private[pid]}
-        if prepared and tracker.scan_only_reads:
-            prepared()
-        for pid in tree.pids:
-            if pid in pages:
-                continue  # vanished
-            try:
-                pages[pid] = tracker.scan(pid, private[pid], self._incremental_for(pid))
-            except (TargetError, OSError, KeyError):
-                # KeyError: no tracking was attached to a process that vanished
-                if not self._vanished(pid):
-                    raise
-                pages[pid] = {v.start: VmaPages([], None) for v in private[pid]}
-        return {pid: pages[pid] for pid in tree.pids}
+        return pages
+
+    def _untrack_fresh(self, fresh: dict[str, dict]) -> None:
+        """A pass that fails while setting tracking up takes it out of the processes
+        it gave it to first: refused (a member it cannot seize, a tracer attached
+        since the check), it leaves the tree as it found it. Tracking of earlier
+        passes stays, pending: the next pass does not put a second one beside it."""
+        assert self.state is not None
+        try:
+            remove_traces(replace(self.state, extra=fresh))
+        except (TargetError, OSError) as err:
+            log.error("could not take out the tracking this pass set up: %s", err)
+            return  # it stays recorded: the next pass finds and reuses it
+        for key in fresh:
+            self.state.extra.pop(key, None)
+        if self.state.extra:
+            trackstate.save(self.state)
+        else:
+            trackstate.forget(self.state.pid)
 
     def _prepare(self, tracker: Tracker, pid: int, vmas: list[Vma], frozen: bool) -> None:
         """The tracker's registrations, with the VMAs of the instant: a range read
@@ -819,3 +868,20 @@ def _locked(pid: int) -> str | None:
 
 def _us_since(t: float) -> int:
     return int((time.monotonic() - t) * 1e6)
+
+
+def _refuse_own_tree(root: int) -> None:
+    """This tool in the tree (`pre-dump -t $$` from its shell) cannot stop itself,
+    and a pass would find that out only after it stopped or tracked the rest."""
+    if os.getpid() in descendants(root):
+        raise TargetError(
+            f"the tree of {root} includes checkpointer itself (PID {os.getpid()}): "
+            "run it from outside the tree"
+        )
+
+
+def _check_seizable(tree: FrozenTree) -> None:
+    """Every member of a tree that runs can be seized: not traced by another tool,
+    ours to trace."""
+    for pid in tree.pids:
+        ptrace.check_seizable(pid, tree.threads[pid])

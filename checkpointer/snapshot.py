@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 
+from checkpointer import interrupt
 from checkpointer.copier import Segment
 from checkpointer.errors import TargetError
 from checkpointer.freezer import FrozenTree, stopped_thread
@@ -140,9 +141,13 @@ class Snapshot:
         self.kind = "copy-on-write"
 
     def _spawn(self, pid: int, tid: int) -> None:
-        child = cowchild.spawn(tid, pid)
-        self.children[pid] = child
-        self.watchdog.tell(f"{pid} {child.pid} {child.ns_pid}")
+        # Deferred: a ^C or SIGTERM between the clone and here would leave the child
+        # (and the code page) in the target with nobody knowing of it; raised once
+        # `release` can find the child.
+        with interrupt.deferred():
+            child = cowchild.spawn(tid, pid)
+            self.children[pid] = child
+            self.watchdog.tell(f"{pid} {child.pid} {child.ns_pid}")
 
     def scan(self, vmas: dict[int, list[Vma]]) -> dict[int, dict[int, VmaPages]]:
         """Present pages of every private VMA, read in the children (after the thaw)
@@ -169,15 +174,17 @@ class Snapshot:
 
     def release(self, frozen: bool = False) -> None:
         """Kill every child and reap it in its parent, leaving no trace. `frozen`: the
-        parents are still in our ptrace stop (no need to stop them again)."""
-        for child in self.children.values():
-            cowchild.kill(child)
-        for pid, child in self.children.items():
-            if _reap(pid, child, frozen):
-                self.watchdog.tell(f"reaped {child.pid}")
-        self.children.clear()
-        self.held.clear()
-        self.watchdog.close()
+        parents are still in our ptrace stop (no need to stop them again). Deferred:
+        a second ^C must not cut the reaping short."""
+        with interrupt.deferred():
+            for child in self.children.values():
+                cowchild.kill(child)
+            for pid, child in self.children.items():
+                if _reap(pid, child, frozen):
+                    self.watchdog.tell(f"reaped {child.pid}")
+            self.children.clear()
+            self.held.clear()
+            self.watchdog.close()
 
 
 def take(
@@ -235,8 +242,13 @@ def take(
         snap.shared_plans = shared_plans({pid: vmas[pid] for pid in tree.pids})
         for pid, segs in _data_by_reader(snap.shared_plans).items():
             snap.held.setdefault(pid, _HeldMemory()).read(pid, segs)
+        # Inside the try: an interruption here must still release the children.
+        snap.take_us = _us_since(started)
+        log.debug("snapshot: taken in %d us", snap.take_us)
+        return snap
     except OSError as err:
         snap.release(frozen=True)
+        interrupt.check()  # one deferred by the release: not on to a frozen copy
         log.warning(
             "no copy-on-write snapshot (%s): pages are copied with the tree frozen", err.strerror
         )
@@ -244,9 +256,6 @@ def take(
     except BaseException:
         snap.release(frozen=True)
         raise
-    snap.take_us = _us_since(started)
-    log.debug("snapshot: taken in %d us", snap.take_us)
-    return snap
 
 
 def _scan_not_forked(

@@ -389,6 +389,78 @@ def test_already_traced_by_strace(spawn, tmp_path):
     t.assert_carries_on()
 
 
+def userfaultfds(pid: int) -> int:
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[userfaultfd]"
+        except FileNotFoundError:
+            continue  # closed meanwhile (this test's own process opens and closes)
+    return count
+
+
+@pytest.mark.uffd_wp
+@pytest.mark.parametrize("race", [False, True])
+def test_pre_dump_refused_for_a_traced_child_tracks_nobody(
+    spawn, tmp_path, private_state_dir, monkeypatch, race
+):
+    """A uffd-wp pre-dump (which does not freeze) refused because a child of the
+    tree is traced by strace: it had already given the root a userfaultfd and saved
+    tracking state for it (failed before the fix: the root held 1 userfaultfd).
+    `race`: strace attached only after the pass checked that every member can be
+    seized (the check skipped, in this process): what the pass had set up is taken
+    out again (failed before that part of the fix the same way)."""
+    if not shutil.which("strace"):
+        pytest.skip("strace is not installed")
+    t = spawn("--fork")
+    assert t.child
+    tracer = subprocess.Popen(
+        ["strace", "-o", os.devnull, "-p", str(t.child)], stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while proc_status(t.child)["TracerPid"] != str(tracer.pid):
+            assert time.monotonic() < deadline, "strace did not attach"
+            time.sleep(0.01)
+        if race:
+            from checkpointer.dump import DumpRequest, pre_dump
+            from checkpointer.errors import TargetError
+            from checkpointer.kernel import ptrace
+
+            monkeypatch.setattr(ptrace, "check_seizable", lambda pid, tids: None)
+            req = DumpRequest(t.pid, tmp_path / "p", tracker="uffd-wp", progress=False)
+            with pytest.raises(TargetError, match=f"already traced by PID {tracer.pid}"):
+                pre_dump(req)
+        else:
+            r = cli("pre-dump", "-t", str(t.pid), "-D", str(tmp_path / "p"), "--tracker", "uffd-wp")
+            assert_one_line_error(r, f"PID {tracer.pid}", "strace", str(t.child))
+        assert userfaultfds(t.pid) == 0
+        assert not list(private_state_dir.glob("*.json"))
+        assert not (tmp_path / "p").exists() and not temp_dirs(tmp_path / "p")
+    finally:
+        tracer.terminate()
+        tracer.wait(timeout=10)
+    assert userfaultfds(t.child) == 0
+    assert_released(t.pid)
+    t.assert_carries_on()
+
+
+@pytest.mark.uffd_wp
+def test_pre_dump_of_a_tree_holding_the_tool_is_refused(tmp_path, private_state_dir):
+    """`pre-dump -t $$` from a shell: the tool is in the tree it would track. It
+    gave the shell (here: this test's process) a userfaultfd, then failed to seize
+    itself with "permission denied" (failed before the fix: this process held a
+    userfaultfd afterwards)."""
+    me = os.getpid()
+    before = userfaultfds(me)
+    r = cli("pre-dump", "-t", str(me), "-D", str(tmp_path / "p"), "--tracker", "uffd-wp")
+    assert_one_line_error(r, "includes checkpointer itself", str(me))
+    assert userfaultfds(me) == before
+    assert not list(private_state_dir.glob("*.json"))
+    assert not (tmp_path / "p").exists()
+    assert proc_status(me)["TracerPid"] == "0"
+
+
 @pytest.mark.slow
 def test_many_threads_and_gigabytes_in_bounded_memory(spawn, tmp_path):
     t = spawn("--threads", "300", "--anon-mb", "2048")

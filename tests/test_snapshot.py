@@ -633,3 +633,92 @@ def test_a_memfd_is_read_as_it_was_at_the_freeze(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def rwx_shared_maps(pid: int) -> list[str]:
+    """The target's shared, executable anonymous mappings: what an injected code
+    page looks like (the generations target has none of its own)."""
+    maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    return [line for line in maps if line.split()[1] == "rwxs"]
+
+
+@pytest.mark.parametrize(
+    "where, sig",
+    [
+        ("clone", signal.SIGINT),
+        ("clone", signal.SIGTERM),
+        ("munmap", signal.SIGTERM),
+        ("spawned", signal.SIGINT),
+    ],
+)
+def test_interrupt_while_the_child_is_cloned_leaves_no_trace(
+    writer, tmp_path, monkeypatch, where, sig
+):
+    """A SIGINT or SIGTERM to a --leave-running dump, landing just after the injected
+    clone returned ("clone"), while the code page was being unmapped ("munmap"), or
+    just after cowchild.spawn returned ("spawned"), left the child a zombie (or
+    stopped) under the target, and in the second case its code page still mapped
+    (failed before the fix: children_of_target had the clone; "munmap" said
+    "injected syscall 11 did not complete", not "terminated"). The signal is real,
+    sent by the tool to itself at that point; the dump runs in this process through
+    its CLI, whose handlers are the tool's."""
+    from click.testing import CliRunner
+
+    from checkpointer import interrupt
+    from checkpointer.cli import main
+    from checkpointer.kernel import cowchild, ptrace
+
+    t = writer()
+    kids = children(t.pid)
+    maps = rwx_shared_maps(t.pid)
+    cloned = []
+
+    def signal_self() -> None:
+        os.kill(os.getpid(), sig)
+
+    if where == "spawned":
+        spawn = cowchild.spawn
+
+        def spawn_then_signal(*args):
+            child = spawn(*args)
+            cloned.append(child.pid)
+            signal_self()
+            return child
+
+        monkeypatch.setattr(cowchild, "spawn", spawn_then_signal)
+    else:
+        clone = cowchild._clone
+
+        def clone_then_signal(*args):
+            cloned.append(clone(*args))
+            if where == "clone":
+                signal_self()
+            return cloned[-1]
+
+        monkeypatch.setattr(cowchild, "_clone", clone_then_signal)
+        resume = ptrace.resume_to_syscall
+
+        def resume_and_signal(tid, *args):
+            resume(tid, *args)
+            if where == "munmap" and len(cloned) == 1:  # the first call after the clone
+                cloned.append(0)
+                signal_self()  # lands while the syscall runs
+
+        monkeypatch.setattr(ptrace, "resume_to_syscall", resume_and_signal)
+    try:
+        args = ["dump", "-t", str(t.pid), "-D", str(tmp_path / "d"), "--leave-running"]
+        r = CliRunner().invoke(main, args, catch_exceptions=False)
+        assert cloned, "the signal was never sent"
+        assert r.exit_code == 1
+        what = "interrupted" if sig == signal.SIGINT else "terminated"
+        assert r.stderr.splitlines() == [
+            f"checkpointer: {what}; nothing was left stopped or half-written"
+        ]
+        assert children(t.pid) == kids
+        assert rwx_shared_maps(t.pid) == maps
+        assert tracer(t.pid) == 0 and t.proc.poll() is None
+        assert not (tmp_path / "d").exists()
+    finally:
+        interrupt.clear()  # what the CLI's handlers recorded, not to end a later test
+        for pid in children(t.pid) - kids:
+            os.kill(pid, signal.SIGKILL)

@@ -18,13 +18,11 @@ class Terminated(BaseException):
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    interrupt.request(Terminated)
-    raise Terminated()
+    interrupt.on_signal(Terminated)
 
 
 def _on_sigint(signum: int, frame: Any) -> None:
-    interrupt.request(KeyboardInterrupt)
-    raise KeyboardInterrupt()
+    interrupt.on_signal(KeyboardInterrupt)
 
 
 def _unraisable(info: Any) -> None:
@@ -64,6 +62,11 @@ class CheckedCommand(click.Command):
                 sys.stdout.flush()
             except OSError:
                 pass
+            # An error that an interruption caused (a syscall cut short) is told
+            # as the interruption: that is what ended the command.
+            requested = interrupt.pending()
+            if requested is not None and not isinstance(exc, requested):
+                exc = requested()
             click.echo(error_line(exc), err=True)
             raise SystemExit(1) from None
         finally:

@@ -70,16 +70,27 @@ class CowChild:
 def spawn(tid: int, pid: int) -> CowChild:
     """Clone thread `tid` (of process `pid`, in a ptrace stop under us) into a traced,
     stopped copy-on-write child. OSError carries clone's errno (ENOMEM under strict
-    overcommit, EAGAIN at a pids limit)."""
+    overcommit, EAGAIN at a pids limit). On any failure, a child already born is
+    killed and reaped and the code page unmapped before the error is raised. (Not
+    proof against an exception raised by a signal handler in the middle: the caller
+    defers those, interrupt.py.)"""
     seccomp = ptrace.PTRACE_O_SUSPEND_SECCOMP if proc.read_seccomp_mode(pid, tid) else 0
     with SyscallSession(tid) as session:
         code = session.call(NR_mmap, 0, PAGE_SIZE, PROT_RWX, MAP_SHARED_ANON, _U64, 0)
         try:
             session.write(code, _CLONE_CODE)
-            ns_pid = _clone(session, tid, code, seccomp)
+            try:
+                ns_pid = _clone(session, tid, code, seccomp)
+            except BaseException:
+                # The clone may have happened before the failure (its event stop
+                # was seen): that child must not stay.
+                for child_pid in _born(session):
+                    child_ns_pid = _ns_pid_of(child_pid)
+                    _kill_traced(child_pid, None)
+                    reap(session, child_ns_pid, child_pid)
+                raise
             # The clone event's message is the pid in our namespace.
-            born = [msg for event, msg in session.events if event in _CLONE_EVENTS]
-            child_pid = born[-1] if born else ns_pid
+            child_pid = (_born(session) or [ns_pid])[-1]
             try:
                 _hold(child_pid, seccomp)
                 pidfd = os.pidfd_open(child_pid)
@@ -88,9 +99,24 @@ def spawn(tid: int, pid: int) -> CowChild:
                 reap(session, ns_pid, child_pid)
                 raise
         finally:
-            with contextlib.suppress(OSError):
+            # (A target that died or a session that broke has nothing to unmap; the
+            # error that ended the clone is the one to report.)
+            with contextlib.suppress(OSError, TargetError):
                 session.call(NR_munmap, code, PAGE_SIZE)
     return CowChild(child_pid, pid, pidfd, ns_pid)
+
+
+def _born(session: SyscallSession) -> list[int]:
+    """The children the session's calls created, as their clone events told."""
+    return [msg for event, msg in session.events if event in _CLONE_EVENTS]
+
+
+def _ns_pid_of(pid: int) -> int:
+    """A child's pid as its parent sees it: the last NSpid of its status."""
+    try:
+        return int(proc.read_status(pid)["NSpid"].split()[-1])
+    except (TargetError, KeyError, ValueError):
+        return pid
 
 
 def _clone(session: SyscallSession, tid: int, code: int, seccomp: int) -> int:

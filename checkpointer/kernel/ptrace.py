@@ -143,6 +143,28 @@ def seize(tid: int, options: int = 0) -> None:
         raise OSError(exc.errno, f"PTRACE_SEIZE({tid}): {os.strerror(exc.errno or 0)}") from None
 
 
+def check_seizable(pid: int, tids: list[int]) -> None:
+    """Raise the TargetError `seize` would for a thread of pid, without seizing it: a
+    thread traced by another (named), or a process we may not trace (its
+    /proc/PID/mem is refused by the same ptrace access check, ptrace_scope
+    included). A thread or process that exited meanwhile passes."""
+    for tid in tids:
+        tracer, comm = _tracer_of(tid)
+        if tracer and tracer != os.getpid():
+            raise TargetError(
+                f"cannot seize process {tid}: already traced by PID {tracer} ({comm})"
+            )
+    try:
+        os.close(os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC))
+    except PermissionError:
+        raise TargetError(
+            f"cannot seize process {pid}: permission denied "
+            "(ptrace_scope / not root / target not dumpable / kernel thread)"
+        ) from None
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+
+
 def interrupt(tid: int) -> None:
     """PTRACE_INTERRUPT: ask a seized task to enter an event-stop (asynchronous)."""
     _ptrace(PTRACE_INTERRUPT, tid, what="PTRACE_INTERRUPT")

@@ -57,6 +57,9 @@ class Tracker(ABC):
     name: str
     # Does a pre-dump need the tree frozen while this tracker scans and resets?
     freezes_pre_dump: bool = True
+    # Does a pass that does not freeze still stop its processes, one at a time, to
+    # put tracking into them (attach, prepare)?
+    stops_running: bool = False
     # Does the copier have to compare page contents with the parent chain?
     compares_content: bool = False
     # Does scan() take the target's mmap lock only for reading once prepare() ran?

@@ -37,6 +37,7 @@ log = logging.getLogger("checkpointer")
 class UffdWpTracker(Tracker):
     name = "uffd-wp"
     freezes_pre_dump = False
+    stops_running = True
     scan_only_reads = True
 
     def __init__(self) -> None:
