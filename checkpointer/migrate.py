@@ -39,12 +39,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from checkpointer import interrupt
 from checkpointer.converge import ConvergeOptions, Iteration, converge
 from checkpointer.errors import CheckpointError
 from checkpointer.fdstate.tree import RepairedConnections
 from checkpointer.freezer import Thaw, kill_stopped_tree
 from checkpointer.kernel import proc
-from checkpointer.receive import can_restore, host_identity
+from checkpointer.receive import COMMIT_TIMEOUT, can_restore, host_identity
 from checkpointer.transport import Destination, Link, SshLink, TcpLink, parse_page_server
 
 log = logging.getLogger("checkpointer")
@@ -105,7 +106,10 @@ class MigrateResult:
 
 
 class MigrationFailed(CheckpointError):
-    """The migration did not happen; `rolled_back` says what the source is doing."""
+    """The migration did not happen; the message says what became of the source,
+    also when an interruption ended it (printed as it is, cli/common.py)."""
+
+    tells_interruption = True
 
 
 def migrate(
@@ -151,6 +155,7 @@ class _Migration:
         self.final_started: float | None = None
         self.connections: RepairedConnections | None = None
         self.tree: list[int] = [opts.pid]
+        self.source_killed = False
 
     def run(self) -> MigrateResult:
         opts, res = self.opts, self.result
@@ -186,11 +191,12 @@ class _Migration:
             except BaseException as err:
                 self._let_source_go()
                 raise self._failed("before the restore", err) from None
-            self._kill_source()  # the restore needs its PIDs
-            # Killed in repair mode, the connections closed silently; their locks
-            # stay for the restore here, which lifts them (or the rollback's).
-            self.connections = None
         try:
+            if res.same_pid_space:
+                self._kill_source()  # the restore needs its PIDs
+                # In repair mode, the connections closed silently; their locks stay
+                # for the restore (the destination's, or the rollback's here).
+                self.connections = None
             restored = self.dest.restore("final", opts.leave_stopped)
             running_at = time.monotonic()
             self.dest.commit()
@@ -271,32 +277,60 @@ class _Migration:
                 pass
 
     def _kill_source(self) -> None:
-        kill_stopped_tree(self.tree)
+        """Kill the stopped source; wait a little for its PIDs (its parent reaps it).
+        From here on a failure is rolled back by restoring it here."""
+        with interrupt.deferred():  # a half-done kill would leave it to nobody
+            kill_stopped_tree(self.tree)
+            self.source_killed = True
         deadline = time.monotonic() + 5
         for pid in self.tree:
             while proc.exists(pid) and time.monotonic() < deadline:
                 time.sleep(0.002)
 
     def _restore_here(self, err: BaseException) -> MigrationFailed:
-        """Same host, source already killed: restore the staging chain here."""
+        """Same host, the source killed (or being killed) for its PIDs: restore the
+        staging chain here, once the destination has let go of them. A second ^C
+        does not cut this short: the tree would be lost."""
         what = _why(err)
-        try:
-            from checkpointer.restore import RestoreRequest, restore
+        # Kept whatever happens: the source is in it and nowhere else.
+        self.opts.images_dir = self.staging
+        with interrupt.deferred():
+            try:
+                if not self.source_killed:  # interrupted before the kill
+                    self._kill_source()
+                # The link closed, the receiver undoes its restore: it kills what it
+                # restored on these PIDs (at the latest after COMMIT_TIMEOUT).
+                self.dest.close()
+                self._wait_until_no_live_process_holds(self.tree, COMMIT_TIMEOUT + 10)
+                from checkpointer.restore import RestoreRequest, restore
 
-            res = restore(
-                RestoreRequest(images_dir=self.staging / "final", detach=True, leave_stopped=False)
-            )
-        except BaseException as again:
-            return MigrationFailed(
-                f"migration failed restoring at the destination ({what}), and restoring "
-                f"the source from {self.staging} failed too ({_why(again)}); "
-                f"the chain is kept there"
-            )
-        self.opts.images_dir = self.staging  # keep it: the restored source came from it
+                final = self.staging / "final"
+                res = restore(RestoreRequest(images_dir=final, detach=True, leave_stopped=False))
+            except BaseException as again:
+                return MigrationFailed(
+                    f"migration failed restoring at the destination ({what}), and restoring "
+                    f"the source here failed too ({_why(again)}); its chain is kept: "
+                    f"checkpointer restore -D {self.staging / 'final'}"
+                )
         return MigrationFailed(
             f"migration failed restoring at the destination ({what}); rolled back: "
-            f"the source was restored here as pid {res.root_pid}"
+            f"the source was restored here as pid {res.root_pid} (its chain is kept in "
+            f"{self.staging})"
         )
+
+    @staticmethod
+    def _wait_until_no_live_process_holds(pids: list[int], timeout: float) -> None:
+        """(A zombie of the killed source is left to the restore, which waits for
+        its parent to reap it.)"""
+        deadline = time.monotonic() + timeout
+        for pid in pids:
+            while time.monotonic() < deadline:
+                try:
+                    if proc.read_state(pid) in ("Z", "X"):
+                        break
+                except CheckpointError:
+                    break  # gone
+                time.sleep(0.01)
 
     def _failed(self, stage: str, err: BaseException) -> MigrationFailed:
         return MigrationFailed(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -471,3 +472,73 @@ def test_redis_under_load_migrates_with_tcp_established(sshd, tmp_path):
         except ProcessLookupError:
             pass
         log.close()
+
+
+def _popen_migrate(sshd, pid: int, remote: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*CLI, "migrate", "-t", str(pid), "--to", sshd.host,
+         *[f"--ssh-option={o}" for o in sshd.ssh_options],
+         "--remote-command", remote_command(), "--remote-dir", str(remote)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _wait_state(pid: int, ok, p: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + 120
+    while not ok(proc_status(pid).get("State", "gone")[0]):
+        assert time.monotonic() < deadline and p.poll() is None, what
+        time.sleep(0.001)
+
+
+@needs_restore
+@pytest.mark.uffd_wp
+@pytest.mark.parametrize("moment", ["killing the source", "restoring at the destination"])
+def test_interrupt_after_the_source_is_killed_restores_it_here(sshd, tmp_path, moment):
+    """One host: once the source is killed for its PIDs, a ^C must still end with
+    the tree running. Interrupted while the killed source waited for its parent to
+    reap it, migrate said "nothing was left stopped" and removed the chain: the
+    process was lost. Interrupted during the destination's restore, the local
+    restore found the destination's copy on the PIDs, and the chain it said it
+    kept was removed."""
+    lc = start_lifecycle(tmp_path, 16)  # reaped by the test, when it says
+    try:
+        p = _popen_migrate(sshd, lc.pid, tmp_path / "remote")
+        _wait_state(lc.pid, lambda s: s == "Z", p, "the source to be killed")
+        if moment == "killing the source":
+            p.send_signal(signal.SIGINT)  # migrate waits for the PID to be free
+            time.sleep(0.5)
+            lc.reap_original()
+        else:
+            lc.reap_original()
+            _wait_state(lc.pid, lambda s: s != "g", p, "the restore at the destination")
+            p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=180)
+        if p.returncode != 0:  # (the destination may have finished first)
+            assert_one_line_error(
+                subprocess.CompletedProcess(p.args, p.returncode, out, err),
+                "rolled back",
+                "restored here",
+            )
+        lc.carries_on()
+    finally:
+        lc.kill()
+
+
+@needs_restore
+@pytest.mark.uffd_wp
+def test_a_source_nobody_reaps_is_not_lost_its_chain_is_kept(sshd, tmp_path):
+    """One host, a source whose parent does not reap it: its zombie keeps the PID
+    from both restores. The message said the chain was kept, but it was removed
+    with the staging directory: the process was gone everywhere."""
+    lc = start_lifecycle(tmp_path, 16)  # its parent (this test) reaps it only later
+    try:
+        r = migrate(sshd, lc.pid, tmp_path / "remote")
+        assert_one_line_error(r, "failed too", "chain is kept")
+        final = re.search(r"checkpointer restore -D (\S+)", r.stderr).group(1)
+        lc.reap_original()
+        r = cli("restore", "-D", final, "-d")
+        assert r.returncode == 0, r.stderr
+        lc.carries_on()
+        shutil.rmtree(Path(final).parent)
+    finally:
+        lc.kill()

@@ -65,7 +65,8 @@ class CheckedCommand(click.Command):
             # An error that an interruption caused (a syscall cut short) is told
             # as the interruption: that is what ended the command.
             requested = interrupt.pending()
-            if requested is not None and not isinstance(exc, requested):
+            told = getattr(exc, "tells_interruption", False)
+            if requested is not None and not isinstance(exc, requested) and not told:
                 exc = requested()
             click.echo(error_line(exc), err=True)
             raise SystemExit(1) from None
