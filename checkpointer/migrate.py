@@ -333,9 +333,14 @@ class _Migration:
                 time.sleep(0.01)
 
     def _failed(self, stage: str, err: BaseException) -> MigrationFailed:
+        pid = self.opts.pid
+        try:
+            alive = proc.read_state(pid) not in ("Z", "X")
+        except CheckpointError:
+            alive = False
+        became = "keeps running on the source" if alive else "is gone (it exited or was killed)"
         return MigrationFailed(
-            f"migration failed {stage} ({_why(err)}); rolled back: "
-            f"process {self.opts.pid} keeps running on the source"
+            f"migration failed {stage} ({_why(err)}); rolled back: process {pid} {became}"
         )
 
 

@@ -542,3 +542,21 @@ def test_a_source_nobody_reaps_is_not_lost_its_chain_is_kept(sshd, tmp_path):
         shutil.rmtree(Path(final).parent)
     finally:
         lc.kill()
+
+
+@pytest.mark.uffd_wp
+def test_a_source_that_dies_mid_migration_is_not_said_to_keep_running(sshd, spawn, tmp_path):
+    """The line said "rolled back: process N keeps running on the source" of a
+    process that had exited."""
+    t = spawn("--anon-mb", "256", "--hot-pages", "64")
+    remote = tmp_path / "remote"
+    p = _popen_migrate(sshd, t.pid, remote)
+    deadline = time.monotonic() + 60
+    while not any(x.name.startswith(".pre-1.tmp-") for x in remote.glob(".*")):
+        assert time.monotonic() < deadline and p.poll() is None
+        time.sleep(0.005)
+    t.kill()
+    out, err = p.communicate(timeout=120)
+    r = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    assert_one_line_error(r, f"process {t.pid} is gone")
+    assert "keeps running" not in err
