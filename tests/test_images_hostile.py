@@ -179,6 +179,61 @@ def test_page_frame_bigger_than_index_says(chain):
         Dump.open(str(d3)).read_memory(100, 0x11000, 16)
 
 
+def test_page_frame_without_checksum_is_refused(chain):
+    d3 = chain / "3"
+    pm = fmt.read_records(str(d3 / "pagemap-pid-100"))
+    data = zstd.ZstdCompressor(write_checksum=False).compress(b"\x07" * 4096)
+    with open(d3 / "pages-pid-100", "wb") as f:
+        f.write(fmt.pack_header("pages") + data)
+    pm[1]["clen"] = len(data)
+    with open(d3 / "pagemap-pid-100", "wb") as f:
+        f.write(fmt.encode_records("pagemap", pm))
+    with pytest.raises(ImageError, match="page frame at offset 16 has no content checksum"):
+        Dump.open(str(d3)).read_memory(100, 0x11000, 16)
+
+
+# every record file of a dump, and of its parent reached through the chain
+RECORD_FILES = [
+    "3/inventory", "3/pstree", "3/core-100", "3/mm-100", "3/fds-100", "3/pagemap-pid-100",
+    "3/stats", "1/core-101",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", RECORD_FILES)
+@pytest.mark.parametrize("cut", [1, 4])
+def test_record_file_with_its_checksum_cut_is_refused(chain, name, cut):
+    path = chain / name
+    path.write_bytes(path.read_bytes()[:-cut])
+    for read in (verify, decode):
+        with pytest.raises(ImageError, match="truncated zstd checksum") as e:
+            read(str(chain / "3") if read is verify else str(path))
+        assert str(e.value).startswith(f"{path}: ")
+
+
+def test_record_file_changed_and_its_checksum_cut_is_refused(chain):
+    # Byte 76 flipped still decodes to valid records of the same length but other
+    # content: only the checksum, cut here, tells.
+    path = chain / "3" / "core-100"
+    data = bytearray(path.read_bytes())
+    data[76] ^= 1
+    path.write_bytes(bytes(data[:-4]))
+    with pytest.raises(ImageError, match="truncated zstd checksum"):
+        Dump.open(str(chain / "3")).core(100)
+
+
+def test_record_file_without_content_size_or_checksum_is_refused(tmp_path):
+    p = str(tmp_path / "pstree")
+    body = msgpack.packb({"pid": 1})
+    for cctx, words in (
+        (zstd.ZstdCompressor(write_checksum=False), "no content checksum"),
+        (zstd.ZstdCompressor(write_checksum=True, write_content_size=False), "no content size"),
+    ):
+        with open(p, "wb") as f:
+            f.write(fmt.pack_header("pstree") + cctx.compress(body))
+        with pytest.raises(ImageError, match=words):
+            decode(p)
+
+
 # ---- parent links ----
 
 
@@ -352,7 +407,7 @@ def test_well_formed_but_wrong_records(name, records):
         if kind == "pages":
             return b
         body = b"".join(msgpack.packb(r, use_bin_type=True) for r in _limit(records))
-        return fmt.pack_header(kind) + zstd.ZstdCompressor().compress(body)
+        return fmt.pack_header(kind) + zstd.ZstdCompressor(write_checksum=True).compress(body)
 
     _run(name, mutate)
 

@@ -166,41 +166,67 @@ def iter_records(
         big = kind == "pagemap"
         if limit is None:
             limit = MAX_PAGEMAP_FILE if big else MAX_RECORD_FILE
-        max_records = MAX_PAGEMAP_RECORDS if big else MAX_RECORDS
-        unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, **UNPACK_LIMITS)
-        total = 0
-        count = 0
-        last_end = 0
-        try:
-            reader = decompressor().stream_reader(f, read_across_frames=False)
-            while True:
-                chunk = reader.read(READ_CHUNK)
-                if not chunk:
-                    break
-                total += len(chunk)
-                if total > limit:
-                    raise ImageError(f"decompressed content exceeds the {limit} byte limit", path)
-                unpacker.feed(chunk)
-                for rec in unpacker:
-                    last_end = unpacker.tell()
-                    count += 1
-                    if count > max_records:
-                        raise ImageError(f"more than {max_records} records", path)
-                    yield rec
-            if total == 0:
-                raise ImageError("no compressed content after the header", path)
-            if f.read(1):
-                raise ImageError("trailing data after the zstd frame", path)
-        except ImageError:
-            raise
-        except zstd.ZstdError as e:
-            raise ImageError(f"corrupt compressed data ({_short(e)})", path) from None
-        except Exception as e:  # msgpack and unicode errors on hostile bytes
-            raise ImageError(
-                f"corrupt record stream ({type(e).__name__}: {_short(e)})", path
-            ) from None
-        if last_end != total:  # a partial record is left over
-            raise ImageError("truncated record at end of stream", path)
+        content_size = _record_frame_size(f.fileno(), path, limit)
+        yield from _unpack_records(f, path, limit, content_size, big)
+
+
+def _record_frame_size(fd: int, path: str, limit: int) -> int:
+    """The content size of a record file's one frame, after checking that the frame
+    is whole, the file's last bytes, and carries its content size and checksum.
+
+    zstd's stream reader ends quietly where the input ends, so a frame cut short
+    (its checksum gone with the end of the file) would otherwise decode unchecked.
+    """
+    size = os.fstat(fd).st_size
+    if size <= HEADER_SIZE:
+        raise ImageError("no compressed content after the header", path)
+    frame = _walk_one(_pread_fd(fd), path, HEADER_SIZE, size)
+    if HEADER_SIZE + frame["clen"] != size:
+        raise ImageError("trailing data after the zstd frame", path)
+    if not frame["checksum"]:
+        raise ImageError("zstd frame has no content checksum", path)
+    if frame["content_size"] is None:
+        raise ImageError("zstd frame has no content size", path)
+    if frame["content_size"] > limit:
+        raise ImageError(f"decompressed content exceeds the {limit} byte limit", path)
+    return frame["content_size"]
+
+
+def _unpack_records(f, path: str, limit: int, content_size: int, big: bool):
+    """The msgpack records of the frame after the header of the open file f."""
+    max_records = MAX_PAGEMAP_RECORDS if big else MAX_RECORDS
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, **UNPACK_LIMITS)
+    total = 0
+    count = 0
+    last_end = 0
+    try:
+        reader = decompressor().stream_reader(f, read_across_frames=False)
+        while True:
+            chunk = reader.read(READ_CHUNK)
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > limit:
+                raise ImageError(f"decompressed content exceeds the {limit} byte limit", path)
+            unpacker.feed(chunk)
+            for rec in unpacker:
+                last_end = unpacker.tell()
+                count += 1
+                if count > max_records:
+                    raise ImageError(f"more than {max_records} records", path)
+                yield rec
+        if total == 0:
+            raise ImageError("no compressed content after the header", path)
+    except ImageError:
+        raise
+    except zstd.ZstdError as e:
+        raise ImageError(f"corrupt compressed data ({_short(e)})", path) from None
+    except Exception as e:  # msgpack and unicode errors on hostile bytes
+        raise ImageError(f"corrupt record stream ({type(e).__name__}: {_short(e)})", path) from None
+    if total != content_size:
+        raise ImageError(f"zstd frame holds {total} bytes, its header says {content_size}", path)
+    if last_end != total:  # a partial record is left over
+        raise ImageError("truncated record at end of stream", path)
 
 
 def read_records(
@@ -222,6 +248,7 @@ def read_frame(f, path: str, off: int, clen: int, rlen: int, dctx=None) -> bytes
     data = os.pread(f.fileno(), clen, off)
     if len(data) != clen:
         raise ImageError(f"truncated page frame at offset {off}", path)
+    _check_page_frame(data, path, off)
     try:
         reader = (dctx or decompressor()).stream_reader(data, read_across_frames=False)
         out = reader.read(rlen)
@@ -246,6 +273,28 @@ def read_frame(f, path: str, off: int, clen: int, rlen: int, dctx=None) -> bytes
     return out if len(parts) == 1 else b"".join(parts)
 
 
+def _check_page_frame(data: bytes, path: str, off: int) -> None:
+    """Refuse a page frame that is not exactly one whole frame with its checksum:
+    zstd's stream reader ends quietly where a cut frame's bytes end, unchecked."""
+    frame = _walk_one(_pread_bytes(data, off), path, off, off + len(data))
+    if frame["clen"] != len(data):
+        raise ImageError(
+            f"page frame at offset {off} is {frame['clen']} bytes, its index says {len(data)}",
+            path,
+        )
+    if not frame["checksum"]:
+        raise ImageError(f"page frame at offset {off} has no content checksum", path)
+
+
+def _pread_fd(fd: int):
+    return lambda n, pos: os.pread(fd, n, pos)
+
+
+def _pread_bytes(data: bytes, base: int):
+    """pread over data, which sits at file offset base."""
+    return lambda n, pos: data[pos - base : pos - base + n]
+
+
 def walk_frames(path: str, limit: int = MAX_FRAMES) -> list[dict]:
     """List the zstd frames of a pages file by walking frame and block headers.
 
@@ -261,13 +310,14 @@ def walk_frames(path: str, limit: int = MAX_FRAMES) -> list[dict]:
         while off < size:
             if len(frames) >= limit:
                 raise ImageError(f"more than {limit} page frames", path)
-            frames.append(_walk_one(fd, path, off, size))
+            frames.append(_walk_one(_pread_fd(fd), path, off, size))
             off += frames[-1]["clen"]
     return frames
 
 
-def _walk_one(fd: int, path: str, off: int, size: int) -> dict:
-    head = os.pread(fd, 18, off)
+def _walk_one(pread, path: str, off: int, size: int) -> dict:
+    """The frame at off (headers only): pread(n, pos) reads the file, size ends it."""
+    head = pread(18, off)
     if len(head) < 6 or head[:4] != b"\x28\xb5\x2f\xfd":
         raise ImageError(f"no zstd frame at offset {off}", path)
     fhd = head[4]
@@ -288,7 +338,7 @@ def _walk_one(fd: int, path: str, off: int, size: int) -> dict:
             content += 256
     p = off + pos + fcs_size
     while True:
-        bh = os.pread(fd, 3, p)
+        bh = pread(3, p)
         if len(bh) < 3:
             raise ImageError(f"truncated zstd block in frame at offset {off}", path)
         v = int.from_bytes(bh, "little")
