@@ -365,7 +365,9 @@ def fd_records(pid: int, hide: set[int] | frozenset[int] = frozenset()) -> list[
         if fd.fd in hide:
             continue
         st = proc.stat_fd(pid, fd.fd)
-        if st is not None and stat.S_ISCHR(st.st_mode):
+        if fd.flags & os.O_PATH:
+            pass  # names a file without opening it: no position, no driver state
+        elif st is not None and stat.S_ISCHR(st.st_mode):
             _check_device(pid, fd, st.st_rdev)
         elif st is not None and fd.target.startswith("/"):
             _check_reachable(pid, fd, st)
@@ -387,7 +389,12 @@ def fd_records(pid: int, hide: set[int] | frozenset[int] = frozenset()) -> list[
             **({"locks": [lock._asdict() for lock in fd.locks]} if fd.locks else {}),
         })  # fmt: skip
     for rec in records:
-        if rec["type"] == "file" and rec["stat"] and stat.S_ISFIFO(rec["stat"]["mode"]):
+        if (
+            rec["type"] == "file"
+            and rec["stat"]
+            and stat.S_ISFIFO(rec["stat"]["mode"])
+            and not rec["flags"] & os.O_PATH  # (then a name, never a pipe's end)
+        ):
             rec["type"] = "fifo"
         rec.update(fdstate.describe(pid, rec))
     return records

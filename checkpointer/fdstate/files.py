@@ -85,7 +85,7 @@ def ghost(identity: dict | None, what: str) -> dict:
 
 
 def describe(pid: int, record: dict) -> dict:
-    if record["target"] == "/dev/ptmx":
+    if record["target"] == "/dev/ptmx" and not record["flags"] & os.O_PATH:
         return {"pty_master": _pty_master(pid, record["fd"])}
     if not record["deleted"]:
         return {}

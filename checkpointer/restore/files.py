@@ -235,7 +235,7 @@ def _open(task: Task, f: dict, files: OpenFiles) -> int:
         raise RestoreError(f"fd {f['fd']} of process {task.pid}: {path}: {exc.strerror}") from None
     if "memfd" in f and files.shared_memory is not None:
         files.shared_memory.used(f["memfd"]["owner"])
-    if f["type"] == "file" and not f["flags"] & os.O_APPEND:  # ghosts and memfds too
+    if f["type"] == "file" and not f["flags"] & (os.O_APPEND | os.O_PATH):  # ghosts, memfds
         os.lseek(fd, f["pos"], os.SEEK_SET)
     return fd
 

@@ -12,6 +12,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
+from stat import S_ISLNK
 
 from checkpointer.errors import CheckpointError, ImageError
 from checkpointer.fdstate.tree import epoll_without_restorer
@@ -374,8 +375,9 @@ def check_identity(
     where the restore takes data from it (`contents`: a private mapping's pages
     never written), another size or mtime. An open fd only needs the same file:
     others may write it meanwhile (a log), and its readers expect that (tail -f)."""
+    link = stat is not None and S_ISLNK(stat["mode"])  # an O_PATH fd of the link itself
     try:
-        st = os.stat(path)
+        st = os.lstat(path) if link else os.stat(path)
     except OSError as exc:
         raise RestoreError(f"{where}: {path}: {exc.strerror}") from None
     if stat is not None and not contents:
