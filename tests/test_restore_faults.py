@@ -99,6 +99,32 @@ def test_corrupt_page_data_rolls_back(dumped):
     assert_nothing_restored(lc)
 
 
+@pytest.mark.damages_images
+@pytest.mark.parametrize("name", ["inventory", "pstree", "core-{pid}", "pages-pid-{pid}"])
+@pytest.mark.parametrize("put", ["fifo", "symlink"])
+def test_a_fifo_or_symlink_in_place_of_an_image_file_is_refused(dumped, name, put):
+    """An image file is read as a regular file of the dump's own directory: a FIFO
+    there hung restore (and verify, show, info) forever, waiting for a writer; a
+    symbolic link was followed by restore (wherever it led) while verify refused it."""
+    lc, images = dumped
+    path = images / name.format(pid=lc.pid)
+    if put == "fifo":
+        path.unlink()
+        os.mkfifo(path)
+        words = "not a regular file"
+    else:
+        path.rename(images.parent / "elsewhere")
+        path.symlink_to(images.parent / "elsewhere")
+        words = "symbolic link"
+    assert_one_line_error(cli("restore", "-D", str(images), "-d", timeout=30), path.name, words)
+    assert_nothing_restored(lc)
+    commands = [["verify", str(images)], ["info", str(path)]]
+    if not name.startswith("pages"):  # (show reads what the pagemaps say of them)
+        commands.append(["show", str(images)])
+    for command in commands:
+        assert_one_line_error(cli(*command, timeout=30), path.name)
+
+
 def test_changed_file_behind_a_mapping_is_refused(dumped):
     lc, images = dumped
     mapped = lc.dir / "mapped"

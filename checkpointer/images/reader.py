@@ -167,7 +167,7 @@ class PageMap:
 
     def _pages_file(self):
         if self._file is None:
-            f = fmt._open(self.pages_path)
+            f = fmt.open_image(self.pages_path)
             _, version = fmt.parse_header(f.read(fmt.HEADER_SIZE), self.pages_path, "pages")
             if version != self.version:
                 f.close()
