@@ -223,6 +223,46 @@ def test_sigint_sigterm_mid_dump(spawn, tmp_path, sig, mode):
     t.assert_carries_on()
 
 
+GOLDEN = Path(__file__).parent.parent / "images" / "golden" / "chain" / "3"
+
+
+@pytest.mark.parametrize(
+    "command", [["show", str(GOLDEN)], ["restore", "-D", "/nonexistent"]], ids=["show", "restore"]
+)
+def test_ctrl_c_while_the_command_starts_is_one_line(command):
+    """^C while the command is still starting (importing its modules, parsing its
+    arguments) ended it with a Python traceback or click's "Aborted!". Nothing has
+    been touched then: one line, exit 1; or, if it came too late, the command's
+    own result. The ^C is sent 0-100 ms after the command caught SIGINT: started
+    with SIGINT ignored, the interpreter installs no handler of its own, so the
+    first one /proc shows caught is checkpointer's (before that the interpreter
+    itself starts, where a ^C is Python's to report)."""
+    for i in range(40):
+        p = subprocess.Popen([*CLI, *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True, preexec_fn=_ignore_sigint)  # fmt: skip
+        deadline = time.monotonic() + 10
+        while not _catches_sigint(p.pid):
+            assert p.poll() is None, "the command started and ended without catching SIGINT"
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        time.sleep(0.1 * i / 40)
+        p.send_signal(signal.SIGINT)
+        err = p.communicate(timeout=30)[1]
+        assert "Traceback" not in err and "Aborted" not in err, err
+        assert err == "" or (err.count("\n") == 1 and err.startswith("checkpointer: ")), err
+        # (-SIGINT: it came as the interpreter exited, its handlers gone)
+        assert (p.returncode in (0, -signal.SIGINT)) == (err == ""), (p.returncode, err)
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _catches_sigint(pid: int) -> bool:
+    caught = int(proc_status(pid).get("SigCgt", "0"), 16)
+    return bool(caught & (1 << (signal.SIGINT - 1)))
+
+
 # -- the tree changes while it is frozen -----------------------------------------------
 
 
