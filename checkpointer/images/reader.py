@@ -343,6 +343,12 @@ class Dump:
         mm = self._mms[pid] = Mm(recs[0], recs[1:])
         return mm
 
+    @property
+    def is_final(self) -> bool:
+        """A final dump, not a pre-dump: it holds core-PID and mm-PID for every
+        process; a pre-dump holds memory only."""
+        return self.inventory["kind"] == "dump"
+
     def fds(self, pid: int) -> list:
         path = self._pid_file("fds", pid)
         if not os.path.lexists(path):
