@@ -1,12 +1,13 @@
 """The inspection commands on real dumps of a real target: a pre-dump shows what it
-holds."""
+holds, and a final dump missing a file a restore needs is refused."""
 
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
-from targetlib import cli
+from targetlib import assert_one_line_error, cli
 
 
 @pytest.fixture
@@ -45,6 +46,24 @@ def test_show_and_x_read_a_pre_dump(chain):
     # the final dump shows state and command, as before
     r = cli("x", str(c / "2"), "ps")
     assert r.returncode == 0 and r.stdout.split()[5:7] == ["STATE", "COMM"], r.stdout
+
+
+@pytest.mark.damages_images
+@pytest.mark.parametrize("kind", ["core", "mm", "fds", "pagemap-pid", "pages-pid"])
+def test_a_final_dump_missing_a_process_file_is_refused(chain, tmp_path, kind):
+    t, c = chain
+    bad = tmp_path / "bad"
+    shutil.copytree(c, bad, symlinks=True)
+    name = f"{kind}-{t.pid}"
+    os.unlink(bad / "2" / name)
+    r = cli("verify", str(bad / "2"))
+    assert_one_line_error(r, name)
+    assert cli("verify", str(c / "2")).returncode == 0
+    views = {"core": ["ps"], "mm": ["mems", "rss"], "fds": ["fds"]}.get(kind, [])
+    if kind in ("core", "mm"):
+        assert_one_line_error(cli("show", str(bad / "2")), name)
+    for view in views:
+        assert_one_line_error(cli("x", str(bad / "2"), view), name)
 
 
 def test_a_pre_dump_lacks_registers_and_fds_legitimately(chain, tmp_path):

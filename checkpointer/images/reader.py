@@ -345,13 +345,15 @@ class Dump:
 
     @property
     def is_final(self) -> bool:
-        """A final dump, not a pre-dump: it holds core-PID and mm-PID for every
-        process; a pre-dump holds memory only."""
+        """A final dump, not a pre-dump: it holds core-PID, mm-PID, fds-PID and
+        pagemap-pid-PID for every process (verify.FINAL_DUMP_FILES); a pre-dump
+        holds memory only."""
         return self.inventory["kind"] == "dump"
 
     def fds(self, pid: int) -> list:
+        """The open files of `pid`; none in a pre-dump, which records no files."""
         path = self._pid_file("fds", pid)
-        if not os.path.lexists(path):
+        if not self.is_final and not os.path.lexists(path):
             return []
         recs = fmt.read_records(path, "fds", version=self.version)
         for i, r in enumerate(recs):
