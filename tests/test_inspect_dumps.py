@@ -1,5 +1,6 @@
 """The inspection commands on real dumps of a real target: a pre-dump shows what it
-holds, and a final dump missing a file a restore needs is refused."""
+holds, a final dump missing a file a restore needs is refused, and a writer's temp
+dir is never taken for a dump."""
 
 from __future__ import annotations
 
@@ -71,3 +72,31 @@ def test_a_pre_dump_lacks_registers_and_fds_legitimately(chain, tmp_path):
     names = os.listdir(c / "1")
     assert f"core-{t.pid}" not in names and f"fds-{t.pid}" not in names
     assert f"mm-{t.pid}" in names
+
+
+def test_a_temp_dir_just_before_its_rename_is_not_a_dump(chain, tmp_path):
+    """The writer's last step is the rename of `.NAME.tmp-XXXXXXXX` to NAME: a run
+    SIGKILLed before it leaves the temp dir, complete inventory and all. Renaming a
+    committed dump back to a temp name builds exactly that state."""
+    t, c = chain
+    r = cli("pre-dump", "-t", str(t.pid), "-D", str(c / "3"), "--prev-images-dir", "../2")
+    assert r.returncode == 0, r.stderr
+    tmp = c / ".3.tmp-k2x9_q0a"
+    os.rename(c / "3", tmp)
+    for args in (["verify", tmp], ["show", tmp], ["x", tmp, "ps"], ["x", tmp, "mems"]):
+        assert_one_line_error(cli(*map(str, args)), "incomplete dump", tmp.name)
+    via_link = c / "link"
+    os.symlink(tmp.name, via_link)
+    assert_one_line_error(cli("verify", str(via_link)), "incomplete dump")
+    os.unlink(via_link)
+    r = cli("pre-dump", "-t", str(t.pid), "-D", str(c / "4"), "--prev-images-dir", f"../{tmp.name}")
+    assert_one_line_error(r, "incomplete dump")
+    assert not (c / "4").exists()
+    # renamed into place, it is the dump it was
+    os.rename(tmp, c / "3")
+    r = cli("verify", str(c / "3"))
+    assert r.returncode == 0, r.stderr
+    # and no dump is ever written under a name a reader would refuse
+    r = cli("pre-dump", "-t", str(t.pid), "-D", str(c / ".5.tmp-abcdefgh"))
+    assert_one_line_error(r, ".5.tmp-abcdefgh")
+    assert not (c / ".5.tmp-abcdefgh").exists()
