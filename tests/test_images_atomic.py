@@ -15,6 +15,7 @@ def _fill(w):
     w.write_pstree([s.pstree_rec(3)])
     w.write_core(3, s.process_rec(3), [s.thread_rec(3)])
     w.write_mm(3, s.mm_rec(), [s.vma_rec(0x1000, 0x3000)])
+    w.write_fds(3, [s.fd_rec(0)])  # every file of a final dump (verify.FINAL_DUMP_FILES)
     pw = w.open_pages("pid-3")
     pw.add_data(0x1000, b"\x01" * 4096)
 

@@ -73,6 +73,23 @@ UNPACK_LIMITS = dict(
 # page owners: a process's private memory, or a shared object (device, inode)
 OWNER_RE = re.compile(r"(pid-[1-9][0-9]{0,9}|shm-[0-9A-Za-z:._]{1,32}-[0-9]{1,20})\Z")
 
+# A writer (writer.py, stream.py) fills the hidden directory `.NAME.tmp-XXXXXXXX`
+# and renames it to NAME, its single commit point. Its inventory is written before
+# the rename: a run killed just before it leaves a directory that holds a whole
+# dump, which the name alone tells from one committed. No dump is ever opened, or
+# written, under such a name.
+TEMP_DIR_RE = re.compile(r"\.(?s:.+)\.tmp-[A-Za-z0-9_]+\Z")
+
+
+def temp_dir_prefix(name: str) -> str:
+    """The prefix of the temporary directories a writer of dump `name` fills."""
+    return f".{name}.tmp-"
+
+
+def is_temp_dir_name(name: str) -> bool:
+    """Is `name` (a directory's base name) that of a writer's temporary directory?"""
+    return TEMP_DIR_RE.match(name) is not None
+
 
 def kind_of_name(name: str) -> str | None:
     """The file kind a file name announces, or None."""

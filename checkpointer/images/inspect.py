@@ -12,7 +12,7 @@ import os
 
 from checkpointer.errors import ImageError
 from checkpointer.images import format as fmt
-from checkpointer.images.reader import Dump
+from checkpointer.images.reader import Core, Dump
 from checkpointer.images.verify import verify_dump
 
 X_VIEWS = ("ps", "mems", "rss", "fds", "stats")
@@ -120,19 +120,15 @@ def show_dump(path: str) -> dict:
         procs = []
         for p in d.pstree:
             pid = p["pid"]
-            core = d.core(pid)
-            vmas = d.mm(pid).vmas if os.path.lexists(os.path.join(d.path, f"mm-{pid}")) else []
-            procs.append(
-                {
-                    "pid": pid,
-                    "ppid": p["ppid"],
-                    "comm": core.process["comm"],
-                    "state": core.process["state"],
-                    "threads": p["threads"],
-                    "vmas": len(vmas),
-                    "pages": _owner_counts(d, f"pid-{pid}"),
-                }
-            )
+            proc = {"pid": pid, "ppid": p["ppid"]}
+            if (core := _core(d, pid)) is not None:
+                proc.update(comm=core.process["comm"], state=core.process["state"])
+            proc["threads"] = p["threads"]
+            vmas = _vmas(d, pid)
+            if vmas is not None:
+                proc["vmas"] = len(vmas)
+            proc["pages"] = _owner_counts(d, f"pid-{pid}")
+            procs.append(proc)
         shared = [
             {"owner": o, "pages": _owner_counts(d, o)} for o in d.owners() if o.startswith("shm-")
         ]
@@ -186,24 +182,40 @@ def x(path: str, view: str) -> dict:
 
 
 def _x_ps(d: Dump) -> dict:
+    """A pre-dump has no registers (core-PID): no STATE or COMM column either."""
     rows = []
-    for p in d.pstree:
-        core = d.core(p["pid"])
-        rows.append(
-            [p["pid"], p["ppid"], p["pgid"], p["sid"], len(p["threads"]),
-             core.process["state"], core.process["comm"]]
-        )  # fmt: skip
-    return {"columns": ["PID", "PPID", "PGID", "SID", "THREADS", "STATE", "COMM"], "rows": rows}
+    cores = [_core(d, p["pid"]) for p in d.pstree]
+    with_core = any(c is not None for c in cores)
+    for p, core in zip(d.pstree, cores, strict=True):
+        row = [p["pid"], p["ppid"], p["pgid"], p["sid"], len(p["threads"])]
+        if with_core:
+            row += [core.process["state"], core.process["comm"]] if core else [None, None]
+        rows.append(row)
+    cols = ["PID", "PPID", "PGID", "SID", "THREADS"] + (["STATE", "COMM"] if with_core else [])
+    return {"columns": cols, "rows": rows}
 
 
-def _vmas(d: Dump, pid: int) -> list:
-    return d.mm(pid).vmas if os.path.lexists(os.path.join(d.path, f"mm-{pid}")) else []
+def _core(d: Dump, pid: int) -> Core | None:
+    """The core records of `pid`. A final dump has core-PID for every process (an
+    ImageError if it is missing); a pre-dump, whose tree never stopped, has none."""
+    if not d.is_final and not os.path.lexists(os.path.join(d.path, f"core-{pid}")):
+        return None
+    return d.core(pid)
+
+
+def _vmas(d: Dump, pid: int) -> list | None:
+    """The vmas of `pid`. A final dump has mm-PID for every process (an ImageError
+    if it is missing); a pre-dump lacks it for a process that exited while it was
+    read (None: not known)."""
+    if not d.is_final and not os.path.lexists(os.path.join(d.path, f"mm-{pid}")):
+        return None
+    return d.mm(pid).vmas
 
 
 def _x_mems(d: Dump) -> dict:
     rows = []
     for pid in d.pids:
-        for v in _vmas(d, pid):
+        for v in _vmas(d, pid) or ():
             rows.append(
                 [pid, f"{v['start']:#x}", f"{v['end']:#x}", v["prot"], v["kind"],
                  v["shmem"] or "", v["path"]]
@@ -215,7 +227,7 @@ def _x_rss(d: Dump) -> dict:
     rows = []
     ps = d.page_size
     for pid in d.pids:
-        for v in _vmas(d, pid):
+        for v in _vmas(d, pid) or ():
             owner = v["shmem"] or f"pid-{pid}"
             delta = (v["offset"] - v["start"]) if v["shmem"] else 0
             counts = [0, 0, 0]

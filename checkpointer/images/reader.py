@@ -236,7 +236,9 @@ class PageMap:
 class Dump:
     """One complete dump directory (and, lazily, its parent chain)."""
 
-    def __init__(self, path: str, root: str, seen: frozenset, reuse: tuple = ()):
+    def __init__(
+        self, path: str, root: str, seen: frozenset, reuse: tuple = (), committing: bool = False
+    ):
         self.path = path
         self.real = os.path.realpath(path)  # its identity in a chain
         self._root = root
@@ -257,6 +259,12 @@ class Dump:
         if not os.path.lexists(inv_path):
             raise ImageError(
                 "incomplete dump: no inventory (interrupted dump, or not a dump directory)", path
+            )
+        if not committing and fmt.is_temp_dir_name(os.path.basename(self.real)):
+            raise ImageError(
+                "incomplete dump: a writer's temporary directory, never renamed into place "
+                "(interrupted dump)",
+                path,
             )
         _, header_version = fmt.read_header(inv_path, "inventory")
         recs = fmt.read_records(inv_path, "inventory")
@@ -294,13 +302,15 @@ class Dump:
         self.pids = [p["pid"] for p in pstree]
 
     @classmethod
-    def open(cls, path: str, reuse: tuple[Dump, ...] = ()) -> Dump:
+    def open(cls, path: str, reuse: tuple[Dump, ...] = (), *, committing: bool = False) -> Dump:
         """Open the dump at path (kept as given, for messages); ImageError if unusable.
         `reuse`: dumps opened before whose whole chain was read (chain()); a parent
         link to one of them takes it as it is, its page maps already parsed (a
-        migration's final dump, whose parents the destination read for a template)."""
+        migration's final dump, whose parents the destination read for a template).
+        `committing`: a writer checks its own temporary directory before renaming
+        it into place; nothing else opens one (fmt.TEMP_DIR_RE)."""
         real = os.path.realpath(path)
-        return cls(path, os.path.dirname(real), frozenset([real]), reuse)
+        return cls(path, os.path.dirname(real), frozenset([real]), reuse, committing)
 
     # ---- records ----
 
@@ -343,9 +353,17 @@ class Dump:
         mm = self._mms[pid] = Mm(recs[0], recs[1:])
         return mm
 
+    @property
+    def is_final(self) -> bool:
+        """A final dump, not a pre-dump: it holds core-PID, mm-PID, fds-PID and
+        pagemap-pid-PID for every process (verify.FINAL_DUMP_FILES); a pre-dump
+        holds memory only."""
+        return self.inventory["kind"] == "dump"
+
     def fds(self, pid: int) -> list:
+        """The open files of `pid`; none in a pre-dump, which records no files."""
         path = self._pid_file("fds", pid)
-        if not os.path.lexists(path):
+        if not self.is_final and not os.path.lexists(path):
             return []
         recs = fmt.read_records(path, "fds", version=self.version)
         for i, r in enumerate(recs):

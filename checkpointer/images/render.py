@@ -74,9 +74,11 @@ def show_dump(s: dict) -> str:
     ]
     for p in s["processes"]:
         threads = ",".join(str(t) for t in p["threads"])
+        # a pre-dump has no command or state, nor vmas of a process that exited
+        comm = f" {p['comm']} [{p['state']}]" if "comm" in p else ""
+        vmas = f" {p['vmas']} vmas;" if "vmas" in p else ""
         out.append(
-            f"    {p['pid']} (ppid {p['ppid']}) {p['comm']} [{p['state']}] "
-            f"threads {threads}; {p['vmas']} vmas; {_pages(p['pages'])}"
+            f"    {p['pid']} (ppid {p['ppid']}){comm} threads {threads};{vmas} {_pages(p['pages'])}"
         )
     if s["shared"]:
         out.append(f"  shared memory objects ({len(s['shared'])}):")

@@ -251,7 +251,7 @@ class DumpReceiver:
         final = os.path.join(self.root, name)
         if os.path.lexists(final) and (not os.path.isdir(final) or os.listdir(final)):
             raise ImageError("already exists; refusing to overwrite", final)
-        self._tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=self.root)
+        self._tmp = tempfile.mkdtemp(prefix=fmt.temp_dir_prefix(name), dir=self.root)
         os.chmod(self._tmp, 0o700)
         self._files = {}
         self._inventory = None
@@ -317,7 +317,8 @@ class DumpReceiver:
         write_file(os.path.join(self._tmp, "inventory"), bytes(self._inventory))
         fsync_files(self._tmp)
         fsync_dir(self._tmp)
-        with Dump.open(self._tmp) as d:  # headers, inventory, pstree, parent present
+        # headers, inventory, pstree, parent present; its own temp dir, not yet a dump
+        with Dump.open(self._tmp, committing=True) as d:
             d.parent()
         final = os.path.join(self.root, self._name)
         try:

@@ -12,6 +12,14 @@ from checkpointer.images.reader import Dump
 
 PID_FILE_RE = re.compile(r"(core|mm|fds)-([1-9][0-9]{0,9})\Z")
 
+# What a final dump holds for every process, all of which a restore reads
+# (restore/images.py): registers and threads, mappings, open files (an empty file
+# when it has none), and the index of its private pages (pages-OWNER beside it is
+# checked with every pagemap). A pre-dump holds memory only: its tree was never
+# frozen, so it has no registers or files, and a process that exited while it was
+# read has no mm or pages either.
+FINAL_DUMP_FILES = ("core-{pid}", "mm-{pid}", "fds-{pid}", "pagemap-pid-{pid}")
+
 
 def verify_dump(path: str) -> dict:
     """Raise ImageError at the first problem; return counts when sound."""
@@ -53,11 +61,15 @@ def _verify_one(d: Dump, totals: dict) -> None:
                 f"file is format version {version}, its dump's inventory says {d.version}", p
             )
         totals["files"] += 1
-    # A pre-dump holds memory only: its tree was never frozen, so it has no
-    # registers (core-PID) to check; a final dump must have them for every process.
-    for pid in d.pids:
-        if f"core-{pid}" not in names and inv["kind"] == "dump":
-            raise ImageError(f"no core-{pid} for a process in pstree", d.path)
+    if d.is_final:
+        for pid in d.pids:
+            for name in FINAL_DUMP_FILES:
+                if name.format(pid=pid) not in names:
+                    raise ImageError(
+                        f"{name.format(pid=pid)} missing: a final dump holds it for every "
+                        "process in pstree, and a restore needs it",
+                        d.path,
+                    )
     for pst in d.pstree:
         pid = pst["pid"]
         if f"core-{pid}" in names:
@@ -74,7 +86,7 @@ def _verify_one(d: Dump, totals: dict) -> None:
     for owner in d.owners():
         pm = d.pagemap(owner)
         if f"pages-{owner}" not in names:
-            raise ImageError("missing pages file for this pagemap", pm.path)
+            raise ImageError(f"pages-{owner} missing for this pagemap", pm.path)
         frames = fmt.walk_frames(pm.pages_path)
         if len(frames) != len(pm.f_off):
             raise ImageError(

@@ -66,6 +66,12 @@ class DumpWriter:
         name = os.path.basename(self.final_dir)
         if not name or name in (".", ".."):
             raise ImageError("not a usable dump directory name", where)
+        if fmt.is_temp_dir_name(name):
+            raise ImageError(
+                "is named like a writer's temporary directory, never read as a dump; "
+                "choose another name",
+                where,
+            )
         container = os.path.dirname(self.final_dir)
         self._check_not_inside_a_dump(container)
         self._make_container(container)
@@ -73,7 +79,7 @@ class DumpWriter:
         if parent is not None:
             self._check_parent(parent)
 
-        self.tmp_dir = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=container)
+        self.tmp_dir = tempfile.mkdtemp(prefix=fmt.temp_dir_prefix(name), dir=container)
         os.chmod(self.tmp_dir, 0o700)
         workers = workers or min(4, os.cpu_count() or 1)
         self._max_in_flight = max_in_flight or 2 * workers
@@ -236,7 +242,10 @@ class DumpWriter:
         fsync_files(self.tmp_dir)
 
     def commit(self, inventory_fields: dict | None = None) -> str:
-        """Write the inventory, fsync, rename the temp dir to final_dir. Returns final_dir."""
+        """Write the inventory, fsync, rename the temp dir to final_dir. Returns final_dir.
+
+        The rename is the commit: until it, the temp dir's name keeps every reader
+        from taking it for a dump, complete inventory and all (fmt.TEMP_DIR_RE)."""
         if self._done:
             raise ValueError("dump writer already committed or aborted")
         for pw in self._pages.values():
