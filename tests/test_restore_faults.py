@@ -125,6 +125,21 @@ def test_a_fifo_or_symlink_in_place_of_an_image_file_is_refused(dumped, name, pu
         assert_one_line_error(cli(*command, timeout=30), path.name)
 
 
+@pytest.mark.damages_images
+def test_a_final_dump_missing_a_shared_objects_pages_is_refused(dumped):
+    """A final dump holds a page map for every memory object its processes use (a
+    MAP_SHARED region, a memfd, a deleted file), empty or not. Without one, verify
+    said OK and restore gave the shared memory zeros."""
+    lc, images = dumped
+    shared = sorted(images.glob("pagemap-shm-*"))
+    assert shared, "the workload maps shared memory"
+    for path in (shared[0], images / shared[0].name.replace("pagemap-", "pages-", 1)):
+        path.unlink()
+    assert_one_line_error(cli("verify", str(images)), shared[0].name, "missing")
+    assert_one_line_error(cli("restore", "-D", str(images), "-d"), shared[0].name, "missing")
+    assert_nothing_restored(lc)
+
+
 def test_changed_file_behind_a_mapping_is_refused(dumped):
     lc, images = dumped
     mapped = lc.dir / "mapped"

@@ -233,6 +233,17 @@ class PageMap:
         self._cache.clear()
 
 
+def _owner_in(record: dict, key: str, where: str) -> str | None:
+    """The page owner of a record's optional `key` part (a ghost, a memfd)."""
+    if key not in record:
+        return None
+    part = record[key]
+    owner = part.get("owner") if isinstance(part, dict) else None
+    if not isinstance(owner, str) or not OWNER_RE.match(owner):
+        raise ImageError(f"a {key} record with a bad owner {owner!r}", where)
+    return owner
+
+
 class Dump:
     """One complete dump directory (and, lazily, its parent chain)."""
 
@@ -369,6 +380,32 @@ class Dump:
         for i, r in enumerate(recs):
             schema.check("fd", r, path, f"fd[{i}]", self.version)
         return recs
+
+    def owners_in_use(self) -> list[str]:
+        """The page owners a final dump's processes use: each one's private memory,
+        and the memory objects they map or hold open (MAP_SHARED regions, deleted
+        files and memfds, whose contents the dump keeps). A final dump has a page
+        map for every one, empty or not: without it their memory would be lost."""
+        owners = set()
+        for pid in self.pids:
+            owners.add(f"pid-{pid}")
+            where = self._pid_file("mm", pid)
+            for v in self.mm(pid).vmas:
+                owners.update(o for o in (v["shmem"], _owner_in(v, "ghost", where)) if o)
+            where = self._pid_file("fds", pid)
+            for f in self.fds(pid):
+                owners.update(o for k in ("ghost", "memfd") if (o := _owner_in(f, k, where)))
+        return sorted(owners)
+
+    def require_pagemaps(self) -> None:
+        """ImageError naming the first owner in use without a page map here."""
+        for owner in self.owners_in_use():
+            if not os.path.lexists(os.path.join(self.path, f"pagemap-{owner}")):
+                raise ImageError(
+                    f"pagemap-{owner} missing: a final dump holds the pages of every "
+                    "memory object its processes use, and a restore needs them",
+                    self.path,
+                )
 
     @property
     def stats(self) -> dict | None:

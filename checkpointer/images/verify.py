@@ -70,6 +70,7 @@ def _verify_one(d: Dump, totals: dict) -> None:
                         "process in pstree, and a restore needs it",
                         d.path,
                     )
+        d.require_pagemaps()
     for pst in d.pstree:
         pid = pst["pid"]
         if f"core-{pid}" in names:

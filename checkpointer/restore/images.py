@@ -112,13 +112,8 @@ def load(path: str, reuse: ReadChain | None = None) -> RestoreImages:
         )  # fmt: skip
     root = dump.inventory["root_pid"]
     order = _tree_order(procs, root, path)
-    owners = {f"pid-{pid}" for pid in procs}
-    owners |= {v["shmem"] for p in procs.values() for v in p.vmas if v["shmem"]}
-    owners |= {v["ghost"]["owner"] for p in procs.values() for v in p.vmas if "ghost" in v}
-    owners |= {
-        f[k]["owner"] for p in procs.values() for f in p.fds for k in ("ghost", "memfd") if k in f
-    }
-    pieces = {owner: resolve(dump, owner, known) for owner in sorted(owners)}
+    dump.require_pagemaps()
+    pieces = {owner: resolve(dump, owner, known) for owner in dump.owners_in_use()}
     return RestoreImages(dump, order, pieces)
 
 
