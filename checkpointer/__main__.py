@@ -15,8 +15,9 @@ def _interrupted_while_starting(signum: int, frame: object) -> None:
 
 def run() -> None:
     signal.signal(signal.SIGINT, _interrupted_while_starting)
-    from checkpointer.cli import main
+    from checkpointer.cli import common, main
 
+    common.end_process_with_command()
     main()
 
 

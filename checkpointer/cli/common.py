@@ -55,25 +55,59 @@ class CheckedCommand(click.Command):
         old_int = signal.signal(signal.SIGINT, _on_sigint)
         old_hook, sys.unraisablehook = sys.unraisablehook, _unraisable
         interrupt.clear()
+        status: int | None = None  # once known, a late ^C does not change it
         try:
-            return super().invoke(ctx)
-        except (CheckpointError, OSError, KeyboardInterrupt, Terminated) as exc:
             try:
-                sys.stdout.flush()
-            except OSError:
-                pass
-            # An error that an interruption caused (a syscall cut short) is told
-            # as the interruption: that is what ended the command.
-            requested = interrupt.pending()
-            told = getattr(exc, "tells_interruption", False)
-            if requested is not None and not isinstance(exc, requested) and not told:
-                exc = requested()
-            click.echo(error_line(exc), err=True)
-            raise SystemExit(1) from None
-        finally:
-            signal.signal(signal.SIGTERM, old)
-            signal.signal(signal.SIGINT, old_int)
+                result = super().invoke(ctx)
+                status = 0
+                return result
+            except (CheckpointError, OSError, KeyboardInterrupt, Terminated) as exc:
+                _tell(exc)
+                status = 1
+                raise SystemExit(1) from None
+            finally:
+                _put_back_handlers(old, old_int)
+                sys.unraisablehook = old_hook
+        except (KeyboardInterrupt, Terminated) as exc:
+            # A signal that landed while the outcome was told or the handlers put
+            # back (not through click, which would print "Aborted!").
+            _put_back_handlers(old, old_int)
             sys.unraisablehook = old_hook
+            if status is None:
+                click.echo(error_line(exc), err=True)
+            raise SystemExit(1 if status is None else status) from None
+
+
+def _tell(exc: BaseException) -> None:
+    try:
+        sys.stdout.flush()
+    except OSError:
+        pass
+    # An error that an interruption caused (a syscall cut short) is told as the
+    # interruption: that is what ended the command.
+    requested = interrupt.pending()
+    told = getattr(exc, "tells_interruption", False)
+    if requested is not None and not isinstance(exc, requested) and not told:
+        exc = requested()
+    click.echo(error_line(exc), err=True)
+
+
+_process_ends_with_command = False
+
+
+def end_process_with_command() -> None:
+    """The `checkpointer` command's: this process ends with the command, so once it
+    is over a ^C or SIGTERM is ignored rather than given back to the handlers from
+    before it (the start-up one would say nothing was done)."""
+    global _process_ends_with_command
+    _process_ends_with_command = True
+
+
+def _put_back_handlers(old_term: Any, old_int: Any) -> None:
+    if _process_ends_with_command:
+        old_term = old_int = signal.SIG_IGN
+    signal.signal(signal.SIGTERM, old_term)
+    signal.signal(signal.SIGINT, old_int)
 
 
 def setup_logging(verbose: int, logfile: str | None) -> None:
