@@ -196,20 +196,20 @@ def _x_ps(d: Dump) -> dict:
 
 
 def _core(d: Dump, pid: int) -> Core | None:
-    """The core records of `pid`. A final dump has core-PID for every process (an
-    ImageError if it is missing); a pre-dump, whose tree never stopped, has none."""
-    if not d.is_final and not os.path.lexists(os.path.join(d.path, f"core-{pid}")):
-        return None
-    return d.core(pid)
+    """The core records of `pid`; None in a pre-dump, whose tree never stopped."""
+    return d.core(pid) if _recorded(d, "core", pid) else None
 
 
 def _vmas(d: Dump, pid: int) -> list | None:
-    """The vmas of `pid`. A final dump has mm-PID for every process (an ImageError
-    if it is missing); a pre-dump lacks it for a process that exited while it was
-    read (None: not known)."""
-    if not d.is_final and not os.path.lexists(os.path.join(d.path, f"mm-{pid}")):
-        return None
-    return d.mm(pid).vmas
+    """The vmas of `pid`; None (not known) in a pre-dump without mm-PID: the
+    process exited while it was read."""
+    return d.mm(pid).vmas if _recorded(d, "mm", pid) else None
+
+
+def _recorded(d: Dump, kind: str, pid: int) -> bool:
+    """Does the dump record `kind` of `pid`? A final dump does for every process
+    (reading a missing file is an ImageError); a pre-dump where the file is."""
+    return d.is_final or os.path.lexists(os.path.join(d.path, f"{kind}-{pid}"))
 
 
 def _x_mems(d: Dump) -> dict:

@@ -366,9 +366,9 @@ class Dump:
 
     @property
     def is_final(self) -> bool:
-        """A final dump, not a pre-dump: it holds core-PID, mm-PID, fds-PID and
-        pagemap-pid-PID for every process (verify.FINAL_DUMP_FILES); a pre-dump
-        holds memory only."""
+        """A final dump, not a pre-dump: it holds core-PID, mm-PID and fds-PID for
+        every process (verify.FINAL_DUMP_FILES) and the page map of every owner in
+        use (owners_in_use); a pre-dump holds memory only."""
         return self.inventory["kind"] == "dump"
 
     def fds(self, pid: int) -> list:
@@ -385,7 +385,8 @@ class Dump:
         """The page owners a final dump's processes use: each one's private memory,
         and the memory objects they map or hold open (MAP_SHARED regions, deleted
         files and memfds, whose contents the dump keeps). A final dump has a page
-        map for every one, empty or not: without it their memory would be lost."""
+        map for every one, empty or not: an ImageError names one it lacks, whose
+        memory a restore would lose."""
         owners = set()
         for pid in self.pids:
             owners.add(f"pid-{pid}")
@@ -395,17 +396,14 @@ class Dump:
             where = self._pid_file("fds", pid)
             for f in self.fds(pid):
                 owners.update(o for k in ("ghost", "memfd") if (o := _owner_in(f, k, where)))
-        return sorted(owners)
-
-    def require_pagemaps(self) -> None:
-        """ImageError naming the first owner in use without a page map here."""
-        for owner in self.owners_in_use():
+        for owner in sorted(owners):
             if not os.path.lexists(os.path.join(self.path, f"pagemap-{owner}")):
                 raise ImageError(
                     f"pagemap-{owner} missing: a final dump holds the pages of every "
                     "memory object its processes use, and a restore needs them",
                     self.path,
                 )
+        return sorted(owners)
 
     @property
     def stats(self) -> dict | None:

@@ -14,11 +14,12 @@ PID_FILE_RE = re.compile(r"(core|mm|fds)-([1-9][0-9]{0,9})\Z")
 
 # What a final dump holds for every process, all of which a restore reads
 # (restore/images.py): registers and threads, mappings, open files (an empty file
-# when it has none), and the index of its private pages (pages-OWNER beside it is
-# checked with every pagemap). A pre-dump holds memory only: its tree was never
-# frozen, so it has no registers or files, and a process that exited while it was
-# read has no mm or pages either.
-FINAL_DUMP_FILES = ("core-{pid}", "mm-{pid}", "fds-{pid}", "pagemap-pid-{pid}")
+# when it has none); and the page map of each owner in use (Dump.owners_in_use:
+# its private memory's among them; pages-OWNER beside it is checked with every
+# pagemap). A pre-dump holds memory only: its tree was never frozen, so it has no
+# registers or files, and a process that exited while it was read has no mm or
+# pages either.
+FINAL_DUMP_FILES = ("core-{pid}", "mm-{pid}", "fds-{pid}")
 
 
 def verify_dump(path: str) -> dict:
@@ -70,7 +71,7 @@ def _verify_one(d: Dump, totals: dict) -> None:
                         "process in pstree, and a restore needs it",
                         d.path,
                     )
-        d.require_pagemaps()
+        d.owners_in_use()  # a page map for each
     for pst in d.pstree:
         pid = pst["pid"]
         if f"core-{pid}" in names:

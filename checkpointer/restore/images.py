@@ -112,7 +112,6 @@ def load(path: str, reuse: ReadChain | None = None) -> RestoreImages:
         )  # fmt: skip
     root = dump.inventory["root_pid"]
     order = _tree_order(procs, root, path)
-    dump.require_pagemaps()
     pieces = {owner: resolve(dump, owner, known) for owner in dump.owners_in_use()}
     return RestoreImages(dump, order, pieces)
 
