@@ -179,6 +179,24 @@ def test_missing_pid_is_one_line_error(tmp_path, command):
         assert not (tmp_path / "d").exists()
 
 
+@pytest.mark.parametrize("command", ["dump", "pre-dump", "converge"])
+def test_a_zombie_is_named_as_one(tmp_path, command):
+    """A process that had exited before the command started is a zombie its parent
+    has not reaped, not one that "exited during the dump"."""
+    zombie = subprocess.Popen(["true"])
+    wait_for_state(zombie.pid, "Z")
+    try:
+        r = cli(command, "-t", str(zombie.pid), "-D", str(tmp_path / "d"))
+        assert (r.returncode, r.stderr) == (
+            1,
+            f"checkpointer: process {zombie.pid} has exited; it is a zombie that its "
+            f"parent {os.getpid()} has not reaped\n",
+        )
+        assert not (tmp_path / "d").exists()
+    finally:
+        zombie.wait()
+
+
 @pytest.mark.parametrize("command", ["dump", "pre-dump", "converge", "untrack"])
 def test_a_thread_id_or_kernel_thread_is_refused_before_anything(spawn, tmp_path, command):
     """A TID of a thread other than the main one names its process and is refused

@@ -112,18 +112,24 @@ PF_KTHREAD = 0x00200000  # task flag (stat field 9): a kernel thread
 def require_process(pid: int) -> None:
     """Refuse, with the line a user needs, a PID that names no process a dump can
     take: none at all, a thread other than a process's main one (/proc lists every
-    TID too, unlisted), or a kernel thread."""
+    TID too, unlisted), a kernel thread, or a zombie (whose main thread alone is not
+    one: it may have called pthread_exit while others run on)."""
     if pid <= 0 or not exists(pid):
         raise TargetError(f"no process {pid}")
     try:
         tgid = int(read_status(pid)["Tgid"])
-        kernel = bool(read_stat(pid).flags & PF_KTHREAD)
+        st = read_stat(pid)
+        zombie = read_state(pid, live_tid(pid)) in ("Z", "X")
     except TargetError:
         raise TargetError(f"no process {pid}") from None
     if tgid != pid:
         raise TargetError(f"{pid} is a thread of process {tgid}; give the process's PID")
-    if kernel:
+    if st.flags & PF_KTHREAD:
         raise TargetError(f"process {pid} is a kernel thread")
+    if zombie:
+        raise TargetError(
+            f"process {pid} has exited; it is a zombie that its parent {st.ppid} has not reaped"
+        )
 
 
 def _every_stat() -> Iterator[ProcStat]:
