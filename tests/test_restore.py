@@ -534,6 +534,79 @@ def test_a_session_whose_leader_exited_but_lives_on_outside_the_tree(tmp_path):
                 pass
 
 
+DAEMON_WITH_WORKERS = """
+import os, sys, time
+if os.fork():
+    os._exit(0)
+os.setsid()
+if os.fork():  # the session's leader exits: the rest is a daemon
+    os._exit(0)
+def child(body):
+    pid = os.fork()
+    if pid == 0:
+        body()
+        while True:
+            time.sleep(100)
+    return pid
+worker = child(lambda: None)  # in the daemon's session and group
+def own_group():
+    os.setpgid(0, 0)
+    child(lambda: None)  # in that group
+group = child(own_group)
+time.sleep(0.3)
+with open(sys.argv[1] + ".tmp", "w") as f:
+    f.write(f"{os.getpid()} {worker} {group}")
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+while True:
+    time.sleep(100)
+"""
+
+
+def test_a_daemon_whose_children_share_the_session_of_its_exited_leader(tmp_path):
+    """A double-forked daemon with workers: its children are in the session (and
+    the group) of a leader that exited. Only the first process of that session is
+    cloned through a helper with the leader's PID; the others join the session as
+    they did (restore tried a second helper with the same PID: "PID N is taken";
+    lighttpd with two workers, dnsmasq with a TCP child)."""
+    said = tmp_path / "pids"
+    subprocess.run(
+        [sys.executable, "-c", DAEMON_WITH_WORKERS, str(said)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, check=True, timeout=30,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not said.exists():
+        assert time.monotonic() < deadline, "the daemon did not start"
+        time.sleep(0.02)
+    daemon, worker, group = (int(x) for x in said.read_text().split())
+    grandchild = int(open(f"/proc/{group}/task/{group}/children").read().split()[0])
+    pids = (daemon, worker, group, grandchild)
+    ids = {pid: (os.getsid(pid), os.getpgid(pid)) for pid in pids}
+    leader = ids[daemon][0]
+    try:
+        while os.path.exists(f"/proc/{leader}"):  # reaped by init
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert ids[worker] == (leader, leader) and ids[group] == ids[grandchild] == (leader, group)
+        r = cli("dump", "-t", str(daemon), "-D", str(tmp_path / "i"))
+        assert r.returncode == 0, r.stderr
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{daemon}"):  # reaped by init
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        r = cli("restore", "-D", str(tmp_path / "i"), "-d")
+        assert r.returncode == 0, r.stderr
+        assert {pid: (os.getsid(pid), os.getpgid(pid)) for pid in pids} == ids
+        assert not os.path.exists(f"/proc/{leader}")  # the helper is gone
+        for pid in pids:
+            assert proc_status(pid)["State"].startswith("S")
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def test_a_job_in_the_callers_session_without_a_terminal(tmp_path):
     """Started from our session (its leader is not in the tree) but holding no
     terminal: no --shell-job needed; it comes back in the restorer's session."""

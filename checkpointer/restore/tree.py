@@ -80,12 +80,15 @@ def create_tree(
     controlling terminal they inherit)."""
     procs = images.by_pid()
     job = shell_job_group(images)
+    # Sessions and groups whose leader exited, each started again by a helper for
+    # the first of its processes created; the others join it as they did.
     gone = _gone_leaders(images) - {job}
+    remade: set[int] = set()
     tasks: dict[int, Task] = {}
     root = images.root
     with inherit.cloning(origin.task, root):
-        if root.sid in gone or root.pgid in gone:  # a daemon: its session's leader exited
-            clone = _clone_through_leader(origin.session, root, gone, created)
+        if {root.sid, root.pgid} & gone:  # a daemon: its session's leader exited
+            clone = _clone_through_leader(origin.session, root, gone, remade, created)
         else:
             clone = _clone(origin.session, root.pid, True, created)
     tasks[root.pid] = Task(root, clone, cloned_from=origin.task)
@@ -114,12 +117,12 @@ def create_tree(
             if kid.pid in tasks:
                 continue
             with inherit.cloning(task, kid):
-                if kid.sid in gone or kid.pgid in gone:
-                    clone = _clone_through_leader(task.session, kid, gone, created, task)
+                if {kid.sid, kid.pgid} & (gone - remade):
+                    clone = _clone_through_leader(task.session, kid, gone, remade, created, task)
                 else:
                     clone = _clone(task.session, kid.pid, False, created)
             tasks[kid.pid] = Task(kid, clone, cloned_from=task)
-    _join_groups(images, tasks, job)
+    _join_groups(images, tasks, job, remade)
     return tasks
 
 
@@ -163,13 +166,20 @@ def _gone_leaders(images: RestoreImages) -> set[int]:
 
 
 def _clone_through_leader(
-    creator: SyscallSession, kid, gone: set[int], created: list[int], parent: Task | None = None
+    creator: SyscallSession,
+    kid,
+    gone: set[int],
+    remade: set[int],
+    created: list[int],
+    parent: Task | None = None,
 ):
-    """`kid`, in a session or group whose leader is gone: as CRIU does, a helper
-    with the leader's PID starts the session (or group), clones the kid as its
-    sibling (CLONE_PARENT), and exits. The kid's parent reaps the helper: `parent`,
-    or the restorer itself for the root (both are clones of the creator)."""
-    leader = kid.sid if kid.sid in gone else kid.pgid
+    """`kid`, in a session or group whose leader is gone and that is not there
+    yet: as CRIU does, a helper with the leader's PID starts the session (or
+    group, then in the creator's session), clones the kid as its sibling
+    (CLONE_PARENT), and exits; the session or group lives on in the kid (added to
+    `remade`). The kid's parent reaps the helper: `parent`, or the restorer
+    itself for the root (both are clones of the creator)."""
+    leader = kid.sid if kid.sid in gone - remade else kid.pgid
     helper = _clone(creator, leader, parent is None, created)
     if kid.sid == leader:
         taskctl.setsid(helper)
@@ -182,6 +192,7 @@ def _clone_through_leader(
         taskctl.reap(parent.session, leader)
         taskctl.discard_signal(parent.session, signal.SIGCHLD)
     created.remove(leader)
+    remade.add(leader)
     return clone
 
 
@@ -215,9 +226,12 @@ def _clone(creator: SyscallSession, pid: int, clone_parent: bool, created: list[
     return clone_task(creator, flags, pid, exit_signal, created)
 
 
-def _join_groups(images: RestoreImages, tasks: dict[int, Task], job: int | None) -> None:
-    """Process groups: leaders first, then members (same session required). The
-    shell job's group (`job`) is the restorer's, which the root has from its clone."""
+def _join_groups(
+    images: RestoreImages, tasks: dict[int, Task], job: int | None, remade: set[int]
+) -> None:
+    """Process groups: leaders first, then members (same session required), also of
+    a group whose leader is gone that a helper started again (`remade`). The shell
+    job's group (`job`) is the restorer's, which the root has from its clone."""
     root_group = os.getpgid(images.root.pid) if job is not None else None
     for image in images.processes:
         if image.pgid == job:
@@ -226,7 +240,7 @@ def _join_groups(images: RestoreImages, tasks: dict[int, Task], job: int | None)
         elif image.pgid == image.pid and image.sid != image.pid:
             taskctl.setpgid(tasks[image.pid].session, 0)
     for image in images.processes:
-        if image.pgid not in (image.pid, job) and image.pgid in tasks:
+        if image.pgid not in (image.pid, job) and (image.pgid in tasks or image.pgid in remade):
             taskctl.setpgid(tasks[image.pid].session, image.pgid)
 
 
