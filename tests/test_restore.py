@@ -501,6 +501,14 @@ def test_a_posix_timer_aimed_at_a_thread_that_exited_comes_back_silent(tmp_path)
         assert prog.result("alive") == b"1"
 
 
+def wait_reaped(pid: int, timeout: float = 10) -> None:
+    """Until init has reaped pid (an orphan: here init may take seconds)."""
+    deadline = time.monotonic() + timeout
+    while os.path.exists(f"/proc/{pid}"):
+        assert time.monotonic() < deadline, f"process {pid} was not reaped"
+        time.sleep(0.02)
+
+
 def test_a_session_whose_leader_exited_but_lives_on_outside_the_tree(tmp_path):
     """Its leader exited, but another process outside the tree is still in the
     session: the id is in use, so no helper can take it (clone3 gave EEXIST, as for
@@ -518,10 +526,7 @@ def test_a_session_whose_leader_exited_but_lives_on_outside_the_tree(tmp_path):
         assert os.getsid(other) == sid and not os.path.exists(f"/proc/{sid}")
         r = cli("dump", "-t", str(dumped), "-D", str(tmp_path / "i"))
         assert r.returncode == 0, r.stderr
-        deadline = time.monotonic() + 10
-        while os.path.exists(f"/proc/{dumped}"):  # reaped by init
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_reaped(dumped)
         r = cli("restore", "-D", str(tmp_path / "i"), "-d")
         assert r.returncode == 0, r.stderr
         assert os.getsid(dumped) == os.getsid(0)
@@ -583,16 +588,11 @@ def test_a_daemon_whose_children_share_the_session_of_its_exited_leader(tmp_path
     ids = {pid: (os.getsid(pid), os.getpgid(pid)) for pid in pids}
     leader = ids[daemon][0]
     try:
-        while os.path.exists(f"/proc/{leader}"):  # reaped by init
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_reaped(leader)
         assert ids[worker] == (leader, leader) and ids[group] == ids[grandchild] == (leader, group)
         r = cli("dump", "-t", str(daemon), "-D", str(tmp_path / "i"))
         assert r.returncode == 0, r.stderr
-        deadline = time.monotonic() + 10
-        while os.path.exists(f"/proc/{daemon}"):  # reaped by init
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_reaped(daemon)
         r = cli("restore", "-D", str(tmp_path / "i"), "-d")
         assert r.returncode == 0, r.stderr
         assert {pid: (os.getsid(pid), os.getpgid(pid)) for pid in pids} == ids
