@@ -198,7 +198,9 @@ def test_missing_pid_is_one_line_before_any_connection():
     gone = subprocess.Popen(["true"])
     gone.wait()
     r = cli("migrate", "-t", str(gone.pid), "--to", "root@127.0.0.1", "--ssh-option=-p1")
-    assert (r.returncode, r.stderr) == (1, f"checkpointer: no process {gone.pid}\n")
+    assert (r.returncode, r.stdout, r.stderr) == (
+        1, "", f"checkpointer: no process {gone.pid}\n"
+    )  # fmt: skip
 
 
 def test_unreachable_destination_is_one_line(spawn, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -119,3 +120,16 @@ def setup_logging(verbose: int, logfile: str | None) -> None:
     root = logging.getLogger("checkpointer")
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+def rows_under(header: str, row: Callable[[Any], str]) -> Callable[[Any], None]:
+    """A printer of table rows (`row(item)`) that prints the header above the
+    first: a command that fails before its first row prints only its error."""
+    pending = [header]
+
+    def echo(item: Any) -> None:
+        if pending:
+            click.echo(pending.pop())
+        click.echo(row(item))
+
+    return echo

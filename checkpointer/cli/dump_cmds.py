@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from checkpointer.cli import main
-from checkpointer.cli.common import CheckedCommand, setup_logging
+from checkpointer.cli.common import CheckedCommand, rows_under, setup_logging
 from checkpointer.freezer import Thaw
 from checkpointer.trackers import CHOICES
 
@@ -303,12 +303,11 @@ def converge(
         shell_job=shell_job,
         tcp_established=tcp_established,
     )
-    if not as_json:
-        click.echo(
-            f"{'iter':>4} {'kind':<8} {'pages':>9} {'MB':>8} {'ms':>8} "
-            f"{'frozen ms':>9} {'dirty pages/s':>13}"
-        )
-    result = do_converge(opts, None if as_json else _print_iteration)
+    header = (
+        f"{'iter':>4} {'kind':<8} {'pages':>9} {'MB':>8} {'ms':>8} "
+        f"{'frozen ms':>9} {'dirty pages/s':>13}"
+    )
+    result = do_converge(opts, None if as_json else rows_under(header, _iteration_row))
     if as_json:
         click.echo(json.dumps(result.to_json()))
         return
@@ -322,8 +321,8 @@ def converge(
     )
 
 
-def _print_iteration(it) -> None:
-    click.echo(
+def _iteration_row(it) -> str:
+    return (
         f"{it.number:>4} {it.kind:<8} {it.pages_written:>9} "
         f"{it.bytes_written / 1e6:>8.1f} {it.duration_ms:>8.1f} {it.frozen_ms:>9.2f} "
         f"{it.dirty_rate_pages_s:>13.0f}"

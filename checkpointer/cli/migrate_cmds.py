@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from checkpointer.cli import main
-from checkpointer.cli.common import CheckedCommand, Terminated, setup_logging
+from checkpointer.cli.common import CheckedCommand, Terminated, rows_under, setup_logging
 from checkpointer.cli.dump_cmds import (
     pid_option,
     stop_rule_options,
@@ -187,12 +187,11 @@ def migrate(
         max_grow=max_grow,
         max_downtime_ms=max_downtime_ms,
     )
-    if not as_json:
-        click.echo(
-            f"{'iter':>4} {'kind':<8} {'pages':>9} {'MB sent':>8} {'ms':>8} "
-            f"{'MB/s':>8} {'frozen ms':>9} {'prepared ms':>11}"
-        )
-    res = do_migrate(opts, None if as_json else _print_iteration)
+    header = (
+        f"{'iter':>4} {'kind':<8} {'pages':>9} {'MB sent':>8} {'ms':>8} "
+        f"{'MB/s':>8} {'frozen ms':>9} {'prepared ms':>11}"
+    )
+    res = do_migrate(opts, None if as_json else rows_under(header, _iteration_row))
     if as_json:
         click.echo(json.dumps(res.to_json()))
         return
@@ -208,8 +207,8 @@ def migrate(
     )
 
 
-def _print_iteration(it) -> None:
-    click.echo(
+def _iteration_row(it) -> str:
+    return (
         f"{it.number:>4} {it.kind:<8} {it.pages_written:>9} {it.bytes_streamed / 1e6:>8.1f} "
         f"{it.stream_ms:>8.1f} {it.rate_mb_s:>8.1f} {it.frozen_ms:>9.2f} "
         f"{f'{it.prepare_ms:.1f}' if it.prepare_ms else '-':>11}"
