@@ -93,7 +93,18 @@ def test_x_views():
     code, out, _ = run("x", D3, "mems")
     assert "0x7f0000000000  0x7f0000004000  rw-s  shm" in out
     code, out, _ = run("x", D3, "rss")
-    assert out.splitlines()[1].split() == ["100", "0x10000", "0x20000", "16", "1", "7", "1", "anon"]
+    assert out.splitlines()[0].split()[4:8] == ["HERE", "PARENT", "ZERO", "SAME"]
+    assert out.splitlines()[1].split() == [
+        "100",
+        "0x10000",
+        "0x20000",
+        "16",
+        "1",
+        "7",
+        "1",
+        "0",
+        "anon",
+    ]
     code, out, _ = run("x", D3, "fds")
     assert "pipe:[9876]" in out
     code, out, _ = run("x", D3, "stats")

@@ -4,6 +4,7 @@ dir is never taken for a dump."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -100,3 +101,22 @@ def test_a_temp_dir_just_before_its_rename_is_not_a_dump(chain, tmp_path):
     r = cli("pre-dump", "-t", str(t.pid), "-D", str(c / ".5.tmp-abcdefgh"))
     assert_one_line_error(r, ".5.tmp-abcdefgh")
     assert not (c / ".5.tmp-abcdefgh").exists()
+
+
+def test_x_rss_counts_pages_a_child_shares_with_its_parent(spawn, tmp_path):
+    """A frozen final dump stores a forked child's pages that are still its
+    parent's as "same" runs: `x rss` gives them their own column (it failed with
+    an IndexError on every such dump)."""
+    t = spawn("--fork")
+    r = cli("dump", "-t", str(t.pid), "-D", str(tmp_path / "d"), "--leave-stopped")
+    assert r.returncode == 0, r.stderr
+    r = cli("x", str(tmp_path / "d"), "rss", "--json")
+    assert r.returncode == 0, r.stderr
+    table = json.loads(r.stdout)
+    cols = table["columns"]
+    assert cols == ["PID", "START", "END", "PAGES", "HERE", "PARENT", "ZERO", "SAME", "PATH"]
+    child = t.child
+    same = sum(row[cols.index("SAME")] for row in table["rows"] if row[0] == child)
+    assert same > 0
+    for row in table["rows"]:
+        assert sum(row[4:8]) <= row[3]

@@ -12,7 +12,7 @@ import os
 
 from checkpointer.errors import ImageError
 from checkpointer.images import format as fmt
-from checkpointer.images.reader import Core, Dump
+from checkpointer.images.reader import WHERE_NAME, Core, Dump
 from checkpointer.images.verify import verify_dump
 
 X_VIEWS = ("ps", "mems", "rss", "fds", "stats")
@@ -230,7 +230,7 @@ def _x_rss(d: Dump) -> dict:
         for v in _vmas(d, pid) or ():
             owner = v["shmem"] or f"pid-{pid}"
             delta = (v["offset"] - v["start"]) if v["shmem"] else 0
-            counts = [0, 0, 0]
+            counts = [0] * len(WHERE_NAME)  # by run kind: here, parent, zero, same
             pm = d.pagemap(owner)
             if pm is not None:
                 for lo, hi, w, _ in pm.runs_in(v["start"] + delta, v["end"] + delta):
@@ -239,7 +239,7 @@ def _x_rss(d: Dump) -> dict:
                 [pid, f"{v['start']:#x}", f"{v['end']:#x}", (v["end"] - v["start"]) // ps,
                  *counts, v["path"] or v["kind"]]
             )  # fmt: skip
-    cols = ["PID", "START", "END", "PAGES", "HERE", "PARENT", "ZERO", "PATH"]
+    cols = ["PID", "START", "END", "PAGES", *(w.upper() for w in WHERE_NAME), "PATH"]
     return {"columns": cols, "rows": rows}
 
 
