@@ -923,6 +923,64 @@ def test_shell_job_needs_shell_job_and_gets_the_restorers_terminal(tmp_path):
             os.close(fd)
 
 
+# A shell that leads its session on its terminal and runs argv[1:] as a job in a
+# group of its own, then waits.
+JOB_IN_OWN_GROUP = """
+import fcntl, os, sys, termios
+fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+pid = os.fork()
+if pid == 0:
+    os.setpgid(0, 0)
+    os.execv(sys.argv[1], sys.argv[1:])
+os.waitpid(pid, 0)
+"""
+
+
+def test_a_shell_job_whose_shell_and_terminal_are_gone_joins_the_restorers(tmp_path):
+    """The shell that ran the job exited and its terminal closed before the
+    restore, in another terminal: the job comes back in the restoring shell's
+    session and terminal. (Its old session, whose leader was gone, was started
+    again through a helper: the job had no terminal, and ^C went to the restorer.)"""
+    work = tmp_path / "work"
+    work.mkdir()
+    theirs, their_slave = os.openpty()
+    shell = subprocess.Popen(
+        [sys.executable, "-c", JOB_IN_OWN_GROUP, str(target_binary(OBJECTS)), str(work),
+         "shell"],
+        stdin=their_slave, stdout=their_slave, stderr=their_slave, start_new_session=True,
+    )  # fmt: skip
+    ours, our_slave = os.openpty()
+    job = 0
+    try:
+        read_pty(theirs, b"tick 3\r\n")
+        job = int(open(f"/proc/{shell.pid}/task/{shell.pid}/children").read().split()[0])
+        assert os.getsid(job) == shell.pid and os.getpgid(job) == job
+        r = cli("dump", "-t", str(job), "-D", str(tmp_path / "images"), "--shell-job")
+        assert r.returncode == 0, r.stderr
+        shell.wait(timeout=10)  # the job was killed; its shell exits, and is reaped
+        os.close(theirs)
+        os.close(their_slave)
+        theirs = their_slave = -1
+        restore = subprocess.run(
+            [sys.executable, "-m", "checkpointer", "restore", "-D", str(tmp_path / "images"),
+             "-d", "--shell-job"],
+            stdin=our_slave, stdout=our_slave, stderr=subprocess.PIPE, timeout=60,
+        )  # fmt: skip
+        assert restore.returncode == 0, restore.stderr
+        read_pty(ours, b"tick ")
+        assert os.getsid(job) == os.getsid(0) and os.getpgid(job) == job
+        assert os.readlink(f"/proc/{job}/fd/1") == os.ttyname(our_slave)
+        assert not os.path.exists(f"/proc/{shell.pid}")  # no helper holds its session
+    finally:
+        if job:
+            sigkill(job)
+        shell.kill()
+        shell.wait(timeout=10)
+        for fd in (theirs, their_slave, ours, our_slave):
+            if fd >= 0:
+                os.close(fd)
+
+
 # An interactive shell, as far as job control goes: it runs each command in the
 # foreground of its terminal (a group of its own, made the terminal's foreground)
 # and takes the terminal back, with its own settings, when the command ends; a

@@ -81,8 +81,10 @@ def create_tree(
     procs = images.by_pid()
     job = shell_job_group(images)
     # Sessions and groups whose leader exited, each started again by a helper for
-    # the first of its processes created; the others join it as they did.
-    gone = _gone_leaders(images) - {job}
+    # the first of its processes created; the others join it as they did. Not a
+    # shell job's session, nor its group: the restoring shell's are taken instead
+    # (the dumping shell may have exited, its terminal closed).
+    gone = _gone_leaders(images) - {job, shell_job_session(images)}
     remade: set[int] = set()
     tasks: dict[int, Task] = {}
     root = images.root
@@ -135,10 +137,15 @@ def shell_job_group(images: RestoreImages) -> int | None:
     without being stopped (SIGTTIN), gets ^C (which the waiting restorer ignores:
     wait_root) and ^Z with the restorer, and the shell's job control sees both
     through the restorer. A root that leads its group keeps it: own_job_group."""
-    root = images.root
-    if not images.dump.inventory.get("shell_job") or root.sid == root.pid:
-        return None
-    return None if root.pgid == root.pid else root.pgid
+    root = _shell_job_root(images)
+    return None if root is None or root.pgid == root.pid else root.pgid
+
+
+def shell_job_session(images: RestoreImages) -> int | None:
+    """The session of a shell job's shell (the root does not lead it), which the
+    tree leaves for the restorer's."""
+    root = _shell_job_root(images)
+    return None if root is None else root.sid
 
 
 def own_job_group(images: RestoreImages) -> int | None:
@@ -148,10 +155,17 @@ def own_job_group(images: RestoreImages) -> int | None:
     (restorer.wait_root). A shell (bash, zsh) remembers its group and takes the
     terminal back for it after each command: in the restorer's group instead,
     it exited after its first command line."""
+    root = _shell_job_root(images)
+    return root.pid if root is not None and root.pgid == root.pid else None
+
+
+def _shell_job_root(images: RestoreImages):
+    """The root of a shell job (dumped with --shell-job) in its shell's session;
+    None for any other tree (one that leads its own session is no job)."""
     root = images.root
     if not images.dump.inventory.get("shell_job") or root.sid == root.pid:
         return None
-    return root.pid if root.pgid == root.pid else None
+    return root
 
 
 def _gone_leaders(images: RestoreImages) -> set[int]:
