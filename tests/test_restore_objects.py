@@ -879,6 +879,15 @@ def read_pty(master: int, want: bytes, timeout: float = 10.0) -> bytes:
     return got
 
 
+def restore_on_terminal(images: Path, slave: int) -> None:
+    """`restore --shell-job -d` run on the terminal whose slave is `slave`."""
+    restore = subprocess.run(
+        [sys.executable, "-m", "checkpointer", "restore", "-D", str(images), "-d", "--shell-job"],
+        stdin=slave, stdout=slave, stderr=subprocess.PIPE, timeout=60,
+    )  # fmt: skip
+    assert restore.returncode == 0, restore.stderr
+
+
 def test_shell_job_needs_shell_job_and_gets_the_restorers_terminal(tmp_path):
     """A job started from a shell (its session and terminal are the shell's) is
     refused at dump without --shell-job, as in CRIU; with it, restore --shell-job
@@ -905,12 +914,7 @@ def test_shell_job_needs_shell_job_and_gets_the_restorers_terminal(tmp_path):
         job.wait(timeout=10)
         r = cli("restore", "-D", str(tmp_path / "images"), "-d")
         assert r.returncode == 1 and "restore with --shell-job" in r.stderr
-        restore = subprocess.run(
-            [sys.executable, "-m", "checkpointer", "restore", "-D", str(tmp_path / "images"),
-             "-d", "--shell-job"],
-            stdin=our_slave, stdout=our_slave, stderr=subprocess.PIPE, timeout=60,
-        )  # fmt: skip
-        assert restore.returncode == 0, restore.stderr
+        restore_on_terminal(tmp_path / "images", our_slave)
         read_pty(ours, b"tick ")  # it writes on our terminal now
         assert os.readlink(f"/proc/{job.pid}/fd/1") == os.ttyname(our_slave)
         assert os.getsid(job.pid) == os.getsid(0)
@@ -961,12 +965,7 @@ def test_a_shell_job_whose_shell_and_terminal_are_gone_joins_the_restorers(tmp_p
         os.close(theirs)
         os.close(their_slave)
         theirs = their_slave = -1
-        restore = subprocess.run(
-            [sys.executable, "-m", "checkpointer", "restore", "-D", str(tmp_path / "images"),
-             "-d", "--shell-job"],
-            stdin=our_slave, stdout=our_slave, stderr=subprocess.PIPE, timeout=60,
-        )  # fmt: skip
-        assert restore.returncode == 0, restore.stderr
+        restore_on_terminal(tmp_path / "images", our_slave)
         read_pty(ours, b"tick ")
         assert os.getsid(job) == os.getsid(0) and os.getpgid(job) == job
         assert os.readlink(f"/proc/{job}/fd/1") == os.ttyname(our_slave)
