@@ -1005,7 +1005,7 @@ def foreground(argv):
         pass  # EACCES: the child ran first, did it, and has exec'd
     os.tcsetpgrp(0, pid)
     while os.WIFSTOPPED(status := os.waitpid(pid, os.WUNTRACED)[1]):
-        os.write(2, b"stopped\n")  # ^Z; then at once `fg`:
+        os.write(2, b"stopped %d\n" % os.WSTOPSIG(status))  # ^Z; then at once `fg`:
         os.tcsetpgrp(0, pid)
         os.killpg(pid, signal.SIGCONT)
     os.tcsetpgrp(0, os.getpgrp())
@@ -1185,9 +1185,10 @@ def test_an_interactive_shell_restored_as_a_shell_job_goes_on_reading_commands(t
 
 def test_a_shell_job_stopped_by_ctrl_z_stops_the_restorer_and_comes_back_with_fg(tmp_path):
     """^Z reaches the job in its own group, which has the terminal; the waiting
-    restorer takes the terminal back and stops too, so that the shell sees its
-    job stopped; `fg` continues the restorer, which gives the terminal to the job
-    again and continues it."""
+    restorer takes the terminal back and stops too, by the job's signal (it was
+    SIGSTOP: bash said 147 for 148), so that the shell sees its job stopped;
+    `fg` continues the restorer, which gives the terminal to the job again and
+    continues it."""
     job = ShellJob(
         tmp_path,
         "while :; do if read line; then echo got:$line; elif [ $? = 1 ]; then exit 0; fi; done",
@@ -1197,7 +1198,7 @@ def test_a_shell_job_stopped_by_ctrl_z_stops_the_restorer_and_comes_back_with_fg
         job.type(b"one\n", b"got:one")
         job.dump_and_restore()
         job.type(b"two\n", b"got:two")
-        job.type(b"\x1a", b"stopped")  # ^Z
+        job.type(b"\x1a", b"stopped %d" % signal.SIGTSTP)  # ^Z: stopped as by it
         job.type(b"three\n", b"got:three")  # after the shell's fg
         job.type(b"\x04", b"restore ended 0")
     finally:

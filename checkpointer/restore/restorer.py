@@ -294,13 +294,25 @@ def _wait_job_in_front(pid: int, job_group: int) -> int:
             if not os.WIFSTOPPED(status):
                 return status
             _set_foreground(tty, os.getpgrp())
-            os.kill(os.getpid(), signal.SIGSTOP)
+            _stop_as(os.WSTOPSIG(status))
             if os.tcgetpgrp(tty) == os.getpgrp():
                 _set_foreground(tty, job_group)
             os.killpg(job_group, signal.SIGCONT)
     finally:
         _set_foreground(tty, os.getpgrp())
         os.close(tty)
+
+
+def _stop_as(sig: int) -> None:
+    """Stop by `sig`, the job's own stop signal (^Z: SIGTSTP), which the shell
+    tells the user (bash's $? is 148 for it, 147 for SIGSTOP). In a group that has
+    become orphaned, the kernel drops the terminal stop signals: we then go on,
+    and so does the job, rather than both stopping with no one to continue them."""
+    old = signal.signal(sig, signal.SIG_DFL)
+    try:
+        os.kill(os.getpid(), sig)  # delivered, and stops us, as the call returns
+    finally:
+        signal.signal(sig, old)
 
 
 def _set_foreground(tty: int, pgid: int) -> None:
