@@ -1183,6 +1183,26 @@ def test_an_interactive_shell_restored_as_a_shell_job_goes_on_reading_commands(t
         job.close()
 
 
+def test_a_restored_shell_gives_the_terminal_back_to_its_own_foreground_job(tmp_path):
+    """The restored job is an interactive bash whose own job (vim, a REPL) had
+    the terminal at the dump: that job gets it again. (It went to bash's group:
+    the job stopped at its first read, and what was typed for it reached bash.)"""
+    job = ShellJob(tmp_path, "exec bash --norc --noprofile -i")
+    try:
+        job.started()
+        job.type(
+            b"bash -c 'echo reading; while read l; do echo got:$l; done; echo done-$((1+1))'\n",
+            b"reading",
+        )
+        job.dump_and_restore()
+        job.type(b"one\n", b"got:one")
+        job.type(b"\x04", b"done-2")  # ^D ends bash's job, and bash reads again
+        job.type(b"echo back-$((2+1))\n", b"back-3")
+        job.type(b"exit 3\n", b"restore ended 768")
+    finally:
+        job.close()
+
+
 def test_a_shell_job_stopped_by_ctrl_z_stops_the_restorer_and_comes_back_with_fg(tmp_path):
     """^Z reaches the job in its own group, which has the terminal; the waiting
     restorer takes the terminal back and stops too, by the job's signal (it was

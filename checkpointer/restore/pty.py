@@ -87,10 +87,17 @@ def give_shell_terminal(images: RestoreImages) -> bool:
         os.close(fd)
 
 
-def tell_resized(job_group: int | None) -> None:
-    """SIGWINCH to the shell job's group (ours, if it joined it): its window is not
-    the size it was at the dump."""
-    os.killpg(job_group or os.getpgrp(), signal.SIGWINCH)
+def tell_resized() -> None:
+    """SIGWINCH to our terminal's foreground group, as the kernel sends it for a
+    new window size: the shell job's (ours, if it joined it; that of the job's own
+    job, hand_terminal), whose window is not the size it was at the dump."""
+    fd = os.open(shell_terminal(), os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        os.killpg(os.tcgetpgrp(fd), signal.SIGWINCH)
+    except OSError as exc:  # the terminal changed hands meanwhile
+        log.debug("no SIGWINCH sent: %s", exc)
+    finally:
+        os.close(fd)
 
 
 def masters(images: RestoreImages) -> dict[int, dict]:

@@ -147,12 +147,13 @@ def _restore(req: RestoreRequest) -> RestoreResult:
             # killed us, orphaning the job).
             signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)
         elif not req.detach and (own := tree.own_job_group(images)) is not None:
-            job_group = own if pty.hand_terminal(own) else None
+            front = tree.job_foreground(images)  # the job's own job, if it had it
+            job_group = own if front is not None and pty.hand_terminal(front) else None
         _release(tasks, req.leave_stopped)
         if pidfile is not None:
             pidfile.commit()
         if resized:
-            pty.tell_resized(job_group)
+            pty.tell_resized()
         if template is not None:
             template.send_kill()
             origin = None

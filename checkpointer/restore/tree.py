@@ -159,6 +159,18 @@ def own_job_group(images: RestoreImages) -> int | None:
     return root.pid if root is not None and root.pgid == root.pid else None
 
 
+def job_foreground(images: RestoreImages) -> int | None:
+    """The process group a shell job that leads its own (own_job_group) gives the
+    terminal to: the tree's group that had it at the dump (a job of a restored
+    interactive shell, as vim run from bash), else the job's own."""
+    own = own_job_group(images)
+    if own is None:
+        return None
+    front = images.root.process.get("ctty", {}).get("foreground", -1)
+    groups = {p.pgid for p in images.processes if p.sid == images.root.sid}
+    return front if front in groups else own
+
+
 def _shell_job_root(images: RestoreImages):
     """The root of a shell job (dumped with --shell-job) in its shell's session;
     None for any other tree (one that leads its own session is no job)."""
