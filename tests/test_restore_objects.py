@@ -843,11 +843,19 @@ def test_sysv_shm_keeps_key_id_contents_and_sharing(workload, tmp_path, segment)
 
 
 def test_pty_pair_of_the_tree_comes_back(workload, tmp_path):
+    """The pair comes back with its terminal's number (a path others may hold: a
+    socat link, `tty`'s output), though a lower one is free by then: the kernel
+    gives the lowest free one (it got that one)."""
+    lower = os.openpty()  # freed after the dump, below the tree's pair
     w = workload("pty")
     st = w.wait_for(lambda st: st["pongs"] > 3, "ping-pong through the pty")
     child = st["child_pid"]
-    at_dump = w.dump_and_restore(tmp_path / "images")
+    dumped = os.readlink(f"/proc/{w.pid}/fd/31")
+    at_dump = w.dump_and_restore(
+        tmp_path / "images", between=lambda: [os.close(fd) for fd in lower]
+    )
     try:
+        assert os.readlink(f"/proc/{child}/fd/0") == dumped
         st = w.wait_for(lambda st: st["pongs"] > at_dump["pongs"] + 5, "ping-pong after restore")
         assert st["loops"] - st["pongs"] <= at_dump["loops"] - at_dump["pongs"] + 1
         master = get_fd(w.pid, 30)
@@ -867,6 +875,33 @@ def test_pty_pair_of_the_tree_comes_back(workload, tmp_path):
         assert int(stat[5]) == child  # the foreground group
     finally:
         w.kill(child)
+
+
+def test_pty_pair_whose_number_is_taken_comes_back_under_another(workload, tmp_path):
+    """Its number taken meanwhile (a user's new terminal), the pair comes back
+    under the lowest free one, and the restore says so."""
+    w = workload("pty")
+    st = w.wait_for(lambda st: st["pongs"] > 3, "ping-pong through the pty")
+    child = st["child_pid"]
+    dumped = os.readlink(f"/proc/{w.pid}/fd/31")
+    r = cli("dump", "-t", str(w.pid), "-D", str(tmp_path / "images"))
+    assert r.returncode == 0, r.stderr
+    w.popen.wait(timeout=10)
+    w.popen = None
+    taken: list[int] = []
+    try:
+        while not taken or os.ttyname(taken[-1]) != dumped:
+            taken += os.openpty()
+        r = cli("restore", "-D", str(tmp_path / "images"), "-d")
+        assert r.returncode == 0, r.stderr
+        now = os.readlink(f"/proc/{child}/fd/0")
+        assert now != dumped
+        assert f"pts {dumped.rsplit('/', 1)[1]} is taken: the tree's terminal is {now}" in r.stderr
+        w.wait_for(lambda now: now["pongs"] > st["pongs"] + 5, "ping-pong after restore")
+    finally:
+        w.kill(child)
+        for fd in taken:
+            os.close(fd)
 
 
 def read_pty(master: int, want: bytes, timeout: float = 10.0) -> bytes:

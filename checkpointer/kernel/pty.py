@@ -246,11 +246,39 @@ def _put_back(slave: int, output: bytes) -> int:
     return len(view)
 
 
-def new_pair(state: dict) -> tuple[int, str, int]:
+def open_pair(index: int) -> tuple[int, int]:
+    """A new pty pair (master, slave), numbered `index` if that number is free, else
+    the lowest free one. The kernel gives the lowest free number: as CRIU does,
+    the free ones below `index` are held open until it comes, then let go."""
+    held: list[int] = []
+    try:
+        while True:
+            master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+            got = _INT.unpack(fcntl.ioctl(master, TIOCGPTN, bytes(4)))[0]
+            if got >= index:
+                break
+            held.append(master)
+        if got != index and held:  # taken: the lowest free one instead
+            held.append(master)
+            master = held.pop(0)
+            got = _INT.unpack(fcntl.ioctl(master, TIOCGPTN, bytes(4)))[0]
+    finally:
+        for fd in held:
+            os.close(fd)
+    try:
+        fcntl.ioctl(master, TIOCSPTLCK, _INT.pack(0))
+        slave = os.open(f"/dev/pts/{got}", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        os.close(master)
+        raise
+    return master, slave
+
+
+def new_pair(state: dict, index: int) -> tuple[int, str, int]:
     """A new pty pair set as `state` (read_master's, with read_queues' `output`
-    and `input` if any); (our master fd, slave path, bytes of output that did not
-    fit)."""
-    master, slave = os.openpty()
+    and `input` if any), numbered `index` if it is free (open_pair); (our master
+    fd, slave path, bytes of output that did not fit)."""
+    master, slave = open_pair(index)
     try:
         path = os.ttyname(slave)
         set_termios(master, state["termios"])

@@ -119,7 +119,9 @@ def pair(files: OpenFiles, index: int) -> tuple[int, str]:
     key = f"pty {index}"
     if key not in files.objects:
         state = masters(files.images)[index]
-        files.objects[key], files.paths[key], left = pty.new_pair(state)
+        files.objects[key], files.paths[key], left = pty.new_pair(state, index)
+        if files.paths[key] != f"/dev/pts/{index}":  # taken meanwhile
+            log.warning("pts %d is taken: the tree's terminal is %s now", index, files.paths[key])
         if left:  # an image queueing more than a pair holds
             log.warning("pts %d: the last %d bytes of its queued output did not fit", index, left)
     return files.objects[key], files.paths[key]
