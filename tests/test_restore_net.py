@@ -1129,7 +1129,8 @@ def test_unix_pair_keeps_queued_messages(program, tmp_path, kind):
 @pytest.mark.parametrize("named_sender", [False, True])
 def test_unix_datagram_server_messages(program, tmp_path, named_sender):
     """Messages queued on a named datagram socket come back when their senders had
-    no name; a named sender (a reply address) cannot be stood in for: refused."""
+    no name; a named sender (a reply address) cannot be stood in for: refused,
+    counting its messages only (it counted an unnamed sender's too)."""
     path = str(tmp_path / "dgram.sock")
     prog = program(
         f"""
@@ -1143,11 +1144,13 @@ def test_unix_datagram_server_messages(program, tmp_path, named_sender):
     )
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as client:
         if named_sender:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as unnamed:
+                unnamed.sendto(b"zero", path)
             client.bind(str(tmp_path / "client.sock"))
         client.sendto(b"first", path)
         client.sendto(b"second", path)
         if named_sender:
-            refused_at_dump(prog, tmp_path, "unix dgram", "cannot stand in for")
+            refused_at_dump(prog, tmp_path, "2 of 3 unix dgram messages", "cannot stand in for")
             return
     dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
     restore(tmp_path / "images")

@@ -136,11 +136,13 @@ def _check_unix(where: str, rec: dict, inodes: set[int], listeners: set[bytes]) 
     # Queued messages are sent again at restore: from the peer of a pair in the
     # tree, or from an unnamed socket to a named one when no sender had a name.
     pair = (peer in inodes or peer_closed(rec)) and rec["sock_type"] != "stream"
-    named_senders = any(rec.get("sock_senders") or [])
-    if rec.get("sock_messages") and not pair and (named_senders or not rec.get("sock_name")):
+    queued = len(rec.get("sock_messages") or [])
+    named = sum(1 for sender in rec.get("sock_senders") or [] if sender)
+    if queued and not pair and (named or not rec.get("sock_name")):
+        who = f"{named} of {queued}" if named else f"{queued}"
         raise CheckpointError(
-            f"{where}: {len(rec['sock_messages'])} unix {rec['sock_type']} messages are "
-            "queued from senders that a restore cannot stand in for"
+            f"{where}: {who} unix {rec['sock_type']} messages queued are from senders "
+            "that a restore cannot stand in for"
         )
 
 
