@@ -369,5 +369,22 @@ def test_an_unwritable_pidfile_is_refused_before_anything_is_restored(dumped, tm
     r = cli("restore", "-D", str(images), "-d", "--pidfile", str(pidfile))
     assert r.returncode == 0, r.stderr
     assert pidfile.read_text() == f"{lc.pid}\n"
-    assert os.listdir(tmp_path).count(".root.pid.tmp") == 0
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".root.pid.")]
+    lc.carries_on()
+
+
+def test_a_pidfile_never_writes_through_a_planted_symbolic_link(dumped, tmp_path):
+    """Whoever may write the pidfile's directory could plant a link where the
+    restore wrote its temporary pidfile (a fixed name) and have root write the PID
+    into any file. The pidfile is now written to a new file of a unique name."""
+    lc, images = dumped
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (tmp_path / ".root.pid.tmp").symlink_to(victim)
+    pidfile = tmp_path / "root.pid"
+    r = cli("restore", "-D", str(images), "-d", "--pidfile", str(pidfile))
+    assert r.returncode == 0, r.stderr
+    assert victim.read_text() == "precious\n"
+    assert not pidfile.is_symlink() and pidfile.read_text() == f"{lc.pid}\n"
+    assert oct(pidfile.stat().st_mode & 0o777) == oct(0o644)
     lc.carries_on()

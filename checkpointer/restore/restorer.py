@@ -21,6 +21,7 @@ import resource
 import signal
 import struct
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,8 +243,18 @@ class _PidFile:
 
     def __init__(self, path: Path, pid: int) -> None:
         self.path = path
-        self.tmp = path.with_name(f".{path.name}.tmp")
-        self.tmp.write_text(f"{pid}\n")
+        # A new file of a unique name (O_EXCL): whoever may write the directory
+        # cannot have a planted link take root's write elsewhere.
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        self.tmp = Path(tmp)
+        try:
+            os.fchmod(fd, 0o644)
+            os.write(fd, f"{pid}\n".encode())
+        except OSError:
+            self.discard()
+            raise
+        finally:
+            os.close(fd)
 
     def commit(self) -> None:
         self.tmp.replace(self.path)
