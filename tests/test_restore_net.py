@@ -1531,6 +1531,35 @@ def test_unix_listener_path_taken_by_a_file_is_refused(program, tmp_path):
     assert not os.path.exists(f"/proc/{prog.pid}")
 
 
+def test_unix_listener_path_a_live_socket_holds_is_refused(program, tmp_path):
+    """A program started again on the path meanwhile keeps it: the restore took it
+    over (unlinked its socket file and bound its own), leaving it unreachable."""
+    path = tmp_path / "l.sock"
+    prog = program(
+        f"""
+        u = socket.socket(socket.AF_UNIX)
+        u.bind({str(path)!r})
+        u.listen(1)
+        ready()
+        go()
+        report("alive", 1)
+        """
+    )
+    dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+    path.unlink()
+    with socket.socket(socket.AF_UNIX) as other:
+        other.bind(str(path))
+        other.listen(1)
+        r = cli("restore", "-D", str(tmp_path / "images"), "-d")
+        assert_one_line_error(r, str(path), "a live unix socket is bound to it")
+        assert not os.path.exists(f"/proc/{prog.pid}")
+        with socket.socket(socket.AF_UNIX) as c:
+            c.connect(str(path))  # still the other program's
+    restore(tmp_path / "images")  # its file is stale now: replaced
+    prog.go()
+    assert prog.result("alive") == b"1"
+
+
 def test_tcp_established_on_a_dual_stack_server(program, tmp_path):
     """An IPv4 client of a dual-stack IPv6 listener: the accepted connection's
     addresses are IPv4-mapped; it is locked as IPv4 and rebuilt as IPv6."""

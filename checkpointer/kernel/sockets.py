@@ -381,12 +381,26 @@ def unix_socket(inode: int) -> UnixDiag:
         peer = struct.unpack("=L", attrs[UNIX_DIAG_PEER])[0] if UNIX_DIAG_PEER in attrs else 0
         rq, wq = struct.unpack("=LL", attrs.get(UNIX_DIAG_RQLEN, b"\0" * 8))
         shutdown = attrs.get(UNIX_DIAG_SHUTDOWN, b"\0")[0]
-        file = None
-        if UNIX_DIAG_VFS in attrs:  # the socket file's inode, and device as the kernel's
-            vfs_ino, kdev = struct.unpack("=LL", attrs[UNIX_DIAG_VFS])  # dev_t: MAJ<<20|MIN
-            file = (vfs_ino, os.makedev(kdev >> 20, kdev & 0xFFFFF))
+        file = _socket_file(attrs)
         return UnixDiag(ino, type_, state, peer, rq, wq, shutdown, file)
     raise OSError(errno.ENOENT, f"no unix socket with inode {inode}")
+
+
+def unix_socket_files() -> set[tuple[int, int]]:
+    """(inode, device) of every socket file a live unix socket is bound to here
+    (a socket file no socket holds is stale: its program exited)."""
+    req = struct.pack("=BBHLLLLL", socket.AF_UNIX, 0, 0, 0xFFFFFFFF, 0, UDIAG_SHOW_VFS,
+                      0xFFFFFFFF, 0xFFFFFFFF)  # fmt: skip
+    files = (_socket_file(_attrs(body, 16)) for body in _diag_query(req))
+    return {f for f in files if f is not None}
+
+
+def _socket_file(attrs: dict[int, bytes]) -> tuple[int, int] | None:
+    """The socket file's inode, and device (given as the kernel's dev_t: MAJ<<20|MIN)."""
+    if UNIX_DIAG_VFS not in attrs:
+        return None
+    vfs_ino, kdev = struct.unpack("=LL", attrs[UNIX_DIAG_VFS])
+    return vfs_ino, os.makedev(kdev >> 20, kdev & 0xFFFFF)
 
 
 # inet_diag_msg: family, state, timer, retrans (4 bytes), inet_diag_sockid (48),

@@ -198,11 +198,20 @@ def _place_socket_file(record: dict) -> None:
 
 
 def _remove_stale_socket_file(path: bytes) -> None:
+    """A socket file left by the dumped program, which no live socket holds, is
+    removed; one a live socket is bound to (the program started again, or another)
+    is that program's: refused, as a TCP port another program holds."""
     try:
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
+        st = os.lstat(path)
     except FileNotFoundError:
-        pass
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        return
+    if (st.st_ino, st.st_dev) in sockets.unix_socket_files():
+        raise RestoreError(
+            f"{os.fsdecode(path)}: a live unix socket is bound to it now (another program's)"
+        )
+    os.unlink(path)
 
 
 def _set_options(sock: socket.socket, record: dict) -> None:
