@@ -1512,28 +1512,9 @@ def test_fifo_gone_at_restore_is_refused(program, tmp_path):
     assert not os.path.exists(f"/proc/{prog.pid}")
 
 
-def test_unix_listener_path_taken_by_a_file_is_refused(program, tmp_path):
-    path = tmp_path / "l.sock"
-    prog = program(
-        f"""
-        u = socket.socket(socket.AF_UNIX)
-        u.bind({str(path)!r})
-        u.listen(1)
-        ready()
-        go()
-        """
-    )
-    dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
-    path.unlink()
-    path.write_text("not a socket")
-    r = cli("restore", "-D", str(tmp_path / "images"), "-d")
-    assert_one_line_error(r, str(path), "not a socket")
-    assert not os.path.exists(f"/proc/{prog.pid}")
-
-
-def test_unix_listener_path_a_live_socket_holds_is_refused(program, tmp_path):
-    """A program started again on the path meanwhile keeps it: the restore took it
-    over (unlinked its socket file and bound its own), leaving it unreachable."""
+def dumped_unix_listener(program, tmp_path):
+    """A program listening on tmp_path/l.sock, dumped (killed), its socket file
+    removed; (program, path). Once let go it reports "alive"."""
     path = tmp_path / "l.sock"
     prog = program(
         f"""
@@ -1547,6 +1528,21 @@ def test_unix_listener_path_a_live_socket_holds_is_refused(program, tmp_path):
     )
     dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
     path.unlink()
+    return prog, path
+
+
+def test_unix_listener_path_taken_by_a_file_is_refused(program, tmp_path):
+    prog, path = dumped_unix_listener(program, tmp_path)
+    path.write_text("not a socket")
+    r = cli("restore", "-D", str(tmp_path / "images"), "-d")
+    assert_one_line_error(r, str(path), "not a socket")
+    assert not os.path.exists(f"/proc/{prog.pid}")
+
+
+def test_unix_listener_path_a_live_socket_holds_is_refused(program, tmp_path):
+    """A program started again on the path meanwhile keeps it: the restore took it
+    over (unlinked its socket file and bound its own), leaving it unreachable."""
+    prog, path = dumped_unix_listener(program, tmp_path)
     with socket.socket(socket.AF_UNIX) as other:
         other.bind(str(path))
         other.listen(1)
