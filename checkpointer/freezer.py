@@ -482,10 +482,11 @@ def _reap_if_child(pid: int) -> None:
 
 
 class _signals_deferred:
-    """Hold SIGINT/SIGTERM while detaching, so a second ^C cannot cut it short."""
+    """Hold SIGINT/SIGTERM/SIGHUP while detaching, so a second ^C cannot cut it short."""
 
     def __enter__(self) -> None:
-        self._old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+        self._old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
 
     def __exit__(self, *exc) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, self._old)

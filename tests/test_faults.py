@@ -203,11 +203,14 @@ def test_tool_sigkilled_mid_pass(spawn, tmp_path, command, tracker):
         (signal.SIGTERM, "--leave-running"),
         (signal.SIGINT, "--leave-stopped"),
         (signal.SIGTERM, None),
+        (signal.SIGHUP, "--leave-running"),
+        (signal.SIGHUP, None),
     ],
 )
 def test_sigint_sigterm_mid_dump(spawn, tmp_path, sig, mode):
     """An interrupted dump saved nothing, so the target is released running whatever
-    was asked for afterwards (in particular it is not killed)."""
+    was asked for afterwards (in particular it is not killed). SIGHUP (its terminal
+    or ssh session closed) is a SIGTERM: it killed the tool, leaving its temp dir."""
     t = spawn("--anon-mb", "512", "--fork")
     final = tmp_path / "d"
     p = start_cli("dump", "-t", str(t.pid), "-D", str(final), *([mode] if mode else []))

@@ -48,12 +48,11 @@ def error_line(exc: BaseException) -> str:
 
 class CheckedCommand(click.Command):
     """A command whose expected failures (bad input, a target that cannot be
-    traced, a corrupt image, a full disk, ^C, SIGTERM) print one line on stderr
+    traced, a corrupt image, a full disk, ^C, SIGTERM, SIGHUP) print one line on stderr
     and exit 1, never a traceback. Use as `@main.command(cls=CheckedCommand)`."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        old = signal.signal(signal.SIGTERM, _on_sigterm)
-        old_int = signal.signal(signal.SIGINT, _on_sigint)
+        old = _take_handlers()
         old_hook, sys.unraisablehook = sys.unraisablehook, _unraisable
         interrupt.clear()
         status: int | None = None  # once known, a late ^C does not change it
@@ -67,12 +66,12 @@ class CheckedCommand(click.Command):
                 status = 1
                 raise SystemExit(1) from None
             finally:
-                _put_back_handlers(old, old_int)
+                _put_back_handlers(old)
                 sys.unraisablehook = old_hook
         except (KeyboardInterrupt, Terminated) as exc:
             # A signal that landed while the outcome was told or the handlers put
             # back (not through click, which would print "Aborted!").
-            _put_back_handlers(old, old_int)
+            _put_back_handlers(old)
             sys.unraisablehook = old_hook
             if status is None:
                 click.echo(error_line(exc), err=True)
@@ -104,11 +103,21 @@ def end_process_with_command() -> None:
     _process_ends_with_command = True
 
 
-def _put_back_handlers(old_term: Any, old_int: Any) -> None:
-    if _process_ends_with_command:
-        old_term = old_int = signal.SIG_IGN
-    signal.signal(signal.SIGTERM, old_term)
-    signal.signal(signal.SIGINT, old_int)
+def _take_handlers() -> dict[int, Any]:
+    """Our handlers for ^C and SIGTERM, and for SIGHUP (a terminal or ssh session
+    closed), taken as SIGTERM unless ignored already (nohup); the old ones."""
+    old = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, _on_sigterm),
+        signal.SIGINT: signal.signal(signal.SIGINT, _on_sigint),
+    }
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        old[signal.SIGHUP] = signal.signal(signal.SIGHUP, _on_sigterm)
+    return old
+
+
+def _put_back_handlers(old: dict[int, Any]) -> None:
+    for sig, handler in old.items():
+        signal.signal(sig, signal.SIG_IGN if _process_ends_with_command else handler)
 
 
 def setup_logging(verbose: int, logfile: str | None) -> None:

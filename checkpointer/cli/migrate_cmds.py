@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import click
 
 from checkpointer.cli import main
-from checkpointer.cli.common import CheckedCommand, Terminated, rows_under, setup_logging
+from checkpointer.cli.common import CheckedCommand, rows_under, setup_logging
 from checkpointer.cli.dump_cmds import (
     pid_option,
     stop_rule_options,
@@ -28,15 +27,6 @@ received_dir_option = click.option(
 )
 
 
-def _hang_up_is_terminate() -> None:
-    """A receiver whose ssh connection died gets SIGHUP: undo like for SIGTERM."""
-
-    def handler(signum, frame):
-        raise Terminated()
-
-    signal.signal(signal.SIGHUP, handler)
-
-
 @main.command(cls=CheckedCommand)
 @received_dir_option
 @verbose_option
@@ -49,7 +39,6 @@ def receive(images_dir, verbose):
     from checkpointer.receive import receive_stdio
 
     setup_logging(verbose, None)
-    _hang_up_is_terminate()
     receive_stdio(str(images_dir))
 
 
