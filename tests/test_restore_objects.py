@@ -1735,3 +1735,57 @@ def test_procfs_files_of_the_tree_read_the_restored_processes(tmp_path):
         assert prog.result("fds") == f"/proc/{pid}/fd".encode()
         assert prog.result("listed") == b"1"
         assert int(prog.result("thread")) == tid
+
+
+MLOCKED_PROGRAM = """
+import ctypes, mmap
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+pages = 64
+def region():
+    m = mmap.mmap(-1, pages * 4096, flags=mmap.MAP_PRIVATE)
+    return m, ctypes.addressof(ctypes.c_char.from_buffer(m))
+on_fault, a = region()
+whole, b = region()
+assert libc.syscall(325, ctypes.c_void_p(a), pages * 4096, 1) == 0  # mlock2 ONFAULT
+assert libc.syscall(149, ctypes.c_void_p(b), pages * 4096) == 0  # mlock
+on_fault[0:1] = b"x"  # one page faulted in, and locked
+report("regions", f"{a} {b}".encode())
+ready()
+go()
+report("alive", 1)
+"""
+
+
+def _smaps_of(pid: int, start: int) -> dict[str, str]:
+    """The smaps fields of pid's VMA starting at `start`."""
+    fields: dict[str, str] = {}
+    for line in open(f"/proc/{pid}/smaps"):
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            if fields:
+                break
+            if int(head.split("-")[0], 16) == start:
+                fields["range"] = head
+            continue
+        if fields:
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+    return fields
+
+
+def test_mlock_on_fault_comes_back_locking_on_fault(tmp_path):
+    """A region locked with mlock2(MLOCK_ONFAULT) locks its pages as they are
+    faulted in: restored with a plain mlock, all of it was read in and locked."""
+    with program_starter(tmp_path) as start:
+        prog = start(MLOCKED_PROGRAM)
+        on_fault, whole = (int(x) for x in prog.result("regions").split())
+        dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+        restore(tmp_path / "images")
+        lazy, eager = _smaps_of(prog.pid, on_fault), _smaps_of(prog.pid, whole)
+        assert {"lo", "lf"} <= set(lazy["VmFlags"].split()), lazy
+        assert lazy["Locked"] == lazy["Rss"] == "4 kB", lazy
+        assert "lo" in eager["VmFlags"].split() and "lf" not in eager["VmFlags"].split()
+        assert eager["Locked"] == "256 kB", eager
+        prog.go()
+        assert prog.result("alive") == b"1"

@@ -45,6 +45,7 @@ NR_chroot = 161
 NR_setsid = 112
 NR_setpgid = 109
 NR_mlock = 149
+NR_mlock2 = 325
 NR_set_tid_address = 218
 NR_exit_group = 231
 NR_set_robust_list = 273

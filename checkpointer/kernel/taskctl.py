@@ -25,6 +25,7 @@ from checkpointer.kernel.syscalls import (
     NR_flock,
     NR_madvise,
     NR_mlock,
+    NR_mlock2,
     NR_mmap,
     NR_mprotect,
     NR_mremap,
@@ -156,8 +157,14 @@ def madvise(s: SyscallSession, addr: int, length: int, advice: int) -> None:
     s.call(NR_madvise, addr, length, advice)
 
 
-def mlock(s: SyscallSession, addr: int, length: int) -> None:
-    s.call(NR_mlock, addr, length)
+MLOCK_ONFAULT = 1  # mlock2: lock pages as they are faulted in, not all at once
+
+
+def mlock(s: SyscallSession, addr: int, length: int, on_fault: bool = False) -> None:
+    if on_fault:
+        s.call(NR_mlock2, addr, length, MLOCK_ONFAULT)
+    else:
+        s.call(NR_mlock, addr, length)
 
 
 def set_mm_map(s: SyscallSession, fields: dict, auxv: bytes, exe_fd: int) -> None:

@@ -464,7 +464,8 @@ def _advise(task: Task, vma: dict, advice_of: dict[str, int]) -> None:
 
 def _lock(task: Task, vma: dict) -> None:
     if vma["kind"] not in SKIPPED_KINDS and "lo" in vma["vmflags"]:
-        taskctl.mlock(task.session, vma["start"], vma["end"] - vma["start"])
+        on_fault = "lf" in vma["vmflags"]  # mlock2(MLOCK_ONFAULT): only what is in
+        taskctl.mlock(task.session, vma["start"], vma["end"] - vma["start"], on_fault)
 
 
 def _set_mm(task: Task, shared: SharedObjects) -> None:
