@@ -268,13 +268,16 @@ class Destination:
         self.link.close()
 
 
-def push_dump(path: str, page_server: str) -> dict:
-    """Send one committed dump to a page server; return its `committed` answer."""
+def connect_page_server(page_server: str) -> Destination:
+    """A session with the page server at "HOST:PORT", opened before a dump so that
+    a wrong or unreachable address is found out before the target is touched."""
     host, port = parse_page_server(page_server)
-    dest = Destination(TcpLink(host, port))
-    try:
-        event = dest.send_dump(path)
-        dest.end()
-        return event
-    finally:
-        dest.close()
+    return Destination(TcpLink(host, port))
+
+
+def push_dump(dest: Destination, path: str) -> dict:
+    """Send one committed dump over the page server session `dest`, and end the
+    session; its `committed` answer."""
+    event = dest.send_dump(path)
+    dest.end()
+    return event

@@ -245,11 +245,21 @@ def test_page_server_chain_equals_local_chain(spawn, tmp_path, page_server):
     t.assert_carries_on()
 
 
-def test_page_server_unreachable_is_one_line(spawn, tmp_path):
+@pytest.mark.parametrize("command", ["pre-dump", "dump"])
+@pytest.mark.parametrize(
+    "address, words",
+    [("127.0.0.1:1", ("page server 127.0.0.1:1", "cannot connect")),
+     ("nonsense", ("--page-server 'nonsense'", "want ADDRESS:PORT"))],
+)  # fmt: skip
+def test_page_server_unreachable_is_one_line_before_the_dump(spawn, tmp_path, command, address,
+                                                             words):  # fmt: skip
+    """Found out before anything is dumped: a dump found it out only once done, after
+    it had killed the target (and told the dump's result, then the error)."""
     t = spawn("--anon-mb", "1")
-    r = cli("pre-dump", "-t", str(t.pid), "-D", str(tmp_path / "d"), "--tracker", "full",
-            "--page-server", "127.0.0.1:1")  # fmt: skip
-    assert_one_line_error(r, "page server 127.0.0.1:1", "cannot connect")
+    r = cli(command, "-t", str(t.pid), "-D", str(tmp_path / "d"), "--tracker", "full",
+            "--page-server", address)  # fmt: skip
+    assert_one_line_error(r, *words)
+    assert r.stdout == "" and not (tmp_path / "d").exists()
     t.assert_carries_on()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -54,11 +55,27 @@ page_server_option = click.option(
 )
 
 
-def send_to_page_server(res, page_server: str | None, as_json: bool) -> None:
-    if page_server:
+@contextlib.contextmanager
+def page_server_session(page_server: str | None):
+    """The session with --page-server's server (None without it), opened before the
+    dump and closed after it."""
+    if not page_server:
+        yield None
+        return
+    from checkpointer.transport import connect_page_server
+
+    dest = connect_page_server(page_server)
+    try:
+        yield dest
+    finally:
+        dest.close()
+
+
+def send_to_page_server(dest, res, page_server: str | None, as_json: bool) -> None:
+    if dest is not None:
         from checkpointer.transport import push_dump
 
-        answer = push_dump(str(res.path), page_server)
+        answer = push_dump(dest, str(res.path))
         if not as_json:
             click.echo(f"sent to {page_server}: {answer['path']}")
 
@@ -209,9 +226,10 @@ def dump(
         tcp_established=tcp_established,
         snapshot=not no_snapshot,
     )
-    res = do_dump(req)
-    print_dump_result(res, as_json)
-    send_to_page_server(res, page_server, as_json)
+    with page_server_session(page_server) as dest:
+        res = do_dump(req)
+        print_dump_result(res, as_json)
+        send_to_page_server(dest, res, page_server, as_json)
 
 
 @main.command("pre-dump", cls=CheckedCommand)
@@ -246,9 +264,10 @@ def pre_dump_cmd(
         tracker=tracker,
         compress_level=compress_level,
     )
-    res = pre_dump(req)
-    print_dump_result(res, as_json)
-    send_to_page_server(res, page_server, as_json)
+    with page_server_session(page_server) as dest:
+        res = pre_dump(req)
+        print_dump_result(res, as_json)
+        send_to_page_server(dest, res, page_server, as_json)
 
 
 @main.command(cls=CheckedCommand)
