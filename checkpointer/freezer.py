@@ -69,6 +69,7 @@ class Freezer:
         self.tree = FrozenTree(root)
         self._seized: list[int] = []
         self._cgroup_frozen = False
+        self._refreeze_cgroup = False  # frozen before we froze it
         self._stopped_by_us: list[int] = []
         self._pinned: list[int] = []  # processes whose proc.task_dir is pinned
 
@@ -169,7 +170,17 @@ class Freezer:
 
     def thaw(self, mode: Thaw) -> None:
         """Let every seized task go; safe to call twice. A tree to kill is killed
-        while still traced (_kill_traced)."""
+        while still traced (_kill_traced). A cgroup that was frozen before the dump
+        froze it is frozen again once the tasks are let go."""
+        try:
+            self._thaw(mode)
+        finally:
+            if self._refreeze_cgroup:
+                self._refreeze_cgroup = False
+                assert self.cgroup
+                (self.cgroup / "cgroup.freeze").write_text("1")
+
+    def _thaw(self, mode: Thaw) -> None:
         proc.unpin_task_dirs(self._pinned)
         self._pinned = []
         if not self._seized and not self._cgroup_frozen:
@@ -301,6 +312,8 @@ class Freezer:
         control = self.cgroup / "cgroup.freeze"
         if not control.exists():
             raise TargetError(f"{self.cgroup} is not a cgroup v2 directory with cgroup.freeze")
+        # Frozen by someone else already (an admin): it stays so after the dump.
+        self._refreeze_cgroup = control.read_text().strip() == "1"
         control.write_text("1")
         self._cgroup_frozen = True
         deadline = time.monotonic() + 10

@@ -152,3 +152,27 @@ def test_a_cgroup_path_leading_outside_the_hierarchy_is_not_followed(tmp_path):
     with pytest.raises(FileNotFoundError):  # a group without cgroup.procs: none made
         cgroup.move_to_cgroup2(str(mount), "/g", os.getpid())
     assert not (mount / "g" / "cgroup.procs").exists()
+
+
+def test_a_cgroup_frozen_before_the_dump_stays_frozen(spawn, cgroup, tmp_path):
+    """The admin had frozen the group: the dump froze it again and thawed it at
+    the end, waking what was meant to stay frozen."""
+    t = spawn("--fork")
+    for pid in (t.pid, t.child):
+        (cgroup / "cgroup.procs").write_text(str(pid))
+    (cgroup / "cgroup.freeze").write_text("1")
+    deadline = time.monotonic() + 10
+    while "frozen 1" not in (cgroup / "cgroup.events").read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    images = tmp_path / "d"
+    r = cli("dump", "-t", str(t.pid), "-D", str(images), "--freeze-cgroup", str(cgroup),
+            "--leave-running")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (cgroup / "cgroup.freeze").read_text().strip() == "1"
+    deadline = time.monotonic() + 10
+    while "frozen 1" not in (cgroup / "cgroup.events").read_text():
+        assert time.monotonic() < deadline, "the group was left thawed"
+        time.sleep(0.01)
+    assert proc_status(t.pid)["TracerPid"] == "0"
+    assert sorted(Dump.open(images).pids) == sorted([t.pid, t.child])

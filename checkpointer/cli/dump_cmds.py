@@ -175,7 +175,8 @@ def print_dump_result(res, as_json: bool = False) -> None:
 @click.option(
     "--freeze-cgroup",
     type=click.Path(exists=True),
-    help="Freeze this cgroup v2 (cgroup.freeze) first: for whole containers.",
+    help="Freeze this cgroup v2 (cgroup.freeze) first: for whole containers. A group "
+    "frozen already stays frozen afterwards.",
 )
 @shell_job_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
