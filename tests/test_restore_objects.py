@@ -1789,3 +1789,37 @@ def test_mlock_on_fault_comes_back_locking_on_fault(tmp_path):
         assert eager["Locked"] == "256 kB", eager
         prog.go()
         assert prog.result("alive") == b"1"
+
+
+GUARDED_PROGRAM = """
+import mmap
+MADV_GUARD_INSTALL = 102
+m = mmap.mmap(-1, 16 * 4096, flags=mmap.MAP_PRIVATE)
+m[:] = bytes(range(256)) * 256
+try:
+    m.madvise(MADV_GUARD_INSTALL, 4 * 4096, 2 * 4096)
+except OSError:
+    report("guard", b"no")
+else:
+    report("guard", b"yes")
+ready()
+go()
+report("same", (m[:4 * 4096] + m[6 * 4096:]) == (bytes(range(256)) * 256)[:14 * 4096])
+"""
+
+
+def test_memory_beside_a_guard_region_is_dumped_and_restored(tmp_path):
+    """Pages made guards (MADV_GUARD_INSTALL) read as swap entries in the page map,
+    and hold nothing: a dump failed reading them ("could not read memory"), and a
+    pre-dump stopped at them, leaving the rest of the region out."""
+    with program_starter(tmp_path) as start:
+        prog = start(GUARDED_PROGRAM)
+        if prog.result("guard") != b"yes":
+            pytest.skip("needs MADV_GUARD_INSTALL (Linux 6.13)")
+        r = cli("pre-dump", "-t", str(prog.pid), "-D", str(tmp_path / "c" / "1"))
+        assert r.returncode == 0, r.stderr
+        dump_and_kill(prog.pid, tmp_path / "c" / "2", "--prev-images-dir", "../1",
+                      reap=prog.reap)  # fmt: skip
+        restore(tmp_path / "c" / "2")
+        prog.go()
+        assert prog.result("same") == b"True"

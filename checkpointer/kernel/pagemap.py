@@ -87,7 +87,9 @@ def _table(pred) -> bytes:
     return bytes(1 if pred(b) else 0 for b in range(256))
 
 
-_T_PRESENT_OR_SWAP = _table(lambda b: b & 0xC0)  # byte 7: bits 63, 62
+# byte 7: bits 63, 62, but not a guard page (bit 58: a PTE marker read as swapped,
+# holding nothing; MADV_GUARD_INSTALL)
+_T_PRESENT_OR_SWAP = _table(lambda b: b & 0xC0 and not b & 0x04)
 _T_PRESENT = _table(lambda b: b & 0x80)
 _T_FILE = _table(lambda b: b & 0x20)  # byte 7: bit 61
 _T_SOFT_DIRTY = _table(lambda b: b & 0x80)  # byte 6: bit 55
@@ -144,6 +146,7 @@ def present_mask(
     exclude_wp_markers: bool = True,
 ) -> bytes:
     """One byte per entry: 1 if present or swapped (minus file pages / one PFN if asked).
+    A guard page (MADV_GUARD_INSTALL) reads as swapped, and is not: left out.
 
     uffd-wp PTE markers (never-populated pages write-protected by a PAGEMAP_SCAN
     WP_MATCHING reset) read as PM_SWAP|PM_UFFD_WP with a fixed swap "frame": they hold
