@@ -129,6 +129,8 @@ def unsupported(vma: Vma) -> str | None:
         return f"memory the kernel shares with the program ({what}) is not supported"
     if vma.path == "/[aio]" and vma.deleted:
         return "the ring of an AIO context (io_setup) is not supported"
+    if vma.path == "/secretmem" and vma.deleted:
+        return "secret memory (memfd_secret) is not supported: no other process can read it"
     return None
 
 

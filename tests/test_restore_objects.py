@@ -1823,3 +1823,27 @@ def test_memory_beside_a_guard_region_is_dumped_and_restored(tmp_path):
         restore(tmp_path / "c" / "2")
         prog.go()
         assert prog.result("same") == b"True"
+
+
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "fd"])
+def test_secret_memory_is_refused_in_one_line(tmp_path, mapped):
+    """memfd_secret memory no other process can read: the dump said the file was
+    linked elsewhere, twice, then failed with "No such device or address"."""
+    with program_starter(tmp_path) as start:
+        prog = start(f"""
+            import ctypes, mmap
+            fd = ctypes.CDLL(None, use_errno=True).syscall(447, 0)  # memfd_secret
+            report("fd", fd)
+            if fd >= 0:
+                os.ftruncate(fd, 4096)
+                if {mapped}:
+                    m = mmap.mmap(fd, 4096)
+                    m[:5] = b"quiet"
+                    os.close(fd)
+            ready()
+            go()
+            report("alive", 1)
+            """)  # fmt: skip
+        if int(prog.result("fd")) < 0:
+            pytest.skip("needs memfd_secret (secretmem.enable, Linux 5.14)")
+        refused_at_dump(prog, tmp_path, "secret memory (memfd_secret)")

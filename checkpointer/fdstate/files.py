@@ -40,8 +40,8 @@ def linked_name(shown: str, st: os.stat_result | None, what: str) -> str | None:
     with map /dev/shm/sem.NAME. Restored as a ghost, it would be a copy of its own.
     The other name is looked for beside the old one (CRIU instead links the file
     back, with --link-remap, changing the file system until the restore)."""
-    if st is None or st.st_nlink == 0 or shown.startswith("/memfd:"):
-        return None
+    if st is None or st.st_nlink == 0 or shown.startswith("/memfd:") or shown == "/secretmem":
+        return None  # (secret memory has no name anywhere: refused, vmas.unsupported)
     try:
         # The entries carry their inode: no stat but of a match (/dev/shm or /tmp may
         # hold thousands).
@@ -91,6 +91,10 @@ def describe(pid: int, record: dict) -> dict:
         return {}
     target = record["target"]
     what = f"fd {record['fd']} of process {pid} ({target})"
+    if target == "/secretmem" + DELETED:
+        raise UnsupportedObject(
+            f"{what}: secret memory (memfd_secret) cannot be dumped: no other process can read it"
+        )
     if target.startswith("/memfd:") and record["stat"] is not None:
         st = record["stat"]
         ours = proc.open_fd_file(pid, record["fd"])
