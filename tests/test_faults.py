@@ -530,3 +530,30 @@ def test_many_threads_and_gigabytes_in_bounded_memory(spawn, tmp_path):
     assert compare_dump_with_process(final, t.pid) > 2 << 30
     peak_mib = peak_kib / 1024
     assert 0 < peak_mib < 200, f"tool peak RSS {peak_mib:.0f} MiB"
+
+
+def test_running_out_of_fds_leaves_no_temp_dir(spawn, tmp_path):
+    """A dump that ran out of file descriptors (EMFILE) left its temp dir behind:
+    removing a directory tree needs fds to list it. Tried at limits around where
+    the dump runs out of them; it fails in one line or succeeds, with nothing left."""
+    import resource
+
+    t = spawn("--anon-mb", "4")
+    failed = 0
+    for limit in range(5, 15):
+        final = tmp_path / f"d{limit}"
+
+        def limited(n=limit) -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+        r = subprocess.run([*CLI, "dump", "-t", str(t.pid), "-D", str(final), "--leave-running"],
+                           capture_output=True, text=True, timeout=120,
+                           preexec_fn=limited)  # fmt: skip
+        if r.returncode:
+            failed += 1
+            assert_one_line_error(r)
+            assert not final.exists()
+        assert not temp_dirs(final), (limit, r.stderr)
+        assert_released(t.pid)
+    assert failed  # some limit was too low
+    t.assert_carries_on()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -173,6 +174,17 @@ class DumpWriter:
         self._write_thread.shutdown(wait=True, cancel_futures=True)
         if self.tmp_dir and os.path.isdir(self.tmp_dir):
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        if self.tmp_dir and os.path.isdir(self.tmp_dir):
+            # Left whole by a writer out of file descriptors (EMFILE): listing a
+            # directory takes one, unlinking a name does not. Its files by name.
+            names = set(self._written)
+            for owner in self._pages:
+                names.update((f"pages-{owner}", f"pagemap-{owner}"))
+            for name in names:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.tmp_dir, name))
+            with contextlib.suppress(OSError):
+                os.rmdir(self.tmp_dir)
 
     # ---- records ----
 
