@@ -250,18 +250,25 @@ def open_pair(index: int) -> tuple[int, int]:
     """A new pty pair (master, slave), numbered `index` if that number is free, else
     the lowest free one. The kernel gives the lowest free number: as CRIU does,
     the free ones below `index` are held open until it comes, then let go."""
-    held: list[int] = []
+    held: list[int] = []  # each a free number below `index`, lowest first
     try:
         while True:
-            master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
-            got = _INT.unpack(fcntl.ioctl(master, TIOCGPTN, bytes(4)))[0]
+            try:
+                master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+            except OSError:
+                if not held:
+                    raise
+                master = -1  # out of fds or terminals on the way up: the lowest one
+                break
+            got = _pts_number(master)
             if got >= index:
                 break
             held.append(master)
-        if got != index and held:  # taken: the lowest free one instead
-            held.append(master)
+        if got != index and held:  # taken (or not reached): the lowest free one
+            if master >= 0:
+                held.append(master)
             master = held.pop(0)
-            got = _INT.unpack(fcntl.ioctl(master, TIOCGPTN, bytes(4)))[0]
+            got = _pts_number(master)
     finally:
         for fd in held:
             os.close(fd)
@@ -272,6 +279,10 @@ def open_pair(index: int) -> tuple[int, int]:
         os.close(master)
         raise
     return master, slave
+
+
+def _pts_number(master: int) -> int:
+    return _INT.unpack(fcntl.ioctl(master, TIOCGPTN, bytes(4)))[0]
 
 
 def new_pair(state: dict, index: int) -> tuple[int, str, int]:
