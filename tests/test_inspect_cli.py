@@ -152,9 +152,11 @@ def test_verify_ok_and_first_problem(tmp_path):
     assert err.count("\n") == 1
 
 
+@pytest.mark.parametrize("name", ["missing", "new\nline"])
 @pytest.mark.parametrize("cmd", [["show"], ["verify"], ["x", None, "ps"], ["info"], ["decode"]])
-def test_errors_are_one_line(tmp_path, cmd):
-    target = str(tmp_path / "missing")
+def test_errors_are_one_line(tmp_path, cmd, name):
+    """Also for a path with a newline in it (it made the message two lines)."""
+    target = str(tmp_path / name)
     args = [a if a is not None else target for a in cmd]
     if len(args) == 1:
         args.append(target)

@@ -34,7 +34,12 @@ def _unraisable(info: Any) -> None:
 
 
 def error_line(exc: BaseException) -> str:
-    """The one line printed for an expected failure."""
+    """The one line printed for an expected failure (a line break in a path it
+    names is written as \\n: one line still)."""
+    return _describe(exc).replace("\n", "\\n")
+
+
+def _describe(exc: BaseException) -> str:
     if isinstance(exc, CheckpointError):
         return f"checkpointer: {exc}"
     if isinstance(exc, KeyboardInterrupt):
