@@ -10,6 +10,7 @@ the tree runs, because any page written after the reset is dirty next time.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import platform
@@ -111,6 +112,9 @@ def dump(req: DumpRequest) -> DumpResult:
     return run(req)
 
 
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # the images' file system is full
+
+
 class VmFlagsChanged(CheckpointError):
     """Flags read before the freeze were not those of the instant: dump again."""
 
@@ -133,6 +137,9 @@ def run(req: DumpRequest) -> DumpResult:
                 raise TargetError(
                     f"process {req.pid} exited during the {req.kind}; no image was written"
                 ) from err
+            if isinstance(err, OSError) and err.errno in _FULL and not err.filename:
+                # Raised by a writer thread, naming nothing: where it was writing.
+                raise OSError(err.errno, err.strerror, str(req.images_dir)) from err
             raise
 
 

@@ -333,7 +333,7 @@ def test_disk_full_cli(spawn, tmp_path, command):
         r = cli(
             command, "-t", str(t.pid), "-D", str(chain / "2"), "--prev-images-dir", "../1", *extra
         )
-        assert_one_line_error(r, "No space left")
+        assert_one_line_error(r, f"{chain / '2'}: No space left on device")  # it named nothing
         assert sorted(p.name for p in chain.iterdir()) == ["1", "filler"]
         assert_released(t.pid)
         t.assert_carries_on()
