@@ -31,6 +31,7 @@ import os
 import select
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -264,6 +265,14 @@ def receive_stdio(images_dir: str) -> Session:
     return session
 
 
+def _check_writable(images_dir: str) -> None:
+    """images_dir is (or is made) a directory a dump can be written into."""
+    DumpReceiver(images_dir)  # makes it, 0700
+    fd, probe = tempfile.mkstemp(prefix=".probe-", dir=images_dir)
+    os.close(fd)
+    os.unlink(probe)
+
+
 def serve_tcp(
     address: str,
     port: int,
@@ -273,6 +282,7 @@ def serve_tcp(
 ) -> None:
     """`checkpointer page-server`: one session per connection, one at a time.
     A failed session is logged and the server goes on (unless `once`)."""
+    _check_writable(images_dir)  # now, not when the first client comes
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as server:
         server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -263,6 +263,24 @@ def test_page_server_unreachable_is_one_line_before_the_dump(spawn, tmp_path, co
     t.assert_carries_on()
 
 
+@pytest.mark.parametrize("kind", ["file", "read-only"])
+def test_page_server_refuses_a_place_it_cannot_write_at_once(tmp_path, kind):
+    """It listened, and failed only when a client came ("link lost")."""
+    dest = tmp_path / "dest"
+    if kind == "file":
+        dest.write_text("a file")
+    else:
+        dest.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(dest)],
+                       check=True)  # fmt: skip
+    try:
+        r = cli("page-server", "--port", "0", "-D", str(dest), timeout=30)
+        assert_one_line_error(r, str(dest))
+    finally:
+        if kind != "file":
+            subprocess.run(["umount", "-l", str(dest)], check=True)
+
+
 def test_page_server_binds_loopback_by_default(page_server):
     address, _ = page_server
     assert address.startswith("127.0.0.1:")
