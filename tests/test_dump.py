@@ -546,3 +546,16 @@ def test_a_stopped_tree_is_killed_leaving_no_zombie_behind(tree_under_a_subreape
     # The zombie was not the migration's to reap: it was not in the dumped tree's
     # pids (a dump restores it as a zombie), so only the live ones are checked.
     assert _still_there([child, grandchild]) == {}
+
+
+def test_a_long_dump_name_is_written(spawn, tmp_path):
+    """A name near the file system's limit (255 bytes) was refused: "File name too
+    long", for the temporary directory's name adds 14 bytes to it."""
+    t = spawn("--anon-mb", "1")
+    final = tmp_path / ("d" * 250)
+    r = cli("dump", "-t", str(t.pid), "-D", str(final), "--leave-running")
+    assert r.returncode == 0, r.stderr
+    assert cli("verify", str(final)).returncode == 0
+    assert final.name in os.listdir(tmp_path)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temp dir left
+    t.assert_carries_on()

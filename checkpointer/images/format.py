@@ -82,8 +82,10 @@ TEMP_DIR_RE = re.compile(r"\.(?s:.+)\.tmp-[A-Za-z0-9_]+\Z")
 
 
 def temp_dir_prefix(name: str) -> str:
-    """The prefix of the temporary directories a writer of dump `name` fills."""
-    return f".{name}.tmp-"
+    """The prefix of the temporary directories a writer of dump `name` fills. A
+    long name is cut to 200 bytes: with the prefix's dots and mkdtemp's 8
+    letters, any name a file system takes (NAME_MAX, 255) fits."""
+    return f".{os.fsdecode(os.fsencode(name)[:200])}.tmp-"
 
 
 def is_temp_dir_name(name: str) -> bool:
