@@ -1847,3 +1847,44 @@ def test_secret_memory_is_refused_in_one_line(tmp_path, mapped):
         if int(prog.result("fd")) < 0:
             pytest.skip("needs memfd_secret (secretmem.enable, Linux 5.14)")
         refused_at_dump(prog, tmp_path, "secret memory (memfd_secret)")
+
+
+GROWN_SHARED_PROGRAM = """
+import ctypes, mmap
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = libc.mremap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int]
+page = 4096
+rw, shared_anon = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS
+a = libc.mmap(None, 4 * page, rw, shared_anon, -1, 0)
+ctypes.memset(a, 0x5A, 4 * page)
+b = libc.mremap(ctypes.c_void_p(a), 4 * page, 8 * page, 1)  # MREMAP_MAYMOVE
+assert b not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+report("addr", str(b).encode())
+ready()
+go()
+report("alive", 1)
+"""
+
+
+def test_shared_memory_grown_past_its_object_keeps_its_size(tmp_path):
+    """A shared anonymous mapping grown by mremap reaches past its object: those
+    pages raise SIGBUS. Restore made the object as large as the mapping (they
+    read zeros); it takes the object's own size now."""
+    with program_starter(tmp_path) as start:
+        prog = start(GROWN_SHARED_PROGRAM)
+        addr = int(prog.result("addr"))
+        span = f"{addr:x}-{addr + 8 * 4096:x}"
+        assert os.stat(f"/proc/{prog.pid}/map_files/{span}").st_size == 4 * 4096
+        dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+        restore(tmp_path / "images")
+        assert os.stat(f"/proc/{prog.pid}/map_files/{span}").st_size == 4 * 4096
+        mem = os.open(f"/proc/{prog.pid}/mem", os.O_RDONLY)
+        try:
+            assert os.pread(mem, 4096, addr + 3 * 4096) == b"\x5a" * 4096
+        finally:
+            os.close(mem)
+        prog.go()
+        assert prog.result("alive") == b"1"

@@ -136,7 +136,7 @@ class SharedObjects:
             m = memfds[0]
             fd = memfd.new_memfd(m["name"], m["size"], m["seals"])
         else:
-            size = max(v["offset"] + v["end"] - v["start"] for v in vmas)
+            size = _object_size(vmas)
             if vmas[0]["kind"] == "memfd":
                 fd = memfd.new_memfd(vmas[0]["path"].removeprefix("/memfd:"), size, 0)
             else:
@@ -460,6 +460,16 @@ def _advise(task: Task, vma: dict, advice_of: dict[str, int]) -> None:
     for flag, advice in advice_of.items():
         if flag in vma["vmflags"]:
             taskctl.madvise(task.session, start, length, advice)
+
+
+def _object_size(vmas: list[dict]) -> int:
+    """The size the mapped object had (its file's, as map_files/ showed it): a
+    mapping grown by mremap past it faults there (SIGBUS). As far as the mappings
+    reach where the dump did not record it."""
+    recorded = (vmas[0].get("stat") or {}).get("size")
+    if isinstance(recorded, int) and 0 <= recorded < 1 << 47:
+        return recorded
+    return max(v["offset"] + v["end"] - v["start"] for v in vmas)
 
 
 def _lock(task: Task, vma: dict) -> None:
