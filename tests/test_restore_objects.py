@@ -1888,3 +1888,39 @@ def test_shared_memory_grown_past_its_object_keeps_its_size(tmp_path):
             os.close(mem)
         prog.go()
         assert prog.result("alive") == b"1"
+
+
+DROPPABLE_PROGRAM = """
+import ctypes, mmap
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+MAP_DROPPABLE = 0x08
+a = libc.mmap(None, 4 * 4096, mmap.PROT_READ | mmap.PROT_WRITE,
+              MAP_DROPPABLE | mmap.MAP_ANONYMOUS, -1, 0)
+if a in (None, ctypes.c_void_p(-1).value):
+    report("addr", b"0")
+else:
+    ctypes.memset(a, 0x33, 4 * 4096)
+    report("addr", str(a).encode())
+ready()
+go()
+report("alive", 1)
+"""
+
+
+def test_droppable_memory_comes_back_droppable(tmp_path):
+    """MAP_DROPPABLE memory (the kernel may drop its pages under pressure: a cache)
+    came back as ordinary private memory."""
+    with program_starter(tmp_path) as start:
+        prog = start(DROPPABLE_PROGRAM)
+        addr = int(prog.result("addr"))
+        if not addr:
+            pytest.skip("needs MAP_DROPPABLE (Linux 6.11)")
+        assert "dp" in _smaps_of(prog.pid, addr)["VmFlags"].split()
+        dump_and_kill(prog.pid, tmp_path / "images", reap=prog.reap)
+        restore(tmp_path / "images")
+        assert "dp" in _smaps_of(prog.pid, addr)["VmFlags"].split()
+        prog.go()
+        assert prog.result("alive") == b"1"

@@ -289,7 +289,8 @@ def _mmap_args(
     start, length, prot = vma["start"], vma["end"] - vma["start"], prot_of(vma)
     kind = vma["kind"]
     if kind in ANON_KINDS:
-        flags = taskctl.MAP_PRIVATE | taskctl.MAP_ANONYMOUS | taskctl.MAP_FIXED
+        kind_of_map = taskctl.MAP_DROPPABLE if "dp" in vma["vmflags"] else taskctl.MAP_PRIVATE
+        flags = kind_of_map | taskctl.MAP_ANONYMOUS | taskctl.MAP_FIXED
         if "gd" in vma["vmflags"]:
             flags |= taskctl.MAP_GROWSDOWN
         if "nr" in vma["vmflags"]:
