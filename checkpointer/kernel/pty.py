@@ -74,7 +74,7 @@ def read_master(fd: int) -> dict:
     """{index, termios, winsize, locked, packet} of the pair behind a master fd
     (ours)."""
     return {
-        "index": _INT.unpack(fcntl.ioctl(fd, TIOCGPTN, bytes(4)))[0],
+        "index": _pts_number(fd),
         **read_settings(fd),
         "locked": _INT.unpack(fcntl.ioctl(fd, TIOCGPTLCK, bytes(4)))[0],
         "packet": _INT.unpack(fcntl.ioctl(fd, TIOCGPKT, bytes(4)))[0],
